@@ -1,0 +1,166 @@
+"""ShuffleNetV2 for 32x32 images, the DFA authors' pre-activation CIFAR/CINIC-10 variant.
+
+Differences from torchvision's ImageNet model, as in the authors' framework
+(PkuDavidGuan/Distillation, `shufflenetV2.py`); the last two are what reproduces Table 4's
+parameter counts (0.356M/1.269M/5.367M with 10 classes; torchvision's units give 1.264M/5.366M):
+  * stem: conv3x3 3->24 stride 1 + BN, no ReLU, no max-pool; stages run at 16^2/8^2/4^2;
+  * every unit starts with a ReLU of its whole input and its branches end in a BN, so every unit
+    output (and the stem and conv5 outputs) is a pre-ReLU map;
+  * the stride-2 unit's residual branch keeps the input width until its last 1x1 conv
+    (1x1 C_in->C_in, dw3x3, 1x1 C_in->C_out/2);
+  * every conv has a bias (PyTorch's default).
+
+Sown features (collection FEATURES, top level): 'g1_b1' (stem), 'g{s}_b{j}' for unit j of stage
+s in 2..4, 'g5_b1' (conv5). Parameter names: `conv1`/`bn1` (stem), `stage{s}_unit{j}` (0-based j),
+`conv5`/`bn5`, `fc`.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dfa_jax.models import layers
+
+STAGE_UNITS = (4, 8, 4)
+"""Units of stages 2, 3, 4; the first of each has stride 2."""
+
+STEM_WIDTH = 24
+
+WIDTHS = {
+    "0.5": (48, 96, 192, 1024),
+    "1.0": (116, 232, 464, 1024),
+    "2.0": (244, 488, 976, 2048),
+}
+"""Output channels of stages 2/3/4 and conv5, per width multiplier."""
+
+Conv1x1 = functools.partial(layers.Conv1x1, use_bias=True)
+Conv3x3 = functools.partial(layers.Conv3x3, use_bias=True)  # the stem and the depthwise convs
+
+
+def channel_shuffle(x, groups: int):
+    """[B, H, W, C] -> [B, H, W, C] with channel g*(C/groups)+k moved to k*groups+g (PyTorch's)."""
+    *batch_dims, channels = x.shape
+    x = x.reshape(*batch_dims, groups, channels // groups)
+    return jnp.swapaxes(x, -1, -2).reshape(*batch_dims, channels)
+
+
+class ShuffleUnit(nn.Module):
+    """relu -> (left branch | right branch) -> concat -> channel shuffle; output is pre-ReLU.
+
+    stride 1: the relu'd input is split in half; the left half passes through, the right half
+    goes through conv1x1-BN-ReLU-dw3x3-BN-conv1x1-BN. stride 2: both branches see the whole
+    input; left dw3x3(s2)-BN-conv1x1-BN, right conv1x1-BN-ReLU-dw3x3(s2)-BN-conv1x1-BN.
+    """
+
+    in_features: int
+    features: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        """[B, H, W, in_features] -> [B, H/stride, W/stride, features]."""
+        norm = functools.partial(
+            layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
+        conv1x1 = functools.partial(Conv1x1, dtype=self.dtype)
+        half = self.features // 2
+        x = nn.relu(x)
+        if self.stride == 1:
+            assert self.in_features == self.features, (self.in_features, self.features)
+            left, right = jnp.split(x, 2, axis=-1)
+            mid = half
+        else:
+            dw = Conv3x3(self.in_features, strides=self.stride,
+                                  feature_group_count=self.in_features, dtype=self.dtype,
+                                  name="shortcut_dwconv")
+            left = norm(name="shortcut_bn1")(dw(x))
+            left = norm(name="shortcut_bn2")(conv1x1(half, name="shortcut_conv")(left))
+            right = x
+            mid = self.in_features
+
+        right = nn.relu(norm(name="residual_bn1")(conv1x1(mid, name="residual_conv1")(right)))
+        right = Conv3x3(mid, strides=self.stride, feature_group_count=mid,
+                                 dtype=self.dtype, name="residual_dwconv")(right)
+        right = norm(name="residual_bn2")(right)
+        right = norm(name="residual_bn3")(conv1x1(half, name="residual_conv2")(right))
+        return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """Stem (group 1), stages 2/3/4 (groups 2-4), conv5 (group 5), ReLU-pool-FC head.
+
+    Group i maps: g1 [B, 32, 32, 24]; g2..g4 [B, 32/2^(i-1), 32/2^(i-1), widths[i-2]];
+    g5 [B, 4, 4, widths[3]].
+    """
+
+    widths: tuple[int, int, int, int]
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @property
+    def num_groups(self) -> int:
+        return 2 + len(STAGE_UNITS)
+
+    @nn.nowrap
+    def feature_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Per group, the names of its candidate maps in forward order (last = boundary)."""
+        units = (1,) + STAGE_UNITS + (1,)
+        return tuple(tuple(f"g{g}_b{j}" for j in range(1, n + 1))
+                     for g, n in enumerate(units, start=1))
+
+    @nn.nowrap
+    def extra_feature_names(self) -> tuple[str, ...]:
+        """Sown features outside every group: none."""
+        return ()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, start_group: int = 0,
+                 stop_group: int | None = None):
+        """Runs groups start_group+1..stop_group.
+
+        Args:
+          x: images [B, 32, 32, 3] when start_group == 0, else the group-`start_group` boundary
+            tensor (the pre-ReLU map sown as its last feature).
+          train: use and update batch statistics.
+          start_group: 0, or the group whose boundary `x` is.
+          stop_group: None for logits, or the group whose boundary to return.
+
+        Returns:
+          float32 logits [B, num_classes], or the group-`stop_group` boundary tensor.
+        """
+        last = layers.check_group_range(start_group, stop_group, self.num_groups)
+        norm = functools.partial(
+            layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
+        x = x.astype(self.dtype)
+        if start_group == 0:
+            x = Conv3x3(STEM_WIDTH, dtype=self.dtype, name="conv1")(x)
+            x = norm(name="bn1")(x)
+            layers.sow_feature(self, "g1_b1", x)
+
+        in_widths = (STEM_WIDTH,) + self.widths
+        for group in range(max(start_group + 1, 2), last + 1):
+            if group < self.num_groups:
+                for index in range(STAGE_UNITS[group - 2]):
+                    x = ShuffleUnit(
+                        in_features=in_widths[group - 2] if index == 0 else in_widths[group - 1],
+                        features=in_widths[group - 1],
+                        stride=2 if index == 0 else 1,
+                        dtype=self.dtype,
+                        name=f"stage{group}_unit{index}")(x, train)
+                    layers.sow_feature(self, f"g{group}_b{index + 1}", x)
+            else:
+                x = Conv1x1(self.widths[3], dtype=self.dtype, name="conv5")(nn.relu(x))
+                x = norm(name="bn5")(x)
+                layers.sow_feature(self, f"g{group}_b1", x)
+        if stop_group is not None:
+            return x
+
+        x = layers.global_avg_pool(nn.relu(x))
+        return layers.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+
+
+SHUFFLENET_V2_0_5 = functools.partial(ShuffleNetV2, widths=WIDTHS["0.5"])
+SHUFFLENET_V2_1_0 = functools.partial(ShuffleNetV2, widths=WIDTHS["1.0"])
+SHUFFLENET_V2_2_0 = functools.partial(ShuffleNetV2, widths=WIDTHS["2.0"])
