@@ -1,0 +1,516 @@
+"""Where the images come from, behind one interface, and what each dataset is.
+
+A `Source` answers two questions about a split (named as the source names it: TFDS 'train' and
+'test', an image folder's sub-folder names, an npz file prefix): `labels(split)`, cheap and for
+the whole split, and `images(split, indices)`, which reads only the requested rows where the
+format allows it. Every host computes the same index split from the labels and then reads just
+its own shard of images (see `splits.host_shard`). What was read stays cached in the object.
+
+Four kinds (`data.source`):
+- `tfds`: CIFAR-10/100 through TensorFlow Datasets. Offline with nothing prepared it fails within
+  seconds with a `DataError` saying how to provide the data, instead of letting tfds retry its
+  downloads for minutes.
+- `image_folder`: `data.path/{split}/{class_name}/*.png|jpg|jpeg`, classes sorted by name (the
+  layout CINIC-10 ships in).
+- `npz`: `{split}.npz` or `{split}_*.npz` files holding uint8 images [N, 32, 32, 3] and integer
+  labels [N] under configurable keys.
+- `bundled`: scikit-learn's 8x8 `digits` (no download), the offline demo.
+
+`data.max_train_examples` caps `data.train_split` and `data.max_test_examples` caps every other
+split (test, and val where the source has one). The cap is applied here, by the source: a capped
+split is the class-balanced `splits.stratified_subset` (fixed seed `SUBSET_SEED`, so it is the
+same subset for every run seed), and all indices given to or returned by the source refer to the
+capped split.
+"""
+
+import abc
+import concurrent.futures
+import dataclasses
+import glob
+import os
+import socket
+import threading
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+from dfa_jax.data.splits import DataError, stratified_split, stratified_subset
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset; `mean` and `std` are per RGB channel, in [0, 1] units."""
+
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+
+
+_CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
+_CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
+# Digits statistics: mean and std over all pixels of the bundled 'train' split, computed once
+# with (cfg: data.dataset='digits', data.source='bundled', no caps)
+#   src = make_source(cfg); x = src.images('train', np.arange(len(src.labels('train')))) / 255
+#   print(x.mean(), x.std())  # 0.30553, 0.37595
+# and rounded to 4 digits; the three channels are the same grey image.
+_DIGITS_MEAN, _DIGITS_STD = 0.3055, 0.3759
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar100": DatasetInfo(100, _CIFAR_MEAN, _CIFAR_STD, 32),
+    "cifar10": DatasetInfo(10, _CIFAR_MEAN, _CIFAR_STD, 32),
+    "cinic10": DatasetInfo(10, (0.4789, 0.4723, 0.4305), (0.2421, 0.2383, 0.2587), 32),
+    "digits": DatasetInfo(10, (_DIGITS_MEAN,) * 3, (_DIGITS_STD,) * 3, 32),
+}
+
+SOURCES = ("tfds", "image_folder", "npz", "bundled")
+
+# The max_*_examples subset is a property of the data, not of the run: one seed for all runs.
+SUBSET_SEED = 0
+
+
+class Source(abc.ABC):
+    """One dataset's splits: all labels cheaply, images only for the rows asked for.
+
+    Subclasses implement `_load_labels` / `_load_images` on the full split; this class applies
+    the max_*_examples cap, checks labels against the dataset's class count, and validates
+    indices.
+    """
+
+    def __init__(self, data_cfg):
+        self.info = DATASETS[data_cfg.dataset]
+        self._dataset = data_cfg.dataset
+        self._train_split = data_cfg.train_split
+        self._max_train_examples = data_cfg.max_train_examples
+        self._max_test_examples = data_cfg.max_test_examples
+        # split -> (rows of the full split that are kept, their int32 labels)
+        self._kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def labels(self, split: str) -> np.ndarray:
+        """int32 [N] (read-only) labels of `split` after the max_*_examples cap."""
+        return self._subset(split)[1]
+
+    def images(self, split: str, indices: np.ndarray) -> np.ndarray:
+        """uint8 [len(indices), S, S, 3] images of `split` at `indices` (into `labels(split)`)."""
+        rows, _ = self._subset(split)
+        indices = np.asarray(indices)
+        size = self.info.image_size
+        if indices.size == 0:
+            return np.zeros((0, size, size, 3), np.uint8)
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(
+                f"indices must be a 1-D integer array, got {indices.dtype}{indices.shape}"
+            )
+        if indices.min() < 0 or indices.max() >= len(rows):
+            raise IndexError(f"indices out of range for split {split!r} of {len(rows)} examples")
+        return self._load_images(split, rows[indices])
+
+    def _subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in self._kept:
+            full = np.asarray(self._load_labels(split))
+            if len(full) and (full.min() < 0 or full.max() >= self.info.num_classes):
+                raise DataError(
+                    f"split {split!r} has labels in [{full.min()}, {full.max()}] but "
+                    f"{self._dataset} has {self.info.num_classes} classes (data.dataset)"
+                )
+            if split == self._train_split:
+                cap = self._max_train_examples
+            else:
+                cap = self._max_test_examples
+            rows = stratified_subset(full, cap, SUBSET_SEED)
+            labels = full[rows].astype(np.int32)
+            labels.setflags(write=False)
+            self._kept[split] = (rows, labels)
+        return self._kept[split]
+
+    @abc.abstractmethod
+    def _load_labels(self, split: str) -> np.ndarray:
+        """int [N] labels of the whole (uncapped) split."""
+
+    @abc.abstractmethod
+    def _load_images(self, split: str, rows: np.ndarray) -> np.ndarray:
+        """uint8 [len(rows), S, S, 3] images at non-empty `rows` of the whole split."""
+
+
+# ------------------------------------------------------------------------------------------ tfds
+
+TFDS_NAMES = {"cifar100": "cifar100", "cifar10": "cifar10"}
+# Where tfds downloads CIFAR from; probed before any download so an offline host fails fast.
+# Module-level so tests (and hosts behind a proxy) can point it elsewhere.
+NETWORK_PROBE_ADDRESS = ("www.cs.toronto.edu", 443)
+NETWORK_PROBE_TIMEOUT_S = 3.0
+# Examples per tf.data batch while converting to NumPy (batch_size=-1 aborts under mock_data).
+_TFDS_BATCH = 10_000
+
+
+def network_reachable(
+    address: tuple[str, int] | None = None, timeout_s: float | None = None
+) -> bool:
+    """True when a TCP connection to `address` opens within `timeout_s` seconds.
+
+    The probe runs in a daemon thread joined with the timeout, because name resolution does not
+    honour socket timeouts and can hang for tens of seconds on a host without DNS.
+    """
+    address = address or NETWORK_PROBE_ADDRESS
+    timeout_s = NETWORK_PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+    connected = []
+    finished = threading.Event()
+
+    def probe():
+        try:
+            with socket.create_connection(address, timeout=timeout_s):
+                connected.append(True)
+        except OSError:
+            pass  # Unreachable: `connected` stays empty.
+        finally:
+            finished.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    finished.wait(timeout_s)
+    return bool(connected)
+
+
+def _import_tfds():
+    """Imports tensorflow_datasets, keeping TensorFlow off the GPUs JAX needs."""
+    # Imported here, not at module level: TensorFlow takes seconds to import and only this
+    # source needs it.
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    # tf.data needs no accelerator, and TF would otherwise reserve most of the GPU memory. This
+    # raises once TF has initialised its devices, in which case the program already chose.
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass
+    return tfds
+
+
+class TfdsSource(Source):
+    """CIFAR-10/100 from TensorFlow Datasets; a split is loaded whole on first use."""
+
+    def __init__(self, data_cfg):
+        super().__init__(data_cfg)
+        if data_cfg.dataset not in TFDS_NAMES:
+            raise DataError(
+                f"data.source='tfds' supports {sorted(TFDS_NAMES)}, not {data_cfg.dataset!r}; "
+                "use data.source='image_folder' or 'npz' (or 'bundled' for digits)"
+            )
+        self._name = TFDS_NAMES[data_cfg.dataset]
+        self._data_dir = data_cfg.data_dir
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in self._arrays:
+            tfds = _import_tfds()
+            images, labels = [], []
+            for image, label in tfds.as_numpy(self._open(tfds, split)):
+                images.append(image)
+                labels.append(label)
+            self._arrays[split] = (np.concatenate(images), np.concatenate(labels))
+        return self._arrays[split]
+
+    def _open(self, tfds, split: str):
+        kwargs = dict(
+            split=split,
+            data_dir=self._data_dir,
+            as_supervised=True,
+            batch_size=_TFDS_BATCH,
+            shuffle_files=False,
+        )
+        try:
+            return tfds.load(self._name, download=False, **kwargs)
+        except AssertionError:
+            # tfds reports "not prepared in data_dir" as an AssertionError; anything else that
+            # raises one is re-raised as is.
+            builder = tfds.builder(self._name, data_dir=self._data_dir)
+            if builder.is_prepared():
+                raise
+            if not network_reachable():
+                raise DataError(self._how_to_provide()) from None
+            builder.download_and_prepare()
+            return tfds.load(self._name, download=False, **kwargs)
+
+    def _how_to_provide(self) -> str:
+        where = self._data_dir or "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+        host, port = NETWORK_PROBE_ADDRESS
+        return (
+            f"TFDS dataset {self._name!r} is not prepared in {where}, and it cannot be "
+            f"downloaded: {host}:{port} is unreachable (offline?). Provide the data in one of "
+            f"these ways:\n"
+            f"  1. on a machine with internet run `tfds build {self._name} --data_dir=DIR`, "
+            f"copy DIR here (or use a gs:// DIR) and pass --config.data.data_dir=DIR;\n"
+            f"  2. pass --config.data.source=npz --config.data.path=DIR, DIR holding "
+            f"train.npz|train_*.npz and test.npz|test_*.npz (uint8 'images' [N,32,32,3], "
+            f"'labels' [N]);\n"
+            f"  3. pass --config.data.source=image_folder --config.data.path=ROOT, with "
+            f"ROOT/train/<class>/*.png and ROOT/test/<class>/*.png."
+        )
+
+    def _load_labels(self, split: str) -> np.ndarray:
+        return self._split(split)[1]
+
+    def _load_images(self, split: str, rows: np.ndarray) -> np.ndarray:
+        return self._split(split)[0][rows]
+
+
+# ---------------------------------------------------------------------------------- image_folder
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_DECODE_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
+
+class ImageFolderSource(Source):
+    """`root/{split}/{class_name}/*.png|jpg|jpeg`; the class list is the train split's folders.
+
+    Labels come from file paths alone (no decoding). Images are decoded with PIL on first
+    request, in a thread pool (decoding releases the GIL), and cached per row.
+    """
+
+    def __init__(self, data_cfg):
+        super().__init__(data_cfg)
+        if not data_cfg.path:
+            raise DataError(
+                "data.source='image_folder' needs data.path (the root holding split folders)"
+            )
+        self._root = data_cfg.path
+        self._files: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._decoded: dict[str, dict[int, np.ndarray]] = {}
+        self._class_names: list[str] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted class folder names of the train split; label i is `class_names[i]`."""
+        if self._class_names is None:
+            self._class_names = self._class_folders(self._train_split)
+        return self._class_names
+
+    def _split_dir(self, split: str) -> str:
+        path = os.path.join(self._root, split)
+        if not os.path.isdir(path):
+            raise DataError(
+                f"image_folder split {split!r}: no folder {path} (expected "
+                f"{self._root}/{split}/<class_name>/*.png|jpg|jpeg; see data.path and "
+                "data.train_split/test_split/val_split)"
+            )
+        return path
+
+    def _class_folders(self, split: str) -> list[str]:
+        with os.scandir(self._split_dir(split)) as entries:
+            return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+    def _list(self, split: str) -> tuple[list[str], np.ndarray]:
+        if split not in self._files:
+            label_of = {name: i for i, name in enumerate(self.class_names)}
+            split_dir = self._split_dir(split)
+            paths, labels = [], []
+            for name in self._class_folders(split):
+                if name not in label_of:
+                    raise DataError(
+                        f"class folder {os.path.join(split_dir, name)} is not a class of the "
+                        f"train split {os.path.join(self._root, self._train_split)}"
+                    )
+                class_dir = os.path.join(split_dir, name)
+                files = sorted(
+                    f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)
+                )
+                paths += [os.path.join(class_dir, f) for f in files]
+                labels += [label_of[name]] * len(files)
+            self._files[split] = (paths, np.asarray(labels, np.int64))
+            self._decoded[split] = {}
+        return self._files[split]
+
+    def _decode(self, path: str) -> np.ndarray:
+        size = self.info.image_size
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"), np.uint8)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read image {path}: {e}") from e
+        if pixels.shape != (size, size, 3):
+            height, width = pixels.shape[:2]
+            raise DataError(f"image {path} is {width}x{height}, expected {size}x{size}")
+        return pixels
+
+    def _load_labels(self, split: str) -> np.ndarray:
+        return self._list(split)[1]
+
+    def _load_images(self, split: str, rows: np.ndarray) -> np.ndarray:
+        paths, _ = self._list(split)
+        cache = self._decoded[split]
+        missing = sorted({int(r) for r in rows} - cache.keys())
+        with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+            for row, image in zip(missing, pool.map(self._decode, [paths[r] for r in missing])):
+                cache[row] = image
+        return np.stack([cache[int(r)] for r in rows])
+
+
+# ------------------------------------------------------------------------------------------- npz
+
+
+def _npy_header(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of array `key` of an open npz, read from its header without loading it."""
+    with npz.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return shape, dtype
+
+
+class NpzSource(Source):
+    """`{split}.npz` / `{split}_*.npz` files in a directory (or matching a glob), concatenated
+    in sorted path order.
+
+    Labels are read for the whole split, image arrays only from the files that hold requested
+    rows (a host reading a contiguous shard typically opens one or two files), and cached.
+    """
+
+    def __init__(self, data_cfg):
+        super().__init__(data_cfg)
+        if not data_cfg.path:
+            raise DataError(
+                "data.source='npz' needs data.path (a directory or a glob of .npz files)"
+            )
+        self._path = data_cfg.path
+        self._image_key = data_cfg.npz_image_key
+        self._label_key = data_cfg.npz_label_key
+        # split -> (files, first row of each file and the total [len(files) + 1], labels)
+        self._index: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+        self._file_images: dict[str, np.ndarray] = {}
+
+    def _split_files(self, split: str) -> list[str]:
+        pattern = os.path.join(self._path, "*.npz") if os.path.isdir(self._path) else self._path
+        files = sorted(
+            f
+            for f in glob.glob(pattern)
+            if os.path.basename(f) == f"{split}.npz"
+            or (os.path.basename(f).startswith(f"{split}_") and f.endswith(".npz"))
+        )
+        if not files:
+            raise DataError(
+                f"no npz files for split {split!r}: expected {split}.npz or {split}_*.npz "
+                f"in or matching data.path={self._path}"
+            )
+        return files
+
+    def _read_labels(self, file: str) -> np.ndarray:
+        size = self.info.image_size
+        try:
+            npz = np.load(file)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read npz file {file}: {e}") from e
+        with npz:
+            for key, field in (
+                (self._image_key, "data.npz_image_key"),
+                (self._label_key, "data.npz_label_key"),
+            ):
+                if key not in npz.files:
+                    raise DataError(
+                        f"{file} has no array {key!r} (it has {npz.files}); set {field}"
+                    )
+            labels = npz[self._label_key]
+            shape, dtype = _npy_header(npz, self._image_key)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"{file}: {self._label_key!r} must be integer [N], got {labels.dtype}{labels.shape}"
+            )
+        if shape != (len(labels), size, size, 3) or dtype != np.uint8:
+            raise DataError(
+                f"{file}: {self._image_key!r} must be uint8 {(len(labels), size, size, 3)} to "
+                f"match {self._label_key!r}, got {dtype}{shape}"
+            )
+        return labels
+
+    def _split_index(self, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+        if split not in self._index:
+            files = self._split_files(split)
+            per_file = [self._read_labels(f) for f in files]
+            starts = np.cumsum([0] + [len(labels) for labels in per_file])
+            self._index[split] = (files, starts, np.concatenate(per_file))
+        return self._index[split]
+
+    def _load_labels(self, split: str) -> np.ndarray:
+        return self._split_index(split)[2]
+
+    def _load_images(self, split: str, rows: np.ndarray) -> np.ndarray:
+        files, starts, _ = self._split_index(split)
+        file_of_row = np.searchsorted(starts, rows, side="right") - 1
+        size = self.info.image_size
+        out = np.empty((len(rows), size, size, 3), np.uint8)
+        for i in np.unique(file_of_row):
+            here = file_of_row == i
+            out[here] = self._images_of(files[i])[rows[here] - starts[i]]
+        return out
+
+    def _images_of(self, file: str) -> np.ndarray:
+        if file not in self._file_images:
+            with np.load(file) as npz:
+                self._file_images[file] = npz[self._image_key]
+        return self._file_images[file]
+
+
+# --------------------------------------------------------------------------------------- bundled
+
+
+class BundledDigitsSource(Source):
+    """scikit-learn's `digits` (1797 8x8 grey images, 10 classes), shipped inside the package.
+
+    Pixels 0..16 are scaled to uint8 0..255, upsampled nearest-neighbour to 32x32 (each pixel a
+    4x4 block: exact and keeps the pixel statistics of the originals) and replicated to RGB.
+    Splits 'train' (80%) and 'test' (20%) are a fixed class-stratified split (seed 0).
+    """
+
+    TEST_FRACTION = 0.2
+    SPLIT_SEED = 0
+
+    def __init__(self, data_cfg):
+        super().__init__(data_cfg)
+        if data_cfg.dataset != "digits":
+            raise DataError(
+                f"data.source='bundled' only provides dataset 'digits', not {data_cfg.dataset!r}"
+            )
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            # Imported here: scikit-learn is only needed for this demo source.
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+            scale = self.info.image_size // pixels.shape[1]
+            pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+            images = np.repeat(pixels[..., None], 3, axis=-1)
+            train, test = stratified_split(digits.target, self.TEST_FRACTION, self.SPLIT_SEED)
+            self._arrays = {
+                "train": (images[train], digits.target[train]),
+                "test": (images[test], digits.target[test]),
+            }
+        if split not in self._arrays:
+            raise DataError(f"bundled digits has splits {sorted(self._arrays)}, not {split!r}")
+        return self._arrays[split]
+
+    def _load_labels(self, split: str) -> np.ndarray:
+        return self._split(split)[1]
+
+    def _load_images(self, split: str, rows: np.ndarray) -> np.ndarray:
+        return self._split(split)[0][rows]
+
+
+_SOURCE_CLASSES = {
+    "tfds": TfdsSource,
+    "image_folder": ImageFolderSource,
+    "npz": NpzSource,
+    "bundled": BundledDigitsSource,
+}
+
+
+def make_source(data_cfg) -> Source:
+    """The `Source` chosen by `data_cfg.source` for `data_cfg.dataset` (`config.data`)."""
+    if data_cfg.dataset not in DATASETS:
+        raise DataError(f"data.dataset must be one of {sorted(DATASETS)}, got {data_cfg.dataset!r}")
+    if data_cfg.source not in _SOURCE_CLASSES:
+        raise DataError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
+    return _SOURCE_CLASSES[data_cfg.source](data_cfg)

@@ -1,0 +1,37 @@
+"""Command line entry: flags -> locked config -> `pipeline.run(config, workdir)`.
+
+Kept short on purpose; everything testable lives in the library.
+
+  python -m dfa_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m dfa_jax.main --config=configs/cifar100_teacher.py:tiny --workdir=/tmp/t \
+      --config.teacher.optim.epochs=1
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only tf.data/tfds here.
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; re-running the same command resumes.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # tf.data must not grab accelerator memory.
+  from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.configure_cpu_devices(config.num_cpu_devices)
+  from dfa_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config.lock()
+  pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
+
+
+if __name__ == "__main__":
+  app.run(main)

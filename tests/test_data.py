@@ -1,0 +1,467 @@
+"""Tests of dfa_jax.data: splits, augmentation, host batches and every source kind."""
+
+import json
+import os
+import socket
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from dfa_jax import data
+from dfa_jax.data import sources
+
+
+def data_cfg(**overrides) -> ml_collections.ConfigDict:
+    """The `config.data` block with the base config's defaults, overridden."""
+    fields = dict(
+        dataset="cifar10",
+        source="tfds",
+        data_dir=None,
+        path=None,
+        npz_image_key="images",
+        npz_label_key="labels",
+        train_split="train",
+        test_split="test",
+        val_split=None,
+        max_train_examples=None,
+        max_test_examples=None,
+        pad=4,
+        pad_mode="reflect",
+        flip=True,
+        search_val_fraction=0.3,
+    )
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+# ----------------------------------------------------------------------------------------- splits
+
+UNEVEN_LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(4), [10, 23, 7, 50]))
+
+
+def test_stratified_split_partitions_each_class_in_proportion():
+    train, val = data.stratified_split(UNEVEN_LABELS, 0.3, seed=1)
+    assert train.dtype == val.dtype == np.int64
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+    assert not set(train) & set(val)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(90))
+    for c, n_c in enumerate([10, 23, 7, 50]):
+        n_val = np.sum(UNEVEN_LABELS[val] == c)
+        assert abs(n_val - 0.3 * n_c) <= 1
+        assert n_val == np.floor(n_c * 0.3 + 0.5)
+
+
+def test_stratified_split_is_deterministic_in_seed():
+    first = data.stratified_split(UNEVEN_LABELS, 0.3, seed=1)
+    again = data.stratified_split(UNEVEN_LABELS, 0.3, seed=1)
+    other = data.stratified_split(UNEVEN_LABELS, 0.3, seed=2)
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_cifar_sized_split_is_35k_15k():
+    labels = np.repeat(np.arange(100), 500)
+    train, val = data.stratified_split(labels, 0.3, seed=0)
+    assert (len(train), len(val)) == (35_000, 15_000)
+    np.testing.assert_array_equal(np.bincount(labels[val]), np.full(100, 150))
+
+
+def test_load_or_create_split_round_trip_and_mismatch(tmp_path):
+    path = str(tmp_path / "search" / "split.json")
+    train, val = data.load_or_create_split(path, UNEVEN_LABELS, 0.3, seed=3)
+    expected = data.stratified_split(UNEVEN_LABELS, 0.3, seed=3)
+    np.testing.assert_array_equal(train, expected[0])
+    np.testing.assert_array_equal(val, expected[1])
+    saved = json.loads((tmp_path / "search" / "split.json").read_text())
+    assert (saved["seed"], saved["val_fraction"], saved["num_examples"]) == (3, 0.3, 90)
+    assert os.listdir(tmp_path / "search") == ["split.json"]  # no temp file left behind
+
+    # A different split of the same labels must come back as the saved one, not a new one.
+    (tmp_path / "search" / "split.json").write_text(
+        json.dumps({**saved, "train": saved["train"][::-1]})
+    )
+    reloaded, _ = data.load_or_create_split(path, UNEVEN_LABELS, 0.3, seed=3)
+    np.testing.assert_array_equal(reloaded, train[::-1])
+
+    for labels, fraction, seed in [
+        (UNEVEN_LABELS, 0.3, 4),
+        (UNEVEN_LABELS, 0.2, 3),
+        (UNEVEN_LABELS[:-1], 0.3, 3),
+        ((UNEVEN_LABELS + 1) % 4, 0.3, 3),  # same size, other dataset
+    ]:
+        with pytest.raises(data.DataError, match="split.json"):
+            data.load_or_create_split(path, labels, fraction, seed)
+
+
+def test_stratified_subset_keeps_every_class():
+    picked = data.stratified_subset(UNEVEN_LABELS, 10, seed=0)
+    assert len(picked) == 10 and np.all(np.diff(picked) > 0)
+    counts = np.bincount(UNEVEN_LABELS[picked], minlength=4)
+    assert counts.min() >= 2 and counts.max() - counts.min() <= 1
+    np.testing.assert_array_equal(picked, data.stratified_subset(UNEVEN_LABELS, 10, seed=0))
+    np.testing.assert_array_equal(data.stratified_subset(UNEVEN_LABELS, None, 0), np.arange(90))
+    np.testing.assert_array_equal(data.stratified_subset(UNEVEN_LABELS, 500, 0), np.arange(90))
+
+
+def test_host_shard_is_disjoint_and_equal():
+    indices = np.random.default_rng(0).permutation(103)
+    shards = [data.host_shard(indices, i, 4) for i in range(4)]
+    assert [len(s) for s in shards] == [25] * 4
+    np.testing.assert_array_equal(np.concatenate(shards), indices[:100])
+    assert len(set(np.concatenate(shards))) == 100
+    with pytest.raises(ValueError):
+        data.host_shard(indices, 4, 4)
+
+
+# ----------------------------------------------------------------------------------- augmentation
+
+AUG_STATIC = ("pad", "pad_mode", "flip")
+
+
+def _recover_window(output, padded, size):
+    """All (dy, dx, flipped) such that `output` is that window of `padded`."""
+    found = []
+    for dy in range(padded.shape[0] - size + 1):
+        for dx in range(padded.shape[1] - size + 1):
+            window = padded[dy : dy + size, dx : dx + size]
+            found += [(dy, dx, False)] if np.array_equal(output, window) else []
+            found += [(dy, dx, True)] if np.array_equal(output, window[:, ::-1]) else []
+    return found
+
+
+def test_augment_identity_without_pad_or_flip():
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    out = data.random_crop_flip(jnp.asarray(images), jax.random.key(0), 0, "reflect", False)
+    np.testing.assert_array_equal(np.asarray(out), images)
+
+
+@pytest.mark.parametrize("pad_mode", ["reflect", "constant"])
+def test_augment_outputs_are_windows_of_the_padded_input(pad_mode):
+    size, pad = 8, 3
+    # Values in [1, 2): all distinct, and a zero can only come from constant padding.
+    images = np.random.default_rng(1).uniform(1, 2, (48, size, size, 3)).astype(np.float32)
+    out = data.random_crop_flip(jnp.asarray(images), jax.random.key(5), pad, pad_mode, True)
+    out = np.asarray(out)
+    assert out.shape == images.shape and out.dtype == np.float32
+    offsets, flips = set(), []
+    for image, result in zip(images, out):
+        padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode=pad_mode)
+        (window,) = _recover_window(result, padded, size)
+        offsets.add(window[:2])
+        flips.append(window[2])
+    assert len(offsets) > 10  # offsets are drawn per example over the whole range
+    assert 0 < sum(flips) < len(flips)
+    has_zero = np.any(out == 0)
+    assert has_zero if pad_mode == "constant" else not has_zero
+
+
+def test_augment_flip_rate_is_one_half():
+    images = jnp.broadcast_to(jnp.arange(4, dtype=jnp.uint8)[None, None, :, None], (4000, 4, 4, 1))
+    out = data.random_crop_flip(images, jax.random.key(2), 0, "reflect", True)
+    flipped = np.asarray(out[:, 0, 0, 0] == 3)
+    assert np.all(np.asarray(out[:, 0, 0, 0]) % 3 == 0)  # every output is original or mirrored
+    assert 0.45 < flipped.mean() < 0.55
+
+
+def test_augment_is_deterministic_and_jittable():
+    images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (16, 32, 32, 3), np.uint8))
+    eager = data.random_crop_flip(images, jax.random.key(7), 4, "reflect", True)
+    jitted = jax.jit(data.random_crop_flip, static_argnames=AUG_STATIC)(
+        images, jax.random.key(7), pad=4, pad_mode="reflect", flip=True
+    )
+    other = data.random_crop_flip(images, jax.random.key(8), 4, "reflect", True)
+    assert eager.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted))
+    assert not np.array_equal(np.asarray(eager), np.asarray(other))
+
+
+def test_normalize_matches_numpy():
+    images = np.random.default_rng(4).integers(0, 256, (3, 4, 4, 3), np.uint8)
+    info = data.DATASETS["cifar100"]
+    out = data.normalize(jnp.asarray(images), info.mean, info.std)
+    expected = (images / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- loader
+
+
+def _indexed_examples(n):
+    """uint8 images whose pixels all equal the example index; label = index % 7."""
+    images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 3))
+    return np.ascontiguousarray(images), np.arange(n) % 7
+
+
+def test_train_batches_order_resume_and_remainder():
+    images, labels = _indexed_examples(103)
+    batches = list(data.train_batches(images, labels, 10, seed=0, epoch=0))
+    assert len(batches) == data.steps_per_epoch(103, 10) == 10
+    seen = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
+    assert len(set(seen)) == 100  # each example at most once, 3 dropped
+    for b in batches:
+        assert b["image"].shape == (10, 4, 4, 3) and b["image"].dtype == np.uint8
+        assert b["label"].dtype == np.int32
+        np.testing.assert_array_equal(b["label"], b["image"][:, 0, 0, 0] % 7)
+    same = list(data.train_batches(images, labels, 10, seed=0, epoch=0))
+    next_epoch = list(data.train_batches(images, labels, 10, seed=0, epoch=1))
+    resumed = list(data.train_batches(images, labels, 10, seed=0, epoch=0, start_batch=7))
+    for a, b in zip(batches, same):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(batches[0]["image"], next_epoch[0]["image"])
+    assert len(resumed) == 3
+    for a, b in zip(batches[7:], resumed):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    with pytest.raises(ValueError):
+        data.steps_per_epoch(5, 10)
+
+
+def test_eval_batches_cover_every_example_once_with_masks():
+    images, labels = _indexed_examples(23)
+    batches = list(data.eval_batches(images, labels, 10))
+    assert len(batches) == 3
+    for b in batches:
+        assert b["image"].shape == (10, 4, 4, 3) and b["mask"].dtype == np.float32
+    mask = np.concatenate([b["mask"] for b in batches])
+    np.testing.assert_array_equal(mask, [1.0] * 23 + [0.0] * 7)
+    seen = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])[mask == 1]
+    np.testing.assert_array_equal(seen, np.arange(23))
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[:23], labels)
+
+
+# ------------------------------------------------------------------------------------------- tfds
+
+
+@pytest.mark.parametrize("dataset, num_classes", [("cifar100", 100), ("cifar10", 10)])
+def test_tfds_source_under_mock_data(tmp_path, dataset, num_classes):
+    with tfds.testing.mock_data(num_examples=12):
+        source = data.make_source(data_cfg(dataset=dataset, data_dir=str(tmp_path)))
+        labels = source.labels("train")
+        images = source.images("train", np.array([0, 5, 11]))
+    assert labels.shape == (12,) and labels.dtype == np.int32
+    assert labels.min() >= 0 and labels.max() < num_classes
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+
+
+def _closed_local_port():
+    """A local port nobody listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return ("127.0.0.1", s.getsockname()[1])
+
+
+def test_tfds_offline_fails_fast_with_how_to(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "NETWORK_PROBE_ADDRESS", _closed_local_port())
+    source = data.make_source(data_cfg(dataset="cifar100", data_dir=str(tmp_path / "empty")))
+    start = time.monotonic()
+    with pytest.raises(data.DataError) as error:
+        source.labels("train")
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    for hint in ["tfds build cifar100", "--config.data.data_dir", "source=npz", "image_folder"]:
+        assert hint in message
+
+
+def test_network_probe():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert sources.network_reachable(server.getsockname(), timeout_s=2)
+    start = time.monotonic()
+    assert not sources.network_reachable(_closed_local_port(), timeout_s=5)
+    assert time.monotonic() - start < 1  # a refusal ends the probe, no waiting for the timeout
+    start = time.monotonic()
+    # TEST-NET-1 is never routed: either refused at once or timed out by the probe.
+    assert not sources.network_reachable(("192.0.2.1", 9), timeout_s=0.5)
+    assert time.monotonic() - start < 2
+
+
+def test_make_source_rejects_bad_config():
+    with pytest.raises(data.DataError, match="data.dataset"):
+        data.make_source(data_cfg(dataset="mnist"))
+    with pytest.raises(data.DataError, match="data.source"):
+        data.make_source(data_cfg(source="hdf5"))
+    with pytest.raises(data.DataError, match="image_folder"):
+        data.make_source(data_cfg(dataset="cinic10", source="tfds"))
+    with pytest.raises(data.DataError, match="data.path"):
+        data.make_source(data_cfg(source="npz"))
+
+
+# ----------------------------------------------------------------------------------- image_folder
+
+CLASSES = ["dog", "ant", "cat"]  # sorted: ant=0, cat=1, dog=2
+
+
+def _write_tree(root):
+    """root/{train,valid,test}/{class}/: PNGs (exact pixels) and a JPG per class in train."""
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for split, per_class in [("train", 3), ("valid", 2), ("test", 1)]:
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                if split == "train" and k == 2:
+                    # One flat colour: JPEG keeps it nearly exact (noise it would not).
+                    image = np.broadcast_to(rng.integers(0, 256, 3, np.uint8), (32, 32, 3))
+                    Image.fromarray(np.ascontiguousarray(image)).save(folder / f"img{k}.jpg")
+                else:
+                    image = rng.integers(0, 256, (32, 32, 3), np.uint8)
+                    Image.fromarray(image).save(folder / f"img{k}.png")
+                pixels[(split, name, k)] = image
+    (root / "train" / "ant" / "notes.txt").write_text("not an image")
+    return pixels
+
+
+@pytest.fixture
+def open_counter(monkeypatch):
+    opened = []
+    real_open = sources.Image.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources.Image, "open", counting_open)
+    return opened
+
+
+def test_image_folder_labels_and_lazy_decoding(tmp_path, open_counter):
+    pixels = _write_tree(tmp_path)
+    cfg = data_cfg(dataset="cinic10", source="image_folder", path=str(tmp_path))
+    source = data.make_source(cfg)
+    np.testing.assert_array_equal(source.labels("train"), [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(source.labels("valid"), [0, 0, 1, 1, 2, 2])
+    assert source.class_names == ["ant", "cat", "dog"]
+    assert open_counter == []  # labels never decode
+
+    images = source.images("train", np.array([4, 0, 2]))
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    assert sorted(os.path.basename(p) for p in open_counter) == ["img0.png", "img1.png", "img2.jpg"]
+    np.testing.assert_array_equal(images[0], pixels[("train", "cat", 1)])
+    np.testing.assert_array_equal(images[1], pixels[("train", "ant", 0)])
+    # JPEG is lossy: close, not equal.
+    assert np.abs(images[2].astype(int) - pixels[("train", "ant", 2)]).max() <= 3
+
+    source.images("train", np.array([0, 4]))
+    assert len(open_counter) == 3  # cached
+    test_image = source.images("test", np.array([2]))[0]
+    np.testing.assert_array_equal(test_image, pixels[("test", "dog", 0)])
+
+
+def test_image_folder_errors_name_the_path(tmp_path):
+    _write_tree(tmp_path)
+    bad = tmp_path / "test" / "cat" / "img9.png"
+    bad.write_bytes(b"not a png")
+    small = tmp_path / "valid" / "dog" / "img9.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(small)
+    (tmp_path / "valid" / "eel").mkdir()
+    source = data.make_source(data_cfg(source="image_folder", path=str(tmp_path)))
+    with pytest.raises(data.DataError, match=str(bad)):
+        source.images("test", np.arange(len(source.labels("test"))))
+    with pytest.raises(data.DataError, match=str(tmp_path / "nope")):
+        source.labels("nope")
+    with pytest.raises(data.DataError, match="eel"):
+        source.labels("valid")
+    (tmp_path / "valid" / "eel").rmdir()
+    with pytest.raises(data.DataError, match=f"{small}.*16x16"):
+        source.images("valid", np.arange(len(source.labels("valid"))))
+
+
+# -------------------------------------------------------------------------------------------- npz
+
+
+def _write_npz(root, image_key="x", label_key="y"):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for name, n in [("train_00", 5), ("train_01", 7), ("test", 4)]:
+        images = rng.integers(0, 256, (n, 32, 32, 3), np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        np.savez(root / f"{name}.npz", **{image_key: images, label_key: labels})
+        arrays[name] = (images, labels)
+    return arrays
+
+
+def test_npz_source_concatenates_shards_and_loads_only_needed_files(tmp_path, monkeypatch):
+    arrays = _write_npz(tmp_path)
+    source = data.make_source(
+        data_cfg(source="npz", path=str(tmp_path), npz_image_key="x", npz_label_key="y")
+    )
+    train_labels = np.concatenate([arrays["train_00"][1], arrays["train_01"][1]])
+    np.testing.assert_array_equal(source.labels("train"), train_labels)
+    np.testing.assert_array_equal(source.labels("test"), arrays["test"][1])
+
+    loaded = []
+    real_load = np.load
+    monkeypatch.setattr(
+        np, "load", lambda f, *a, **k: loaded.append(os.path.basename(f)) or real_load(f, *a, **k)
+    )
+    images = source.images("train", np.array([8, 6]))
+    assert loaded == ["train_01.npz"]  # rows 5..11 live in the second shard only
+    np.testing.assert_array_equal(images, arrays["train_01"][0][[3, 1]])
+    images = source.images("train", np.array([6, 1]))
+    assert loaded == ["train_01.npz", "train_00.npz"]
+    np.testing.assert_array_equal(images[0], arrays["train_01"][0][1])
+    np.testing.assert_array_equal(images[1], arrays["train_00"][0][1])
+    source.images("train", np.array([0, 11]))
+    assert len(loaded) == 2  # cached
+
+    only_train = data.make_source(
+        data_cfg(
+            source="npz", path=str(tmp_path / "train_*.npz"), npz_image_key="x", npz_label_key="y"
+        )
+    )
+    assert len(only_train.labels("train")) == 12
+    with pytest.raises(data.DataError, match="test"):
+        only_train.labels("test")
+
+
+def test_npz_missing_key_names_file_key_and_field(tmp_path):
+    _write_npz(tmp_path)
+    source = data.make_source(data_cfg(source="npz", path=str(tmp_path), npz_label_key="y"))
+    with pytest.raises(data.DataError) as error:
+        source.labels("train")
+    message = str(error.value)
+    assert "train_00.npz" in message and "'images'" in message and "data.npz_image_key" in message
+
+
+# ---------------------------------------------------------------------------------------- bundled
+
+
+def test_bundled_digits():
+    from sklearn.datasets import load_digits
+
+    source = data.make_source(data_cfg(dataset="digits", source="bundled"))
+    train, test = source.labels("train"), source.labels("test")
+    assert (len(train), len(test)) == (1438, 359)
+    assert set(train) == set(test) == set(range(10))
+    train_images = source.images("train", np.arange(len(train)))
+    test_images = source.images("test", np.arange(len(test)))
+    assert train_images.shape == (1438, 32, 32, 3) and train_images.dtype == np.uint8
+    assert train_images.max() == 255
+    np.testing.assert_array_equal(train_images[..., 0], train_images[..., 2])
+    # Together the two splits are exactly the 1797 digits (so they are disjoint).
+    originals = np.rint(load_digits().images * (255 / 16)).astype(np.uint8)
+    ours = np.concatenate([train_images, test_images])[:, ::4, ::4, 0]
+    assert sorted(map(bytes, ours)) == sorted(map(bytes, originals))
+    info = data.DATASETS["digits"]
+    np.testing.assert_allclose(train_images.mean() / 255, info.mean[0], atol=1e-4)
+    np.testing.assert_allclose(train_images.std() / 255, info.std[0], atol=1e-4)
+
+
+def test_max_examples_caps_keep_every_class():
+    source = data.make_source(
+        data_cfg(dataset="digits", source="bundled", max_train_examples=25, max_test_examples=5)
+    )
+    train, test = source.labels("train"), source.labels("test")
+    assert len(train) == 25 and set(train) == set(range(10))
+    assert len(test) == 5 and len(set(test)) == 5
+    assert source.images("train", np.arange(25)).shape == (25, 32, 32, 3)
+    with pytest.raises(IndexError):
+        source.images("train", np.array([25]))
