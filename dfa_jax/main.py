@@ -11,8 +11,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only tf.data/tfds here.
 
+import logging as std_logging  # noqa: E402
+
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
@@ -24,6 +27,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  # Orbax narrates every save at INFO; keep its warnings, drop the rest from the progress log.
+  logging.get_absl_handler().addFilter(
+      lambda record: "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data must not grab accelerator memory.
   from dfa_jax import parallel  # pylint: disable=g-import-not-at-top

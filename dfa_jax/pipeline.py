@@ -46,7 +46,6 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
       "tensorboard": f"tensorboard --logdir {os.path.abspath(workdir)}",
   }
   path = reporting.write_summary(workdir, summary)
-  logging.info("results:\n%s", reporting.results_table(stages))
   print(reporting.results_table(stages))
   print(f"summary: {path}\nTensorBoard logs: {os.path.abspath(workdir)}"
         f" (view with `tensorboard --logdir {os.path.abspath(workdir)}`)")

@@ -137,8 +137,9 @@ def run(stage: Stage, config, mesh) -> dict:
   history: list[dict] = list(meta["history"])
   wall_before = float(meta["wall_time_s"])
 
-  writer = metric_writers.create_default_writer(
-      stage.directory, just_logging=jax.process_index() > 0)
+  # TensorBoard only: the progress line below is the human-readable log.
+  writer = (metric_writers.SummaryWriter(stage.directory) if jax.process_index() == 0
+            else metric_writers.MultiWriter([]))
   metrics_file = _MetricsFile(os.path.join(stage.directory, "metrics.jsonl"), step)
 
   train_iter = _batches(stage.train_data, local_batch_size, stage.seed, step, steps_per_epoch)
