@@ -10,14 +10,14 @@ from dfa_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  config = config_lib.base_config()
-  config.stages = ("teacher",)
-  config.data.dataset = "cifar100"
-  config.data.source = "tfds"
-  config.teacher.model = "wrn_28_4"
-  config.teacher.optim = config_lib.optim_recipe("paper")
-  if arg == "tiny":
-    config_lib.tiny(config)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use ':tiny' or nothing")
-  return config
+    config = config_lib.base_config()
+    config.stages = ("teacher",)
+    config.data.dataset = "cifar100"
+    config.data.source = "tfds"
+    config.teacher.model = "wrn_28_4"
+    config.teacher.optim = config_lib.optim_recipe("paper")
+    if arg == "tiny":
+        config_lib.tiny(config)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':tiny' or nothing")
+    return config

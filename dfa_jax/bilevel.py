@@ -26,23 +26,33 @@ BetaLossFn = Callable[..., tuple[jax.Array, dict]]
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a stage updates. `beta` is `{}` in stages that have none (teacher)."""
-  step: jax.Array  # int32 scalar: number of completed steps.
-  params: PyTree  # w: trained by the w optimizer.
-  batch_stats: PyTree  # BatchNorm running statistics of w's modules.
-  opt_state: PyTree  # w optimizer state.
-  beta: PyTree  # Architecture parameters (per-group aggregation logits).
-  beta_opt_state: PyTree  # beta optimizer state (separate from w's).
+    """Everything a stage updates. `beta` is `{}` in stages that have none (teacher)."""
+
+    step: jax.Array  # int32 scalar: number of completed steps.
+    params: PyTree  # w: trained by the w optimizer.
+    batch_stats: PyTree  # BatchNorm running statistics of w's modules.
+    opt_state: PyTree  # w optimizer state.
+    beta: PyTree  # Architecture parameters (per-group aggregation logits).
+    beta_opt_state: PyTree  # beta optimizer state (separate from w's).
 
 
-def create_state(params, batch_stats, tx: optax.GradientTransformation, beta=None,
-                 beta_tx: optax.GradientTransformation | None = None) -> TrainState:
-  """A step-0 TrainState; beta's optimizer state is empty when beta is frozen (`beta_tx=None`)."""
-  beta = {} if beta is None else beta
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-      opt_state=tx.init(params), beta=beta,
-      beta_opt_state=beta_tx.init(beta) if beta_tx is not None else ())
+def create_state(
+    params,
+    batch_stats,
+    tx: optax.GradientTransformation,
+    beta=None,
+    beta_tx: optax.GradientTransformation | None = None,
+) -> TrainState:
+    """A step-0 TrainState; beta's optimizer state is empty when beta is frozen (`beta_tx=None`)."""
+    beta = {} if beta is None else beta
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        beta=beta,
+        beta_opt_state=beta_tx.init(beta) if beta_tx is not None else (),
+    )
 
 
 def make_bilevel_step(
@@ -53,60 +63,67 @@ def make_bilevel_step(
     beta_tx: optax.GradientTransformation | None = None,
     preprocess_fn: Callable[[dict, jax.Array], dict] | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
-  """Builds `step(state, batch, val_batch, aux) -> (state, metrics)`, pure and jit-ready.
+    """Builds `step(state, batch, val_batch, aux) -> (state, metrics)`, pure and jit-ready.
 
-  Args:
-    w_loss_fn: the stage's loss for w on a training batch; also returns the new BN statistics and
-      scalar metrics.
-    w_tx: w's optimizer.
-    seed: base of the per-step randomness, `fold_in(key(seed), step)`, so a resumed run draws
-      exactly what an uninterrupted one would.
-    beta_loss_fn: the loss for beta on a validation batch; None freezes beta (the step then ignores
-      `val_batch` and never touches beta or its optimizer state).
-    beta_tx: beta's optimizer (required with `beta_loss_fn`).
-    preprocess_fn: `(batch, rng) -> batch` applied on device to both batches (augmentation and
-      normalisation), so the host only gathers uint8 images.
+    Args:
+      w_loss_fn: the stage's loss for w on a training batch; also returns the new BN statistics and
+        scalar metrics.
+      w_tx: w's optimizer.
+      seed: base of the per-step randomness, `fold_in(key(seed), step)`, so a resumed run draws
+        exactly what an uninterrupted one would.
+      beta_loss_fn: the loss for beta on a validation batch; None freezes beta (the step then ignores
+        `val_batch` and never touches beta or its optimizer state).
+      beta_tx: beta's optimizer (required with `beta_loss_fn`).
+      preprocess_fn: `(batch, rng) -> batch` applied on device to both batches (augmentation and
+        normalisation), so the host only gathers uint8 images.
 
-  Returns:
-    The step. `metrics` holds device scalars: the loss functions' metrics, `grad_norm`,
-    `beta_grad_norm` (search), and `finite` (False when a loss or gradient is not finite).
-  """
-  if (beta_loss_fn is None) != (beta_tx is None):
-    raise ValueError("beta_loss_fn and beta_tx must be given together")
-  preprocess = preprocess_fn or (lambda batch, rng: batch)
+    Returns:
+      The step. `metrics` holds device scalars: the loss functions' metrics, `grad_norm`,
+      `beta_grad_norm` (search), and `finite` (False when a loss or gradient is not finite).
+    """
+    if (beta_loss_fn is None) != (beta_tx is None):
+        raise ValueError("beta_loss_fn and beta_tx must be given together")
+    preprocess = preprocess_fn or (lambda batch, rng: batch)
 
-  def step(state: TrainState, batch: dict, val_batch: dict | None, aux: PyTree):
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    rng_beta, rng_w, rng_aug_val, rng_aug = jax.random.split(rng, 4)
-    metrics = {}
-    finite = jnp.bool_(True)
-    beta, beta_opt_state = state.beta, state.beta_opt_state
+    def step(state: TrainState, batch: dict, val_batch: dict | None, aux: PyTree):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        rng_beta, rng_w, rng_aug_val, rng_aug = jax.random.split(rng, 4)
+        metrics = {}
+        finite = jnp.bool_(True)
+        beta, beta_opt_state = state.beta, state.beta_opt_state
 
-    if beta_loss_fn is not None:
-      val_batch = preprocess(val_batch, rng_aug_val)
-      (beta_loss, beta_metrics), beta_grads = jax.value_and_grad(beta_loss_fn, has_aux=True)(
-          beta, state.params, state.batch_stats, val_batch, rng_beta, aux)
-      updates, beta_opt_state = beta_tx.update(beta_grads, beta_opt_state, beta)
-      beta = optax.apply_updates(beta, updates)
-      beta_grad_norm = optax.global_norm(beta_grads)
-      metrics.update({f"val/{k}": v for k, v in beta_metrics.items()})
-      metrics["beta_grad_norm"] = beta_grad_norm
-      finite &= jnp.isfinite(beta_loss) & jnp.isfinite(beta_grad_norm)
+        if beta_loss_fn is not None:
+            val_batch = preprocess(val_batch, rng_aug_val)
+            (beta_loss, beta_metrics), beta_grads = jax.value_and_grad(beta_loss_fn, has_aux=True)(
+                beta, state.params, state.batch_stats, val_batch, rng_beta, aux
+            )
+            updates, beta_opt_state = beta_tx.update(beta_grads, beta_opt_state, beta)
+            beta = optax.apply_updates(beta, updates)
+            beta_grad_norm = optax.global_norm(beta_grads)
+            metrics.update({f"val/{k}": v for k, v in beta_metrics.items()})
+            metrics["beta_grad_norm"] = beta_grad_norm
+            finite &= jnp.isfinite(beta_loss) & jnp.isfinite(beta_grad_norm)
 
-    batch = preprocess(batch, rng_aug)
-    (loss, (batch_stats, w_metrics)), grads = jax.value_and_grad(w_loss_fn, has_aux=True)(
-        state.params, state.batch_stats, beta, batch, rng_w, aux)
-    updates, opt_state = w_tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    metrics.update(w_metrics)
-    metrics["loss"] = loss
-    metrics["grad_norm"] = grad_norm
-    metrics["finite"] = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        batch = preprocess(batch, rng_aug)
+        (loss, (batch_stats, w_metrics)), grads = jax.value_and_grad(w_loss_fn, has_aux=True)(
+            state.params, state.batch_stats, beta, batch, rng_w, aux
+        )
+        updates, opt_state = w_tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        metrics.update(w_metrics)
+        metrics["loss"] = loss
+        metrics["grad_norm"] = grad_norm
+        metrics["finite"] = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-        beta=beta, beta_opt_state=beta_opt_state)
-    return new_state, metrics
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            beta=beta,
+            beta_opt_state=beta_opt_state,
+        )
+        return new_state, metrics
 
-  return step
+    return step

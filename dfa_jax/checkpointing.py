@@ -16,34 +16,42 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Saves and restores `(state, meta)` pairs under `directory`, keeping the newest `keep`."""
+    """Saves and restores `(state, meta)` pairs under `directory`, keeping the newest `keep`."""
 
-  def __init__(self, directory: str, keep: int):
-    self.directory = os.path.abspath(directory) if "://" not in directory else directory
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    def __init__(self, directory: str, keep: int):
+        self.directory = os.path.abspath(directory) if "://" not in directory else directory
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts an asynchronous save of `state` and `meta` at `step` (no-op if it exists)."""
-    if step in self._manager.all_steps():
-      return
-    self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Starts an asynchronous save of `state` and `meta` at `step` (no-op if it exists)."""
+        if step in self._manager.all_steps():
+            return
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
 
-  def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores the checkpoint at `step` (default: latest) with the shapes/shardings of `like`."""
-    step = self._manager.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restores the checkpoint at `step` (default: latest) with the shapes/shardings of `like`."""
+        step = self._manager.latest_step() if step is None else step
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored.state, restored.meta
 
-  def wait(self) -> None:
-    """Blocks until pending saves are on disk (call before reading them or exiting)."""
-    self._manager.wait_until_finished()
+    def wait(self) -> None:
+        """Blocks until pending saves are on disk (call before reading them or exiting)."""
+        self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.close()
+    def close(self) -> None:
+        self._manager.close()

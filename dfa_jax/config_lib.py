@@ -12,6 +12,7 @@ import os
 import re
 
 import ml_collections
+from ml_collections.config_dict import placeholder  # Optional fields the command line can set.
 
 # Stages the pipeline knows, in the order it runs them.
 STAGES = ("teacher",)
@@ -19,103 +20,119 @@ SCHEDULES = ("step", "cosine", "constant")
 
 
 class ConfigError(ValueError):
-  """A configuration mistake; the message names the field(s) and the fix."""
+    """A configuration mistake; the message names the field(s) and the fix."""
 
 
 def optim_recipe(name: str) -> ml_collections.ConfigDict:
-  """The optimiser recipes of the paper and its peers, as a ConfigDict to assign to `*.optim`.
+    """The optimiser recipes of the paper and its peers, as a ConfigDict to assign to `*.optim`.
 
-  Args:
-    name: 'paper' (Zagoruyko & Komodakis' WRN recipe the paper uses: SGD 0.1, momentum 0.9,
-      wd 5e-4, x0.2 at epochs 60/120/160 of 200, batch 128), 'overhaul' (Heo et al.: Nesterov,
-      /10 at 100 and /100 at 150 of 200) or 'cinic' (the paper's CINIC-10 recipe: lr 0.01, x0.1 at
-      100/120 of 140, batch 96).
-  """
-  c = ml_collections.ConfigDict()
-  c.epochs = 200  # Training epochs.
-  c.batch_size = 128  # Global batch size (split across all devices of all hosts).
-  c.lr = 0.1  # Peak learning rate.
-  c.momentum = 0.9  # SGD momentum.
-  c.nesterov = False  # Nesterov momentum.
-  c.weight_decay = 5e-4  # Coupled L2 weight decay, as PyTorch's SGD(weight_decay=...).
-  c.schedule = "step"  # 'step' (piecewise constant), 'cosine' or 'constant'.
-  c.milestones = (60, 120, 160)  # 'step': epochs where the lr is multiplied by `decay`.
-  c.decay = 0.2  # 'step': multiplicative factor at each milestone.
-  if name == "paper":
-    pass
-  elif name == "overhaul":
-    c.nesterov = True
-    c.milestones = (100, 150)
-    c.decay = 0.1
-  elif name == "cinic":
-    c.epochs = 140
-    c.batch_size = 96
-    c.lr = 0.01
-    c.milestones = (100, 120)
-    c.decay = 0.1
-  else:
-    raise ConfigError(f"unknown optimiser recipe {name!r}; use 'paper', 'overhaul' or 'cinic'")
-  return c
+    Args:
+      name: 'paper' (Zagoruyko & Komodakis' WRN recipe the paper uses: SGD 0.1, momentum 0.9,
+        wd 5e-4, x0.2 at epochs 60/120/160 of 200, batch 128), 'overhaul' (Heo et al.: Nesterov,
+        /10 at 100 and /100 at 150 of 200) or 'cinic' (the paper's CINIC-10 recipe: lr 0.01, x0.1 at
+        100/120 of 140, batch 96).
+    """
+    c = ml_collections.ConfigDict()
+    c.epochs = 200  # Training epochs.
+    c.batch_size = 128  # Global batch size (split across all devices of all hosts).
+    c.lr = 0.1  # Peak learning rate.
+    c.momentum = 0.9  # SGD momentum.
+    c.nesterov = False  # Nesterov momentum.
+    c.weight_decay = 5e-4  # Coupled L2 weight decay, as PyTorch's SGD(weight_decay=...).
+    c.schedule = "step"  # 'step' (piecewise constant), 'cosine' or 'constant'.
+    c.milestones = (60, 120, 160)  # 'step': epochs where the lr is multiplied by `decay`.
+    c.decay = 0.2  # 'step': multiplicative factor at each milestone.
+    if name == "paper":
+        pass
+    elif name == "overhaul":
+        c.nesterov = True
+        c.milestones = (100, 150)
+        c.decay = 0.1
+    elif name == "cinic":
+        c.epochs = 140
+        c.batch_size = 96
+        c.lr = 0.01
+        c.milestones = (100, 120)
+        c.decay = 0.1
+    else:
+        raise ConfigError(f"unknown optimiser recipe {name!r}; use 'paper', 'overhaul' or 'cinic'")
+    return c
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field of a dfa_jax run with its default (CIFAR-100, pair 1, the paper's recipe)."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0  # Seeds parameter init, data order, augmentation and the search/val split.
-  config.stages = ("teacher",)  # Stages the pipeline runs, in order (a subset of STAGES).
+    """Every field of a dfa_jax run with its default (CIFAR-100, pair 1, the paper's recipe)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seeds parameter init, data order, augmentation and the search/val split.
+    config.stages = ("teacher",)  # Stages the pipeline runs, in order (a subset of STAGES).
 
-  # --- data ----------------------------------------------------------------------------------
-  config.data = data = ml_collections.ConfigDict()
-  data.dataset = "cifar100"  # 'cifar100' | 'cifar10' | 'cinic10' | 'digits' (sets classes and normalisation).
-  data.source = "tfds"  # 'tfds' | 'image_folder' | 'npz' | 'bundled' (digits, ships with scikit-learn).
-  data.data_dir = None  # tfds data_dir (a gs:// path works); None = tfds' default.
-  data.path = None  # image_folder root (split/class/*.png) or npz directory/glob ({split}_*.npz).
-  data.npz_image_key = "images"  # npz: key of the uint8 [N, 32, 32, 3] images.
-  data.npz_label_key = "labels"  # npz: key of the integer [N] labels.
-  data.train_split = "train"  # Split the models train on.
-  data.test_split = "test"  # Split evaluated every epoch (best and last accuracy).
-  data.val_split = None  # Split for the search's beta updates; None = carve it out of train (7:3).
-  data.search_val_fraction = 0.3  # Fraction of train held out for beta when val_split is None.
-  data.max_train_examples = None  # Keep only this many training examples (tiny runs); None = all.
-  data.max_test_examples = None  # Keep only this many test examples (tiny runs); None = all.
-  data.pad = 4  # Augmentation: pixels of padding before the random 32x32 crop (0 disables).
-  data.pad_mode = "reflect"  # 'reflect' (the paper's recipe) or 'constant' (zeros).
-  data.flip = True  # Augmentation: random horizontal flip.
-  data.prefetch = 2  # Batches placed on the devices ahead of the step.
-  data.eval_batch_size = 500  # Global batch size for evaluation (padded and masked at the end).
+    # --- data ----------------------------------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "cifar100"  # 'cifar100' | 'cifar10' | 'cinic10' | 'digits' (sets classes and normalisation).
+    data.source = (
+        "tfds"  # 'tfds' | 'image_folder' | 'npz' | 'bundled' (digits, ships with scikit-learn).
+    )
+    data.data_dir = placeholder(str)  # tfds data_dir (a gs:// path works); None = tfds' default.
+    data.path = placeholder(
+        str
+    )  # image_folder root (split/class/*.png) or npz directory/glob ({split}_*.npz).
+    data.npz_image_key = "images"  # npz: key of the uint8 [N, 32, 32, 3] images.
+    data.npz_label_key = "labels"  # npz: key of the integer [N] labels.
+    data.train_split = "train"  # Split the models train on.
+    data.test_split = "test"  # Split evaluated every epoch (best and last accuracy).
+    data.val_split = placeholder(
+        str
+    )  # Split for the search's beta updates; None = carve it out of train (7:3).
+    data.search_val_fraction = 0.3  # Fraction of train held out for beta when val_split is None.
+    data.max_train_examples = placeholder(
+        int
+    )  # Keep only this many training examples (tiny runs); None = all.
+    data.max_test_examples = placeholder(
+        int
+    )  # Keep only this many test examples (tiny runs); None = all.
+    data.pad = 4  # Augmentation: pixels of padding before the random 32x32 crop (0 disables).
+    data.pad_mode = "reflect"  # 'reflect' (the paper's recipe) or 'constant' (zeros).
+    data.flip = True  # Augmentation: random horizontal flip.
+    data.prefetch = 2  # Batches placed on the devices ahead of the step.
+    data.eval_batch_size = 500  # Global batch size for evaluation (padded and masked at the end).
 
-  # --- teacher stage -------------------------------------------------------------------------
-  config.teacher = teacher = ml_collections.ConfigDict()
-  teacher.model = "wrn_28_4"  # Teacher architecture (see dfa_jax.models.MODEL_NAMES).
-  teacher.checkpoint = None  # Load the teacher from this checkpoint dir instead of training one.
-  teacher.optim = optim_recipe("paper")  # Teacher training recipe.
+    # --- teacher stage -------------------------------------------------------------------------
+    config.teacher = teacher = ml_collections.ConfigDict()
+    teacher.model = "wrn_28_4"  # Teacher architecture (see dfa_jax.models.MODEL_NAMES).
+    teacher.checkpoint = placeholder(
+        str
+    )  # Load the teacher from this checkpoint dir instead of training one.
+    teacher.optim = optim_recipe("paper")  # Teacher training recipe.
 
-  # --- student -------------------------------------------------------------------------------
-  config.student = student = ml_collections.ConfigDict()
-  student.model = "wrn_16_4"  # Student architecture; must have the teacher's group spatial sizes.
+    # --- student -------------------------------------------------------------------------------
+    config.student = student = ml_collections.ConfigDict()
+    student.model = "wrn_16_4"  # Student architecture; must have the teacher's group spatial sizes.
 
-  # --- compute, logging, checkpoints ---------------------------------------------------------
-  config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
-  config.num_cpu_devices = 0  # CPU-only hosts: JAX devices to split the CPU into; 0 = one per core.
-  config.log_every_steps = 50  # Host sync, progress line and scalars every N steps.
-  config.checkpoint_every_steps = 500  # Orbax checkpoint every N steps (and at the end of a stage).
-  config.checkpoints_to_keep = 2  # Newest checkpoints kept per stage.
-  return config
+    # --- compute, logging, checkpoints ---------------------------------------------------------
+    config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
+    config.num_cpu_devices = (
+        0  # CPU-only hosts: JAX devices to split the CPU into; 0 = one per core.
+    )
+    config.log_every_steps = 50  # Host sync, progress line and scalars every N steps.
+    config.checkpoint_every_steps = (
+        500  # Orbax checkpoint every N steps (and at the end of a stage).
+    )
+    config.checkpoints_to_keep = 2  # Newest checkpoints kept per stage.
+    return config
 
 
 def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks any config to seconds on a CPU (tests, smoke runs): tiny models, data and epochs."""
-  config.teacher.model = "wrn_10_1"
-  config.student.model = "wrn_10_1"
-  config.data.max_train_examples = 64
-  config.data.max_test_examples = 32
-  config.data.eval_batch_size = 16
-  config.teacher.optim.epochs = 2
-  config.teacher.optim.batch_size = 16
-  config.teacher.optim.milestones = (1,)
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 3
-  return config
+    """Shrinks any config to seconds on a CPU (tests, smoke runs): tiny models, data and epochs."""
+    config.teacher.model = "wrn_10_1"
+    config.student.model = "wrn_10_1"
+    config.data.max_train_examples = 64
+    config.data.max_test_examples = 32
+    config.data.eval_batch_size = 16
+    config.teacher.optim.epochs = 2
+    config.teacher.optim.batch_size = 16
+    config.teacher.optim.milestones = (1,)
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 3
+    return config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,109 +141,127 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _check_optim(prefix: str, optim, device_count: int, problems: list[str]) -> None:
-  if not optim.epochs > 0:
-    problems.append(f"{prefix}.epochs = {optim.epochs}: must be a positive number of epochs.")
-  if not optim.lr > 0:
-    problems.append(f"{prefix}.lr = {optim.lr}: the learning rate must be positive.")
-  if not optim.batch_size > 0:
-    problems.append(f"{prefix}.batch_size = {optim.batch_size}: must be positive.")
-  elif optim.batch_size % device_count:
-    problems.append(
-        f"{prefix}.batch_size = {optim.batch_size} is not divisible by the {device_count} devices;"
-        f" use a multiple of {device_count}.")
-  if optim.schedule not in SCHEDULES:
-    problems.append(f"{prefix}.schedule = {optim.schedule!r}: use one of {SCHEDULES}.")
-  if optim.weight_decay < 0:
-    problems.append(f"{prefix}.weight_decay = {optim.weight_decay}: must be >= 0.")
-  if optim.schedule == "step" and any(not 0 < m for m in optim.milestones):
-    problems.append(f"{prefix}.milestones = {optim.milestones}: epochs must be positive.")
+    if not optim.epochs > 0:
+        problems.append(f"{prefix}.epochs = {optim.epochs}: must be a positive number of epochs.")
+    if not optim.lr > 0:
+        problems.append(f"{prefix}.lr = {optim.lr}: the learning rate must be positive.")
+    if not optim.batch_size > 0:
+        problems.append(f"{prefix}.batch_size = {optim.batch_size}: must be positive.")
+    elif optim.batch_size % device_count:
+        problems.append(
+            f"{prefix}.batch_size = {optim.batch_size} is not divisible by the {device_count} devices;"
+            f" use a multiple of {device_count}."
+        )
+    if optim.schedule not in SCHEDULES:
+        problems.append(f"{prefix}.schedule = {optim.schedule!r}: use one of {SCHEDULES}.")
+    if optim.weight_decay < 0:
+        problems.append(f"{prefix}.weight_decay = {optim.weight_decay}: must be >= 0.")
+    if optim.schedule == "step" and any(not 0 < m for m in optim.milestones):
+        problems.append(f"{prefix}.milestones = {optim.milestones}: epochs must be positive.")
 
 
 def _is_remote(path: str) -> bool:
-  return bool(re.match(r"^[a-z0-9]+://", path))
+    return bool(re.match(r"^[a-z0-9]+://", path))
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
-  """Raises ConfigError listing every mistake in `config`, each with its field and fix.
+    """Raises ConfigError listing every mistake in `config`, each with its field and fix.
 
-  Cheap by design (no compile, no data read): model group shapes come from `jax.eval_shape`.
-  """
-  # Local imports keep `import dfa_jax.config_lib` light for config files.
-  import jax  # pylint: disable=g-import-not-at-top
-  from dfa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from dfa_jax import features  # pylint: disable=g-import-not-at-top
-  from dfa_jax import models  # pylint: disable=g-import-not-at-top
+    Cheap by design (no compile, no data read): model group shapes come from `jax.eval_shape`.
+    """
+    # Local imports keep `import dfa_jax.config_lib` light for config files.
+    import jax  # pylint: disable=g-import-not-at-top
+    from dfa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from dfa_jax import features  # pylint: disable=g-import-not-at-top
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
 
-  if device_count is None:
-    device_count = jax.device_count()
-  problems: list[str] = []
+    if device_count is None:
+        device_count = jax.device_count()
+    problems: list[str] = []
 
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown or not config.stages:
-    problems.append(f"stages = {tuple(config.stages)}: use a non-empty subset of {STAGES}.")
+    unknown = [s for s in config.stages if s not in STAGES]
+    if unknown or not config.stages:
+        problems.append(f"stages = {tuple(config.stages)}: use a non-empty subset of {STAGES}.")
 
-  data = config.data
-  if data.dataset not in data_lib.DATASETS:
-    problems.append(
-        f"data.dataset = {data.dataset!r} is unknown; use one of {sorted(data_lib.DATASETS)}.")
-  if data.source not in data_lib.SOURCES:
-    problems.append(f"data.source = {data.source!r} is unknown; use one of {data_lib.SOURCES}.")
-  elif data.source in ("image_folder", "npz"):
-    if not data.path:
-      problems.append(
-          f"data.path is unset but data.source = {data.source!r} reads from it; set"
-          f" --config.data.path=DIR.")
-    elif not _is_remote(data.path) and not (os.path.exists(data.path) or
-                                           (data.source == "npz" and any(c in data.path for c in "*?["))):
-      problems.append(f"data.path = {data.path!r} does not exist; point it at the {data.source} data.")
-  if not 0.0 < data.search_val_fraction < 1.0:
-    problems.append(
-        f"data.search_val_fraction = {data.search_val_fraction}: must lie in (0, 1) (the paper uses 0.3).")
-  if data.pad_mode not in ("reflect", "constant"):
-    problems.append(f"data.pad_mode = {data.pad_mode!r}: use 'reflect' or 'constant'.")
-  if data.pad < 0:
-    problems.append(f"data.pad = {data.pad}: must be >= 0.")
-  if not data.eval_batch_size > 0 or data.eval_batch_size % device_count:
-    problems.append(
-        f"data.eval_batch_size = {data.eval_batch_size}: must be a positive multiple of the"
-        f" {device_count} devices.")
-  for field in ("max_train_examples", "max_test_examples"):
-    value = data[field]
-    if value is not None and value <= 0:
-      problems.append(f"data.{field} = {value}: must be positive or None (all).")
+    data = config.data
+    if data.dataset not in data_lib.DATASETS:
+        problems.append(
+            f"data.dataset = {data.dataset!r} is unknown; use one of {sorted(data_lib.DATASETS)}."
+        )
+    if data.source not in data_lib.SOURCES:
+        problems.append(f"data.source = {data.source!r} is unknown; use one of {data_lib.SOURCES}.")
+    elif data.source in ("image_folder", "npz"):
+        if not data.path:
+            problems.append(
+                f"data.path is unset but data.source = {data.source!r} reads from it; set"
+                f" --config.data.path=DIR."
+            )
+        elif not _is_remote(data.path) and not (
+            os.path.exists(data.path)
+            or (data.source == "npz" and any(c in data.path for c in "*?["))
+        ):
+            problems.append(
+                f"data.path = {data.path!r} does not exist; point it at the {data.source} data."
+            )
+    if not 0.0 < data.search_val_fraction < 1.0:
+        problems.append(
+            f"data.search_val_fraction = {data.search_val_fraction}: must lie in (0, 1) (the paper uses 0.3)."
+        )
+    if data.pad_mode not in ("reflect", "constant"):
+        problems.append(f"data.pad_mode = {data.pad_mode!r}: use 'reflect' or 'constant'.")
+    if data.pad < 0:
+        problems.append(f"data.pad = {data.pad}: must be >= 0.")
+    if not data.eval_batch_size > 0 or data.eval_batch_size % device_count:
+        problems.append(
+            f"data.eval_batch_size = {data.eval_batch_size}: must be a positive multiple of the"
+            f" {device_count} devices."
+        )
+    for field in ("max_train_examples", "max_test_examples"):
+        value = data[field]
+        if value is not None and value <= 0:
+            problems.append(f"data.{field} = {value}: must be positive or None (all).")
 
-  teacher_ok = models.is_valid_model_name(config.teacher.model)
-  if not teacher_ok:
-    problems.append(
-        f"teacher.model = {config.teacher.model!r} is unknown; use one of {models.MODEL_NAMES}"
-        " or wrn_{depth}_{width} with depth = 6n+4.")
-  student_ok = models.is_valid_model_name(config.student.model)
-  if not student_ok:
-    problems.append(
-        f"student.model = {config.student.model!r} is unknown; use one of {models.MODEL_NAMES}"
-        " or wrn_{depth}_{width} with depth = 6n+4.")
-  if config.teacher.checkpoint is not None and not _is_remote(config.teacher.checkpoint) and (
-      not os.path.exists(config.teacher.checkpoint)):
-    problems.append(
-        f"teacher.checkpoint = {config.teacher.checkpoint!r} does not exist; give the teacher"
-        " stage's checkpoint directory (WORKDIR/teacher/checkpoints) or unset it to train one.")
-  _check_optim("teacher.optim", config.teacher.optim, device_count, problems)
-  if config.dtype not in ("float32", "bfloat16"):
-    problems.append(f"dtype = {config.dtype!r}: use 'float32' or 'bfloat16'.")
-  if config.log_every_steps <= 0:
-    problems.append(f"log_every_steps = {config.log_every_steps}: must be positive.")
-  if config.checkpoint_every_steps <= 0:
-    problems.append(f"checkpoint_every_steps = {config.checkpoint_every_steps}: must be positive.")
+    teacher_ok = models.is_valid_model_name(config.teacher.model)
+    if not teacher_ok:
+        problems.append(
+            f"teacher.model = {config.teacher.model!r} is unknown; use one of {models.MODEL_NAMES}"
+            " or wrn_{depth}_{width} with depth = 6n+4."
+        )
+    student_ok = models.is_valid_model_name(config.student.model)
+    if not student_ok:
+        problems.append(
+            f"student.model = {config.student.model!r} is unknown; use one of {models.MODEL_NAMES}"
+            " or wrn_{depth}_{width} with depth = 6n+4."
+        )
+    if (
+        config.teacher.checkpoint is not None
+        and not _is_remote(config.teacher.checkpoint)
+        and (not os.path.exists(config.teacher.checkpoint))
+    ):
+        problems.append(
+            f"teacher.checkpoint = {config.teacher.checkpoint!r} does not exist; give the teacher"
+            " stage's checkpoint directory (WORKDIR/teacher/checkpoints) or unset it to train one."
+        )
+    _check_optim("teacher.optim", config.teacher.optim, device_count, problems)
+    if config.dtype not in ("float32", "bfloat16"):
+        problems.append(f"dtype = {config.dtype!r}: use 'float32' or 'bfloat16'.")
+    if config.log_every_steps <= 0:
+        problems.append(f"log_every_steps = {config.log_every_steps}: must be positive.")
+    if config.checkpoint_every_steps <= 0:
+        problems.append(
+            f"checkpoint_every_steps = {config.checkpoint_every_steps}: must be positive."
+        )
 
-  if teacher_ok and student_ok and data.dataset in data_lib.DATASETS:
-    num_classes = data_lib.DATASETS[data.dataset].num_classes
-    t_sizes = features.group_spatial_sizes(models.get_model(config.teacher.model, num_classes))
-    s_sizes = features.group_spatial_sizes(models.get_model(config.student.model, num_classes))
-    if t_sizes != s_sizes:
-      problems.append(
-          f"teacher.model = {config.teacher.model!r} has groups at spatial sizes {t_sizes} but"
-          f" student.model = {config.student.model!r} at {s_sizes}; pick a student of the same"
-          " family (WRN with WRN, ShuffleNetV2 with ShuffleNetV2).")
+    if teacher_ok and student_ok and data.dataset in data_lib.DATASETS:
+        num_classes = data_lib.DATASETS[data.dataset].num_classes
+        t_sizes = features.group_spatial_sizes(models.get_model(config.teacher.model, num_classes))
+        s_sizes = features.group_spatial_sizes(models.get_model(config.student.model, num_classes))
+        if t_sizes != s_sizes:
+            problems.append(
+                f"teacher.model = {config.teacher.model!r} has groups at spatial sizes {t_sizes} but"
+                f" student.model = {config.student.model!r} at {s_sizes}; pick a student of the same"
+                " family (WRN with WRN, ShuffleNetV2 with ShuffleNetV2)."
+            )
 
-  if problems:
-    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -12,35 +12,36 @@ from dfa_jax import parallel
 from dfa_jax.data import loader
 
 
-def make_eval_fn(logits_fn: Callable, preprocess: Callable, test_data, eval_batch_size: int,
-                 mesh, prefetch: int) -> Callable:
-  """Builds `evaluate(variables) -> {'accuracy': float, 'loss': float}`.
+def make_eval_fn(
+    logits_fn: Callable, preprocess: Callable, test_data, eval_batch_size: int, mesh, prefetch: int
+) -> Callable:
+    """Builds `evaluate(variables) -> {'accuracy': float, 'loss': float}`.
 
-  Args:
-    logits_fn: `(variables, images [B, H, W, 3] float32) -> logits [B, C]` in eval mode.
-    preprocess: `(batch, rng) -> batch` (normalisation; no augmentation at test time).
-    test_data: this host's (uint8 images, labels) of the test split.
-    eval_batch_size: global batch size; the last batch is padded and masked out.
-  """
-  images, labels = test_data
+    Args:
+      logits_fn: `(variables, images [B, H, W, 3] float32) -> logits [B, C]` in eval mode.
+      preprocess: `(batch, rng) -> batch` (normalisation; no augmentation at test time).
+      test_data: this host's (uint8 images, labels) of the test split.
+      eval_batch_size: global batch size; the last batch is padded and masked out.
+    """
+    images, labels = test_data
 
-  @jax.jit
-  def eval_step(variables, batch, totals):
-    batch = preprocess(batch, jax.random.key(0))
-    logits = logits_fn(variables, batch["image"]).astype(jnp.float32)
-    mask = batch["mask"]
-    correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]) * mask
-    return jax.tree.map(jnp.add, totals, (correct.sum(), loss.sum(), mask.sum()))
+    @jax.jit
+    def eval_step(variables, batch, totals):
+        batch = preprocess(batch, jax.random.key(0))
+        logits = logits_fn(variables, batch["image"]).astype(jnp.float32)
+        mask = batch["mask"]
+        correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]) * mask
+        return jax.tree.map(jnp.add, totals, (correct.sum(), loss.sum(), mask.sum()))
 
-  local_batch_size = parallel.local_batch_size(eval_batch_size)
+    local_batch_size = parallel.local_batch_size(eval_batch_size)
 
-  def evaluate(variables) -> dict:
-    totals = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-    batches = loader.eval_batches(images, labels, local_batch_size)
-    for batch in parallel.prefetch_to_mesh(batches, mesh, prefetch):
-      totals = eval_step(variables, batch, totals)
-    correct, loss, count = jax.device_get(totals)
-    return {"accuracy": float(correct / count), "loss": float(loss / count)}
+    def evaluate(variables) -> dict:
+        totals = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        batches = loader.eval_batches(images, labels, local_batch_size)
+        for batch in parallel.prefetch_to_mesh(batches, mesh, prefetch):
+            totals = eval_step(variables, batch, totals)
+        correct, loss, count = jax.device_get(totals)
+        return {"accuracy": float(correct / count), "loss": float(loss / count)}
 
-  return evaluate
+    return evaluate

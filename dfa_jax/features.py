@@ -16,41 +16,43 @@ from dfa_jax import models
 
 
 def read(mutated: Mapping, names: Sequence[str]) -> list[jax.Array]:
-  """Returns the sown maps `names` from the variables `apply(..., mutable=[FEATURES])` returned.
+    """Returns the sown maps `names` from the variables `apply(..., mutable=[FEATURES])` returned.
 
-  Raises a KeyError naming the missing feature, and a ValueError if a name was sown more than once
-  (which happens if a collection is fed back into `apply`, growing it and recompiling each step).
-  """
-  collection = mutated[models.FEATURES]
-  out = []
-  for name in names:
-    if name not in collection:
-      raise KeyError(f"feature {name!r} was not sown; sown: {sorted(collection)}")
-    entry = collection[name]
-    if len(entry) != 1:
-      raise ValueError(f"feature {name!r} was sown {len(entry)} times; expected once per apply")
-    out.append(entry[0])
-  return out
+    Raises a KeyError naming the missing feature, and a ValueError if a name was sown more than once
+    (which happens if a collection is fed back into `apply`, growing it and recompiling each step).
+    """
+    collection = mutated[models.FEATURES]
+    out = []
+    for name in names:
+        if name not in collection:
+            raise KeyError(f"feature {name!r} was not sown; sown: {sorted(collection)}")
+        entry = collection[name]
+        if len(entry) != 1:
+            raise ValueError(
+                f"feature {name!r} was sown {len(entry)} times; expected once per apply"
+            )
+        out.append(entry[0])
+    return out
 
 
 def clamp(x: jax.Array, clamp_min: float | None) -> jax.Array:
-  """`max(x, clamp_min)`: the paper keeps pre-ReLU values no smaller than -1 (§3.4)."""
-  return x if clamp_min is None else jnp.maximum(x, clamp_min)
+    """`max(x, clamp_min)`: the paper keeps pre-ReLU values no smaller than -1 (§3.4)."""
+    return x if clamp_min is None else jnp.maximum(x, clamp_min)
 
 
 def group_shapes(model, image_size: int = 32) -> list[tuple[int, ...]]:
-  """Per group, the shape [1, H, W, C] shared by all its candidate maps (no compile, no FLOPs)."""
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    """Per group, the shape [1, H, W, C] shared by all its candidate maps (no compile, no FLOPs)."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
 
-  def forward(x):
-    variables = model.init(jax.random.key(0), x)
-    _, mutated = model.apply(variables, x, mutable=[models.FEATURES])
-    groups = model.feature_groups()
-    return [read(mutated, names)[-1] for names in groups]
+    def forward(x):
+        variables = model.init(jax.random.key(0), x)
+        _, mutated = model.apply(variables, x, mutable=[models.FEATURES])
+        groups = model.feature_groups()
+        return [read(mutated, names)[-1] for names in groups]
 
-  return [tuple(s.shape) for s in jax.eval_shape(forward, x)]
+    return [tuple(s.shape) for s in jax.eval_shape(forward, x)]
 
 
 def group_spatial_sizes(model, image_size: int = 32) -> tuple[int, ...]:
-  """Per group, the spatial size H of its maps: teacher and student must agree on these."""
-  return tuple(shape[1] for shape in group_shapes(model, image_size))
+    """Per group, the spatial size H of its maps: teacher and student must agree on these."""
+    return tuple(shape[1] for shape in group_shapes(model, image_size))

@@ -8,6 +8,7 @@ Kept short on purpose; everything testable lives in the library.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only tf.data/tfds here.
 
@@ -18,26 +19,38 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; re-running the same command resumes.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py[:arg])."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory; re-running the same command resumes."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  # Orbax narrates every save at INFO; keep its warnings, drop the rest from the progress log.
-  logging.get_absl_handler().addFilter(
-      lambda record: "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")  # tf.data must not grab accelerator memory.
-  from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.configure_cpu_devices(config.num_cpu_devices)
-  from dfa_jax import pipeline  # pylint: disable=g-import-not-at-top
-  config.lock()
-  pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    # Orbax narrates every save at INFO; keep its warnings, drop the rest from the progress log.
+    logging.get_absl_handler().addFilter(
+        lambda record: "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING
+    )
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    tf.config.set_visible_devices([], "GPU")  # tf.data must not grab accelerator memory.
+    from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    parallel.configure_cpu_devices(config.num_cpu_devices)
+    from dfa_jax import config_lib, data, pipeline  # pylint: disable=g-import-not-at-top
+
+    config.lock()
+    try:
+        pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
+    except (config_lib.ConfigError, data.DataError) as e:
+        # A user's mistake, already explained: the message, not a traceback.
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -6,25 +6,26 @@ import optax
 
 
 def lr_schedule(optim, steps_per_epoch: int) -> optax.Schedule:
-  """The per-step learning rate: step decay at epoch milestones, cosine, or constant."""
-  if optim.schedule == "step":
-    boundaries = {int(m * steps_per_epoch): optim.decay for m in optim.milestones}
-    return optax.piecewise_constant_schedule(optim.lr, boundaries)
-  if optim.schedule == "cosine":
-    return optax.cosine_decay_schedule(optim.lr, decay_steps=optim.epochs * steps_per_epoch)
-  if optim.schedule == "constant":
-    return optax.constant_schedule(optim.lr)
-  raise ValueError(f"unknown schedule {optim.schedule!r}")
+    """The per-step learning rate: step decay at epoch milestones, cosine, or constant."""
+    if optim.schedule == "step":
+        boundaries = {int(m * steps_per_epoch): optim.decay for m in optim.milestones}
+        return optax.piecewise_constant_schedule(optim.lr, boundaries)
+    if optim.schedule == "cosine":
+        return optax.cosine_decay_schedule(optim.lr, decay_steps=optim.epochs * steps_per_epoch)
+    if optim.schedule == "constant":
+        return optax.constant_schedule(optim.lr)
+    raise ValueError(f"unknown schedule {optim.schedule!r}")
 
 
 def sgd(optim, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with momentum and *coupled* weight decay, as PyTorch's `SGD(weight_decay=...)`.
+    """SGD with momentum and *coupled* weight decay, as PyTorch's `SGD(weight_decay=...)`.
 
-  The decay is added to the gradient before momentum (`add_decayed_weights` first), which is what
-  the paper's recipe (and every peer's PyTorch code) does; it applies to all parameters, BN's too.
-  """
-  return optax.chain(
-      optax.add_decayed_weights(optim.weight_decay),
-      optax.sgd(lr_schedule(optim, steps_per_epoch), momentum=optim.momentum,
-                nesterov=optim.nesterov),
-  )
+    The decay is added to the gradient before momentum (`add_decayed_weights` first), which is what
+    the paper's recipe (and every peer's PyTorch code) does; it applies to all parameters, BN's too.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(optim.weight_decay),
+        optax.sgd(
+            lr_schedule(optim, steps_per_epoch), momentum=optim.momentum, nesterov=optim.nesterov
+        ),
+    )

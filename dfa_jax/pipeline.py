@@ -21,32 +21,38 @@ from dfa_jax import train_loop
 
 
 def run(config, workdir: str, config_path: str | None = None) -> dict:
-  """Runs the configured stages in `workdir` and returns (and writes) the run's summary."""
-  config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  train_loop.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-  mesh = parallel.make_mesh()
-  logging.info("mesh: %d %s devices over %d process(es)", mesh.size,
-               mesh.devices.flat[0].platform, jax.process_count())
+    """Runs the configured stages in `workdir` and returns (and writes) the run's summary."""
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    train_loop.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    mesh = parallel.make_mesh()
+    logging.info(
+        "mesh: %d %s devices over %d process(es)",
+        mesh.size,
+        mesh.devices.flat[0].platform,
+        jax.process_count(),
+    )
 
-  data = inputs.load(config, workdir, search=False)
-  stages: dict[str, dict] = {}
-  if "teacher" in config.stages:
-    result, _ = teacher.run(config, workdir, mesh, data)
-    stages["teacher"] = result
+    data = inputs.load(config, workdir, search=False)
+    stages: dict[str, dict] = {}
+    if "teacher" in config.stages:
+        result, _ = teacher.run(config, workdir, mesh, data)
+        stages["teacher"] = result
 
-  summary = {
-      "workdir": os.path.abspath(workdir),
-      "config_path": config_path,
-      "config_hash": reporting.config_hash(config),
-      "seed": config.seed,
-      "dataset": config.data.dataset,
-      "teacher_model": config.teacher.model,
-      "stages": stages,
-      "tensorboard": f"tensorboard --logdir {os.path.abspath(workdir)}",
-  }
-  path = reporting.write_summary(workdir, summary)
-  print(reporting.results_table(stages))
-  print(f"summary: {path}\nTensorBoard logs: {os.path.abspath(workdir)}"
-        f" (view with `tensorboard --logdir {os.path.abspath(workdir)}`)")
-  return summary
+    summary = {
+        "workdir": os.path.abspath(workdir),
+        "config_path": config_path,
+        "config_hash": reporting.config_hash(config),
+        "seed": config.seed,
+        "dataset": config.data.dataset,
+        "teacher_model": config.teacher.model,
+        "stages": stages,
+        "tensorboard": f"tensorboard --logdir {os.path.abspath(workdir)}",
+    }
+    path = reporting.write_summary(workdir, summary)
+    print(reporting.results_table(stages))
+    print(
+        f"summary: {path}\nTensorBoard logs: {os.path.abspath(workdir)}"
+        f" (view with `tensorboard --logdir {os.path.abspath(workdir)}`)"
+    )
+    return summary

@@ -28,102 +28,136 @@ VARIABLES_DIR = "variables"
 
 
 def build_model(name: str, num_classes: int, dtype: str):
-  return models.get_model(name, num_classes, dtype=jnp.dtype(dtype))
+    return models.get_model(name, num_classes, dtype=jnp.dtype(dtype))
 
 
 def init_variables(model, seed: int, mesh, image_size: int = 32):
-  """Initialises `model` directly into replicated device memory (abstract init -> jitted init)."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  init = jax.jit(functools.partial(model.init, train=False), out_shardings=parallel.replicated(mesh))
-  variables = init(jax.random.key(seed), x)
-  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    """Initialises `model` directly into replicated device memory (abstract init -> jitted init)."""
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    init = jax.jit(
+        functools.partial(model.init, train=False), out_shardings=parallel.replicated(mesh)
+    )
+    variables = init(jax.random.key(seed), x)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
 def cross_entropy_loss_fn(model):
-  """The teacher's (and the no-distillation student's) w loss: plain cross-entropy."""
+    """The teacher's (and the no-distillation student's) w loss: plain cross-entropy."""
 
-  def loss_fn(params, batch_stats, beta, batch, rng, aux):
-    del beta, rng, aux
-    logits, mutated = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                  train=True, mutable=["batch_stats"])
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return loss, (mutated["batch_stats"], {"accuracy": accuracy})
+    def loss_fn(params, batch_stats, beta, batch, rng, aux):
+        del beta, rng, aux
+        logits, mutated = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        logits = logits.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, (mutated["batch_stats"], {"accuracy": accuracy})
 
-  return loss_fn
+    return loss_fn
 
 
 def logits_fn(model):
-  return lambda variables, images: model.apply(variables, images, train=False)
+    return lambda variables, images: model.apply(variables, images, train=False)
 
 
 def resolve_checkpoint(path: str) -> str:
-  """Accepts a variables directory, a teacher stage directory or a whole workdir."""
-  for candidate in (path, os.path.join(path, VARIABLES_DIR),
-                    os.path.join(path, "teacher", VARIABLES_DIR)):
-    if os.path.exists(os.path.join(candidate, "_CHECKPOINT_METADATA")) or (
-        os.path.exists(os.path.join(candidate, "_METADATA"))):
-      return os.path.abspath(candidate)
-  raise FileNotFoundError(
-      f"teacher.checkpoint = {path!r} holds no teacher variables; give WORKDIR/teacher/variables"
-      " of a finished teacher stage (or the workdir that holds it).")
+    """Accepts a variables directory, a teacher stage directory or a whole workdir."""
+    for candidate in (
+        path,
+        os.path.join(path, VARIABLES_DIR),
+        os.path.join(path, "teacher", VARIABLES_DIR),
+    ):
+        if os.path.exists(os.path.join(candidate, "_CHECKPOINT_METADATA")) or (
+            os.path.exists(os.path.join(candidate, "_METADATA"))
+        ):
+            return os.path.abspath(candidate)
+    raise FileNotFoundError(
+        f"teacher.checkpoint = {path!r} holds no teacher variables; give WORKDIR/teacher/variables"
+        " of a finished teacher stage (or the workdir that holds it)."
+    )
 
 
 def save_variables(directory: str, variables) -> None:
-  """Writes `{'params', 'batch_stats'}` atomically (orbax renames a finished temp directory)."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(directory), variables, force=True)
-  checkpointer.wait_until_finished()
+    """Writes `{'params', 'batch_stats'}` atomically (orbax renames a finished temp directory)."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(directory), variables, force=True)
+    checkpointer.wait_until_finished()
 
 
 def load_variables(path: str, model, mesh):
-  """Restores teacher variables saved by `save_variables`, replicated on `mesh`."""
-  like = jax.eval_shape(lambda: init_variables(model, 0, mesh))
-  sharding = parallel.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like)
-  return ocp.StandardCheckpointer().restore(resolve_checkpoint(path), abstract)
+    """Restores teacher variables saved by `save_variables`, replicated on `mesh`."""
+    like = jax.eval_shape(lambda: init_variables(model, 0, mesh))
+    sharding = parallel.replicated(mesh)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like
+    )
+    return ocp.StandardCheckpointer().restore(resolve_checkpoint(path), abstract)
 
 
 def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
-  """Trains (or loads) the teacher. Returns `(result, variables)`."""
-  directory = os.path.join(workdir, "teacher")
-  model = build_model(config.teacher.model, data.info.num_classes, config.dtype)
-  eval_fn = evaluation.make_eval_fn(
-      logits_fn(model), inputs.make_preprocess(config.data, data.info, train=False), data.test,
-      config.data.eval_batch_size, mesh, config.data.prefetch)
+    """Trains (or loads) the teacher. Returns `(result, variables)`."""
+    directory = os.path.join(workdir, "teacher")
+    model = build_model(config.teacher.model, data.info.num_classes, config.dtype)
+    eval_fn = evaluation.make_eval_fn(
+        logits_fn(model),
+        inputs.make_preprocess(config.data, data.info, train=False),
+        data.test,
+        config.data.eval_batch_size,
+        mesh,
+        config.data.prefetch,
+    )
 
-  if config.teacher.checkpoint is not None:
-    variables = load_variables(config.teacher.checkpoint, model, mesh)
-    evaluation_result = eval_fn(variables)
-    result = {"stage": "teacher", "loaded_from": resolve_checkpoint(config.teacher.checkpoint),
-              "best_accuracy": evaluation_result["accuracy"],
-              "last_accuracy": evaluation_result["accuracy"]}
-    return result, variables
+    if config.teacher.checkpoint is not None:
+        variables = load_variables(config.teacher.checkpoint, model, mesh)
+        evaluation_result = eval_fn(variables)
+        result = {
+            "stage": "teacher",
+            "loaded_from": resolve_checkpoint(config.teacher.checkpoint),
+            "best_accuracy": evaluation_result["accuracy"],
+            "last_accuracy": evaluation_result["accuracy"],
+        }
+        return result, variables
 
-  if train_loop.is_done(directory):
-    return train_loop.read_result(directory), load_variables(directory, model, mesh)
+    if train_loop.is_done(directory):
+        return train_loop.read_result(directory), load_variables(directory, model, mesh)
 
-  optim = config.teacher.optim
-  steps_per_epoch = loader.steps_per_epoch(len(data.train[1]),
-                                           parallel.local_batch_size(optim.batch_size))
-  tx = optimizers.sgd(optim, max(steps_per_epoch, 1))
-  variables = init_variables(model, config.seed, mesh)
-  state = jax.jit(lambda v: bilevel.create_state(v["params"], v["batch_stats"], tx),
-                  out_shardings=parallel.replicated(mesh))(variables)
-  step = bilevel.make_bilevel_step(
-      cross_entropy_loss_fn(model), tx, seed=config.seed,
-      preprocess_fn=inputs.make_preprocess(config.data, data.info, train=True))
-  stage = train_loop.Stage(
-      name="teacher", directory=directory, state=state,
-      step_fn=jax.jit(step, donate_argnums=0, out_shardings=(parallel.replicated(mesh), None)),
-      eval_fn=lambda s: eval_fn({"params": s.params, "batch_stats": s.batch_stats}),
-      train_data=data.train, epochs=optim.epochs, batch_size=optim.batch_size, seed=config.seed,
-      lr_fn=optimizers.lr_schedule(optim, max(steps_per_epoch, 1)),
-      # Exported before result.json marks the stage done, so a done teacher always has them.
-      finalize_fn=lambda s: save_variables(
-          os.path.join(directory, VARIABLES_DIR),
-          {"params": s.params, "batch_stats": s.batch_stats}))
-  result = train_loop.run(stage, config, mesh)
-  final = result.pop("state")
-  return result, {"params": final.params, "batch_stats": final.batch_stats}
+    optim = config.teacher.optim
+    steps_per_epoch = loader.steps_per_epoch(
+        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
+    )
+    tx = optimizers.sgd(optim, max(steps_per_epoch, 1))
+    variables = init_variables(model, config.seed, mesh)
+    state = jax.jit(
+        lambda v: bilevel.create_state(v["params"], v["batch_stats"], tx),
+        out_shardings=parallel.replicated(mesh),
+    )(variables)
+    step = bilevel.make_bilevel_step(
+        cross_entropy_loss_fn(model),
+        tx,
+        seed=config.seed,
+        preprocess_fn=inputs.make_preprocess(config.data, data.info, train=True),
+    )
+    stage = train_loop.Stage(
+        name="teacher",
+        directory=directory,
+        state=state,
+        step_fn=jax.jit(step, donate_argnums=0, out_shardings=(parallel.replicated(mesh), None)),
+        eval_fn=lambda s: eval_fn({"params": s.params, "batch_stats": s.batch_stats}),
+        train_data=data.train,
+        epochs=optim.epochs,
+        batch_size=optim.batch_size,
+        seed=config.seed,
+        lr_fn=optimizers.lr_schedule(optim, max(steps_per_epoch, 1)),
+        # Exported before result.json marks the stage done, so a done teacher always has them.
+        finalize_fn=lambda s: save_variables(
+            os.path.join(directory, VARIABLES_DIR),
+            {"params": s.params, "batch_stats": s.batch_stats},
+        ),
+    )
+    result = train_loop.run(stage, config, mesh)
+    final = result.pop("state")
+    return result, {"params": final.params, "batch_stats": final.batch_stats}

@@ -33,214 +33,263 @@ RESULT_FILE = "result.json"
 
 
 class NonFiniteError(RuntimeError):
-  """A loss or gradient became NaN/inf; the message names the stage and the step."""
+    """A loss or gradient became NaN/inf; the message names the stage and the step."""
 
 
 @dataclasses.dataclass
 class Stage:
-  """What a stage gives the loop."""
-  name: str  # 'teacher' | 'search' | 'distill' (used in messages and metric names).
-  directory: str  # WORKDIR/<name>: checkpoints, TensorBoard events, metrics.jsonl, result.json.
-  state: Any  # Step-0 bilevel.TrainState, replicated on the mesh (replaced when resuming).
-  step_fn: Callable  # Jitted `step(state, batch, val_batch, aux) -> (state, metrics)`.
-  eval_fn: Callable[[Any], dict]  # `state -> {'accuracy': float, 'loss': float}` on the test split.
-  train_data: tuple[np.ndarray, np.ndarray]  # This host's (uint8 images [N,H,W,3], int labels [N]).
-  epochs: int
-  batch_size: int  # Global batch size.
-  seed: int
-  val_data: tuple[np.ndarray, np.ndarray] | None = None  # beta's batches (search); None otherwise.
-  aux: Any = None  # Passed to every step un-donated (the frozen teacher's variables).
-  lr_fn: Callable[[int], Any] | None = None  # For the 'lr' scalar.
-  epoch_end_fn: Callable[[Any, int], dict] | None = None  # `(state, epoch) -> scalars`, e.g. alpha.
-  finalize_fn: Callable[[Any], None] | None = None  # `state -> None` after the last step, before
-  # result.json marks the stage done (exports that a done stage must have).
+    """What a stage gives the loop."""
+
+    name: str  # 'teacher' | 'search' | 'distill' (used in messages and metric names).
+    directory: str  # WORKDIR/<name>: checkpoints, TensorBoard events, metrics.jsonl, result.json.
+    state: Any  # Step-0 bilevel.TrainState, replicated on the mesh (replaced when resuming).
+    step_fn: Callable  # Jitted `step(state, batch, val_batch, aux) -> (state, metrics)`.
+    eval_fn: Callable[
+        [Any], dict
+    ]  # `state -> {'accuracy': float, 'loss': float}` on the test split.
+    train_data: tuple[
+        np.ndarray, np.ndarray
+    ]  # This host's (uint8 images [N,H,W,3], int labels [N]).
+    epochs: int
+    batch_size: int  # Global batch size.
+    seed: int
+    val_data: tuple[np.ndarray, np.ndarray] | None = (
+        None  # beta's batches (search); None otherwise.
+    )
+    aux: Any = None  # Passed to every step un-donated (the frozen teacher's variables).
+    lr_fn: Callable[[int], Any] | None = None  # For the 'lr' scalar.
+    epoch_end_fn: Callable[[Any, int], dict] | None = (
+        None  # `(state, epoch) -> scalars`, e.g. alpha.
+    )
+    finalize_fn: Callable[[Any], None] | None = None  # `state -> None` after the last step, before
+    # result.json marks the stage done (exports that a done stage must have).
 
 
 def is_done(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, RESULT_FILE))
+    return os.path.exists(os.path.join(directory, RESULT_FILE))
 
 
 def read_result(directory: str) -> dict:
-  with open(os.path.join(directory, RESULT_FILE)) as f:
-    return json.load(f)
+    with open(os.path.join(directory, RESULT_FILE)) as f:
+        return json.load(f)
 
 
 def write_json_atomic(path: str, payload: Any) -> None:
-  """Writes JSON next to `path` and renames it into place, so readers never see half a file."""
-  if jax.process_index() != 0:
-    return
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+    """Writes JSON next to `path` and renames it into place, so readers never see half a file."""
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
 
 
 class _MetricsFile:
-  """`metrics.jsonl`, one JSON object per line; on resume, rows after the checkpoint are dropped
-  so that the file reads as if the run had never been interrupted."""
+    """`metrics.jsonl`, one JSON object per line; on resume, rows after the checkpoint are dropped
+    so that the file reads as if the run had never been interrupted."""
 
-  def __init__(self, path: str, resume_step: int):
-    self._path = path
-    self._enabled = jax.process_index() == 0
-    if self._enabled and os.path.exists(path):
-      with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(path, "w") as f:
-        f.writelines(rows)
+    def __init__(self, path: str, resume_step: int):
+        self._path = path
+        self._enabled = jax.process_index() == 0
+        if self._enabled and os.path.exists(path):
+            with open(path) as f:
+                rows = [
+                    line for line in f if line.strip() and json.loads(line)["step"] <= resume_step
+                ]
+            with open(path, "w") as f:
+                f.writelines(rows)
 
-  def write(self, row: dict) -> None:
-    if self._enabled:
-      with open(self._path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    def write(self, row: dict) -> None:
+        if self._enabled:
+            with open(self._path, "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def _batches(data, local_batch_size: int, seed: int, start_step: int,
-             steps_per_epoch: int) -> Iterator[dict]:
-  """Endless seeded batches from `start_step` on, epoch after epoch."""
-  images, labels = data
-  epoch = start_step // steps_per_epoch
-  start_batch = start_step % steps_per_epoch
-  while True:
-    yield from loader.train_batches(images, labels, local_batch_size, seed, epoch, start_batch)
-    epoch, start_batch = epoch + 1, 0
+def _batches(
+    data, local_batch_size: int, seed: int, start_step: int, steps_per_epoch: int
+) -> Iterator[dict]:
+    """Endless seeded batches from `start_step` on, epoch after epoch."""
+    images, labels = data
+    epoch = start_step // steps_per_epoch
+    start_batch = start_step % steps_per_epoch
+    while True:
+        yield from loader.train_batches(images, labels, local_batch_size, seed, epoch, start_batch)
+        epoch, start_batch = epoch + 1, 0
 
 
 def _mean_metrics(fetched: list[dict]) -> dict:
-  keys = [k for k in fetched[0] if k != "finite"]
-  return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+    keys = [k for k in fetched[0] if k != "finite"]
+    return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
 
 
 def run(stage: Stage, config, mesh) -> dict:
-  """Trains `stage` to its last epoch (resuming if it has checkpoints) and returns its result.
+    """Trains `stage` to its last epoch (resuming if it has checkpoints) and returns its result.
 
-  The result (also written to `stage.directory/result.json`, which marks the stage as done) has
-  `best_accuracy`, `best_epoch`, `last_accuracy`, `epochs`, `steps`, `wall_time_s`.
-  """
-  os.makedirs(stage.directory, exist_ok=True)
-  local_batch_size = parallel.local_batch_size(stage.batch_size)
-  steps_per_epoch = loader.steps_per_epoch(len(stage.train_data[1]), local_batch_size)
-  if steps_per_epoch == 0:
-    raise ValueError(
-        f"stage {stage.name!r}: {len(stage.train_data[1])} training examples per host make no batch"
-        f" of {local_batch_size}; lower the batch size or use more data.")
-  total_steps = steps_per_epoch * stage.epochs
+    The result (also written to `stage.directory/result.json`, which marks the stage as done) has
+    `best_accuracy`, `best_epoch`, `last_accuracy`, `epochs`, `steps`, `wall_time_s`.
+    """
+    os.makedirs(stage.directory, exist_ok=True)
+    local_batch_size = parallel.local_batch_size(stage.batch_size)
+    steps_per_epoch = loader.steps_per_epoch(len(stage.train_data[1]), local_batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"stage {stage.name!r}: {len(stage.train_data[1])} training examples per host make no batch"
+            f" of {local_batch_size}; lower the batch size or use more data."
+        )
+    total_steps = steps_per_epoch * stage.epochs
 
-  ckpt = checkpointing.Checkpointer(os.path.join(stage.directory, "checkpoints"),
-                                    config.checkpoints_to_keep)
-  state = stage.state
-  meta = {"step": 0, "history": [], "wall_time_s": 0.0}
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    logging.info("[%s] resuming from step %d/%d (%s)", stage.name, meta["step"], total_steps,
-                 ckpt.directory)
-  step = int(meta["step"])
-  history: list[dict] = list(meta["history"])
-  wall_before = float(meta["wall_time_s"])
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(stage.directory, "checkpoints"), config.checkpoints_to_keep
+    )
+    state = stage.state
+    meta = {"step": 0, "history": [], "wall_time_s": 0.0}
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        logging.info(
+            "[%s] resuming from step %d/%d (%s)",
+            stage.name,
+            meta["step"],
+            total_steps,
+            ckpt.directory,
+        )
+    step = int(meta["step"])
+    history: list[dict] = list(meta["history"])
+    wall_before = float(meta["wall_time_s"])
 
-  # TensorBoard only: the progress line below is the human-readable log.
-  writer = (metric_writers.SummaryWriter(stage.directory) if jax.process_index() == 0
-            else metric_writers.MultiWriter([]))
-  metrics_file = _MetricsFile(os.path.join(stage.directory, "metrics.jsonl"), step)
+    # TensorBoard only: the progress line below is the human-readable log.
+    writer = (
+        metric_writers.SummaryWriter(stage.directory)
+        if jax.process_index() == 0
+        else metric_writers.MultiWriter([])
+    )
+    metrics_file = _MetricsFile(os.path.join(stage.directory, "metrics.jsonl"), step)
 
-  train_iter = _batches(stage.train_data, local_batch_size, stage.seed, step, steps_per_epoch)
-  if stage.val_data is not None:
-    val_local = parallel.local_batch_size(stage.batch_size)
-    val_spe = loader.steps_per_epoch(len(stage.val_data[1]), val_local)
-    val_iter = _batches(stage.val_data, val_local, stage.seed + 1, step, val_spe)
-    pairs = ({"train": t, "val": v} for t, v in zip(train_iter, val_iter))
-  else:
-    pairs = ({"train": t} for t in train_iter)
+    train_iter = _batches(stage.train_data, local_batch_size, stage.seed, step, steps_per_epoch)
+    if stage.val_data is not None:
+        val_local = parallel.local_batch_size(stage.batch_size)
+        val_spe = loader.steps_per_epoch(len(stage.val_data[1]), val_local)
+        val_iter = _batches(stage.val_data, val_local, stage.seed + 1, step, val_spe)
+        pairs = ({"train": t, "val": v} for t, v in zip(train_iter, val_iter))
+    else:
+        pairs = ({"train": t} for t in train_iter)
 
-  remaining = (next(pairs) for _ in range(total_steps - step))
-  device_batches = parallel.prefetch_to_mesh(remaining, mesh, config.data.prefetch)
-  pending: list[tuple[int, dict]] = []
-  run_start = time.time()
-  interval_start, interval_steps = time.time(), 0
-
-  def flush():
-    """Fetches pending metrics (the one host sync), guards them, logs their mean."""
-    nonlocal interval_start, interval_steps
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-      if not bool(m["finite"]):
-        raise NonFiniteError(
-            f"stage {stage.name!r}: non-finite loss or gradient at step {s} (epoch"
-            f" {(s - 1) // steps_per_epoch + 1}): loss={m['loss']}, grad_norm={m['grad_norm']}."
-            " Lower the learning rate or check the input data; the last checkpoint before it is"
-            f" in {ckpt.directory}.")
-    last_step = pending[-1][0]
-    scalars = {f"train/{k}": v for k, v in _mean_metrics(fetched).items()}
-    if stage.lr_fn is not None:
-      scalars["train/lr"] = float(stage.lr_fn(last_step - 1))
-    elapsed = time.time() - interval_start
-    steps_per_s = interval_steps / max(elapsed, 1e-9)
-    scalars["train/images_per_s"] = steps_per_s * stage.batch_size
-    writer.write_scalars(last_step, scalars)
-    metrics_file.write({"step": last_step, **scalars})
-    eta = (total_steps - last_step) / max(steps_per_s, 1e-9)
-    logging.info("[%s] step %d/%d epoch %d/%d loss %.4f | %.1f img/s | ETA %s", stage.name,
-                 last_step, total_steps, (last_step - 1) // steps_per_epoch + 1, stage.epochs,
-                 scalars["train/loss"], scalars["train/images_per_s"], _format_seconds(eta))
-    pending.clear()
+    remaining = (next(pairs) for _ in range(total_steps - step))
+    device_batches = parallel.prefetch_to_mesh(remaining, mesh, config.data.prefetch)
+    pending: list[tuple[int, dict]] = []
+    run_start = time.time()
     interval_start, interval_steps = time.time(), 0
 
-  def save():
-    meta_now = {"step": step, "history": history,
-                "wall_time_s": wall_before + time.time() - run_start}
-    ckpt.save(step, state, meta_now)
+    def flush():
+        """Fetches pending metrics (the one host sync), guards them, logs their mean."""
+        nonlocal interval_start, interval_steps
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            if not bool(m["finite"]):
+                raise NonFiniteError(
+                    f"stage {stage.name!r}: non-finite loss or gradient at step {s} (epoch"
+                    f" {(s - 1) // steps_per_epoch + 1}): loss={m['loss']}, grad_norm={m['grad_norm']}."
+                    " Lower the learning rate or check the input data; the last checkpoint before it is"
+                    f" in {ckpt.directory}."
+                )
+        last_step = pending[-1][0]
+        scalars = {f"train/{k}": v for k, v in _mean_metrics(fetched).items()}
+        if stage.lr_fn is not None:
+            scalars["train/lr"] = float(stage.lr_fn(last_step - 1))
+        elapsed = time.time() - interval_start
+        steps_per_s = interval_steps / max(elapsed, 1e-9)
+        scalars["train/images_per_s"] = steps_per_s * stage.batch_size
+        writer.write_scalars(last_step, scalars)
+        metrics_file.write({"step": last_step, **scalars})
+        eta = (total_steps - last_step) / max(steps_per_s, 1e-9)
+        logging.info(
+            "[%s] step %d/%d epoch %d/%d loss %.4f | %.1f img/s | ETA %s",
+            stage.name,
+            last_step,
+            total_steps,
+            (last_step - 1) // steps_per_epoch + 1,
+            stage.epochs,
+            scalars["train/loss"],
+            scalars["train/images_per_s"],
+            _format_seconds(eta),
+        )
+        pending.clear()
+        interval_start, interval_steps = time.time(), 0
 
-  try:
-    for batches in device_batches:
-      state, metrics = stage.step_fn(state, batches["train"], batches.get("val"), stage.aux)
-      step += 1
-      interval_steps += 1
-      pending.append((step, metrics))
-      epoch_end = step % steps_per_epoch == 0
-      wants_checkpoint = step % config.checkpoint_every_steps == 0
-      if step % config.log_every_steps == 0 or wants_checkpoint or epoch_end:
-        flush()  # The guard runs before any save: no checkpoint holds a non-finite state.
-      if epoch_end:
-        epoch = step // steps_per_epoch
-        evaluation = stage.eval_fn(state)
-        row = {"epoch": epoch, "step": step, **{f"test/{k}": v for k, v in evaluation.items()}}
-        if stage.epoch_end_fn is not None:
-          row.update(stage.epoch_end_fn(state, epoch))
-        history.append(row)
-        writer.write_scalars(step, {k: v for k, v in row.items()
-                                    if k not in ("epoch", "step") and isinstance(v, float)})
-        metrics_file.write(row)
-        logging.info("[%s] epoch %d/%d test accuracy %.4f (best %.4f)", stage.name, epoch,
-                     stage.epochs, evaluation["accuracy"],
-                     max(h["test/accuracy"] for h in history))
-        interval_start, interval_steps = time.time(), 0  # Keep evaluation out of images/s.
-      # Saved after the epoch-end evaluation so a resumed run never skips one.
-      if wants_checkpoint or step == total_steps:
-        save()
-  finally:
-    ckpt.wait()
-    writer.flush()
+    def save():
+        meta_now = {
+            "step": step,
+            "history": history,
+            "wall_time_s": wall_before + time.time() - run_start,
+        }
+        ckpt.save(step, state, meta_now)
 
-  if stage.finalize_fn is not None:
-    stage.finalize_fn(state)
-  best = max(history, key=lambda h: h["test/accuracy"])
-  result = {
-      "stage": stage.name,
-      "best_accuracy": best["test/accuracy"],
-      "best_epoch": best["epoch"],
-      "last_accuracy": history[-1]["test/accuracy"],
-      "epochs": stage.epochs,
-      "steps": total_steps,
-      "wall_time_s": wall_before + time.time() - run_start,
-  }
-  write_json_atomic(os.path.join(stage.directory, RESULT_FILE), result)
-  ckpt.close()
-  return result | {"state": state}
+    try:
+        for batches in device_batches:
+            state, metrics = stage.step_fn(state, batches["train"], batches.get("val"), stage.aux)
+            step += 1
+            interval_steps += 1
+            pending.append((step, metrics))
+            epoch_end = step % steps_per_epoch == 0
+            wants_checkpoint = step % config.checkpoint_every_steps == 0
+            if step % config.log_every_steps == 0 or wants_checkpoint or epoch_end:
+                flush()  # The guard runs before any save: no checkpoint holds a non-finite state.
+            if epoch_end:
+                epoch = step // steps_per_epoch
+                evaluation = stage.eval_fn(state)
+                row = {
+                    "epoch": epoch,
+                    "step": step,
+                    **{f"test/{k}": v for k, v in evaluation.items()},
+                }
+                if stage.epoch_end_fn is not None:
+                    row.update(stage.epoch_end_fn(state, epoch))
+                history.append(row)
+                writer.write_scalars(
+                    step,
+                    {
+                        k: v
+                        for k, v in row.items()
+                        if k not in ("epoch", "step") and isinstance(v, float)
+                    },
+                )
+                metrics_file.write(row)
+                logging.info(
+                    "[%s] epoch %d/%d test accuracy %.4f (best %.4f)",
+                    stage.name,
+                    epoch,
+                    stage.epochs,
+                    evaluation["accuracy"],
+                    max(h["test/accuracy"] for h in history),
+                )
+                interval_start, interval_steps = time.time(), 0  # Keep evaluation out of images/s.
+            # Saved after the epoch-end evaluation so a resumed run never skips one.
+            if wants_checkpoint or step == total_steps:
+                save()
+    finally:
+        ckpt.wait()
+        writer.flush()
+
+    if stage.finalize_fn is not None:
+        stage.finalize_fn(state)
+    best = max(history, key=lambda h: h["test/accuracy"])
+    result = {
+        "stage": stage.name,
+        "best_accuracy": best["test/accuracy"],
+        "best_epoch": best["epoch"],
+        "last_accuracy": history[-1]["test/accuracy"],
+        "epochs": stage.epochs,
+        "steps": total_steps,
+        "wall_time_s": wall_before + time.time() - run_start,
+    }
+    write_json_atomic(os.path.join(stage.directory, RESULT_FILE), result)
+    ckpt.close()
+    return result | {"state": state}
 
 
 def _format_seconds(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

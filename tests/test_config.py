@@ -11,31 +11,32 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 @pytest.mark.parametrize("name", ["demo", "cifar100_teacher"])
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_shipped_configs_validate(name, arg):
-  config_lib.validate(load_config(name, arg), device_count=2)
+    config_lib.validate(load_config(name, arg), device_count=2)
 
 
 def test_unknown_config_argument():
-  with pytest.raises(ValueError, match="tiny"):
-    load_config("demo", "huge")
+    with pytest.raises(ValueError, match="tiny"):
+        load_config("demo", "huge")
 
 
 def _mutate(path, value):
-  def apply(config):
-    node = config
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return apply
+    def apply(config):
+        node = config
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+    return apply
 
 
 CASES = [
@@ -59,51 +60,58 @@ CASES = [
 
 @pytest.mark.parametrize("path,value,field,fix", CASES)
 def test_each_mistake_names_field_and_fix(path, value, field, fix):
-  config = load_config("cifar100_teacher")
-  _mutate(path, value)(config)
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(config, device_count=2)
-  message = str(e.value)
-  assert field in message and fix in message, message
-  assert message.count("\n  - ") == 1, f"one mistake should give one line: {message}"
+    config = load_config("cifar100_teacher")
+    _mutate(path, value)(config)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, device_count=2)
+    message = str(e.value)
+    assert field in message and fix in message, message
+    assert message.count("\n  - ") == 1, f"one mistake should give one line: {message}"
 
 
 def test_missing_data_path():
-  config = load_config("cifar100_teacher")
-  config.data.source = "image_folder"
-  with pytest.raises(config_lib.ConfigError, match=r"data.path is unset.*--config.data.path"):
-    config_lib.validate(config, device_count=1)
-  config.data.path = "/nonexistent/cinic10"
-  with pytest.raises(config_lib.ConfigError, match="data.path = '/nonexistent/cinic10' does not exist"):
-    config_lib.validate(config, device_count=1)
+    config = load_config("cifar100_teacher")
+    config.data.source = "image_folder"
+    with pytest.raises(config_lib.ConfigError, match=r"data.path is unset.*--config.data.path"):
+        config_lib.validate(config, device_count=1)
+    config.data.path = "/nonexistent/cinic10"
+    with pytest.raises(
+        config_lib.ConfigError, match="data.path = '/nonexistent/cinic10' does not exist"
+    ):
+        config_lib.validate(config, device_count=1)
 
 
 def test_teacher_student_group_sizes_must_match():
-  config = load_config("cifar100_teacher")
-  config.student.model = "shufflenet_v2_0.5"
-  with pytest.raises(config_lib.ConfigError, match="spatial sizes"):
-    config_lib.validate(config, device_count=1)
+    config = load_config("cifar100_teacher")
+    config.student.model = "shufflenet_v2_0.5"
+    with pytest.raises(config_lib.ConfigError, match="spatial sizes"):
+        config_lib.validate(config, device_count=1)
 
 
 def test_all_mistakes_reported_together():
-  config = load_config("cifar100_teacher")
-  config.teacher.optim.lr = -1.0
-  config.data.dataset = "mnist"
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(config, device_count=1)
-  assert "teacher.optim.lr" in str(e.value) and "data.dataset" in str(e.value)
+    config = load_config("cifar100_teacher")
+    config.teacher.optim.lr = -1.0
+    config.data.dataset = "mnist"
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, device_count=1)
+    assert "teacher.optim.lr" in str(e.value) and "data.dataset" in str(e.value)
 
 
 def test_recipes():
-  paper, overhaul = config_lib.optim_recipe("paper"), config_lib.optim_recipe("overhaul")
-  assert (paper.lr, paper.milestones, paper.decay, paper.nesterov) == (0.1, (60, 120, 160), 0.2, False)
-  assert (overhaul.milestones, overhaul.decay, overhaul.nesterov) == ((100, 150), 0.1, True)
-  with pytest.raises(config_lib.ConfigError, match="paper"):
-    config_lib.optim_recipe("adam")
+    paper, overhaul = config_lib.optim_recipe("paper"), config_lib.optim_recipe("overhaul")
+    assert (paper.lr, paper.milestones, paper.decay, paper.nesterov) == (
+        0.1,
+        (60, 120, 160),
+        0.2,
+        False,
+    )
+    assert (overhaul.milestones, overhaul.decay, overhaul.nesterov) == ((100, 150), 0.1, True)
+    with pytest.raises(config_lib.ConfigError, match="paper"):
+        config_lib.optim_recipe("adam")
 
 
 def test_base_config_is_lockable_and_rejects_typos():
-  config = config_lib.base_config()
-  config.lock()
-  with pytest.raises(AttributeError):
-    config.teacher.optim.learning_rate = 0.1
+    config = config_lib.base_config()
+    config.lock()
+    with pytest.raises(AttributeError):
+        config.teacher.optim.learning_rate = 0.1

@@ -26,11 +26,18 @@ def trained(request):
     return model, {**variables, **updates}
 
 
-@pytest.mark.parametrize("name, num_classes, millions", [
-    ("wrn_28_4", 100, 5.87), ("wrn_16_4", 100, 2.77), ("wrn_28_2", 100, 1.47),
-    ("wrn_16_2", 100, 0.70), ("shufflenet_v2_2.0", 10, 5.367),
-    ("shufflenet_v2_1.0", 10, 1.269), ("shufflenet_v2_0.5", 10, 0.356),
-])
+@pytest.mark.parametrize(
+    "name, num_classes, millions",
+    [
+        ("wrn_28_4", 100, 5.87),
+        ("wrn_16_4", 100, 2.77),
+        ("wrn_28_2", 100, 1.47),
+        ("wrn_16_2", 100, 0.70),
+        ("shufflenet_v2_2.0", 10, 5.367),
+        ("shufflenet_v2_1.0", 10, 1.269),
+        ("shufflenet_v2_0.5", 10, 0.356),
+    ],
+)
 def test_param_count_matches_paper(name, num_classes, millions):
     params = _abstract_params(models.get_model(name, num_classes))
     count = sum(leaf.size for leaf in jax.tree.leaves(params))
@@ -62,22 +69,31 @@ def test_bad_group_range_raises():
     for start, stop in ((0, 0), (0, 4), (2, 2), (3, 1), (4, None), (-1, None)):
         with pytest.raises(ValueError):
             jax.eval_shape(
-                lambda v: model.apply(v, IMAGES, start_group=start, stop_group=stop), variables)
+                lambda v: model.apply(v, IMAGES, start_group=start, stop_group=stop), variables
+            )
 
 
-@pytest.mark.parametrize("name, stem, shapes", [
-    ("wrn_10_1", [(2, 32, 32, 16)], [(2, 32, 32, 16), (2, 16, 16, 32), (2, 8, 8, 64)]),
-    ("wrn_16_2", [(2, 32, 32, 16)], [(2, 32, 32, 32), (2, 16, 16, 64), (2, 8, 8, 128)]),
-    ("shufflenet_v2_0.5", [],
-     [(2, 32, 32, 24), (2, 16, 16, 48), (2, 8, 8, 96), (2, 4, 4, 192), (2, 4, 4, 1024)]),
-], ids=lambda p: p if isinstance(p, str) else "")
+@pytest.mark.parametrize(
+    "name, stem, shapes",
+    [
+        ("wrn_10_1", [(2, 32, 32, 16)], [(2, 32, 32, 16), (2, 16, 16, 32), (2, 8, 8, 64)]),
+        ("wrn_16_2", [(2, 32, 32, 16)], [(2, 32, 32, 32), (2, 16, 16, 64), (2, 8, 8, 128)]),
+        (
+            "shufflenet_v2_0.5",
+            [],
+            [(2, 32, 32, 24), (2, 16, 16, 48), (2, 8, 8, 96), (2, 4, 4, 192), (2, 4, 4, 1024)],
+        ),
+    ],
+    ids=lambda p: p if isinstance(p, str) else "",
+)
 def test_sown_feature_names_and_shapes(name, stem, shapes):
     model = models.get_model(name, 10)
     variables = jax.eval_shape(model.init, jax.random.key(0), IMAGES)
     assert set(variables) == {"params", "batch_stats"}  # init leaves the features out
     _, mutated = jax.eval_shape(
         lambda v: model.apply(v, IMAGES, train=True, mutable=["batch_stats", models.FEATURES]),
-        variables)
+        variables,
+    )
     features = mutated[models.FEATURES]
     groups = model.feature_groups()
     assert len(groups) == model.num_groups == len(shapes)
@@ -111,15 +127,19 @@ def test_resume_from_every_boundary_is_exact(trained):
             # start and stop combined: group i's boundary -> group i+1's boundary.
             chex.assert_trees_all_close(
                 model.apply(variables, boundary, start_group=group, stop_group=group + 1),
-                model.apply(variables, IMAGES, stop_group=group + 1), atol=1e-5, rtol=1e-5)
+                model.apply(variables, IMAGES, stop_group=group + 1),
+                atol=1e-5,
+                rtol=1e-5,
+            )
 
 
 def test_train_updates_batch_stats_and_returns_float32_logits(trained):
     model, variables = trained
     logits, updates = model.apply(variables, IMAGES, train=True, mutable=["batch_stats"])
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
-                           variables["batch_stats"], updates["batch_stats"])
+    changed = jax.tree.map(
+        lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"]
+    )
     assert all(jax.tree.leaves(changed))
 
 
@@ -128,8 +148,9 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
     model = models.get_model(name, 10, dtype=jnp.bfloat16)
     variables = model.init(jax.random.key(0), IMAGES)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
-    logits, mutated = model.apply(variables, IMAGES, train=True,
-                                  mutable=["batch_stats", models.FEATURES])
+    logits, mutated = model.apply(
+        variables, IMAGES, train=True, mutable=["batch_stats", models.FEATURES]
+    )
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
     assert all(v[0].dtype == jnp.bfloat16 for v in mutated[models.FEATURES].values())

@@ -24,178 +24,197 @@ from test_config import load_config
 
 
 def tiny_demo(**overrides):
-  config = load_config("demo", "tiny")
-  config.teacher.optim.epochs = 3
-  config.data.max_train_examples = 96
-  config.data.max_test_examples = 48
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+    config = load_config("demo", "tiny")
+    config.teacher.optim.epochs = 3
+    config.data.max_train_examples = 96
+    config.data.max_test_examples = 48
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
 
 
 def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def final_params(workdir):
-  config = tiny_demo()
-  model = teacher.build_model(config.teacher.model, 10, "float32")
-  return teacher.load_variables(workdir, model, parallel.make_mesh())
+    config = tiny_demo()
+    model = teacher.build_model(config.teacher.model, 10, "float32")
+    return teacher.load_variables(workdir, model, parallel.make_mesh())
 
 
 def test_tiny_teacher_learns_and_writes_outputs(tmp_path):
-  workdir = str(tmp_path / "run")
-  config = tiny_demo(**{"teacher.optim.epochs": 6, "teacher.optim.schedule": "constant",
-                          "data.max_train_examples": 192})
-  summary = pipeline.run(config, workdir)
-  rows = read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl"))
-  train = [r["train/loss"] for r in rows if "train/loss" in r]
-  assert train[-1] < 0.8 * train[0], train
-  tests = [r for r in rows if "test/accuracy" in r]
-  assert [r["epoch"] for r in tests] == list(range(1, 7))
-  result = summary["stages"]["teacher"]
-  assert result["best_accuracy"] == max(r["test/accuracy"] for r in tests)
-  assert result["last_accuracy"] == tests[-1]["test/accuracy"]
-  assert result["best_accuracy"] > 0.15  # 10 classes: chance is 0.1.
-  on_disk = json.load(open(os.path.join(workdir, "summary.json")))
-  assert on_disk["stages"]["teacher"]["best_accuracy"] == result["best_accuracy"]
-  assert os.path.exists(os.path.join(workdir, "teacher", "variables"))
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "teacher")))
-  assert all("train/images_per_s" in r for r in rows if "train/loss" in r)
+    workdir = str(tmp_path / "run")
+    config = tiny_demo(
+        **{
+            "teacher.optim.epochs": 6,
+            "teacher.optim.schedule": "constant",
+            "data.max_train_examples": 192,
+        }
+    )
+    summary = pipeline.run(config, workdir)
+    rows = read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl"))
+    train = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert train[-1] < 0.8 * train[0], train
+    tests = [r for r in rows if "test/accuracy" in r]
+    assert [r["epoch"] for r in tests] == list(range(1, 7))
+    result = summary["stages"]["teacher"]
+    assert result["best_accuracy"] == max(r["test/accuracy"] for r in tests)
+    assert result["last_accuracy"] == tests[-1]["test/accuracy"]
+    assert result["best_accuracy"] > 0.15  # 10 classes: chance is 0.1.
+    on_disk = json.load(open(os.path.join(workdir, "summary.json")))
+    assert on_disk["stages"]["teacher"]["best_accuracy"] == result["best_accuracy"]
+    assert os.path.exists(os.path.join(workdir, "teacher", "variables"))
+    assert any(
+        f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "teacher"))
+    )
+    assert all("train/images_per_s" in r for r in rows if "train/loss" in r)
 
 
 def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch):
-  config = tiny_demo()
-  straight = str(tmp_path / "straight")
-  pipeline.run(config, straight)
+    config = tiny_demo()
+    straight = str(tmp_path / "straight")
+    pipeline.run(config, straight)
 
-  # Crash right after the first checkpoint is on disk, then run the same command again.
-  resumed = str(tmp_path / "resumed")
-  real_save = checkpointing.Checkpointer.save
+    # Crash right after the first checkpoint is on disk, then run the same command again.
+    resumed = str(tmp_path / "resumed")
+    real_save = checkpointing.Checkpointer.save
 
-  def crash_after_save(self, step, state, meta):
-    real_save(self, step, state, meta)
-    self.wait()
-    raise KeyboardInterrupt(f"simulated crash after step {step}")
+    def crash_after_save(self, step, state, meta):
+        real_save(self, step, state, meta)
+        self.wait()
+        raise KeyboardInterrupt(f"simulated crash after step {step}")
 
-  monkeypatch.setattr(checkpointing.Checkpointer, "save", crash_after_save)
-  with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", crash_after_save)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config, resumed)
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
+    saved = checkpointing.Checkpointer(
+        os.path.join(resumed, "teacher", "checkpoints"), 2
+    ).latest_step()
+    assert saved == config.checkpoint_every_steps
+    assert not train_loop.is_done(os.path.join(resumed, "teacher"))
     pipeline.run(config, resumed)
-  monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
-  saved = checkpointing.Checkpointer(os.path.join(resumed, "teacher", "checkpoints"), 2).latest_step()
-  assert saved == config.checkpoint_every_steps
-  assert not train_loop.is_done(os.path.join(resumed, "teacher"))
-  pipeline.run(config, resumed)
 
-  def comparable(workdir):
-    result = train_loop.read_result(os.path.join(workdir, "teacher"))
-    rows = read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl"))
-    drop = ("train/images_per_s",)
-    return ({k: v for k, v in result.items() if k != "wall_time_s"},
-            [{k: v for k, v in r.items() if k not in drop} for r in rows])
+    def comparable(workdir):
+        result = train_loop.read_result(os.path.join(workdir, "teacher"))
+        rows = read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl"))
+        drop = ("train/images_per_s",)
+        return (
+            {k: v for k, v in result.items() if k != "wall_time_s"},
+            [{k: v for k, v in r.items() if k not in drop} for r in rows],
+        )
 
-  assert comparable(straight) == comparable(resumed)
-  jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(resumed))
+    assert comparable(straight) == comparable(resumed)
+    jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(resumed))
 
 
 def test_finished_stage_is_skipped(tmp_path, monkeypatch):
-  workdir = str(tmp_path / "run")
-  config = tiny_demo(**{"teacher.optim.epochs": 1})
-  first = pipeline.run(config, workdir)
+    workdir = str(tmp_path / "run")
+    config = tiny_demo(**{"teacher.optim.epochs": 1})
+    first = pipeline.run(config, workdir)
 
-  def must_not_train(*args, **kwargs):
-    raise AssertionError("a finished stage was trained again")
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished stage was trained again")
 
-  monkeypatch.setattr(train_loop, "run", must_not_train)
-  second = pipeline.run(config, workdir)
-  assert second["stages"]["teacher"] == first["stages"]["teacher"]
+    monkeypatch.setattr(train_loop, "run", must_not_train)
+    second = pipeline.run(config, workdir)
+    assert second["stages"]["teacher"] == first["stages"]["teacher"]
 
 
 def test_non_finite_loss_stops_with_stage_and_step(tmp_path, monkeypatch):
-  real_batches = loader.train_batches
-  bad_step = 3  # 1-based step whose batch carries a NaN.
+    real_batches = loader.train_batches
+    bad_step = 3  # 1-based step whose batch carries a NaN.
 
-  def poisoned(images, labels, local_batch_size, seed, epoch, start_batch=0):
-    for i, batch in enumerate(real_batches(images, labels, local_batch_size, seed, epoch, start_batch)):
-      if epoch == 0 and start_batch + i == bad_step - 1:
-        image = batch["image"].astype(np.float32)
-        image[0, 0, 0, 0] = np.nan
-        batch = {**batch, "image": image}
-      yield batch
+    def poisoned(images, labels, local_batch_size, seed, epoch, start_batch=0):
+        for i, batch in enumerate(
+            real_batches(images, labels, local_batch_size, seed, epoch, start_batch)
+        ):
+            if epoch == 0 and start_batch + i == bad_step - 1:
+                image = batch["image"].astype(np.float32)
+                image[0, 0, 0, 0] = np.nan
+                batch = {**batch, "image": image}
+            yield batch
 
-  monkeypatch.setattr(loader, "train_batches", poisoned)
-  config = tiny_demo(**{"log_every_steps": 100, "checkpoint_every_steps": 100})
-  with pytest.raises(train_loop.NonFiniteError, match=rf"stage 'teacher'.*step {bad_step}\b"):
-    pipeline.run(config, str(tmp_path / "run"))
+    monkeypatch.setattr(loader, "train_batches", poisoned)
+    config = tiny_demo(**{"log_every_steps": 100, "checkpoint_every_steps": 100})
+    with pytest.raises(train_loop.NonFiniteError, match=rf"stage 'teacher'.*step {bad_step}\b"):
+        pipeline.run(config, str(tmp_path / "run"))
 
 
 def test_checkpoint_torn_write_leaves_previous_usable(tmp_path):
-  directory = str(tmp_path / "ckpt")
-  ckpt = checkpointing.Checkpointer(directory, keep=2)
-  state = {"w": jnp.arange(4.0)}
-  ckpt.save(3, state, {"step": 3})
-  ckpt.wait()
-  # A save interrupted mid-write leaves only orbax's temporary directory behind.
-  os.makedirs(os.path.join(directory, "6.orbax-checkpoint-tmp-1234", "state"))
-  reopened = checkpointing.Checkpointer(directory, keep=2)
-  assert reopened.latest_step() == 3
-  restored, meta = reopened.restore(state)
-  np.testing.assert_array_equal(restored["w"], np.arange(4.0))
-  assert meta == {"step": 3}
+    directory = str(tmp_path / "ckpt")
+    ckpt = checkpointing.Checkpointer(directory, keep=2)
+    state = {"w": jnp.arange(4.0)}
+    ckpt.save(3, state, {"step": 3})
+    ckpt.wait()
+    # A save interrupted mid-write leaves only orbax's temporary directory behind.
+    os.makedirs(os.path.join(directory, "6.orbax-checkpoint-tmp-1234", "state"))
+    reopened = checkpointing.Checkpointer(directory, keep=2)
+    assert reopened.latest_step() == 3
+    restored, meta = reopened.restore(state)
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    assert meta == {"step": 3}
 
 
 def _one_step(mesh):
-  config = tiny_demo()
-  model = teacher.build_model("wrn_10_1", 10, "float32")
-  optim = config.teacher.optim
-  tx = optimizers.sgd(optim, 4)
-  variables = teacher.init_variables(model, 0, mesh)
-  state = jax.jit(lambda v: bilevel.create_state(v["params"], v["batch_stats"], tx),
-                  out_shardings=parallel.replicated(mesh))(variables)
-  step = jax.jit(bilevel.make_bilevel_step(teacher.cross_entropy_loss_fn(model), tx, seed=0),
-                 donate_argnums=0)
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
-           "label": rng.integers(0, 10, size=8).astype(np.int32)}
-  for _ in range(2):
-    state, metrics = step(state, parallel.to_global(batch, mesh), None, None)
-  return jax.device_get((state.params, state.batch_stats, metrics["loss"]))
+    config = tiny_demo()
+    model = teacher.build_model("wrn_10_1", 10, "float32")
+    optim = config.teacher.optim
+    tx = optimizers.sgd(optim, 4)
+    variables = teacher.init_variables(model, 0, mesh)
+    state = jax.jit(
+        lambda v: bilevel.create_state(v["params"], v["batch_stats"], tx),
+        out_shardings=parallel.replicated(mesh),
+    )(variables)
+    step = jax.jit(
+        bilevel.make_bilevel_step(teacher.cross_entropy_loss_fn(model), tx, seed=0),
+        donate_argnums=0,
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, size=8).astype(np.int32),
+    }
+    for _ in range(2):
+        state, metrics = step(state, parallel.to_global(batch, mesh), None, None)
+    return jax.device_get((state.params, state.batch_stats, metrics["loss"]))
 
 
 def test_one_device_and_two_devices_agree():
-  assert jax.device_count() == 2
-  one = _one_step(parallel.make_mesh(jax.devices()[:1]))
-  two = _one_step(parallel.make_mesh(jax.devices()))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, two)
+    assert jax.device_count() == 2
+    one = _one_step(parallel.make_mesh(jax.devices()[:1]))
+    two = _one_step(parallel.make_mesh(jax.devices()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, two)
 
 
 def test_sgd_matches_pytorch_rule():
-  """Coupled weight decay then (Nesterov) momentum, as torch.optim.SGD: NumPy re-derivation."""
-  for nesterov in (False, True):
-    optim = config_lib.optim_recipe("paper")
-    optim.nesterov = nesterov
-    tx = optimizers.sgd(optim, steps_per_epoch=10)
-    w = jnp.array([1.0, -2.0])
-    state = tx.init(w)
-    w_np, buf = np.array([1.0, -2.0]), np.zeros(2)
-    for g in ([0.5, 0.1], [-0.3, 0.2], [0.1, 0.1]):
-      updates, state = tx.update(jnp.array(g), state, w)
-      w = optax.apply_updates(w, updates)
-      d = np.array(g) + 5e-4 * w_np
-      buf = 0.9 * buf + d
-      w_np = w_np - 0.1 * ((d + 0.9 * buf) if nesterov else buf)
-    np.testing.assert_allclose(w, w_np, rtol=1e-6)
+    """Coupled weight decay then (Nesterov) momentum, as torch.optim.SGD: NumPy re-derivation."""
+    for nesterov in (False, True):
+        optim = config_lib.optim_recipe("paper")
+        optim.nesterov = nesterov
+        tx = optimizers.sgd(optim, steps_per_epoch=10)
+        w = jnp.array([1.0, -2.0])
+        state = tx.init(w)
+        w_np, buf = np.array([1.0, -2.0]), np.zeros(2)
+        for g in ([0.5, 0.1], [-0.3, 0.2], [0.1, 0.1]):
+            updates, state = tx.update(jnp.array(g), state, w)
+            w = optax.apply_updates(w, updates)
+            d = np.array(g) + 5e-4 * w_np
+            buf = 0.9 * buf + d
+            w_np = w_np - 0.1 * ((d + 0.9 * buf) if nesterov else buf)
+        np.testing.assert_allclose(w, w_np, rtol=1e-6)
 
 
 def test_step_schedule_decays_at_milestones():
-  optim = config_lib.optim_recipe("paper")
-  schedule = optimizers.lr_schedule(optim, steps_per_epoch=10)
-  assert float(schedule(599)) == pytest.approx(0.1)
-  assert float(schedule(600)) == pytest.approx(0.02)
-  assert float(schedule(1200)) == pytest.approx(0.004)
-  assert float(schedule(1600)) == pytest.approx(0.0008)
+    optim = config_lib.optim_recipe("paper")
+    schedule = optimizers.lr_schedule(optim, steps_per_epoch=10)
+    assert float(schedule(599)) == pytest.approx(0.1)
+    assert float(schedule(600)) == pytest.approx(0.02)
+    assert float(schedule(1200)) == pytest.approx(0.004)
+    assert float(schedule(1600)) == pytest.approx(0.0008)

@@ -37,6 +37,7 @@ from PIL import Image
 
 from dfa_jax.data.splits import DataError, stratified_split, stratified_subset
 
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """Static facts about a dataset; `mean` and `std` are per RGB channel, in [0, 1] units."""

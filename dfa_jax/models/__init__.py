@@ -21,12 +21,22 @@ from dfa_jax.models.shufflenet_v2 import ShuffleNetV2
 from dfa_jax.models.wide_resnet import WideResNet
 
 __all__ = [
-    "FEATURES", "MODEL_NAMES", "ShuffleNetV2", "WideResNet", "get_model", "is_valid_model_name",
+    "FEATURES",
+    "MODEL_NAMES",
+    "ShuffleNetV2",
+    "WideResNet",
+    "get_model",
+    "is_valid_model_name",
 ]
 
 MODEL_NAMES = (
-    "wrn_16_2", "wrn_16_4", "wrn_28_2", "wrn_28_4",
-    "shufflenet_v2_0.5", "shufflenet_v2_1.0", "shufflenet_v2_2.0",
+    "wrn_16_2",
+    "wrn_16_4",
+    "wrn_28_2",
+    "wrn_28_4",
+    "shufflenet_v2_0.5",
+    "shufflenet_v2_1.0",
+    "shufflenet_v2_2.0",
 )
 """The paper's presets; any wrn_{depth}_{width} with (depth-4) % 6 == 0, depth >= 10 also works."""
 
@@ -66,7 +76,8 @@ def get_model(name: str, num_classes: int, dtype=jnp.float32) -> nn.Module:
     if not is_valid_model_name(name):
         raise ValueError(
             f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}, or any "
-            "'wrn_{depth}_{width}' with (depth - 4) % 6 == 0 and depth >= 10 (e.g. wrn_10_1)")
+            "'wrn_{depth}_{width}' with (depth - 4) % 6 == 0 and depth >= 10 (e.g. wrn_10_1)"
+        )
     depth_width = _wrn_depth_width(name)
     if depth_width is not None:
         depth, width = depth_width

@@ -62,8 +62,7 @@ class ShuffleUnit(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """[B, H, W, in_features] -> [B, H/stride, W/stride, features]."""
-        norm = functools.partial(
-            layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
+        norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
         conv1x1 = functools.partial(Conv1x1, dtype=self.dtype)
         half = self.features // 2
         x = nn.relu(x)
@@ -72,17 +71,26 @@ class ShuffleUnit(nn.Module):
             left, right = jnp.split(x, 2, axis=-1)
             mid = half
         else:
-            dw = Conv3x3(self.in_features, strides=self.stride,
-                                  feature_group_count=self.in_features, dtype=self.dtype,
-                                  name="shortcut_dwconv")
+            dw = Conv3x3(
+                self.in_features,
+                strides=self.stride,
+                feature_group_count=self.in_features,
+                dtype=self.dtype,
+                name="shortcut_dwconv",
+            )
             left = norm(name="shortcut_bn1")(dw(x))
             left = norm(name="shortcut_bn2")(conv1x1(half, name="shortcut_conv")(left))
             right = x
             mid = self.in_features
 
         right = nn.relu(norm(name="residual_bn1")(conv1x1(mid, name="residual_conv1")(right)))
-        right = Conv3x3(mid, strides=self.stride, feature_group_count=mid,
-                                 dtype=self.dtype, name="residual_dwconv")(right)
+        right = Conv3x3(
+            mid,
+            strides=self.stride,
+            feature_group_count=mid,
+            dtype=self.dtype,
+            name="residual_dwconv",
+        )(right)
         right = norm(name="residual_bn2")(right)
         right = norm(name="residual_bn3")(conv1x1(half, name="residual_conv2")(right))
         return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
@@ -107,8 +115,9 @@ class ShuffleNetV2(nn.Module):
     def feature_groups(self) -> tuple[tuple[str, ...], ...]:
         """Per group, the names of its candidate maps in forward order (last = boundary)."""
         units = (1,) + STAGE_UNITS + (1,)
-        return tuple(tuple(f"g{g}_b{j}" for j in range(1, n + 1))
-                     for g, n in enumerate(units, start=1))
+        return tuple(
+            tuple(f"g{g}_b{j}" for j in range(1, n + 1)) for g, n in enumerate(units, start=1)
+        )
 
     @nn.nowrap
     def extra_feature_names(self) -> tuple[str, ...]:
@@ -116,8 +125,7 @@ class ShuffleNetV2(nn.Module):
         return ()
 
     @nn.compact
-    def __call__(self, x, train: bool = False, start_group: int = 0,
-                 stop_group: int | None = None):
+    def __call__(self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None):
         """Runs groups start_group+1..stop_group.
 
         Args:
@@ -131,8 +139,7 @@ class ShuffleNetV2(nn.Module):
           float32 logits [B, num_classes], or the group-`stop_group` boundary tensor.
         """
         last = layers.check_group_range(start_group, stop_group, self.num_groups)
-        norm = functools.partial(
-            layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
+        norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
         x = x.astype(self.dtype)
         if start_group == 0:
             x = Conv3x3(STEM_WIDTH, dtype=self.dtype, name="conv1")(x)
@@ -148,7 +155,8 @@ class ShuffleNetV2(nn.Module):
                         features=in_widths[group - 1],
                         stride=2 if index == 0 else 1,
                         dtype=self.dtype,
-                        name=f"stage{group}_unit{index}")(x, train)
+                        name=f"stage{group}_unit{index}",
+                    )(x, train)
                     layers.sow_feature(self, f"g{group}_b{index + 1}", x)
             else:
                 x = Conv1x1(self.widths[3], dtype=self.dtype, name="conv5")(nn.relu(x))

@@ -39,7 +39,8 @@ class WideBasicBlock(nn.Module):
         self.conv2 = layers.Conv3x3(self.features, dtype=self.dtype)
         if self.has_projection:
             self.conv_shortcut = layers.Conv1x1(
-                self.features, strides=self.stride, dtype=self.dtype)
+                self.features, strides=self.stride, dtype=self.dtype
+            )
 
     def preactivate(self, x, train: bool):
         """bn1(x): [B, H, W, in_features] -> same shape, the pre-ReLU view of the input."""
@@ -98,7 +99,8 @@ class WideResNet(nn.Module):
         """Per group, the names of its candidate maps in forward order (last = boundary)."""
         return tuple(
             tuple(f"g{g}_b{j}" for j in range(1, self.blocks_per_group + 1))
-            for g in range(1, self.num_groups + 1))
+            for g in range(1, self.num_groups + 1)
+        )
 
     @nn.nowrap
     def extra_feature_names(self) -> tuple[str, ...]:
@@ -113,11 +115,11 @@ class WideResNet(nn.Module):
             features=self.group_widths[group - 1],
             stride=(1 if group == 1 else 2) if index == 0 else 1,
             dtype=self.dtype,
-            name=f"block{group}_layer{index}")
+            name=f"block{group}_layer{index}",
+        )
 
     @nn.compact
-    def __call__(self, x, train: bool = False, start_group: int = 0,
-                 stop_group: int | None = None):
+    def __call__(self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None):
         """Runs groups start_group+1..stop_group.
 
         Args:
@@ -154,7 +156,8 @@ class WideResNet(nn.Module):
                 pre = self._block(last + 1, 0).preactivate(x, train)
             else:
                 pre = layers.BatchNorm(dtype=self.dtype, name="bn1")(
-                    x, use_running_average=not train)
+                    x, use_running_average=not train
+                )
             layers.sow_feature(self, prev_name, pre)
         if stop_group is not None:
             return pre
