@@ -16,8 +16,4 @@ def get_config(arg: str | None = None):
     config.data.source = "tfds"
     config.teacher.model = "wrn_28_4"
     config.teacher.optim = config_lib.optim_recipe("paper")
-    if arg == "tiny":
-        config_lib.tiny(config)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':tiny' or nothing")
-    return config
+    return config_lib.apply_arg(config, arg)

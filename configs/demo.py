@@ -12,22 +12,24 @@ from dfa_jax import config_lib
 
 def get_config(arg: str | None = None):
     config = config_lib.base_config()
-    config.stages = ("teacher",)
+    config.stages = ("teacher", "search", "distill")
     config.data.dataset = "digits"
     config.data.source = "bundled"
     config.data.eval_batch_size = 120
     config.teacher.model = "wrn_16_2"
     config.student.model = "wrn_10_1"
-    optim = config.teacher.optim
-    optim.epochs = 10
-    optim.batch_size = 64
-    optim.lr = 0.05
-    optim.milestones = (7,)
-    optim.decay = 0.1
+    for optim in (config.teacher.optim, config.distill.optim):  # distill keeps its Nesterov.
+        optim.epochs = 10
+        optim.batch_size = 64
+        optim.lr = 0.05
+        optim.milestones = (7,)
+        optim.decay = 0.1
+    config.search.epochs_per_group = 5
+    config.search.batch_size = 64
+    # The paper's beta lr (1e-3) is sized for ~11k steps per group; the demo has 75.
+    config.search.beta_lr = 0.05
+    config.distill.aggregation = "dfa"
+    config.distill.compare_with = ("last", "none")
     config.log_every_steps = 10
     config.checkpoint_every_steps = 50
-    if arg == "tiny":
-        config_lib.tiny(config)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':tiny' or nothing")
-    return config
+    return config_lib.apply_arg(config, arg)

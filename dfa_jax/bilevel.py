@@ -32,8 +32,8 @@ class TrainState:
     params: PyTree  # w: trained by the w optimizer.
     batch_stats: PyTree  # BatchNorm running statistics of w's modules.
     opt_state: PyTree  # w optimizer state.
-    beta: PyTree  # Architecture parameters (per-group aggregation logits).
-    beta_opt_state: PyTree  # beta optimizer state (separate from w's).
+    beta: PyTree  # dict group -> aggregation logits [N_i]; frozen stages keep them constant.
+    beta_opt_state: PyTree  # dict group -> beta optimizer state (separate from w's).
 
 
 def create_state(
@@ -43,15 +43,20 @@ def create_state(
     beta=None,
     beta_tx: optax.GradientTransformation | None = None,
 ) -> TrainState:
-    """A step-0 TrainState; beta's optimizer state is empty when beta is frozen (`beta_tx=None`)."""
+    """A step-0 TrainState; beta's optimizer state is empty when beta is frozen (`beta_tx=None`).
+
+    `beta` is a dict (one entry per group) with one optimizer state per entry, so that stepping
+    one group's beta never advances another's Adam moments or step count.
+    """
     beta = {} if beta is None else beta
+    beta_opt_state = {} if beta_tx is None else {k: beta_tx.init(v) for k, v in beta.items()}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         beta=beta,
-        beta_opt_state=beta_tx.init(beta) if beta_tx is not None else (),
+        beta_opt_state=beta_opt_state,
     )
 
 
@@ -61,6 +66,9 @@ def make_bilevel_step(
     seed: int,
     beta_loss_fn: BetaLossFn | None = None,
     beta_tx: optax.GradientTransformation | None = None,
+    beta_key: str | None = None,
+    order: int = 1,
+    virtual_lr_fn: Callable[[jax.Array], jax.Array] | None = None,
     preprocess_fn: Callable[[dict, jax.Array], dict] | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """Builds `step(state, batch, val_batch, aux) -> (state, metrics)`, pure and jit-ready.
@@ -74,6 +82,14 @@ def make_bilevel_step(
       beta_loss_fn: the loss for beta on a validation batch; None freezes beta (the step then ignores
         `val_batch` and never touches beta or its optimizer state).
       beta_tx: beta's optimizer (required with `beta_loss_fn`).
+      beta_key: with `beta_loss_fn`, the entry of the dict `state.beta` to step (the group being
+        searched, Algorithm 1), with its own `state.beta_opt_state[beta_key]`; the other entries
+        are not even differentiated, so they cannot move.
+      order: 1 = first order (the beta gradient at the current w); 2 = exact second order: the
+        gradient of L_val(w - xi * grad_w L_train(w, beta), beta) with respect to beta, through one
+        virtual SGD step of w on the training batch (DARTS' unrolled objective, without its
+        finite-difference approximation).
+      virtual_lr_fn: `step -> xi`, the virtual step's learning rate (order 2), usually w's schedule.
       preprocess_fn: `(batch, rng) -> batch` applied on device to both batches (augmentation and
         normalisation), so the host only gathers uint8 images.
 
@@ -81,8 +97,12 @@ def make_bilevel_step(
       The step. `metrics` holds device scalars: the loss functions' metrics, `grad_norm`,
       `beta_grad_norm` (search), and `finite` (False when a loss or gradient is not finite).
     """
-    if (beta_loss_fn is None) != (beta_tx is None):
-        raise ValueError("beta_loss_fn and beta_tx must be given together")
+    if not (beta_loss_fn is None) == (beta_tx is None) == (beta_key is None):
+        raise ValueError("beta_loss_fn, beta_tx and beta_key must be given together")
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order}")
+    if order == 2 and virtual_lr_fn is None:
+        raise ValueError("order=2 needs virtual_lr_fn (the virtual w step's learning rate)")
     preprocess = preprocess_fn or (lambda batch, rng: batch)
 
     def step(state: TrainState, batch: dict, val_batch: dict | None, aux: PyTree):
@@ -91,20 +111,34 @@ def make_bilevel_step(
         metrics = {}
         finite = jnp.bool_(True)
         beta, beta_opt_state = state.beta, state.beta_opt_state
+        batch = preprocess(batch, rng_aug)
 
         if beta_loss_fn is not None:
             val_batch = preprocess(val_batch, rng_aug_val)
-            (beta_loss, beta_metrics), beta_grads = jax.value_and_grad(beta_loss_fn, has_aux=True)(
-                beta, state.params, state.batch_stats, val_batch, rng_beta, aux
-            )
-            updates, beta_opt_state = beta_tx.update(beta_grads, beta_opt_state, beta)
-            beta = optax.apply_updates(beta, updates)
+
+            def val_loss(beta_part):
+                full_beta = {**beta, beta_key: beta_part}
+                params = state.params
+                if order == 2:
+                    # One virtual SGD step of w on the training batch, differentiated through.
+                    w_grads, _ = jax.grad(w_loss_fn, has_aux=True)(
+                        params, state.batch_stats, full_beta, batch, rng_w, aux
+                    )
+                    xi = virtual_lr_fn(state.step)
+                    params = jax.tree.map(lambda w, g: w - xi * g, params, w_grads)
+                return beta_loss_fn(full_beta, params, state.batch_stats, val_batch, rng_beta, aux)
+
+            part = beta[beta_key]
+            (beta_loss, beta_metrics), beta_grads = jax.value_and_grad(val_loss, has_aux=True)(part)
+            updates, part_opt_state = beta_tx.update(beta_grads, beta_opt_state[beta_key], part)
+            beta = {**beta, beta_key: optax.apply_updates(part, updates)}
+            beta_opt_state = {**beta_opt_state, beta_key: part_opt_state}
             beta_grad_norm = optax.global_norm(beta_grads)
             metrics.update({f"val/{k}": v for k, v in beta_metrics.items()})
+            metrics["val/loss"] = beta_loss
             metrics["beta_grad_norm"] = beta_grad_norm
             finite &= jnp.isfinite(beta_loss) & jnp.isfinite(beta_grad_norm)
 
-        batch = preprocess(batch, rng_aug)
         (loss, (batch_stats, w_metrics)), grads = jax.value_and_grad(w_loss_fn, has_aux=True)(
             state.params, state.batch_stats, beta, batch, rng_w, aux
         )

@@ -15,7 +15,10 @@ import ml_collections
 from ml_collections.config_dict import placeholder  # Optional fields the command line can set.
 
 # Stages the pipeline knows, in the order it runs them.
-STAGES = ("teacher",)
+STAGES = ("teacher", "search", "distill")
+AGGREGATIONS = ("dfa", "last", "average", "random", "file")
+# A distillation run with no teacher at all: the student alone, for comparison.
+NO_DISTILLATION = "none"
 SCHEDULES = ("step", "cosine", "constant")
 
 
@@ -107,6 +110,40 @@ def base_config() -> ml_collections.ConfigDict:
     config.student = student = ml_collections.ConfigDict()
     student.model = "wrn_16_4"  # Student architecture; must have the teacher's group spatial sizes.
 
+    # --- features ------------------------------------------------------------------------------
+    config.features = ml_collections.ConfigDict()
+    config.features.clamp_min = -1.0  # Teacher maps enter the losses as max(x, clamp_min) (§3.4).
+
+    # --- stage 1: aggregation search (§3.2, DESIGN §3) ----------------------------------------
+    config.search = search = ml_collections.ConfigDict()
+    search.epochs_per_group = 40  # Epochs of bilevel updates per layer group (Algorithm 1).
+    search.batch_size = 128  # Global batch size of both the train (w) and val (beta) batches.
+    search.w_lr = 0.05  # w (student + connectors): SGD, cosine from this over the whole search.
+    search.w_momentum = 0.9  # w's SGD momentum.
+    search.w_weight_decay = 5e-4  # w's coupled weight decay.
+    search.beta_lr = 1e-3  # beta: Adam learning rate (§3.4).
+    search.beta_b1 = 0.5  # beta: Adam beta1 (§3.4: momentum (0.5, 0.999)).
+    search.beta_b2 = 0.999  # beta: Adam beta2.
+    search.beta_weight_decay = 1e-3  # lambda of lambda*R(beta): coupled L2 on beta (0 allowed).
+    search.init_last_logit = 4.0  # beta init: zeros but the last map's logit (alpha_last ~ 0.95).
+    search.order = 1  # 1: first-order beta gradient; 2: exact second order (one virtual w step).
+    search.gamma_st = 1e-3  # Weight of the student-to-teacher loss in the bridge loss (Eq. 12).
+    search.gamma_ts = 1.0  # Weight of the teacher-to-student loss in the bridge loss (Eq. 12).
+
+    # --- stage 2: distillation (§3.1, DESIGN §4) -------------------------------------------------
+    config.distill = distill = ml_collections.ConfigDict()
+    distill.aggregation = (
+        "dfa"  # 'dfa' (this run's search) | 'last' | 'average' | 'random' | 'file'.
+    )
+    distill.alpha_file = placeholder(str)  # 'file': an alpha.json of another run (DFA-T).
+    distill.compare_with = ()  # More students trained after the main one: aggregations or 'none'.
+    distill.distance = "partial_l2"  # 'partial_l2' (overhaul's, with `margin`) or 'l2'.
+    distill.margin = -1.0  # partial_l2's margin: the paper keeps teacher values >= -1.
+    distill.gamma_fd = 1e-3  # gamma_fd of L = CE + gamma_fd * L_fd (Eq. 4).
+    distill.teacher_bn = "eval"  # Teacher BatchNorm: 'eval' (running stats) or 'batch' (overhaul).
+    distill.optim = optim_recipe("paper")  # Student recipe (the paper's, with Nesterov: DESIGN §4).
+    distill.optim.nesterov = True
+
     # --- compute, logging, checkpoints ---------------------------------------------------------
     config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
     config.num_cpu_devices = (
@@ -120,9 +157,18 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """The config-file argument (`configs/x.py:tiny`): 'tiny' shrinks the run, nothing keeps it."""
+    if arg == "tiny":
+        return tiny(config)
+    if arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':tiny' or nothing")
+    return config
+
+
 def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks any config to seconds on a CPU (tests, smoke runs): tiny models, data and epochs."""
-    config.teacher.model = "wrn_10_1"
+    config.teacher.model = "wrn_16_1"  # Two maps per group: something for the search to weigh.
     config.student.model = "wrn_10_1"
     config.data.max_train_examples = 64
     config.data.max_test_examples = 32
@@ -130,6 +176,11 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.teacher.optim.epochs = 2
     config.teacher.optim.batch_size = 16
     config.teacher.optim.milestones = (1,)
+    config.search.epochs_per_group = 1
+    config.search.batch_size = 16
+    config.distill.optim.epochs = 2
+    config.distill.optim.batch_size = 16
+    config.distill.optim.milestones = (1,)
     config.log_every_steps = 2
     config.checkpoint_every_steps = 3
     return config
@@ -243,6 +294,61 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             " stage's checkpoint directory (WORKDIR/teacher/checkpoints) or unset it to train one."
         )
     _check_optim("teacher.optim", config.teacher.optim, device_count, problems)
+    _check_optim("distill.optim", config.distill.optim, device_count, problems)
+    search = config.search
+    if search.epochs_per_group <= 0:
+        problems.append(
+            f"search.epochs_per_group = {search.epochs_per_group}: must be a positive number of"
+            " epochs (the paper uses 40 on CIFAR-100, 5 on CINIC-10)."
+        )
+    if search.batch_size <= 0 or search.batch_size % device_count:
+        problems.append(
+            f"search.batch_size = {search.batch_size}: must be a positive multiple of the"
+            f" {device_count} devices."
+        )
+    for field in ("w_lr", "beta_lr"):
+        if not search[field] > 0:
+            problems.append(
+                f"search.{field} = {search[field]}: the learning rate must be positive."
+            )
+    if search.beta_weight_decay < 0:
+        problems.append(f"search.beta_weight_decay = {search.beta_weight_decay}: must be >= 0.")
+    if search.order not in (1, 2):
+        problems.append(f"search.order = {search.order}: use 1 (first order) or 2 (second order).")
+    distill = config.distill
+    for field, name in [("aggregation", distill.aggregation)] + [
+        ("compare_with", n) for n in distill.compare_with
+    ]:
+        valid = AGGREGATIONS + ((NO_DISTILLATION,) if field == "compare_with" else ())
+        if name not in valid:
+            problems.append(f"distill.{field}: {name!r} is unknown; use one of {valid}.")
+    uses = (distill.aggregation,) + tuple(distill.compare_with)
+    if "file" in uses:
+        if distill.alpha_file is None:
+            problems.append(
+                "distill.alpha_file is unset but distill.aggregation = 'file' reads it; pass"
+                " --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
+            )
+        elif not _is_remote(distill.alpha_file) and not os.path.exists(distill.alpha_file):
+            problems.append(
+                f"distill.alpha_file = {distill.alpha_file!r} does not exist; give the alpha.json"
+                " written by another run's search."
+            )
+    if "distill" in config.stages and "dfa" in uses and "search" not in config.stages:
+        problems.append(
+            "distill.aggregation = 'dfa' needs this run's search: add 'search' to stages, or use"
+            " 'file' with --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
+        )
+    needs_teacher = any(stage in config.stages for stage in ("search", "distill"))
+    if needs_teacher and "teacher" not in config.stages and config.teacher.checkpoint is None:
+        problems.append(
+            f"stages = {tuple(config.stages)} need a teacher: add 'teacher' to stages (trains one)"
+            " or set --config.teacher.checkpoint=TEACHER_WORKDIR."
+        )
+    if distill.distance not in ("partial_l2", "l2"):
+        problems.append(f"distill.distance = {distill.distance!r}: use 'partial_l2' or 'l2'.")
+    if distill.teacher_bn not in ("eval", "batch"):
+        problems.append(f"distill.teacher_bn = {distill.teacher_bn!r}: use 'eval' or 'batch'.")
     if config.dtype not in ("float32", "bfloat16"):
         problems.append(f"dtype = {config.dtype!r}: use 'float32' or 'bfloat16'.")
     if config.log_every_steps <= 0:

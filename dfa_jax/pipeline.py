@@ -1,4 +1,4 @@
-"""The pipeline a run goes through: teacher -> (search -> distill, next) -> report.
+"""The pipeline a run goes through: teacher -> search -> distill -> report.
 
 Each stage lives in its own directory of the workdir, resumes from its checkpoints and is skipped
 once its `result.json` exists, so re-running the same command continues an interrupted run.
@@ -13,9 +13,11 @@ import jax
 from absl import logging
 
 from dfa_jax import config_lib
+from dfa_jax import distill
 from dfa_jax import inputs
 from dfa_jax import parallel
 from dfa_jax import reporting
+from dfa_jax import search
 from dfa_jax import teacher
 from dfa_jax import train_loop
 
@@ -33,11 +35,16 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
         jax.process_count(),
     )
 
-    data = inputs.load(config, workdir, search=False)
+    data = inputs.load(config, workdir, search="search" in config.stages)
     stages: dict[str, dict] = {}
-    if "teacher" in config.stages:
-        result, _ = teacher.run(config, workdir, mesh, data)
-        stages["teacher"] = result
+    # Search and distillation need a teacher: the teacher stage trains it or loads it.
+    teacher_result, teacher_vars = teacher.run(config, workdir, mesh, data)
+    stages["teacher"] = teacher_result
+    if "search" in config.stages:
+        stages["search"] = search.run(config, workdir, mesh, data, teacher_vars)
+    if "distill" in config.stages:
+        for name in (config.distill.aggregation,) + tuple(config.distill.compare_with):
+            stages[f"distill/{name}"] = distill.run(config, workdir, mesh, data, teacher_vars, name)
 
     summary = {
         "workdir": os.path.abspath(workdir),
@@ -46,11 +53,15 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
         "seed": config.seed,
         "dataset": config.data.dataset,
         "teacher_model": config.teacher.model,
+        "student_model": config.student.model,
         "stages": stages,
         "tensorboard": f"tensorboard --logdir {os.path.abspath(workdir)}",
     }
     path = reporting.write_summary(workdir, summary)
     print(reporting.results_table(stages))
+    if "search" in stages:
+        record = search.alpha_record_from_file(os.path.join(workdir, search.ALPHA_FILE))
+        print("searched alpha:\n" + reporting.alpha_table(record))
     print(
         f"summary: {path}\nTensorBoard logs: {os.path.abspath(workdir)}"
         f" (view with `tensorboard --logdir {os.path.abspath(workdir)}`)"

@@ -6,9 +6,12 @@ import hashlib
 import json
 import os
 
+import numpy as np
+
 from dfa_jax import train_loop
 
 SUMMARY_FILE = "summary.json"
+_LABELS = {"distill/none": "student alone", "distill/dfa": "student + DFA"}
 
 
 def config_hash(config) -> str:
@@ -23,12 +26,15 @@ def write_summary(workdir: str, summary: dict) -> str:
 
 
 def results_table(stages: dict) -> str:
-    """A markdown table: one row per stage with its best and last test accuracy (percent)."""
+    """A markdown table: one row per trained network with its best and last test accuracy (%)."""
     lines = [
         "| stage | best acc (%) | best epoch | last acc (%) | epochs | wall time (s) |",
         "|---|---|---|---|---|---|",
     ]
     for name, result in stages.items():
+        if "best_accuracy" not in result:
+            continue
+        name = _LABELS.get(name, name.replace("distill/", "student + "))
         best_epoch = result.get("best_epoch", "-")
         epochs = result.get("epochs", "-")
         wall = result.get("wall_time_s")
@@ -42,3 +48,60 @@ def results_table(stages: dict) -> str:
 def load_summary(workdir: str) -> dict:
     with open(os.path.join(workdir, SUMMARY_FILE)) as f:
         return json.load(f)
+
+
+def alpha_table(record: list[dict]) -> str:
+    """The searched alpha per group, one line each: `g1: g1_b1 0.12, g1_b2 0.88`."""
+    return "\n".join(
+        f"g{r['group']}: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(r["layers"], r["alpha"]))
+        for r in record
+    )
+
+
+def _pyplot():
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    return plt
+
+
+def plot_alpha_heatmap(record: list[dict], path: str) -> None:
+    """Groups x teacher layers heatmap of alpha (the paper's Fig. 4, left); blank = no layer."""
+    plt = _pyplot()
+    width = max(len(r["alpha"]) for r in record)
+    grid = np.full((len(record), width), np.nan)
+    for i, r in enumerate(record):
+        grid[i, : len(r["alpha"])] = r["alpha"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * width, 0.9 + 0.7 * len(record)))
+    image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for i, r in enumerate(record):
+        for j, a in enumerate(r["alpha"]):
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="w" if a < 0.6 else "k")
+    ax.set_yticks(range(len(record)), [f"group {r['group']}" for r in record])
+    ax.set_xticks(range(width), [f"layer {j + 1}" for j in range(width)])
+    ax.set_title("DFA feature aggregation weights alpha")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_alpha_trajectories(history: list[dict], record: list[dict], path: str) -> None:
+    """alpha of every teacher layer against the search epoch, one panel per group."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(record), figsize=(4 * len(record), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], record):
+        rows = [h for h in history if h["group"] == r["group"]]
+        epochs = [h["epoch"] for h in rows]
+        for j, name in enumerate(r["layers"]):
+            ax.plot(epochs, [h[f"alpha/g{r['group']}/{j}"] for h in rows], marker="o", label=name)
+        ax.set_title(f"group {r['group']}")
+        ax.set_xlabel("search epoch")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("alpha")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

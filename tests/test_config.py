@@ -17,10 +17,35 @@ def load_config(name, arg=None):
     return module.get_config(arg)
 
 
-@pytest.mark.parametrize("name", ["demo", "cifar100_teacher"])
+SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 @pytest.mark.parametrize("arg", [None, "tiny"])
-def test_shipped_configs_validate(name, arg):
-    config_lib.validate(load_config(name, arg), device_count=2)
+def test_shipped_configs_validate(name, arg, tmp_path):
+    config = load_config(name, arg)
+    if config.data.source == "image_folder":
+        config.data.path = str(tmp_path)  # Where a user's CINIC-10 would be.
+    if config.distill.aggregation == "file":
+        config.distill.alpha_file = str(tmp_path / "alpha.json")
+        (tmp_path / "alpha.json").write_text("{}")
+    config_lib.validate(config, device_count=2)
+
+
+def test_pair_configs_follow_the_paper():
+    for i, student in enumerate(["wrn_16_4", "wrn_28_2", "wrn_16_2"], start=1):
+        config = load_config(f"cifar100_pair{i}")
+        assert (config.teacher.model, config.student.model) == ("wrn_28_4", student)
+        assert config.search.epochs_per_group == 40
+        assert config.stages == ("teacher", "search", "distill")
+    for i, (t, s) in enumerate([("2.0", "1.0"), ("2.0", "0.5"), ("1.0", "0.5")], start=1):
+        config = load_config(f"cinic10_pair{i}")
+        assert (config.teacher.model, config.student.model) == (
+            f"shufflenet_v2_{t}",
+            f"shufflenet_v2_{s}",
+        )
+        assert config.search.epochs_per_group == 5 and config.data.val_split == "valid"
+        assert (config.distill.optim.epochs, config.distill.optim.batch_size) == (140, 96)
 
 
 def test_unknown_config_argument():
@@ -53,6 +78,15 @@ CASES = [
     ("data.eval_batch_size", 101, "data.eval_batch_size", "multiple of the 2 devices"),
     ("teacher.checkpoint", "/nonexistent/teacher", "teacher.checkpoint", "does not exist"),
     ("stages", ("teacher", "pretrain"), "stages", "subset"),
+    ("search.order", 3, "search.order", "second order"),
+    ("search.epochs_per_group", 0, "search.epochs_per_group", "positive"),
+    ("search.beta_lr", 0.0, "search.beta_lr", "positive"),
+    ("search.batch_size", 33, "search.batch_size", "multiple of the 2 devices"),
+    ("distill.aggregation", "median", "distill.aggregation", "'last'"),
+    ("distill.compare_with", ("last", "best"), "distill.compare_with", "'none'"),
+    ("distill.distance", "l1", "distill.distance", "partial_l2"),
+    ("distill.teacher_bn", "frozen", "distill.teacher_bn", "'batch'"),
+    ("distill.optim.lr", -1.0, "distill.optim.lr", "positive"),
     ("dtype", "float16", "dtype", "bfloat16"),
     ("data.pad_mode", "wrap", "data.pad_mode", "reflect"),
 ]
@@ -67,6 +101,20 @@ def test_each_mistake_names_field_and_fix(path, value, field, fix):
     message = str(e.value)
     assert field in message and fix in message, message
     assert message.count("\n  - ") == 1, f"one mistake should give one line: {message}"
+
+
+def test_stage_dependencies():
+    config = load_config("cifar100_pair1")
+    config.stages = ("teacher", "distill")
+    with pytest.raises(config_lib.ConfigError, match="add 'search' to stages"):
+        config_lib.validate(config, device_count=1)
+    config.stages = ("search",)
+    with pytest.raises(config_lib.ConfigError, match="need a teacher"):
+        config_lib.validate(config, device_count=1)
+    config.distill.aggregation = "file"
+    config.stages = ("teacher", "distill")
+    with pytest.raises(config_lib.ConfigError, match="distill.alpha_file is unset"):
+        config_lib.validate(config, device_count=1)
 
 
 def test_missing_data_path():

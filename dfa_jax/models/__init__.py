@@ -15,12 +15,14 @@ import re
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dfa_jax.models.connectors import Connector
 from dfa_jax.models.layers import FEATURES
 from dfa_jax.models.shufflenet_v2 import WIDTHS as SHUFFLENET_V2_WIDTHS
 from dfa_jax.models.shufflenet_v2 import ShuffleNetV2
 from dfa_jax.models.wide_resnet import WideResNet
 
 __all__ = [
+    "Connector",
     "FEATURES",
     "MODEL_NAMES",
     "ShuffleNetV2",

@@ -1,0 +1,23 @@
+"""CIFAR-100 pair (1): WRN_28_4 -> WRN_16_4 (Table 2 row 1: student alone 77.24%, DFA 79.74%).
+
+  python -m dfa_jax.main --config=configs/cifar100_pair1.py --workdir=runs/c100_pair1
+
+Teacher (or --config.teacher.checkpoint=W of a finished teacher) -> search (40 epochs per group on
+the 7:3 split of the training set) -> distill (200 epochs, the paper's recipe with Nesterov).
+Table 5 rows: the same command with --config.distill.aggregation=last|average|random.
+Needs CIFAR-100 prepared for tfds (--config.data.data_dir=DIR). `:tiny` shrinks it to seconds.
+"""
+
+from dfa_jax import config_lib
+
+
+def get_config(arg: str | None = None):
+    config = config_lib.base_config()
+    config.stages = ("teacher", "search", "distill")
+    config.data.dataset = "cifar100"
+    config.data.source = "tfds"
+    config.teacher.model = "wrn_28_4"
+    config.student.model = "wrn_16_4"
+    config.search.epochs_per_group = 40
+    config.distill.aggregation = "dfa"
+    return config_lib.apply_arg(config, arg)

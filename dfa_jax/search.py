@@ -1,0 +1,317 @@
+"""Stage 1: the group-wise differentiable aggregation search with the bridge loss (§3.2).
+
+For each teacher layer group i (Algorithm 1), `search.epochs_per_group` epochs of the bilevel step:
+beta_i on a validation batch, then w (student + ST/TS connectors) on a training batch, both with the
+bridge loss of group i (Eq. 12):
+- ST path: student groups 1..i -> S_i -> ST connector -> L_ST against A_i = sum_j alpha_j T_i^j;
+- TS path: A_i -> TS connector -> injected at the student's group-i boundary -> groups i+1..G ->
+  head -> L_TS (cross-entropy).
+The teacher runs only up to group i, in eval mode, under stop_gradient. Only beta_i moves while
+group i is searched; w carries over from group to group. Each group is a sub-stage of the shared
+loop (`WORKDIR/search/g{i}`), so the search resumes mid-group like any stage.
+Outputs: `WORKDIR/alpha.json`, `WORKDIR/search/alpha_history.json` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dfa_jax import bilevel
+from dfa_jax import evaluation
+from dfa_jax import features
+from dfa_jax import inputs
+from dfa_jax import losses
+from dfa_jax import models
+from dfa_jax import optimizers
+from dfa_jax import parallel
+from dfa_jax import reporting
+from dfa_jax import teacher as teacher_lib
+from dfa_jax import train_loop
+from dfa_jax.data import loader
+
+ALPHA_FILE = "alpha.json"
+
+
+def group_key(group: int) -> str:
+    """The pytree key of 1-based group `group` (beta, connectors)."""
+    return f"g{group}"
+
+
+def alpha_of(beta) -> dict:
+    """`{group: softmax(beta_group)}`: the aggregation weights (Eq. 6)."""
+    return {k: jax.nn.softmax(v) for k, v in beta.items()}
+
+
+def init_beta(teacher_model, init_last_logit: float) -> dict:
+    """beta_i = zeros with the last map's logit raised: the 'Last' aggregation, softened (§3.4)."""
+    return {
+        group_key(i + 1): jnp.zeros(len(names)).at[-1].set(init_last_logit)
+        for i, names in enumerate(teacher_model.feature_groups())
+    }
+
+
+def init_connectors(in_shapes, out_channels, seed: int, mesh, dtype) -> tuple[dict, dict]:
+    """Per group, a Connector from `in_shapes[i]` to `out_channels[i]`: (params, batch_stats)."""
+    params, batch_stats = {}, {}
+    for i, (shape, channels) in enumerate(zip(in_shapes, out_channels)):
+        connector = models.Connector(channels, dtype=dtype)
+        init = jax.jit(connector.init, out_shardings=parallel.replicated(mesh))
+        variables = init(jax.random.key(seed + i), jnp.zeros(shape, jnp.float32))
+        params[group_key(i + 1)] = variables["params"]
+        batch_stats[group_key(i + 1)] = variables["batch_stats"]
+    return params, batch_stats
+
+
+def teacher_group_maps(teacher_model, teacher_vars, images, group: int, clamp_min, train: bool):
+    """The clamped, gradient-free candidate maps of teacher group `group`: N x [B, H, W, C]."""
+    _, mutated = teacher_model.apply(
+        teacher_vars,
+        images,
+        train=train,
+        stop_group=group,
+        mutable=[models.FEATURES] + (["batch_stats"] if train else []),
+    )
+    maps = features.read(mutated, teacher_model.feature_groups()[group - 1])
+    return [jax.lax.stop_gradient(features.clamp(m.astype(jnp.float32), clamp_min)) for m in maps]
+
+
+def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
+    """The bridge loss of `group` (Eq. 12) as a w loss `(params, batch_stats, beta, batch, rng,
+    aux=teacher variables) -> (loss, (batch_stats, metrics))`; also the beta loss (on val)."""
+    key = group_key(group)
+    s_channels = features.group_shapes(student_model)[group - 1][-1]
+    t_channels = features.group_shapes(teacher_model)[group - 1][-1]
+    st_connector = models.Connector(t_channels, dtype=student_model.dtype)
+    ts_connector = models.Connector(s_channels, dtype=student_model.dtype)
+
+    def loss_fn(params, batch_stats, beta, batch, rng, aux):
+        del rng
+        images, labels = batch["image"], batch["label"]
+        maps = teacher_group_maps(
+            teacher_model, aux, images, group, config.features.clamp_min, train=False
+        )
+        aggregated = losses.aggregate(maps, jax.nn.softmax(beta[key]))
+
+        # ST path: student groups 1..i, then the student transform to the teacher's channels.
+        student_vars = {"params": params["student"], "batch_stats": batch_stats["student"]}
+        s_i, s_mut = student_model.apply(
+            student_vars, images, train=True, stop_group=group, mutable=["batch_stats"]
+        )
+        st_out, st_mut = st_connector.apply(
+            {"params": params["st"][key], "batch_stats": batch_stats["st"][key]},
+            s_i,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        # TS path: the aggregation, transformed to the student's channels, resumes the student.
+        ts_in, ts_mut = ts_connector.apply(
+            {"params": params["ts"][key], "batch_stats": batch_stats["ts"][key]},
+            aggregated,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        logits, s_mut = student_model.apply(
+            {"params": params["student"], "batch_stats": s_mut["batch_stats"]},
+            ts_in,
+            train=True,
+            start_group=group,
+            mutable=["batch_stats"],
+        )
+        logits = logits.astype(jnp.float32)
+        st = losses.st_loss(st_out.astype(jnp.float32), aggregated)
+        ts = losses.ts_loss(logits, labels)
+        loss = config.search.gamma_st * st + config.search.gamma_ts * ts
+        new_batch_stats = {
+            "student": s_mut["batch_stats"],
+            "st": {**batch_stats["st"], key: st_mut["batch_stats"]},
+            "ts": {**batch_stats["ts"], key: ts_mut["batch_stats"]},
+        }
+        metrics = {
+            "st_loss": st,
+            "ts_loss": ts,
+            "ts_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        }
+        return loss, (new_batch_stats, metrics)
+
+    def beta_loss_fn(beta, params, batch_stats, batch, rng, aux):
+        # The same bridge loss on the validation batch; its BN statistics are not kept.
+        loss, (_, metrics) = loss_fn(params, batch_stats, beta, batch, rng, aux)
+        return loss, metrics
+
+    return loss_fn, beta_loss_fn
+
+
+def beta_optimizer(search) -> optax.GradientTransformation:
+    """Adam(lr, b1 0.5, b2 0.999) with *coupled* L2 = the paper's lambda R(beta) (DARTS' architect)."""
+    return optax.chain(
+        optax.add_decayed_weights(search.beta_weight_decay),
+        optax.scale_by_adam(b1=search.beta_b1, b2=search.beta_b2),
+        optax.scale(-search.beta_lr),
+    )
+
+
+def w_optim(search, num_groups: int) -> ml_collections.ConfigDict:
+    """w's recipe during the search: SGD + momentum, cosine over all groups' epochs."""
+    optim = ml_collections.ConfigDict()
+    optim.epochs = search.epochs_per_group * num_groups
+    optim.batch_size = search.batch_size
+    optim.lr = search.w_lr
+    optim.momentum = search.w_momentum
+    optim.nesterov = False
+    optim.weight_decay = search.w_weight_decay
+    optim.schedule = "cosine"
+    optim.milestones = ()
+    optim.decay = 1.0
+    return optim
+
+
+def alpha_record(teacher_model, beta) -> list[dict]:
+    """alpha.json's content: per group, the teacher feature names, beta and alpha."""
+    alpha = alpha_of(beta)
+    return [
+        {
+            "group": i + 1,
+            "layers": list(names),
+            "beta": [float(b) for b in jax.device_get(beta[group_key(i + 1)])],
+            "alpha": [float(a) for a in jax.device_get(alpha[group_key(i + 1)])],
+        }
+        for i, names in enumerate(teacher_model.feature_groups())
+    ]
+
+
+def alpha_record_from_file(path: str) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)["groups"]
+
+
+def _alpha_history(directory: str, num_groups: int) -> list[dict]:
+    """Per searched epoch, the alpha of every group, from the sub-stages' metrics.jsonl."""
+    history = []
+    for i in range(1, num_groups + 1):
+        with open(os.path.join(directory, group_key(i), "metrics.jsonl")) as f:
+            for line in f:
+                row = json.loads(line)
+                if "epoch" in row:
+                    alpha = {k: v for k, v in row.items() if k.startswith("alpha/")}
+                    history.append({"group": i, "epoch": row["epoch"], **alpha})
+    return history
+
+
+def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
+    """Searches the aggregation weights of every group; returns the result with `alpha`."""
+    directory = os.path.join(workdir, "search")
+    if train_loop.is_done(directory):
+        return train_loop.read_result(directory)
+    num_classes = data.info.num_classes
+    teacher_model = teacher_lib.build_model(config.teacher.model, num_classes, config.dtype)
+    student_model = teacher_lib.build_model(config.student.model, num_classes, config.dtype)
+    num_groups = len(teacher_model.feature_groups())
+    t_shapes = features.group_shapes(teacher_model)
+    s_shapes = features.group_shapes(student_model)
+    dtype = jnp.dtype(config.dtype)
+
+    student_vars = teacher_lib.init_variables(student_model, config.seed, mesh)
+    st_params, st_stats = init_connectors(
+        s_shapes, [s[-1] for s in t_shapes], config.seed + 100, mesh, dtype
+    )
+    ts_params, ts_stats = init_connectors(
+        t_shapes, [s[-1] for s in s_shapes], config.seed + 200, mesh, dtype
+    )
+    params = {"student": student_vars["params"], "st": st_params, "ts": ts_params}
+    batch_stats = {"student": student_vars["batch_stats"], "st": st_stats, "ts": ts_stats}
+
+    optim = w_optim(config.search, num_groups)
+    local_batch = parallel.local_batch_size(optim.batch_size)
+    steps_per_epoch = loader.steps_per_epoch(len(data.search_train[1]), local_batch)
+    w_tx = optimizers.sgd(optim, steps_per_epoch)
+    schedule = optimizers.lr_schedule(optim, steps_per_epoch)
+    beta_tx = beta_optimizer(config.search)
+    state = jax.jit(
+        lambda p, b: bilevel.create_state(
+            p, b, w_tx, init_beta(teacher_model, config.search.init_last_logit), beta_tx
+        ),
+        out_shardings=parallel.replicated(mesh),
+    )(params, batch_stats)
+
+    eval_fn = evaluation.make_eval_fn(
+        teacher_lib.logits_fn(student_model),
+        inputs.make_preprocess(config.data, data.info, train=False),
+        data.test,
+        config.data.eval_batch_size,
+        mesh,
+        config.data.prefetch,
+    )
+    preprocess = inputs.make_preprocess(config.data, data.info, train=True)
+
+    def alpha_scalars(state, epoch):
+        del epoch
+        alpha = jax.device_get(alpha_of(state.beta))
+        return {
+            f"alpha/{g}/{j}": float(a) for g, values in alpha.items() for j, a in enumerate(values)
+        }
+
+    result = {}
+    for group in range(1, num_groups + 1):
+        loss_fn, beta_loss_fn = make_bridge_loss_fn(teacher_model, student_model, group, config)
+        step = bilevel.make_bilevel_step(
+            loss_fn,
+            w_tx,
+            seed=config.seed,
+            beta_loss_fn=beta_loss_fn,
+            beta_tx=beta_tx,
+            beta_key=group_key(group),
+            order=config.search.order,
+            virtual_lr_fn=schedule,
+            preprocess_fn=preprocess,
+        )
+        stage = train_loop.Stage(
+            name=f"search/{group_key(group)}",
+            directory=os.path.join(directory, group_key(group)),
+            state=state,
+            step_fn=jax.jit(
+                step, donate_argnums=0, out_shardings=(parallel.replicated(mesh), None)
+            ),
+            eval_fn=lambda s: eval_fn(
+                {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
+            ),
+            train_data=data.search_train,
+            val_data=data.search_val,
+            epochs=config.search.epochs_per_group,
+            batch_size=optim.batch_size,
+            seed=config.seed,
+            aux=teacher_vars,
+            lr_fn=lambda s, offset=(group - 1) * config.search.epochs_per_group: schedule(
+                s + offset * steps_per_epoch
+            ),
+            epoch_end_fn=alpha_scalars,
+        )
+        result = train_loop.run(stage, config, mesh)
+        state = result.pop("state")
+
+    record = alpha_record(teacher_model, state.beta)
+    train_loop.write_json_atomic(
+        os.path.join(workdir, ALPHA_FILE), {"teacher": config.teacher.model, "groups": record}
+    )
+    history = _alpha_history(directory, num_groups)
+    train_loop.write_json_atomic(os.path.join(directory, "alpha_history.json"), history)
+    if jax.process_index() == 0:
+        reporting.plot_alpha_heatmap(record, os.path.join(workdir, "alpha_heatmap.png"))
+        reporting.plot_alpha_trajectories(
+            history, record, os.path.join(directory, "alpha_trajectories.png")
+        )
+    summary = {
+        "stage": "search",
+        "groups": num_groups,
+        "epochs_per_group": config.search.epochs_per_group,
+        "alpha": {group_key(r["group"]): r["alpha"] for r in record},
+        "student_best_accuracy": result["best_accuracy"],
+        "student_last_accuracy": result["last_accuracy"],
+    }
+    train_loop.write_json_atomic(os.path.join(directory, train_loop.RESULT_FILE), summary)
+    return summary

@@ -1,0 +1,153 @@
+"""The one step factory: beta and w updates stay apart, frozen beta is a plain w step, group-wise
+beta updates touch one group only, and second order is the exact unrolled gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dfa_jax import bilevel
+
+X = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+Y = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
+
+
+def toy_w_loss(params, batch_stats, beta, batch, rng, aux):
+    """A tiny 'network': y = x W, aggregated by softmax(beta) weights over 3 outputs per group."""
+    del rng, aux
+    out = batch["x"] @ params["W"]
+    mix = jax.nn.softmax(beta["g1"]) * out + jax.nn.softmax(beta["g2"]).mean() * out**2
+    loss = jnp.mean((mix - batch["y"]) ** 2) + 0.1 * jnp.mean(params["W"] ** 2)
+    return loss, (batch_stats, {"mix": jnp.mean(mix)})
+
+
+def toy_beta_loss(beta, params, batch_stats, batch, rng, aux):
+    loss, (_, metrics) = toy_w_loss(params, batch_stats, beta, batch, rng, aux)
+    return loss, metrics
+
+
+def toy_state(w_tx, beta_tx=None):
+    params = {"W": jnp.asarray(np.random.default_rng(2).normal(size=(5, 3)), jnp.float32)}
+    beta = {"g1": jnp.array([0.0, 0.5, 1.0]), "g2": jnp.array([0.3, -0.2, 0.0])}
+    return bilevel.create_state(params, {}, w_tx, beta, beta_tx)
+
+
+BATCH = {"x": jnp.asarray(X), "y": jnp.asarray(Y)}
+VAL = {"x": jnp.asarray(X[::-1].copy()), "y": jnp.asarray(Y[::-1].copy())}
+
+
+def run_step(state, w_tx, beta_tx=None, beta_key=None, order=1, xi=0.1):
+    step = bilevel.make_bilevel_step(
+        toy_w_loss,
+        w_tx,
+        seed=0,
+        beta_loss_fn=toy_beta_loss if beta_tx is not None else None,
+        beta_tx=beta_tx,
+        beta_key=beta_key,
+        order=order,
+        virtual_lr_fn=(lambda s: xi) if order == 2 else None,
+    )
+    return jax.jit(step)(state, BATCH, VAL, None)
+
+
+def test_beta_step_leaves_w_and_w_step_leaves_beta():
+    # Only the beta half moves when w's optimizer is a no-op...
+    beta_tx = optax.adam(0.1)
+    state = toy_state(optax.set_to_zero(), beta_tx)
+    new, _ = run_step(state, optax.set_to_zero(), beta_tx, "g1")
+    np.testing.assert_array_equal(new.params["W"], state.params["W"])
+    assert not np.allclose(new.beta["g1"], state.beta["g1"])
+    # ...and only w moves when beta's optimizer is a no-op.
+    state = toy_state(optax.sgd(0.1), optax.set_to_zero())
+    new, _ = run_step(state, optax.sgd(0.1), optax.set_to_zero(), "g1")
+    jax.tree.map(np.testing.assert_array_equal, new.beta, state.beta)
+    assert not np.allclose(new.params["W"], state.params["W"])
+
+
+def test_frozen_beta_is_a_plain_w_step():
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    state = toy_state(tx)
+    new, metrics = run_step(state, tx)
+    jax.tree.map(np.testing.assert_array_equal, new.beta, state.beta)
+    assert new.beta_opt_state == {}
+    # The same update done by hand.
+    grads = jax.grad(lambda p: toy_w_loss(p, {}, state.beta, BATCH, None, None)[0])(state.params)
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    expected = optax.apply_updates(state.params, updates)
+    np.testing.assert_allclose(new.params["W"], expected["W"], rtol=1e-6)
+    assert int(new.step) == 1 and bool(metrics["finite"])
+
+
+def test_only_the_searched_group_beta_moves_even_with_weight_decay():
+    beta_tx = optax.chain(
+        optax.add_decayed_weights(1e-3), optax.scale_by_adam(0.5, 0.999), optax.scale(-1e-3)
+    )
+    state = toy_state(optax.sgd(0.1), beta_tx)
+    for _ in range(3):
+        state, _ = run_step(state, optax.sgd(0.1), beta_tx, "g2")
+    np.testing.assert_array_equal(state.beta["g1"], np.array([0.0, 0.5, 1.0], np.float32))
+    assert not np.allclose(state.beta["g2"], np.array([0.3, -0.2, 0.0]))
+    # g1's Adam state was never advanced either.
+    assert int(state.beta_opt_state["g1"][1].count) == 0
+    assert int(state.beta_opt_state["g2"][1].count) == 3
+
+
+def test_second_order_is_the_exact_unrolled_gradient():
+    xi = 0.3
+    with jax.enable_x64(True):
+        params = {"W": jnp.asarray(np.random.default_rng(2).normal(size=(5, 3)))}
+        beta = {"g1": jnp.array([0.0, 0.5, 1.0]), "g2": jnp.array([0.3, -0.2, 0.0])}
+        batch = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), BATCH)
+        val = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), VAL)
+
+        def unrolled(b1):
+            full = {**beta, "g1": b1}
+            g = jax.grad(lambda p: toy_w_loss(p, {}, full, batch, None, None)[0])(params)
+            virtual = jax.tree.map(lambda w, d: w - xi * d, params, g)
+            return toy_w_loss(virtual, {}, full, val, None, None)[0]
+
+        eps = 1e-6
+        fd = np.array(
+            [
+                (unrolled(beta["g1"].at[j].add(eps)) - unrolled(beta["g1"].at[j].add(-eps)))
+                / (2 * eps)
+                for j in range(3)
+            ]
+        )
+        # The step's beta gradient, read off a plain SGD(lr=1) beta update.
+        state = bilevel.create_state(params, {}, optax.set_to_zero(), beta, optax.sgd(1.0))
+        step = bilevel.make_bilevel_step(
+            toy_w_loss,
+            optax.set_to_zero(),
+            seed=0,
+            beta_loss_fn=toy_beta_loss,
+            beta_tx=optax.sgd(1.0),
+            beta_key="g1",
+            order=2,
+            virtual_lr_fn=lambda s: xi,
+        )
+        new, _ = step(state, batch, val, None)
+        grad2 = np.asarray(beta["g1"] - new.beta["g1"])
+        np.testing.assert_allclose(grad2, fd, rtol=1e-6, atol=1e-9)
+        # And it is not the first-order gradient.
+        first = bilevel.make_bilevel_step(
+            toy_w_loss,
+            optax.set_to_zero(),
+            seed=0,
+            beta_loss_fn=toy_beta_loss,
+            beta_tx=optax.sgd(1.0),
+            beta_key="g1",
+            order=1,
+        )
+        new1, _ = first(state, batch, val, None)
+        assert not np.allclose(np.asarray(beta["g1"] - new1.beta["g1"]), fd, rtol=1e-3)
+
+
+def test_factory_rejects_half_configured_beta():
+    with pytest.raises(ValueError, match="together"):
+        bilevel.make_bilevel_step(toy_w_loss, optax.sgd(0.1), 0, beta_loss_fn=toy_beta_loss)
+    with pytest.raises(ValueError, match="virtual_lr_fn"):
+        bilevel.make_bilevel_step(
+            toy_w_loss, optax.sgd(0.1), 0, toy_beta_loss, optax.sgd(1.0), "g1", order=2
+        )

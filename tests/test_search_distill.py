@@ -1,0 +1,176 @@
+"""Search and distillation: the bridge loss's two paths, aggregations, alpha.json, DFA-T checks,
+single tracing, resume exactness across the search, and a whole tiny pipeline on mock data."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from dfa_jax import bilevel
+from dfa_jax import checkpointing
+from dfa_jax import distill
+from dfa_jax import parallel
+from dfa_jax import pipeline
+from dfa_jax import search
+from dfa_jax import teacher as teacher_lib
+
+from test_config import load_config
+
+
+def tiny_models():
+    t = teacher_lib.build_model("wrn_16_1", 10, "float32")
+    s = teacher_lib.build_model("wrn_10_1", 10, "float32")
+    return t, s
+
+
+def test_beta_gets_gradient_through_both_st_and_ts_paths():
+    t_model, s_model = tiny_models()
+    mesh = parallel.make_mesh()
+    t_vars = teacher_lib.init_variables(t_model, 0, mesh)
+    s_vars = teacher_lib.init_variables(s_model, 1, mesh)
+    t_shapes = [(1, 32, 32, 16), (1, 16, 16, 32), (1, 8, 8, 64)]
+    st_p, st_s = search.init_connectors(t_shapes, [16, 32, 64], 2, mesh, jnp.float32)
+    ts_p, ts_s = search.init_connectors(t_shapes, [16, 32, 64], 3, mesh, jnp.float32)
+    params = {"student": s_vars["params"], "st": st_p, "ts": ts_p}
+    stats = {"student": s_vars["batch_stats"], "st": st_s, "ts": ts_s}
+    beta = search.init_beta(t_model, 0.0)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32),
+    }
+    for gamma_st, gamma_ts in ((1.0, 0.0), (0.0, 1.0)):
+        config = load_config("demo", "tiny")
+        config.search.gamma_st, config.search.gamma_ts = gamma_st, gamma_ts
+        _, beta_loss = search.make_bridge_loss_fn(t_model, s_model, 2, config)
+        grads = jax.grad(lambda b: beta_loss(b, params, stats, batch, None, t_vars)[0])(beta)
+        assert np.abs(grads["g2"]).sum() > 0, (gamma_st, gamma_ts)
+        np.testing.assert_array_equal(grads["g1"], 0.0)  # Only the searched group is in the loss.
+        np.testing.assert_array_equal(grads["g3"], 0.0)
+
+
+def test_aggregations_of_table_5():
+    t_model, _ = tiny_models()
+    config = load_config("demo", "tiny")
+    last = distill.aggregation_alpha("last", t_model, config, "")
+    assert [a.tolist() for a in last] == [[0.0, 1.0]] * 3
+    average = distill.aggregation_alpha("average", t_model, config, "")
+    assert [a.tolist() for a in average] == [[0.5, 0.5]] * 3
+    random_a = distill.aggregation_alpha("random", t_model, config, "")
+    random_b = distill.aggregation_alpha("random", t_model, config, "")
+    for a, b in zip(random_a, random_b):
+        np.testing.assert_array_equal(a, b)
+        assert a.sum() == pytest.approx(1.0) and (a > 0).all()
+    # Frozen beta reproduces alpha exactly through softmax, one-hot included.
+    for alpha in (last, random_a):
+        beta = distill.frozen_beta(alpha)
+        for i, a in enumerate(alpha):
+            np.testing.assert_allclose(jax.nn.softmax(beta[f"g{i + 1}"]), a, rtol=1e-6, atol=0)
+
+
+def test_alpha_file_of_another_layout_is_refused(tmp_path):
+    t_model, _ = tiny_models()
+    good = search.alpha_record(t_model, search.init_beta(t_model, 1.0))
+    path = tmp_path / "alpha.json"
+    path.write_text(json.dumps({"teacher": "wrn_16_1", "groups": good}))
+    alpha = distill.load_alpha_file(str(path), t_model)
+    assert [len(a) for a in alpha] == [2, 2, 2]
+    bad_layers = json.loads(json.dumps(good))
+    bad_layers[1]["layers"] = ["g2_b1", "g2_b2", "g2_b3"]
+    path.write_text(json.dumps({"teacher": "wrn_22_1", "groups": bad_layers}))
+    with pytest.raises(distill.AlphaFileError, match="group 2 aggregates layers"):
+        distill.load_alpha_file(str(path), t_model)
+    path.write_text(json.dumps({"teacher": "shufflenet_v2_1.0", "groups": good[:2]}))
+    with pytest.raises(distill.AlphaFileError, match="has 2 groups but the teacher"):
+        distill.load_alpha_file(str(path), t_model)
+
+
+def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
+    """teacher -> search -> distill on tfds mock data; every step function traces exactly once."""
+    # Traces are counted per step object. (chex.assert_max_traces keys its counter by the
+    # definition site, which all steps made by one factory share.)
+    real_factory = bilevel.make_bilevel_step
+    traces = []
+
+    def counting_factory(*args, **kwargs):
+        step = real_factory(*args, **kwargs)
+        index = len(traces)
+        traces.append(0)
+
+        def counted(*step_args):
+            traces[index] += 1  # Python runs here only while jit traces.
+            return step(*step_args)
+
+        return counted
+
+    monkeypatch.setattr(bilevel, "make_bilevel_step", counting_factory)
+    config = load_config("cifar100_pair1", "tiny")
+    config.distill.compare_with = ("last", "none")
+    config.data.max_train_examples = None  # All 192 mock images: the 7:3 split of 100 classes.
+    workdir = str(tmp_path / "run")
+    with tfds.testing.mock_data(num_examples=192):
+        summary = pipeline.run(config, workdir)
+    # teacher + 3 search groups + 3 students, each traced once over several epochs.
+    assert traces == [1] * 7
+
+    with open(os.path.join(workdir, "alpha.json")) as f:
+        record = json.load(f)
+    t_model = teacher_lib.build_model(config.teacher.model, 100, "float32")
+    assert [tuple(g["layers"]) for g in record["groups"]] == list(t_model.feature_groups())
+    for g in record["groups"]:
+        assert sum(g["alpha"]) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(jax.nn.softmax(jnp.array(g["beta"])), g["alpha"], rtol=1e-5)
+        # Searched: no longer exactly the initial softmax([0, 4]).
+        assert g["beta"] != [0.0, 4.0]
+    history = json.load(open(os.path.join(workdir, "search", "alpha_history.json")))
+    assert [(h["group"], h["epoch"]) for h in history] == [(1, 1), (2, 1), (3, 1)]
+    for name in ("alpha_heatmap.png", "search/alpha_trajectories.png", "search_split.json"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+    on_disk = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(on_disk["stages"]) == {
+        "teacher",
+        "search",
+        "distill/dfa",
+        "distill/last",
+        "distill/none",
+    }
+    for name in ("distill/dfa", "distill/last", "distill/none"):
+        assert 0.0 <= on_disk["stages"][name]["best_accuracy"] <= 1.0
+    assert summary["stages"]["search"]["alpha"] == {
+        f"g{g['group']}": g["alpha"] for g in record["groups"]
+    }
+
+
+def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
+    config = load_config("demo", "tiny")
+    config.stages = ("teacher", "search")
+    config.search.epochs_per_group = 2
+    straight = str(tmp_path / "straight")
+    pipeline.run(config, straight)
+
+    resumed = str(tmp_path / "resumed")
+    real_save = checkpointing.Checkpointer.save
+
+    def crash_in_group_2(self, step, state, meta):
+        real_save(self, step, state, meta)
+        if os.sep + os.path.join("search", "g2") in self.directory:
+            self.wait()
+            raise KeyboardInterrupt("simulated crash in the search of group 2")
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", crash_in_group_2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config, resumed)
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
+    assert not os.path.exists(os.path.join(resumed, "alpha.json"))
+    pipeline.run(config, resumed)
+
+    def read(workdir, name):
+        with open(os.path.join(workdir, name)) as f:
+            return f.read()
+
+    assert read(straight, "alpha.json") == read(resumed, "alpha.json")
+    assert read(straight, "search/alpha_history.json") == read(resumed, "search/alpha_history.json")
