@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
     config.stages = ("teacher", "search", "distill")
     config.data.dataset = "cinic10"
     config.data.source = "image_folder"
+    config.data.augment = "random_resized_crop"  # The paper's CINIC-10 augmentation (DESIGN §4).
     config.data.val_split = "valid"
     config.teacher.model = "shufflenet_v2_1.0"
     config.student.model = "shufflenet_v2_0.5"

@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     data.max_test_examples = placeholder(
         int
     )  # Keep only this many test examples (tiny runs); None = all.
+    data.augment = (
+        "pad_crop"  # 'pad_crop' (CIFAR: pad + random crop) | 'random_resized_crop' (CINIC).
+    )
     data.pad = 4  # Augmentation: pixels of padding before the random 32x32 crop (0 disables).
     data.pad_mode = "reflect"  # 'reflect' (the paper's recipe) or 'constant' (zeros).
     data.flip = True  # Augmentation: random horizontal flip.
@@ -257,6 +260,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if not 0.0 < data.search_val_fraction < 1.0:
         problems.append(
             f"data.search_val_fraction = {data.search_val_fraction}: must lie in (0, 1) (the paper uses 0.3)."
+        )
+    if data.augment not in ("pad_crop", "random_resized_crop"):
+        problems.append(
+            f"data.augment = {data.augment!r}: use 'pad_crop' or 'random_resized_crop'."
         )
     if data.pad_mode not in ("reflect", "constant"):
         problems.append(f"data.pad_mode = {data.pad_mode!r}: use 'reflect' or 'constant'.")

@@ -89,10 +89,12 @@ def make_preprocess(data_cfg, info: data_lib.DatasetInfo, train: bool):
 
     def preprocess(batch: dict, rng: jax.Array) -> dict:
         images = batch["image"]
-        if train:
+        if train and data_cfg.augment == "pad_crop":
             images = augment.random_crop_flip(
                 images, rng, data_cfg.pad, data_cfg.pad_mode, data_cfg.flip
             )
+        elif train and data_cfg.augment == "random_resized_crop":
+            images = augment.random_resized_crop_flip(images, rng, data_cfg.flip)
         return {**batch, "image": augment.normalize(images, mean, std)}
 
     return preprocess

@@ -465,3 +465,34 @@ def test_max_examples_caps_keep_every_class():
     assert source.images("train", np.arange(25)).shape == (25, 32, 32, 3)
     with pytest.raises(IndexError):
         source.images("train", np.array([25]))
+
+
+def test_random_resized_crop_full_box_is_identity():
+    from dfa_jax.data import augment
+
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)), jnp.uint8)
+    y = augment.random_resized_crop_flip(
+        x, jax.random.key(0), flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0)
+    )
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x, np.float32), atol=1e-4)
+
+
+def test_random_resized_crop_zooms_a_quarter_box_by_two():
+    """On a horizontal ramp f(y, x) = 8x, a 16x16 box resampled to 32x32 has slope 8 * 16/32."""
+    from dfa_jax.data import augment
+
+    ramp = np.broadcast_to(8.0 * np.arange(32.0)[None, None, :, None], (64, 32, 32, 1))
+    y = np.asarray(
+        augment.random_resized_crop_flip(
+            jnp.asarray(ramp), jax.random.key(3), flip=False, scale=(0.25, 0.25), ratio=(1.0, 1.0)
+        )
+    )
+    slopes = np.diff(y[:, :, 2:-2, 0], axis=2)  # interior: bilinear on a linear map is exact
+    np.testing.assert_allclose(slopes, 4.0, atol=1e-3)
+    starts = y[:, 0, 2, 0]
+    assert len(np.unique(np.round(starts, 3))) > 32  # each example its own box position
+    assert ramp.min() <= y.min() and y.max() <= ramp.max()
+    again = augment.random_resized_crop_flip(
+        jnp.asarray(ramp), jax.random.key(3), flip=False, scale=(0.25, 0.25), ratio=(1.0, 1.0)
+    )
+    np.testing.assert_array_equal(np.asarray(again), y)

@@ -2,9 +2,8 @@
 
 The host ships uint8 batches (4x less transfer than float32) and the step augments and
 normalises them. The CIFAR recipe (DESIGN §4) is `random_crop_flip` (pad 4, reflect, random 32x32
-crop, horizontal flip) then `normalize`. CINIC-10's recipe uses RandomResizedCrop(32) + flip
-instead of the padded crop; that transform belongs in this module, next to `random_crop_flip`,
-with the same (images, rng, ...) -> images signature so the step can pick either by config.
+crop, horizontal flip) then `normalize`; CINIC-10's is `random_resized_crop_flip`
+(torchvision's RandomResizedCrop(32) + flip) then `normalize` (`data.augment` picks).
 """
 
 import jax
@@ -48,6 +47,60 @@ def random_crop_flip(
             )
 
         images = jax.vmap(crop)(padded, offsets)
+    if flip:
+        flipped = jax.random.bernoulli(flip_rng, 0.5, (batch,))
+        images = jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images)
+    return images
+
+
+def random_resized_crop_flip(
+    images: jax.Array,
+    rng: jax.Array,
+    flip: bool,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+) -> jax.Array:
+    """RandomResizedCrop to the input size, then a random horizontal flip (CINIC-10's recipe).
+
+    Per example: an area fraction s ~ U(scale) and an aspect ratio r with log r ~ U(log ratio)
+    give a box of h = sqrt(s*H*W/r), w = sqrt(s*H*W*r) pixels (clipped to the image, where
+    torchvision would redraw up to ten times), placed uniformly, and resampled bilinearly to H x W.
+
+    Args:
+        images: [B, H, W, C] uint8 or float (0..255).
+        rng: PRNG key; the output is a deterministic function of (images, rng).
+        flip: whether to apply random horizontal flips (static).
+        scale: range of the box's area as a fraction of the image's.
+        ratio: range of the box's width / height.
+
+    Returns:
+        [B, H, W, C] float32 in 0..255 (resampling makes fractional values).
+    """
+    batch, height, width, channels = images.shape
+    area_rng, ratio_rng, y_rng, x_rng, flip_rng = jax.random.split(rng, 5)
+    area = jax.random.uniform(area_rng, (batch,), minval=scale[0], maxval=scale[1])
+    log_ratio = jax.random.uniform(
+        ratio_rng, (batch,), minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1])
+    )
+    aspect = jnp.exp(log_ratio)
+    box_h = jnp.clip(jnp.sqrt(area * height * width / aspect), 1.0, height)
+    box_w = jnp.clip(jnp.sqrt(area * height * width * aspect), 1.0, width)
+    y0 = jax.random.uniform(y_rng, (batch,)) * (height - box_h)
+    x0 = jax.random.uniform(x_rng, (batch,)) * (width - box_w)
+
+    def resize(image, h, w, y, x):
+        scale_hw = jnp.stack([height / h, width / w])
+        return jax.image.scale_and_translate(
+            image,
+            (height, width, channels),
+            spatial_dims=(0, 1),
+            scale=scale_hw,
+            translation=-jnp.stack([y, x]) * scale_hw,
+            method="linear",
+            antialias=False,
+        )
+
+    images = jax.vmap(resize)(images.astype(jnp.float32), box_h, box_w, y0, x0)
     if flip:
         flipped = jax.random.bernoulli(flip_rng, 0.5, (batch,))
         images = jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images)
