@@ -12,12 +12,4 @@ from dfa_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-    config = config_lib.base_config()
-    config.stages = ("teacher", "search", "distill")
-    config.data.dataset = "cifar100"
-    config.data.source = "tfds"
-    config.teacher.model = "wrn_28_4"
-    config.student.model = "wrn_28_2"
-    config.search.epochs_per_group = 40
-    config.distill.aggregation = "dfa"
-    return config_lib.apply_arg(config, arg)
+    return config_lib.apply_arg(config_lib.cifar100_pair("wrn_28_2"), arg)

@@ -18,15 +18,7 @@ from dfa_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-    config = config_lib.base_config()
-    config.stages = ("teacher", "distill")
-    config.data.dataset = "cinic10"
-    config.data.source = "image_folder"
-    config.data.augment = "random_resized_crop"  # The paper's CINIC-10 augmentation (DESIGN §4).
-    config.teacher.model = "shufflenet_v2_2.0"
-    config.student.model = "shufflenet_v2_1.0"
-    config.teacher.optim = config_lib.optim_recipe("cinic")
-    config.distill.optim = config_lib.optim_recipe("cinic")
+    config = config_lib.cinic10_pair("shufflenet_v2_2.0", "shufflenet_v2_1.0")
+    config.stages = ("teacher", "distill")  # No search here: alpha comes from CIFAR-100.
     config.distill.aggregation = "file"
-    config.distill.gamma_fd = 1e-4
     return config_lib.apply_arg(config, arg)

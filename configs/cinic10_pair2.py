@@ -13,19 +13,5 @@ from dfa_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-    config = config_lib.base_config()
-    config.stages = ("teacher", "search", "distill")
-    config.data.dataset = "cinic10"
-    config.data.source = "image_folder"
-    config.data.augment = "random_resized_crop"  # The paper's CINIC-10 augmentation (DESIGN §4).
-    config.data.val_split = "valid"
-    config.teacher.model = "shufflenet_v2_2.0"
-    config.student.model = "shufflenet_v2_0.5"
-    config.teacher.optim = config_lib.optim_recipe("cinic")
-    config.distill.optim = config_lib.optim_recipe("cinic")
-    config.search.epochs_per_group = 5
-    config.search.batch_size = 96
-    config.distill.aggregation = "dfa"
-    # Light students take a much smaller feature-distillation weight than WRNs (DESIGN §4).
-    config.distill.gamma_fd = 1e-4
+    config = config_lib.cinic10_pair("shufflenet_v2_2.0", "shufflenet_v2_0.5")
     return config_lib.apply_arg(config, arg)

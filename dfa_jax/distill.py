@@ -184,19 +184,12 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, name: st
         seed=config.seed,
         preprocess_fn=inputs.make_preprocess(config.data, data.info, train=True),
     )
-    eval_fn = evaluation.make_eval_fn(
-        teacher_lib.logits_fn(student_model),
-        inputs.make_preprocess(config.data, data.info, train=False),
-        data.test,
-        config.data.eval_batch_size,
-        mesh,
-        config.data.prefetch,
-    )
+    eval_fn = evaluation.make_model_eval_fn(student_model, config, data, mesh)
     stage = train_loop.Stage(
         name=f"distill/{name}",
         directory=directory,
         state=state,
-        step_fn=jax.jit(step, donate_argnums=0, out_shardings=(parallel.replicated(mesh), None)),
+        step_fn=parallel.jit_step(step, mesh),
         eval_fn=lambda s: eval_fn(
             {"params": student_part(s.params), "batch_stats": student_part(s.batch_stats)}
         ),

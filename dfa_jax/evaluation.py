@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dfa_jax import inputs
 from dfa_jax import parallel
 from dfa_jax.data import loader
 
@@ -45,3 +46,15 @@ def make_eval_fn(
         return {"accuracy": float(correct / count), "loss": float(loss / count)}
 
     return evaluate
+
+
+def make_model_eval_fn(model, config, data: inputs.RunData, mesh) -> Callable:
+    """`evaluate(variables)` of `model` (eval mode) on the run's test split."""
+    return make_eval_fn(
+        lambda variables, images: model.apply(variables, images, train=False),
+        inputs.make_preprocess(config.data, data.info, train=False),
+        data.test,
+        config.data.eval_batch_size,
+        mesh,
+        config.data.prefetch,
+    )

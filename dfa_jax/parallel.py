@@ -52,6 +52,12 @@ def local_batch_size(global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()
 
 
+def jit_step(step, mesh: Mesh):
+    """Jits a `step(state, batch, val_batch, aux)`: the state donated and kept replicated, the
+    teacher (`aux`) an ordinary, never-donated argument."""
+    return jax.jit(step, donate_argnums=0, out_shardings=(replicated(mesh), None))
+
+
 def to_global(batch: dict, mesh: Mesh) -> dict:
     """Assembles per-process numpy batches into global arrays sharded along 'data'."""
     sharding = batch_sharded(mesh)

@@ -239,14 +239,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         out_shardings=parallel.replicated(mesh),
     )(params, batch_stats)
 
-    eval_fn = evaluation.make_eval_fn(
-        teacher_lib.logits_fn(student_model),
-        inputs.make_preprocess(config.data, data.info, train=False),
-        data.test,
-        config.data.eval_batch_size,
-        mesh,
-        config.data.prefetch,
-    )
+    eval_fn = evaluation.make_model_eval_fn(student_model, config, data, mesh)
     preprocess = inputs.make_preprocess(config.data, data.info, train=True)
 
     def alpha_scalars(state, epoch):
@@ -274,9 +267,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
             name=f"search/{group_key(group)}",
             directory=os.path.join(directory, group_key(group)),
             state=state,
-            step_fn=jax.jit(
-                step, donate_argnums=0, out_shardings=(parallel.replicated(mesh), None)
-            ),
+            step_fn=parallel.jit_step(step, mesh),
             eval_fn=lambda s: eval_fn(
                 {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
             ),

@@ -60,10 +60,6 @@ def cross_entropy_loss_fn(model):
     return loss_fn
 
 
-def logits_fn(model):
-    return lambda variables, images: model.apply(variables, images, train=False)
-
-
 def resolve_checkpoint(path: str) -> str:
     """Accepts a variables directory, a teacher stage directory or a whole workdir."""
     for candidate in (
@@ -102,14 +98,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
     """Trains (or loads) the teacher. Returns `(result, variables)`."""
     directory = os.path.join(workdir, "teacher")
     model = build_model(config.teacher.model, data.info.num_classes, config.dtype)
-    eval_fn = evaluation.make_eval_fn(
-        logits_fn(model),
-        inputs.make_preprocess(config.data, data.info, train=False),
-        data.test,
-        config.data.eval_batch_size,
-        mesh,
-        config.data.prefetch,
-    )
+    eval_fn = evaluation.make_model_eval_fn(model, config, data, mesh)
 
     if config.teacher.checkpoint is not None:
         variables = load_variables(config.teacher.checkpoint, model, mesh)
@@ -145,7 +134,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
         name="teacher",
         directory=directory,
         state=state,
-        step_fn=jax.jit(step, donate_argnums=0, out_shardings=(parallel.replicated(mesh), None)),
+        step_fn=parallel.jit_step(step, mesh),
         eval_fn=lambda s: eval_fn({"params": s.params, "batch_stats": s.batch_stats}),
         train_data=data.train,
         epochs=optim.epochs,
