@@ -17,8 +17,8 @@ from ml_collections.config_dict import placeholder  # Optional fields the comman
 # Stages the pipeline knows, in the order it runs them.
 STAGES = ("teacher", "search", "distill")
 AGGREGATIONS = ("dfa", "last", "average", "random", "file")
-# A distillation run with no teacher at all: the student alone, for comparison.
-NO_DISTILLATION = "none"
+# Distillation methods (Table 2); 'dfa' runs with `distill.aggregation`.
+METHODS = ("none", "kd", "fitnets", "at", "jacobian", "ft", "ab", "sp", "margin", "dfa")
 SCHEDULES = ("step", "cosine", "constant")
 
 
@@ -135,17 +135,33 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- stage 2: distillation (§3.1, DESIGN §4) -------------------------------------------------
     config.distill = distill = ml_collections.ConfigDict()
-    distill.aggregation = (
-        "dfa"  # 'dfa' (this run's search) | 'last' | 'average' | 'random' | 'file'.
-    )
+    distill.method = "dfa"  # One of METHODS: the student the distill stage trains.
+    # With method 'dfa': 'dfa' (this run's search) | 'last' | 'average' | 'random' | 'file'.
+    distill.aggregation = "dfa"
     distill.alpha_file = placeholder(str)  # 'file': an alpha.json of another run (DFA-T).
-    distill.compare_with = ()  # More students trained after the main one: aggregations or 'none'.
+    distill.compare_with = ()  # More students after the main one: methods or DFA aggregations.
     distill.distance = "partial_l2"  # 'partial_l2' (overhaul's, with `margin`) or 'l2'.
     distill.margin = -1.0  # partial_l2's margin: the paper keeps teacher values >= -1.
     distill.gamma_fd = 1e-3  # gamma_fd of L = CE + gamma_fd * L_fd (Eq. 4).
     distill.teacher_bn = "eval"  # Teacher BatchNorm: 'eval' (running stats) or 'batch' (overhaul).
     distill.optim = optim_recipe("paper")  # Student recipe (the paper's, with Nesterov: DESIGN §4).
     distill.optim.nesterov = True
+
+    # --- baselines of Table 2 (weights: RepDistiller's CIFAR-100 commands unless noted) --------
+    config.baselines = base = ml_collections.ConfigDict()
+    base.kd_temperature = 4.0  # KD: T (RepDistiller -T 4; the DFA authors used 16).
+    base.kd_weight = 0.9  # KD: weight of T^2 KL (RepDistiller -a 0.9).
+    base.kd_ce_weight = 0.1  # KD: weight of the label cross-entropy (RepDistiller -r 0.1).
+    base.fitnets_weight = 100.0  # FitNets: hint weight at the middle group (RepDistiller -b 100).
+    base.at_weight = 1000.0  # AT: weight of the summed group-end AT losses (RepDistiller -b 1000).
+    base.sp_weight = 3000.0  # SP: weight on the last group end (RepDistiller -b 3000).
+    base.ft_weight = 200.0  # FT: factor-transfer weight (RepDistiller -b 200).
+    base.ft_rate = 0.5  # FT: paraphraser factor channels / teacher channels (RepDistiller k=0.5).
+    base.ft_pretrain_epochs = 30  # FT: paraphraser pre-training epochs (RepDistiller init_epochs).
+    base.ab_margin = 1.0  # AB: activation-boundary margin m (RepDistiller).
+    base.ab_init_epochs = 30  # AB: initialisation epochs before CE training (RepDistiller).
+    base.jacobian_weight = 1.0  # Jacobian: weight of the Sobolev term (Knowledge-Distillation-Zoo).
+    base.margin_gamma = 1e-3  # Margin (overhaul): weight of the partial-L2 term with BN margins.
 
     # --- compute, logging, checkpoints ---------------------------------------------------------
     config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
@@ -193,6 +209,15 @@ def cinic10_pair(teacher: str, student: str) -> ml_collections.ConfigDict:
     return config
 
 
+def distill_labels(config) -> list[str]:
+    """The students the distill stage trains, in order: the main one, then `compare_with`.
+
+    A label is a method, or for DFA its aggregation (so Table 5's rows are DFA runs).
+    """
+    main = config.distill.aggregation if config.distill.method == "dfa" else config.distill.method
+    return [main] + [n for n in config.distill.compare_with if n != main]
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """The config-file argument (`configs/x.py:tiny`): 'tiny' shrinks the run, nothing keeps it."""
     if arg == "tiny":
@@ -217,6 +242,8 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.distill.optim.epochs = 2
     config.distill.optim.batch_size = 16
     config.distill.optim.milestones = (1,)
+    config.baselines.ft_pretrain_epochs = 1
+    config.baselines.ab_init_epochs = 1
     config.log_every_steps = 2
     config.checkpoint_every_steps = 3
     return config
@@ -356,13 +383,22 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if search.order not in (1, 2):
         problems.append(f"search.order = {search.order}: use 1 (first order) or 2 (second order).")
     distill = config.distill
-    for field, name in [("aggregation", distill.aggregation)] + [
-        ("compare_with", n) for n in distill.compare_with
-    ]:
-        valid = AGGREGATIONS + ((NO_DISTILLATION,) if field == "compare_with" else ())
-        if name not in valid:
-            problems.append(f"distill.{field}: {name!r} is unknown; use one of {valid}.")
-    uses = (distill.aggregation,) + tuple(distill.compare_with)
+    if distill.method not in METHODS:
+        problems.append(f"distill.method = {distill.method!r} is unknown; use one of {METHODS}.")
+    if distill.aggregation not in AGGREGATIONS:
+        problems.append(
+            f"distill.aggregation = {distill.aggregation!r} is unknown; use one of {AGGREGATIONS}."
+        )
+    labels = METHODS[:-1] + AGGREGATIONS
+    for name in distill.compare_with:
+        if name not in labels:
+            problems.append(f"distill.compare_with: {name!r} is unknown; use any of {labels}.")
+    uses = tuple(distill_labels(config))
+    if "margin" in uses and not config.teacher.model.startswith("wrn_"):
+        problems.append(
+            f"distill 'margin' takes overhaul's BN margins, defined for WRN teachers; teacher.model"
+            f" = {config.teacher.model!r}: drop 'margin' or use a WRN teacher."
+        )
     if "file" in uses:
         if distill.alpha_file is None:
             problems.append(

@@ -18,7 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import ml_collections
 
 from dfa_jax import bilevel
 from dfa_jax import config_lib
@@ -26,6 +26,7 @@ from dfa_jax import evaluation
 from dfa_jax import features
 from dfa_jax import inputs
 from dfa_jax import losses
+from dfa_jax import methods
 from dfa_jax import models
 from dfa_jax import optimizers
 from dfa_jax import parallel
@@ -79,104 +80,25 @@ def aggregation_alpha(name: str, teacher_model, config, workdir: str) -> list[np
 
 def frozen_beta(alpha: list[np.ndarray]) -> dict:
     """beta = log(alpha), so that softmax(beta) == alpha exactly (zeros -> -inf logits)."""
-    return {search_lib.group_key(i + 1): jnp.log(jnp.asarray(a)) for i, a in enumerate(alpha)}
+    return {methods.group_key(i + 1): jnp.log(jnp.asarray(a)) for i, a in enumerate(alpha)}
 
 
-def make_distill_loss_fn(teacher_model, student_model, config):
-    """`(params, batch_stats, beta, batch, rng, aux=teacher variables) -> (loss, (bs, metrics))`."""
-    distill = config.distill
-    t_groups = teacher_model.feature_groups()
-    s_ends = [names[-1] for names in student_model.feature_groups()]
-    t_channels = [s[-1] for s in features.group_shapes(teacher_model)]
-    connectors = [models.Connector(c, dtype=student_model.dtype) for c in t_channels]
-    teacher_train = distill.teacher_bn == "batch"
-
-    def loss_fn(params, batch_stats, beta, batch, rng, aux):
-        del rng
-        images, labels = batch["image"], batch["label"]
-        _, t_mut = teacher_model.apply(
-            aux,
-            images,
-            train=teacher_train,
-            mutable=[models.FEATURES] + (["batch_stats"] if teacher_train else []),
-        )
-        logits, s_mut = student_model.apply(
-            {"params": params["student"], "batch_stats": batch_stats["student"]},
-            images,
-            train=True,
-            mutable=["batch_stats", models.FEATURES],
-        )
-        logits = logits.astype(jnp.float32)
-        student_maps = features.read(s_mut, s_ends)
-        mapped, targets, st_stats = [], [], {}
-        for i, (names, connector) in enumerate(zip(t_groups, connectors)):
-            key = search_lib.group_key(i + 1)
-            maps = [
-                jax.lax.stop_gradient(
-                    features.clamp(m.astype(jnp.float32), config.features.clamp_min)
-                )
-                for m in features.read(t_mut, names)
-            ]
-            targets.append(losses.aggregate(maps, jax.nn.softmax(beta[key])))
-            out, mut = connector.apply(
-                {"params": params["st"][key], "batch_stats": batch_stats["st"][key]},
-                student_maps[i],
-                train=True,
-                mutable=["batch_stats"],
-            )
-            mapped.append(out.astype(jnp.float32))
-            st_stats[key] = mut["batch_stats"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        fd = losses.feature_distillation_loss(
-            mapped, targets, distance=distill.distance, margin=distill.margin
-        )
-        loss = ce + distill.gamma_fd * fd
-        new_batch_stats = {"student": s_mut["batch_stats"], "st": st_stats}
-        metrics = {
-            "ce_loss": ce,
-            "fd_loss": fd,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        }
-        return loss, (new_batch_stats, metrics)
-
-    return loss_fn
-
-
-def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, name: str) -> dict:
-    """Trains one student with aggregation `name` (or 'none': alone) in WORKDIR/distill/<name>."""
-    directory = os.path.join(workdir, "distill", name)
-    if train_loop.is_done(directory):
-        return train_loop.read_result(directory)
-    num_classes = data.info.num_classes
-    teacher_model = teacher_lib.build_model(config.teacher.model, num_classes, config.dtype)
-    student_model = teacher_lib.build_model(config.student.model, num_classes, config.dtype)
-    optim = config.distill.optim
-    steps_per_epoch = loader.steps_per_epoch(
-        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
-    )
-    tx = optimizers.sgd(optim, steps_per_epoch)
-    student_vars = teacher_lib.init_variables(student_model, config.seed, mesh)
-
-    if name == config_lib.NO_DISTILLATION:
-        params, batch_stats, beta = student_vars["params"], student_vars["batch_stats"], None
-        loss_fn, aux = teacher_lib.cross_entropy_loss_fn(student_model), None
-        student_part = lambda tree: tree  # noqa: E731
-    else:
-        alpha = aggregation_alpha(name, teacher_model, config, workdir)
-        s_shapes = features.group_shapes(student_model)
-        t_channels = [s[-1] for s in features.group_shapes(teacher_model)]
-        st_params, st_stats = search_lib.init_connectors(
-            s_shapes, t_channels, config.seed + 100, mesh, jnp.dtype(config.dtype)
-        )
-        params = {"student": student_vars["params"], "st": st_params}
-        batch_stats = {"student": student_vars["batch_stats"], "st": st_stats}
-        beta = frozen_beta(alpha)
-        loss_fn, aux = make_distill_loss_fn(teacher_model, student_model, config), teacher_vars
-        student_part = lambda tree: tree["student"]  # noqa: E731
-
-    state = jax.jit(
-        lambda p, b: bilevel.create_state(p, b, tx, beta), out_shardings=parallel.replicated(mesh)
-    )(params, batch_stats)
+def _stage(
+    config,
+    name,
+    directory,
+    state,
+    loss_fn,
+    tx,
+    optim,
+    data,
+    mesh,
+    aux,
+    eval_fn,
+    steps_per_epoch,
+    **extra,
+):
+    """A distillation (or helper-initialisation) stage on the shared step, beta frozen."""
     # beta frozen: no beta loss, so the step is the w update alone (DESIGN §1).
     step = bilevel.make_bilevel_step(
         loss_fn,
@@ -184,21 +106,210 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, name: st
         seed=config.seed,
         preprocess_fn=inputs.make_preprocess(config.data, data.info, train=True),
     )
-    eval_fn = evaluation.make_model_eval_fn(student_model, config, data, mesh)
-    stage = train_loop.Stage(
-        name=f"distill/{name}",
+    return train_loop.Stage(
+        name=name,
         directory=directory,
         state=state,
         step_fn=parallel.jit_step(step, mesh),
-        eval_fn=lambda s: eval_fn(
-            {"params": student_part(s.params), "batch_stats": student_part(s.batch_stats)}
-        ),
+        eval_fn=eval_fn,
         train_data=data.train,
         epochs=optim.epochs,
         batch_size=optim.batch_size,
         seed=config.seed,
         aux=aux,
         lr_fn=optimizers.lr_schedule(optim, steps_per_epoch),
+        **extra,
+    )
+
+
+def _pretrain_optim(config, epochs: int):
+    """The recipe of a helper-initialisation stage: the student's, shortened, no decay steps."""
+    optim = ml_collections.ConfigDict(config.distill.optim.to_dict())
+    optim.epochs = epochs
+    optim.schedule = "constant"
+    return optim
+
+
+def _replicate_state(mesh, params, batch_stats, tx, beta=None):
+    return jax.jit(
+        lambda p, b: bilevel.create_state(p, b, tx, beta), out_shardings=parallel.replicated(mesh)
+    )(params, batch_stats)
+
+
+def pretrain_paraphraser(config, directory, pair, data, mesh, teacher_vars):
+    """FT's first stage: train the paraphraser to reconstruct the teacher's last (post-ReLU) map."""
+    base = config.baselines
+    t_last = pair.t_shapes()[-1]
+    module = methods.Paraphraser(t_last[-1], base.ft_rate, dtype=pair.teacher.dtype)
+    params, batch_stats = methods._init(module, config.seed + 300, mesh, t_last)  # noqa: SLF001
+    optim = _pretrain_optim(config, base.ft_pretrain_epochs)
+    steps_per_epoch = loader.steps_per_epoch(
+        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
+    )
+    tx = optimizers.sgd(optim, steps_per_epoch)
+
+    def loss_fn(params, batch_stats, beta, batch, rng, aux):
+        del beta, rng
+        _, mut = pair.teacher.apply(aux, batch["image"], train=False, mutable=[models.FEATURES])
+        target = jax.lax.stop_gradient(
+            jax.nn.relu(features.read(mut, pair.t_ends[-1:])[0].astype(jnp.float32))
+        )
+        (recon, _), new = module.apply(
+            {"params": params, "batch_stats": batch_stats},
+            target,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = jnp.mean((recon.astype(jnp.float32) - target) ** 2)
+        return loss, (new["batch_stats"], {"reconstruction_loss": loss})
+
+    stage = _stage(
+        config,
+        "distill/ft/paraphraser",
+        directory,
+        _replicate_state(mesh, params, batch_stats, tx),
+        loss_fn,
+        tx,
+        optim,
+        data,
+        mesh,
+        teacher_vars,
+        None,
+        steps_per_epoch,
+    )
+    final = train_loop.run(stage, config, mesh)["state"]
+    return {"params": final.params, "batch_stats": final.batch_stats}
+
+
+def initialise_by_ab(config, directory, pair, data, mesh, teacher_vars, student_vars, eval_fn):
+    """AB's first stage: fit the student's group ends to the teacher's activation boundaries."""
+    base = config.baselines
+    helper_params, helper_stats = methods.init_helpers("ab", pair, config, config.seed + 100, mesh)
+    params = {"student": student_vars["params"], **helper_params}
+    batch_stats = {"student": student_vars["batch_stats"], **helper_stats}
+    optim = _pretrain_optim(config, base.ab_init_epochs)
+    steps_per_epoch = loader.steps_per_epoch(
+        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
+    )
+    tx = optimizers.sgd(optim, steps_per_epoch)
+    t_channels = [s[-1] for s in pair.t_shapes()]
+    weights = losses.group_weights(len(t_channels))
+
+    def loss_fn(params, batch_stats, beta, batch, rng, aux):
+        del beta, rng
+        images = batch["image"]
+        _, t_mut = pair.teacher.apply(aux, images, train=False, mutable=[models.FEATURES])
+        _, s_mut = pair.student.apply(
+            {"params": params["student"], "batch_stats": batch_stats["student"]},
+            images,
+            train=True,
+            mutable=["batch_stats", models.FEATURES],
+        )
+        t_pre = features.read(t_mut, pair.t_ends)
+        s_pre = features.read(s_mut, pair.s_ends)
+        total, st_stats = 0.0, {}
+        for i, channels in enumerate(t_channels):
+            key = methods.group_key(i + 1)
+            out, new = models.Connector(channels, dtype=pair.student.dtype).apply(
+                {"params": params["st"][key], "batch_stats": batch_stats["st"][key]},
+                s_pre[i],
+                train=True,
+                mutable=["batch_stats"],
+            )
+            st_stats[key] = new["batch_stats"]
+            ab = losses.ab_loss(
+                out.astype(jnp.float32),
+                jax.lax.stop_gradient(t_pre[i].astype(jnp.float32)),
+                base.ab_margin,
+            )
+            total = total + weights[i] * ab / images.shape[0] * losses.AB_GAMMA
+        new_stats = {"student": s_mut["batch_stats"], "st": st_stats}
+        return total, (new_stats, {"ab_loss": total})
+
+    stage = _stage(
+        config,
+        "distill/ab/init",
+        directory,
+        _replicate_state(mesh, params, batch_stats, tx),
+        loss_fn,
+        tx,
+        optim,
+        data,
+        mesh,
+        teacher_vars,
+        eval_fn,
+        steps_per_epoch,
+    )
+    final = train_loop.run(stage, config, mesh)["state"]
+    return {"params": final.params["student"], "batch_stats": final.batch_stats["student"]}
+
+
+def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, label: str) -> dict:
+    """Trains one student for run `label` (a method, or a DFA aggregation) in WORKDIR/distill/."""
+    directory = os.path.join(workdir, "distill", label)
+    if train_loop.is_done(directory):
+        return train_loop.read_result(directory)
+    method = methods.method_of(label)
+    num_classes = data.info.num_classes
+    pair = methods.Pair(
+        teacher=teacher_lib.build_model(config.teacher.model, num_classes, config.dtype),
+        student=teacher_lib.build_model(config.student.model, num_classes, config.dtype),
+    )
+    optim = config.distill.optim
+    steps_per_epoch = loader.steps_per_epoch(
+        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
+    )
+    tx = optimizers.sgd(optim, steps_per_epoch)
+    eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
+    student_vars = teacher_lib.init_variables(pair.student, config.seed, mesh)
+
+    aux, margins, beta = teacher_vars, None, None
+    if method == "dfa":
+        beta = frozen_beta(aggregation_alpha(label, pair.teacher, config, workdir))
+    elif method == "margin":
+        margins = methods.teacher_margins(pair, teacher_vars)
+    elif method == "ft":
+        paraphraser = pretrain_paraphraser(
+            config, os.path.join(directory, "paraphraser"), pair, data, mesh, teacher_vars
+        )
+        aux = {**teacher_vars, "paraphraser": paraphraser}
+    elif method == "ab":
+        student_vars = initialise_by_ab(
+            config,
+            os.path.join(directory, "init"),
+            pair,
+            data,
+            mesh,
+            teacher_vars,
+            student_vars,
+            lambda s: eval_student(
+                {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
+            ),
+        )
+
+    helper_params, helper_stats = (
+        ({}, {})
+        if method == "ab"  # AB's connectors served its initialisation only.
+        else methods.init_helpers(label, pair, config, config.seed + 100, mesh)
+    )
+    params = {"student": student_vars["params"], **helper_params}
+    batch_stats = {"student": student_vars["batch_stats"], **helper_stats}
+    loss_fn = methods.make_loss_fn(label, pair, config, margins)
+    stage = _stage(
+        config,
+        f"distill/{label}",
+        directory,
+        _replicate_state(mesh, params, batch_stats, tx, beta),
+        loss_fn,
+        tx,
+        optim,
+        data,
+        mesh,
+        aux,
+        lambda s: eval_student(
+            {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
+        ),
+        steps_per_epoch,
     )
     result = train_loop.run(stage, config, mesh)
     result.pop("state")

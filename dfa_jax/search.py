@@ -27,6 +27,7 @@ from dfa_jax import evaluation
 from dfa_jax import features
 from dfa_jax import inputs
 from dfa_jax import losses
+from dfa_jax import methods
 from dfa_jax import models
 from dfa_jax import optimizers
 from dfa_jax import parallel
@@ -38,11 +39,6 @@ from dfa_jax.data import loader
 ALPHA_FILE = "alpha.json"
 
 
-def group_key(group: int) -> str:
-    """The pytree key of 1-based group `group` (beta, connectors)."""
-    return f"g{group}"
-
-
 def alpha_of(beta) -> dict:
     """`{group: softmax(beta_group)}`: the aggregation weights (Eq. 6)."""
     return {k: jax.nn.softmax(v) for k, v in beta.items()}
@@ -51,21 +47,9 @@ def alpha_of(beta) -> dict:
 def init_beta(teacher_model, init_last_logit: float) -> dict:
     """beta_i = zeros with the last map's logit raised: the 'Last' aggregation, softened (§3.4)."""
     return {
-        group_key(i + 1): jnp.zeros(len(names)).at[-1].set(init_last_logit)
+        methods.group_key(i + 1): jnp.zeros(len(names)).at[-1].set(init_last_logit)
         for i, names in enumerate(teacher_model.feature_groups())
     }
-
-
-def init_connectors(in_shapes, out_channels, seed: int, mesh, dtype) -> tuple[dict, dict]:
-    """Per group, a Connector from `in_shapes[i]` to `out_channels[i]`: (params, batch_stats)."""
-    params, batch_stats = {}, {}
-    for i, (shape, channels) in enumerate(zip(in_shapes, out_channels)):
-        connector = models.Connector(channels, dtype=dtype)
-        init = jax.jit(connector.init, out_shardings=parallel.replicated(mesh))
-        variables = init(jax.random.key(seed + i), jnp.zeros(shape, jnp.float32))
-        params[group_key(i + 1)] = variables["params"]
-        batch_stats[group_key(i + 1)] = variables["batch_stats"]
-    return params, batch_stats
 
 
 def teacher_group_maps(teacher_model, teacher_vars, images, group: int, clamp_min, train: bool):
@@ -84,7 +68,7 @@ def teacher_group_maps(teacher_model, teacher_vars, images, group: int, clamp_mi
 def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
     """The bridge loss of `group` (Eq. 12) as a w loss `(params, batch_stats, beta, batch, rng,
     aux=teacher variables) -> (loss, (batch_stats, metrics))`; also the beta loss (on val)."""
-    key = group_key(group)
+    key = methods.group_key(group)
     s_channels = features.group_shapes(student_model)[group - 1][-1]
     t_channels = features.group_shapes(teacher_model)[group - 1][-1]
     st_connector = models.Connector(t_channels, dtype=student_model.dtype)
@@ -178,8 +162,8 @@ def alpha_record(teacher_model, beta) -> list[dict]:
         {
             "group": i + 1,
             "layers": list(names),
-            "beta": [float(b) for b in jax.device_get(beta[group_key(i + 1)])],
-            "alpha": [float(a) for a in jax.device_get(alpha[group_key(i + 1)])],
+            "beta": [float(b) for b in jax.device_get(beta[methods.group_key(i + 1)])],
+            "alpha": [float(a) for a in jax.device_get(alpha[methods.group_key(i + 1)])],
         }
         for i, names in enumerate(teacher_model.feature_groups())
     ]
@@ -194,7 +178,7 @@ def _alpha_history(directory: str, num_groups: int) -> list[dict]:
     """Per searched epoch, the alpha of every group, from the sub-stages' metrics.jsonl."""
     history = []
     for i in range(1, num_groups + 1):
-        with open(os.path.join(directory, group_key(i), "metrics.jsonl")) as f:
+        with open(os.path.join(directory, methods.group_key(i), "metrics.jsonl")) as f:
             for line in f:
                 row = json.loads(line)
                 if "epoch" in row:
@@ -217,10 +201,10 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
     dtype = jnp.dtype(config.dtype)
 
     student_vars = teacher_lib.init_variables(student_model, config.seed, mesh)
-    st_params, st_stats = init_connectors(
+    st_params, st_stats = methods.connector_helpers(
         s_shapes, [s[-1] for s in t_shapes], config.seed + 100, mesh, dtype
     )
-    ts_params, ts_stats = init_connectors(
+    ts_params, ts_stats = methods.connector_helpers(
         t_shapes, [s[-1] for s in s_shapes], config.seed + 200, mesh, dtype
     )
     params = {"student": student_vars["params"], "st": st_params, "ts": ts_params}
@@ -258,14 +242,14 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
             seed=config.seed,
             beta_loss_fn=beta_loss_fn,
             beta_tx=beta_tx,
-            beta_key=group_key(group),
+            beta_key=methods.group_key(group),
             order=config.search.order,
             virtual_lr_fn=schedule,
             preprocess_fn=preprocess,
         )
         stage = train_loop.Stage(
-            name=f"search/{group_key(group)}",
-            directory=os.path.join(directory, group_key(group)),
+            name=f"search/{methods.group_key(group)}",
+            directory=os.path.join(directory, methods.group_key(group)),
             state=state,
             step_fn=parallel.jit_step(step, mesh),
             eval_fn=lambda s: eval_fn(
@@ -300,7 +284,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         "stage": "search",
         "groups": num_groups,
         "epochs_per_group": config.search.epochs_per_group,
-        "alpha": {group_key(r["group"]): r["alpha"] for r in record},
+        "alpha": {methods.group_key(r["group"]): r["alpha"] for r in record},
         "student_best_accuracy": result["best_accuracy"],
         "student_last_accuracy": result["last_accuracy"],
     }

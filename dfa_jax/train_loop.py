@@ -44,25 +44,22 @@ class Stage:
     directory: str  # WORKDIR/<name>: checkpoints, TensorBoard events, metrics.jsonl, result.json.
     state: Any  # Step-0 bilevel.TrainState, replicated on the mesh (replaced when resuming).
     step_fn: Callable  # Jitted `step(state, batch, val_batch, aux) -> (state, metrics)`.
-    eval_fn: Callable[
-        [Any], dict
-    ]  # `state -> {'accuracy': float, 'loss': float}` on the test split.
-    train_data: tuple[
-        np.ndarray, np.ndarray
-    ]  # This host's (uint8 images [N,H,W,3], int labels [N]).
+    # `state -> {'accuracy': float, 'loss': float}` on the test split; None: no evaluation.
+    eval_fn: Callable[[Any], dict] | None
+    # This host's (uint8 images [N, H, W, 3], int labels [N]).
+    train_data: tuple[np.ndarray, np.ndarray]
     epochs: int
     batch_size: int  # Global batch size.
     seed: int
-    val_data: tuple[np.ndarray, np.ndarray] | None = (
-        None  # beta's batches (search); None otherwise.
-    )
+    # beta's batches (search); None otherwise.
+    val_data: tuple[np.ndarray, np.ndarray] | None = None
     aux: Any = None  # Passed to every step un-donated (the frozen teacher's variables).
     lr_fn: Callable[[int], Any] | None = None  # For the 'lr' scalar.
-    epoch_end_fn: Callable[[Any, int], dict] | None = (
-        None  # `(state, epoch) -> scalars`, e.g. alpha.
-    )
-    finalize_fn: Callable[[Any], None] | None = None  # `state -> None` after the last step, before
-    # result.json marks the stage done (exports that a done stage must have).
+    # `(state, epoch) -> scalars` logged with the epoch's evaluation, e.g. alpha.
+    epoch_end_fn: Callable[[Any, int], dict] | None = None
+    # `state -> None` after the last step, before result.json marks the stage done (exports that
+    # a done stage must have).
+    finalize_fn: Callable[[Any], None] | None = None
 
 
 def is_done(directory: str) -> bool:
@@ -237,7 +234,7 @@ def run(stage: Stage, config, mesh) -> dict:
                 flush()  # The guard runs before any save: no checkpoint holds a non-finite state.
             if epoch_end:
                 epoch = step // steps_per_epoch
-                evaluation = stage.eval_fn(state)
+                evaluation = stage.eval_fn(state) if stage.eval_fn is not None else {}
                 row = {
                     "epoch": epoch,
                     "step": step,
@@ -255,14 +252,15 @@ def run(stage: Stage, config, mesh) -> dict:
                     },
                 )
                 metrics_file.write(row)
-                logging.info(
-                    "[%s] epoch %d/%d test accuracy %.4f (best %.4f)",
-                    stage.name,
-                    epoch,
-                    stage.epochs,
-                    evaluation["accuracy"],
-                    max(h["test/accuracy"] for h in history),
-                )
+                if "accuracy" in evaluation:
+                    logging.info(
+                        "[%s] epoch %d/%d test accuracy %.4f (best %.4f)",
+                        stage.name,
+                        epoch,
+                        stage.epochs,
+                        evaluation["accuracy"],
+                        max(h["test/accuracy"] for h in history),
+                    )
                 interval_start, interval_steps = time.time(), 0  # Keep evaluation out of images/s.
             # Saved after the epoch-end evaluation so a resumed run never skips one.
             if wants_checkpoint or step == total_steps:
@@ -273,12 +271,15 @@ def run(stage: Stage, config, mesh) -> dict:
 
     if stage.finalize_fn is not None:
         stage.finalize_fn(state)
-    best = max(history, key=lambda h: h["test/accuracy"])
-    result = {
-        "stage": stage.name,
-        "best_accuracy": best["test/accuracy"],
-        "best_epoch": best["epoch"],
-        "last_accuracy": history[-1]["test/accuracy"],
+    result = {"stage": stage.name}
+    if stage.eval_fn is not None:
+        best = max(history, key=lambda h: h["test/accuracy"])
+        result |= {
+            "best_accuracy": best["test/accuracy"],
+            "best_epoch": best["epoch"],
+            "last_accuracy": history[-1]["test/accuracy"],
+        }
+    result |= {
         "epochs": stage.epochs,
         "steps": total_steps,
         "wall_time_s": wall_before + time.time() - run_start,

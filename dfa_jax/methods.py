@@ -1,0 +1,352 @@
+"""Every distillation method of Table 2 as a w loss on the shared bilevel step (beta frozen).
+
+A distillation run is named by a *label*: a method (`none`, `kd`, `fitnets`, `at`, `jacobian`,
+`ft`, `ab`, `sp`, `margin`) or, for DFA, its aggregation (`dfa`, `last`, `average`, `random`,
+`file`: Table 5 and DFA-T). For each method this module builds the learned helpers it trains
+beside the student (connectors, FitNets' regressor, FT's translator) and its loss
+`(params, batch_stats, beta, batch, rng, aux=teacher variables) -> (loss, (batch_stats, metrics))`.
+Two methods start with a stage of their own (see `distill.py`): FT pre-trains a paraphraser of
+the teacher's last map, AB initialises the student by its activation-boundary loss.
+
+Feature positions: the group ends. AB, Margin and DFA take them pre-ReLU (they are about the
+sign/value of pre-activations); KD-style feature methods from RepDistiller (FitNets, AT, SP, FT)
+take the post-ReLU maps, as RepDistiller's networks return them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dfa_jax import config_lib
+from dfa_jax import features
+from dfa_jax import losses
+from dfa_jax import models
+from dfa_jax import parallel
+
+
+def method_of(label: str) -> str:
+    """The method a run label trains: DFA for an aggregation label, else the label itself."""
+    return "dfa" if label in config_lib.AGGREGATIONS else label
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """The teacher and student networks and where their layer groups end."""
+
+    teacher: nn.Module
+    student: nn.Module
+
+    @property
+    def t_groups(self):
+        return self.teacher.feature_groups()
+
+    @property
+    def t_ends(self):
+        return [names[-1] for names in self.teacher.feature_groups()]
+
+    @property
+    def s_ends(self):
+        return [names[-1] for names in self.student.feature_groups()]
+
+    def t_shapes(self):
+        return features.group_shapes(self.teacher)
+
+    def s_shapes(self):
+        return features.group_shapes(self.student)
+
+
+def group_key(group: int) -> str:
+    """The pytree key of 1-based group `group` (beta, connectors)."""
+    return f"g{group}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Learned helpers
+# ------------------------------------------------------------------------------------------------
+
+
+class Paraphraser(nn.Module):
+    """FT's paraphraser (Kim et al. 2018): a conv autoencoder of the teacher's last map.
+
+    encode: [B, H, W, C] -> factor [B, H, W, round(C * rate)]; decode maps it back to C channels.
+    Three 3x3 conv + BN + LeakyReLU(0.1) layers each way, as RepDistiller's `Paraphraser`.
+    """
+
+    channels: int
+    rate: float
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        factor = int(round(self.channels * self.rate))
+        widths_in = (self.channels, factor, factor)
+        widths_out = (factor, self.channels, self.channels)
+        self.enc = [_ConvBNAct(c, dtype=self.dtype) for c in widths_in]
+        self.dec = [_ConvBNAct(c, dtype=self.dtype) for c in widths_out]
+
+    def encode(self, x, train: bool = False):
+        for layer in self.enc:
+            x = layer(x, train)
+        return x
+
+    def __call__(self, x, train: bool = False):
+        """Reconstruction [B, H, W, C] and factor [B, H, W, C*rate]."""
+        factor = self.encode(x, train)
+        y = factor
+        for layer in self.dec:
+            y = layer(y, train)
+        return y, factor
+
+
+class Translator(nn.Module):
+    """FT's translator: the student's last map -> a factor of the paraphraser's width."""
+
+    factor_channels: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for _ in range(2):
+            x = _ConvBNAct(x.shape[-1], dtype=self.dtype)(x, train)
+        return _ConvBNAct(self.factor_channels, dtype=self.dtype)(x, train)
+
+
+class _ConvBNAct(nn.Module):
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = models.layers.Conv3x3(self.features, dtype=self.dtype)(x)
+        x = models.layers.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+        return nn.leaky_relu(x, 0.1)
+
+
+def _init(module, seed, mesh, *shapes, **kwargs):
+    init = jax.jit(
+        lambda key: module.init(key, *[jnp.zeros(s, jnp.float32) for s in shapes], **kwargs),
+        out_shardings=parallel.replicated(mesh),
+    )
+    variables = init(jax.random.key(seed))
+    return variables["params"], variables["batch_stats"]
+
+
+def connector_helpers(in_shapes, out_channels, seed: int, mesh, dtype) -> tuple[dict, dict]:
+    """Per group, a Connector from `in_shapes[i]` to `out_channels[i]`: (params, batch_stats)."""
+    params, batch_stats = {}, {}
+    for i, (shape, channels) in enumerate(zip(in_shapes, out_channels)):
+        p, b = _init(models.Connector(channels, dtype=dtype), seed + i, mesh, shape)
+        params[group_key(i + 1)], batch_stats[group_key(i + 1)] = p, b
+    return params, batch_stats
+
+
+def init_helpers(label: str, pair: Pair, config, seed: int, mesh) -> tuple[dict, dict]:
+    """The learned helpers of `label`'s method, trained with the student: (params, batch_stats)."""
+    method, dtype = method_of(label), jnp.dtype(config.dtype)
+    t_shapes, s_shapes = pair.t_shapes(), pair.s_shapes()
+    if method in ("dfa", "margin", "ab"):
+        st_params, st_stats = connector_helpers(
+            s_shapes, [s[-1] for s in t_shapes], seed, mesh, dtype
+        )
+        return {"st": st_params}, {"st": st_stats}
+    if method == "fitnets":
+        g = fitnets_group(pair)
+        params, stats = _init(
+            models.Connector(t_shapes[g - 1][-1], dtype=dtype), seed, mesh, s_shapes[g - 1]
+        )
+        return {"regressor": params}, {"regressor": stats}
+    if method == "ft":
+        factor = int(round(t_shapes[-1][-1] * config.baselines.ft_rate))
+        params, stats = _init(Translator(factor, dtype=dtype), seed, mesh, s_shapes[-1])
+        return {"translator": params}, {"translator": stats}
+    return {}, {}
+
+
+def fitnets_group(pair: Pair) -> int:
+    """FitNets' hint position: the middle group (RepDistiller hints at feat[2] of a WRN)."""
+    return (len(pair.t_groups) + 1) // 2
+
+
+def teacher_margins(pair: Pair, teacher_vars) -> list[jax.Array]:
+    """Per group end, overhaul's margin E[t | t < 0] from the BN that produces it ([C] each).
+
+    Only WRNs have one BatchNorm producing each group end (the consumer BN, DESIGN §2); other
+    teachers are refused rather than given a made-up margin.
+    """
+    if not isinstance(pair.teacher, models.WideResNet):
+        raise ValueError(
+            "the Margin baseline takes overhaul's BN margins, defined here for WRN teachers only;"
+            f" got {type(pair.teacher).__name__}"
+        )
+    params = teacher_vars["params"]
+    num_groups = len(pair.t_groups)
+    bns = [params[f"block{i + 1}_layer0"]["bn1"] for i in range(1, num_groups)] + [params["bn1"]]
+    return [losses.bn_margin(bn["scale"], bn["bias"]) for bn in bns]
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------
+
+
+def _apply_helper(module, params, batch_stats, name, x, key=None):
+    p = params[name] if key is None else params[name][key]
+    b = batch_stats[name] if key is None else batch_stats[name][key]
+    out, mut = module.apply({"params": p, "batch_stats": b}, x, train=True, mutable=["batch_stats"])
+    return out.astype(jnp.float32), mut["batch_stats"]
+
+
+def make_loss_fn(label: str, pair: Pair, config, margins=None):
+    """The w loss of run `label` (see the module docstring); `margins` for Margin only."""
+    method = method_of(label)
+    base = config.baselines
+    clamp_min = config.features.clamp_min
+    t_channels = [s[-1] for s in pair.t_shapes()]
+    connectors = [models.Connector(c, dtype=pair.student.dtype) for c in t_channels]
+    teacher_train = config.distill.teacher_bn == "batch"
+    needs_teacher_features = method not in ("none", "kd", "jacobian")
+
+    def student_forward(params, batch_stats, images):
+        logits, mut = pair.student.apply(
+            {"params": params["student"], "batch_stats": batch_stats["student"]},
+            images,
+            train=True,
+            mutable=["batch_stats", models.FEATURES],
+        )
+        return logits.astype(jnp.float32), mut
+
+    def teacher_forward(aux, images):
+        mutable = [models.FEATURES] if needs_teacher_features else []
+        out = pair.teacher.apply(
+            teacher_variables(aux),
+            images,
+            train=teacher_train,
+            mutable=mutable + (["batch_stats"] if teacher_train else []),
+        )
+        logits, mut = out if isinstance(out, tuple) else (out, {})
+        return jax.lax.stop_gradient(logits.astype(jnp.float32)), mut
+
+    def group_end_maps(mutated, names):
+        return [m.astype(jnp.float32) for m in features.read(mutated, names)]
+
+    def loss_fn(params, batch_stats, beta, batch, rng, aux):
+        del rng
+        images, labels = batch["image"], batch["label"]
+        logits, s_mut = student_forward(params, batch_stats, images)
+        new_stats = {**batch_stats, "student": s_mut["batch_stats"]}
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        metrics = {"ce_loss": ce, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+        if method in ("none", "ab"):  # AB distills in its initialisation stage only.
+            return ce, (new_stats, metrics)
+
+        t_logits, t_mut = teacher_forward(aux, images)
+        s_pre = group_end_maps(s_mut, pair.s_ends)
+        t_pre = (
+            [jax.lax.stop_gradient(m) for m in group_end_maps(t_mut, pair.t_ends)]
+            if needs_teacher_features
+            else []
+        )
+        if method == "kd":
+            kd = losses.kd_loss(logits, t_logits, base.kd_temperature)
+            metrics["kd_loss"] = kd
+            return base.kd_ce_weight * ce + base.kd_weight * kd, (new_stats, metrics)
+        if method == "jacobian":
+            jac = jacobian_term(pair, params, batch_stats, aux, images, labels)
+            metrics["jacobian_loss"] = jac
+            return ce + base.jacobian_weight * jac, (new_stats, metrics)
+        if method == "at":
+            at = sum(losses.at_loss(nn.relu(s), nn.relu(t)) for s, t in zip(s_pre, t_pre))
+            metrics["at_loss"] = at
+            return ce + base.at_weight * at, (new_stats, metrics)
+        if method == "sp":
+            sp = losses.sp_loss(nn.relu(s_pre[-1]), nn.relu(t_pre[-1]))
+            metrics["sp_loss"] = sp
+            return ce + base.sp_weight * sp, (new_stats, metrics)
+        if method == "fitnets":
+            g = fitnets_group(pair)
+            regressed, stats = _apply_helper(
+                models.Connector(t_channels[g - 1], dtype=pair.student.dtype),
+                params,
+                batch_stats,
+                "regressor",
+                nn.relu(s_pre[g - 1]),
+            )
+            new_stats["regressor"] = stats
+            hint = losses.fitnets_loss(regressed, nn.relu(t_pre[g - 1]))
+            metrics["fitnets_loss"] = hint
+            return ce + base.fitnets_weight * hint, (new_stats, metrics)
+        if method == "ft":
+            factor_t = paraphraser_factor(pair, aux["paraphraser"], nn.relu(t_pre[-1]), base)
+            factor_s, stats = _apply_helper(
+                Translator(factor_t.shape[-1], dtype=pair.student.dtype),
+                params,
+                batch_stats,
+                "translator",
+                nn.relu(s_pre[-1]),
+            )
+            new_stats["translator"] = stats
+            ft = losses.ft_loss(factor_s, jax.lax.stop_gradient(factor_t))
+            metrics["ft_loss"] = ft
+            return ce + base.ft_weight * ft, (new_stats, metrics)
+
+        # Connector methods over every group end: Margin (overhaul) and DFA (Eqs. 3-4).
+        mapped, st_stats = [], {}
+        for i, connector in enumerate(connectors):
+            out, stats = _apply_helper(
+                connector, params, batch_stats, "st", s_pre[i], group_key(i + 1)
+            )
+            mapped.append(out)
+            st_stats[group_key(i + 1)] = stats
+        new_stats["st"] = st_stats
+        if method == "margin":
+            fd = losses.feature_distillation_loss(mapped, t_pre, margin=list(margins))
+            gamma = base.margin_gamma
+        else:
+            targets = []
+            for i, names in enumerate(pair.t_groups):
+                maps = [
+                    jax.lax.stop_gradient(features.clamp(m, clamp_min))
+                    for m in group_end_maps(t_mut, names)
+                ]
+                targets.append(losses.aggregate(maps, jax.nn.softmax(beta[group_key(i + 1)])))
+            fd = losses.feature_distillation_loss(
+                mapped, targets, distance=config.distill.distance, margin=config.distill.margin
+            )
+            gamma = config.distill.gamma_fd
+        metrics["fd_loss"] = fd
+        return ce + gamma * fd, (new_stats, metrics)
+
+    return loss_fn
+
+
+def teacher_variables(aux) -> dict:
+    """The teacher's own variables out of a step's `aux` (which may also carry FT's paraphraser)."""
+    return {"params": aux["params"], "batch_stats": aux["batch_stats"]}
+
+
+def jacobian_term(pair: Pair, params, batch_stats, aux, images, labels) -> jax.Array:
+    """Jacobian matching: distance of the normalised input gradients of the true-class logit."""
+
+    def student_logits(variables, x):
+        return pair.student.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+
+    def teacher_logits(variables, x):
+        return pair.teacher.apply(variables, x, train=False)
+
+    s_vars = {"params": params["student"], "batch_stats": batch_stats["student"]}
+    grad_s = losses.target_logit_input_grad(student_logits, s_vars, images, labels)
+    grad_t = jax.lax.stop_gradient(
+        losses.target_logit_input_grad(teacher_logits, teacher_variables(aux), images, labels)
+    )
+    return losses.jacobian_loss(grad_s, grad_t)
+
+
+def paraphraser_factor(pair: Pair, paraphraser_vars, teacher_map, base) -> jax.Array:
+    """The frozen paraphraser's factor of the teacher's (post-ReLU) last map."""
+    module = Paraphraser(teacher_map.shape[-1], base.ft_rate, dtype=pair.teacher.dtype)
+    factor = module.apply(paraphraser_vars, teacher_map, train=False, method=Paraphraser.encode)
+    return factor.astype(jnp.float32)

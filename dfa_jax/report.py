@@ -1,0 +1,481 @@
+"""The paper's results tables (Tables 2, 4 and 5) over many runs, from their `summary.json` files.
+
+  python -m dfa_jax.report RUN_DIR... [--out DIR] [--table 2|4|5|all]
+
+Each RUN_DIR is a workdir, a `summary.json` itself, or a parent directory searched recursively.
+Runs are grouped by (dataset, teacher model, student model, method), where the method is the label
+of a `distill/<label>` stage ('none' = the student alone, 'file' = DFA-T). Every cell shows the
+median last-epoch test accuracy over seeds, then `mean ± std`, the number of seeds and the median
+best-epoch accuracy, with the paper's number beside it where the pair is one of the paper's:
+
+  76.00 (77.00±2.65, n=3; best 76.40) [paper 75.85]
+
+Both accuracies are shown because the paper reports best-epoch test accuracy (picking the epoch on
+the test set), while the last epoch is the honest number. The tables are printed as markdown and
+written to `--out` as `table<N>.md` and `table<N>.csv`. Pure Python + numpy: it starts instantly
+and runs where the runs' files are, without JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable
+
+import numpy as np
+
+from dfa_jax import paper_results
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+PATH_KEY = "summary_path"  # Added to every loaded summary: the file it came from.
+TEACHER = "teacher"
+CINIC10 = paper_results.CINIC10
+
+# (label, header) of each table's methods, in the paper's order.
+TABLE2_COLUMNS = (
+    (TEACHER, "Teacher"),
+    ("none", "Student"),
+    ("kd", "KD"),
+    ("fitnets", "FitNets"),
+    ("at", "AT"),
+    ("jacobian", "Jacobian"),
+    ("ft", "FT"),
+    ("ab", "AB"),
+    ("sp", "SP"),
+    ("margin", "Margin"),
+    ("dfa", "DFA"),
+)
+TABLE4_COLUMNS = (
+    (TEACHER, "Teacher"),
+    ("none", "Student"),
+    ("at", "AT"),
+    ("sp", "SP"),
+    ("margin", "Margin"),
+    ("dfa", "DFA"),
+    ("file", "DFA-T"),
+)
+TABLE5_ROWS = (
+    ("none", "Student"),
+    ("random", "Random"),
+    ("last", "Last"),
+    ("average", "Average"),
+    ("dfa", "DFA"),
+)
+CSV_FIELDS = (
+    "table",
+    "dataset",
+    "teacher",
+    "student",
+    "method",
+    "n",
+    "median_last",
+    "mean_last",
+    "std_last",
+    "median_best",
+    "paper",
+)
+MISSING = "–"
+
+_NOTE = (
+    "Each cell: median last-epoch test accuracy (%) over seeds (mean ± sample std with ddof=1,"
+    f" {MISSING} for one seed; n = seeds; median best-epoch accuracy). [paper x]: the paper's"
+    f" number, one run's best-epoch accuracy. {MISSING}: no run."
+)
+_TEACHER_NOTE = (
+    " Teacher: every distinct teacher of that dataset and teacher model (a teacher loaded by"
+    " several runs counts once; one per seed)."
+)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def find_summaries(path: str) -> list[str]:
+    """The `summary.json` files at or under `path` (a file is taken as it is), sorted."""
+    if os.path.isfile(path):
+        return [path]
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        if SUMMARY_FILE in files:
+            found.append(os.path.join(root, SUMMARY_FILE))
+            # Below a workdir are its stages' checkpoints, not more runs: walking them is slow.
+            dirs.clear()
+    return found
+
+
+def _problem(summary) -> str | None:
+    """Why `summary` is no run summary this module can use, or None when it is one."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    for field in ("dataset", "teacher_model", "student_model"):
+        if not isinstance(summary.get(field), str):
+            return f"no {field!r} string"
+    if not isinstance(summary.get("stages"), dict):
+        return "no 'stages' object"
+    return None
+
+
+def _read_summary(path: str) -> dict | None:
+    """The summary in `path` with PATH_KEY added, or None (and a warning) when unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8.
+        logger.warning("skipped %s: unreadable summary (%s)", path, error)
+        return None
+    problem = _problem(summary)
+    if problem is not None:
+        logger.warning("skipped %s: not a run summary (%s)", path, problem)
+        return None
+    return {**summary, PATH_KEY: path}
+
+
+def load_summaries(paths: str | Iterable[str]) -> list[dict]:
+    """Every usable summary at or under `paths`, each file once; bad ones are warned about."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    summaries, seen = [], set()
+    for path in paths:
+        if not os.path.exists(path):
+            logger.warning("skipped %s: no such file or directory", path)
+            continue
+        files = find_summaries(path)
+        if not files:
+            logger.warning("no %s found under %s", SUMMARY_FILE, path)
+        for file in files:
+            # A run reached through two arguments (a workdir and its parent) counts once.
+            real = os.path.realpath(file)
+            if real in seen:
+                continue
+            seen.add(real)
+            summary = _read_summary(file)
+            if summary is not None:
+                summaries.append(summary)
+    return summaries
+
+
+# --- grouping --------------------------------------------------------------------------------
+
+
+def _number(value) -> float | None:
+    """`value` as a finite float, or None (bools are JSON's true/false, not accuracies)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _percent(fraction: float) -> float:
+    # Rounding to 1e-6 % drops float noise (75.85000000000001) without losing any test-set count.
+    return round(100.0 * fraction, 6)
+
+
+def _workdir(summary: dict) -> str:
+    workdir = summary.get("workdir")
+    if isinstance(workdir, str):
+        return os.path.normpath(workdir)
+    return os.path.dirname(os.path.abspath(summary.get(PATH_KEY, SUMMARY_FILE)))
+
+
+def _teacher_source(loaded_from: str) -> str:
+    """The workdir that trained a loaded teacher (`W/teacher/variables` -> `W`), else the path."""
+    path = os.path.normpath(loaded_from)
+    for part in ("variables", "teacher"):
+        if os.path.basename(path) == part:
+            path = os.path.dirname(path)
+    return path
+
+
+def _warn_duplicate_seeds(key: tuple, entries: list[dict]) -> None:
+    """One warning per seed that more than one run of this cell used."""
+    dataset, teacher, student, label = key
+    counts = collections.Counter(e["seed"] for e in entries if e["seed"] is not None)
+    for seed, count in counts.items():
+        if count > 1:
+            paths = ", ".join(e["path"] for e in entries if e["seed"] == seed)
+            logger.warning(
+                "%s %s -> %s %s: seed %s appears in %d summaries (%s); all kept, probably a"
+                " duplicate run",
+                dataset,
+                teacher,
+                student,
+                label,
+                seed,
+                count,
+                paths,
+            )
+
+
+def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
+    """Groups the runs' test accuracies (%) per table cell.
+
+    Returns `{(dataset, teacher_model, student_model, label): [entry, ...]}` with one entry
+    `{'seed', 'last', 'best', 'path'}` per stage that has a last-epoch accuracy ('best' may be
+    None). Labels are those of the `distill/<label>` stages; the teachers are under
+    `(dataset, teacher_model, None, 'teacher')`, one entry per distinct teacher: a teacher loaded
+    from another workdir (`loaded_from`) counts once, as the run that trained it when that run is
+    among `summaries`, and teachers trained with the same seed (each pair's run trains its own by
+    default) count once per seed. Same-seed runs of a student cell are all kept, with a warning.
+    """
+    cells: dict[tuple, list[dict]] = {}
+    # (dataset, teacher_model) -> {teacher's workdir: (loaded, entry)}
+    teachers: dict[tuple, dict[str, tuple[bool, dict]]] = {}
+    for summary in summaries:
+        path = summary.get(PATH_KEY, "<summary>") if isinstance(summary, dict) else "<summary>"
+        problem = _problem(summary)
+        if problem is not None:
+            logger.warning("skipped %s: not a run summary (%s)", path, problem)
+            continue
+        dataset, teacher, student = (
+            summary["dataset"],
+            summary["teacher_model"],
+            summary["student_model"],
+        )
+        seed = summary.get("seed")
+        for name, result in summary["stages"].items():
+            # Partial runs: a stage without a last-epoch accuracy (or the search) has no cell.
+            last = _number(result.get("last_accuracy")) if isinstance(result, dict) else None
+            if last is None:
+                continue
+            best = _number(result.get("best_accuracy"))
+            entry = {
+                # A seed that is no number or string is as good as none (and stays hashable).
+                "seed": seed if isinstance(seed, (int, str)) else None,
+                "last": _percent(last),
+                "best": None if best is None else _percent(best),
+                "path": path,
+            }
+            if name == TEACHER:
+                loaded_from = result.get("loaded_from")
+                loaded = isinstance(loaded_from, str)
+                if loaded:
+                    entry["seed"] = None  # The loading run's seed is not the teacher's.
+                source = _teacher_source(loaded_from) if loaded else _workdir(summary)
+                by_source = teachers.setdefault((dataset, teacher), {})
+                # The run that trained a teacher knows its seed and its true best epoch.
+                if source not in by_source or (by_source[source][0] and not loaded):
+                    by_source[source] = (loaded, entry)
+            elif name.startswith("distill/"):
+                label = name[len("distill/") :]
+                cells.setdefault((dataset, teacher, student, label), []).append(entry)
+    for key, entries in cells.items():
+        _warn_duplicate_seeds(key, entries)
+    for (dataset, teacher), by_source in teachers.items():
+        kept, seeds = [], set()
+        for _, entry in by_source.values():
+            if entry["seed"] is None or entry["seed"] not in seeds:
+                kept.append(entry)
+                seeds.add(entry["seed"])
+        cells[(dataset, teacher, None, TEACHER)] = kept
+    return cells
+
+
+def cell_stats(values: Iterable[float]) -> dict:
+    """`{'n', 'median', 'mean', 'std'}` of `values`; std is the sample std (ddof=1).
+
+    With no values all but n are None; with one value std is None (a sample std needs two).
+    """
+    array = np.asarray(list(values), dtype=np.float64)
+    if array.size == 0:
+        return {"n": 0, "median": None, "mean": None, "std": None}
+    return {
+        "n": int(array.size),
+        "median": round(float(np.median(array)), 6),
+        "mean": round(float(np.mean(array)), 6),
+        "std": round(float(np.std(array, ddof=1)), 6) if array.size > 1 else None,
+    }
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
+    """One cell as a CSV-shaped row: accuracies in %, None where there is nothing."""
+    dataset, teacher, student = pair
+    key = (dataset, teacher, None, TEACHER) if label == TEACHER else (*pair, label)
+    entries = collected.get(key, [])
+    stats = cell_stats(e["last"] for e in entries)
+    best = cell_stats(e["best"] for e in entries if e["best"] is not None)
+    return {
+        "table": table,
+        "dataset": dataset,
+        "teacher": teacher,
+        "student": student,
+        "method": label,
+        "n": stats["n"],
+        "median_last": stats["median"],
+        "mean_last": stats["mean"],
+        "std_last": stats["std"],
+        "median_best": best["median"],
+        "paper": paper_results.paper_value(table, dataset, teacher, student, label),
+    }
+
+
+def format_cell(row: dict) -> str:
+    """`median (mean±std, n=N; best B) [paper P]`, or `–` (still with the paper's number)."""
+    if row["n"] == 0:
+        text = MISSING
+    else:
+        std = MISSING if row["std_last"] is None else f"{row['std_last']:.2f}"
+        text = f"{row['median_last']:.2f} ({row['mean_last']:.2f}±{std}, n={row['n']}"
+        if row["median_best"] is not None:
+            text += f"; best {row['median_best']:.2f}"
+        text += ")"
+    if row["paper"] is not None:
+        text += f" [paper {row['paper']:.2f}]"
+    return text
+
+
+def _pairs(table: int, collected: dict, labels: Iterable[str]) -> list[tuple]:
+    """(dataset, teacher, student) with a run of one of the table's student `labels`.
+
+    CINIC-10 pairs belong to Table 4, all others to Tables 2 and 5. The paper's pairs come first,
+    in its order. Teacher-only runs make no row: they only fill their dataset's Teacher cells.
+    """
+    labels = set(labels) - {TEACHER}
+    pairs = {
+        key[:3]
+        for key, entries in collected.items()
+        if key[3] in labels and entries and (key[0] == CINIC10) == (table == 4)
+    }
+
+    def order(pair):
+        number = paper_results.pair_number(table, *pair)
+        return (number is None, number or 0, pair)
+
+    return sorted(pairs, key=order)
+
+
+def _pair_name(table: int, pair: tuple) -> str:
+    number = paper_results.pair_number(table, *pair)
+    name = f"{pair[1]} → {pair[2]}"
+    return name if number is None else f"({number}) {name}"
+
+
+def _markdown(title: str, header: list[str], body: list[list[str]], note: str = _NOTE) -> str:
+    if not body:
+        return f"{title}\n\nNo runs for this table.\n"
+    lines = [title, "", note, ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    lines.extend("| " + " | ".join(cells) + " |" for cells in body)
+    return "\n".join(lines) + "\n"
+
+
+def _pairs_by_methods(table: int, title: str, columns: tuple, summaries, collected) -> tuple:
+    """Tables 2 and 4: a row per pair, a column per method."""
+    collected = collect(summaries) if collected is None else collected
+    rows, body = [], []
+    for pair in _pairs(table, collected, (label for label, _ in columns)):
+        cells = [_cell_row(table, collected, pair, label) for label, _ in columns]
+        rows.extend(cells)
+        body.append([pair[0], _pair_name(table, pair)] + [format_cell(c) for c in cells])
+    header = ["Dataset", "Pair"] + [name for _, name in columns]
+    return _markdown(title, header, body, _NOTE + _TEACHER_NOTE), rows
+
+
+def table2(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
+    """Table 2 (distillation methods; every non-CINIC-10 pair): `(markdown, rows)`.
+
+    `rows` holds one CSV_FIELDS dict per (pair, method) cell. Pass `collected` (from `collect`) to
+    reuse one grouping, and its warnings, across tables.
+    """
+    title = "### Table 2: distillation methods (CIFAR-100 in the paper)"
+    return _pairs_by_methods(2, title, TABLE2_COLUMNS, summaries, collected)
+
+
+def table4(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
+    """Table 4 (CINIC-10 pairs; DFA-T is the 'file' aggregation): `(markdown, rows)`."""
+    title = "### Table 4: CINIC-10 (ShuffleNetV2 in the paper)"
+    return _pairs_by_methods(4, title, TABLE4_COLUMNS, summaries, collected)
+
+
+def table5(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
+    """Table 5 (aggregation schemes): a row per scheme, a column per pair; `(markdown, rows)`."""
+    collected = collect(summaries) if collected is None else collected
+    pairs = _pairs(5, collected, (label for label, _ in TABLE5_ROWS))
+    cells = {
+        pair: [_cell_row(5, collected, pair, label) for label, _ in TABLE5_ROWS] for pair in pairs
+    }
+    rows = [cells[pair][i] for i in range(len(TABLE5_ROWS)) for pair in pairs]
+    # The paper heads its columns by student alone; that is ambiguous once pairs differ otherwise.
+    if len({pair[:2] for pair in pairs}) == 1:
+        header = ["Method"] + [pair[2] for pair in pairs]
+    else:
+        header = ["Method"] + [f"{pair[0]}: {_pair_name(5, pair)}" for pair in pairs]
+    body = [
+        [name] + [format_cell(cells[pair][i]) for pair in pairs]
+        for i, (_, name) in enumerate(TABLE5_ROWS)
+    ]
+    title = "### Table 5: aggregation schemes (CIFAR-100, teacher wrn_28_4 in the paper)"
+    return _markdown(title, header, body if pairs else []), rows
+
+
+TABLES = {"2": table2, "5": table5, "4": table4}
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """`rows` as CSV with the CSV_FIELDS columns; None becomes an empty field."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_FIELDS})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: prints the tables and writes `table<N>.md`/`.csv` into --out; returns the status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dfa_jax.report",
+        description="The paper's Tables 2, 4 and 5 over runs' summary.json files.",
+    )
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a workdir, a summary.json, or a directory searched recursively for summary.json",
+    )
+    parser.add_argument("--out", default=".", help="where table<N>.md/.csv go (default: .)")
+    parser.add_argument(
+        "--table",
+        choices=("2", "4", "5", "all"),
+        default="all",
+        help="which table; 'all' (default) writes those that have runs",
+    )
+    args = parser.parse_args(argv)
+
+    summaries = load_summaries(args.run_dirs)
+    if not summaries:
+        print(f"error: no usable {SUMMARY_FILE} in {' '.join(args.run_dirs)}", file=sys.stderr)
+        return 1
+    collected = collect(summaries)
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    for number in TABLES if args.table == "all" else (args.table,):
+        markdown, rows = TABLES[number](summaries, collected=collected)
+        if not rows and args.table == "all":
+            continue  # E.g. no CINIC-10 run: no Table 4.
+        print(markdown)
+        stem = os.path.join(args.out, f"table{number}")
+        with open(stem + ".md", "w", encoding="utf-8") as f:
+            f.write(markdown)
+        write_csv(rows, stem + ".csv")
+        written += [stem + ".md", stem + ".csv"]
+    if not written:
+        print("error: no student run (distill/<method> stage) to tabulate", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(written), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(levelname)s: %(message)s")
+    sys.exit(main(sys.argv[1:]))

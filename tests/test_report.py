@@ -1,0 +1,242 @@
+"""Tests of `dfa_jax.report` on hand-made summaries: statistics, paper numbers, files, the CLI."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from dfa_jax import paper_results
+from dfa_jax import report
+
+PAIR1 = ("wrn_28_4", "wrn_16_4")
+PAIR2 = ("wrn_28_4", "wrn_28_2")
+PAIR3 = ("wrn_28_4", "wrn_16_2")
+CINIC1 = ("shufflenet_v2_2.0", "shufflenet_v2_1.0")
+
+
+def _stage(name, last, best=None):
+    return {
+        "stage": name,
+        "best_accuracy": last if best is None else best,
+        "best_epoch": 180,
+        "last_accuracy": last,
+        "epochs": 200,
+        "steps": 78000,
+        "wall_time_s": 12.5,
+    }
+
+
+def _write(root, name, pair, seed, stages, dataset="cifar100"):
+    """Writes ROOT/NAME/summary.json of a run of `pair` with `stages` {name: stage result}."""
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir, exist_ok=True)
+    summary = {
+        "workdir": workdir,
+        "config_path": "configs/x.py",
+        "config_hash": "0123456789ab",
+        "seed": seed,
+        "dataset": dataset,
+        "teacher_model": pair[0],
+        "student_model": pair[1],
+        "stages": stages,
+    }
+    with open(os.path.join(workdir, report.SUMMARY_FILE), "w") as f:
+        json.dump(summary, f)
+    return workdir
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """A parent directory of runs: pair 3 x 3 seeds, pair 1 (loaded teacher), partial, bad, CINIC."""
+    root = str(tmp_path / "runs")
+    dfa = {0: (0.75, 0.755), 1: (0.76, 0.765), 2: (0.80, 0.805)}
+    teacher = {0: 0.79, 1: 0.78, 2: 0.80}
+    kd = {0: 0.73, 1: 0.74}  # Two seeds of KD; no FitNets run at all.
+    for seed in range(3):
+        stages = {
+            "teacher": _stage("teacher", teacher[seed]),
+            "search": {"stage": "search", "alpha": {"g1": [0.1, 0.9]}, "groups": 3},
+            "distill/dfa": _stage("distill/dfa", *dfa[seed]),
+            "distill/none": _stage("distill/none", 0.73 + 0.001 * seed),
+        }
+        if seed in kd:
+            stages["distill/kd"] = _stage("distill/kd", kd[seed])
+        if seed == 0:
+            stages["distill/last"] = _stage("distill/last", 0.7551)
+        _write(root, f"pair3/s{seed}", PAIR3, seed, stages)
+    # Pair 1 loads the seed-0 teacher: that teacher must count once.
+    loaded = {
+        "stage": "teacher",
+        "loaded_from": os.path.join(root, "pair3/s0", "teacher", "variables"),
+        "best_accuracy": 0.79,
+        "last_accuracy": 0.79,
+    }
+    _write(root, "pair1/s0", PAIR1, 0, {"teacher": loaded, "distill/dfa": _stage("d", 0.795)})
+    # Pair 2 is partial: its teacher, and a distillation without a result yet.
+    _write(root, "pair2/s0", PAIR2, 5, {"teacher": _stage("teacher", 0.77), "distill/dfa": {}})
+    os.makedirs(os.path.join(root, "bad"))
+    with open(os.path.join(root, "bad", report.SUMMARY_FILE), "w") as f:
+        f.write("{not json")
+    cinic = {"teacher": _stage("teacher", 0.86), "distill/file": _stage("distill/file", 0.85)}
+    _write(root, "cinic/dfa_t", CINIC1, 0, cinic, dataset="cinic10")
+    return root
+
+
+def _row(rows, pair, method):
+    (row,) = [r for r in rows if (r["teacher"], r["student"], r["method"]) == (*pair, method)]
+    return row
+
+
+def test_cell_stats():
+    stats = report.cell_stats([75.0, 76.0, 80.0])
+    assert stats["n"] == 3
+    assert stats["median"] == pytest.approx(76.0)
+    assert stats["mean"] == pytest.approx(77.0)
+    assert stats["std"] == pytest.approx(math.sqrt(7.0))  # Sample std: (4 + 1 + 9) / 2.
+    assert report.cell_stats([1.0, 2.0, 3.0, 4.0])["median"] == pytest.approx(2.5)
+    assert report.cell_stats([74.0]) == {"n": 1, "median": 74.0, "mean": 74.0, "std": None}
+    assert report.cell_stats([]) == {"n": 0, "median": None, "mean": None, "std": None}
+
+
+def test_paper_numbers_are_the_papers():
+    assert paper_results.paper_value(2, "cifar100", *PAIR3, "dfa") == 75.85
+    assert paper_results.paper_value(2, "cifar100", *PAIR1, "teacher") == 79.17
+    assert paper_results.paper_value(2, "cifar100", *PAIR2, "margin") == 77.84
+    assert paper_results.paper_value(5, "cifar100", *PAIR3, "last") == 75.51
+    assert paper_results.paper_value(5, "cifar100", *PAIR1, "random") == 78.92
+    assert paper_results.paper_value(4, "cinic10", *CINIC1, "file") == 85.41
+    assert (
+        paper_results.paper_value(4, "cinic10", "shufflenet_v2_1.0", "shufflenet_v2_0.5", "teacher")
+        == 83.28
+    )
+    # Another dataset, or a method outside the table, has no paper number.
+    assert paper_results.paper_value(2, "cifar10", *PAIR3, "dfa") is None
+    assert paper_results.paper_value(4, "cinic10", *CINIC1, "kd") is None
+    methods = {label for label, _ in report.TABLE2_COLUMNS}
+    assert all(set(row) == methods for row in paper_results.TABLE2.values())
+
+
+def test_load_summaries_finds_runs_recursively_and_warns_on_bad_files(runs, caplog):
+    summaries = report.load_summaries([runs, os.path.join(runs, "pair3", "s0")])
+    # Six good runs, the workdir given twice counts once, and the bad file is skipped.
+    assert len(summaries) == 6
+    assert all(s[report.PATH_KEY].endswith(report.SUMMARY_FILE) for s in summaries)
+    bad = os.path.join(runs, "bad", report.SUMMARY_FILE)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and bad in warnings[0] and "\n" not in warnings[0]
+    assert report.load_summaries([os.path.join(runs, "nowhere")]) == []
+
+
+def test_table2_statistics_paper_numbers_and_missing_cells(runs):
+    markdown, rows = report.table2(report.load_summaries(runs))
+    dfa = _row(rows, PAIR3, "dfa")
+    assert (dfa["n"], dfa["table"], dfa["dataset"]) == (3, 2, "cifar100")
+    assert dfa["median_last"] == pytest.approx(76.0)
+    assert dfa["mean_last"] == pytest.approx(77.0)
+    assert dfa["std_last"] == pytest.approx(math.sqrt(7.0))
+    assert dfa["median_best"] == pytest.approx(76.5)
+    assert dfa["paper"] == 75.85
+    assert "76.00 (77.00±2.65, n=3; best 76.50) [paper 75.85]" in markdown
+    kd = _row(rows, PAIR3, "kd")
+    assert (kd["n"], kd["median_last"], kd["mean_last"]) == (2, 73.5, 73.5)
+    assert kd["std_last"] == pytest.approx(math.sqrt(0.5))
+    fitnets = _row(rows, PAIR3, "fitnets")
+    assert fitnets["n"] == 0 and fitnets["median_last"] is None and fitnets["paper"] == 73.65
+    assert "| – [paper 73.65] |" in markdown
+    # Pair 3's three teachers and partial pair 2's (79, 78, 80, 77): every wrn_28_4 teacher on
+    # CIFAR-100 counts, but pair 1's loaded copy of the seed-0 teacher does not count again.
+    teacher = _row(rows, PAIR3, "teacher")
+    assert (teacher["n"], teacher["median_last"], teacher["paper"]) == (4, 78.5, 79.17)
+    assert _row(rows, PAIR1, "teacher")["n"] == 4
+    assert "79.50 (79.50±–, n=1; best 79.50) [paper 79.74]" in markdown  # Pair 1's one DFA seed.
+    # Rows: pair 1 before pair 3 (the paper's order); partial pair 2 and CINIC-10 have none.
+    pairs = [(r["teacher"], r["student"]) for r in rows if r["method"] == "dfa"]
+    assert pairs == [PAIR1, PAIR3]
+    assert markdown.index("(1) wrn_28_4 → wrn_16_4") < markdown.index("(3) wrn_28_4 → wrn_16_2")
+    assert len(rows) == 2 * len(report.TABLE2_COLUMNS)
+
+
+def test_table5_rows_schemes_columns_students(runs):
+    markdown, rows = report.table5(report.load_summaries(runs))
+    last = _row(rows, PAIR3, "last")
+    assert (last["n"], last["median_last"], last["paper"]) == (1, 75.51, 75.51)
+    assert _row(rows, PAIR1, "random")["paper"] == 78.92
+    assert "| Method | wrn_16_4 | wrn_16_2 |" in markdown
+    random_line = next(line for line in markdown.splitlines() if line.startswith("| Random"))
+    assert random_line == "| Random | – [paper 78.92] | – [paper 74.25] |"
+    assert {r["method"] for r in rows} == {label for label, _ in report.TABLE5_ROWS}
+
+
+def test_table4_holds_the_cinic_runs(runs):
+    summaries = report.load_summaries(runs)
+    markdown, rows = report.table4(summaries)
+    dfa_t = _row(rows, CINIC1, "file")
+    assert (dfa_t["n"], dfa_t["median_last"], dfa_t["paper"]) == (1, 85.0, 85.41)
+    teacher = _row(rows, CINIC1, "teacher")
+    assert (teacher["n"], teacher["median_last"], teacher["paper"]) == (1, 86.0, 86.14)
+    assert "| DFA-T |" in markdown and "– [paper 84.71]" in markdown  # No AT run.
+    assert all(r["dataset"] == "cinic10" for r in rows)
+    assert report.table4(s for s in summaries if s["dataset"] != "cinic10")[1] == []
+
+
+def test_duplicate_seeds_are_kept_with_a_warning(tmp_path, caplog):
+    for name in ("a", "b"):
+        _write(str(tmp_path), name, PAIR3, 0, {"distill/dfa": _stage("distill/dfa", 0.75)})
+    collected = report.collect(report.load_summaries(str(tmp_path)))
+    assert len(collected[("cifar100", *PAIR3, "dfa")]) == 2
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "seed 0" in warning and "duplicate" in warning
+
+
+def test_cli_writes_tables_and_csv_round_trips(runs, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert report.main([runs, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "### Table 2" in printed and "### Table 5" in printed and "### Table 4" in printed
+    names = sorted(os.listdir(out))
+    assert names == [f"table{n}.{ext}" for n in (2, 4, 5) for ext in ("csv", "md")]
+    _, rows = report.table2(report.load_summaries(runs))
+    with open(os.path.join(out, "table2.md")) as f:
+        assert "[paper 75.85]" in f.read()
+    with open(os.path.join(out, "table2.csv"), newline="") as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == len(rows)
+    for got, want in zip(read, rows):
+        assert list(got) == list(report.CSV_FIELDS)
+        for field in report.CSV_FIELDS:
+            value = want[field]
+            if value is None:
+                assert got[field] == ""
+            elif isinstance(value, str):
+                assert got[field] == value
+            else:
+                assert float(got[field]) == value
+
+
+def test_cli_table_choice_and_nothing_found(runs, tmp_path):
+    out = str(tmp_path / "only5")
+    assert report.main([os.path.join(runs, "pair3"), "--out", out, "--table", "5"]) == 0
+    assert sorted(os.listdir(out)) == ["table5.csv", "table5.md"]
+    # Without a CINIC-10 run, 'all' writes no Table 4.
+    out = str(tmp_path / "cifar")
+    assert report.main([os.path.join(runs, "pair3"), "--out", out]) == 0
+    assert "table4.md" not in os.listdir(out)
+    assert report.main([str(tmp_path / "empty_dir_that_is_missing")]) == 1
+    assert report.main([os.path.join(runs, "pair2")]) == 1  # A teacher but no student result.
+
+
+def test_teachers_count_once_per_seed_and_per_source(tmp_path):
+    root = str(tmp_path)
+    # Table 5's layout: one workdir per aggregation, each training the same seed-0 teacher.
+    for name in ("dfa", "last"):
+        stages = {"teacher": _stage("teacher", 0.79), f"distill/{name}": _stage("d", 0.75)}
+        _write(root, name, PAIR3, 0, stages)
+    _write(root, "s1", PAIR3, 1, {"teacher": _stage("teacher", 0.77)})
+    # Two runs loading one teacher trained elsewhere (not among the runs): it counts once.
+    elsewhere = {"stage": "teacher", "loaded_from": "/elsewhere/t", "last_accuracy": 0.81}
+    for seed in (2, 3):
+        _write(root, f"loads{seed}", PAIR3, seed, {"teacher": dict(elsewhere)})
+    entries = report.collect(report.load_summaries(root))[("cifar100", "wrn_28_4", None, "teacher")]
+    assert sorted(e["last"] for e in entries) == [77.0, 79.0, 81.0]
