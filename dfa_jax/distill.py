@@ -104,7 +104,7 @@ def _stage(
         loss_fn,
         tx,
         seed=config.seed,
-        preprocess_fn=inputs.make_preprocess(config.data, data.info, train=True),
+        preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
     )
     return train_loop.Stage(
         name=name,

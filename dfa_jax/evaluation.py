@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -10,51 +11,36 @@ import optax
 
 from dfa_jax import inputs
 from dfa_jax import parallel
+from dfa_jax.data import augment
 from dfa_jax.data import loader
 
 
-def make_eval_fn(
-    logits_fn: Callable, preprocess: Callable, test_data, eval_batch_size: int, mesh, prefetch: int
-) -> Callable:
-    """Builds `evaluate(variables) -> {'accuracy': float, 'loss': float}`.
+# Module level with the model and normalisation static: every stage that evaluates the same
+# architecture (the teacher, each distilled student) reuses one compiled step.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _eval_step(model, mean: tuple, std: tuple, variables, batch, totals):
+    """Adds one padded batch's (correct, summed CE, real examples) to `totals`."""
+    images = augment.normalize(batch["image"], mean, std)
+    logits = model.apply(variables, images, train=False).astype(jnp.float32)
+    mask = batch["mask"]
+    correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]) * mask
+    return jax.tree.map(jnp.add, totals, (correct.sum(), loss.sum(), mask.sum()))
 
-    Args:
-      logits_fn: `(variables, images [B, H, W, 3] float32) -> logits [B, C]` in eval mode.
-      preprocess: `(batch, rng) -> batch` (normalisation; no augmentation at test time).
-      test_data: this host's (uint8 images, labels) of the test split.
-      eval_batch_size: global batch size; the last batch is padded and masked out.
-    """
-    images, labels = test_data
 
-    @jax.jit
-    def eval_step(variables, batch, totals):
-        batch = preprocess(batch, jax.random.key(0))
-        logits = logits_fn(variables, batch["image"]).astype(jnp.float32)
-        mask = batch["mask"]
-        correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]) * mask
-        return jax.tree.map(jnp.add, totals, (correct.sum(), loss.sum(), mask.sum()))
-
-    local_batch_size = parallel.local_batch_size(eval_batch_size)
+def make_model_eval_fn(model, config, data: inputs.RunData, mesh) -> Callable:
+    """Builds `evaluate(variables) -> {'accuracy': float, 'loss': float}` of `model` (eval mode)
+    on this host's test split; the last batch is padded and masked out."""
+    images, labels = data.test
+    local_batch_size = parallel.local_batch_size(config.data.eval_batch_size)
+    mean, std = tuple(data.info.mean), tuple(data.info.std)
 
     def evaluate(variables) -> dict:
         totals = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
         batches = loader.eval_batches(images, labels, local_batch_size)
-        for batch in parallel.prefetch_to_mesh(batches, mesh, prefetch):
-            totals = eval_step(variables, batch, totals)
+        for batch in parallel.prefetch_to_mesh(batches, mesh, config.data.prefetch):
+            totals = _eval_step(model, mean, std, variables, batch, totals)
         correct, loss, count = jax.device_get(totals)
         return {"accuracy": float(correct / count), "loss": float(loss / count)}
 
     return evaluate
-
-
-def make_model_eval_fn(model, config, data: inputs.RunData, mesh) -> Callable:
-    """`evaluate(variables)` of `model` (eval mode) on the run's test split."""
-    return make_eval_fn(
-        lambda variables, images: model.apply(variables, images, train=False),
-        inputs.make_preprocess(config.data, data.info, train=False),
-        data.test,
-        config.data.eval_batch_size,
-        mesh,
-        config.data.prefetch,
-    )

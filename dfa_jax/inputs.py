@@ -78,22 +78,22 @@ def load(config, workdir: str, search: bool) -> RunData:
     return run
 
 
-def make_preprocess(data_cfg, info: data_lib.DatasetInfo, train: bool):
-    """`(batch, rng) -> batch` run on device: augmentation (train only), then normalisation.
+def make_train_preprocess(data_cfg, info: data_lib.DatasetInfo):
+    """`(batch, rng) -> batch` run on device in the train step: augmentation, then normalisation.
 
     The batch's 'image' arrives as uint8 [B, H, W, 3] and leaves as float32 [B, H, W, 3]; float
-    input is taken as already in [0, 255].
+    input is taken as already in [0, 255]. (Evaluation normalises only: `evaluation.py`.)
     """
     mean = jnp.asarray(info.mean, jnp.float32)
     std = jnp.asarray(info.std, jnp.float32)
 
     def preprocess(batch: dict, rng: jax.Array) -> dict:
         images = batch["image"]
-        if train and data_cfg.augment == "pad_crop":
+        if data_cfg.augment == "pad_crop":
             images = augment.random_crop_flip(
                 images, rng, data_cfg.pad, data_cfg.pad_mode, data_cfg.flip
             )
-        elif train and data_cfg.augment == "random_resized_crop":
+        elif data_cfg.augment == "random_resized_crop":
             images = augment.random_resized_crop_flip(images, rng, data_cfg.flip)
         return {**batch, "image": augment.normalize(images, mean, std)}
 

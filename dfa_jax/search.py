@@ -224,7 +224,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
     )(params, batch_stats)
 
     eval_fn = evaluation.make_model_eval_fn(student_model, config, data, mesh)
-    preprocess = inputs.make_preprocess(config.data, data.info, train=True)
+    preprocess = inputs.make_train_preprocess(config.data, data.info)
 
     def alpha_scalars(state, epoch):
         del epoch

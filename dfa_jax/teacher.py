@@ -128,7 +128,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
         cross_entropy_loss_fn(model),
         tx,
         seed=config.seed,
-        preprocess_fn=inputs.make_preprocess(config.data, data.info, train=True),
+        preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
     )
     stage = train_loop.Stage(
         name="teacher",

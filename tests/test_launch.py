@@ -35,9 +35,20 @@ def test_local_help():
 
 def test_sweep_dry_run_lists_every_run(tmp_path):
     out = subprocess.run(
-        ["bash", "launch/sweep.sh", f"--runs={tmp_path}", "--configs=configs/cifar100_pair3.py",
-         "--methods=kd,last,dfa", "--seeds=0,1", "--dry-run", "--config.teacher.checkpoint=/t"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            "bash",
+            "launch/sweep.sh",
+            f"--runs={tmp_path}",
+            "--configs=configs/cifar100_pair3.py",
+            "--methods=kd,last,dfa",
+            "--seeds=0,1",
+            "--dry-run",
+            "--config.teacher.checkpoint=/t",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert len(out) == 6
     assert all("--config.teacher.checkpoint=/t" in line for line in out)

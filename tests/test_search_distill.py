@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from dfa_jax import bilevel
 from dfa_jax import checkpointing
 from dfa_jax import distill
+from dfa_jax import methods
 from dfa_jax import parallel
 from dfa_jax import pipeline
 from dfa_jax import search
@@ -33,8 +34,8 @@ def test_beta_gets_gradient_through_both_st_and_ts_paths():
     t_vars = teacher_lib.init_variables(t_model, 0, mesh)
     s_vars = teacher_lib.init_variables(s_model, 1, mesh)
     t_shapes = [(1, 32, 32, 16), (1, 16, 16, 32), (1, 8, 8, 64)]
-    st_p, st_s = search.init_connectors(t_shapes, [16, 32, 64], 2, mesh, jnp.float32)
-    ts_p, ts_s = search.init_connectors(t_shapes, [16, 32, 64], 3, mesh, jnp.float32)
+    st_p, st_s = methods.connector_helpers(t_shapes, [16, 32, 64], 2, mesh, jnp.float32)
+    ts_p, ts_s = methods.connector_helpers(t_shapes, [16, 32, 64], 3, mesh, jnp.float32)
     params = {"student": s_vars["params"], "st": st_p, "ts": ts_p}
     stats = {"student": s_vars["batch_stats"], "st": st_s, "ts": ts_s}
     beta = search.init_beta(t_model, 0.0)
