@@ -27,6 +27,14 @@ def configure_cpu_devices(num_cpu_devices: int) -> None:
     """
     count = num_cpu_devices or os.cpu_count() or 1
     jax.config.update("jax_num_cpu_devices", count)
+    # The CPU devices meet in in-process collectives (the global BatchNorm statistics, the gradient
+    # sum). XLA aborts the process when one of them waits more than 40 s for the others, which an
+    # oversubscribed host (another job on the same cores) reaches; a long run should wait instead.
+    if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
+        ).strip()
 
 
 def make_mesh(devices=None) -> Mesh:
