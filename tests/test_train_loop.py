@@ -25,6 +25,7 @@ from test_config import load_config
 
 def tiny_demo(**overrides):
     config = load_config("demo", "tiny")
+    config.stages = ("teacher",)  # The loop under test; the demo's later stages have their own.
     config.teacher.optim.epochs = 3
     config.data.max_train_examples = 96
     config.data.max_test_examples = 48
