@@ -74,14 +74,14 @@ def plot_alpha_heatmap(record: list[dict], path: str) -> None:
     grid = np.full((len(record), width), np.nan)
     for i, r in enumerate(record):
         grid[i, : len(r["alpha"])] = r["alpha"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * width, 0.9 + 0.7 * len(record)))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * width, 1.2 + 0.7 * len(record)))
     image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for i, r in enumerate(record):
         for j, a in enumerate(r["alpha"]):
             ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="w" if a < 0.6 else "k")
     ax.set_yticks(range(len(record)), [f"group {r['group']}" for r in record])
     ax.set_xticks(range(width), [f"layer {j + 1}" for j in range(width)])
-    ax.set_title("DFA feature aggregation weights alpha")
+    ax.set_title("aggregation weights alpha")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
