@@ -13,7 +13,9 @@ data=${1:?usage: real_data_cifar10.sh CIFAR10_NPZ_DIR [RUNS_DIR] [SEED]}
 runs=${2:-runs/real_cifar10}
 seed=${3:-0}
 lscpu | grep -m1 "Model name" || true
-common=(--config.seed="$seed"
+# One JAX CPU device: with two, a run here hung in XLA:CPU's in-process all-reduce (see
+# BENCHMARKS.md); on one device there is no collective.
+common=(--config.seed="$seed" --config.num_cpu_devices=1
         --config.data.dataset=cifar10 --config.data.source=npz "--config.data.path=$data"
         --config.teacher.model=wrn_16_2 --config.student.model=wrn_10_1
         --config.distill.optim.epochs=1 --config.distill.optim.schedule=cosine

@@ -30,6 +30,8 @@ from dfa_jax import parallel
 from dfa_jax.data import loader
 
 RESULT_FILE = "result.json"
+# Steps dispatched ahead of the last finished one: enough to keep the devices busy.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteError(RuntimeError):
@@ -228,6 +230,10 @@ def run(stage: Stage, config, mesh) -> dict:
             step += 1
             interval_steps += 1
             pending.append((step, metrics))
+            if len(pending) > MAX_STEPS_IN_FLIGHT:
+                # Bound the dispatch queue: waits for an older step to finish (no transfer), so
+                # that at most a few steps' inputs and programs are in flight on the devices.
+                jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1]["loss"])
             epoch_end = step % steps_per_epoch == 0
             wants_checkpoint = step % config.checkpoint_every_steps == 0
             if step % config.log_every_steps == 0 or wants_checkpoint or epoch_end:
