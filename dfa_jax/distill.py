@@ -122,12 +122,33 @@ def _stage(
     )
 
 
-def _pretrain_optim(config, epochs: int):
-    """The recipe of a helper-initialisation stage: the student's, shortened, no decay steps."""
+def _run_helper_stage(
+    config, name, directory, epochs, params, batch_stats, loss_fn, data, mesh, teacher_vars, eval_fn
+):
+    """Trains a method's own first stage (FT's paraphraser, AB's initialisation) for `epochs`
+    with the student's recipe at a constant learning rate; returns its final state."""
     optim = ml_collections.ConfigDict(config.distill.optim.to_dict())
     optim.epochs = epochs
     optim.schedule = "constant"
-    return optim
+    steps_per_epoch = loader.steps_per_epoch(
+        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
+    )
+    tx = optimizers.sgd(optim, steps_per_epoch)
+    stage = _stage(
+        config,
+        name,
+        directory,
+        _replicate_state(mesh, params, batch_stats, tx),
+        loss_fn,
+        tx,
+        optim,
+        data,
+        mesh,
+        teacher_vars,
+        eval_fn,
+        steps_per_epoch,
+    )
+    return train_loop.run(stage, config, mesh)["state"]
 
 
 def _replicate_state(mesh, params, batch_stats, tx, beta=None):
@@ -142,11 +163,6 @@ def pretrain_paraphraser(config, directory, pair, data, mesh, teacher_vars):
     t_last = pair.t_shapes()[-1]
     module = methods.Paraphraser(t_last[-1], base.ft_rate, dtype=pair.teacher.dtype)
     params, batch_stats = methods._init(module, config.seed + 300, mesh, t_last)  # noqa: SLF001
-    optim = _pretrain_optim(config, base.ft_pretrain_epochs)
-    steps_per_epoch = loader.steps_per_epoch(
-        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
-    )
-    tx = optimizers.sgd(optim, steps_per_epoch)
 
     def loss_fn(params, batch_stats, beta, batch, rng, aux):
         del beta, rng
@@ -163,21 +179,19 @@ def pretrain_paraphraser(config, directory, pair, data, mesh, teacher_vars):
         loss = jnp.mean((recon.astype(jnp.float32) - target) ** 2)
         return loss, (new["batch_stats"], {"reconstruction_loss": loss})
 
-    stage = _stage(
+    final = _run_helper_stage(
         config,
         "distill/ft/paraphraser",
         directory,
-        _replicate_state(mesh, params, batch_stats, tx),
+        base.ft_pretrain_epochs,
+        params,
+        batch_stats,
         loss_fn,
-        tx,
-        optim,
         data,
         mesh,
         teacher_vars,
         None,
-        steps_per_epoch,
     )
-    final = train_loop.run(stage, config, mesh)["state"]
     return {"params": final.params, "batch_stats": final.batch_stats}
 
 
@@ -187,11 +201,6 @@ def initialise_by_ab(config, directory, pair, data, mesh, teacher_vars, student_
     helper_params, helper_stats = methods.init_helpers("ab", pair, config, config.seed + 100, mesh)
     params = {"student": student_vars["params"], **helper_params}
     batch_stats = {"student": student_vars["batch_stats"], **helper_stats}
-    optim = _pretrain_optim(config, base.ab_init_epochs)
-    steps_per_epoch = loader.steps_per_epoch(
-        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
-    )
-    tx = optimizers.sgd(optim, steps_per_epoch)
     t_channels = [s[-1] for s in pair.t_shapes()]
     weights = losses.group_weights(len(t_channels))
 
@@ -226,21 +235,19 @@ def initialise_by_ab(config, directory, pair, data, mesh, teacher_vars, student_
         new_stats = {"student": s_mut["batch_stats"], "st": st_stats}
         return total, (new_stats, {"ab_loss": total})
 
-    stage = _stage(
+    final = _run_helper_stage(
         config,
         "distill/ab/init",
         directory,
-        _replicate_state(mesh, params, batch_stats, tx),
+        base.ab_init_epochs,
+        params,
+        batch_stats,
         loss_fn,
-        tx,
-        optim,
         data,
         mesh,
         teacher_vars,
         eval_fn,
-        steps_per_epoch,
     )
-    final = train_loop.run(stage, config, mesh)["state"]
     return {"params": final.params["student"], "batch_stats": final.batch_stats["student"]}
 
 
