@@ -1,32 +1,236 @@
 #!/usr/bin/env bash
-# Runs dfa_jax on this host with all of its devices (every GPU, or one JAX device per CPU core).
+# Runs dfa_jax on this host: one process using all of its devices (every GPU, or one JAX device per
+# CPU core), or with --processes N, N processes of the same command forming one JAX job over
+# loopback (how a multi-host job runs, on one machine).
 #
 #   launch/local.sh --config=configs/demo.py --workdir=runs/demo [--config.a.b=value ...]
-#   launch/local.sh --dry-run --config=... --workdir=...   # print the command, run nothing
+#   launch/local.sh --processes 2 --config=configs/demo.py --workdir=runs/demo2
+#   launch/local.sh --dry-run ...   # print the command(s), run nothing, create nothing
 #
-# Every flag except --dry-run and --help is passed to `python -m dfa_jax.main` unchanged.
-# Re-running the same command resumes the run in its workdir.
+# Every other flag is passed to `python -m dfa_jax.main` unchanged (PYTHON=... picks the
+# interpreter, default python3). Re-running the same command resumes the run in its workdir.
+#
+#   --processes N  processes to start (default 1: one process, today's single-host run). With
+#                  N > 1 process i gets --coordinator_address=127.0.0.1:PORT --num_processes=N
+#                  --process_id=i. On a GPU host (nvidia-smi lists GPUs) process i gets
+#                  CUDA_VISIBLE_DEVICES set to its 1/N of the GPUs (of those CUDA_VISIBLE_DEVICES
+#                  lists, if set). On a CPU-only host (no nvidia-smi, or CUDA_VISIBLE_DEVICES set
+#                  empty) each gets --config.num_cpu_devices=max(1, nproc/N) unless that flag is
+#                  given. Process 0 prints here; process i > 0 writes WORKDIR/logs/process_i.log
+#                  (TMPDIR/dfa_jax_logs/NAME/process_i.log for a gs://.../NAME workdir).
+#                  When one process fails the others are stopped and its exit status is returned;
+#                  Ctrl-C or SIGTERM sends SIGTERM to every process and waits for them.
+#   --port P       coordinator port on 127.0.0.1 (default 12355)
+#   --dry-run      print every command, one line each, environment as a prefix; run nothing
+#   -h, --help     print this help
 set -euo pipefail
 
 usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
 }
 
+die() {
+  echo "local.sh: $*" >&2
+  exit 2
+}
+
+# One word as the shell would need it typed: bare when safe, else single-quoted.
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_,./:=@%+-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+print_cmd() {
+  local word sep=""
+  for word in "$@"; do
+    printf '%s' "$sep"
+    quote "$word"
+    sep=" "
+  done
+}
+
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+
 dry_run=0
+processes=1
+port=12355
 args=()
-for arg in "$@"; do
-  case "$arg" in
+while (($# > 0)); do
+  case "$1" in
     --dry-run) dry_run=1 ;;
-    -h|--help) usage; exit 0 ;;
-    *) args+=("$arg") ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    --processes=*) processes=${1#*=} ;;
+    --processes)
+      (($# > 1)) || die "--processes needs a value"
+      processes=$2
+      shift
+      ;;
+    --port=*) port=${1#*=} ;;
+    --port)
+      (($# > 1)) || die "--port needs a value"
+      port=$2
+      shift
+      ;;
+    *) args+=("$1") ;;
   esac
+  shift
 done
+is_count "$processes" || die "--processes must be a positive integer, got '$processes'"
+if ! is_count "$port" || ((port > 65535)); then
+  die "--port must be a port number, got '$port'"
+fi
 
 python=${PYTHON:-python3}
-cmd=("$python" -m dfa_jax.main "${args[@]}")
+
+if ((processes == 1)); then
+  cmd=("$python" -m dfa_jax.main "${args[@]}")
+  if [[ $dry_run -eq 1 ]]; then
+    print_cmd "${cmd[@]}"
+    printf '\n'
+    exit 0
+  fi
+  exec "${cmd[@]}"
+fi
+
+# --- N processes on loopback ---
+
+workdir="" cpu_flag_given=0
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --workdir=*) workdir=${args[i]#*=} ;;
+    --workdir) workdir=${args[i + 1]:-} ;;
+    --config.num_cpu_devices | --config.num_cpu_devices=*) cpu_flag_given=1 ;;
+  esac
+done
+[[ -n $workdir ]] || die "--processes $processes needs --workdir (processes i > 0 log there)"
+if [[ $workdir == *://* ]]; then # A bucket: the logs stay on this host.
+  log_dir=${TMPDIR:-/tmp}/dfa_jax_logs/$(basename "$workdir")
+else
+  log_dir=$workdir/logs
+fi
+
+# The GPUs to share out; none on a CPU-only host.
+gpus=()
+if command -v nvidia-smi >/dev/null 2>&1; then
+  if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    if [[ -n $CUDA_VISIBLE_DEVICES && $CUDA_VISIBLE_DEVICES != -1 ]]; then
+      IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"
+    fi
+  else
+    count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+    for ((g = 0; g < count; g++)); do gpus+=("$g"); done
+  fi
+fi
+if ((${#gpus[@]} > 0)); then
+  ((${#gpus[@]} % processes == 0)) ||
+    die "cannot split ${#gpus[@]} GPUs evenly over $processes processes"
+  per_process=$((${#gpus[@]} / processes))
+else
+  cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null ||
+    getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
+  cpu_devices=$((cores / processes))
+  ((cpu_devices >= 1)) || cpu_devices=1
+fi
+
+# Sets `envs` and `cmd` to process $1's environment and command.
+process_cmd() {
+  local i=$1
+  envs=()
+  if ((${#gpus[@]} > 0)); then
+    local share=("${gpus[@]:i*per_process:per_process}")
+    envs=("CUDA_VISIBLE_DEVICES=$(
+      IFS=,
+      echo "${share[*]}"
+    )")
+  fi
+  cmd=("$python" -m dfa_jax.main "${args[@]}" "--coordinator_address=127.0.0.1:$port"
+    "--num_processes=$processes" "--process_id=$i")
+  if ((${#gpus[@]} == 0 && cpu_flag_given == 0)); then
+    cmd+=("--config.num_cpu_devices=$cpu_devices")
+  fi
+}
+
 if [[ $dry_run -eq 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  printf '\n'
+  for ((i = 0; i < processes; i++)); do
+    process_cmd "$i"
+    print_cmd "${envs[@]}" "${cmd[@]}"
+    if ((i > 0)); then
+      printf ' >'
+      quote "$log_dir/process_$i.log"
+      printf ' 2>&1'
+    fi
+    printf '\n'
+  done
   exit 0
 fi
-exec "${cmd[@]}"
+
+pids=()
+# SIGTERM every process still running, SIGKILL what is left after 10 s, and reap them all.
+stop_all() {
+  local pid tries alive
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for ((tries = 0; tries < 20; tries++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.5
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+# Background processes ignore SIGINT (no job control here), so Ctrl-C is passed on as SIGTERM.
+on_signal() {
+  trap - INT TERM HUP
+  echo "local.sh: signal received, stopping all $processes processes" >&2
+  stop_all
+  exit $((128 + $1))
+}
+trap 'on_signal 2' INT
+trap 'on_signal 15' TERM
+trap 'on_signal 1' HUP
+trap 'stop_all' EXIT
+
+mkdir -p "$log_dir"
+echo "local.sh: $processes processes, coordinator 127.0.0.1:$port;" \
+  "process 0 prints here, process i > 0 logs to $log_dir/process_i.log" >&2
+for ((i = processes - 1; i >= 0; i--)); do
+  process_cmd "$i"
+  if ((i == 0)); then
+    env "${envs[@]}" "${cmd[@]}" &
+  else
+    env "${envs[@]}" "${cmd[@]}" >"$log_dir/process_$i.log" 2>&1 &
+  fi
+  pids[i]=$!
+done
+
+finished=()
+running=$processes
+while ((running > 0)); do
+  sleep 0.5 &
+  wait $! || true
+  for ((i = 0; i < processes; i++)); do
+    [[ -z ${finished[i]:-} ]] || continue
+    ! kill -0 "${pids[i]}" 2>/dev/null || continue
+    finished[i]=1
+    running=$((running - 1))
+    rc=0
+    wait "${pids[i]}" || rc=$?
+    if ((rc != 0)); then
+      where=""
+      ((i == 0)) || where=" (log: $log_dir/process_$i.log)"
+      echo "local.sh: process $i exited with status $rc$where; stopping the others" >&2
+      trap - INT TERM HUP
+      stop_all
+      trap - EXIT
+      exit "$rc"
+    fi
+  done
+done
+trap - EXIT
+echo "local.sh: all $processes processes finished; the others' logs are in $log_dir" >&2

@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Runs dfa_jax on every worker of a Cloud TPU VM slice (a pod slice: one process per host),
+# creating the slice if it does not exist. Needs gcloud, logged in, with the TPU API enabled.
+#
+#   launch/tpu_pod.sh --name=dfa --zone=us-central2-b --accelerator-type=v4-32 \
+#       --config=configs/cifar100_pair3.py --workdir=gs://BUCKET/runs/pair3 [--config.a.b=value ...]
+#   launch/tpu_pod.sh --dry-run ...   # print every gcloud command, run nothing
+#
+# Steps: `tpu-vm describe` (reuse the slice if it exists) or `tpu-vm create`; install on every
+# worker (a Python >= 3.11 venv ~/dfa_jax_venv with jax[tpu] and this package); then on every
+# worker `python -m dfa_jax.main ... --distributed` over `tpu-vm ssh --worker=all`. Each worker
+# writes its output to ~/dfa_jax_worker.log; worker 0's (process 0, the only one that writes logs
+# and summaries) is also streamed here. Another worker's log:
+#   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=3 --command='tail ~/dfa_jax_worker.log'
+# Ctrl-C stops the streaming, not the remote processes: delete the slice or run
+#   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command='pkill -f dfa_jax.main'
+#
+#   --name=NAME            TPU VM name (default: dfa-jax)
+#   --zone=ZONE            zone (default: us-central2-b)
+#   --accelerator-type=T   slice type when creating it (default: v4-32)
+#   --version=V            TPU software version when creating it (default: tpu-ubuntu2204-base)
+#   --project=P            Cloud project (default: gcloud's configured project)
+#   --repo=SPEC            what the workers install: a git URL[@ref] (pip installs git+URL[@ref])
+#                          or any other pip requirement (default: this checkout's files, tracked
+#                          and untracked but not ignored, copied with `tpu-vm scp --worker=all`)
+#   --no-install           skip the install step (the slice already has this version)
+#   --delete-at-end        delete the slice afterwards, also when the run fails
+#   --dry-run              print every gcloud command, one line each, run nothing
+#   -h, --help             print this help
+# Every other flag goes to `python -m dfa_jax.main`; --config and --workdir are required and the
+# workdir must be a gs:// path: a pod's workers share no disk (each needs read/write access).
+set -euo pipefail
+
+usage() {
+  sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+die() {
+  echo "tpu_pod.sh: error: $*" >&2
+  exit 2
+}
+
+# One word as the shell would need it typed: bare when safe, else single-quoted.
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_,./:=@%+-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+quote_all() {
+  local word sep=""
+  for word in "$@"; do
+    printf '%s' "$sep"
+    quote "$word"
+    sep=" "
+  done
+}
+
+name=dfa-jax
+zone=us-central2-b
+accelerator_type=v4-32
+version=tpu-ubuntu2204-base
+project=""
+repo=""
+do_install=1
+delete_at_end=0
+dry_run=0
+args=()
+for arg in "$@"; do
+  case "$arg" in
+    --name=*) name=${arg#*=} ;;
+    --zone=*) zone=${arg#*=} ;;
+    --accelerator-type=*) accelerator_type=${arg#*=} ;;
+    --version=*) version=${arg#*=} ;;
+    --project=*) project=${arg#*=} ;;
+    --repo=*) repo=${arg#*=} ;;
+    --no-install) do_install=0 ;;
+    --delete-at-end) delete_at_end=1 ;;
+    --dry-run) dry_run=1 ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    --name | --zone | --accelerator-type | --version | --project | --repo)
+      die "write $arg=VALUE (with '=')"
+      ;;
+    *) args+=("$arg") ;;
+  esac
+done
+
+workdir="" config_given=0
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --workdir=*) workdir=${args[i]#*=} ;;
+    --workdir) workdir=${args[i + 1]:-} ;;
+    --config=* | --config) config_given=1 ;;
+  esac
+done
+[[ -n $workdir ]] || die "--workdir=gs://BUCKET/PATH is required (a pod's workers share no disk)"
+[[ $workdir == gs://?* ]] ||
+  die "--workdir must be a gs:// path, got '$workdir' (a pod's workers share no disk)"
+((config_given)) || die "--config=CONFIG_FILE is required"
+[[ -n $name && -n $zone ]] || die "--name and --zone must not be empty"
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+src_dir=dfa_jax_src # the copied checkout, in the workers' home directories
+venv=\$HOME/dfa_jax_venv
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+where=("--zone=$zone")
+[[ -z $project ]] || where+=("--project=$project")
+
+# What pip installs on the workers, as a word of the remote command.
+copy_checkout=0
+if [[ -z $repo ]]; then
+  copy_checkout=1
+  package=\$HOME/$src_dir
+elif [[ $repo == git+* ]]; then
+  package=$(quote "$repo")
+elif [[ $repo == *://* || $repo == git@* ]]; then
+  package=$(quote "git+$repo")
+else
+  package=$(quote "$repo")
+fi
+
+# The install, as one remote shell command: Python >= 3.11 (apt's python3.11 where the image's
+# python3 is older, e.g. Ubuntu 22.04's 3.10), a venv, jax[tpu], the package (reinstalled
+# even when its version is unchanged).
+install_cmd="set -e; py=python3; \
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+py=python3.11; command -v python3.11 >/dev/null || { sudo apt-get update -qq \
+&& sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv; }; fi; \
+\$py -m venv $venv; $venv/bin/pip install -q -U pip; \
+$venv/bin/pip install -q -U 'jax[tpu]'; $venv/bin/pip install -q $package; \
+$venv/bin/pip install -q --no-deps --force-reinstall $package"
+
+# The run, as one remote shell command: every worker logs to ~/dfa_jax_worker.log, worker 0 also
+# to the ssh session (its number comes from the metadata server).
+main_cmd="$venv/bin/python -m dfa_jax.main $(quote_all "${args[@]}") --distributed"
+run_cmd="set -o pipefail; cd; w=\$(curl -s -H Metadata-Flavor:Google \
+http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number); \
+if [ \"\$w\" = 0 ]; then $main_cmd 2>&1 | tee \$HOME/dfa_jax_worker.log; \
+else $main_cmd >\$HOME/dfa_jax_worker.log 2>&1; fi"
+
+describe=("${gcloud_tpu[@]}" describe "$name" "${where[@]}" '--format=value(state)')
+create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" "--accelerator-type=$accelerator_type"
+  "--version=$version")
+clean_src=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all
+  "--command=rm -rf \$HOME/$src_dir")
+# The copy of the checkout: $1/dfa_jax_src to every worker's home directory.
+scp_cmd() {
+  scp=("${gcloud_tpu[@]}" scp --recurse "$1/$src_dir" "$name:" "${where[@]}" --worker=all)
+}
+install=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all "--command=$install_cmd")
+run=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all "--command=$run_cmd")
+delete=("${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet)
+
+if [[ $dry_run -eq 1 ]]; then
+  echo "# whether TPU VM $name exists is only known by asking gcloud; a real run first calls:"
+  quote_all "${describe[@]}"
+  echo
+  echo "# and, when it does not exist:"
+  quote_all "${create[@]}"
+  echo
+  if ((do_install)); then
+    if ((copy_checkout)); then
+      echo "# copies $root's tracked and untracked, not ignored files to a temporary STAGE/$src_dir"
+      quote_all "${clean_src[@]}"
+      echo
+      scp_cmd STAGE
+      quote_all "${scp[@]}"
+      echo
+    fi
+    quote_all "${install[@]}"
+    echo
+  fi
+  quote_all "${run[@]}"
+  echo
+  if ((delete_at_end)); then
+    quote_all "${delete[@]}"
+    echo
+  fi
+  exit 0
+fi
+
+say() { echo "tpu_pod.sh: $*" >&2; }
+run_logged() {
+  say "$(quote_all "$@")"
+  "$@"
+}
+
+stage=""
+cleanup() {
+  local status=$?
+  [[ -z $stage ]] || rm -rf "$stage"
+  if ((delete_at_end)); then
+    say "deleting $name (--delete-at-end)"
+    run_logged "${delete[@]}" || status=$((status ? status : 1))
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+
+if state=$("${describe[@]}" 2>/dev/null); then
+  say "reusing TPU VM $name in $zone (state ${state:-unknown})"
+  [[ $state == READY ]] || die "TPU VM $name is ${state:-in an unknown state}, not READY;" \
+    "delete it (gcloud compute tpus tpu-vm delete $name --zone=$zone) or start it"
+else
+  run_logged "${create[@]}"
+fi
+
+if ((do_install)); then
+  if ((copy_checkout)); then
+    stage=$(mktemp -d)
+    mkdir "$stage/$src_dir"
+    if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+      git -C "$root" ls-files -z --cached --others --exclude-standard |
+        while IFS= read -r -d '' f; do [[ ! -f $root/$f ]] || printf '%s\0' "$f"; done |
+        tar -C "$root" --null -T - -cf - | tar -C "$stage/$src_dir" -xf -
+    else
+      cp -R "$root/." "$stage/$src_dir"
+    fi
+    run_logged "${clean_src[@]}"
+    scp_cmd "$stage"
+    run_logged "${scp[@]}"
+  fi
+  run_logged "${install[@]}"
+fi
+
+say "running on every worker of $name; worker 0's output follows; each worker's is in" \
+  "dfa_jax_worker.log in its home directory"
+run_logged "${run[@]}"
+say "finished; summaries and checkpoints are in $workdir"
