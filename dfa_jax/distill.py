@@ -130,9 +130,7 @@ def _run_helper_stage(
     optim = ml_collections.ConfigDict(config.distill.optim.to_dict())
     optim.epochs = epochs
     optim.schedule = "constant"
-    steps_per_epoch = loader.steps_per_epoch(
-        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
-    )
+    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
     tx = optimizers.sgd(optim, steps_per_epoch)
     stage = _stage(
         config,
@@ -263,9 +261,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, label: s
         student=teacher_lib.build_model(config.student.model, num_classes, config.dtype),
     )
     optim = config.distill.optim
-    steps_per_epoch = loader.steps_per_epoch(
-        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
-    )
+    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
     tx = optimizers.sgd(optim, steps_per_epoch)
     eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
     student_vars = teacher_lib.init_variables(pair.student, config.seed, mesh)

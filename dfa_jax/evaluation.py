@@ -30,14 +30,15 @@ def _eval_step(model, mean: tuple, std: tuple, variables, batch, totals):
 
 def make_model_eval_fn(model, config, data: inputs.RunData, mesh) -> Callable:
     """Builds `evaluate(variables) -> {'accuracy': float, 'loss': float}` of `model` (eval mode)
-    on this host's test split; the last batch is padded and masked out."""
-    images, labels = data.test
-    local_batch_size = parallel.local_batch_size(config.data.eval_batch_size)
+    on the test split: every example counted exactly once whatever the device and process count
+    (the last global batch is padded and masked out)."""
+    batch_size = config.data.eval_batch_size
+    rows = parallel.process_rows(mesh, batch_size)
     mean, std = tuple(data.info.mean), tuple(data.info.std)
 
     def evaluate(variables) -> dict:
         totals = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-        batches = loader.eval_batches(images, labels, local_batch_size)
+        batches = loader.eval_batches(data.test, batch_size, rows)
         for batch in parallel.prefetch_to_mesh(batches, mesh, config.data.prefetch):
             totals = _eval_step(model, mean, std, variables, batch, totals)
         correct, loss, count = jax.device_get(totals)

@@ -1,9 +1,11 @@
-"""A run's data, ready for the loop: this host's shards of every split, and on-device preprocessing.
+"""A run's data, ready for the loop: every split as all processes index it, and on-device
+preprocessing.
 
-`load(config, workdir)` reads the configured source once per run: the training split (and, for
-the search, its stratified 7:3 train/val split with the indices saved in the workdir, or the
-source's own validation split), and the test split. Each host keeps only its own contiguous shard
-of each index list and decodes only those images.
+`load(config, workdir)` reads the configured source's labels once per run: the training split
+(and, for the search, its stratified 7:3 train/val split with the indices saved in the workdir,
+or the source's own validation split), and the test split. Every process holds the same index
+lists; images are read on demand, each process only the rows of each global batch that its
+devices hold (`loader.py`), so the batches do not depend on how many processes there are.
 """
 
 from __future__ import annotations
@@ -18,63 +20,61 @@ import numpy as np
 from dfa_jax import data as data_lib
 from dfa_jax.data import augment, splits
 
-Split = tuple[np.ndarray, np.ndarray]  # (uint8 images [N, H, W, 3], int32 labels [N]) of this host.
+
+@dataclasses.dataclass(frozen=True)
+class SourceExamples:
+    """Examples `rows` of a source's split: labels int32 [N] here, images read from the source."""
+
+    source: data_lib.Source
+    split: str
+    rows: np.ndarray  # int [N] indices into `source.labels(split)`.
+    labels: np.ndarray  # int32 [N]
+
+    @classmethod
+    def of(cls, source, split: str, rows: np.ndarray | None = None) -> "SourceExamples":
+        labels = source.labels(split)
+        rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
+        return cls(source, split, rows, labels[rows].astype(np.int32))
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """uint8 [len(positions), S, S, 3] images at `positions` (into `labels`)."""
+        return self.source.images(self.split, self.rows[positions])
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 @dataclasses.dataclass
 class RunData:
-    """This host's share of the run's splits. `search_*` is loaded only when the search needs it."""
+    """The run's splits. `search_*` is set only when the search needs it."""
 
     info: data_lib.DatasetInfo
-    train: Split  # The full training split (teacher and distillation stages).
-    test: Split  # Evaluated every epoch.
-    search_train: Split | None = None  # Trains w during the search (7/10 of train by default).
-    search_val: Split | None = None  # Trains beta during the search.
-
-
-def _host_split(source, split: str, indices: np.ndarray, labels: np.ndarray) -> Split:
-    """This host's contiguous share of `indices`, after a fixed shuffle: sources list examples
-    class by class (image_folder), and a host must not hold a block of classes."""
-    shuffled = np.random.default_rng(0).permutation(indices)
-    mine = np.sort(splits.host_shard(shuffled, jax.process_index(), jax.process_count()))
-    return source.images(split, mine), labels[mine].astype(np.int32)
+    train: data_lib.Examples  # The full training split (teacher and distillation stages).
+    test: data_lib.Examples  # Evaluated every epoch.
+    search_train: data_lib.Examples | None = None  # Trains w in the search (7/10 of train).
+    search_val: data_lib.Examples | None = None  # Trains beta during the search.
 
 
 def load(config, workdir: str, search: bool) -> RunData:
-    """Loads this host's shards of the train and test splits (and the search splits if `search`)."""
+    """Indexes the train and test splits (and the search splits if `search`)."""
     data = config.data
     source = data_lib.make_source(data)
-    info = source.info
-
     # Sources apply data.max_*_examples themselves (a seeded class-stratified subset).
-    train_labels = source.labels(data.train_split)
-    train_idx = np.arange(len(train_labels))
-    test_labels = source.labels(data.test_split)
-    test_idx = np.arange(len(test_labels))
-    run = RunData(
-        info=info,
-        train=_host_split(source, data.train_split, train_idx, train_labels),
-        test=_host_split(source, data.test_split, test_idx, test_labels),
-    )
-
+    train = SourceExamples.of(source, data.train_split)
+    run = RunData(info=source.info, train=train, test=SourceExamples.of(source, data.test_split))
     if search:
         if data.val_split is None:
-            # The paper's protocol: 7:3 of the training set, stratified and seeded, saved for the record.
+            # The paper's protocol: 7:3 of the training set, stratified and seeded, saved for the
+            # record. Every process computes the same split; the file is written atomically.
             path = os.path.join(workdir, "search_split.json")
-            local_train, local_val = splits.load_or_create_split(
-                path, train_labels[train_idx], data.search_val_fraction, config.seed
+            train_idx, val_idx = splits.load_or_create_split(
+                path, train.labels, data.search_val_fraction, config.seed
             )
-            run.search_train = _host_split(
-                source, data.train_split, train_idx[local_train], train_labels
-            )
-            run.search_val = _host_split(
-                source, data.train_split, train_idx[local_val], train_labels
-            )
+            run.search_train = SourceExamples.of(source, data.train_split, train_idx)
+            run.search_val = SourceExamples.of(source, data.train_split, val_idx)
         else:
-            val_labels = source.labels(data.val_split)
-            val_idx = np.arange(len(val_labels))
-            run.search_train = run.train
-            run.search_val = _host_split(source, data.val_split, val_idx, val_labels)
+            run.search_train = train
+            run.search_val = SourceExamples.of(source, data.val_split)
     return run
 
 

@@ -5,6 +5,8 @@ Kept short on purpose; everything testable lives in the library.
   python -m dfa_jax.main --config=configs/demo.py --workdir=runs/demo
   python -m dfa_jax.main --config=configs/cifar100_teacher.py:tiny --workdir=/tmp/t \
       --config.teacher.optim.epochs=1
+  # Several processes (one per host or GPU) run the same command with --distributed, or with
+  # --coordinator_address/--num_processes/--process_id (launch/local.sh --processes N does this).
 """
 
 import os
@@ -25,7 +27,36 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory; re-running the same command resumes."
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join a multi-process run whose set-up JAX detects (TPU pod VMs, SLURM srun tasks, Open MPI).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 for an explicit multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in an explicit multi-process run."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _explicit_processes() -> bool:
+    """Whether the explicit multi-process flags are given (all three or none)."""
+    given = [f is not None for f in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)]
+    if any(given) and not all(given):
+        raise app.UsageError(
+            "--coordinator_address, --num_processes and --process_id go together"
+            " (launch/local.sh --processes N sets all three)"
+        )
+    if all(given) and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+        raise app.UsageError(
+            f"--process_id={_PROCESS_ID.value} must lie in [0, --num_processes={_NUM_PROCESSES.value})"
+        )
+    return all(given)
 
 
 def main(argv):
@@ -42,6 +73,10 @@ def main(argv):
     from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
 
     parallel.configure_cpu_devices(config.num_cpu_devices)
+    if _explicit_processes():
+        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+        parallel.initialize_distributed()
     from dfa_jax import config_lib, data, pipeline  # pylint: disable=g-import-not-at-top
 
     config.lock()

@@ -1,8 +1,14 @@
-"""Data parallelism: one `('data',)` mesh, replicated state, sharded batches, device prefetch.
+"""Data parallelism: one `('data',)` mesh over every device of every process, replicated state,
+sharded batches, device prefetch, and the multi-process set-up.
 
 We `jax.jit` over a `Mesh` rather than `pmap`: since JAX 0.8 `pmap` is in maintenance mode and is
 itself `jit(shard_map)`. Under `jit` the batch axis is sharded over 'data' and XLA inserts the
 collectives, so BatchNorm sees global-batch statistics with no `axis_name` plumbing.
+
+Several processes (TPU pod hosts, one process per GPU under SLURM, N processes on loopback) run
+the same program: `initialize_distributed` first, then the same mesh spans all their devices;
+each process feeds its rows of every global batch (`process_rows`) and
+`jax.make_array_from_process_local_data` assembles them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Iterable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -37,6 +44,33 @@ def configure_cpu_devices(num_cpu_devices: int) -> None:
         ).strip()
 
 
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins this process to a multi-process run (call before any other JAX call).
+
+    With no arguments JAX detects the cluster itself (TPU pod VMs, SLURM tasks, Open MPI); the
+    explicit form is how `launch/local.sh --processes N` starts N processes on one host. CPU
+    processes reach each other through gloo collectives (JAX's default on CPU).
+    """
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+def sync(tag: str) -> None:
+    """Waits until every process reaches this point (no-op for one process).
+
+    Used after process 0 writes a file that the others read next (alpha.json).
+    """
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(tag)
+
+
 def make_mesh(devices=None) -> Mesh:
     """A 1-D mesh over all devices of all processes (or `devices`), axis 'data'.
 
@@ -55,9 +89,22 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def local_batch_size(global_batch_size: int) -> int:
-    """This process's share of a global batch (validate() checks divisibility by device count)."""
-    return global_batch_size // jax.process_count()
+def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The contiguous rows of a global batch that this process's devices hold on `mesh`.
+
+    validate() checks that batch sizes divide by the device count; with the mesh's devices in
+    `jax.devices()` order each process holds one contiguous block (checked here).
+    """
+    index_map = batch_sharded(mesh).addressable_devices_indices_map((global_batch_size,))
+    bounds = sorted(s[0].indices(global_batch_size)[:2] for s in index_map.values())
+    start, stop = bounds[0][0], bounds[-1][1]
+    covered = sum(b - a for a, b in {tuple(b) for b in bounds})
+    if covered != stop - start:
+        raise ValueError(
+            f"this process's devices hold non-contiguous rows {bounds} of the batch; build the"
+            " mesh from jax.devices() in order"
+        )
+    return slice(start, stop)
 
 
 def jit_step(step, mesh: Mesh):
@@ -67,9 +114,16 @@ def jit_step(step, mesh: Mesh):
 
 
 def to_global(batch: dict, mesh: Mesh) -> dict:
-    """Assembles per-process numpy batches into global arrays sharded along 'data'."""
+    """Assembles per-process numpy batches (`process_rows` of each array) into global arrays
+    sharded along 'data'."""
     sharding = batch_sharded(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    processes = len({d.process_index for d in mesh.devices.flat})
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, x, (x.shape[0] * processes, *x.shape[1:])
+        ),
+        batch,
+    )
 
 
 def prefetch_to_mesh(batches: Iterable[dict], mesh: Mesh, size: int) -> Iterator[dict]:

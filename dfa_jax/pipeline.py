@@ -58,12 +58,13 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
         "tensorboard": f"tensorboard --logdir {os.path.abspath(workdir)}",
     }
     path = reporting.write_summary(workdir, summary)
-    print(reporting.results_table(stages))
-    if "search" in stages:
-        record = search.alpha_record_from_file(os.path.join(workdir, search.ALPHA_FILE))
-        print("searched alpha:\n" + reporting.alpha_table(record))
-    print(
-        f"summary: {path}\nTensorBoard logs: {os.path.abspath(workdir)}"
-        f" (view with `tensorboard --logdir {os.path.abspath(workdir)}`)"
-    )
+    if jax.process_index() == 0:  # One report per run, not one per process.
+        print(reporting.results_table(stages))
+        if "search" in stages:
+            record = search.alpha_record_from_file(os.path.join(workdir, search.ALPHA_FILE))
+            print("searched alpha:\n" + reporting.alpha_table(record))
+        print(
+            f"summary: {path}\nTensorBoard logs: {os.path.abspath(workdir)}"
+            f" (view with `tensorboard --logdir {os.path.abspath(workdir)}`)"
+        )
     return summary

@@ -211,8 +211,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
     batch_stats = {"student": student_vars["batch_stats"], "st": st_stats, "ts": ts_stats}
 
     optim = w_optim(config.search, num_groups)
-    local_batch = parallel.local_batch_size(optim.batch_size)
-    steps_per_epoch = loader.steps_per_epoch(len(data.search_train[1]), local_batch)
+    steps_per_epoch = loader.steps_per_epoch(len(data.search_train.labels), optim.batch_size)
     w_tx = optimizers.sgd(optim, steps_per_epoch)
     schedule = optimizers.lr_schedule(optim, steps_per_epoch)
     beta_tx = beta_optimizer(config.search)
@@ -273,9 +272,9 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
     train_loop.write_json_atomic(
         os.path.join(workdir, ALPHA_FILE), {"teacher": config.teacher.model, "groups": record}
     )
-    history = _alpha_history(directory, num_groups)
-    train_loop.write_json_atomic(os.path.join(directory, "alpha_history.json"), history)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # Only process 0 writes metrics.jsonl, the history's source.
+        history = _alpha_history(directory, num_groups)
+        train_loop.write_json_atomic(os.path.join(directory, "alpha_history.json"), history)
         reporting.plot_alpha_heatmap(record, os.path.join(workdir, "alpha_heatmap.png"))
         reporting.plot_alpha_trajectories(
             history, record, os.path.join(directory, "alpha_trajectories.png")
@@ -289,4 +288,5 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         "student_last_accuracy": result["last_accuracy"],
     }
     train_loop.write_json_atomic(os.path.join(directory, train_loop.RESULT_FILE), summary)
+    parallel.sync("search: alpha.json written")  # Every process's distillation reads it next.
     return summary

@@ -115,9 +115,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
         return train_loop.read_result(directory), load_variables(directory, model, mesh)
 
     optim = config.teacher.optim
-    steps_per_epoch = loader.steps_per_epoch(
-        len(data.train[1]), parallel.local_batch_size(optim.batch_size)
-    )
+    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
     tx = optimizers.sgd(optim, max(steps_per_epoch, 1))
     variables = init_variables(model, config.seed, mesh)
     state = jax.jit(

@@ -48,13 +48,13 @@ class Stage:
     step_fn: Callable  # Jitted `step(state, batch, val_batch, aux) -> (state, metrics)`.
     # `state -> {'accuracy': float, 'loss': float}` on the test split; None: no evaluation.
     eval_fn: Callable[[Any], dict] | None
-    # This host's (uint8 images [N, H, W, 3], int labels [N]).
-    train_data: tuple[np.ndarray, np.ndarray]
+    # The training split as every process indexes it (labels [N], images read on demand).
+    train_data: loader.Examples
     epochs: int
     batch_size: int  # Global batch size.
     seed: int
     # beta's batches (search); None otherwise.
-    val_data: tuple[np.ndarray, np.ndarray] | None = None
+    val_data: loader.Examples | None = None
     aux: Any = None  # Passed to every step un-donated (the frozen teacher's variables).
     lr_fn: Callable[[int], Any] | None = None  # For the 'lr' scalar.
     # `(state, epoch) -> scalars` logged with the epoch's evaluation, e.g. alpha.
@@ -105,14 +105,14 @@ class _MetricsFile:
 
 
 def _batches(
-    data, local_batch_size: int, seed: int, start_step: int, steps_per_epoch: int
+    examples: loader.Examples, batch_size: int, seed: int, start_step: int, rows: slice
 ) -> Iterator[dict]:
-    """Endless seeded batches from `start_step` on, epoch after epoch."""
-    images, labels = data
+    """Endless seeded batches (this process's `rows` of each) from `start_step` on."""
+    steps_per_epoch = loader.steps_per_epoch(len(examples.labels), batch_size)
     epoch = start_step // steps_per_epoch
     start_batch = start_step % steps_per_epoch
     while True:
-        yield from loader.train_batches(images, labels, local_batch_size, seed, epoch, start_batch)
+        yield from loader.train_batches(examples, batch_size, seed, epoch, start_batch, rows)
         epoch, start_batch = epoch + 1, 0
 
 
@@ -128,13 +128,10 @@ def run(stage: Stage, config, mesh) -> dict:
     `best_accuracy`, `best_epoch`, `last_accuracy`, `epochs`, `steps`, `wall_time_s`.
     """
     os.makedirs(stage.directory, exist_ok=True)
-    local_batch_size = parallel.local_batch_size(stage.batch_size)
-    steps_per_epoch = loader.steps_per_epoch(len(stage.train_data[1]), local_batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"stage {stage.name!r}: {len(stage.train_data[1])} training examples per host make no batch"
-            f" of {local_batch_size}; lower the batch size or use more data."
-        )
+    try:
+        steps_per_epoch = loader.steps_per_epoch(len(stage.train_data.labels), stage.batch_size)
+    except ValueError as e:
+        raise ValueError(f"stage {stage.name!r}: {e}") from None
     total_steps = steps_per_epoch * stage.epochs
 
     ckpt = checkpointing.Checkpointer(
@@ -163,11 +160,10 @@ def run(stage: Stage, config, mesh) -> dict:
     )
     metrics_file = _MetricsFile(os.path.join(stage.directory, "metrics.jsonl"), step)
 
-    train_iter = _batches(stage.train_data, local_batch_size, stage.seed, step, steps_per_epoch)
+    rows = parallel.process_rows(mesh, stage.batch_size)
+    train_iter = _batches(stage.train_data, stage.batch_size, stage.seed, step, rows)
     if stage.val_data is not None:
-        val_local = parallel.local_batch_size(stage.batch_size)
-        val_spe = loader.steps_per_epoch(len(stage.val_data[1]), val_local)
-        val_iter = _batches(stage.val_data, val_local, stage.seed + 1, step, val_spe)
+        val_iter = _batches(stage.val_data, stage.batch_size, stage.seed + 1, step, rows)
         pairs = ({"train": t, "val": v} for t, v in zip(train_iter, val_iter))
     else:
         pairs = ({"train": t} for t in train_iter)

@@ -109,16 +109,6 @@ def test_stratified_subset_keeps_every_class():
     np.testing.assert_array_equal(data.stratified_subset(UNEVEN_LABELS, 500, 0), np.arange(90))
 
 
-def test_host_shard_is_disjoint_and_equal():
-    indices = np.random.default_rng(0).permutation(103)
-    shards = [data.host_shard(indices, i, 4) for i in range(4)]
-    assert [len(s) for s in shards] == [25] * 4
-    np.testing.assert_array_equal(np.concatenate(shards), indices[:100])
-    assert len(set(np.concatenate(shards))) == 100
-    with pytest.raises(ValueError):
-        data.host_shard(indices, 4, 4)
-
-
 # ----------------------------------------------------------------------------------- augmentation
 
 AUG_STATIC = ("pad", "pad_mode", "flip")
@@ -196,22 +186,25 @@ def test_normalize_matches_numpy():
 def _indexed_examples(n):
     """uint8 images whose pixels all equal the example index; label = index % 7."""
     images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 3))
-    return np.ascontiguousarray(images), np.arange(n) % 7
+    return data.ArrayExamples(np.ascontiguousarray(images), np.arange(n) % 7)
+
+
+def _ids(batches):
+    return np.concatenate([b["image"][:, 0, 0, 0] for b in batches]).astype(int)
 
 
 def test_train_batches_order_resume_and_remainder():
-    images, labels = _indexed_examples(103)
-    batches = list(data.train_batches(images, labels, 10, seed=0, epoch=0))
+    examples = _indexed_examples(103)
+    batches = list(data.train_batches(examples, 10, seed=0, epoch=0))
     assert len(batches) == data.steps_per_epoch(103, 10) == 10
-    seen = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
-    assert len(set(seen)) == 100  # each example at most once, 3 dropped
+    assert len(set(_ids(batches))) == 100  # each example at most once, 3 dropped
     for b in batches:
         assert b["image"].shape == (10, 4, 4, 3) and b["image"].dtype == np.uint8
         assert b["label"].dtype == np.int32
         np.testing.assert_array_equal(b["label"], b["image"][:, 0, 0, 0] % 7)
-    same = list(data.train_batches(images, labels, 10, seed=0, epoch=0))
-    next_epoch = list(data.train_batches(images, labels, 10, seed=0, epoch=1))
-    resumed = list(data.train_batches(images, labels, 10, seed=0, epoch=0, start_batch=7))
+    same = list(data.train_batches(examples, 10, seed=0, epoch=0))
+    next_epoch = list(data.train_batches(examples, 10, seed=0, epoch=1))
+    resumed = list(data.train_batches(examples, 10, seed=0, epoch=0, start_batch=7))
     for a, b in zip(batches, same):
         np.testing.assert_array_equal(a["image"], b["image"])
     assert not np.array_equal(batches[0]["image"], next_epoch[0]["image"])
@@ -222,17 +215,39 @@ def test_train_batches_order_resume_and_remainder():
         data.steps_per_epoch(5, 10)
 
 
-def test_eval_batches_cover_every_example_once_with_masks():
-    images, labels = _indexed_examples(23)
-    batches = list(data.eval_batches(images, labels, 10))
-    assert len(batches) == 3
-    for b in batches:
-        assert b["image"].shape == (10, 4, 4, 3) and b["mask"].dtype == np.float32
-    mask = np.concatenate([b["mask"] for b in batches])
-    np.testing.assert_array_equal(mask, [1.0] * 23 + [0.0] * 7)
-    seen = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])[mask == 1]
-    np.testing.assert_array_equal(seen, np.arange(23))
-    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[:23], labels)
+@pytest.mark.parametrize("processes", [2, 5])
+def test_process_rows_of_train_batches_make_the_one_process_batches(processes):
+    """Each process reads only its rows; together, in process order, they are the batches one
+    process would read, so the run does not depend on the process count."""
+    examples = _indexed_examples(103)
+    whole = list(data.train_batches(examples, 10, seed=3, epoch=2))
+    per = 10 // processes
+    parts = [
+        list(data.train_batches(examples, 10, 3, 2, rows=slice(p * per, (p + 1) * per)))
+        for p in range(processes)
+    ]
+    for k, batch in enumerate(whole):
+        np.testing.assert_array_equal(
+            np.concatenate([parts[p][k]["image"] for p in range(processes)]), batch["image"]
+        )
+        assert all(len(parts[p][k]["label"]) == per for p in range(processes))
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_eval_batches_cover_every_example_once_with_masks(processes):
+    examples = _indexed_examples(23)
+    per = 12 // processes
+    seen, count = [], 0
+    for p in range(processes):
+        batches = list(data.eval_batches(examples, 12, rows=slice(p * per, (p + 1) * per)))
+        assert len(batches) == 2  # every process runs the same number of steps
+        for b in batches:
+            assert b["image"].shape == (per, 4, 4, 3) and b["mask"].dtype == np.float32
+            real = b["mask"] == 1
+            seen.extend(b["image"][real, 0, 0, 0].astype(int))
+            np.testing.assert_array_equal(b["label"][real], b["image"][real, 0, 0, 0] % 7)
+            count += int(real.sum())
+    assert count == 23 and sorted(seen) == list(range(23))
 
 
 # ------------------------------------------------------------------------------------------- tfds

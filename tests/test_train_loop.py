@@ -132,9 +132,9 @@ def test_non_finite_loss_stops_with_stage_and_step(tmp_path, monkeypatch):
     real_batches = loader.train_batches
     bad_step = 3  # 1-based step whose batch carries a NaN.
 
-    def poisoned(images, labels, local_batch_size, seed, epoch, start_batch=0):
+    def poisoned(examples, batch_size, seed, epoch, start_batch=0, rows=None):
         for i, batch in enumerate(
-            real_batches(images, labels, local_batch_size, seed, epoch, start_batch)
+            real_batches(examples, batch_size, seed, epoch, start_batch, rows)
         ):
             if epoch == 0 and start_batch + i == bad_step - 1:
                 image = batch["image"].astype(np.float32)

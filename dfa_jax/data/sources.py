@@ -4,7 +4,7 @@ A `Source` answers two questions about a split (named as the source names it: TF
 'test', an image folder's sub-folder names, an npz file prefix): `labels(split)`, cheap and for
 the whole split, and `images(split, indices)`, which reads only the requested rows where the
 format allows it. Every host computes the same index split from the labels and then reads just
-its own shard of images (see `splits.host_shard`). What was read stays cached in the object.
+its own rows of each global batch (see `loader.py`). What was read stays cached in the object.
 
 Four kinds (`data.source`):
 - `tfds`: CIFAR-10/100 through TensorFlow Datasets. Offline with nothing prepared it fails within
@@ -340,9 +340,11 @@ class ImageFolderSource(Source):
         paths, _ = self._list(split)
         cache = self._decoded[split]
         missing = sorted({int(r) for r in rows} - cache.keys())
-        with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
-            for row, image in zip(missing, pool.map(self._decode, [paths[r] for r in missing])):
-                cache[row] = image
+        if missing:
+            with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+                decoded = pool.map(self._decode, [paths[r] for r in missing])
+                for row, image in zip(missing, decoded):
+                    cache[row] = image
         return np.stack([cache[int(r)] for r in rows])
 
 

@@ -1,4 +1,4 @@
-"""Index bookkeeping: class-stratified splits, small stratified subsets, per-host shards.
+"""Index bookkeeping: class-stratified splits and small stratified subsets.
 
 Everything here works on index arrays, never on images, so it is cheap on every host and every
 host computes the same answer from the same labels and seed. The search stage's train/val split
@@ -131,23 +131,3 @@ def load_or_create_split(
     tmp.write_text(json.dumps({**expected, "train": train_idx.tolist(), "val": val_idx.tolist()}))
     tmp.replace(file)
     return train_idx, val_idx
-
-
-def host_shard(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-    """The contiguous share of `indices` that host `process_index` reads.
-
-    Every host gets len(indices) // process_count entries, the trailing remainder is dropped:
-    hosts must run the same number of steps, or the collectives of a jitted step deadlock.
-
-    Args:
-        indices: [N] any index array (e.g. from `stratified_split`).
-        process_index: this host, in [0, process_count).
-        process_count: number of hosts.
-
-    Returns:
-        [N // process_count] the slice of `indices` for this host.
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    per_host = len(indices) // process_count
-    return np.asarray(indices)[process_index * per_host : (process_index + 1) * per_host]
