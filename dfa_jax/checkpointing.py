@@ -8,18 +8,19 @@ directory is ignored). Each checkpoint holds the train state (arrays) and a smal
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from dfa_jax import files
 
 
 class Checkpointer:
     """Saves and restores `(state, meta)` pairs under `directory`, keeping the newest `keep`."""
 
     def __init__(self, directory: str, keep: int):
-        self.directory = os.path.abspath(directory) if "://" not in directory else directory
+        self.directory = files.absolute(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

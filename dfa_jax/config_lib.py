@@ -14,6 +14,8 @@ import re
 import ml_collections
 from ml_collections.config_dict import placeholder  # Optional fields the command line can set.
 
+from dfa_jax import errors
+
 # Stages the pipeline knows, in the order it runs them.
 STAGES = ("teacher", "search", "distill")
 AGGREGATIONS = ("dfa", "last", "average", "random", "file")
@@ -22,8 +24,7 @@ METHODS = ("none", "kd", "fitnets", "at", "jacobian", "ft", "ab", "sp", "margin"
 SCHEDULES = ("step", "cosine", "constant")
 
 
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the field(s) and the fix."""
+ConfigError = errors.ConfigError  # Re-exported: config files and callers catch it here.
 
 
 def optim_recipe(name: str) -> ml_collections.ConfigDict:

@@ -12,7 +12,6 @@ Aggregations (`distill.aggregation`, Table 5): 'dfa' (this run's alpha.json), 'l
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -23,7 +22,9 @@ import ml_collections
 from dfa_jax import bilevel
 from dfa_jax import config_lib
 from dfa_jax import evaluation
+from dfa_jax import errors
 from dfa_jax import features
+from dfa_jax import files
 from dfa_jax import inputs
 from dfa_jax import losses
 from dfa_jax import methods
@@ -36,14 +37,12 @@ from dfa_jax import train_loop
 from dfa_jax.data import loader
 
 
-class AlphaFileError(ValueError):
-    """An alpha.json that does not fit the teacher's group layout."""
+AlphaFileError = errors.AlphaFileError  # Re-exported for callers of load_alpha_file.
 
 
 def load_alpha_file(path: str, teacher_model) -> list[np.ndarray]:
     """Per group, alpha [N_i] from an alpha.json, checked against the teacher's feature groups."""
-    with open(path) as f:
-        record = json.load(f)
+    record = files.read_json(path)
     groups = teacher_model.feature_groups()
     found = [tuple(g["layers"]) for g in record["groups"]]
     if len(found) != len(groups):

@@ -77,12 +77,12 @@ def main(argv):
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _DISTRIBUTED.value:
         parallel.initialize_distributed()
-    from dfa_jax import config_lib, data, pipeline  # pylint: disable=g-import-not-at-top
+    from dfa_jax import errors, pipeline  # pylint: disable=g-import-not-at-top
 
     config.lock()
     try:
         pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
-    except (config_lib.ConfigError, data.DataError) as e:
+    except errors.InputError as e:
         # A user's mistake, already explained: the message, not a traceback.
         sys.exit(f"error: {e}")
 

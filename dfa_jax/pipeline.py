@@ -14,19 +14,19 @@ from absl import logging
 
 from dfa_jax import config_lib
 from dfa_jax import distill
+from dfa_jax import files
 from dfa_jax import inputs
 from dfa_jax import parallel
 from dfa_jax import reporting
 from dfa_jax import search
 from dfa_jax import teacher
-from dfa_jax import train_loop
 
 
 def run(config, workdir: str, config_path: str | None = None) -> dict:
     """Runs the configured stages in `workdir` and returns (and writes) the run's summary."""
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    train_loop.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    files.makedirs(workdir)
+    files.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     mesh = parallel.make_mesh()
     logging.info(
         "mesh: %d %s devices over %d process(es)",
@@ -47,7 +47,7 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
             stages[f"distill/{name}"] = distill.run(config, workdir, mesh, data, teacher_vars, name)
 
     summary = {
-        "workdir": os.path.abspath(workdir),
+        "workdir": files.absolute(workdir),
         "config_path": config_path,
         "config_hash": reporting.config_hash(config),
         "seed": config.seed,
@@ -55,7 +55,7 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
         "teacher_model": config.teacher.model,
         "student_model": config.student.model,
         "stages": stages,
-        "tensorboard": f"tensorboard --logdir {os.path.abspath(workdir)}",
+        "tensorboard": f"tensorboard --logdir {files.absolute(workdir)}",
     }
     path = reporting.write_summary(workdir, summary)
     if jax.process_index() == 0:  # One report per run, not one per process.
@@ -64,7 +64,7 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
             record = search.alpha_record_from_file(os.path.join(workdir, search.ALPHA_FILE))
             print("searched alpha:\n" + reporting.alpha_table(record))
         print(
-            f"summary: {path}\nTensorBoard logs: {os.path.abspath(workdir)}"
-            f" (view with `tensorboard --logdir {os.path.abspath(workdir)}`)"
+            f"summary: {path}\nTensorBoard logs: {files.absolute(workdir)}"
+            f" (view with `tensorboard --logdir {files.absolute(workdir)}`)"
         )
     return summary

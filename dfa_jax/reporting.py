@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
 
 import numpy as np
 
-from dfa_jax import train_loop
+from dfa_jax import files
 
 SUMMARY_FILE = "summary.json"
 _LABELS = {"distill/none": "student alone", "distill/dfa": "student + DFA"}
@@ -21,7 +21,7 @@ def config_hash(config) -> str:
 
 def write_summary(workdir: str, summary: dict) -> str:
     path = os.path.join(workdir, SUMMARY_FILE)
-    train_loop.write_json_atomic(path, summary)
+    files.write_json_atomic(path, summary)
     return path
 
 
@@ -46,8 +46,7 @@ def results_table(stages: dict) -> str:
 
 
 def load_summary(workdir: str) -> dict:
-    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-        return json.load(f)
+    return files.read_json(os.path.join(workdir, SUMMARY_FILE))
 
 
 def alpha_table(record: list[dict]) -> str:
@@ -67,6 +66,13 @@ def _pyplot():
     return plt
 
 
+def _save_png(fig, path: str) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    _pyplot().close(fig)
+    files.write_bytes_atomic(path, buffer.getvalue())
+
+
 def plot_alpha_heatmap(record: list[dict], path: str) -> None:
     """Groups x teacher layers heatmap of alpha (the paper's Fig. 4, left); blank = no layer."""
     plt = _pyplot()
@@ -84,8 +90,7 @@ def plot_alpha_heatmap(record: list[dict], path: str) -> None:
     ax.set_title("aggregation weights alpha")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def plot_alpha_trajectories(history: list[dict], record: list[dict], path: str) -> None:
@@ -103,5 +108,4 @@ def plot_alpha_trajectories(history: list[dict], record: list[dict], path: str) 
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("alpha")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, path)

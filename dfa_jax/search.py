@@ -25,6 +25,7 @@ import optax
 from dfa_jax import bilevel
 from dfa_jax import evaluation
 from dfa_jax import features
+from dfa_jax import files
 from dfa_jax import inputs
 from dfa_jax import losses
 from dfa_jax import methods
@@ -170,20 +171,19 @@ def alpha_record(teacher_model, beta) -> list[dict]:
 
 
 def alpha_record_from_file(path: str) -> list[dict]:
-    with open(path) as f:
-        return json.load(f)["groups"]
+    return files.read_json(path)["groups"]
 
 
 def _alpha_history(directory: str, num_groups: int) -> list[dict]:
     """Per searched epoch, the alpha of every group, from the sub-stages' metrics.jsonl."""
     history = []
     for i in range(1, num_groups + 1):
-        with open(os.path.join(directory, methods.group_key(i), "metrics.jsonl")) as f:
-            for line in f:
-                row = json.loads(line)
-                if "epoch" in row:
-                    alpha = {k: v for k, v in row.items() if k.startswith("alpha/")}
-                    history.append({"group": i, "epoch": row["epoch"], **alpha})
+        metrics = files.read_text(os.path.join(directory, methods.group_key(i), "metrics.jsonl"))
+        for line in metrics.splitlines():
+            row = json.loads(line)
+            if "epoch" in row:
+                alpha = {k: v for k, v in row.items() if k.startswith("alpha/")}
+                history.append({"group": i, "epoch": row["epoch"], **alpha})
     return history
 
 
@@ -269,12 +269,12 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         state = result.pop("state")
 
     record = alpha_record(teacher_model, state.beta)
-    train_loop.write_json_atomic(
+    files.write_json_atomic(
         os.path.join(workdir, ALPHA_FILE), {"teacher": config.teacher.model, "groups": record}
     )
     if jax.process_index() == 0:  # Only process 0 writes metrics.jsonl, the history's source.
         history = _alpha_history(directory, num_groups)
-        train_loop.write_json_atomic(os.path.join(directory, "alpha_history.json"), history)
+        files.write_json_atomic(os.path.join(directory, "alpha_history.json"), history)
         reporting.plot_alpha_heatmap(record, os.path.join(workdir, "alpha_heatmap.png"))
         reporting.plot_alpha_trajectories(
             history, record, os.path.join(directory, "alpha_trajectories.png")
@@ -287,6 +287,6 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         "student_best_accuracy": result["best_accuracy"],
         "student_last_accuracy": result["last_accuracy"],
     }
-    train_loop.write_json_atomic(os.path.join(directory, train_loop.RESULT_FILE), summary)
+    files.write_json_atomic(os.path.join(directory, train_loop.RESULT_FILE), summary)
     parallel.sync("search: alpha.json written")  # Every process's distillation reads it next.
     return summary

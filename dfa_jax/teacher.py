@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from dfa_jax import bilevel
 from dfa_jax import evaluation
+from dfa_jax import files
 from dfa_jax import inputs
 from dfa_jax import models
 from dfa_jax import optimizers
@@ -67,10 +68,10 @@ def resolve_checkpoint(path: str) -> str:
         os.path.join(path, VARIABLES_DIR),
         os.path.join(path, "teacher", VARIABLES_DIR),
     ):
-        if os.path.exists(os.path.join(candidate, "_CHECKPOINT_METADATA")) or (
-            os.path.exists(os.path.join(candidate, "_METADATA"))
+        if files.exists(os.path.join(candidate, "_CHECKPOINT_METADATA")) or (
+            files.exists(os.path.join(candidate, "_METADATA"))
         ):
-            return os.path.abspath(candidate)
+            return files.absolute(candidate)
     raise FileNotFoundError(
         f"teacher.checkpoint = {path!r} holds no teacher variables; give WORKDIR/teacher/variables"
         " of a finished teacher stage (or the workdir that holds it)."
@@ -80,7 +81,7 @@ def resolve_checkpoint(path: str) -> str:
 def save_variables(directory: str, variables) -> None:
     """Writes `{'params', 'batch_stats'}` atomically (orbax renames a finished temp directory)."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(directory), variables, force=True)
+    checkpointer.save(files.absolute(directory), variables, force=True)
     checkpointer.wait_until_finished()
 
 

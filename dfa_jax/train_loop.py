@@ -26,6 +26,7 @@ from absl import logging
 from clu import metric_writers
 
 from dfa_jax import checkpointing
+from dfa_jax import files
 from dfa_jax import parallel
 from dfa_jax.data import loader
 
@@ -65,43 +66,36 @@ class Stage:
 
 
 def is_done(directory: str) -> bool:
-    return os.path.exists(os.path.join(directory, RESULT_FILE))
+    return files.exists(os.path.join(directory, RESULT_FILE))
 
 
 def read_result(directory: str) -> dict:
-    with open(os.path.join(directory, RESULT_FILE)) as f:
-        return json.load(f)
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Writes JSON next to `path` and renames it into place, so readers never see half a file."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    return files.read_json(os.path.join(directory, RESULT_FILE))
 
 
 class _MetricsFile:
     """`metrics.jsonl`, one JSON object per line; on resume, rows after the checkpoint are dropped
-    so that the file reads as if the run had never been interrupted."""
+    so that the file reads as if the run had never been interrupted.
+
+    The whole file is rewritten atomically at each write (object stores cannot append; a few
+    thousand rows per stage keep that cheap), so a killed run never leaves a torn line.
+    """
 
     def __init__(self, path: str, resume_step: int):
         self._path = path
         self._enabled = jax.process_index() == 0
-        if self._enabled and os.path.exists(path):
-            with open(path) as f:
-                rows = [
-                    line for line in f if line.strip() and json.loads(line)["step"] <= resume_step
-                ]
-            with open(path, "w") as f:
-                f.writelines(rows)
+        self._lines: list[str] = []
+        if self._enabled and files.exists(path):
+            self._lines = [
+                line + "\n"
+                for line in files.read_text(path).splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
 
     def write(self, row: dict) -> None:
         if self._enabled:
-            with open(self._path, "a") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
+            self._lines.append(json.dumps(row, sort_keys=True) + "\n")
+            files.write_text_atomic(self._path, "".join(self._lines))
 
 
 def _batches(
@@ -127,7 +121,7 @@ def run(stage: Stage, config, mesh) -> dict:
     The result (also written to `stage.directory/result.json`, which marks the stage as done) has
     `best_accuracy`, `best_epoch`, `last_accuracy`, `epochs`, `steps`, `wall_time_s`.
     """
-    os.makedirs(stage.directory, exist_ok=True)
+    files.makedirs(stage.directory)
     try:
         steps_per_epoch = loader.steps_per_epoch(len(stage.train_data.labels), stage.batch_size)
     except ValueError as e:
@@ -286,7 +280,7 @@ def run(stage: Stage, config, mesh) -> dict:
         "steps": total_steps,
         "wall_time_s": wall_before + time.time() - run_start,
     }
-    write_json_atomic(os.path.join(stage.directory, RESULT_FILE), result)
+    files.write_json_atomic(os.path.join(stage.directory, RESULT_FILE), result)
     ckpt.close()
     return result | {"state": state}
 

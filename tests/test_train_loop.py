@@ -194,6 +194,24 @@ def test_one_device_and_two_devices_agree():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, two)
 
 
+def test_teacher_stage_on_one_device_equals_two(tmp_path, monkeypatch):
+    """The same config and seed give the same run on a 1-device and a 2-device mesh: the batches
+    do not depend on the device count and BatchNorm sees global-batch statistics."""
+    config = tiny_demo(**{"teacher.optim.epochs": 2, "data.max_test_examples": 45})
+    two = pipeline.run(config, str(tmp_path / "two"))["stages"]["teacher"]
+    real_make_mesh = parallel.make_mesh
+    monkeypatch.setattr(parallel, "make_mesh", lambda: real_make_mesh(jax.devices()[:1]))
+    one = pipeline.run(config, str(tmp_path / "one"))["stages"]["teacher"]
+    for key in ("best_accuracy", "last_accuracy", "steps"):
+        assert one[key] == pytest.approx(two[key], abs=1e-6), key
+
+    def losses(name):
+        rows = read_jsonl(os.path.join(tmp_path, name, "teacher", "metrics.jsonl"))
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    np.testing.assert_allclose(losses("one"), losses("two"), rtol=1e-4)
+
+
 def test_sgd_matches_pytorch_rule():
     """Coupled weight decay then (Nesterov) momentum, as torch.optim.SGD: NumPy re-derivation."""
     for nesterov in (False, True):

@@ -13,9 +13,10 @@ import uuid
 import numpy as np
 from etils import epath
 
+from dfa_jax import errors
 
-class DataError(ValueError):
-    """The data is missing, malformed or inconsistent with the config; the message says why."""
+
+DataError = errors.DataError  # Re-exported: `dfa_jax.data.DataError`.
 
 
 def stratified_split(

@@ -1,0 +1,66 @@
+"""Workdir file I/O that works the same on a local disk and on an object store (`gs://...`).
+
+A TPU pod's hosts share no disk, so its workdir is a bucket: everything the pipeline writes or
+reads back (JSON records, metrics, plots) goes through `etils.epath`, which speaks both. Object
+stores have no append and no atomic rename of open files, so every write here is a whole file
+written next to its target and renamed into place: a reader (or a run killed mid-write) never
+sees half a file. Writes happen on process 0 only; the other processes of a multi-process run
+read what it wrote after a `parallel.sync`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from typing import Any
+
+import jax
+from etils import epath
+
+
+def is_remote(path: str) -> bool:
+    """Whether `path` names an object store location (`gs://bucket/...`, `s3://...`)."""
+    return bool(re.match(r"^[a-z0-9]+://", str(path)))
+
+
+def absolute(path: str) -> str:
+    """`path` made absolute (object store paths are already)."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    return epath.Path(path).exists()
+
+
+def makedirs(path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_json(path: str) -> Any:
+    return json.loads(epath.Path(path).read_text())
+
+
+def read_text(path: str) -> str:
+    return epath.Path(path).read_text()
+
+
+def write_bytes_atomic(path: str, payload: bytes) -> None:
+    """Writes `payload` to a unique temporary file beside `path`, then renames it into place
+    (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    target = epath.Path(path)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    tmp.write_bytes(payload)
+    tmp.replace(target)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """Writes `payload` as indented, key-sorted JSON, atomically (process 0 only)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
