@@ -1,0 +1,542 @@
+"""Wide ResNets between PyTorch and dfa_jax: state_dict <-> Flax variables, and a command line.
+
+The PyTorch layout is the one WideResNet-pytorch, RepDistiller and overhaul-distillation share:
+`conv1.weight`, `block{g}.layer.{j}.{bn1,conv1,bn2,conv2,convShortcut}.*`, `bn1.*`, `fc.*`.
+It maps 1:1 onto `dfa_jax.models.WideResNet` (`conv1`, `block{g}_layer{j}/{...,conv_shortcut}`,
+`bn1`, `fc`): conv kernels OIHW <-> HWIO, the linear weight (out, in) <-> (in, out), BatchNorm
+weight/bias/running_mean/running_var <-> scale/bias (params) and mean/var (batch_stats).
+
+  # A PyTorch teacher -> a variables directory that --config.teacher.checkpoint=OUT loads:
+  python -m dfa_jax.interop import --model wrn_28_4 --num-classes 100 teacher.pth OUT
+  # A trained teacher or distilled student -> a PyTorch state_dict:
+  python -m dfa_jax.interop export --model wrn_16_2 --num-classes 100 WORKDIR/distill/dfa s.pth
+
+PyTorch is optional: importing this module never imports it; what needs it raises ImportError
+naming the extra (`pip install 'dfa_jax[torch]'`). Files are read with `weights_only=True`, so a
+checkpoint that would run arbitrary code when unpickled is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import os
+import pickle
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dfa_jax import errors
+
+TORCH_INSTALL = "pip install 'dfa_jax[torch]'"
+# Checkpoint dicts that hold the state_dict one level down (overhaul: 'model', RepDistiller:
+# 'model', common trainers: 'state_dict' / 'net'), tried in this order.
+NESTED_KEYS = ("state_dict", "model", "net")
+DATA_PARALLEL_PREFIX = "module."
+# How many further problems a shape-mismatch message lists after the first.
+_MORE_PROBLEMS_SHOWN = 3
+
+
+class InteropError(errors.InputError):
+    """A state_dict or variables tree that does not fit the requested WideResNet, or an unsafe
+    or unreadable file (a ValueError, like every user-fixable error of dfa_jax)."""
+
+
+def import_torch():
+    """Returns the `torch` module, or raises ImportError saying how to install it."""
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        raise ImportError(f"this needs PyTorch; install it with: {TORCH_INSTALL}") from e
+    return torch
+
+
+# ------------------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One tensor: its PyTorch key and shape, its Flax path (collection first) and shape."""
+
+    torch_key: str
+    flax_path: tuple[str, ...]
+    kind: str  # 'conv' (OIHW <-> HWIO), 'dense' ((out, in) <-> (in, out)) or 'vector'.
+    flax_shape: tuple[int, ...]
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        s = self.flax_shape
+        if self.kind == "conv":
+            return (s[3], s[2], s[0], s[1])
+        if self.kind == "dense":
+            return (s[1], s[0])
+        return s
+
+    @property
+    def flax_key(self) -> str:
+        return "/".join(self.flax_path)
+
+
+def model_name(depth: int, width: int) -> str:
+    return f"wrn_{depth}_{width}"
+
+
+def parse_model_name(name: str) -> tuple[int, int]:
+    """'wrn_{depth}_{width}' -> (depth, width); InteropError for anything else."""
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+
+    match = re.fullmatch(r"wrn_(\d+)_(\d+)", name)
+    if match is None or not models.is_valid_model_name(name):
+        raise InteropError(
+            f"model {name!r} cannot be converted: only Wide ResNets 'wrn_{{depth}}_{{width}}' with"
+            " (depth - 4) % 6 == 0 and depth >= 10 have the PyTorch layout (e.g. wrn_28_4)"
+        )
+    return int(match[1]), int(match[2])
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(depth: int, width: int, num_classes: int) -> tuple[_Entry, ...]:
+    """Every tensor of WRN-depth-width in PyTorch's state_dict order (module registration order:
+    conv1, block1.layer.0.{bn1, conv1, bn2, conv2, convShortcut}, ..., bn1, fc)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+
+    name = model_name(depth, width)
+    if not models.is_valid_model_name(name) or num_classes < 1:
+        raise InteropError(f"no WideResNet {name} with {num_classes} classes: check depth/width")
+    model = models.get_model(name, num_classes)
+    # Shapes only: the Flax model is the authority on what exists, nothing is computed.
+    abstract = jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jnp.zeros((1, 32, 32, 3), jnp.float32),
+    )
+    leaves = {
+        tuple(k.key for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
+        )
+    }
+
+    entries = []
+
+    def conv(torch_module, flax_module):
+        entries.append(
+            _Entry(
+                f"{torch_module}.weight",
+                ("params", *flax_module, "kernel"),
+                "conv",
+                leaves[("params", *flax_module, "kernel")],
+            )
+        )
+
+    def batch_norm(torch_module, flax_module):
+        for torch_leaf, flax_leaf in (
+            ("weight", ("params", "scale")),
+            ("bias", ("params", "bias")),
+            ("running_mean", ("batch_stats", "mean")),
+            ("running_var", ("batch_stats", "var")),
+        ):
+            path = (flax_leaf[0], *flax_module, flax_leaf[1])
+            entries.append(_Entry(f"{torch_module}.{torch_leaf}", path, "vector", leaves[path]))
+
+    conv("conv1", ("conv1",))
+    for group in (1, 2, 3):
+        for j in range(model.blocks_per_group):
+            torch_block, flax_block = f"block{group}.layer.{j}", f"block{group}_layer{j}"
+            batch_norm(f"{torch_block}.bn1", (flax_block, "bn1"))
+            conv(f"{torch_block}.conv1", (flax_block, "conv1"))
+            batch_norm(f"{torch_block}.bn2", (flax_block, "bn2"))
+            conv(f"{torch_block}.conv2", (flax_block, "conv2"))
+            if ("params", flax_block, "conv_shortcut", "kernel") in leaves:
+                conv(f"{torch_block}.convShortcut", (flax_block, "conv_shortcut"))
+    batch_norm("bn1", ("bn1",))
+    entries.append(
+        _Entry("fc.weight", ("params", "fc", "kernel"), "dense", leaves[("params", "fc", "kernel")])
+    )
+    entries.append(
+        _Entry("fc.bias", ("params", "fc", "bias"), "vector", leaves[("params", "fc", "bias")])
+    )
+
+    # Guards the table above against a change of the Flax model: every leaf mapped exactly once.
+    mapped = [e.flax_path for e in entries]
+    if sorted(mapped) != sorted(leaves):
+        raise RuntimeError(
+            f"interop's layout of {name} is out of date with dfa_jax.models.WideResNet: unmapped"
+            f" {sorted(set(leaves) - set(mapped))}, unknown {sorted(set(mapped) - set(leaves))}"
+        )
+    return tuple(entries)
+
+
+def infer_architecture(shapes: Mapping[str, tuple], layout: str = "torch"):
+    """(depth, width, num_classes) that WRN tensor shapes (key -> shape, PyTorch keys or Flax
+    'params/...' paths as `layout` says) look like, or None if they do not look like a WRN."""
+    if layout == "torch":
+        block_re, first_conv, fc = r"block1\.layer\.(\d+)\.", "block1.layer.0.conv1.weight", 0
+        width_axis, fc_key = 0, "fc.weight"
+    else:
+        block_re, first_conv, fc = (
+            r"params/block1_layer(\d+)/",
+            "params/block1_layer0/conv1/kernel",
+            1,
+        )
+        width_axis, fc_key = 3, "params/fc/kernel"
+    try:
+        blocks = {int(m[1]) for k in shapes if (m := re.match(block_re, k))}
+        width = int(shapes[first_conv][width_axis]) // 16
+        num_classes = int(shapes[fc_key][fc])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    if not blocks or width < 1:
+        return None
+    return 6 * len(blocks) + 4, width, num_classes
+
+
+def _hint(guess, depth: int, width: int, num_classes: int) -> str:
+    """A sentence naming the architecture the weights look like, when it is another one."""
+    if guess is None or guess == (depth, width, num_classes):
+        return ""
+    return f" The weights look like {model_name(*guess[:2])} with {guess[2]} classes."
+
+
+def _check(given: Mapping[str, tuple], expected: Mapping[str, tuple], what: str, hint: str):
+    """Raises InteropError naming the first key of `given` (then the first missing key of
+    `expected`) that is unexpected or wrongly shaped. Both map names to shapes, in order."""
+    problems = []
+    for key, shape in given.items():
+        if shape is None:
+            problems.append(f"key {key!r} holds no array")
+        elif key not in expected:
+            problems.append(f"unexpected key {key!r} of shape {shape} ({what} has no such tensor)")
+        elif shape != expected[key]:
+            problems.append(f"key {key!r} has shape {shape}, expected {expected[key]}")
+    for key, shape in expected.items():
+        if key not in given:
+            problems.append(f"missing key {key!r}, expected shape {shape}")
+    if problems:
+        more = problems[1 : 1 + _MORE_PROBLEMS_SHOWN]
+        rest = len(problems) - 1 - len(more)
+        tail = f" Then: {'; '.join(more)}" if more else ""
+        tail += f"; and {rest} more." if rest > 0 else ("." if more else "")
+        raise InteropError(f"the weights do not fit {what}: {problems[0]}.{tail}{hint}")
+
+
+def _shape(value) -> tuple | None:
+    shape = getattr(value, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def _to_float32(value) -> np.ndarray:
+    """A torch tensor, jax or numpy array as a float32 numpy array (a copy, C-contiguous)."""
+    if type(value).__module__.startswith("torch"):
+        # .float() first: numpy has no bfloat16, and the values become float32 anyway.
+        value = value.detach().cpu().float().numpy()
+    return np.array(value, dtype=np.float32, copy=True)
+
+
+# ------------------------------------------------------------------------------ torch -> flax
+
+
+def unwrap_state_dict(checkpoint: Any) -> dict[str, Any]:
+    """The bare state_dict of a checkpoint: descends into 'state_dict' / 'model' / 'net', strips
+    DataParallel's 'module.' prefix, drops BatchNorm's 'num_batches_tracked' counters."""
+    state = checkpoint
+    for _ in range(len(NESTED_KEYS) + 1):
+        if not isinstance(state, Mapping):
+            raise InteropError(
+                f"expected a state_dict (a dict of tensors), found a {type(state).__name__}"
+            )
+        nested = next((k for k in NESTED_KEYS if isinstance(state.get(k), Mapping)), None)
+        if nested is None:
+            break
+        state = state[nested]
+    keys = list(state)
+    while keys and all(isinstance(k, str) and k.startswith(DATA_PARALLEL_PREFIX) for k in keys):
+        state = {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in state.items()}
+        keys = list(state)
+    return {k: v for k, v in state.items() if not str(k).endswith("num_batches_tracked")}
+
+
+def wrn_from_torch(state_dict: Any, depth: int, width: int, num_classes: int) -> dict:
+    """A PyTorch WRN state_dict -> `{'params', 'batch_stats'}` of `models.get_model`'s WRN.
+
+    Args:
+      state_dict: the PyTorch layout's tensors (torch or numpy), bare or nested under
+        'state_dict' / 'model' / 'net', keys optionally prefixed with 'module.'.
+      depth, width, num_classes: the WideResNet to build (`wrn_{depth}_{width}`).
+
+    Returns:
+      Nested dicts of float32 numpy arrays in the tree structure of `teacher.init_variables`:
+      conv kernels [3, 3, in, out] (HWIO), fc kernel [in, classes].
+
+    Raises:
+      InteropError: a missing, unexpected or wrongly shaped key (the first one is named, with
+        its shape, the expected shape and the model).
+    """
+    entries = _layout(depth, width, num_classes)
+    state = unwrap_state_dict(state_dict)
+    shapes = {str(k): _shape(v) for k, v in state.items()}
+    _check(
+        shapes,
+        {e.torch_key: e.torch_shape for e in entries},
+        f"{model_name(depth, width)} with {num_classes} classes (PyTorch layout)",
+        _hint(infer_architecture(shapes), depth, width, num_classes),
+    )
+    variables: dict = {"params": {}, "batch_stats": {}}
+    for e in entries:
+        value = _to_float32(state[e.torch_key])
+        if e.kind == "conv":
+            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif e.kind == "dense":
+            value = value.T  # (out, in) -> (in, out)
+        node = variables
+        for part in e.flax_path[:-1]:
+            node = node.setdefault(part, {})
+        node[e.flax_path[-1]] = np.ascontiguousarray(value)
+    return variables
+
+
+# ------------------------------------------------------------------------------ flax -> torch
+
+
+def _flax_leaves(variables: Mapping) -> dict[str, Any]:
+    """'params/block1_layer0/conv1/kernel' -> leaf, for the 'params' and 'batch_stats' trees."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise InteropError("expected Flax variables {'params', 'batch_stats'}")
+    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def wrn_to_torch(variables: Mapping, depth: int, width: int, num_classes: int) -> dict:
+    """`{'params', 'batch_stats'}` of the Flax WRN -> the PyTorch layout's state_dict.
+
+    The reverse of `wrn_from_torch`, with each BatchNorm's `num_batches_tracked` (0), so that
+    `load_state_dict(..., strict=True)` accepts it. Values are torch tensors when torch imports,
+    else numpy arrays; keys are in PyTorch's module order.
+
+    Raises:
+      InteropError: a missing, unexpected or wrongly shaped leaf (the first one is named).
+    """
+    entries = _layout(depth, width, num_classes)
+    leaves = _flax_leaves(variables)
+    # Flax trees flatten alphabetically; checking in the model's order names the first bad
+    # tensor of the network (unknown paths last).
+    order = {e.flax_key: i for i, e in enumerate(entries)}
+    shapes = {k: _shape(leaves[k]) for k in sorted(leaves, key=lambda k: order.get(k, len(order)))}
+    _check(
+        shapes,
+        {e.flax_key: e.flax_shape for e in entries},
+        f"{model_name(depth, width)} with {num_classes} classes (Flax layout)",
+        _hint(infer_architecture(shapes, layout="flax"), depth, width, num_classes),
+    )
+    try:
+        torch = import_torch()
+    except ImportError:
+        torch = None
+    state: dict[str, Any] = {}
+    for e in entries:
+        value = _to_float32(leaves[e.flax_key])
+        if e.kind == "conv":
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif e.kind == "dense":
+            value = value.T
+        state[e.torch_key] = np.ascontiguousarray(value)
+        if e.torch_key.endswith(".running_var"):
+            counter = e.torch_key.removesuffix("running_var") + "num_batches_tracked"
+            state[counter] = np.zeros((), np.int64)
+    if torch is not None:
+        state = {k: torch.from_numpy(v) for k, v in state.items()}
+    return state
+
+
+# -------------------------------------------------------------------------------------- files
+
+
+def load_torch_file(path: str) -> Any:
+    """`torch.load(path, map_location='cpu', weights_only=True)`, with readable errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    torch = import_torch()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise InteropError(
+            f"{path} holds objects other than tensors and plain containers, and is not unpickled"
+            f" here (torch.load weights_only=True: {reason.strip()}). If you trust the file,"
+            " save its weights alone in PyTorch and convert that: torch.save(state_dict,"
+            " 'weights.pth')."
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise InteropError(f"{path} is not a readable PyTorch file: {e}") from None
+
+
+def _restore_numpy(path: str) -> dict:
+    """An orbax pytree checkpoint at `path`, restored as host numpy arrays in its saved tree."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    # A CheckpointManager item (STEP/state) keeps its _CHECKPOINT_METADATA one level up, which
+    # orbax reports as a warning that means nothing here.
+    with _absl_quiet():
+        tree = checkpointer.metadata(path).item_metadata.tree
+        # Host numpy: no device, mesh or saved sharding is needed to read the values back.
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    """Only absl errors are logged inside the block."""
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def read_dfa_variables(path: str) -> tuple[dict, str]:
+    """The `{'params', 'batch_stats'}` of a network dfa_jax trained, and where they were found.
+
+    `path` is teacher variables (whatever `teacher.resolve_checkpoint` accepts: the variables
+    directory, a teacher stage directory, a workdir) or a stage directory with checkpoints,
+    `WORKDIR/distill/<label>`, whose latest checkpoint's `params['student']` is taken (a stage
+    without a student, e.g. an unfinished teacher, gives its own params).
+    """
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    from etils import epath  # pylint: disable=g-import-not-at-top
+
+    from dfa_jax import teacher, train_loop  # pylint: disable=g-import-not-at-top
+
+    root = epath.Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    try:
+        variables_dir = teacher.resolve_checkpoint(path)
+    except (FileNotFoundError, errors.InputError):
+        variables_dir = None
+    if variables_dir is not None:
+        restored = _restore_numpy(variables_dir)
+        variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+        return variables, f"teacher variables {variables_dir}"
+
+    checkpoints = root / "checkpoints"
+    step = ocp.CheckpointManager(checkpoints).latest_step() if checkpoints.is_dir() else None
+    if step is None:
+        distill = root / "distill"
+        stages = sorted(str(p) for p in distill.iterdir() if p.is_dir()) if distill.is_dir() else []
+        found = f" Its distilled students: {', '.join(stages)}." if stages else ""
+        raise FileNotFoundError(
+            f"{path} holds neither teacher variables (WORKDIR/teacher/variables, WORKDIR/teacher"
+            f" or WORKDIR) nor a stage's checkpoints (WORKDIR/distill/<label>).{found}"
+        )
+    state = _restore_numpy(str(checkpoints / str(step) / "state"))
+    params, batch_stats = state["params"], state["batch_stats"]
+    where = f"{checkpoints / str(step)}"
+    if "student" in params:
+        params, batch_stats = params["student"], batch_stats["student"]
+        where += " (the student)"
+    if not train_loop.is_done(str(root)):
+        print(
+            f"note: {path} has no {train_loop.RESULT_FILE}: the stage is unfinished; exporting"
+            f" its latest checkpoint, step {step}",
+            file=sys.stderr,
+        )
+    return {"params": params, "batch_stats": batch_stats}, where
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dfa_jax.interop",
+        description="Convert Wide ResNets between PyTorch state_dicts (WideResNet-pytorch /"
+        " RepDistiller / overhaul-distillation layout) and dfa_jax.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--model", required=True, help="wrn_{depth}_{width}, e.g. wrn_28_4")
+        p.add_argument("--num-classes", type=int, required=True, help="classifier outputs")
+        p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+
+    imp = sub.add_parser(
+        "import",
+        help="a PyTorch .pth -> teacher variables for --config.teacher.checkpoint",
+        description="Writes the teacher variables directory that --config.teacher.checkpoint=OUT"
+        " loads. The .pth may hold the bare state_dict or nest it under 'state_dict', 'model'"
+        " or 'net'; it is read with weights_only=True.",
+    )
+    common(imp)
+    imp.add_argument("source", help="PyTorch checkpoint (.pth / .pt)")
+    imp.add_argument("out", help="output directory (teacher variables)")
+
+    exp = sub.add_parser(
+        "export",
+        help="dfa_jax variables (teacher or distilled student) -> a PyTorch .pth state_dict",
+        description="SOURCE: teacher variables (WORKDIR/teacher/variables, WORKDIR/teacher or"
+        " WORKDIR) or a distilled student's stage (WORKDIR/distill/<label>; its latest"
+        " checkpoint). Writes a state_dict that load_state_dict(strict=True) accepts.",
+    )
+    common(exp)
+    exp.add_argument("source", help="variables directory, teacher stage, workdir or distill stage")
+    exp.add_argument("out", help="output .pth file")
+    return parser
+
+
+def _refuse_overwrite(path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; a user's mistake exits with 'error: ...' and no traceback."""
+    args = _parser().parse_args(argv)
+    try:
+        depth, width = parse_model_name(args.model)
+        if args.num_classes < 1:
+            raise InteropError(f"--num-classes must be positive, got {args.num_classes}")
+        _refuse_overwrite(args.out, args.force)
+        if args.command == "import":
+            variables = wrn_from_torch(load_torch_file(args.source), depth, width, args.num_classes)
+            from dfa_jax import teacher  # pylint: disable=g-import-not-at-top
+
+            teacher.save_variables(args.out, variables)
+            print(
+                f"wrote {os.path.abspath(args.out)} ({args.model}, {args.num_classes} classes);"
+                f" use it with --config.teacher.checkpoint={args.out}"
+                f" --config.teacher.model={args.model}"
+            )
+        else:
+            torch = import_torch()
+            variables, where = read_dfa_variables(args.source)
+            state = wrn_to_torch(variables, depth, width, args.num_classes)
+            torch.save(state, args.out)
+            print(
+                f"wrote {os.path.abspath(args.out)} ({args.model}, {args.num_classes} classes)"
+                f" from {where}"
+            )
+    except (errors.InputError, ImportError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

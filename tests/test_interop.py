@@ -1,0 +1,451 @@
+"""PyTorch <-> Flax Wide ResNets: a ported PyTorch WRN gives the same logits and group-end
+pre-ReLU features, round trips are exact, a wrong architecture or an unsafe file fails with a
+message naming the problem, and the command line writes what the pipeline loads."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from dfa_jax import bilevel
+from dfa_jax import checkpointing
+from dfa_jax import config_lib
+from dfa_jax import evaluation
+from dfa_jax import inputs
+from dfa_jax import interop
+from dfa_jax import models
+from dfa_jax import parallel
+from dfa_jax import teacher
+from dfa_jax.data import augment
+from dfa_jax.data import loader
+from dfa_jax.data import sources
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# wrn_10_1: block1.layer.0 keeps 16 channels (identity shortcut, no convShortcut); wrn_16_2:
+# block1.layer.0 widens 16 -> 32 at stride 1 (a convShortcut), two blocks per group.
+ARCHITECTURES = [(10, 1, 10), (16, 2, 7)]
+
+
+class Arbitrary:
+    """Not a tensor or a plain container: weights_only loading must refuse to build it."""
+
+
+# --------------------------------------------------------------------------- PyTorch reference
+
+
+def torch_wrn(depth, width, num_classes, seed=0):
+    """The PyTorch pre-activation WRN (WideResNet-pytorch / RepDistiller / overhaul layout) in
+    eval mode, with random weights, BN affine parameters and BN running statistics."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, in_planes, out_planes, stride):
+            super().__init__()
+            self.bn1 = nn.BatchNorm2d(in_planes)
+            self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(out_planes)
+            self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+            # As in the reference: projection iff the channel count changes (never on stride
+            # alone), and it reads relu(bn1(x)), not x.
+            self.equalInOut = in_planes == out_planes
+            self.convShortcut = (
+                None
+                if self.equalInOut
+                else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+            )
+
+        def forward(self, x):
+            act = torch.relu(self.bn1(x))
+            out = self.conv2(torch.relu(self.bn2(self.conv1(act))))
+            return out + (x if self.equalInOut else self.convShortcut(act))
+
+    class NetworkBlock(nn.Module):
+        def __init__(self, n, in_planes, out_planes, stride):
+            super().__init__()
+            self.layer = nn.Sequential(
+                *[
+                    BasicBlock(
+                        in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1
+                    )
+                    for i in range(n)
+                ]
+            )
+
+        def forward(self, x):
+            return self.layer(x)
+
+    class WideResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            n = (depth - 4) // 6
+            channels = [16, 16 * width, 32 * width, 64 * width]
+            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+            self.block1 = NetworkBlock(n, channels[0], channels[1], 1)
+            self.block2 = NetworkBlock(n, channels[1], channels[2], 2)
+            self.block3 = NetworkBlock(n, channels[2], channels[3], 2)
+            self.bn1 = nn.BatchNorm2d(channels[3])
+            self.fc = nn.Linear(channels[3], num_classes)
+
+        def forward(self, x):
+            """x [B, 3, 32, 32] -> (logits [B, classes], the 3 group-end pre-ReLU maps, NCHW)."""
+            f1 = self.block1(self.conv1(x))
+            f2 = self.block2(f1)
+            f3 = self.block3(f2)
+            pre3 = self.bn1(f3)
+            logits = self.fc(torch.relu(pre3).mean(dim=(2, 3)))
+            # The pre-ReLU feature of a group is the output of the BN that consumes it.
+            return logits, [self.block2.layer[0].bn1(f1), self.block3.layer[0].bn1(f2), pre3]
+
+    torch.manual_seed(seed)
+    net = WideResNet()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(123)
+    return net.eval()
+
+
+def flax_forward(depth, width, num_classes, variables, images_nchw):
+    """(logits, the 3 group-end sown features as NCHW numpy) of the Flax WRN in eval mode."""
+    model = models.get_model(f"wrn_{depth}_{width}", num_classes)
+    apply = jax.jit(functools.partial(model.apply, train=False, mutable=[models.FEATURES]))
+    logits, mutated = apply(variables, np.transpose(images_nchw, (0, 2, 3, 1)))
+    feats = [mutated[models.FEATURES][group[-1]][0] for group in model.feature_groups()]
+    return np.asarray(logits), [np.transpose(np.asarray(f), (0, 3, 1, 2)) for f in feats]
+
+
+def abstract_variables(model):
+    """Shapes and dtypes of exactly what `teacher.init_variables` builds (nothing computed)."""
+    return jax.eval_shape(lambda: teacher.init_variables(model, 0, parallel.make_mesh()))
+
+
+def random_flax_variables(depth, width, num_classes, seed=0):
+    """Flax WRN variables in the project's tree with every leaf (BN statistics included) random."""
+    model = models.get_model(f"wrn_{depth}_{width}", num_classes)
+    leaves, tree = jax.tree.flatten(abstract_variables(model))
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(
+        tree, [rng.uniform(0.5, 1.5, x.shape).astype(np.float32) for x in leaves]
+    )
+
+
+def numpy_state_dict(state):
+    return {k: np.asarray(v) for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------ numerics
+
+
+@pytest.mark.parametrize("depth, width, num_classes", ARCHITECTURES)
+def test_ported_wrn_matches_pytorch_logits_and_pre_relu_features(depth, width, num_classes):
+    torch = pytest.importorskip("torch")
+    net = torch_wrn(depth, width, num_classes)
+    images = np.random.default_rng(1).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want_logits, want_feats = net(torch.from_numpy(images))
+
+    variables = interop.wrn_from_torch(net.state_dict(), depth, width, num_classes)
+    # The exact tree the project builds and loads.
+    reference = abstract_variables(models.get_model(f"wrn_{depth}_{width}", num_classes))
+    assert jax.tree.structure(variables) == jax.tree.structure(reference)
+    for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(reference)):
+        assert got.shape == want.shape and got.dtype == np.float32
+
+    logits, feats = flax_forward(depth, width, num_classes, variables, images)
+    assert np.abs(want_logits.numpy()).max() > 0.1  # not a trivially small comparison
+    np.testing.assert_allclose(logits, want_logits.numpy(), rtol=1e-4, atol=1e-4)
+    assert len(feats) == 3
+    for got, want in zip(feats, want_feats):
+        assert got.shape == tuple(want.shape)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth, width, num_classes", ARCHITECTURES)
+def test_torch_to_flax_to_torch_is_bitwise_and_loads_strictly(depth, width, num_classes):
+    torch = pytest.importorskip("torch")
+    net = torch_wrn(depth, width, num_classes, seed=3)
+    original = net.state_dict()
+    exported = interop.wrn_to_torch(
+        interop.wrn_from_torch(original, depth, width, num_classes), depth, width, num_classes
+    )
+    assert list(exported) == list(original)  # same keys, in PyTorch's module order
+    for key, value in original.items():
+        if key.endswith("num_batches_tracked"):
+            assert exported[key].dtype == torch.int64 and int(exported[key]) == 0
+        else:
+            assert exported[key].dtype == torch.float32
+            assert torch.equal(exported[key], value), key
+    fresh = torch_wrn(depth, width, num_classes, seed=4)
+    fresh.load_state_dict(exported, strict=True)
+
+
+@pytest.mark.parametrize("depth, width, num_classes", ARCHITECTURES)
+def test_flax_to_torch_to_flax_is_bitwise_identity(depth, width, num_classes):
+    variables = random_flax_variables(depth, width, num_classes)
+    state = numpy_state_dict(interop.wrn_to_torch(variables, depth, width, num_classes))
+    back = interop.wrn_from_torch(state, depth, width, num_classes)
+    assert jax.tree.structure(back) == jax.tree.structure(variables)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(variables)):
+        assert got.dtype == np.float32 and np.array_equal(got, np.asarray(want))
+    conv = "block2.layer.0.conv1.weight"  # OIHW <-> HWIO, not merely the same bytes
+    np.testing.assert_array_equal(
+        state[conv],
+        np.transpose(variables["params"]["block2_layer0"]["conv1"]["kernel"], (3, 2, 0, 1)),
+    )
+    np.testing.assert_array_equal(state["fc.weight"], variables["params"]["fc"]["kernel"].T)
+
+
+# ------------------------------------------------------------------------------ layout checks
+
+
+def test_wrong_width_names_the_first_bad_key_its_shape_and_the_expected_one():
+    state = numpy_state_dict(interop.wrn_to_torch(random_flax_variables(16, 2, 10), 16, 2, 10))
+    with pytest.raises(interop.InteropError) as info:
+        interop.wrn_from_torch(state, 16, 1, 10)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    # conv1.weight and block1.layer.0.bn1.* (16 channels) fit; the first widened conv does not.
+    first = "key 'block1.layer.0.conv1.weight' has shape (32, 16, 3, 3), expected (16, 16, 3, 3)"
+    assert first in message
+    assert message.index(first) < message.index("block1.layer.0.bn2")
+    assert "wrn_16_1 with 10 classes" in message
+    assert "look like wrn_16_2 with 10 classes" in message
+
+
+def test_wrong_depth_missing_and_unexpected_keys_are_named():
+    state = numpy_state_dict(interop.wrn_to_torch(random_flax_variables(16, 1, 10), 16, 1, 10))
+    with pytest.raises(
+        interop.InteropError, match=r"unexpected key 'block1\.layer\.1\.bn1\.weight'"
+    ):
+        interop.wrn_from_torch(state, 10, 1, 10)
+    with pytest.raises(
+        interop.InteropError, match=r"key 'fc\.weight' has shape \(10, 64\), expected \(100, 64\)"
+    ):
+        interop.wrn_from_torch(state, 16, 1, 100)
+    del state["fc.bias"]
+    with pytest.raises(
+        interop.InteropError, match=r"missing key 'fc\.bias', expected shape \(10,\)"
+    ):
+        interop.wrn_from_torch(state, 16, 1, 10)
+
+
+def test_flax_variables_of_another_model_are_named_in_model_order():
+    variables = random_flax_variables(16, 1, 10)
+    with pytest.raises(interop.InteropError) as info:
+        interop.wrn_to_torch(variables, 16, 2, 10)
+    message = str(info.value)
+    # Not the alphabetically first leaf (batch_stats/...): the network's first mismatching conv.
+    assert message.index(
+        "'params/block1_layer0/conv1/kernel' has shape (3, 3, 16, 16), expected (3, 3, 16, 32)"
+    ) < message.index("batch_stats")
+    assert "look like wrn_16_1 with 10 classes" in message
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 7},
+        lambda sd: {"model": sd, "best_acc": np.float32(0.5), "optimizer": {"state": {}}},
+        lambda sd: {"net": sd},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["state_dict", "model", "net", "module.", "state_dict+module."],
+)
+def test_nested_and_data_parallel_state_dicts_load(wrap):
+    variables = random_flax_variables(10, 1, 10)
+    state = numpy_state_dict(interop.wrn_to_torch(variables, 10, 1, 10))
+    loaded = interop.wrn_from_torch(wrap(state), 10, 1, 10)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+        assert np.array_equal(got, np.asarray(want))
+
+
+def test_non_wrn_model_names_are_refused():
+    for name in ("shufflenet_v2_1.0", "wrn_12_1", "resnet56"):
+        with pytest.raises(interop.InteropError, match="only Wide ResNets"):
+            interop.parse_model_name(name)
+    assert interop.parse_model_name("wrn_28_4") == (28, 4)
+
+
+# ------------------------------------------------------------------------------ optional torch
+
+
+def test_importing_interop_does_not_import_torch():
+    code = "import sys, dfa_jax.interop; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_without_torch_loading_names_the_extra_and_export_gives_numpy(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    pth = tmp_path / "t.pth"
+    pth.write_bytes(b"")
+    with pytest.raises(ImportError, match=r"pip install 'dfa_jax\[torch\]'"):
+        interop.load_torch_file(str(pth))
+    state = interop.wrn_to_torch(random_flax_variables(10, 1, 10), 10, 1, 10)
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    assert state["bn1.num_batches_tracked"].dtype == np.int64
+    with pytest.raises(SystemExit, match=r"error: .*dfa_jax\[torch\]"):
+        interop.main(
+            ["import", "--model", "wrn_10_1", "--num-classes", "10", str(pth), str(tmp_path / "o")]
+        )
+
+
+# ----------------------------------------------------------------------------------- files, CLI
+
+
+def test_weights_only_refuses_a_pickle_holding_an_arbitrary_object(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = str(tmp_path / "unsafe.pth")
+    torch.save({"model": torch_wrn(10, 1, 10).state_dict(), "extra": Arbitrary()}, path)
+    with pytest.raises(interop.InteropError, match="weights_only=True"):
+        interop.load_torch_file(path)
+    with pytest.raises(SystemExit, match=r"^error: .*unsafe\.pth holds objects other than tensors"):
+        interop.main(
+            ["import", "--model", "wrn_10_1", "--num-classes", "10", path, str(tmp_path / "o")]
+        )
+    assert not os.path.exists(tmp_path / "o")
+
+
+def _eval_data(images_nhwc_uint8, labels):
+    examples = loader.ArrayExamples(images_nhwc_uint8, labels)
+    return inputs.RunData(info=sources.DATASETS["cifar10"], train=examples, test=examples)
+
+
+def test_cli_import_writes_teacher_variables_that_evaluate_like_pytorch(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    net = torch_wrn(16, 2, 10, seed=5)
+    pth = str(tmp_path / "teacher.pth")
+    torch.save({"model": net.state_dict(), "epoch": 200}, pth)  # overhaul / RepDistiller style
+    out = str(tmp_path / "imported")
+    assert interop.main(["import", "--model", "wrn_16_2", "--num-classes", "10", pth, out]) == 0
+    assert f"--config.teacher.checkpoint={out}" in capsys.readouterr().out
+
+    mesh = parallel.make_mesh()
+    model = teacher.build_model("wrn_16_2", 10, "float32")
+    variables = teacher.load_variables(out, model, mesh)
+
+    # 60 CIFAR-sized uint8 images through the project's evaluation (its normalisation, padded
+    # last batch) and through PyTorch with the same normalisation.
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, size=(60, 32, 32, 3), dtype=np.uint8)
+    info = sources.DATASETS["cifar10"]
+    normalised = np.asarray(augment.normalize(images, info.mean, info.std))
+    with torch.no_grad():
+        logits, _ = net(torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy()))
+    predictions = logits.argmax(-1).numpy()
+    # Half the labels are PyTorch's predictions, so the accuracy compared is far from chance.
+    labels = np.where(np.arange(60) < 30, predictions, rng.integers(0, 10, size=60))
+    want_accuracy = float(np.mean(predictions == labels))
+    want_loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)))
+
+    config = config_lib.base_config()
+    config.data.eval_batch_size = 16
+    result = evaluation.make_model_eval_fn(model, config, _eval_data(images, labels), mesh)(
+        variables
+    )
+    assert round(result["accuracy"] * 60) == round(want_accuracy * 60)  # the same predictions
+    assert want_accuracy > 0.5
+    assert result["loss"] == pytest.approx(want_loss, rel=1e-4, abs=1e-4)
+
+    # Not overwritten by accident.
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        interop.main(["import", "--model", "wrn_16_2", "--num-classes", "10", pth, out])
+
+
+def test_cli_export_of_a_workdir_teacher_and_a_distilled_student(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    workdir = tmp_path / "run"
+    teacher_vars = random_flax_variables(16, 2, 10, seed=7)
+    teacher.save_variables(str(workdir / "teacher" / teacher.VARIABLES_DIR), teacher_vars)
+
+    # A distill stage as the shared loop leaves it: orbax checkpoints of the bilevel TrainState,
+    # whose params hold the student beside its connectors, and result.json once done.
+    student_vars = random_flax_variables(10, 1, 10, seed=8)
+    stage = workdir / "distill" / "dfa"
+    connectors = {"g1": {"conv": {"kernel": np.ones((1, 1, 16, 32), np.float32)}}}
+    state = bilevel.create_state(
+        {"student": student_vars["params"], "st": connectors},
+        {"student": student_vars["batch_stats"], "st": {}},
+        optax.sgd(0.1, momentum=0.9),
+    )
+    ckpt = checkpointing.Checkpointer(str(stage / "checkpoints"), keep=2)
+    older = jax.tree.map(lambda x: x * 0, state)
+    ckpt.save(3, older, {"step": 3})
+    ckpt.save(6, state, {"step": 6})
+    ckpt.close()
+    (stage / "result.json").write_text(json.dumps({"stage": "distill/dfa"}))
+
+    cases = [
+        (str(workdir), "wrn_16_2", teacher_vars, torch_wrn(16, 2, 10)),
+        (str(stage), "wrn_10_1", student_vars, torch_wrn(10, 1, 10)),
+    ]
+    for source, name, want, net in cases:
+        out = str(tmp_path / f"{name}.pth")
+        assert interop.main(["export", "--model", name, "--num-classes", "10", source, out]) == 0
+        net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+        depth, width = interop.parse_model_name(name)
+        back = interop.wrn_from_torch(net.state_dict(), depth, width, 10)
+        for got, ref in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+            assert np.array_equal(got, np.asarray(ref))  # the latest checkpoint, not step 3
+    assert "(the student)" in capsys.readouterr().out
+
+    # A workdir without teacher variables points at its students.
+    (workdir / "teacher" / teacher.VARIABLES_DIR).rename(workdir / "teacher" / "moved")
+    with pytest.raises(SystemExit, match=r"holds neither teacher variables.*distill/dfa"):
+        interop.main(
+            [
+                "export",
+                "--model",
+                "wrn_16_2",
+                "--num-classes",
+                "10",
+                str(workdir),
+                str(tmp_path / "x.pth"),
+            ]
+        )
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    pytest.importorskip("torch")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dfa_jax.interop",
+            "import",
+            "--model",
+            "wrn_10_1",
+            "--num-classes",
+            "10",
+            str(tmp_path / "missing.pth"),
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "error: " in run.stderr and "missing.pth: no such file" in run.stderr
+    assert "Traceback" not in run.stderr
+    with pytest.raises(SystemExit, match="error: model 'shufflenet_v2_1.0' cannot be converted"):
+        interop.main(
+            ["export", "--model", "shufflenet_v2_1.0", "--num-classes", "10", "a", "b.pth"]
+        )
+    with pytest.raises(SystemExit) as info:
+        interop.main(["--help"])
+    assert info.value.code == 0
