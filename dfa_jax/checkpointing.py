@@ -1,18 +1,25 @@
-"""A thin wrapper over orbax's CheckpointManager: atomic saves, resume by default.
+"""A thin wrapper over orbax's CheckpointManager: atomic saves, resume by default, and a fallback
+past a damaged checkpoint.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash in
 the middle of a save leaves the previous checkpoint as the latest usable one (the temporary
 directory is ignored). Each checkpoint holds the train state (arrays) and a small JSON `meta`
-(epoch bookkeeping, best accuracy so far) that the loop needs to continue exactly.
+(epoch bookkeeping, best accuracy so far) that the loop needs to continue exactly. A finished
+checkpoint that cannot be read (truncated or corrupted files) is skipped with a warning naming it,
+and the one before it is used; a failing save (full disk, lost permissions) raises a
+`WorkdirError` saying which checkpoint is still intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
+from dfa_jax import errors
 from dfa_jax import files
 
 
@@ -23,6 +30,7 @@ class Checkpointer:
         self.directory = files.absolute(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # Step of the save in flight, for error messages.
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -31,28 +39,80 @@ class Checkpointer:
         """Starts an asynchronous save of `state` and `meta` at `step` (no-op if it exists)."""
         if step in self._manager.all_steps():
             return
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        self.wait()  # Surfaces a failure of the previous save before starting the next.
+        self._saving = step
+        with self._save_errors():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
 
-    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores the checkpoint at `step` (default: latest) with the shapes/shardings of `like`."""
-        step = self._manager.latest_step() if step is None else step
+    def restore(self, like: Any) -> tuple[Any, dict]:
+        """Restores the newest readable checkpoint with the shapes/shardings of `like`.
+
+        An unreadable one is reported, deleted (it can never be resumed from) and the previous
+        one tried; if none is readable, a `CheckpointError` names the directory.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
+        tried = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
+                return restored.state, restored.meta
+            except Exception as e:  # pylint: disable=broad-except
+                # Orbax/tensorstore raise many types for damaged files; all mean "unreadable".
+                tried.append(step)
+                logging.warning(
+                    "checkpoint step %d in %s is unreadable (%s: %s); deleting it and trying the"
+                    " previous one",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "",
+                )
+                self._manager.delete(step)
+        raise errors.CheckpointError(
+            f"no readable checkpoint in {self.directory} (unreadable steps: {tried}); delete that"
+            " directory to start this stage over."
         )
-        return restored.state, restored.meta
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk (call before reading them or exiting)."""
-        self._manager.wait_until_finished()
+        with self._save_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
+        self.wait()
         self._manager.close()
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """Turns an OSError (possibly wrapped by orbax) of a save into a `WorkdirError`."""
+        try:
+            yield
+        except Exception as e:  # pylint: disable=broad-except
+            if not _is_os_error(e):
+                raise
+            intact = [s for s in self._manager.all_steps() if s != self._saving]
+            raise errors.WorkdirError(
+                f"saving the checkpoint of step {self._saving} in {self.directory} failed"
+                f" ({type(e).__name__}: {e}); the previous checkpoint"
+                f" ({max(intact) if intact else 'none'}) is intact. Free disk space or fix the"
+                " permissions, then run the same command again."
+            ) from e
+
+
+def _is_os_error(error: BaseException | None) -> bool:
+    """Whether `error` is, or was caused by, an OSError (orbax wraps them in its own errors)."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -174,6 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
         500  # Orbax checkpoint every N steps (and at the end of a stage).
     )
     config.checkpoints_to_keep = 2  # Newest checkpoints kept per stage.
+    # A workdir holding a run of another config is an error; True moves that run aside into
+    # WORKDIR/previous/<time>/ (deleted on object stores) and starts over.
+    config.restart = False
     return config
 
 
@@ -255,6 +258,81 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_types(config, reference, prefix: str, problems: list[str]) -> None:
+    """Every field of `reference` (base_config()) present in `config` with its type, and no other.
+
+    ml_collections keeps most types on assignment but lets None, bools for integers, NaN and
+    infinities, and tuples of anything through; the range checks need the types settled first.
+    """
+    import difflib  # pylint: disable=g-import-not-at-top
+    import math  # pylint: disable=g-import-not-at-top
+    import numbers  # pylint: disable=g-import-not-at-top
+
+    nullable = ("features.clamp_min",)  # None is meaningful here (no clamp), not a placeholder.
+    tuple_items = {"distill.compare_with": str}  # Element types of tuples empty by default.
+    names = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
+    plurals = {bool: "booleans", int: "integers", float: "finite numbers", str: "strings"}
+
+    def fits(value, kind) -> bool:
+        if kind is bool:
+            return isinstance(value, bool)
+        if kind is int:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if kind is float:
+            return (
+                isinstance(value, numbers.Real)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            )
+        return isinstance(value, kind)
+
+    for key in reference:
+        path = prefix + key
+        default = reference[key]
+        if key not in config:
+            problems.append(f"{path} is missing; build the config from config_lib.base_config().")
+            continue
+        value = config[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if isinstance(value, ml_collections.ConfigDict):
+                _check_types(value, default, path + ".", problems)
+            else:
+                problems.append(
+                    f"{path} = {value!r}: must be a block of fields as in base_config(); drop"
+                    " the override."
+                )
+            continue
+        kind = reference.get_type(key)
+        if kind is tuple:
+            item = tuple_items.get(path, type(default[0]) if default else None)
+            ok = isinstance(value, (tuple, list)) and (
+                item is None or all(fits(v, item) for v in value)
+            )
+            what = f"a tuple of {plurals[item]}" if item in plurals else "a tuple"
+        else:
+            ok = fits(value, kind)
+            what = names.get(kind, f"a {kind.__name__}")
+        if ok or (value is None and (default is None or path in nullable)):
+            continue
+        if default is None:
+            what = f"None or {what}"
+        if value is None:
+            problems.append(
+                f"{path} is None but needs {what} (default {default!r}); set one or drop the"
+                " override."
+            )
+        else:
+            problems.append(f"{path} = {value!r}: must be {what} (default {default!r}).")
+    for key in config:
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(
+                f"{prefix}{key} is not a config field{hint}; remove it (config_lib.base_config()"
+                " lists every field)."
+            )
+
+
 def _check_optim(prefix: str, optim, device_count: int, problems: list[str]) -> None:
     if not optim.epochs > 0:
         problems.append(f"{prefix}.epochs = {optim.epochs}: must be a positive number of epochs.")
@@ -267,33 +345,106 @@ def _check_optim(prefix: str, optim, device_count: int, problems: list[str]) -> 
             f"{prefix}.batch_size = {optim.batch_size} is not divisible by the {device_count} devices;"
             f" use a multiple of {device_count}."
         )
+    if not 0 <= optim.momentum < 1:
+        problems.append(f"{prefix}.momentum = {optim.momentum}: must lie in [0, 1) (paper: 0.9).")
     if optim.schedule not in SCHEDULES:
         problems.append(f"{prefix}.schedule = {optim.schedule!r}: use one of {SCHEDULES}.")
     if optim.weight_decay < 0:
         problems.append(f"{prefix}.weight_decay = {optim.weight_decay}: must be >= 0.")
-    if optim.schedule == "step" and any(not 0 < m for m in optim.milestones):
-        problems.append(f"{prefix}.milestones = {optim.milestones}: epochs must be positive.")
+    if not optim.decay > 0:
+        problems.append(
+            f"{prefix}.decay = {optim.decay}: the lr factor at each milestone must be positive"
+            " (paper: 0.2)."
+        )
+    milestones = tuple(optim.milestones)
+    if any(not 0 < m for m in milestones) or list(milestones) != sorted(set(milestones)):
+        problems.append(
+            f"{prefix}.milestones = {milestones}: use increasing positive epochs, e.g. (60, 120,"
+            " 160)."
+        )
 
 
 def _is_remote(path: str) -> bool:
     return bool(re.match(r"^[a-z0-9]+://", path))
 
 
+def _check_splits(data, problems: list[str]) -> None:
+    """Split names: non-empty, and for the fixed-split sources one of their splits."""
+    fields = ["train_split", "test_split"] + (["val_split"] if data.val_split is not None else [])
+    for field in fields:
+        split = data[field]
+        if not split.strip():
+            problems.append(f"data.{field} = {split!r}: name a split of the data, e.g. 'train'.")
+        elif data.source == "tfds":
+            # CIFAR in TFDS has 'train' and 'test'; slices and unions ('train[:90%]+test') work.
+            bases = {re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")}
+            if not bases <= {"train", "test"}:
+                problems.append(
+                    f"data.{field} = {split!r}: TFDS CIFAR has the splits 'train' and 'test' (or"
+                    " slices such as 'train[:90%]'); leave data.val_split unset to carve the"
+                    " search's val split out of train."
+                )
+        elif data.source == "bundled" and split not in ("train", "test"):
+            problems.append(
+                f"data.{field} = {split!r}: bundled digits has the splits 'train' and 'test';"
+                " leave data.val_split unset."
+            )
+
+
+def _check_files(config) -> None:
+    """The small files the config names, read before anything is built: the teacher checkpoint's
+    metadata (`CheckpointError`) and the alpha.json of the 'file' aggregation (`AlphaFileError`).
+    """
+    from dfa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+
+    num_classes = data_lib.DATASETS[config.data.dataset].num_classes
+    teacher = None
+    if config.teacher.checkpoint is not None:
+        from dfa_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+
+        teacher = models.get_model(config.teacher.model, num_classes)
+        teacher_lib.check_checkpoint(
+            config.teacher.checkpoint,
+            teacher,
+            description=(
+                f"teacher.model = {config.teacher.model!r} with {num_classes} classes"
+                f" (data.dataset = {config.data.dataset!r})"
+            ),
+            num_classes=num_classes,
+        )
+    if "distill" in config.stages and "file" in distill_labels(config):
+        from dfa_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
+
+        teacher = teacher or models.get_model(config.teacher.model, num_classes)
+        distill_lib.load_alpha_file(config.distill.alpha_file, teacher)
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
     """Raises ConfigError listing every mistake in `config`, each with its field and fix.
 
     Cheap by design (no compile, no data read): model group shapes come from `jax.eval_shape`.
+    Types come first (a wrong type ends the check with those alone); once the fields are
+    consistent, the files the config names are read: a teacher checkpoint's metadata (shapes
+    against the teacher model: `CheckpointError`) and the 'file' aggregation's alpha.json
+    (`AlphaFileError`), so that neither fails after a stage has trained.
     """
     # Local imports keep `import dfa_jax.config_lib` light for config files.
     import jax  # pylint: disable=g-import-not-at-top
     from dfa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     from dfa_jax import features  # pylint: disable=g-import-not-at-top
     from dfa_jax import models  # pylint: disable=g-import-not-at-top
+    from dfa_jax.data import sources  # pylint: disable=g-import-not-at-top
 
     if device_count is None:
         device_count = jax.device_count()
     problems: list[str] = []
+    _check_types(config, base_config(), "", problems)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
+    if not 0 <= config.seed < 2**32:
+        problems.append(f"seed = {config.seed}: use an integer in [0, 2**32).")
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown or not config.stages:
         problems.append(f"stages = {tuple(config.stages)}: use a non-empty subset of {STAGES}.")
@@ -318,6 +469,30 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             problems.append(
                 f"data.path = {data.path!r} does not exist; point it at the {data.source} data."
             )
+    elif data.source == "tfds" and data.dataset in data_lib.DATASETS:
+        if data.dataset not in sources.TFDS_NAMES:
+            problems.append(
+                f"data.source = 'tfds' has {sorted(sources.TFDS_NAMES)}, not data.dataset ="
+                f" {data.dataset!r}; use data.source='image_folder' or 'npz' with data.path."
+            )
+    elif data.source == "bundled" and data.dataset != "digits":
+        problems.append(
+            f"data.source = 'bundled' provides only 'digits', not data.dataset = {data.dataset!r};"
+            " set data.dataset='digits' or another data.source."
+        )
+    if data.source in data_lib.SOURCES:
+        _check_splits(data, problems)
+    for field in ("data_dir", "path"):
+        if data[field] is not None and not data[field].strip():
+            problems.append(f"data.{field} = {data[field]!r}: give a directory or leave it unset.")
+    for field in ("npz_image_key", "npz_label_key"):
+        if not data[field]:
+            problems.append(f"data.{field} = '': give the key of the npz files' array.")
+    if data.npz_image_key == data.npz_label_key:
+        problems.append(
+            f"data.npz_image_key = data.npz_label_key = {data.npz_image_key!r}: images and labels"
+            " need their own npz keys (defaults 'images' and 'labels')."
+        )
     if not 0.0 < data.search_val_fraction < 1.0:
         problems.append(
             f"data.search_val_fraction = {data.search_val_fraction}: must lie in (0, 1) (the paper uses 0.3)."
@@ -328,8 +503,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         )
     if data.pad_mode not in ("reflect", "constant"):
         problems.append(f"data.pad_mode = {data.pad_mode!r}: use 'reflect' or 'constant'.")
-    if data.pad < 0:
-        problems.append(f"data.pad = {data.pad}: must be >= 0.")
+    size = data_lib.DATASETS[data.dataset].image_size if data.dataset in data_lib.DATASETS else 32
+    if not 0 <= data.pad < size:
+        problems.append(
+            f"data.pad = {data.pad}: must lie in [0, {size}) pixels (the paper pads 4; 0 disables)."
+        )
+    if data.prefetch < 0:
+        problems.append(f"data.prefetch = {data.prefetch}: must be >= 0 (0 disables prefetching).")
     if not data.eval_batch_size > 0 or data.eval_batch_size % device_count:
         problems.append(
             f"data.eval_batch_size = {data.eval_batch_size}: must be a positive multiple of the"
@@ -339,6 +519,21 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         value = data[field]
         if value is not None and value <= 0:
             problems.append(f"data.{field} = {value}: must be positive or None (all).")
+    cap = data.max_train_examples
+    if cap is not None and cap > 0:
+        batches = []
+        if "teacher" in config.stages and config.teacher.checkpoint is None:
+            batches.append(("teacher.optim.batch_size", config.teacher.optim.batch_size))
+        if "search" in config.stages:
+            batches.append(("search.batch_size", config.search.batch_size))
+        if "distill" in config.stages:
+            batches.append(("distill.optim.batch_size", config.distill.optim.batch_size))
+        for field, batch in batches:
+            if batch > cap:
+                problems.append(
+                    f"data.max_train_examples = {cap} cannot fill one batch of {field} = {batch};"
+                    " raise the cap or lower the batch size."
+                )
 
     teacher_ok = models.is_valid_model_name(config.teacher.model)
     if not teacher_ok:
@@ -358,8 +553,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         and (not os.path.exists(config.teacher.checkpoint))
     ):
         problems.append(
-            f"teacher.checkpoint = {config.teacher.checkpoint!r} does not exist; give the teacher"
-            " stage's checkpoint directory (WORKDIR/teacher/checkpoints) or unset it to train one."
+            f"teacher.checkpoint = {config.teacher.checkpoint!r} does not exist; give the workdir"
+            " of a finished teacher run (or its teacher/variables), or unset it to train one."
         )
     _check_optim("teacher.optim", config.teacher.optim, device_count, problems)
     _check_optim("distill.optim", config.distill.optim, device_count, problems)
@@ -379,8 +574,19 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             problems.append(
                 f"search.{field} = {search[field]}: the learning rate must be positive."
             )
-    if search.beta_weight_decay < 0:
-        problems.append(f"search.beta_weight_decay = {search.beta_weight_decay}: must be >= 0.")
+    if not 0 <= search.w_momentum < 1:
+        problems.append(f"search.w_momentum = {search.w_momentum}: must lie in [0, 1).")
+    for field in ("beta_b1", "beta_b2"):
+        if not 0 <= search[field] < 1:
+            problems.append(f"search.{field} = {search[field]}: Adam's betas lie in [0, 1).")
+    for field in ("w_weight_decay", "beta_weight_decay", "gamma_st", "gamma_ts"):
+        if search[field] < 0:
+            problems.append(f"search.{field} = {search[field]}: must be >= 0.")
+    if search.gamma_st == 0 and search.gamma_ts == 0:
+        problems.append(
+            "search.gamma_st = search.gamma_ts = 0 leaves beta no loss; set search.gamma_ts ="
+            " 1.0 (the paper's)."
+        )
     if search.order not in (1, 2):
         problems.append(f"search.order = {search.order}: use 1 (first order) or 2 (second order).")
     distill = config.distill
@@ -406,10 +612,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                 "distill.alpha_file is unset but distill.aggregation = 'file' reads it; pass"
                 " --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
             )
-        elif not _is_remote(distill.alpha_file) and not os.path.exists(distill.alpha_file):
+        elif not _is_remote(distill.alpha_file) and not os.path.isfile(distill.alpha_file):
             problems.append(
-                f"distill.alpha_file = {distill.alpha_file!r} does not exist; give the alpha.json"
-                " written by another run's search."
+                f"distill.alpha_file = {distill.alpha_file!r} is not a file; give the alpha.json"
+                " written by another run's search (OTHER_WORKDIR/alpha.json)."
             )
     if "distill" in config.stages and "dfa" in uses and "search" not in config.stages:
         problems.append(
@@ -426,13 +632,50 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.append(f"distill.distance = {distill.distance!r}: use 'partial_l2' or 'l2'.")
     if distill.teacher_bn not in ("eval", "batch"):
         problems.append(f"distill.teacher_bn = {distill.teacher_bn!r}: use 'eval' or 'batch'.")
+    if distill.gamma_fd < 0:
+        problems.append(f"distill.gamma_fd = {distill.gamma_fd}: must be >= 0 (paper: 1e-3).")
+    base = config.baselines
+    if not base.kd_temperature > 0:
+        problems.append(
+            f"baselines.kd_temperature = {base.kd_temperature}: must be positive (RepDistiller: 4)."
+        )
+    if not base.ft_rate > 0:
+        problems.append(
+            f"baselines.ft_rate = {base.ft_rate}: must be positive (RepDistiller: 0.5)."
+        )
+    for field in ("ft_pretrain_epochs", "ab_init_epochs"):
+        if base[field] <= 0:
+            problems.append(
+                f"baselines.{field} = {base[field]}: must be a positive number of epochs."
+            )
+    for field in (
+        "kd_weight",
+        "kd_ce_weight",
+        "fitnets_weight",
+        "at_weight",
+        "sp_weight",
+        "ft_weight",
+        "ab_margin",
+        "jacobian_weight",
+        "margin_gamma",
+    ):
+        if base[field] < 0:
+            problems.append(f"baselines.{field} = {base[field]}: must be >= 0.")
     if config.dtype not in ("float32", "bfloat16"):
         problems.append(f"dtype = {config.dtype!r}: use 'float32' or 'bfloat16'.")
+    if config.num_cpu_devices < 0:
+        problems.append(
+            f"num_cpu_devices = {config.num_cpu_devices}: must be >= 0 (0 = one per core)."
+        )
     if config.log_every_steps <= 0:
         problems.append(f"log_every_steps = {config.log_every_steps}: must be positive.")
     if config.checkpoint_every_steps <= 0:
         problems.append(
             f"checkpoint_every_steps = {config.checkpoint_every_steps}: must be positive."
+        )
+    if config.checkpoints_to_keep <= 0:
+        problems.append(
+            f"checkpoints_to_keep = {config.checkpoints_to_keep}: keep at least 1 checkpoint."
         )
 
     if teacher_ok and student_ok and data.dataset in data_lib.DATASETS:
@@ -448,3 +691,48 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    _check_files(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Workdir reuse: which differences between a workdir's config and the command's matter.
+# ------------------------------------------------------------------------------------------------
+
+# Fields that cannot change the numbers of what a workdir already holds: how often to log and
+# checkpoint, how the host is split into devices (results agree to float tolerance), and which
+# stages or extra students to run (each lives in its own directory). Any other difference makes
+# the workdir's checkpoints belong to another experiment.
+RESULT_NEUTRAL_FIELDS = (
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "checkpoints_to_keep",
+    "num_cpu_devices",
+    "restart",
+    "stages",
+    "data.prefetch",
+    "distill.method",
+    "distill.aggregation",
+    "distill.compare_with",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def changed_fields(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """`(dotted field, saved value, current value)` for every result-affecting difference between
+    two configs given as nested dicts (e.g. a workdir's config.json and `config.to_dict()`)."""
+    old, new = _flatten(saved), _flatten(current)
+    return [
+        (field, old.get(field, "<absent>"), new.get(field, "<absent>"))
+        for field in sorted(old.keys() | new.keys())
+        if field not in RESULT_NEUTRAL_FIELDS and old.get(field) != new.get(field)
+    ]

@@ -77,14 +77,18 @@ def main(argv):
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _DISTRIBUTED.value:
         parallel.initialize_distributed()
-    from dfa_jax import errors, pipeline  # pylint: disable=g-import-not-at-top
+    from dfa_jax import errors, pipeline, preemption  # pylint: disable=g-import-not-at-top
 
     config.lock()
+    preemption.install()  # SIGTERM / Ctrl-C: checkpoint after the current step, then exit.
     try:
         pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
     except errors.InputError as e:
         # A user's mistake, already explained: the message, not a traceback.
         sys.exit(f"error: {e}")
+    except preemption.Stopped as e:
+        print(f"{e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from dfa_jax import parallel
 from dfa_jax import reporting
 from dfa_jax import search
 from dfa_jax import teacher
+from dfa_jax import workdir as workdir_lib
 
 
 def run(config, workdir: str, config_path: str | None = None) -> dict:
     """Runs the configured stages in `workdir` and returns (and writes) the run's summary."""
     config_lib.validate(config)
-    files.makedirs(workdir)
-    files.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    workdir_lib.prepare(config, workdir)
     mesh = parallel.make_mesh()
     logging.info(
         "mesh: %d %s devices over %d process(es)",
@@ -49,7 +49,7 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
     summary = {
         "workdir": files.absolute(workdir),
         "config_path": config_path,
-        "config_hash": reporting.config_hash(config),
+        "config_hash": workdir_lib.config_hash(config.to_dict()),
         "seed": config.seed,
         "dataset": config.data.dataset,
         "teacher_model": config.teacher.model,

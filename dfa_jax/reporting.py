@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 
@@ -12,11 +11,6 @@ from dfa_jax import files
 
 SUMMARY_FILE = "summary.json"
 _LABELS = {"distill/none": "student alone", "distill/dfa": "student + DFA"}
-
-
-def config_hash(config) -> str:
-    """A short stable hash of the config's JSON, to tell runs (and changed configs) apart."""
-    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
 
 
 def write_summary(workdir: str, summary: dict) -> str:

@@ -28,6 +28,7 @@ from clu import metric_writers
 from dfa_jax import checkpointing
 from dfa_jax import files
 from dfa_jax import parallel
+from dfa_jax import preemption
 from dfa_jax.data import loader
 
 RESULT_FILE = "result.json"
@@ -261,6 +262,14 @@ def run(stage: Stage, config, mesh) -> dict:
             # Saved after the epoch-end evaluation so a resumed run never skips one.
             if wants_checkpoint or step == total_steps:
                 save()
+            if preemption.should_stop() and step < total_steps:
+                flush()
+                if not wants_checkpoint:
+                    save()
+                ckpt.wait()
+                raise preemption.Stopped(
+                    preemption.requested_by(), stage.name, step, total_steps, ckpt.directory
+                )
     finally:
         ckpt.wait()
         writer.flush()

@@ -1,0 +1,105 @@
+"""The workdir's contract, checked before anything is built or compiled.
+
+- It must be writable, with room to write (a probe file is written and removed).
+- It holds the runs of one experiment: `config.json` keeps the config it was started with and
+  `config_hash` the hash of its result-affecting fields. A command whose config differs in any
+  such field (`config_lib.changed_fields`) is refused with the changed fields listed, unless
+  `--config.restart=True`: then the old run is moved aside into `previous/<UTC time>/` (deleted on
+  object stores, which cannot rename directories) and the run starts over. Fields that cannot
+  change results (logging and checkpoint frequency, device split, which stages or students to
+  run) may differ freely, and re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import time
+import uuid
+
+import jax
+from absl import logging
+from etils import epath
+
+from dfa_jax import config_lib
+from dfa_jax import errors
+from dfa_jax import files
+from dfa_jax import parallel
+
+CONFIG_FILE = "config.json"
+HASH_FILE = "config_hash"
+PREVIOUS_DIR = "previous"
+# Kept in place when a run is moved aside: earlier runs, and logs the launcher opened already.
+_KEPT = (PREVIOUS_DIR, "logs")
+
+
+def config_hash(config_dict: dict) -> str:
+    """12 hex digits over the result-affecting fields of a config (as a nested dict)."""
+    fields = {
+        k: v
+        for k, v in config_lib._flatten(config_dict).items()  # pylint: disable=protected-access
+        if k not in config_lib.RESULT_NEUTRAL_FIELDS
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_writable(workdir: str) -> None:
+    """Creates `workdir` and writes and removes a probe file, or raises a `WorkdirError`."""
+    try:
+        files.makedirs(workdir)
+        if jax.process_index() == 0:
+            probe = epath.Path(workdir) / f".write-probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"\0" * 65536)  # A little room, not just an inode.
+            probe.unlink()
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+        raise errors.WorkdirError(
+            f"workdir {workdir!r} cannot be written ({reason}); pass a --workdir you can write to"
+            " (with free space)."
+        ) from None
+
+
+def prepare(config, workdir: str) -> None:
+    """Checks the workdir against `config` and records the config in it (see the module doc)."""
+    check_writable(workdir)
+    current = config.to_dict()
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    if files.exists(config_path):
+        try:
+            saved = files.read_json(config_path)
+        except (OSError, ValueError):
+            saved = None  # Unreadable: only a crash mid-write of a pre-atomic version does that.
+        changed = config_lib.changed_fields(saved or {}, current)
+        if changed and not config.restart:
+            listed = "\n".join(
+                f"  {f}: {old!r} in the workdir, {new!r} now" for f, old, new in changed
+            )
+            raise errors.WorkdirError(
+                f"workdir {workdir!r} holds a run of another config; changed fields:\n{listed}\n"
+                "Use another --workdir, restore those values to resume it, or pass"
+                " --config.restart=True to move that run aside and start over."
+            )
+        if changed:
+            _move_aside(workdir)
+    parallel.sync("workdir prepared")  # Process 0 may have moved the old run away.
+    files.write_json_atomic(config_path, current)
+    files.write_text_atomic(os.path.join(workdir, HASH_FILE), config_hash(current) + "\n")
+
+
+def _move_aside(workdir: str) -> None:
+    if jax.process_index() != 0:
+        return
+    root = epath.Path(workdir)
+    entries = [p for p in root.iterdir() if p.name not in _KEPT]
+    if files.is_remote(workdir):
+        for entry in entries:
+            entry.rmtree() if entry.is_dir() else entry.unlink()
+        logging.warning("restart: deleted the previous run in %s", workdir)
+        return
+    target = root / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target.mkdir(parents=True, exist_ok=False)
+    for entry in entries:
+        entry.rename(target / entry.name)
+    logging.warning("restart: moved the previous run in %s to %s", workdir, target)
