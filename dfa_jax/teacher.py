@@ -16,6 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from dfa_jax import bilevel
+from dfa_jax import errors
 from dfa_jax import evaluation
 from dfa_jax import files
 from dfa_jax import inputs
@@ -61,8 +62,12 @@ def cross_entropy_loss_fn(model):
     return loss_fn
 
 
-def resolve_checkpoint(path: str) -> str:
-    """Accepts a variables directory, a teacher stage directory or a whole workdir."""
+def resolve_checkpoint(path: str, field: str = "teacher.checkpoint") -> str:
+    """Accepts a variables directory, a teacher stage directory or a whole workdir.
+
+    Raises `CheckpointError` (naming `field`, the config field that gave `path`) when none of
+    them holds saved variables.
+    """
     for candidate in (
         path,
         os.path.join(path, VARIABLES_DIR),
@@ -72,9 +77,99 @@ def resolve_checkpoint(path: str) -> str:
             files.exists(os.path.join(candidate, "_METADATA"))
         ):
             return files.absolute(candidate)
-    raise FileNotFoundError(
-        f"teacher.checkpoint = {path!r} holds no teacher variables; give WORKDIR/teacher/variables"
-        " of a finished teacher stage (or the workdir that holds it)."
+    fix = (
+        "give the workdir of a finished teacher run (or its teacher/variables), or unset"
+        f" {field} to train a teacher"
+    )
+    if not files.exists(path):
+        raise errors.CheckpointError(f"{field} = {path!r} does not exist; {fix}.")
+    if os.path.basename(os.path.normpath(path)) == "checkpoints" or files.exists(
+        os.path.join(path, "checkpoints")
+    ):
+        raise errors.CheckpointError(
+            f"{field} = {path!r} holds training checkpoints, not the teacher's exported variables"
+            f" (a teacher stage writes teacher/variables when it finishes); {fix}."
+        )
+    raise errors.CheckpointError(f"{field} = {path!r} holds no teacher variables; {fix}.")
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """`{'params/block1/conv/kernel': shape}` for every array of a nested dict of arrays."""
+    flat = {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
+        flat[name] = tuple(leaf.shape)
+    return flat
+
+
+def check_checkpoint(
+    path: str,
+    model,
+    *,
+    field: str = "teacher.checkpoint",
+    description: str = "this run's teacher",
+    num_classes: int | None = None,
+    image_size: int = 32,
+) -> str:
+    """Checks from metadata alone (nothing restored, nothing compiled) that `path` holds
+    `{'params', 'batch_stats'}` of exactly `model`'s shapes; returns the variables directory.
+
+    Raises `CheckpointError` naming `field`, the directory and the first mismatching arrays with
+    their saved and expected shapes (another architecture, or a classifier for another number
+    of classes, given as `num_classes`, the dataset's).
+    """
+    directory = resolve_checkpoint(path, field)
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(directory)
+        tree = getattr(metadata, "item_metadata", metadata)
+        saved = _flat_shapes(getattr(tree, "tree", tree))
+    except Exception as e:  # noqa: BLE001  # Orbax raises many kinds for a foreign dir.
+        raise errors.CheckpointError(
+            f"{field} = {path!r}: cannot read the saved variables in {directory} ({e}); give the"
+            " workdir of a finished teacher run (or its teacher/variables)."
+        ) from None
+    if not any(name.startswith("params/") for name in saved):
+        raise errors.CheckpointError(
+            f"{field} = {path!r}: {directory} holds no teacher params (it has"
+            f" {sorted({n.split('/')[0] for n in saved})}); give the workdir of a finished"
+            " teacher run (or its teacher/variables)."
+        )
+
+    def init():
+        x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        variables = model.init(jax.random.key(0), x, train=False)
+        return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+    expected = _flat_shapes(jax.eval_shape(init))
+    differ = [n for n in expected if n in saved and saved[n] != expected[n]]
+    missing = [n for n in expected if n not in saved]
+    extra = [n for n in saved if n not in expected]
+    if not (differ or missing or extra):
+        return directory
+    lines = [f"{n}: saved {saved[n]}, expected {expected[n]}" for n in differ[:5]]
+    lines += [f"{n}: expected {expected[n]}, not in the checkpoint" for n in missing[:3]]
+    lines += [f"{n}: saved {saved[n]}, not in the model" for n in extra[:3]]
+    count = len(differ) + len(missing) + len(extra)
+    fix = (
+        "give a teacher trained with this teacher.model and data.dataset, or set them to what"
+        " the checkpoint was trained with"
+    )
+    # Only the classifier differs, in its class axis: a teacher of another dataset.
+    classes = {saved[n][-1] for n in differ}
+    if (
+        num_classes is not None
+        and differ
+        and not (missing or extra)
+        and len(classes) == 1
+        and all(expected[n][-1:] == (num_classes,) for n in differ)
+    ):
+        fix = (
+            f"its classifier has {classes.pop()} classes but the dataset has {num_classes}:"
+            " give a teacher trained on this data.dataset, or set data.dataset to the teacher's"
+        )
+    raise errors.CheckpointError(
+        f"{field} = {path!r} does not fit {description} ({directory}): {count} array(s) differ,"
+        " first:\n  " + "\n  ".join(lines) + f"\n{fix}."
     )
 
 
@@ -85,14 +180,19 @@ def save_variables(directory: str, variables) -> None:
     checkpointer.wait_until_finished()
 
 
-def load_variables(path: str, model, mesh):
-    """Restores teacher variables saved by `save_variables`, replicated on `mesh`."""
+def load_variables(path: str, model, mesh, field: str = "teacher.checkpoint"):
+    """Restores teacher variables saved by `save_variables`, replicated on `mesh`.
+
+    The saved shapes are checked against `model` first (`check_checkpoint`), so a checkpoint
+    of another architecture or class count fails with the differing arrays listed.
+    """
+    directory = check_checkpoint(path, model, field=field)
     like = jax.eval_shape(lambda: init_variables(model, 0, mesh))
     sharding = parallel.replicated(mesh)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like
     )
-    return ocp.StandardCheckpointer().restore(resolve_checkpoint(path), abstract)
+    return ocp.StandardCheckpointer().restore(directory, abstract)
 
 
 def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:

@@ -1,11 +1,13 @@
 """validate(): one clear error per mistake, naming the field and the fix, before anything builds."""
 
 import importlib.util
+import json
 import os
 
 import pytest
 
 from dfa_jax import config_lib
+from dfa_jax import models
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -27,9 +29,19 @@ def test_shipped_configs_validate(name, arg, tmp_path):
     if config.data.source == "image_folder":
         config.data.path = str(tmp_path)  # Where a user's CINIC-10 would be.
     if config.distill.aggregation == "file":
-        config.distill.alpha_file = str(tmp_path / "alpha.json")
-        (tmp_path / "alpha.json").write_text("{}")
+        config.distill.alpha_file = write_alpha_file(tmp_path / "alpha.json", config.teacher.model)
     config_lib.validate(config, device_count=2)
+
+
+def write_alpha_file(path, teacher_model: str) -> str:
+    """An alpha.json as a search of `teacher_model` writes it (uniform alpha per group)."""
+    groups = models.get_model(teacher_model, 10).feature_groups()
+    record = {
+        "teacher": teacher_model,
+        "groups": [{"layers": list(g), "alpha": [1 / len(g)] * len(g)} for g in groups],
+    }
+    path.write_text(json.dumps(record))
+    return str(path)
 
 
 def test_pair_configs_follow_the_paper():

@@ -84,6 +84,11 @@ class Source(abc.ABC):
         self._train_split = data_cfg.train_split
         self._max_train_examples = data_cfg.max_train_examples
         self._max_test_examples = data_cfg.max_test_examples
+        # The config fields that name each split, for messages ("data.test_split = 'x'").
+        self._split_fields = {}
+        for field in ("val_split", "test_split", "train_split"):  # train wins a shared name.
+            if data_cfg.get(field) is not None:
+                self._split_fields[data_cfg[field]] = f"data.{field}"
         # split -> (rows of the full split that are kept, their int32 labels)
         self._kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -106,23 +111,37 @@ class Source(abc.ABC):
             raise IndexError(f"indices out of range for split {split!r} of {len(rows)} examples")
         return self._load_images(split, rows[indices])
 
+    def _split_name(self, split: str) -> str:
+        """`split` with the config field that names it, for messages."""
+        field = self._split_fields.get(split)
+        return f"{field} = {split!r}" if field else f"split {split!r}"
+
     def _subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in self._kept:
             full = np.asarray(self._load_labels(split))
             if len(full) and (full.min() < 0 or full.max() >= self.info.num_classes):
                 raise DataError(
-                    f"split {split!r} has labels in [{full.min()}, {full.max()}] but "
-                    f"{self._dataset} has {self.info.num_classes} classes (data.dataset)"
+                    f"{self._split_name(split)} has labels in [{full.min()}, {full.max()}] but "
+                    f"data.dataset = {self._dataset!r} has {self.info.num_classes} classes "
+                    f"(labels 0..{self.info.num_classes - 1}); set data.dataset to the data's "
+                    "dataset or relabel the data"
                 )
             if split == self._train_split:
                 cap = self._max_train_examples
             else:
                 cap = self._max_test_examples
             rows = stratified_subset(full, cap, SUBSET_SEED)
+            # Images are read lazily, during training; a broken one must fail here, before it.
+            self._check_rows(split, rows)
             labels = full[rows].astype(np.int32)
             labels.setflags(write=False)
             self._kept[split] = (rows, labels)
         return self._kept[split]
+
+    def _check_rows(self, split: str, rows: np.ndarray) -> None:
+        """Raises DataError if an image at `rows` of the whole split cannot be read (cheaply,
+        without decoding); sources whose `_load_labels` already checked the images do nothing."""
+        del split, rows
 
     @abc.abstractmethod
     def _load_labels(self, split: str) -> np.ndarray:
@@ -212,6 +231,17 @@ class TfdsSource(Source):
         return self._arrays[split]
 
     def _open(self, tfds, split: str):
+        try:
+            return self._open_prepared(tfds, split)
+        except ValueError as e:
+            if "split" not in str(e).lower():
+                raise
+            raise DataError(
+                f"{self._split_name(split)} is not a split of TFDS {self._name!r} ({e}); use "
+                "'train' or 'test' (slices such as 'train[:90%]' work too)"
+            ) from None
+
+    def _open_prepared(self, tfds, split: str):
         kwargs = dict(
             split=split,
             data_dir=self._data_dir,
@@ -259,6 +289,32 @@ class TfdsSource(Source):
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _DECODE_THREADS = min(32, (os.cpu_count() or 1) + 4)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # The empty IEND chunk and its CRC.
+_JPEG_HEADER_BYTES = 65536  # Where a JPEG's frame header (its size) is looked for.
+# JPEG start-of-frame markers (SOF0-15 but DHT 0xC4, JPG 0xC8 and DAC 0xCC): they hold the size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from the frame header of a JPEG's first bytes `head`, or None."""
+    i = 2
+    while i + 9 <= len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # Fill byte.
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            height = int.from_bytes(head[i + 5 : i + 7], "big")
+            width = int.from_bytes(head[i + 7 : i + 9], "big")
+            return width, height
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # No length field.
+            i += 2
+            continue
+        i += 2 + int.from_bytes(head[i + 2 : i + 4], "big")
+    return None
 
 
 class ImageFolderSource(Source):
@@ -283,16 +339,23 @@ class ImageFolderSource(Source):
     def class_names(self) -> list[str]:
         """Sorted class folder names of the train split; label i is `class_names[i]`."""
         if self._class_names is None:
-            self._class_names = self._class_folders(self._train_split)
+            names = self._class_folders(self._train_split)
+            if len(names) > self.info.num_classes:
+                raise DataError(
+                    f"{os.path.join(self._root, self._train_split)} has {len(names)} class folders"
+                    f" but data.dataset = {self._dataset!r} has {self.info.num_classes} classes;"
+                    " set data.dataset to the data's dataset or fix data.path"
+                )
+            self._class_names = names
         return self._class_names
 
     def _split_dir(self, split: str) -> str:
         path = os.path.join(self._root, split)
         if not os.path.isdir(path):
             raise DataError(
-                f"image_folder split {split!r}: no folder {path} (expected "
-                f"{self._root}/{split}/<class_name>/*.png|jpg|jpeg; see data.path and "
-                "data.train_split/test_split/val_split)"
+                f"image_folder {self._split_name(split)}: no folder {path} (expected "
+                f"{self._root}/{split}/<class_name>/*.png|jpg|jpeg); fix data.path or set "
+                "data.train_split/test_split/val_split to the split folders' names"
             )
         return path
 
@@ -332,6 +395,62 @@ class ImageFolderSource(Source):
             height, width = pixels.shape[:2]
             raise DataError(f"image {path} is {width}x{height}, expected {size}x{size}")
         return pixels
+
+    def _check_rows(self, split: str, rows: np.ndarray) -> None:
+        paths, _ = self._list(split)
+        with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+            found = pool.map(self._check_file, [paths[r] for r in rows])
+            problems = [p for p in found if p is not None]
+        if problems:
+            shown = "\n  ".join(problems[:5])
+            more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+            raise DataError(
+                f"{len(problems)} unreadable image(s) in image_folder {self._split_name(split)}"
+                f" (data.path = {self._root!r}):\n  {shown}{more}\nreplace or delete them"
+            )
+
+    def _check_file(self, path: str) -> str | None:
+        """What is wrong with image file `path`, or None; reads its header and end only.
+
+        PNG: signature, IHDR size and the final IEND chunk (a truncated file lacks it). JPEG:
+        SOI, the frame header's size and the EOI marker at the end. Anything else is decoded in
+        full with PIL (which may read formats beyond these two whatever the extension).
+        """
+        size = self.info.image_size
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_JPEG_HEADER_BYTES)
+                f.seek(0, os.SEEK_END)
+                length = f.tell()
+                f.seek(max(0, length - 64))
+                tail = f.read()
+        except OSError as e:
+            return f"{path}: cannot read ({e})"
+        if head.startswith(_PNG_SIGNATURE):
+            if len(head) < 24 or head[12:16] != b"IHDR":
+                return f"{path}: broken PNG header"
+            if not tail.endswith(_PNG_END):
+                return f"{path}: truncated PNG (no IEND chunk at the end)"
+            width, height = (int.from_bytes(head[i : i + 4], "big") for i in (16, 20))
+        elif head.startswith(b"\xff\xd8"):
+            if b"\xff\xd9" not in tail:
+                return f"{path}: truncated JPEG (no end-of-image marker)"
+            found = _jpeg_size(head)
+            if found is None:
+                return self._decode_problem(path)
+            width, height = found
+        else:
+            return self._decode_problem(path)
+        if (width, height) != (size, size):
+            return f"image {path} is {width}x{height}, expected {size}x{size}"
+        return None
+
+    def _decode_problem(self, path: str) -> str | None:
+        try:
+            self._decode(path)
+        except DataError as e:
+            return str(e)
+        return None
 
     def _load_labels(self, split: str) -> np.ndarray:
         return self._list(split)[1]
@@ -393,38 +512,64 @@ class NpzSource(Source):
         )
         if not files:
             raise DataError(
-                f"no npz files for split {split!r}: expected {split}.npz or {split}_*.npz "
-                f"in or matching data.path={self._path}"
+                f"no npz files for {self._split_name(split)}: expected {split}.npz or "
+                f"{split}_*.npz in or matching data.path = {self._path!r}; fix data.path or set "
+                "data.train_split/test_split/val_split to the files' prefixes"
             )
         return files
 
     def _read_labels(self, file: str) -> np.ndarray:
         size = self.info.image_size
+        images, labels = self._image_key, self._label_key
         try:
             npz = np.load(file)
         except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise DataError(f"cannot read npz file {file}: {e}") from e
+            raise DataError(
+                f"cannot read npz file {file}: {e}; write it with np.savez(path, "
+                f"{images}=..., {labels}=...)"
+            ) from e
         with npz:
-            for key, field in (
-                (self._image_key, "data.npz_image_key"),
-                (self._label_key, "data.npz_label_key"),
-            ):
+            for key, field in ((images, "data.npz_image_key"), (labels, "data.npz_label_key")):
                 if key not in npz.files:
                     raise DataError(
-                        f"{file} has no array {key!r} (it has {npz.files}); set {field}"
+                        f"{file} has no array {key!r} (it has {npz.files}); set {field} to the"
+                        " key that holds them"
                     )
-            labels = npz[self._label_key]
-            shape, dtype = _npy_header(npz, self._image_key)
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            try:
+                label_array = npz[labels]
+                shape, dtype = _npy_header(npz, images)
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise DataError(f"cannot read {labels!r} or {images!r} of {file}: {e}") from e
+        if label_array.ndim != 1 or not np.issubdtype(label_array.dtype, np.integer):
             raise DataError(
-                f"{file}: {self._label_key!r} must be integer [N], got {labels.dtype}{labels.shape}"
+                f"{file}: {labels!r} (data.npz_label_key) must be integer [N], got "
+                f"{label_array.dtype}{list(label_array.shape)}; save the class indices as"
+                " integers (labels.astype(np.int64))"
             )
-        if shape != (len(labels), size, size, 3) or dtype != np.uint8:
+        if dtype != np.uint8:
             raise DataError(
-                f"{file}: {self._image_key!r} must be uint8 {(len(labels), size, size, 3)} to "
-                f"match {self._label_key!r}, got {dtype}{shape}"
+                f"{file}: {images!r} (data.npz_image_key) must be uint8 pixels 0..255, got "
+                f"{dtype}; save (images * 255).round().astype(np.uint8) if they are floats in"
+                " [0, 1], images.astype(np.uint8) if in [0, 255]"
             )
-        return labels
+        if len(shape) != 4 or shape[1:] != (size, size, 3):
+            raise DataError(
+                f"{file}: {images!r} (data.npz_image_key) must be [N, {size}, {size}, 3] (RGB, "
+                f"channels last), got {list(shape)}; resize or convert the images"
+            )
+        if shape[0] != len(label_array):
+            raise DataError(
+                f"{file}: {shape[0]} images ({images!r}) but {len(label_array)} labels "
+                f"({labels!r}); every image needs exactly one label"
+            )
+        num_classes = self.info.num_classes
+        if len(label_array) and (label_array.min() < 0 or label_array.max() >= num_classes):
+            raise DataError(
+                f"{file}: {labels!r} holds labels in [{label_array.min()}, {label_array.max()}]"
+                f" but data.dataset = {self._dataset!r} has {num_classes} classes (labels "
+                f"0..{num_classes - 1}); set data.dataset to the data's dataset or relabel it"
+            )
+        return label_array
 
     def _split_index(self, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
         if split not in self._index:
@@ -472,7 +617,8 @@ class BundledDigitsSource(Source):
         super().__init__(data_cfg)
         if data_cfg.dataset != "digits":
             raise DataError(
-                f"data.source='bundled' only provides dataset 'digits', not {data_cfg.dataset!r}"
+                f"data.source='bundled' only provides dataset 'digits', not {data_cfg.dataset!r};"
+                " set data.dataset='digits' or another data.source"
             )
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
@@ -492,7 +638,11 @@ class BundledDigitsSource(Source):
                 "test": (images[test], digits.target[test]),
             }
         if split not in self._arrays:
-            raise DataError(f"bundled digits has splits {sorted(self._arrays)}, not {split!r}")
+            raise DataError(
+                f"{self._split_name(split)}: bundled digits has splits {sorted(self._arrays)}"
+                " only; set data.train_split='train' and data.test_split='test' (and leave"
+                " data.val_split unset)"
+            )
         return self._arrays[split]
 
     def _load_labels(self, split: str) -> np.ndarray:
