@@ -1,0 +1,1 @@
+"""Benchmarks: step throughput against a PyTorch reference (`python -m benchmarks.throughput`)."""

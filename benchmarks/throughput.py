@@ -1,0 +1,643 @@
+"""Training-step throughput of every stage's jitted step, and of a PyTorch reference of the same.
+
+  python -m benchmarks.throughput [--quick] [--torch] [--batch 128] [--dtype float32|bfloat16]
+      [--cases teacher_wrn_16_2,search_pair3] [--devices N] [--steps N] [--pipeline]
+
+Each case builds the step exactly as its stage does (the teacher's cross-entropy step, the
+search's bilevel bridge-loss step of group 2, the distillation step with beta frozen) on random
+CIFAR-sized uint8 batches (32x32x3, 100 classes), jits it over the project's mesh with the state
+donated (`parallel.jit_step`), and times it: the first call (tracing + compile + one step) is
+`compile_s`; after a warm-up step, N steps run back to back with one `block_until_ready` at the
+end, and `img_per_s = N * batch / time`. `--torch` times `benchmarks/torch_reference.py`'s twin of
+each step in the same process, right after the JAX one, and reports `ratio = img_per_s /
+torch_img_per_s`. Output: a header, one JSON line per case, then a markdown table.
+
+Memory: `peak_mem_mb` is the process's peak resident set while the case ran (Linux's VmHWM, reset
+before each case; the process maximum elsewhere), or the device's `peak_bytes_in_use` on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfa_jax import bilevel, config_lib, features, inputs, methods, optimizers, parallel
+from dfa_jax import distill as distill_lib
+from dfa_jax import search as search_lib
+from dfa_jax import teacher as teacher_lib
+from dfa_jax.data import loader, sources
+
+NUM_CLASSES = 100
+SEARCH_GROUP = 2  # A middle group: the teacher runs to its end, the student around it.
+# Steps per second are small on a CPU: a case runs at least this many timed steps and at least
+# `min_time_s` seconds (`--steps` fixes the count instead).
+MIN_STEPS = 3
+
+CASES = (
+    "teacher_wrn_16_2",
+    "teacher_wrn_28_4",
+    "search_pair1",
+    "search_pair3",
+    "distill_pair1_dfa",
+    "distill_pair3_dfa",
+    "distill_pair1_kd",
+    "distill_pair3_kd",
+    "distill_shufflenet_2.0_0.5_dfa",
+)
+QUICK_CASES = ("teacher_wrn_16_2", "search_pair3", "distill_pair3_dfa")
+# Table 2's CIFAR-100 pairs (configs/cifar100_pair{1,3}.py) and Table 4's ShuffleNetV2 pair 2.
+PAIRS = {
+    "pair1": ("wrn_28_4", "wrn_16_4"),
+    "pair3": ("wrn_28_4", "wrn_16_2"),
+    "shufflenet_2.0_0.5": ("shufflenet_v2_2.0", "shufflenet_v2_0.5"),
+}
+KEYS = (
+    "case",
+    "backend",
+    "devices",
+    "batch",
+    "dtype",
+    "img_per_s",
+    "compile_s",
+    "peak_mem_mb",
+    "torch_img_per_s",
+    "ratio",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Process set-up
+# ------------------------------------------------------------------------------------------------
+
+
+def tune_malloc() -> bool:
+    """Keeps freed memory in glibc's heap instead of returning it to the kernel.
+
+    XLA:CPU (and PyTorch) allocate every step's large buffers afresh; glibc serves blocks over
+    32 MiB (and any block of a thread's secondary arena that outgrows it) with mmap and unmaps
+    them on free, so each step pays a page fault per 4 KiB it touches again. On a virtual machine
+    that was ~100k faults and ~20% of a WRN-16-2 step's CPU time. One arena, no mmap, no trimming:
+    the pages stay mapped and the process's footprint stays at its peak. Must run before JAX or
+    PyTorch start their threads. Returns False where glibc's `mallopt` is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
+    ok = libc.mallopt(m_arena_max, 1) and libc.mallopt(m_mmap_max, 0)
+    ok = ok and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 64 << 20)
+    return bool(ok)
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (the platform's processor string where lscpu is missing)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _reset_peak_rss() -> bool:
+    """Resets Linux's VmHWM (peak RSS) to the current RSS; False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_mem_mb() -> float:
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        return stats.get("peak_bytes_in_use", 0) / 2**20
+    return _peak_rss_mb()
+
+
+# ------------------------------------------------------------------------------------------------
+# The project's steps
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runner:
+    """One jitted step and what it is called with: `state, metrics = fn(state, *args)`."""
+
+    fn: Callable
+    make_state: Callable[[], Any]  # A fresh state: the step donates (consumes) it.
+    args: tuple
+    traces: list  # One entry per trace of the step's Python function.
+
+
+def _counting(step):
+    traces = []
+
+    def counted(*args):
+        traces.append(1)
+        return step(*args)
+
+    return counted, traces
+
+
+def _runner(step, mesh, make_state, args) -> Runner:
+    counted, traces = _counting(step)
+    return Runner(parallel.jit_step(counted, mesh), make_state, args, traces)
+
+
+def random_batch(batch_size: int, seed: int) -> dict:
+    """A host batch as the loader makes it: uint8 [B, 32, 32, 3] images, int32 [B] labels."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, NUM_CLASSES, (batch_size,)).astype(np.int32),
+    }
+
+
+def case_config(case: str, batch: int, dtype: str):
+    """The config whose stage the case runs: Table 2's pair 1/3 or Table 4's pair 2."""
+    pair = next((p for p in PAIRS if f"_{p}" in case), "pair3")
+    teacher_name, student_name = PAIRS[pair]
+    if pair.startswith("shufflenet"):
+        config = config_lib.cinic10_pair(teacher_name, student_name)
+        # The same CIFAR-sized input and augmentation as every other case.
+        config.data.augment = "pad_crop"
+    else:
+        config = config_lib.cifar100_pair(student_name)
+    config.data.dataset = "cifar100"
+    config.dtype = dtype
+    for optim in (config.teacher.optim, config.distill.optim):
+        optim.batch_size = batch
+    config.teacher.optim.nesterov = True
+    config.search.batch_size = batch
+    if case.startswith("teacher_"):
+        config.teacher.model = case.removeprefix("teacher_")
+    return config
+
+
+def _replicated(mesh, fn, *args):
+    return jax.jit(fn, out_shardings=parallel.replicated(mesh))(*args)
+
+
+def build_teacher(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
+    """The teacher stage's step (teacher.run): cross-entropy, SGD Nesterov + weight decay."""
+    info = sources.DATASETS[config.data.dataset]
+    model = teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype)
+    tx = optimizers.sgd(config.teacher.optim, 390)
+    variables = teacher_lib.init_variables(model, config.seed, mesh)
+
+    def make_state():
+        return _replicated(
+            mesh, lambda v: bilevel.create_state(v["params"], v["batch_stats"], tx), variables
+        )
+
+    step = bilevel.make_bilevel_step(
+        teacher_lib.cross_entropy_loss_fn(model),
+        tx,
+        seed=config.seed,
+        preprocess_fn=inputs.make_train_preprocess(config.data, info),
+    )
+    return {"step": _runner(step, mesh, make_state, (batch, None, None))}
+
+
+def build_search(case: str, config, mesh, batch: dict, val_batch: dict) -> dict[str, Runner]:
+    """The search stage's bilevel step of group 2 (search.run), and its halves alone: the w step
+    (the same step with beta frozen) and the beta step (the same step with a zero w loss)."""
+    info = sources.DATASETS[config.data.dataset]
+    teacher = teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype)
+    student = teacher_lib.build_model(config.student.model, info.num_classes, config.dtype)
+    teacher_vars = teacher_lib.init_variables(teacher, config.seed + 1, mesh)
+    t_shapes, s_shapes = features.group_shapes(teacher), features.group_shapes(student)
+    dtype = jnp.dtype(config.dtype)
+    student_vars = teacher_lib.init_variables(student, config.seed, mesh)
+    st_params, st_stats = methods.connector_helpers(
+        s_shapes, [s[-1] for s in t_shapes], config.seed + 100, mesh, dtype
+    )
+    ts_params, ts_stats = methods.connector_helpers(
+        t_shapes, [s[-1] for s in s_shapes], config.seed + 200, mesh, dtype
+    )
+    params = {"student": student_vars["params"], "st": st_params, "ts": ts_params}
+    batch_stats = {"student": student_vars["batch_stats"], "st": st_stats, "ts": ts_stats}
+    optim = search_lib.w_optim(config.search, len(t_shapes))
+    w_tx = optimizers.sgd(optim, 273)
+    beta_tx = search_lib.beta_optimizer(config.search)
+    beta = search_lib.init_beta(teacher, config.search.init_last_logit)
+
+    def make_state():
+        return _replicated(
+            mesh, lambda p, b: bilevel.create_state(p, b, w_tx, beta, beta_tx), params, batch_stats
+        )
+
+    loss_fn, beta_loss_fn = search_lib.make_bridge_loss_fn(teacher, student, SEARCH_GROUP, config)
+    preprocess = inputs.make_train_preprocess(config.data, info)
+    key = methods.group_key(SEARCH_GROUP)
+
+    def zero_w_loss(params, batch_stats, beta, batch, rng, aux):
+        return jnp.zeros((), jnp.float32), (batch_stats, {})
+
+    def bilevel_step(w_loss, with_beta):
+        beta_args = (
+            {"beta_loss_fn": beta_loss_fn, "beta_tx": beta_tx, "beta_key": key} if with_beta else {}
+        )
+        return bilevel.make_bilevel_step(
+            w_loss,
+            w_tx,
+            seed=config.seed,
+            order=config.search.order,
+            virtual_lr_fn=optimizers.lr_schedule(optim, 273),
+            preprocess_fn=preprocess,
+            **beta_args,
+        )
+
+    args = (batch, val_batch, teacher_vars)
+    return {
+        "step": _runner(bilevel_step(loss_fn, True), mesh, make_state, args),
+        "w_step": _runner(bilevel_step(loss_fn, False), mesh, make_state, args),
+        "beta_step": _runner(bilevel_step(zero_w_loss, True), mesh, make_state, args),
+    }
+
+
+def build_distill(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
+    """The distillation step (distill.run): DFA with a frozen alpha (the 'average' one: the cost
+    does not depend on its values) or KD, SGD Nesterov + weight decay."""
+    info = sources.DATASETS[config.data.dataset]
+    label = case.rsplit("_", 1)[1]
+    pair = methods.Pair(
+        teacher=teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype),
+        student=teacher_lib.build_model(config.student.model, info.num_classes, config.dtype),
+    )
+    teacher_vars = teacher_lib.init_variables(pair.teacher, config.seed + 1, mesh)
+    student_vars = teacher_lib.init_variables(pair.student, config.seed, mesh)
+    tx = optimizers.sgd(config.distill.optim, 390)
+    beta = None
+    if label == "dfa":
+        beta = distill_lib.frozen_beta(
+            distill_lib.aggregation_alpha("average", pair.teacher, config, "")
+        )
+    helper_params, helper_stats = methods.init_helpers(label, pair, config, config.seed + 100, mesh)
+    params = {"student": student_vars["params"], **helper_params}
+    batch_stats = {"student": student_vars["batch_stats"], **helper_stats}
+
+    def make_state():
+        return _replicated(
+            mesh, lambda p, b: bilevel.create_state(p, b, tx, beta), params, batch_stats
+        )
+
+    step = bilevel.make_bilevel_step(
+        methods.make_loss_fn(label, pair, config),
+        tx,
+        seed=config.seed,
+        preprocess_fn=inputs.make_train_preprocess(config.data, info),
+    )
+    return {"step": _runner(step, mesh, make_state, (batch, None, teacher_vars))}
+
+
+def build_case(case: str, mesh, batch_size: int, dtype: str) -> dict[str, Runner]:
+    """The runners of `case`: 'step' (what the stage trains with), and for the search its parts."""
+    config = case_config(case, batch_size, dtype)
+    batch = parallel.to_global(random_batch(batch_size, 0), mesh)
+    if case.startswith("teacher_"):
+        return build_teacher(case, config, mesh, batch)
+    if case.startswith("search_"):
+        val_batch = parallel.to_global(random_batch(batch_size, 1), mesh)
+        return build_search(case, config, mesh, batch, val_batch)
+    if case.startswith("distill_"):
+        return build_distill(case, config, mesh, batch)
+    raise ValueError(f"unknown case {case!r}; valid: {', '.join(CASES)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Timing:
+    step_s: float  # Seconds per step in the timed loop.
+    compile_s: float  # The first call: tracing, compilation and one step.
+    steps: int
+    faults_per_step: float  # Minor page faults per timed step (all threads of the process).
+
+
+def _timed_loop(call, steps: int | None, min_time_s: float) -> tuple[float, int]:
+    """Runs `call()` `steps` times (or until `min_time_s` and MIN_STEPS), returns (s/step, n)."""
+    start, n = time.perf_counter(), 0
+    while True:
+        call(last=False)
+        n += 1
+        if steps is not None:
+            if n >= steps:
+                break
+        elif n >= MIN_STEPS and time.perf_counter() - start >= min_time_s:
+            break
+    call(last=True)
+    return (time.perf_counter() - start) / n, n
+
+
+def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
+    """Compile (first call), one warm-up step, then back-to-back steps synced once at the end."""
+    state = runner.make_state()
+    start = time.perf_counter()
+    state, metrics = runner.fn(state, *runner.args)
+    jax.block_until_ready((state, metrics))
+    compile_s = time.perf_counter() - start
+    state, metrics = runner.fn(state, *runner.args)
+    jax.block_until_ready((state, metrics))
+    holder = {"state": state}
+
+    def call(last: bool):
+        if last:
+            jax.block_until_ready(holder["state"])
+            return
+        holder["state"], _ = runner.fn(holder["state"], *runner.args)
+
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step_s, n = _timed_loop(call, steps, min_time_s)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    holder.clear()
+    return Timing(step_s, compile_s, n, faults / n)
+
+
+def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float) -> Timing:
+    """The same protocol for an eager PyTorch step (its first call has no compilation)."""
+    start = time.perf_counter()
+    step(*args)
+    compile_s = time.perf_counter() - start
+    step(*args)
+
+    def call(last: bool):
+        if not last:
+            step(*args)
+
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step_s, n = _timed_loop(call, steps, min_time_s)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return Timing(step_s, compile_s, n, faults / n)
+
+
+def _host_batches(batch_size: int, mesh, examples: int):
+    """The loop's host batches (`loader.train_batches`) over a CIFAR-sized in-memory uint8 set."""
+    images = np.random.default_rng(0).integers(0, 256, (examples, 32, 32, 3), dtype=np.uint8)
+    split = loader.ArrayExamples(images, np.zeros(examples, np.int32))
+    rows = parallel.process_rows(mesh, batch_size)
+    return loader.train_batches(split, batch_size, seed=0, epoch=0, rows=rows)
+
+
+def host_batch_ms(batch_size: int, mesh, repeats: int = 20, examples: int = 50_000) -> float:
+    """Host time to assemble one training batch as the loop does: gather a shuffled batch of a
+    CIFAR-sized training set and place it on the mesh (what the prefetch thread does)."""
+    batches = _host_batches(batch_size, mesh, examples)
+    jax.block_until_ready(parallel.to_global(next(batches), mesh))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(parallel.to_global(next(batches), mesh))
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def pipeline_img_per_s(runner: Runner, mesh, batch_size: int, steps: int) -> float:
+    """img/s of `runner` fed as train_loop feeds it: loader batches prefetched to the mesh by
+    the background thread (`parallel.prefetch_to_mesh`, 2 in flight). Single-batch steps only."""
+    host = _host_batches(batch_size, mesh, max(batch_size * (steps + 2), 4096))
+    device_batches = parallel.prefetch_to_mesh(host, mesh, 2)
+    state, _ = runner.fn(runner.make_state(), next(device_batches), *runner.args[1:])
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, _ = runner.fn(state, next(device_batches), *runner.args[1:])
+    jax.block_until_ready(state)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def build_torch_case(case: str, dtype: str) -> dict[str, Callable]:
+    """The PyTorch twin of `case`'s runners (same names)."""
+    from benchmarks import torch_reference as ref  # pylint: disable=g-import-not-at-top
+
+    bf16 = dtype == "bfloat16"
+    if case.startswith("teacher_"):
+        return {"step": ref.make_teacher_step(case.removeprefix("teacher_"), NUM_CLASSES, bf16)}
+    pair = next(p for p in PAIRS if f"_{p}" in case)
+    teacher_name, student_name = PAIRS[pair]
+    if case.startswith("search_"):
+        return ref.make_search_steps(
+            teacher_name, student_name, SEARCH_GROUP, NUM_CLASSES, bf16=bf16
+        )
+    label = case.rsplit("_", 1)[1]
+    gamma_fd = 1e-4 if pair.startswith("shufflenet") else 1e-3
+    return {
+        "step": ref.make_distill_step(
+            teacher_name, student_name, label, NUM_CLASSES, gamma_fd=gamma_fd, bf16=bf16
+        )
+    }
+
+
+def _torch_args(case: str, batch_size: int) -> tuple:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    def tensors(seed):
+        b = random_batch(batch_size, seed)
+        return torch.from_numpy(b["image"]), torch.from_numpy(b["label"]).long()
+
+    return tensors(0) + (tensors(1) if case.startswith("search_") else ())
+
+
+# ------------------------------------------------------------------------------------------------
+# One case, the report
+# ------------------------------------------------------------------------------------------------
+
+
+def run_case(
+    case: str,
+    mesh,
+    batch_size: int,
+    dtype: str,
+    steps: int | None = None,
+    min_time_s: float = 20.0,
+    with_torch: bool = False,
+    pipeline: bool = False,
+    host_ms: float | None = None,
+) -> dict:
+    """Times `case` (and its PyTorch twin) and returns its JSON record (KEYS and extras)."""
+    gc.collect()
+    _reset_peak_rss()
+    runners = build_case(case, mesh, batch_size, dtype)
+    timings = {name: time_jax(r, steps, min_time_s) for name, r in runners.items()}
+    main = timings["step"]
+    record: dict[str, Any] = {
+        "case": case,
+        "backend": jax.default_backend(),
+        "devices": len(mesh.devices.flat),
+        "batch": batch_size,
+        "dtype": dtype,
+        "img_per_s": round(batch_size / main.step_s, 2),
+        "compile_s": round(main.compile_s, 2),
+        "peak_mem_mb": round(_peak_mem_mb(), 1),
+        "torch_img_per_s": None,
+        "ratio": None,
+        "step_ms": round(main.step_s * 1e3, 1),
+        "steps": main.steps,
+        "traces": len(runners["step"].traces),
+        "page_faults_per_step": round(main.faults_per_step),
+    }
+    if "w_step" in timings:
+        parts_s = timings["w_step"].step_s + timings["beta_step"].step_s
+        record["w_step_img_per_s"] = round(batch_size / timings["w_step"].step_s, 2)
+        record["beta_step_img_per_s"] = round(batch_size / timings["beta_step"].step_s, 2)
+        record["parts_img_per_s"] = round(batch_size / parts_s, 2)
+        record["overhead_ratio"] = round(main.step_s / parts_s, 3)
+    if host_ms is not None:
+        host_batches = 2 if case.startswith("search_") else 1
+        record["host_batch_ms"] = round(host_ms * host_batches, 2)
+        record["input_share"] = round(host_ms * host_batches / (main.step_s * 1e3), 4)
+    if pipeline and not case.startswith("search_"):
+        record["pipeline_img_per_s"] = round(
+            pipeline_img_per_s(runners["step"], mesh, batch_size, max(main.steps, MIN_STEPS)), 2
+        )
+    del runners
+    gc.collect()
+
+    if with_torch:
+        import torch  # pylint: disable=g-import-not-at-top
+
+        torch.manual_seed(0)
+        _reset_peak_rss()
+        torch_steps = build_torch_case(case, dtype)
+        args = _torch_args(case, batch_size)
+        # The same number of timed steps as the JAX side.
+        t_timings = {
+            name: time_torch(fn, args, timings[name].steps, min_time_s)
+            for name, fn in torch_steps.items()
+        }
+        record["torch_img_per_s"] = round(batch_size / t_timings["step"].step_s, 2)
+        record["ratio"] = round(record["img_per_s"] / record["torch_img_per_s"], 3)
+        record["torch_peak_mem_mb"] = round(_peak_rss_mb(), 1)
+        if "w_step" in t_timings:
+            parts_s = t_timings["w_step"].step_s + t_timings["beta_step"].step_s
+            record["torch_overhead_ratio"] = round(t_timings["step"].step_s / parts_s, 3)
+        del torch_steps
+        gc.collect()
+    return record
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The records as a markdown table (one row per case)."""
+    cols = [
+        ("case", "case"),
+        ("img_per_s", "JAX img/s"),
+        ("torch_img_per_s", "PyTorch img/s"),
+        ("ratio", "JAX/PyTorch"),
+        ("compile_s", "compile (s)"),
+        ("peak_mem_mb", "peak RSS (MiB)"),
+        ("overhead_ratio", "step/(w+beta)"),
+        ("input_share", "host batch / step"),
+    ]
+    lines = [
+        "| " + " | ".join(title for _, title in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in records:
+        cells = ["-" if r.get(key) is None else str(r[key]) for key, _ in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)}")
+    parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+    parser.add_argument("--batch", type=int, default=128, help="global batch size")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--cases", default=None, help=f"comma-separated subset of {CASES}")
+    parser.add_argument(
+        "--devices", type=int, default=0, help="JAX CPU devices (0: one per core, as main.py)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: adaptive)")
+    parser.add_argument(
+        "--min-time", type=float, default=None, help="adaptive: seconds per timing (20; quick 5)"
+    )
+    parser.add_argument(
+        "--pipeline", action="store_true", help="also time the steps fed by the prefetching loader"
+    )
+    parser.add_argument(
+        "--malloc",
+        default="tuned",
+        choices=("tuned", "default"),
+        help="'tuned': glibc keeps freed pages (tune_malloc); 'default': glibc as it comes",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    # Before JAX or PyTorch start any thread (glibc binds threads to arenas as they first malloc).
+    malloc_tuned = tune_malloc() if args.malloc == "tuned" else False
+    parallel.configure_cpu_devices(args.devices)
+    cases = args.cases.split(",") if args.cases else list(QUICK_CASES if args.quick else CASES)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        sys.exit(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
+    min_time_s = args.min_time if args.min_time is not None else (5.0 if args.quick else 20.0)
+    torch_version = None
+    if args.torch:
+        import torch  # pylint: disable=g-import-not-at-top
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch_version = torch.__version__
+    mesh = parallel.make_mesh()
+    print(f"# cpu: {cpu_model()} ({os.cpu_count()} cores)")
+    print(
+        f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices),"
+        f" torch {torch_version}, malloc tuned: {malloc_tuned},"
+        f" load average at start: {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    host_ms = host_batch_ms(args.batch, mesh)
+    records = []
+    for case in cases:
+        record = run_case(
+            case,
+            mesh,
+            args.batch,
+            args.dtype,
+            steps=args.steps,
+            min_time_s=min_time_s,
+            with_torch=args.torch,
+            pipeline=args.pipeline,
+            host_ms=host_ms,
+        )
+        record["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    print()
+    print(markdown_table(records))
+    return records
+
+
+if __name__ == "__main__":
+    main()
