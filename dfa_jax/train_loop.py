@@ -145,6 +145,9 @@ def run(stage: Stage, config, mesh) -> dict:
         )
     step = int(meta["step"])
     history: list[dict] = list(meta["history"])
+    # Metrics of steps not logged yet when a stop request checkpointed mid-interval: the next log
+    # row averages them with the steps after the resume, as an uninterrupted run does.
+    pending: list[tuple[int, dict]] = [(s, m) for s, m in meta.get("pending", [])]
     wall_before = float(meta["wall_time_s"])
 
     # TensorBoard only: the progress line below is the human-readable log.
@@ -165,15 +168,11 @@ def run(stage: Stage, config, mesh) -> dict:
 
     remaining = (next(pairs) for _ in range(total_steps - step))
     device_batches = parallel.prefetch_to_mesh(remaining, mesh, config.data.prefetch)
-    pending: list[tuple[int, dict]] = []
     run_start = time.time()
     interval_start, interval_steps = time.time(), 0
 
-    def flush():
-        """Fetches pending metrics (the one host sync), guards them, logs their mean."""
-        nonlocal interval_start, interval_steps
-        if not pending:
-            return
+    def fetch_and_guard() -> list[dict]:
+        """Fetches pending metrics (the one host sync) and stops on a non-finite one."""
         fetched = jax.device_get([m for _, m in pending])
         for (s, _), m in zip(pending, fetched):
             if not bool(m["finite"]):
@@ -183,6 +182,14 @@ def run(stage: Stage, config, mesh) -> dict:
                     " Lower the learning rate or check the input data; the last checkpoint before it is"
                     f" in {ckpt.directory}."
                 )
+        return fetched
+
+    def flush():
+        """Logs the mean of the pending metrics (train scalars, metrics.jsonl, progress line)."""
+        nonlocal interval_start, interval_steps
+        if not pending:
+            return
+        fetched = fetch_and_guard()
         last_step = pending[-1][0]
         scalars = {f"train/{k}": v for k, v in _mean_metrics(fetched).items()}
         if stage.lr_fn is not None:
@@ -207,12 +214,14 @@ def run(stage: Stage, config, mesh) -> dict:
         pending.clear()
         interval_start, interval_steps = time.time(), 0
 
-    def save():
+    def save(unlogged: list | None = None):
         meta_now = {
             "step": step,
             "history": history,
             "wall_time_s": wall_before + time.time() - run_start,
         }
+        if unlogged:
+            meta_now["pending"] = unlogged
         ckpt.save(step, state, meta_now)
 
     try:
@@ -263,9 +272,13 @@ def run(stage: Stage, config, mesh) -> dict:
             if wants_checkpoint or step == total_steps:
                 save()
             if preemption.should_stop() and step < total_steps:
-                flush()
+                # The guard runs before the save; the unlogged metrics go into the checkpoint.
+                fetched = fetch_and_guard() if pending else []
+                unlogged = [
+                    (s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(pending, fetched)
+                ]
                 if not wants_checkpoint:
-                    save()
+                    save(unlogged)
                 ckpt.wait()
                 raise preemption.Stopped(
                     preemption.requested_by(), stage.name, step, total_steps, ckpt.directory

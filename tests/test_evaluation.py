@@ -1,0 +1,57 @@
+"""Evaluation counts every test example exactly once on 1, 2 and 3 devices (odd-sized test set,
+last batch padded and masked): its accuracy and loss equal a direct full-batch computation."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs in its own process: the test session has 2 CPU devices, this needs 3.
+SCRIPT = r"""
+import jax
+jax.config.update("jax_num_cpu_devices", 3)
+import ml_collections
+import numpy as np
+import optax
+from dfa_jax import evaluation, inputs, parallel, teacher
+from dfa_jax.data import DATASETS, ArrayExamples, augment
+
+info = DATASETS["digits"]
+rng = np.random.default_rng(0)
+n = 23  # Odd, not a multiple of the batch of 6: the fourth batch holds 5 real rows.
+images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+labels = rng.integers(0, 10, size=n).astype(np.int32)
+model = teacher.build_model("wrn_10_1", 10, "float32")
+variables = teacher.init_variables(model, 0, parallel.make_mesh(jax.devices()[:1]))
+logits = model.apply(
+    variables, augment.normalize(images, tuple(info.mean), tuple(info.std)), train=False
+)
+want_acc = float(np.mean(np.argmax(logits, -1) == labels))
+want_loss = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
+config = ml_collections.ConfigDict({"data": {"eval_batch_size": 6, "prefetch": 2}})
+data = inputs.RunData(info=info, train=None, test=ArrayExamples(images, labels))
+for count in (1, 2, 3):
+    mesh = parallel.make_mesh(jax.devices()[:count])
+    on_mesh = jax.device_put(variables, parallel.replicated(mesh))
+    got = evaluation.make_model_eval_fn(model, config, data, mesh)(on_mesh)
+    assert abs(got["accuracy"] - want_acc) < 1e-6, (count, got, want_acc)
+    assert abs(got["loss"] - want_loss) < 1e-4 * max(1.0, want_loss), (count, got, want_loss)
+    print(count, got)
+print("ok", want_acc)
+"""
+
+
+def test_evaluation_counts_each_example_once_on_1_2_3_devices():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("ok")
