@@ -1,0 +1,201 @@
+"""Nothing lost: a stop request checkpoints and resumes exactly, a damaged checkpoint falls back to
+the previous one, a workdir of another config is refused, an unwritable workdir or a failing save
+is a named error that leaves the last checkpoint intact."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+from dfa_jax import checkpointing
+from dfa_jax import config_lib
+from dfa_jax import errors
+from dfa_jax import pipeline
+from dfa_jax import preemption
+from dfa_jax import train_loop
+from dfa_jax import workdir as workdir_lib
+from dfa_jax.data import loader
+
+from test_train_loop import final_params, read_jsonl, tiny_demo
+
+
+def _comparable(workdir):
+    result = train_loop.read_result(os.path.join(workdir, "teacher"))
+    rows = read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl"))
+    return (
+        {k: v for k, v in result.items() if k != "wall_time_s"},
+        [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in rows],
+    )
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted tiny teacher run (3 epochs of 6 steps, checkpoints every 3 steps)."""
+    workdir = str(tmp_path_factory.mktemp("straight") / "run")
+    pipeline.run(tiny_demo(), workdir)
+    return workdir
+
+
+@pytest.fixture
+def signal_handlers():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    preemption.clear()
+    yield
+    preemption.clear()
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(
+    straight, tmp_path, monkeypatch, signal_handlers
+):
+    preemption.install()
+    real_batches = loader.train_batches
+
+    def signalling(examples, batch_size, seed, epoch, start_batch=0, rows=None):
+        for i, batch in enumerate(
+            real_batches(examples, batch_size, seed, epoch, start_batch, rows)
+        ):
+            if epoch == 0 and start_batch + i == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # As a scheduler's preemption notice.
+            yield batch
+
+    monkeypatch.setattr(loader, "train_batches", signalling)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(preemption.Stopped, match=r"SIGTERM in stage 'teacher' at step \d+/18") as e:
+        pipeline.run(tiny_demo(), workdir)
+    assert e.value.exit_code == 128 + signal.SIGTERM
+    step = int(str(e.value).split(" at step ")[1].split("/")[0])
+    assert 1 <= step < 18
+    checkpoints = checkpointing.Checkpointer(os.path.join(workdir, "teacher", "checkpoints"), 2)
+    assert checkpoints.latest_step() == step  # The step in flight was checkpointed.
+    assert not train_loop.is_done(os.path.join(workdir, "teacher"))
+
+    monkeypatch.setattr(loader, "train_batches", real_batches)
+    preemption.clear()
+    pipeline.run(tiny_demo(), workdir)
+    assert _comparable(workdir) == _comparable(straight)
+    jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(workdir))
+
+
+def _truncate_files(directory):
+    """Cuts every data file of a finished checkpoint to a third, as a failing disk might."""
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            if name != "_CHECKPOINT_METADATA":
+                path = os.path.join(parent, name)
+                with open(path, "rb") as f:
+                    data = f.read()
+                with open(path, "wb") as f:
+                    f.write(data[: len(data) // 3])
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    stage = os.path.join(workdir, "teacher")
+    os.remove(os.path.join(stage, "result.json"))
+    checkpoints = os.path.join(stage, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    assert steps == [15, 18]
+    _truncate_files(os.path.join(checkpoints, "18"))
+    pipeline.run(tiny_demo(), workdir)
+    assert "checkpoint step 18" in caplog.text and "unreadable" in caplog.text
+    assert _comparable(workdir) == _comparable(straight)
+
+
+def test_no_readable_checkpoint_is_a_named_error(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    ckpt = checkpointing.Checkpointer(directory, keep=2)
+    state = {"w": jax.numpy.arange(4.0)}
+    ckpt.save(3, state, {"step": 3})
+    ckpt.close()
+    _truncate_files(os.path.join(directory, "3"))
+    with pytest.raises(errors.CheckpointError, match=r"no readable checkpoint in .*ckpt"):
+        checkpointing.Checkpointer(directory, keep=2).restore(state)
+
+
+def test_failing_save_is_a_named_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    directory = str(tmp_path / "ckpt")
+    ckpt = checkpointing.Checkpointer(directory, keep=2)
+    state = {"w": jax.numpy.arange(4.0)}
+    ckpt.save(3, state, {"step": 3})
+    ckpt.wait()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    with pytest.raises(
+        errors.WorkdirError, match=r"step 6 .*No space left.*previous checkpoint \(3\) is intact"
+    ):
+        ckpt.save(6, {"w": jax.numpy.arange(4.0) + 1}, {"step": 6})
+    restored, meta = checkpointing.Checkpointer(directory, keep=2).restore(state)
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    assert meta == {"step": 3}
+
+
+def test_workdir_of_another_config_is_refused_with_the_changed_fields(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_demo()
+    workdir_lib.prepare(config, workdir)
+    planted = epath.Path(workdir) / "teacher" / "checkpoints" / "3" / "state"
+    planted.mkdir(parents=True)
+    (planted / "data").write_bytes(b"weights")
+
+    neutral = tiny_demo(**{"log_every_steps": 7, "checkpoint_every_steps": 9})
+    workdir_lib.prepare(neutral, workdir)  # Logging and checkpoint frequency may change.
+
+    changed = tiny_demo(**{"seed": 4, "teacher.optim.lr": 0.5})
+    with pytest.raises(errors.WorkdirError) as e:
+        workdir_lib.prepare(changed, workdir)
+    message = str(e.value)
+    assert "seed: 0 in the workdir, 4 now" in message and "teacher.optim.lr" in message
+    assert "--config.restart=True" in message
+    assert (planted / "data").read_bytes() == b"weights"
+    saved = json.loads((epath.Path(workdir) / "config.json").read_text())
+    assert saved["seed"] == 0  # The workdir still describes its own run.
+
+    changed.restart = True
+    workdir_lib.prepare(changed, workdir)
+    previous = list((epath.Path(workdir) / "previous").iterdir())
+    assert len(previous) == 1
+    assert (
+        previous[0] / "teacher" / "checkpoints" / "3" / "state" / "data"
+    ).read_bytes() == b"weights"
+    assert not (epath.Path(workdir) / "teacher").exists()
+    assert json.loads((epath.Path(workdir) / "config.json").read_text())["seed"] == 4
+
+
+def test_config_hash_ignores_result_neutral_fields():
+    a = tiny_demo().to_dict()
+    b = tiny_demo(**{"log_every_steps": 3, "num_cpu_devices": 1}).to_dict()
+    c = tiny_demo(**{"seed": 9}).to_dict()
+    assert workdir_lib.config_hash(a) == workdir_lib.config_hash(b) != workdir_lib.config_hash(c)
+    assert set(config_lib.RESULT_NEUTRAL_FIELDS) <= set(config_lib._flatten(a))
+
+
+def test_unwritable_or_full_workdir_is_a_named_error_before_training(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(errors.WorkdirError, match=r"cannot be written.*--workdir"):
+        pipeline.run(tiny_demo(), str(blocker / "run"))
+
+    real_write = epath.Path.write_bytes
+
+    def full_disk(self, data):
+        if ".write-probe-" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(type(epath.Path(str(tmp_path))), "write_bytes", full_disk)
+    with pytest.raises(errors.WorkdirError, match="the disk is full"):
+        pipeline.run(tiny_demo(), str(tmp_path / "full"))
+    assert not (tmp_path / "full" / "teacher").exists()
