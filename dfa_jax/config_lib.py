@@ -391,6 +391,21 @@ def _check_splits(data, problems: list[str]) -> None:
             )
 
 
+# Model name -> group spatial sizes: an abstract trace each (~0.3 s), asked for on every validate.
+_GROUP_SIZES: dict[str, tuple[int, ...]] = {}
+
+
+def _check_group_sizes(model_name: str) -> tuple[int, ...]:
+    """Per group, the spatial size of `model_name`'s maps (no compile), cached per name."""
+    from dfa_jax import features  # pylint: disable=g-import-not-at-top
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+
+    if model_name not in _GROUP_SIZES:
+        # The class count does not change the feature maps.
+        _GROUP_SIZES[model_name] = features.group_spatial_sizes(models.get_model(model_name, 10))
+    return _GROUP_SIZES[model_name]
+
+
 def _check_files(config) -> None:
     """The small files the config names, read before anything is built: the teacher checkpoint's
     metadata (`CheckpointError`) and the alpha.json of the 'file' aggregation (`AlphaFileError`).
@@ -432,7 +447,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     # Local imports keep `import dfa_jax.config_lib` light for config files.
     import jax  # pylint: disable=g-import-not-at-top
     from dfa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    from dfa_jax import features  # pylint: disable=g-import-not-at-top
     from dfa_jax import models  # pylint: disable=g-import-not-at-top
     from dfa_jax.data import sources  # pylint: disable=g-import-not-at-top
 
@@ -609,7 +623,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if "file" in uses:
         if distill.alpha_file is None:
             problems.append(
-                "distill.alpha_file is unset but distill.aggregation = 'file' reads it; pass"
+                "distill.alpha_file is unset but the 'file' aggregation (distill.aggregation or"
+                " distill.compare_with) reads it; pass"
                 " --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
             )
         elif not _is_remote(distill.alpha_file) and not os.path.isfile(distill.alpha_file):
@@ -679,9 +694,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         )
 
     if teacher_ok and student_ok and data.dataset in data_lib.DATASETS:
-        num_classes = data_lib.DATASETS[data.dataset].num_classes
-        t_sizes = features.group_spatial_sizes(models.get_model(config.teacher.model, num_classes))
-        s_sizes = features.group_spatial_sizes(models.get_model(config.student.model, num_classes))
+        t_sizes = _check_group_sizes(config.teacher.model)
+        s_sizes = _check_group_sizes(config.student.model)
         if t_sizes != s_sizes:
             problems.append(
                 f"teacher.model = {config.teacher.model!r} has groups at spatial sizes {t_sizes} but"

@@ -130,9 +130,8 @@ def check_checkpoint(
         ) from None
     if not any(name.startswith("params/") for name in saved):
         raise errors.CheckpointError(
-            f"{field} = {path!r}: {directory} holds no teacher params (it has"
-            f" {sorted({n.split('/')[0] for n in saved})}); give the workdir of a finished"
-            " teacher run (or its teacher/variables)."
+            f"{field} = {path!r} holds no teacher params (a training checkpoint?); give the"
+            " workdir of a finished teacher run (or its teacher/variables)."
         )
 
     def init():
@@ -141,9 +140,10 @@ def check_checkpoint(
         return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
     expected = _flat_shapes(jax.eval_shape(init))
-    differ = [n for n in expected if n in saved and saved[n] != expected[n]]
-    missing = [n for n in expected if n not in saved]
-    extra = [n for n in saved if n not in expected]
+    order = sorted(expected, key=lambda n: (not n.startswith("params/"), n))  # params first.
+    differ = [n for n in order if n in saved and saved[n] != expected[n]]
+    missing = [n for n in order if n not in saved]
+    extra = sorted((n for n in saved if n not in expected), key=lambda n: (n[:7] != "params/", n))
     if not (differ or missing or extra):
         return directory
     lines = [f"{n}: saved {saved[n]}, expected {expected[n]}" for n in differ[:5]]
@@ -155,7 +155,7 @@ def check_checkpoint(
         " the checkpoint was trained with"
     )
     # Only the classifier differs, in its class axis: a teacher of another dataset.
-    classes = {saved[n][-1] for n in differ}
+    classes = {saved[n][-1] if saved[n] else None for n in differ}
     if (
         num_classes is not None
         and differ
@@ -167,9 +167,12 @@ def check_checkpoint(
             f"its classifier has {classes.pop()} classes but the dataset has {num_classes}:"
             " give a teacher trained on this data.dataset, or set data.dataset to the teacher's"
         )
+    where = "" if files.absolute(path) == directory else f" (read from {directory})"
     raise errors.CheckpointError(
-        f"{field} = {path!r} does not fit {description} ({directory}): {count} array(s) differ,"
-        " first:\n  " + "\n  ".join(lines) + f"\n{fix}."
+        f"{field} = {path!r}{where} does not fit {description}: {count} array(s) disagree (the"
+        f" checkpoint has {len(saved)}, the model {len(expected)}), first:\n  "
+        + "\n  ".join(lines)
+        + f"\n{fix}."
     )
 
 

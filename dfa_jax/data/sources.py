@@ -405,7 +405,7 @@ class ImageFolderSource(Source):
             shown = "\n  ".join(problems[:5])
             more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
             raise DataError(
-                f"{len(problems)} unreadable image(s) in image_folder {self._split_name(split)}"
+                f"{len(problems)} bad image file(s) in image_folder {self._split_name(split)}"
                 f" (data.path = {self._root!r}):\n  {shown}{more}\nreplace or delete them"
             )
 
@@ -449,6 +449,11 @@ class ImageFolderSource(Source):
         try:
             self._decode(path)
         except DataError as e:
+            cause = e.__cause__
+            if isinstance(cause, (OSError, ValueError)):
+                return (
+                    f"{path}: neither PNG nor JPEG, and PIL cannot read it ({type(cause).__name__})"
+                )
             return str(e)
         return None
 
@@ -521,6 +526,11 @@ class NpzSource(Source):
     def _read_labels(self, file: str) -> np.ndarray:
         size = self.info.image_size
         images, labels = self._image_key, self._label_key
+        if os.path.isfile(file) and not zipfile.is_zipfile(file):
+            raise DataError(
+                f"{file} is not an npz file (not a zip archive); write it with np.savez(path,"
+                f" {images}=..., {labels}=...)"
+            )
         try:
             npz = np.load(file)
         except (OSError, ValueError, zipfile.BadZipFile) as e:

@@ -1,0 +1,792 @@
+"""Every user-fixable mistake ends as one named error before anything compiles.
+
+Each case builds a bad input (config, data tree, npz shard, teacher checkpoint, alpha.json) in
+tmp_path and runs the real entry point, `pipeline.run`, on a tiny config in a workdir that already
+holds a previous run's files. It checks the error class, that the message names the field or file
+and the fix, that JAX compiled nothing, and that the workdir's files are untouched. A property
+test then sets every field of `base_config()` to wrong values and checks that `validate` names it.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+
+import hypothesis
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+from PIL import Image
+
+from dfa_jax import config_lib
+from dfa_jax import errors
+from dfa_jax import models
+from dfa_jax import pipeline
+from dfa_jax import teacher
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+# Backend compilations seen since the last clear (jax.monitoring has no per-call scope).
+COMPILES: list[str] = []
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+        COMPILES.append(event)
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    """configs/demo.py:tiny (bundled digits, wrn_16_1 -> wrn_10_1), teacher stage only."""
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.stages = ("teacher",)
+    for path, value in overrides.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+
+def write_image_tree(root, classes=("ant", "bee"), per_class=(8, 4), size=32) -> str:
+    """root/{train,test}/<class>/img<k>.png of random pixels."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "test"), per_class):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3), np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{k}.png")
+    return str(root)
+
+
+def image_folder_config(root) -> ml_collections.ConfigDict:
+    return tiny_config(
+        **{"data.dataset": "cifar10", "data.source": "image_folder", "data.path": root}
+    )
+
+
+def write_npz(root, name: str, n: int = 20, **arrays) -> str:
+    """root/{name}.npz of n good images and labels, `arrays` replacing (None: dropping) them."""
+    rng = np.random.default_rng(0)
+    good = {"images": rng.integers(0, 256, (n, 32, 32, 3), np.uint8), "labels": np.arange(n) % 10}
+    arrays = {k: v for k, v in {**good, **arrays}.items() if v is not None}
+    np.savez(root / f"{name}.npz", **arrays)
+    return str(root / f"{name}.npz")
+
+
+def npz_config(root, **train_arrays) -> tuple[ml_collections.ConfigDict, str]:
+    """A good test.npz and a train.npz made of `train_arrays`; returns (config, train file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_npz(root, "test", n=8)
+    file = write_npz(root, "train", **train_arrays)
+    config = tiny_config(
+        **{"data.dataset": "cifar10", "data.source": "npz", "data.path": str(root)}
+    )
+    return config, file
+
+
+def save_fake_variables(directory, model_name: str, num_classes: int) -> str:
+    """Zero teacher variables of `model_name` saved as the teacher stage exports them."""
+    model = models.get_model(model_name, num_classes)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)), train=False)
+    )
+    variables = {
+        k: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes[k])
+        for k in ("params", "batch_stats")
+    }
+    teacher.save_variables(str(directory), variables)
+    return str(directory)
+
+
+def alpha_record(model_name="wrn_16_1") -> dict:
+    groups = models.get_model(model_name, 10).feature_groups()
+    return {
+        "teacher": model_name,
+        "groups": [
+            {"group": i + 1, "layers": list(g), "alpha": [1 / len(g)] * len(g)}
+            for i, g in enumerate(groups)
+        ],
+    }
+
+
+def alpha_config(tmp_path, content) -> tuple[ml_collections.ConfigDict, str]:
+    """Teacher then distillation with the 'file' aggregation reading `content` (str or dict)."""
+    path = tmp_path / "other_run" / "alpha.json"
+    path.parent.mkdir()
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    config = tiny_config(
+        **{
+            "stages": ("teacher", "distill"),
+            "distill.aggregation": "file",
+            "distill.alpha_file": str(path),
+            "distill.compare_with": (),
+        }
+    )
+    return config, str(path)
+
+
+def edit_alpha(edit: Callable[[dict], None]) -> dict:
+    record = alpha_record()
+    edit(record)
+    return record
+
+
+# -------------------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    # tmp_path -> (config, the file or field the message must name)
+    build: Callable
+    error: type
+    fix: str  # A hint of the fix the message must contain.
+
+
+def _text_as_png(tmp_path):
+    root = write_image_tree(tmp_path / "data")
+    bad = tmp_path / "data" / "train" / "bee" / "img3.png"
+    bad.write_text("this is a text file")
+    return image_folder_config(root), str(bad)
+
+
+def _truncated_png(tmp_path):
+    root = write_image_tree(tmp_path / "data")
+    bad = tmp_path / "data" / "test" / "ant" / "img1.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    return image_folder_config(root), str(bad)
+
+
+def _truncated_jpeg(tmp_path):
+    root = write_image_tree(tmp_path / "data")
+    bad = tmp_path / "data" / "train" / "ant" / "img9.jpg"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:-40])
+    return image_folder_config(root), str(bad)
+
+
+def _small_image(tmp_path):
+    root = write_image_tree(tmp_path / "data")
+    bad = tmp_path / "data" / "train" / "ant" / "img0.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bad)
+    return image_folder_config(root), str(bad)
+
+
+def _missing_test_folder(tmp_path):
+    root = write_image_tree(tmp_path / "data")
+    config = image_folder_config(root)
+    config.data.test_split = "valid"
+    return config, "data.test_split"
+
+
+def _too_many_class_folders(tmp_path):
+    classes = tuple(f"c{i:02d}" for i in range(11))
+    root = write_image_tree(tmp_path / "data", classes=classes, per_class=(2, 1))
+    return image_folder_config(root), os.path.join(root, "train")
+
+
+def _npz_not_a_zip(tmp_path):
+    config, file = npz_config(tmp_path / "npz")
+    with open(file, "w") as f:
+        f.write("garbage")
+    return config, file
+
+
+def _npz_no_test_files(tmp_path):
+    config, _ = npz_config(tmp_path / "npz")
+    (tmp_path / "npz" / "test.npz").unlink()
+    return config, "data.test_split"
+
+
+def _teacher_dir_without_variables(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tiny_config(**{"teacher.checkpoint": str(tmp_path / "empty")}), str(tmp_path / "empty")
+
+
+def _teacher_training_checkpoints(tmp_path):
+    checkpoints = tmp_path / "old" / "teacher" / "checkpoints"
+    (checkpoints / "7").mkdir(parents=True)
+    return tiny_config(**{"teacher.checkpoint": str(checkpoints)}), "training checkpoints"
+
+
+CASES = [
+    Case("image_folder_text_file_as_png", _text_as_png, errors.DataError, "replace or delete"),
+    Case("image_folder_truncated_png", _truncated_png, errors.DataError, "truncated"),
+    Case("image_folder_truncated_jpeg", _truncated_jpeg, errors.DataError, "truncated"),
+    Case("image_folder_16px_image", _small_image, errors.DataError, "expected 32x32"),
+    Case("image_folder_missing_split", _missing_test_folder, errors.DataError, "fix data.path"),
+    Case(
+        "image_folder_11_classes_for_cifar10",
+        _too_many_class_folders,
+        errors.DataError,
+        "set data.dataset",
+    ),
+    Case(
+        "npz_missing_labels_key",
+        lambda p: npz_config(p / "npz", labels=None, y=np.zeros(20, np.int64)),
+        errors.DataError,
+        "data.npz_label_key",
+    ),
+    Case(
+        "npz_float_images",
+        lambda p: npz_config(p / "npz", images=np.zeros((20, 32, 32, 3), np.float32)),
+        errors.DataError,
+        "astype(np.uint8)",
+    ),
+    Case(
+        "npz_grey_images",
+        lambda p: npz_config(p / "npz", images=np.zeros((20, 32, 32), np.uint8)),
+        errors.DataError,
+        "[N, 32, 32, 3]",
+    ),
+    Case(
+        "npz_28px_images",
+        lambda p: npz_config(p / "npz", images=np.zeros((20, 28, 28, 3), np.uint8)),
+        errors.DataError,
+        "[N, 32, 32, 3]",
+    ),
+    Case(
+        "npz_fewer_labels_than_images",
+        lambda p: npz_config(p / "npz", labels=np.zeros(19, np.int64)),
+        errors.DataError,
+        "exactly one label",
+    ),
+    Case(
+        "npz_float_labels",
+        lambda p: npz_config(p / "npz", labels=np.zeros(20, np.float32)),
+        errors.DataError,
+        "integers",
+    ),
+    Case(
+        "npz_labels_outside_num_classes",
+        lambda p: npz_config(p / "npz", labels=np.arange(20) % 12),
+        errors.DataError,
+        "relabel",
+    ),
+    Case("npz_not_a_zip", _npz_not_a_zip, errors.DataError, "np.savez"),
+    Case("npz_no_test_files", _npz_no_test_files, errors.DataError, "test_*.npz"),
+    Case(
+        "teacher_checkpoint_of_100_classes",
+        lambda p: (
+            tiny_config(**{"teacher.checkpoint": save_fake_variables(p / "t100", "wrn_16_1", 100)}),
+            "(64, 100), expected (64, 10)",
+        ),
+        errors.CheckpointError,
+        "classifier has 100 classes",
+    ),
+    Case(
+        "teacher_checkpoint_of_another_architecture",
+        lambda p: (
+            tiny_config(
+                **{
+                    "teacher.model": "wrn_40_2",
+                    "student.model": "wrn_16_1",
+                    "teacher.checkpoint": save_fake_variables(p / "t", "wrn_16_2", 10),
+                }
+            ),
+            "not in the checkpoint",
+        ),
+        errors.CheckpointError,
+        "set them to what the checkpoint was trained with",
+    ),
+    Case(
+        "teacher_checkpoint_without_variables",
+        _teacher_dir_without_variables,
+        errors.CheckpointError,
+        "teacher/variables",
+    ),
+    Case(
+        "teacher_checkpoint_is_training_checkpoints",
+        _teacher_training_checkpoints,
+        errors.CheckpointError,
+        "teacher/variables",
+    ),
+    Case(
+        "teacher_checkpoint_missing",
+        lambda p: (
+            tiny_config(**{"teacher.checkpoint": str(p / "nope")}),
+            "teacher.checkpoint",
+        ),
+        errors.ConfigError,
+        "unset it to train one",
+    ),
+    Case(
+        "alpha_file_not_json",
+        lambda p: alpha_config(p, "{'groups': oops"),
+        errors.AlphaFileError,
+        "not valid JSON",
+    ),
+    Case(
+        "alpha_file_of_another_layout",
+        lambda p: alpha_config(p, alpha_record("wrn_22_1")),
+        errors.AlphaFileError,
+        "this teacher",
+    ),
+    Case(
+        "alpha_file_with_two_groups",
+        lambda p: alpha_config(p, edit_alpha(lambda r: r["groups"].pop())),
+        errors.AlphaFileError,
+        "has 2 groups",
+    ),
+    Case(
+        "alpha_not_summing_to_one",
+        lambda p: alpha_config(p, edit_alpha(lambda r: r["groups"][1].update(alpha=[0.5, 0.7]))),
+        errors.AlphaFileError,
+        "summing to 1",
+    ),
+    Case(
+        "alpha_negative",
+        lambda p: alpha_config(p, edit_alpha(lambda r: r["groups"][0].update(alpha=[-0.5, 1.5]))),
+        errors.AlphaFileError,
+        "non-negative",
+    ),
+    Case(
+        "alpha_file_without_groups",
+        lambda p: alpha_config(p, {"teacher": "wrn_16_1"}),
+        errors.AlphaFileError,
+        "'groups'",
+    ),
+    Case(
+        "alpha_group_without_alpha",
+        lambda p: alpha_config(p, edit_alpha(lambda r: r["groups"][2].pop("alpha"))),
+        errors.AlphaFileError,
+        "group 3 has no 'alpha'",
+    ),
+    Case(
+        "alpha_file_is_a_directory",
+        lambda p: (
+            tiny_config(
+                **{
+                    "stages": ("teacher", "distill"),
+                    "distill.aggregation": "file",
+                    "distill.alpha_file": str(p),
+                }
+            ),
+            "distill.alpha_file",
+        ),
+        errors.ConfigError,
+        "OTHER_WORKDIR/alpha.json",
+    ),
+    Case(
+        "bundled_val_split",
+        lambda p: (
+            tiny_config(**{"stages": ("teacher", "search"), "data.val_split": "valid"}),
+            "data.val_split",
+        ),
+        errors.ConfigError,
+        "leave data.val_split unset",
+    ),
+    Case(
+        "tfds_unknown_test_split",
+        lambda p: (
+            tiny_config(
+                **{"data.dataset": "cifar10", "data.source": "tfds", "data.test_split": "val"}
+            ),
+            "data.test_split",
+        ),
+        errors.ConfigError,
+        "'train' and 'test'",
+    ),
+    Case(
+        "eval_batch_not_divisible_by_devices",
+        lambda p: (tiny_config(**{"data.eval_batch_size": 15}), "data.eval_batch_size"),
+        errors.ConfigError,
+        "multiple of the 2 devices",
+    ),
+    Case(
+        "train_cap_smaller_than_batch",
+        lambda p: (tiny_config(**{"data.max_train_examples": 8}), "teacher.optim.batch_size"),
+        errors.ConfigError,
+        "lower the batch size",
+    ),
+    Case(
+        "image_folder_path_missing",
+        lambda p: (image_folder_config(str(p / "nowhere")), "data.path"),
+        errors.ConfigError,
+        "point it at",
+    ),
+    Case(
+        "epochs_none",
+        lambda p: (tiny_config(**{"teacher.optim.epochs": None}), "teacher.optim.epochs"),
+        errors.ConfigError,
+        "drop the override",
+    ),
+]
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _plant_previous_run(workdir, config) -> None:
+    """A previous run of the same config: its config.json, a checkpoint and metrics."""
+    step = workdir / "teacher" / "checkpoints" / "3"
+    step.mkdir(parents=True)
+    (step / "_CHECKPOINT_METADATA").write_text('{"step": 3}')
+    (step / "state.bin").write_bytes(os.urandom(256))
+    (workdir / "teacher" / "metrics.jsonl").write_text('{"step": 2, "loss": 2.3}\n')
+    # As `files.write_json_atomic` writes it, so the workdir check sees the same experiment.
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+
+
+def _message_names(message: str, needle: str) -> bool:
+    return needle in message or needle.replace(os.sep, "/") in message
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_mistake_fails_early_with_a_named_error(case, tmp_path):
+    config, named = case.build(tmp_path)
+    workdir = tmp_path / "workdir"
+    _plant_previous_run(workdir, config)
+    before = _snapshot(workdir)
+    jax.clear_caches()  # Anything compiled by an earlier test would compile again here.
+    COMPILES.clear()
+
+    with pytest.raises(errors.InputError) as raised:
+        pipeline.run(config, str(workdir))
+
+    message = str(raised.value)
+    assert type(raised.value) is case.error, f"{type(raised.value).__name__}: {message}"
+    assert _message_names(message, named), f"{named!r} not in: {message}"
+    assert case.fix in message, f"fix {case.fix!r} not in: {message}"
+    assert not COMPILES, f"compiled {len(COMPILES)} computation(s) before failing"
+    after = _snapshot(workdir)
+    assert {k: after.get(k) for k in before} == before, "a file of the previous run changed"
+    assert set(after) - set(before) <= {"config_hash", "search_split.json"}, sorted(after)
+
+
+def test_main_prints_one_error_line(tmp_path):
+    """The command line turns the error into `error: ...` on stderr, no traceback."""
+    write_npz(tmp_path, "train", images=np.zeros((20, 32, 32, 3), np.float32))
+    write_npz(tmp_path, "test", n=8)
+    command = [
+        sys.executable,
+        "-m",
+        "dfa_jax.main",
+        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny",
+        f"--workdir={tmp_path / 'workdir'}",
+        "--config.stages=('teacher',)",
+        "--config.data.dataset=cifar10",
+        "--config.data.source=npz",
+        f"--config.data.path={tmp_path}",
+        "--config.num_cpu_devices=1",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors_lines) == 1 and "train.npz" in errors_lines[0], done.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "workdir" / "teacher")
+
+
+def test_checkpoint_check_accepts_a_matching_teacher(tmp_path):
+    """The shape check passes a checkpoint of the right architecture and class count."""
+    directory = save_fake_variables(tmp_path / "teacher" / "variables", "wrn_16_1", 10)
+    config = tiny_config(**{"teacher.checkpoint": str(tmp_path)})
+    config_lib.validate(config, device_count=2)
+    model = models.get_model("wrn_16_1", 10)
+    assert teacher.check_checkpoint(str(tmp_path), model) == directory
+
+
+# ------------------------------------------------------------------------- property: validate
+
+_REFERENCE = config_lib.base_config()
+
+
+def _leaves(node, prefix=""):
+    for key in node:
+        value = node[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", node, key
+
+
+LEAVES = {path: (node.get_type(key), node[key]) for path, node, key in _leaves(_REFERENCE)}
+
+_INT = st.integers(-(2**40), 2**40)
+_TEXT = st.text(max_size=6)
+_NAN_INF = st.sampled_from([math.nan, math.inf, -math.inf])
+
+
+def _enum(values):
+    values = tuple(values)
+    return st.sampled_from(values), _TEXT.filter(lambda s: s not in values)
+
+
+def _positive_int(low=1):
+    return st.integers(low, 10**6), st.integers(-(10**6), low - 1)
+
+
+def _non_negative_float():
+    return st.floats(0, 1e6), st.floats(max_value=-1e-9, allow_infinity=False) | _NAN_INF
+
+
+def _positive_float():
+    return st.floats(1e-9, 1e6), st.floats(max_value=0, allow_infinity=False) | _NAN_INF
+
+
+def _unit_interval():  # [0, 1)
+    return (
+        st.floats(0, 1, exclude_max=True),
+        st.floats(max_value=-1e-9, allow_infinity=False) | st.floats(min_value=1) | _NAN_INF,
+    )
+
+
+def _even_positive():  # Batch sizes with 2 devices.
+    return st.integers(1, 4096).map(lambda n: 2 * n), st.integers(-50, 50).map(lambda n: 2 * n + 1)
+
+
+def _optim(prefix):
+    return {
+        f"{prefix}.epochs": _positive_int(),
+        f"{prefix}.batch_size": _even_positive(),
+        f"{prefix}.lr": _positive_float(),
+        f"{prefix}.momentum": _unit_interval(),
+        f"{prefix}.weight_decay": _non_negative_float(),
+        f"{prefix}.schedule": _enum(config_lib.SCHEDULES),
+        f"{prefix}.decay": _positive_float(),
+        f"{prefix}.milestones": (
+            st.lists(st.integers(1, 500), max_size=4, unique=True).map(lambda m: tuple(sorted(m))),
+            st.sampled_from([(0,), (-5, 10), (120, 60), (60, 60), (60, "120")]),
+        ),
+    }
+
+
+_WRN = st.sampled_from(["wrn_16_1", "wrn_16_2", "wrn_28_4", "wrn_40_2", "wrn_10_1"])
+_BAD_MODEL = st.sampled_from(["resnet_50", "wrn_11_2", "shufflenet_v2_1.0", ""])
+_LABELS = config_lib.METHODS[:-1] + config_lib.AGGREGATIONS
+
+# Per field: (valid values, invalid values) in the context of base_config() with 2 devices.
+# Wrong types (None, a string for a number, a number for a string, NaN...) come on top, from
+# the field's type alone, so a field missing here is still tested for those.
+SPEC = {
+    "seed": (st.integers(0, 2**32 - 1), st.integers(max_value=-1) | st.integers(min_value=2**32)),
+    "stages": (
+        st.sampled_from([("teacher",), ("teacher", "search"), ("teacher", "search", "distill")]),
+        st.sampled_from([(), ("teacher", "pretrain"), ("search",), ("teacher", "distill")]),
+    ),
+    "data.dataset": (st.sampled_from(["cifar10", "cifar100"]), _TEXT | st.just("cinic10")),
+    "data.source": (st.just("tfds"), st.sampled_from(["bundled", "npz", "image_folder", "s3"])),
+    "data.data_dir": (st.none() | _TEXT.filter(str.strip), st.sampled_from(["", "  "])),
+    "data.path": (st.none() | _TEXT.filter(str.strip), st.just("")),
+    "data.npz_image_key": (st.sampled_from(["x", "images"]), st.sampled_from(["", "labels"])),
+    "data.npz_label_key": (st.sampled_from(["y", "labels"]), st.sampled_from(["", "images"])),
+    "data.train_split": (
+        st.sampled_from(["train", "test", "train[:90%]", "train+test"]),
+        st.sampled_from(["", "valid", "validation", "tran"]),
+    ),
+    "data.test_split": (
+        st.sampled_from(["test", "train[90%:]"]),
+        st.sampled_from(["", " ", "valid"]),
+    ),
+    "data.val_split": (st.sampled_from([None, "test", "train[70%:]"]), st.sampled_from(["", "v"])),
+    "data.search_val_fraction": (
+        st.floats(0.01, 0.99),
+        st.floats(max_value=0) | st.floats(min_value=1) | _NAN_INF,
+    ),
+    "data.max_train_examples": (
+        st.none() | st.integers(128, 10**7),
+        st.integers(-(10**6), 127),  # Non-positive, or fewer than the teacher's batch of 128.
+    ),
+    "data.max_test_examples": (st.none() | st.integers(1, 10**7), st.integers(-(10**6), 0)),
+    "data.augment": _enum(["pad_crop", "random_resized_crop"]),
+    "data.pad": (st.integers(0, 31), st.integers(-100, -1) | st.integers(32, 10**6)),
+    "data.pad_mode": _enum(["reflect", "constant"]),
+    "data.prefetch": (st.integers(0, 100), st.integers(-100, -1)),
+    "data.eval_batch_size": _even_positive(),
+    "teacher.model": (_WRN, _BAD_MODEL),
+    "teacher.checkpoint": (st.none(), st.sampled_from(["", "/nonexistent/teacher"])),
+    "student.model": (_WRN, _BAD_MODEL),
+    "features.clamp_min": (st.none() | st.floats(-100, 100), _NAN_INF),
+    "search.epochs_per_group": _positive_int(),
+    "search.batch_size": _even_positive(),
+    "search.w_lr": _positive_float(),
+    "search.w_momentum": _unit_interval(),
+    "search.w_weight_decay": _non_negative_float(),
+    "search.beta_lr": _positive_float(),
+    "search.beta_b1": _unit_interval(),
+    "search.beta_b2": _unit_interval(),
+    "search.beta_weight_decay": _non_negative_float(),
+    "search.init_last_logit": (st.floats(-50, 50), _NAN_INF),
+    "search.order": (
+        st.sampled_from([1, 2]),
+        st.integers(-5, 10).filter(lambda n: n not in (1, 2)),
+    ),
+    "search.gamma_st": _non_negative_float(),
+    "search.gamma_ts": _non_negative_float(),
+    "distill.method": _enum(config_lib.METHODS),
+    "distill.aggregation": (
+        st.sampled_from([a for a in config_lib.AGGREGATIONS if a != "file"]),
+        _TEXT.filter(lambda s: s not in config_lib.AGGREGATIONS) | st.just("file"),  # File unset.
+    ),
+    "distill.alpha_file": (st.none() | _TEXT, st.nothing()),  # Unused unless aggregation 'file'.
+    "distill.compare_with": (
+        st.lists(st.sampled_from([n for n in _LABELS if n != "file"]), max_size=3).map(tuple),
+        st.sampled_from([("best",), ("last", "median"), ("file",)]),
+    ),
+    "distill.distance": _enum(["partial_l2", "l2"]),
+    "distill.margin": (st.floats(-10, 10), _NAN_INF),
+    "distill.gamma_fd": _non_negative_float(),
+    "distill.teacher_bn": _enum(["eval", "batch"]),
+    "baselines.kd_temperature": _positive_float(),
+    "baselines.ft_rate": _positive_float(),
+    "baselines.ft_pretrain_epochs": _positive_int(),
+    "baselines.ab_init_epochs": _positive_int(),
+    "dtype": _enum(["float32", "bfloat16"]),
+    "num_cpu_devices": (st.integers(0, 64), st.integers(-64, -1)),
+    "log_every_steps": _positive_int(),
+    "checkpoint_every_steps": _positive_int(),
+    "checkpoints_to_keep": _positive_int(),
+    **_optim("teacher.optim"),
+    **_optim("distill.optim"),
+}
+for _field in (
+    "kd_weight",
+    "kd_ce_weight",
+    "fitnets_weight",
+    "at_weight",
+    "sp_weight",
+    "ft_weight",
+    "ab_margin",
+    "jacobian_weight",
+    "margin_gamma",
+):
+    SPEC[f"baselines.{_field}"] = _non_negative_float()
+
+
+def _wrong_types(path: str):
+    """Values of the wrong type for field `path`, judged from its type in base_config()."""
+    kind, default = LEAVES[path]
+    nullable = default is None or path == "features.clamp_min"
+    options = [] if nullable else [st.none()]
+    if kind is bool:
+        options += [_INT, _TEXT, st.floats()]
+    elif kind is int:
+        options += [_TEXT, st.booleans(), st.floats()]
+    elif kind is float:
+        options += [_TEXT, st.booleans(), _NAN_INF]
+    elif kind is str:
+        options += [_INT, st.booleans(), st.floats(), st.just(("a",))]
+    elif kind is tuple:
+        item = type(default[0]) if default else str
+        bad_items = _INT if item is str else _TEXT
+        options += [_TEXT, _INT, st.lists(bad_items, min_size=1, max_size=3).map(tuple)]
+    return st.one_of(options)
+
+
+@st.composite
+def field_values(draw):
+    """(dotted field, value, whether validate must accept it)."""
+    path = draw(st.sampled_from(sorted(LEAVES)))
+    valid, invalid = SPEC.get(path, (st.just(LEAVES[path][1]), st.nothing()))
+    kind = draw(st.sampled_from(["valid", "invalid", "type"]))
+    if kind == "valid":
+        return path, draw(valid), True
+    if kind == "invalid" and not invalid.is_empty:
+        return path, draw(invalid), False
+    return path, draw(_wrong_types(path)), False
+
+
+def _loose(path, value) -> ml_collections.ConfigDict:
+    """base_config() with `path` = `value` as is: no type kept or converted (even a type-unsafe
+    ConfigDict turns a bool given to a float field into 0.0 or 1.0)."""
+    tree = _REFERENCE.to_dict()
+    node = tree
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return ml_collections.ConfigDict(tree, type_safe=False)
+
+
+def _set(config, path, value):
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def _names(message: str, path: str) -> bool:
+    """Whether `message` names `path` as a whole dotted word (not `data.pad` in `data.pad_mode`)."""
+    return re.search(rf"(?<![\w.]){re.escape(path)}(?![\w])", message) is not None
+
+
+def _check(config, path, value, valid):
+    if valid:
+        config_lib.validate(config, device_count=2)
+        return
+    with pytest.raises(errors.ConfigError) as raised:
+        config_lib.validate(config, device_count=2)
+    assert _names(str(raised.value), path), f"{path} = {value!r}: {raised.value}"
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.given(field_values())
+def test_every_field_wrong_value_is_named(case):
+    path, value, valid = case
+    # What the command line and config files give: ml_collections refuses some types itself,
+    # and converts others (an int or a bool to a float field's float), judged by the loose check.
+    config = config_lib.base_config()
+    try:
+        _set(config, path, value)
+    except (TypeError, ValueError):
+        assert not valid, f"ml_collections refused a valid {path} = {value!r}"
+    else:
+        stored = config
+        for key in path.split("."):
+            stored = stored[key]
+        if type(stored) is type(value):
+            _check(config, path, value, valid)
+    # What it lets through or not, validate must catch alone (a config built without types).
+    _check(_loose(path, value), path, value, valid)
+
+
+@pytest.mark.parametrize("path", sorted(LEAVES))
+def test_every_field_rejects_none_or_a_wrong_type(path):
+    """Each field once, deterministically: a value of the wrong type is named."""
+    kind, default = LEAVES[path]
+    wrong = {bool: 1, int: "1", float: "0.5", str: 3, tuple: 3}.get(kind, object())
+    _check(_loose(path, wrong), path, wrong, valid=False)
+    nullable = default is None or path == "features.clamp_min"
+    _check(_loose(path, None), path, None, valid=nullable)
+
+
+def test_spec_fields_exist():
+    assert set(SPEC) <= set(LEAVES), set(SPEC) - set(LEAVES)
+
+
+def test_unknown_field_is_named_with_a_suggestion():
+    loose = _loose("teacher.optim.weight_deacy", 1e-4)
+    with pytest.raises(errors.ConfigError, match=r"weight_deacy .*did you mean .*weight_decay\?"):
+        config_lib.validate(loose, device_count=2)
