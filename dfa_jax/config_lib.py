@@ -227,7 +227,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     if arg == "tiny":
         return tiny(config)
     if arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':tiny' or nothing")
+        raise ConfigError(f"unknown config argument {arg!r}; use ':tiny' or nothing")
     return config
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfa_jax import data as data_lib
+from dfa_jax import errors
 from dfa_jax.data import augment, splits
 
 
@@ -76,6 +77,32 @@ def load(config, workdir: str, search: bool) -> RunData:
             run.search_train = train
             run.search_val = SourceExamples.of(source, data.val_split)
     return run
+
+
+def check_batch_sizes(config, run: RunData) -> None:
+    """Raises a `DataError` when a split the run trains on cannot fill one global batch (a
+    dataset smaller than configured, or a small `data.max_train_examples`), before any compile."""
+    needs = []
+    if config.teacher.checkpoint is None:
+        needs.append(
+            ("train", run.train, "teacher.optim.batch_size", config.teacher.optim.batch_size)
+        )
+    if "search" in config.stages and run.search_train is not None:
+        needs.append(
+            ("search train", run.search_train, "search.batch_size", config.search.batch_size)
+        )
+        needs.append(("search val", run.search_val, "search.batch_size", config.search.batch_size))
+    if "distill" in config.stages:
+        needs.append(
+            ("train", run.train, "distill.optim.batch_size", config.distill.optim.batch_size)
+        )
+    for split, examples, field, batch_size in needs:
+        if len(examples.labels) < batch_size:
+            raise errors.DataError(
+                f"the {split} split has {len(examples.labels)} examples, fewer than one batch of"
+                f" {field} = {batch_size}; lower {field} or provide more data"
+                f" ({config.data.dataset} from data.source = {config.data.source!r})."
+            )
 
 
 def make_train_preprocess(data_cfg, info: data_lib.DatasetInfo):

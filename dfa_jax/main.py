@@ -10,6 +10,7 @@ Kept short on purpose; everything testable lives in the library.
 """
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only tf.data/tfds here.
@@ -62,7 +63,11 @@ def _explicit_processes() -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        config.lock()  # Also the first attribute access: a config file that failed to load raises.
+    except OSError as e:  # The config file could not be loaded; config_flags says which.
+        sys.exit(f"error: {_explain(e)}")
     # Orbax narrates every save at INFO; keep its warnings, drop the rest from the progress log.
     logging.get_absl_handler().addFilter(
         lambda record: "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING
@@ -79,7 +84,6 @@ def main(argv):
         parallel.initialize_distributed()
     from dfa_jax import errors, pipeline, preemption  # pylint: disable=g-import-not-at-top
 
-    config.lock()
     preemption.install()  # SIGTERM / Ctrl-C: checkpoint after the current step, then exit.
     try:
         pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
@@ -91,5 +95,34 @@ def main(argv):
         sys.exit(e.exit_code)
 
 
+def _explain(error: BaseException) -> str:
+    """The user-facing part of an error raised while reading flags or the config file.
+
+    config_flags embeds the loader's traceback in its messages: keep the last line(s) that say
+    what went wrong, without the exception's class path.
+    """
+    text = str(error).strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # KeyError/AttributeError quote their message.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = lines[-1:]
+    text = " ".join(lines).replace("\\'", "'").replace("\\n", " ")
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", text)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config mistake found while parsing (an unknown field, a bad
+    value or `:arg`) reported as one `error:` line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {_explain(e)}\nPass --help for the flags.")
+    except AttributeError as e:  # config_flags: `--config.no.such.field=...`.
+        sys.exit(f"error: unknown config field {_explain(e)}")
+    except (KeyError, OSError, ValueError, TypeError) as e:
+        sys.exit(f"error: {_explain(e)}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

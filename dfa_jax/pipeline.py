@@ -36,6 +36,7 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
     )
 
     data = inputs.load(config, workdir, search="search" in config.stages)
+    inputs.check_batch_sizes(config, data)
     stages: dict[str, dict] = {}
     # Search and distillation need a teacher: the teacher stage trains it or loads it.
     teacher_result, teacher_vars = teacher.run(config, workdir, mesh, data)

@@ -229,7 +229,19 @@ def _teacher_training_checkpoints(tmp_path):
     return tiny_config(**{"teacher.checkpoint": str(checkpoints)}), "training checkpoints"
 
 
+def _train_smaller_than_a_batch(tmp_path):
+    config, _ = npz_config(tmp_path / "npz", images=None, labels=None)
+    write_npz(tmp_path / "npz", "train", n=10)  # No cap configured: the data itself is short.
+    return config, "teacher.optim.batch_size"
+
+
 CASES = [
+    Case(
+        "npz_train_smaller_than_a_batch",
+        _train_smaller_than_a_batch,
+        errors.DataError,
+        "provide more data",
+    ),
     Case("image_folder_text_file_as_png", _text_as_png, errors.DataError, "replace or delete"),
     Case("image_folder_truncated_png", _truncated_png, errors.DataError, "truncated"),
     Case("image_folder_truncated_jpeg", _truncated_jpeg, errors.DataError, "truncated"),
@@ -790,3 +802,24 @@ def test_unknown_field_is_named_with_a_suggestion():
     loose = _loose("teacher.optim.weight_deacy", 1e-4)
     with pytest.raises(errors.ConfigError, match=r"weight_deacy .*did you mean .*weight_decay\?"):
         config_lib.validate(loose, device_count=2)
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--config=configs/demo.py", "--config.data.pads=3"], "'pads'"),
+        (["--config=configs/demo.py", "--config.seed=abc"], "--config.seed=abc"),
+        (["--config=configs/no_such_config.py"], "configs/no_such_config.py"),
+        (["--config=configs/demo.py:huge"], "'huge'"),
+    ],
+    ids=["unknown_field", "bad_value", "missing_config_file", "bad_config_argument"],
+)
+def test_command_line_mistakes_are_one_error_line(flags, named, tmp_path):
+    """Mistakes found while absl parses the flags or loads the config file: no traceback."""
+    command = [sys.executable, "-m", "dfa_jax.main", f"--workdir={tmp_path / 'w'}", *flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and named in lines[0], done.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
