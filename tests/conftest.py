@@ -1,6 +1,7 @@
 """Test set-up: two simulated CPU devices, quiet TensorFlow, no GPU for tf.data."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -8,6 +9,16 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Two simulated devices on a shared CI core pair: let their collectives wait out a busy moment
 # instead of aborting the process (see parallel.configure_cpu_devices).
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_collective_call_terminate_timeout_seconds=3600")
+
+# One persistent compilation cache per test run, shared by the xdist workers and the
+# subprocesses the tests start (inherited through the environment): the tiny pipelines many tests
+# run compile the same steps, and on 2 CPU cores compiling is most of their time.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"dfa_jax_tests_{_RUN_ID}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 

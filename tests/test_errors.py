@@ -39,7 +39,12 @@ COMPILES: list[str] = []
 
 def _on_event(event: str, duration: float, **kwargs) -> None:
     del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
+    # Lowering happens for every compile request, also those the persistent compilation cache
+    # (conftest) answers without a backend compile.
+    if event in (
+        "/jax/core/compile/backend_compile_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    ):
         COMPILES.append(event)
 
 
