@@ -191,6 +191,7 @@ def case_config(case: str, batch: int, dtype: str):
         config.data.augment = "pad_crop"
     else:
         config = config_lib.cifar100_pair(student_name)
+        config.teacher.model = teacher_name
     config.data.dataset = "cifar100"
     config.dtype = dtype
     for optim in (config.teacher.optim, config.distill.optim):

@@ -1,0 +1,193 @@
+"""bfloat16 compute (`config.dtype`): a tiny teacher run through the project's step trains like
+float32 while everything stateful stays float32; and the throughput benchmark's own functions."""
+
+import functools
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import throughput
+from dfa_jax import bilevel
+from dfa_jax import config_lib
+from dfa_jax import inputs
+from dfa_jax import models
+from dfa_jax import optimizers
+from dfa_jax import parallel
+from dfa_jax import teacher as teacher_lib
+from dfa_jax.data import sources
+
+STEPS = 8
+BATCH = 16
+NUM_CLASSES = 10
+# bf16 keeps 8 bits of mantissa: each convolution output carries a relative rounding error of
+# ~2^-9 = 0.2%, and twelve SGD steps at lr 0.1 amplify the difference between the two
+# trajectories. Measured on this run: at most ~1% of the loss (CPU, 2 devices). 5% of the loss
+# plus 0.02 leaves room for other backends' bf16 kernels while still catching a broken
+# bf16 path (a float32 master copy lost, or statistics kept in bf16, drifts by far more).
+LOSS_RTOL = 0.05
+LOSS_ATOL = 0.02
+
+
+def _memorisable_batch():
+    """One fixed batch to fit: each class a fixed random uint8 image plus a little noise."""
+    rng = np.random.default_rng(0)
+    templates = rng.uniform(0, 255, (NUM_CLASSES, 32, 32, 3))
+    labels = np.arange(BATCH) % NUM_CLASSES
+    images = templates[labels] + rng.normal(0, 10, (BATCH, 32, 32, 3))
+    return {"image": np.clip(images, 0, 255).astype(np.uint8), "label": labels.astype(np.int32)}
+
+
+def _train(dtype: str, variables, mesh):
+    """STEPS steps of the teacher stage's step on a wrn_10_1; returns (losses, final state, model).
+
+    Both dtypes start from the same float32 variables (the parameters are float32 either way).
+    No augmentation and a constant learning rate, so the loss falls within a few steps.
+    """
+    config = config_lib.tiny(config_lib.base_config())
+    config.dtype = dtype
+    config.data.pad, config.data.flip = 0, False
+    optim = config.teacher.optim
+    optim.batch_size, optim.schedule, optim.nesterov = BATCH, "constant", True
+    model = teacher_lib.build_model("wrn_10_1", NUM_CLASSES, config.dtype)
+    tx = optimizers.sgd(optim, 1)
+    # The step donates its state: each run gets its own copy of the shared start.
+    variables = jax.tree.map(jnp.copy, variables)
+    state = bilevel.create_state(variables["params"], variables["batch_stats"], tx)
+    step = parallel.jit_step(
+        bilevel.make_bilevel_step(
+            teacher_lib.cross_entropy_loss_fn(model),
+            tx,
+            seed=0,
+            preprocess_fn=inputs.make_train_preprocess(config.data, sources.DATASETS["cifar10"]),
+        ),
+        mesh,
+    )
+    batch = parallel.to_global(_memorisable_batch(), mesh)
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, batch, None, None)
+        assert metrics["loss"].dtype == jnp.float32
+        losses.append(float(metrics["loss"]))
+    return np.asarray(losses), state, model
+
+
+@pytest.fixture(scope="module")
+def runs():
+    mesh = parallel.make_mesh()
+    model = teacher_lib.build_model("wrn_10_1", NUM_CLASSES, "float32")
+    variables = _init_variables(model, 0, mesh)
+    return {dtype: _train(dtype, variables, mesh) for dtype in ("float32", "bfloat16")}
+
+
+def test_bf16_loss_falls_and_tracks_float32(runs):
+    f32, _, _ = runs["float32"]
+    bf16, _, _ = runs["bfloat16"]
+    assert np.all(np.isfinite(bf16))
+    # The loss falls: the last steps' mean well below the first steps'.
+    assert bf16[-3:].mean() < 0.8 * bf16[:3].mean(), bf16
+    assert f32[-3:].mean() < 0.8 * f32[:3].mean(), f32
+    np.testing.assert_allclose(bf16, f32, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+
+def test_bf16_keeps_state_float32_and_computes_in_bf16(runs):
+    _, state, model = runs["bfloat16"]
+    for name, tree in [
+        ("params", state.params),
+        ("opt_state", state.opt_state),
+        ("batch_stats", state.batch_stats),
+    ]:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert leaf.dtype == jnp.float32, (name, jax.tree_util.keystr(path), leaf.dtype)
+    # Convolution outputs and the sown features are bf16; the logits come back float32.
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images = jnp.zeros((2, 32, 32, 3), jnp.float32)
+    logits, mutated = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=[models.FEATURES, "batch_stats"])
+    )(variables, images)
+    assert logits.dtype == jnp.float32
+    feats = jax.tree.leaves(mutated[models.FEATURES])
+    assert feats and all(f.dtype == jnp.bfloat16 for f in feats)
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(mutated["batch_stats"]))
+    conv = models.layers.Conv3x3(4, dtype=jnp.bfloat16)
+    out = conv.apply(conv.init(jax.random.key(0), images), images)
+    assert out.dtype == jnp.bfloat16
+
+
+@functools.cache
+def _jitted_init(model, mesh):
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    return jax.jit(
+        lambda key: model.init(key, x, train=False), out_shardings=parallel.replicated(mesh)
+    )
+
+
+def _init_variables(model, seed, mesh, image_size=32):
+    """teacher.init_variables with one compiled init per model (seeds are traced, not baked in)."""
+    del image_size
+    variables = _jitted_init(model, mesh)(jax.random.key(seed))
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+@pytest.fixture
+def tiny_pair(monkeypatch):
+    """A 'tiny' pair for the benchmark's cases, and model inits compiled once per model."""
+    monkeypatch.setitem(throughput.PAIRS, "tiny", ("wrn_10_1", "wrn_10_1"))
+    monkeypatch.setattr(teacher_lib, "init_variables", _init_variables)
+
+
+def _check_record(record, with_torch):
+    assert set(throughput.KEYS) <= set(record)
+    assert record["img_per_s"] > 0 and record["compile_s"] > 0 and record["peak_mem_mb"] > 0
+    assert record["traces"] == 1  # Timed steps reuse the first call's trace.
+    assert record["devices"] == len(jax.devices())
+    if with_torch:
+        assert record["torch_img_per_s"] > 0
+        assert record["ratio"] == pytest.approx(
+            record["img_per_s"] / record["torch_img_per_s"], 0.01
+        )
+    else:
+        assert record["torch_img_per_s"] is None and record["ratio"] is None
+
+
+def test_throughput_search_case(tiny_pair):
+    """The search case and its parts (w step, beta step), and its PyTorch twin if installed."""
+    with_torch = importlib.util.find_spec("torch") is not None
+    record = throughput.run_case(
+        "search_tiny", parallel.make_mesh(), 4, "float32", steps=1, with_torch=with_torch
+    )
+    _check_record(record, with_torch)
+    assert record["parts_img_per_s"] > 0 and record["overhead_ratio"] > 0
+    assert (
+        0
+        < record["parts_img_per_s"]
+        < min(record["w_step_img_per_s"], record["beta_step_img_per_s"])
+    )
+    table = throughput.markdown_table([record])
+    assert table.count("\n") == 2 and "| search_tiny |" in table
+
+
+def test_throughput_teacher_case_with_input_pipeline(tiny_pair):
+    mesh = parallel.make_mesh()
+    host_ms = throughput.host_batch_ms(4, mesh, repeats=2, examples=64)
+    record = throughput.run_case(
+        "teacher_wrn_10_1", mesh, 4, "float32", steps=1, host_ms=host_ms, pipeline=True
+    )
+    _check_record(record, with_torch=False)
+    assert record["pipeline_img_per_s"] > 0 and 0 < record["input_share"]
+
+
+def test_throughput_torch_models_match_param_counts():
+    """The PyTorch twins have the JAX models' parameter counts (so they do the same work)."""
+    pytest.importorskip("torch")
+    from benchmarks import torch_reference as ref  # pylint: disable=g-import-not-at-top
+
+    for name in ("wrn_16_2", "wrn_28_4", "shufflenet_v2_0.5", "shufflenet_v2_2.0"):
+        shapes = jax.eval_shape(
+            models.get_model(name, 100).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+        )["params"]
+        jax_count = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+        assert ref.num_params(ref.get_model(name, 100)) == jax_count, name
