@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -347,19 +348,11 @@ class Timing:
     faults_per_step: float  # Minor page faults per timed step (all threads of the process).
 
 
-def _timed_loop(call, steps: int | None, min_time_s: float) -> tuple[float, int]:
-    """Runs `call()` `steps` times (or until `min_time_s` and MIN_STEPS), returns (s/step, n)."""
-    start, n = time.perf_counter(), 0
-    while True:
-        call(last=False)
-        n += 1
-        if steps is not None:
-            if n >= steps:
-                break
-        elif n >= MIN_STEPS and time.perf_counter() - start >= min_time_s:
-            break
-    call(last=True)
-    return (time.perf_counter() - start) / n, n
+def _num_steps(steps: int | None, warm_step_s: float, min_time_s: float) -> int:
+    """`steps`, or enough steps for `min_time_s` at the warm-up step's pace (at least MIN_STEPS)."""
+    if steps is not None:
+        return steps
+    return max(MIN_STEPS, math.ceil(min_time_s / max(warm_step_s, 1e-6)))
 
 
 def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
@@ -369,20 +362,17 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
     state, metrics = runner.fn(state, *runner.args)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - start
+    start = time.perf_counter()
     state, metrics = runner.fn(state, *runner.args)
     jax.block_until_ready((state, metrics))
-    holder = {"state": state}
-
-    def call(last: bool):
-        if last:
-            jax.block_until_ready(holder["state"])
-            return
-        holder["state"], _ = runner.fn(holder["state"], *runner.args)
-
+    n = _num_steps(steps, time.perf_counter() - start, min_time_s)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step_s, n = _timed_loop(call, steps, min_time_s)
+    start = time.perf_counter()
+    for _ in range(n):
+        state, metrics = runner.fn(state, *runner.args)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - start) / n
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    holder.clear()
     return Timing(step_s, compile_s, n, faults / n)
 
 
@@ -391,14 +381,14 @@ def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float
     start = time.perf_counter()
     step(*args)
     compile_s = time.perf_counter() - start
+    start = time.perf_counter()
     step(*args)
-
-    def call(last: bool):
-        if not last:
-            step(*args)
-
+    n = _num_steps(steps, time.perf_counter() - start, min_time_s)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step_s, n = _timed_loop(call, steps, min_time_s)
+    start = time.perf_counter()
+    for _ in range(n):
+        step(*args)
+    step_s = (time.perf_counter() - start) / n
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return Timing(step_s, compile_s, n, faults / n)
 
@@ -473,6 +463,11 @@ def _torch_args(case: str, batch_size: int) -> tuple:
 # ------------------------------------------------------------------------------------------------
 
 
+def _best(timings: list[Timing]) -> Timing:
+    """The least disturbed of repeated timings (the fastest): other load only slows a step."""
+    return min(timings, key=lambda t: t.step_s)
+
+
 def run_case(
     case: str,
     mesh,
@@ -483,12 +478,39 @@ def run_case(
     with_torch: bool = False,
     pipeline: bool = False,
     host_ms: float | None = None,
+    repeats: int = 1,
 ) -> dict:
-    """Times `case` (and its PyTorch twin) and returns its JSON record (KEYS and extras)."""
+    """Times `case` (and its PyTorch twin) and returns its JSON record (KEYS and extras).
+
+    With `repeats` > 1 the JAX and PyTorch timings alternate that many times and each keeps its
+    fastest, so a burst of other load on the machine hits both sides alike and is filtered out.
+    """
     gc.collect()
     _reset_peak_rss()
     runners = build_case(case, mesh, batch_size, dtype)
-    timings = {name: time_jax(r, steps, min_time_s) for name, r in runners.items()}
+    jax_runs = {name: [time_jax(r, steps, min_time_s)] for name, r in runners.items()}
+    compile_s = jax_runs["step"][0].compile_s  # Later first calls hit the compilation cache.
+    peak_mem_mb = _peak_mem_mb()
+    torch_runs, torch_peak_mb = {}, None
+    if with_torch:
+        import torch  # pylint: disable=g-import-not-at-top
+
+        torch.manual_seed(0)
+        _reset_peak_rss()
+        torch_steps = build_torch_case(case, dtype)
+        args = _torch_args(case, batch_size)
+    for rep in range(repeats):
+        if rep:
+            for name, r in runners.items():
+                jax_runs[name].append(time_jax(r, steps, min_time_s))
+        if with_torch:
+            # The same number of timed steps as the JAX side.
+            for name, fn in torch_steps.items():
+                n = jax_runs[name][0].steps
+                torch_runs.setdefault(name, []).append(time_torch(fn, args, n, min_time_s))
+            if rep == 0:
+                torch_peak_mb = _peak_rss_mb()
+    timings = {name: _best(runs) for name, runs in jax_runs.items()}
     main = timings["step"]
     record: dict[str, Any] = {
         "case": case,
@@ -497,12 +519,13 @@ def run_case(
         "batch": batch_size,
         "dtype": dtype,
         "img_per_s": round(batch_size / main.step_s, 2),
-        "compile_s": round(main.compile_s, 2),
-        "peak_mem_mb": round(_peak_mem_mb(), 1),
+        "compile_s": round(compile_s, 2),
+        "peak_mem_mb": round(peak_mem_mb, 1),
         "torch_img_per_s": None,
         "ratio": None,
         "step_ms": round(main.step_s * 1e3, 1),
         "steps": main.steps,
+        "repeats": repeats,
         "traces": len(runners["step"].traces),
         "page_faults_per_step": round(main.faults_per_step),
     }
@@ -520,29 +543,17 @@ def run_case(
         record["pipeline_img_per_s"] = round(
             pipeline_img_per_s(runners["step"], mesh, batch_size, max(main.steps, MIN_STEPS)), 2
         )
-    del runners
-    gc.collect()
-
     if with_torch:
-        import torch  # pylint: disable=g-import-not-at-top
-
-        torch.manual_seed(0)
-        _reset_peak_rss()
-        torch_steps = build_torch_case(case, dtype)
-        args = _torch_args(case, batch_size)
-        # The same number of timed steps as the JAX side.
-        t_timings = {
-            name: time_torch(fn, args, timings[name].steps, min_time_s)
-            for name, fn in torch_steps.items()
-        }
+        t_timings = {name: _best(runs) for name, runs in torch_runs.items()}
         record["torch_img_per_s"] = round(batch_size / t_timings["step"].step_s, 2)
         record["ratio"] = round(record["img_per_s"] / record["torch_img_per_s"], 3)
-        record["torch_peak_mem_mb"] = round(_peak_rss_mb(), 1)
+        record["torch_peak_mem_mb"] = round(torch_peak_mb, 1)
         if "w_step" in t_timings:
             parts_s = t_timings["w_step"].step_s + t_timings["beta_step"].step_s
             record["torch_overhead_ratio"] = round(t_timings["step"].step_s / parts_s, 3)
         del torch_steps
-        gc.collect()
+    del runners
+    gc.collect()
     return record
 
 
@@ -581,6 +592,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: adaptive)")
     parser.add_argument(
         "--min-time", type=float, default=None, help="adaptive: seconds per timing (20; quick 5)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="alternate JAX and PyTorch timings this many times, keep each side's fastest",
     )
     parser.add_argument(
         "--pipeline", action="store_true", help="also time the steps fed by the prefetching loader"
@@ -631,6 +648,7 @@ def main(argv=None) -> list[dict]:
             with_torch=args.torch,
             pipeline=args.pipeline,
             host_ms=host_ms,
+            repeats=args.repeats,
         )
         record["load_avg_1m"] = round(os.getloadavg()[0], 2)
         records.append(record)
