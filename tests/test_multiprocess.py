@@ -3,10 +3,13 @@ with the same number of devices, and a checkpoint they write resumes in one proc
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -128,3 +131,44 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
     log = _one_process(resumed, "--config.num_cpu_devices=2")
     assert f"[distill/dfa] resuming from step {steps[-2]}" in log
     _assert_same_run(_stages(two), _stages(resumed))
+
+
+def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
+    """A preemption notice (SIGTERM to the launcher, forwarded to every process): JAX's
+    preemption service makes both processes checkpoint the same step and exit 143; the same
+    command then finishes the run with the numbers of the uninterrupted one."""
+    _, two = runs
+    workdir = str(tmp_path / "stopped")
+    command = ["bash", "launch/local.sh", "--processes", "2", "--port", str(_free_port()), *TINY]
+    launcher = subprocess.Popen(
+        [*command, f"--workdir={workdir}"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = os.path.join(workdir, "teacher", "metrics.jsonl")
+    deadline = time.time() + TIMEOUT_S
+    while not (os.path.exists(metrics) and len(_losses(metrics)) >= 2):
+        assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()[-3000:]
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=TIMEOUT_S)[0]
+    assert launcher.returncode == 143, output[-3000:]
+    stopped = re.findall(r"stopped by SIGTERM in stage '(\S+)' at step (\d+)/", output)
+    with open(os.path.join(workdir, "logs", "process_1.log")) as f:
+        stopped_1 = re.findall(r"stopped by SIGTERM in stage '(\S+)' at step (\d+)/", f.read())
+    assert len(stopped) == 1 and stopped == stopped_1, (stopped, stopped_1)
+
+    resumed = subprocess.run(
+        [*command, f"--workdir={workdir}"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {stopped[0][1]}" in resumed.stdout + resumed.stderr
+    _assert_same_run(_stages(two), _stages(workdir))
