@@ -187,19 +187,14 @@ def _alpha_history(directory: str, num_groups: int) -> list[dict]:
     return history
 
 
-def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
-    """Searches the aggregation weights of every group; returns the result with `alpha`."""
-    directory = os.path.join(workdir, "search")
-    if train_loop.is_done(directory):
-        return train_loop.read_result(directory)
-    num_classes = data.info.num_classes
-    teacher_model = teacher_lib.build_model(config.teacher.model, num_classes, config.dtype)
-    student_model = teacher_lib.build_model(config.student.model, num_classes, config.dtype)
-    num_groups = len(teacher_model.feature_groups())
+def init_search_variables(teacher_model, student_model, config, mesh) -> tuple[dict, dict]:
+    """The search's w: a fresh student and the ST/TS connectors of every group, replicated.
+
+    Returns `(params, batch_stats)`, each `{'student': ..., 'st': ..., 'ts': ...}`.
+    """
     t_shapes = features.group_shapes(teacher_model)
     s_shapes = features.group_shapes(student_model)
     dtype = jnp.dtype(config.dtype)
-
     student_vars = teacher_lib.init_variables(student_model, config.seed, mesh)
     st_params, st_stats = methods.connector_helpers(
         s_shapes, [s[-1] for s in t_shapes], config.seed + 100, mesh, dtype
@@ -209,6 +204,19 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
     )
     params = {"student": student_vars["params"], "st": st_params, "ts": ts_params}
     batch_stats = {"student": student_vars["batch_stats"], "st": st_stats, "ts": ts_stats}
+    return params, batch_stats
+
+
+def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
+    """Searches the aggregation weights of every group; returns the result with `alpha`."""
+    directory = os.path.join(workdir, "search")
+    if train_loop.is_done(directory):
+        return train_loop.read_result(directory)
+    num_classes = data.info.num_classes
+    teacher_model = teacher_lib.build_model(config.teacher.model, num_classes, config.dtype)
+    student_model = teacher_lib.build_model(config.student.model, num_classes, config.dtype)
+    num_groups = len(teacher_model.feature_groups())
+    params, batch_stats = init_search_variables(teacher_model, student_model, config, mesh)
 
     optim = w_optim(config.search, num_groups)
     steps_per_epoch = loader.steps_per_epoch(len(data.search_train.labels), optim.batch_size)
