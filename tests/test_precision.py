@@ -3,13 +3,14 @@ float32 while everything stateful stays float32; and the throughput benchmark's 
 
 import functools
 import importlib.util
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import throughput
 from dfa_jax import bilevel
 from dfa_jax import config_lib
 from dfa_jax import inputs
@@ -18,6 +19,10 @@ from dfa_jax import optimizers
 from dfa_jax import parallel
 from dfa_jax import teacher as teacher_lib
 from dfa_jax.data import sources
+
+# benchmarks/ holds scripts run from the repository root, outside the installed package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import throughput  # noqa: E402
 
 STEPS = 8
 BATCH = 16
