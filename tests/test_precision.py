@@ -22,7 +22,7 @@ from dfa_jax.data import sources
 
 # benchmarks/ holds scripts run from the repository root, outside the installed package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import throughput  # noqa: E402
+from benchmarks import throughput
 
 STEPS = 8
 BATCH = 16
