@@ -297,9 +297,13 @@ def test_local_passes_ctrl_c_and_sigterm_on(fake, tmp_path, sig, status):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 20
-    while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+
+    def written():  # A pid file can exist before the fake process has written its pid.
+        return [p.read_text().strip() for p in pids.iterdir()]
+
+    while not (len(written()) == 2 and all(written())) and time.monotonic() < deadline:
         time.sleep(0.05)
-    children = [int(p.read_text()) for p in pids.iterdir()]
+    children = [int(pid) for pid in written()]
     assert len(children) == 2
     proc.send_signal(sig)
     assert proc.wait(timeout=20) == status
