@@ -236,18 +236,8 @@ def build_search(case: str, config, mesh, batch: dict, val_batch: dict) -> dict[
     teacher = teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype)
     student = teacher_lib.build_model(config.student.model, info.num_classes, config.dtype)
     teacher_vars = teacher_lib.init_variables(teacher, config.seed + 1, mesh)
-    t_shapes, s_shapes = features.group_shapes(teacher), features.group_shapes(student)
-    dtype = jnp.dtype(config.dtype)
-    student_vars = teacher_lib.init_variables(student, config.seed, mesh)
-    st_params, st_stats = methods.connector_helpers(
-        s_shapes, [s[-1] for s in t_shapes], config.seed + 100, mesh, dtype
-    )
-    ts_params, ts_stats = methods.connector_helpers(
-        t_shapes, [s[-1] for s in s_shapes], config.seed + 200, mesh, dtype
-    )
-    params = {"student": student_vars["params"], "st": st_params, "ts": ts_params}
-    batch_stats = {"student": student_vars["batch_stats"], "st": st_stats, "ts": ts_stats}
-    optim = search_lib.w_optim(config.search, len(t_shapes))
+    params, batch_stats = search_lib.init_search_variables(teacher, student, config, mesh)
+    optim = search_lib.w_optim(config.search, len(teacher.feature_groups()))
     w_tx = optimizers.sgd(optim, 273)
     beta_tx = search_lib.beta_optimizer(config.search)
     beta = search_lib.init_beta(teacher, config.search.init_last_logit)
