@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfa_jax import bilevel, config_lib, features, inputs, methods, optimizers, parallel
+from dfa_jax import bilevel, config_lib, inputs, methods, optimizers, parallel
 from dfa_jax import distill as distill_lib
 from dfa_jax import search as search_lib
 from dfa_jax import teacher as teacher_lib
