@@ -741,12 +741,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def result_fields(config_dict: dict) -> dict:
+    """The config's fields that can change results, flattened to `{dotted path: value}`."""
+    return {k: v for k, v in _flatten(config_dict).items() if k not in RESULT_NEUTRAL_FIELDS}
+
+
 def changed_fields(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """`(dotted field, saved value, current value)` for every result-affecting difference between
     two configs given as nested dicts (e.g. a workdir's config.json and `config.to_dict()`)."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = result_fields(saved), result_fields(current)
     return [
         (field, old.get(field, "<absent>"), new.get(field, "<absent>"))
         for field in sorted(old.keys() | new.keys())
-        if field not in RESULT_NEUTRAL_FIELDS and old.get(field) != new.get(field)
+        if old.get(field) != new.get(field)
     ]

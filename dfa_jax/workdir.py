@@ -37,11 +37,7 @@ _KEPT = (PREVIOUS_DIR, "logs")
 
 def config_hash(config_dict: dict) -> str:
     """12 hex digits over the result-affecting fields of a config (as a nested dict)."""
-    fields = {
-        k: v
-        for k, v in config_lib._flatten(config_dict).items()  # pylint: disable=protected-access
-        if k not in config_lib.RESULT_NEUTRAL_FIELDS
-    }
+    fields = config_lib.result_fields(config_dict)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 

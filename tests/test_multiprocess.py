@@ -36,15 +36,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_process(workdir, *extra) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "dfa_jax.main", *TINY, f"--workdir={workdir}", *extra],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
+def _run(command) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
+
+
+def _one_process(workdir, *extra) -> str:
+    out = _run([sys.executable, "-m", "dfa_jax.main", *TINY, f"--workdir={workdir}", *extra])
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout + out.stderr
 
@@ -77,22 +76,9 @@ def runs(tmp_path_factory):
     one, two = str(base / "one"), str(base / "two")
     # One process with two CPU devices: the same 2-device mesh as two processes of one each.
     _one_process(one, "--config.num_cpu_devices=2")
-    out = subprocess.run(
-        [
-            "bash",
-            "launch/local.sh",
-            "--processes",
-            "2",
-            "--port",
-            str(_free_port()),
-            *TINY,
-            f"--workdir={two}",
-        ],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
+    port = str(_free_port())
+    out = _run(
+        ["bash", "launch/local.sh", "--processes", "2", "--port", port, *TINY, f"--workdir={two}"]
     )
     log = os.path.join(two, "logs", "process_1.log")
     assert out.returncode == 0, out.stderr[-3000:] + (
@@ -171,14 +157,7 @@ def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
         stopped_1 = re.findall(r"stopped by SIGTERM in stage '(\S+)' at step (\d+)/", f.read())
     assert len(stopped) == 1 and stopped == stopped_1, (stopped, stopped_1)
 
-    resumed = subprocess.run(
-        [*command, f"--workdir={workdir}"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
+    resumed = _run([*command, f"--workdir={workdir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {stopped[0][1]}" in resumed.stdout + resumed.stderr
     stopped_run, straight_run = _stages(workdir)["teacher"], _stages(two)["teacher"]
