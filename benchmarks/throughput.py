@@ -368,16 +368,21 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
 
 def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float) -> Timing:
     """The same protocol for an eager PyTorch step (its first call has no compilation)."""
+    from benchmarks.torch_reference import synchronize  # pylint: disable=g-import-not-at-top
+
     start = time.perf_counter()
     step(*args)
+    synchronize()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     step(*args)
+    synchronize()
     n = _num_steps(steps, time.perf_counter() - start, min_time_s)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(n):
         step(*args)
+    synchronize()
     step_s = (time.perf_counter() - start) / n
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return Timing(step_s, compile_s, n, faults / n)
@@ -441,9 +446,14 @@ def build_torch_case(case: str, dtype: str) -> dict[str, Callable]:
 def _torch_args(case: str, batch_size: int) -> tuple:
     import torch  # pylint: disable=g-import-not-at-top
 
+    from benchmarks.torch_reference import DEVICE  # pylint: disable=g-import-not-at-top
+
     def tensors(seed):
         b = random_batch(batch_size, seed)
-        return torch.from_numpy(b["image"]), torch.from_numpy(b["label"]).long()
+        return (
+            torch.from_numpy(b["image"]).to(DEVICE),
+            torch.from_numpy(b["label"]).long().to(DEVICE),
+        )
 
     return tensors(0) + (tensors(1) if case.startswith("search_") else ())
 
@@ -487,6 +497,8 @@ def run_case(
 
         torch.manual_seed(0)
         _reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         torch_steps = build_torch_case(case, dtype)
         args = _torch_args(case, batch_size)
     for rep in range(repeats):
@@ -499,7 +511,11 @@ def run_case(
                 n = jax_runs[name][0].steps
                 torch_runs.setdefault(name, []).append(time_torch(fn, args, n, min_time_s))
             if rep == 0:
-                torch_peak_mb = _peak_rss_mb()
+                torch_peak_mb = (
+                    torch.cuda.max_memory_allocated() / 2**20
+                    if torch.cuda.is_available()
+                    else _peak_rss_mb()
+                )
     timings = {name: _best(runs) for name, runs in jax_runs.items()}
     main = timings["step"]
     record: dict[str, Any] = {
@@ -616,9 +632,11 @@ def main(argv=None) -> list[dict]:
         import torch  # pylint: disable=g-import-not-at-top
 
         torch.set_num_threads(os.cpu_count() or 1)
-        torch_version = torch.__version__
+        torch_version = torch.__version__ + (" (cuda)" if torch.cuda.is_available() else " (cpu)")
     mesh = parallel.make_mesh()
     print(f"# cpu: {cpu_model()} ({os.cpu_count()} cores)")
+    if jax.default_backend() != "cpu":
+        print(f"# accelerator: {jax.devices()[0].device_kind}")
     print(
         f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices),"
         f" torch {torch_version}, malloc tuned: {malloc_tuned},"

@@ -12,7 +12,8 @@ Written from the paper and from dfa_jax's own definitions, so both sides do the 
 - the teacher, search (beta step on a val batch, then the w step) and distillation steps, each
   with the on-device augmentation the JAX step also runs (reflect pad 4, random crop, flip,
   normalisation).
-Layout: NCHW tensors in `channels_last` memory format, which oneDNN's CPU convolutions prefer.
+Layout: NCHW tensors in `channels_last` memory format, which oneDNN's CPU convolutions prefer
+(and cuDNN's on a GPU). Device: `DEVICE`, the CUDA GPU where PyTorch sees one, else the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from torch import nn
 CIFAR_MEAN = (125.3, 123.0, 113.9)
 CIFAR_STD = (63.0, 62.1, 66.7)
 CHANNELS_LAST = torch.channels_last
+# Where the twins run: the benchmark compares like with like (JAX on the GPU against PyTorch on it).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    """Waits for the queued GPU work (CUDA runs asynchronously; a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _he_fan_out(conv: nn.Conv2d) -> None:
@@ -228,7 +237,7 @@ def group_channels(model: nn.Module) -> list[int]:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        _, feats = model(torch.zeros(1, 3, 32, 32))
+        _, feats = model(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
     model.train(was_training)
     return [feats[names[-1]].shape[1] for names in model.group_names()]
 
@@ -280,16 +289,17 @@ def augment(images_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     """uint8 [B, 32, 32, 3] -> normalised float [B, 3, 32, 32] (channels_last): reflect pad 4,
     a random 32x32 crop and a horizontal flip per image, as dfa_jax/data/augment.py."""
     b, h, w, _ = images_u8.shape
+    dev = images_u8.device
     x = images_u8.permute(0, 3, 1, 2).float()
     x = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    offsets = torch.randint(0, 9, (b, 2), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
-    rows = offsets[:, :1] + torch.arange(h)  # [B, H]
-    cols = offsets[:, 1:] + torch.arange(w)  # [B, W]
+    offsets = torch.randint(0, 9, (b, 2), generator=generator, device=dev)
+    flip = torch.rand(b, generator=generator, device=dev) < 0.5
+    rows = offsets[:, :1] + torch.arange(h, device=dev)  # [B, H]
+    cols = offsets[:, 1:] + torch.arange(w, device=dev)  # [B, W]
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(b)[:, None, None]
+    batch = torch.arange(b, device=dev)[:, None, None]
     x = x[batch, :, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
-    x = (x - torch.tensor(CIFAR_MEAN)) / torch.tensor(CIFAR_STD)
+    x = (x - torch.tensor(CIFAR_MEAN, device=dev)) / torch.tensor(CIFAR_STD, device=dev)
     return x.permute(0, 3, 1, 2).contiguous(memory_format=CHANNELS_LAST)
 
 
@@ -298,7 +308,11 @@ def sgd(params, nesterov: bool, lr: float = 0.1) -> torch.optim.Optimizer:
 
 
 def _prepare(module: nn.Module) -> nn.Module:
-    return module.to(memory_format=CHANNELS_LAST)
+    return module.to(DEVICE, memory_format=CHANNELS_LAST)
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator(DEVICE).manual_seed(0)
 
 
 def _teacher_eval(name: str, num_classes: int) -> nn.Module:
@@ -310,14 +324,14 @@ def _teacher_eval(name: str, num_classes: int) -> nn.Module:
 
 def _autocast(bf16: bool):
     """bf16 compute with float32 parameters (dfa_jax's `config.dtype = 'bfloat16'`)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def make_teacher_step(model_name: str, num_classes: int = 100, bf16: bool = False) -> Callable:
     """`step(images_u8, labels)`: one SGD (Nesterov, wd 5e-4) step of cross-entropy training."""
     model = _prepare(get_model(model_name, num_classes)).train()
     opt = sgd(model.parameters(), nesterov=True)
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator()
 
     def step(images_u8, labels):
         with _autocast(bf16):
@@ -352,13 +366,13 @@ def make_search_steps(
     st = _prepare(Connector(s_channels[group - 1], t_channels[group - 1])).train()
     ts = _prepare(Connector(t_channels[group - 1], s_channels[group - 1])).train()
     names = teacher.group_names()[group - 1]
-    beta = torch.zeros(len(names))
+    beta = torch.zeros(len(names), device=DEVICE)
     beta[-1] = 4.0
     beta.requires_grad_(True)
     w_params = [*student.parameters(), *st.parameters(), *ts.parameters()]
     w_opt = sgd(w_params, nesterov=False, lr=0.05)
     beta_opt = torch.optim.Adam([beta], lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-3)
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator()
 
     def bridge(images, labels, alpha):
         with _autocast(bf16):
@@ -414,10 +428,10 @@ def make_distill_step(
         [_prepare(Connector(s, t)) for s, t in zip(s_channels, t_channels)]
     ).train()
     weights = [2.0 ** (i + 1 - num_groups) for i in range(num_groups)]
-    alphas = [torch.full((len(g),), 1.0 / len(g)) for g in t_groups]
+    alphas = [torch.full((len(g),), 1.0 / len(g), device=DEVICE) for g in t_groups]
     params = [*student.parameters()] + ([*connectors.parameters()] if method == "dfa" else [])
     opt = sgd(params, nesterov=True)
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator()
 
     def step(images_u8, labels):
         images = augment(images_u8, gen)

@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
 from dfa_jax import checkpointing
 from dfa_jax import files
@@ -150,7 +149,10 @@ def run(stage: Stage, config, mesh) -> dict:
     pending: list[tuple[int, dict]] = [(s, m) for s, m in meta.get("pending", [])]
     wall_before = float(meta["wall_time_s"])
 
-    # TensorBoard only: the progress line below is the human-readable log.
+    # TensorBoard only: the progress line below is the human-readable log. Imported here because
+    # clu's writers import TensorFlow, which the steps themselves (and their benchmark) do not need.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
     writer = (
         metric_writers.SummaryWriter(stage.directory)
         if jax.process_index() == 0
