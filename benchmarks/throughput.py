@@ -7,8 +7,8 @@ Each case builds the step exactly as its stage does (the teacher's cross-entropy
 search's bilevel bridge-loss step of group 2, the distillation step with beta frozen) on random
 CIFAR-sized uint8 batches (32x32x3, 100 classes), jits it over the project's mesh with the state
 donated (`parallel.jit_step`), and times it: the first call (tracing + compile + one step) is
-`compile_s`; after a warm-up step, N steps run back to back with one `block_until_ready` at the
-end, and `img_per_s = N * batch / time`. `--torch` times `benchmarks/torch_reference.py`'s twin of
+`first_call_s`; after a warm-up step, N steps run back to back with one `block_until_ready` at the
+end, and `img_per_s = N * batch / time`; `compile_s = first_call_s - one timed step`. `--torch` times `benchmarks/torch_reference.py`'s twin of
 each step in the same process, right after the JAX one, and reports `ratio = img_per_s /
 torch_img_per_s`. Output: a header, one JSON line per case, then a markdown table.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import json
@@ -85,26 +84,6 @@ KEYS = (
 # ------------------------------------------------------------------------------------------------
 # Process set-up
 # ------------------------------------------------------------------------------------------------
-
-
-def tune_malloc() -> bool:
-    """Keeps freed memory in glibc's heap instead of returning it to the kernel.
-
-    XLA:CPU (and PyTorch) allocate every step's large buffers afresh; glibc serves blocks over
-    32 MiB (and any block of a thread's secondary arena that outgrows it) with mmap and unmaps
-    them on free, so each step pays a page fault per 4 KiB it touches again. On a virtual machine
-    that was ~100k faults and ~20% of a WRN-16-2 step's CPU time. One arena, no mmap, no trimming:
-    the pages stay mapped and the process's footprint stays at its peak. Must run before JAX or
-    PyTorch start their threads. Returns False where glibc's `mallopt` is unavailable.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
-    ok = libc.mallopt(m_arena_max, 1) and libc.mallopt(m_mmap_max, 0)
-    ok = ok and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 64 << 20)
-    return bool(ok)
 
 
 def cpu_model() -> str:
@@ -333,7 +312,12 @@ def build_case(case: str, mesh, batch_size: int, dtype: str) -> dict[str, Runner
 @dataclasses.dataclass
 class Timing:
     step_s: float  # Seconds per step in the timed loop.
-    compile_s: float  # The first call: tracing, compilation and one step.
+    first_call_s: float  # The first call: tracing, compilation and one step.
+
+    @property
+    def compile_s(self) -> float:
+        """Tracing and compilation: the first call less one step at the timed pace."""
+        return max(self.first_call_s - self.step_s, 0.0)
     steps: int
     faults_per_step: float  # Minor page faults per timed step (all threads of the process).
 
@@ -351,7 +335,7 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
     start = time.perf_counter()
     state, metrics = runner.fn(state, *runner.args)
     jax.block_until_ready((state, metrics))
-    compile_s = time.perf_counter() - start
+    first_call_s = time.perf_counter() - start
     start = time.perf_counter()
     state, metrics = runner.fn(state, *runner.args)
     jax.block_until_ready((state, metrics))
@@ -363,7 +347,7 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / n
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return Timing(step_s, compile_s, n, faults / n)
+    return Timing(step_s, first_call_s, n, faults / n)
 
 
 def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float) -> Timing:
@@ -373,7 +357,7 @@ def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float
     start = time.perf_counter()
     step(*args)
     synchronize()
-    compile_s = time.perf_counter() - start
+    first_call_s = time.perf_counter() - start
     start = time.perf_counter()
     step(*args)
     synchronize()
@@ -385,7 +369,7 @@ def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float
     synchronize()
     step_s = (time.perf_counter() - start) / n
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return Timing(step_s, compile_s, n, faults / n)
+    return Timing(step_s, first_call_s, n, faults / n)
 
 
 def _host_batches(batch_size: int, mesh, examples: int):
@@ -489,7 +473,7 @@ def run_case(
     _reset_peak_rss()
     runners = build_case(case, mesh, batch_size, dtype)
     jax_runs = {name: [time_jax(r, steps, min_time_s)] for name, r in runners.items()}
-    compile_s = jax_runs["step"][0].compile_s  # Later first calls hit the compilation cache.
+    first = jax_runs["step"][0]  # Later first calls hit the compilation cache.
     peak_mem_mb = _peak_mem_mb()
     torch_runs, torch_peak_mb = {}, None
     if with_torch:
@@ -525,7 +509,8 @@ def run_case(
         "batch": batch_size,
         "dtype": dtype,
         "img_per_s": round(batch_size / main.step_s, 2),
-        "compile_s": round(compile_s, 2),
+        "compile_s": round(first.compile_s, 2),
+        "first_call_s": round(first.first_call_s, 2),
         "peak_mem_mb": round(peak_mem_mb, 1),
         "torch_img_per_s": None,
         "ratio": None,
@@ -612,7 +597,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--malloc",
         default="tuned",
         choices=("tuned", "default"),
-        help="'tuned': glibc keeps freed pages (tune_malloc); 'default': glibc as it comes",
+        help="'tuned': glibc keeps freed pages (parallel.keep_freed_host_memory); 'default': glibc as it comes",
     )
     return parser.parse_args(argv)
 
@@ -620,7 +605,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     # Before JAX or PyTorch start any thread (glibc binds threads to arenas as they first malloc).
-    malloc_tuned = tune_malloc() if args.malloc == "tuned" else False
+    malloc_tuned = parallel.keep_freed_host_memory() if args.malloc == "tuned" else False
     parallel.configure_cpu_devices(args.devices)
     cases = args.cases.split(",") if args.cases else list(QUICK_CASES if args.quick else CASES)
     unknown = [c for c in cases if c not in CASES]

@@ -169,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_cpu_devices = (
         0  # CPU-only hosts: JAX devices to split the CPU into; 0 = one per core.
     )
+    # glibc keeps freed memory mapped (parallel.keep_freed_host_memory): +17 % for CPU steps, and
+    # the process's resident memory stays at its peak. False: glibc's own behaviour.
+    config.keep_freed_host_memory = True
     config.log_every_steps = 50  # Host sync, progress line and scalars every N steps.
     config.checkpoint_every_steps = (
         500  # Orbax checkpoint every N steps (and at the end of a stage).
@@ -721,6 +724,7 @@ RESULT_NEUTRAL_FIELDS = (
     "checkpoint_every_steps",
     "checkpoints_to_keep",
     "num_cpu_devices",
+    "keep_freed_host_memory",
     "restart",
     "stages",
     "data.prefetch",

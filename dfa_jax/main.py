@@ -72,11 +72,13 @@ def main(argv):
     logging.get_absl_handler().addFilter(
         lambda record: "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING
     )
+    from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    if config.keep_freed_host_memory:
+        parallel.keep_freed_host_memory()  # Before TensorFlow or JAX start their threads.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     tf.config.set_visible_devices([], "GPU")  # tf.data must not grab accelerator memory.
-    from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
-
     parallel.configure_cpu_devices(config.num_cpu_devices)
     if _explicit_processes():
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
