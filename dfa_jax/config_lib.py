@@ -172,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
     # glibc keeps freed memory mapped (parallel.keep_freed_host_memory): +17 % for CPU steps, and
     # the process's resident memory stays at its peak. False: glibc's own behaviour.
     config.keep_freed_host_memory = True
+    # Compiled steps are kept here and reused by resumed and repeated runs ('' = off;
+    # JAX_COMPILATION_CACHE_DIR, if set, wins).
+    config.compilation_cache_dir = "~/.cache/dfa_jax/xla"
     config.log_every_steps = 50  # Host sync, progress line and scalars every N steps.
     config.checkpoint_every_steps = (
         500  # Orbax checkpoint every N steps (and at the end of a stage).
@@ -725,6 +728,7 @@ RESULT_NEUTRAL_FIELDS = (
     "checkpoints_to_keep",
     "num_cpu_devices",
     "keep_freed_host_memory",
+    "compilation_cache_dir",
     "restart",
     "stages",
     "data.prefetch",

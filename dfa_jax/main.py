@@ -80,6 +80,7 @@ def main(argv):
 
     tf.config.set_visible_devices([], "GPU")  # tf.data must not grab accelerator memory.
     parallel.configure_cpu_devices(config.num_cpu_devices)
+    parallel.use_compilation_cache(config.compilation_cache_dir)
     if _explicit_processes():
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _DISTRIBUTED.value:

@@ -277,3 +277,40 @@ def test_freed_host_memory_is_reused_without_page_faults():
 
     assert faults("default") >= 16_000
     assert faults("kept") < 1_000
+
+
+def test_repeated_run_reuses_the_compilation_cache(tmp_path):
+    """config.compilation_cache_dir: the first run stores its compiled steps there; a second run
+    of the same config (another workdir) finds every one of them (nothing is written again) and
+    reaches the same accuracy."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    def run(workdir):
+        command = [
+            sys.executable,
+            "-m",
+            "dfa_jax.main",
+            f"--config={os.path.join(root, 'configs', 'demo.py')}:tiny",
+            f"--workdir={workdir}",
+            "--config.stages=('teacher',)",
+            "--config.num_cpu_devices=1",
+            f"--config.compilation_cache_dir={cache}",
+        ]
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(workdir / "summary.json") as f:
+            return json.load(f)
+
+    def entries():  # name -> modification time: a recompiled step would be written again.
+        return {name: os.stat(cache / name).st_mtime_ns for name in os.listdir(cache)}
+
+    first = run(tmp_path / "a")
+    stored = entries()
+    assert any(name.startswith("jit_step-") for name in stored), sorted(stored)
+    second = run(tmp_path / "b")
+    assert entries() == stored
+    for key in ("best_accuracy", "last_accuracy", "steps"):
+        assert second["stages"]["teacher"][key] == first["stages"]["teacher"][key]
