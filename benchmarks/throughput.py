@@ -6,9 +6,10 @@
 Each case builds the step exactly as its stage does (the teacher's cross-entropy step, the
 search's bilevel bridge-loss step of group 2, the distillation step with beta frozen) on random
 CIFAR-sized uint8 batches (32x32x3, 100 classes), jits it over the project's mesh with the state
-donated (`parallel.jit_step`), and times it: the first call (tracing + compile + one step) is
-`first_call_s`; after a warm-up step, N steps run back to back with one `block_until_ready` at the
-end, and `img_per_s = N * batch / time`; `compile_s = first_call_s - one timed step`. `--torch` times `benchmarks/torch_reference.py`'s twin of
+donated (`parallel.jit_step`), and times it: tracing and lowering (`trace_s`) and XLA's compile
+(`compile_s`) ahead of time, then the first call (`first_call_s`, which reuses that executable);
+after a warm-up step, N steps run back to back with one `block_until_ready` at the end, and
+`img_per_s = N * batch / time`. `--torch` times `benchmarks/torch_reference.py`'s twin of
 each step in the same process, right after the JAX one, and reports `ratio = img_per_s /
 torch_img_per_s`. Output: a header, one JSON line per case, then a markdown table.
 
@@ -312,14 +313,11 @@ def build_case(case: str, mesh, batch_size: int, dtype: str) -> dict[str, Runner
 @dataclasses.dataclass
 class Timing:
     step_s: float  # Seconds per step in the timed loop.
-    first_call_s: float  # The first call: tracing, compilation and one step.
-
-    @property
-    def compile_s(self) -> float:
-        """Tracing and compilation: the first call less one step at the timed pace."""
-        return max(self.first_call_s - self.step_s, 0.0)
+    first_call_s: float  # The first call: one step (JAX: after the step was compiled ahead).
     steps: int
     faults_per_step: float  # Minor page faults per timed step (all threads of the process).
+    trace_s: float | None = None  # JAX: tracing and lowering to StableHLO.
+    compile_s: float | None = None  # JAX: XLA's compilation of the lowered step.
 
 
 def _num_steps(steps: int | None, warm_step_s: float, min_time_s: float) -> int:
@@ -330,8 +328,15 @@ def _num_steps(steps: int | None, warm_step_s: float, min_time_s: float) -> int:
 
 
 def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
-    """Compile (first call), one warm-up step, then back-to-back steps synced once at the end."""
+    """Trace and compile ahead (timed apart), the first call, one warm-up step, then back-to-back
+    steps synced once at the end. The first call reuses the executable compiled ahead."""
     state = runner.make_state()
+    start = time.perf_counter()
+    lowered = runner.fn.lower(state, *runner.args)
+    trace_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lowered.compile()
+    compile_s = time.perf_counter() - start
     start = time.perf_counter()
     state, metrics = runner.fn(state, *runner.args)
     jax.block_until_ready((state, metrics))
@@ -347,7 +352,7 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / n
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return Timing(step_s, first_call_s, n, faults / n)
+    return Timing(step_s, first_call_s, n, faults / n, trace_s, compile_s)
 
 
 def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float) -> Timing:
@@ -510,6 +515,7 @@ def run_case(
         "dtype": dtype,
         "img_per_s": round(batch_size / main.step_s, 2),
         "compile_s": round(first.compile_s, 2),
+        "trace_s": round(first.trace_s, 2),
         "first_call_s": round(first.first_call_s, 2),
         "peak_mem_mb": round(peak_mem_mb, 1),
         "torch_img_per_s": None,
