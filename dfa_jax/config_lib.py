@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
         str
     )  # Load the teacher from this checkpoint dir instead of training one.
     teacher.optim = optim_recipe("paper")  # Teacher training recipe.
+    # Which teacher the search and distillation use: 'best' (the epoch of highest test accuracy,
+    # as the authors did) or 'last'. Also picks best_variables/ of a workdir given as checkpoint.
+    teacher.distill_from = "best"
 
     # --- student -------------------------------------------------------------------------------
     config.student = student = ml_collections.ConfigDict()
@@ -516,6 +519,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if not 0.0 < data.search_val_fraction < 1.0:
         problems.append(
             f"data.search_val_fraction = {data.search_val_fraction}: must lie in (0, 1) (the paper uses 0.3)."
+        )
+    if config.teacher.distill_from not in ("best", "last"):
+        problems.append(
+            f"teacher.distill_from = {config.teacher.distill_from!r}: use 'best' (the epoch of"
+            " highest test accuracy) or 'last'."
         )
     if data.augment not in ("pad_crop", "random_resized_crop"):
         problems.append(

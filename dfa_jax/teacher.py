@@ -1,8 +1,11 @@
 """Stage 0: train the teacher with cross-entropy (the paper's recipe), or load a trained one.
 
-Training uses the shared bilevel step with no beta at all and the shared loop. At the end the
-teacher's variables (params and BatchNorm statistics) are exported on their own to
-`WORKDIR/teacher/variables`, the format `config.teacher.checkpoint` loads.
+Training uses the shared bilevel step with no beta at all and the shared loop. The teacher's
+variables (params and BatchNorm statistics) are exported on their own, in the format
+`config.teacher.checkpoint` loads: `WORKDIR/teacher/best_variables` at each epoch whose test
+accuracy is a new best, `WORKDIR/teacher/variables` after the last step. The search and the
+distillation use the one `config.teacher.distill_from` names ('best', as the authors did, or
+'last').
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
+from absl import logging
+
 from dfa_jax import bilevel
 from dfa_jax import errors
 from dfa_jax import evaluation
@@ -26,7 +31,8 @@ from dfa_jax import parallel
 from dfa_jax import train_loop
 from dfa_jax.data import loader
 
-VARIABLES_DIR = "variables"
+VARIABLES_DIR = "variables"  # The last epoch's.
+BEST_VARIABLES_DIR = "best_variables"  # The epoch of highest test accuracy (the first of equals).
 
 
 def build_model(name: str, num_classes: int, dtype: str):
@@ -62,16 +68,18 @@ def cross_entropy_loss_fn(model):
     return loss_fn
 
 
-def resolve_checkpoint(path: str, field: str = "teacher.checkpoint") -> str:
-    """Accepts a variables directory, a teacher stage directory or a whole workdir.
+def resolve_checkpoint(path: str, field: str = "teacher.checkpoint", best: bool = False) -> str:
+    """Accepts a variables directory, a teacher stage directory or a whole workdir; of a stage,
+    its best-epoch variables where `best` and it has them, else its last epoch's.
 
     Raises `CheckpointError` (naming `field`, the config field that gave `path`) when none of
     them holds saved variables.
     """
+    names = (BEST_VARIABLES_DIR, VARIABLES_DIR) if best else (VARIABLES_DIR,)
     for candidate in (
         path,
-        os.path.join(path, VARIABLES_DIR),
-        os.path.join(path, "teacher", VARIABLES_DIR),
+        *(os.path.join(path, name) for name in names),
+        *(os.path.join(path, "teacher", name) for name in names),
     ):
         if files.exists(os.path.join(candidate, "_CHECKPOINT_METADATA")) or (
             files.exists(os.path.join(candidate, "_METADATA"))
@@ -204,19 +212,33 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
     model = build_model(config.teacher.model, data.info.num_classes, config.dtype)
     eval_fn = evaluation.make_model_eval_fn(model, config, data, mesh)
 
+    best = config.teacher.distill_from == "best"
     if config.teacher.checkpoint is not None:
-        variables = load_variables(config.teacher.checkpoint, model, mesh)
+        source = resolve_checkpoint(config.teacher.checkpoint, best=best)
+        if best and os.path.basename(source) == VARIABLES_DIR and source != files.absolute(
+            config.teacher.checkpoint
+        ):
+            logging.warning(
+                "teacher.checkpoint = %r has no %s (a teacher stage of an older version):"
+                " using its last epoch's variables, %s",
+                config.teacher.checkpoint,
+                BEST_VARIABLES_DIR,
+                source,
+            )
+        variables = load_variables(source, model, mesh)
         evaluation_result = eval_fn(variables)
         result = {
             "stage": "teacher",
-            "loaded_from": resolve_checkpoint(config.teacher.checkpoint),
+            "loaded_from": source,
             "best_accuracy": evaluation_result["accuracy"],
             "last_accuracy": evaluation_result["accuracy"],
         }
         return result, variables
 
+    used = os.path.join(directory, BEST_VARIABLES_DIR if best else VARIABLES_DIR)
     if train_loop.is_done(directory):
-        return train_loop.read_result(directory), load_variables(directory, model, mesh)
+        result = train_loop.read_result(directory) | {"distill_from": config.teacher.distill_from}
+        return result, load_variables(used, model, mesh)
 
     optim = config.teacher.optim
     steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
@@ -243,7 +265,11 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
         batch_size=optim.batch_size,
         seed=config.seed,
         lr_fn=optimizers.lr_schedule(optim, max(steps_per_epoch, 1)),
-        # Exported before result.json marks the stage done, so a done teacher always has them.
+        # Both exported before result.json marks the stage done, so a done teacher has them.
+        best_fn=lambda s, epoch: save_variables(
+            os.path.join(directory, BEST_VARIABLES_DIR),
+            {"params": s.params, "batch_stats": s.batch_stats},
+        ),
         finalize_fn=lambda s: save_variables(
             os.path.join(directory, VARIABLES_DIR),
             {"params": s.params, "batch_stats": s.batch_stats},
@@ -251,4 +277,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
     )
     result = train_loop.run(stage, config, mesh)
     final = result.pop("state")
+    result["distill_from"] = config.teacher.distill_from
+    if best:  # Read back, so a fresh and a resumed run hand on the very same arrays.
+        return result, load_variables(used, model, mesh)
     return result, {"params": final.params, "batch_stats": final.batch_stats}

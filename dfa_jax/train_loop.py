@@ -63,6 +63,9 @@ class Stage:
     # `state -> None` after the last step, before result.json marks the stage done (exports that
     # a done stage must have).
     finalize_fn: Callable[[Any], None] | None = None
+    # `(state, epoch) -> None` when an epoch's test accuracy beats every earlier epoch's (the
+    # first of equals wins), before that epoch's checkpoint, so a resumed run never misses one.
+    best_fn: Callable[[Any, int], None] | None = None
 
 
 def is_done(directory: str) -> bool:
@@ -251,6 +254,10 @@ def run(stage: Stage, config, mesh) -> dict:
                 if stage.epoch_end_fn is not None:
                     row.update(stage.epoch_end_fn(state, epoch))
                 history.append(row)
+                accuracy = evaluation.get("accuracy")
+                if stage.best_fn is not None and accuracy is not None:
+                    if all(accuracy > h["test/accuracy"] for h in history[:-1]):
+                        stage.best_fn(state, epoch)
                 writer.write_scalars(
                     step,
                     {

@@ -126,6 +126,7 @@ CASES = [
     ("baselines.ab_init_epochs", 0, "baselines.ab_init_epochs", "positive"),
     ("checkpoints_to_keep", 0, "checkpoints_to_keep", "at least 1"),
     ("num_cpu_devices", -2, "num_cpu_devices", "one per core"),
+    ("teacher.distill_from", "middle", "teacher.distill_from", "'best'"),
 ]
 
 

@@ -680,6 +680,7 @@ SPEC = {
     "baselines.ft_pretrain_epochs": _positive_int(),
     "baselines.ab_init_epochs": _positive_int(),
     "dtype": _enum(["float32", "bfloat16"]),
+    "teacher.distill_from": _enum(["best", "last"]),
     "num_cpu_devices": (st.integers(0, 64), st.integers(-64, -1)),
     "log_every_steps": _positive_int(),
     "checkpoint_every_steps": _positive_int(),

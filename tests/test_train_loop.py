@@ -15,6 +15,8 @@ import pytest
 from dfa_jax import bilevel
 from dfa_jax import checkpointing
 from dfa_jax import config_lib
+from dfa_jax import evaluation
+from dfa_jax import inputs
 from dfa_jax import optimizers
 from dfa_jax import parallel
 from dfa_jax import pipeline
@@ -77,6 +79,46 @@ def test_tiny_teacher_learns_and_writes_outputs(tmp_path):
         f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "teacher"))
     )
     assert all("train/images_per_s" in r for r in rows if "train/loss" in r)
+
+
+def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatch):
+    """teacher.distill_from: 'best' hands the later stages the variables of the epoch of highest
+    test accuracy (first of equals), exported when that epoch ended; 'last' the final ones."""
+    accuracies = iter([0.5, 0.9, 0.9])  # Epoch 2 is the best; epoch 3 only equals it.
+    evaluated = []  # The variables each epoch's evaluation saw, on the host.
+    real_make = evaluation.make_model_eval_fn
+
+    def make_scripted(*args, **kwargs):
+        real_eval = real_make(*args, **kwargs)
+
+        def scripted(variables):
+            evaluated.append(jax.tree.map(np.asarray, variables))
+            return real_eval(variables) | {"accuracy": next(accuracies)}
+
+        return scripted
+
+    monkeypatch.setattr(evaluation, "make_model_eval_fn", make_scripted)
+    config = tiny_demo()  # 3 epochs.
+    workdir = str(tmp_path / "run")
+    mesh = parallel.make_mesh()
+    data = inputs.load(config, workdir, search=False)
+    result, handed_on = teacher.run(config, workdir, mesh, data)
+    assert len(evaluated) == 3 and result["best_epoch"] == 2
+    assert result["distill_from"] == "best"
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, handed_on), evaluated[1])
+    with pytest.raises(AssertionError):  # The epochs differ: the check above can tell them apart.
+        jax.tree.map(np.testing.assert_array_equal, evaluated[1], evaluated[2])
+
+    # A finished stage hands on the same; 'last' gives the final variables; a workdir given as
+    # teacher.checkpoint supplies the one distill_from names.
+    model = teacher.build_model(config.teacher.model, 10, "float32")
+    for distill_from, epoch in (("best", 2), ("last", 3)):
+        config.teacher.distill_from = distill_from
+        _, done = teacher.run(config, workdir, mesh, data)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, done), evaluated[epoch - 1])
+        source = teacher.resolve_checkpoint(workdir, best=distill_from == "best")
+        loaded = teacher.load_variables(source, model, mesh)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), evaluated[epoch - 1])
 
 
 def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch):
