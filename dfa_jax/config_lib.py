@@ -8,6 +8,7 @@ the field and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -96,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
     data.augment = (
         "pad_crop"  # 'pad_crop' (CIFAR: pad + random crop) | 'random_resized_crop' (CINIC).
     )
+    # Per-channel (R, G, B) normalisation in [0, 1] units; None = the dataset's (overhaul's CIFAR
+    # statistics). Set them to what an imported teacher was trained with, e.g. RepDistiller's
+    # CIFAR-100: mean (0.5071, 0.4867, 0.4408), std (0.2675, 0.2565, 0.2761).
+    data.mean = placeholder(tuple)
+    data.std = placeholder(tuple)
     data.pad = 4  # Augmentation: pixels of padding before the random 32x32 crop (0 disables).
     data.pad_mode = "reflect"  # 'reflect' (the paper's recipe) or 'constant' (zeros).
     data.flip = True  # Augmentation: random horizontal flip.
@@ -278,7 +284,8 @@ def _check_types(config, reference, prefix: str, problems: list[str]) -> None:
     import numbers  # pylint: disable=g-import-not-at-top
 
     nullable = ("features.clamp_min",)  # None is meaningful here (no clamp), not a placeholder.
-    tuple_items = {"distill.compare_with": str}  # Element types of tuples empty by default.
+    # Element types of tuples empty or unset by default.
+    tuple_items = {"distill.compare_with": str, "data.mean": float, "data.std": float}
     names = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
     plurals = {bool: "booleans", int: "integers", float: "finite numbers", str: "strings"}
 
@@ -529,6 +536,25 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.append(
             f"data.augment = {data.augment!r}: use 'pad_crop' or 'random_resized_crop'."
         )
+    for field in ("mean", "std"):
+        values = data[field]
+        if values is None:
+            continue
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if len(values) != 3 or not numbers or not all(math.isfinite(v) for v in values):
+            problems.append(
+                f"data.{field} = {values!r}: give three numbers (R, G, B) in [0, 1] units, or"
+                " leave it unset for the dataset's."
+            )
+        elif any(v > 1.0 for v in values):
+            scaled = tuple(round(v / 255, 4) for v in values)
+            problems.append(
+                f"data.{field} = {values!r}: give it in [0, 1] units (pixel / 255): {scaled}."
+            )
+        elif field == "mean" and any(v < 0.0 for v in values):
+            problems.append(f"data.mean = {values!r}: every value must lie in [0, 1].")
+        elif field == "std" and any(v <= 0.0 for v in values):
+            problems.append(f"data.std = {values!r}: every value must be > 0.")
     if data.pad_mode not in ("reflect", "constant"):
         problems.append(f"data.pad_mode = {data.pad_mode!r}: use 'reflect' or 'constant'.")
     size = data_lib.DATASETS[data.dataset].image_size if data.dataset in data_lib.DATASETS else 32

@@ -127,6 +127,10 @@ CASES = [
     ("checkpoints_to_keep", 0, "checkpoints_to_keep", "at least 1"),
     ("num_cpu_devices", -2, "num_cpu_devices", "one per core"),
     ("teacher.distill_from", "middle", "teacher.distill_from", "'best'"),
+    ("data.mean", (125.3, 123.0, 113.9), "data.mean", "(0.4914, 0.4824, 0.4467)"),
+    ("data.std", (0.2, 0.2), "data.std", "three numbers"),
+    ("data.std", (0.2, 0.0, 0.2), "data.std", "> 0"),
+    ("data.mean", (-0.1, 0.5, 0.5), "data.mean", "[0, 1]"),
 ]
 
 

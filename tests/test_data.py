@@ -180,6 +180,27 @@ def test_normalize_matches_numpy():
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_config_mean_and_std_replace_the_datasets_normalisation():
+    """data.mean / data.std (an imported teacher's statistics) reach the run's DatasetInfo, which
+    the train step's preprocessing and the evaluation both normalise with."""
+    from dfa_jax import inputs
+    from test_config import load_config
+
+    config = load_config("demo", "tiny")
+    config.data.mean, config.data.std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+    config.data.pad, config.data.flip = 0, False  # Normalisation alone.
+    run = inputs.load(config, workdir="", search=False)
+    assert run.info.mean == config.data.mean and run.info.std == config.data.std
+    assert run.info.num_classes == data.DATASETS["digits"].num_classes
+    images = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3), np.uint8)
+    preprocess = inputs.make_train_preprocess(config.data, run.info)
+    out = preprocess({"image": jnp.asarray(images)}, jax.random.key(0))["image"]
+    expected = (images / 255.0 - np.asarray(config.data.mean)) / np.asarray(config.data.std)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    config.data.mean = config.data.std = None
+    assert inputs.load(config, workdir="", search=False).info == data.DATASETS["digits"]
+
+
 # ----------------------------------------------------------------------------------------- loader
 
 

@@ -680,6 +680,14 @@ SPEC = {
     "baselines.ft_pretrain_epochs": _positive_int(),
     "baselines.ab_init_epochs": _positive_int(),
     "dtype": _enum(["float32", "bfloat16"]),
+    "data.mean": (
+        st.none() | st.tuples(*[st.floats(0.0, 1.0)] * 3),
+        st.tuples(*[st.floats(1.01, 300.0)] * 3) | st.tuples(*[st.floats(0.0, 1.0)] * 2),
+    ),
+    "data.std": (
+        st.none() | st.tuples(*[st.floats(0.01, 1.0)] * 3),
+        st.tuples(st.floats(-1.0, 0.0), st.floats(0.01, 1.0), st.floats(0.01, 1.0)),
+    ),
     "teacher.distill_from": _enum(["best", "last"]),
     "num_cpu_devices": (st.integers(0, 64), st.integers(-64, -1)),
     "log_every_steps": _positive_int(),
@@ -702,6 +710,9 @@ for _field in (
     SPEC[f"baselines.{_field}"] = _non_negative_float()
 
 
+_TUPLE_ITEMS = {"data.mean": float, "data.std": float}  # Tuples with no default to judge by.
+
+
 def _wrong_types(path: str):
     """Values of the wrong type for field `path`, judged from its type in base_config()."""
     kind, default = LEAVES[path]
@@ -716,7 +727,7 @@ def _wrong_types(path: str):
     elif kind is str:
         options += [_INT, st.booleans(), st.floats(), st.just(("a",))]
     elif kind is tuple:
-        item = type(default[0]) if default else str
+        item = _TUPLE_ITEMS.get(path, type(default[0]) if default else str)
         bad_items = _INT if item is str else _TEXT
         options += [_TEXT, _INT, st.lists(bad_items, min_size=1, max_size=3).map(tuple)]
     return st.one_of(options)
