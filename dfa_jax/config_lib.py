@@ -540,8 +540,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         values = data[field]
         if values is None:
             continue
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if len(values) != 3 or not numbers or not all(math.isfinite(v) for v in values):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if len(values) != 3 or not numeric or not all(math.isfinite(v) for v in values):
             problems.append(
                 f"data.{field} = {values!r}: give three numbers (R, G, B) in [0, 1] units, or"
                 " leave it unset for the dataset's."

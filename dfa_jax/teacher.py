@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
-
 from absl import logging
 
 from dfa_jax import bilevel
@@ -215,8 +214,10 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
     best = config.teacher.distill_from == "best"
     if config.teacher.checkpoint is not None:
         source = resolve_checkpoint(config.teacher.checkpoint, best=best)
-        if best and os.path.basename(source) == VARIABLES_DIR and source != files.absolute(
-            config.teacher.checkpoint
+        if (
+            best
+            and os.path.basename(source) == VARIABLES_DIR
+            and source != files.absolute(config.teacher.checkpoint)
         ):
             logging.warning(
                 "teacher.checkpoint = %r has no %s (a teacher stage of an older version):"

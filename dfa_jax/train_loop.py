@@ -255,9 +255,12 @@ def run(stage: Stage, config, mesh) -> dict:
                     row.update(stage.epoch_end_fn(state, epoch))
                 history.append(row)
                 accuracy = evaluation.get("accuracy")
-                if stage.best_fn is not None and accuracy is not None:
-                    if all(accuracy > h["test/accuracy"] for h in history[:-1]):
-                        stage.best_fn(state, epoch)
+                if (
+                    stage.best_fn is not None
+                    and accuracy is not None
+                    and all(accuracy > h["test/accuracy"] for h in history[:-1])
+                ):
+                    stage.best_fn(state, epoch)
                 writer.write_scalars(
                     step,
                     {

@@ -183,8 +183,9 @@ def test_normalize_matches_numpy():
 def test_config_mean_and_std_replace_the_datasets_normalisation():
     """data.mean / data.std (an imported teacher's statistics) reach the run's DatasetInfo, which
     the train step's preprocessing and the evaluation both normalise with."""
-    from dfa_jax import inputs
     from test_config import load_config
+
+    from dfa_jax import inputs
 
     config = load_config("demo", "tiny")
     config.data.mean, config.data.std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
