@@ -788,10 +788,18 @@ def result_fields(config_dict: dict) -> dict:
     return {k: v for k, v in _flatten(config_dict).items() if k not in RESULT_NEUTRAL_FIELDS}
 
 
+# Result-affecting fields added after workdirs were first written, with the value that
+# reproduces what a run from before them did: a config.json without the field is read as
+# holding that value (so `--config.teacher.distill_from=last` resumes such a workdir).
+VALUES_BEFORE_THE_FIELD = {"teacher.distill_from": "last"}
+
+
 def changed_fields(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """`(dotted field, saved value, current value)` for every result-affecting difference between
     two configs given as nested dicts (e.g. a workdir's config.json and `config.to_dict()`)."""
     old, new = result_fields(saved), result_fields(current)
+    if old:  # An empty saved config (unreadable file) stays empty: everything differs.
+        old = {**VALUES_BEFORE_THE_FIELD, **old}
     return [
         (field, old.get(field, "<absent>"), new.get(field, "<absent>"))
         for field in sorted(old.keys() | new.keys())

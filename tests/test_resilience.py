@@ -174,6 +174,22 @@ def test_workdir_of_another_config_is_refused_with_the_changed_fields(tmp_path):
     assert json.loads((epath.Path(workdir) / "config.json").read_text())["seed"] == 4
 
 
+def test_workdir_from_before_a_new_field_resumes_with_the_old_behaviour(tmp_path):
+    """A config.json written before teacher.distill_from existed describes last-epoch teachers:
+    the new default ('best') is a change, `--config.teacher.distill_from=last` resumes it."""
+    workdir = tmp_path / "run"
+    old = tiny_demo()
+    workdir_lib.prepare(old, str(workdir))
+    saved = json.loads((workdir / "config.json").read_text())
+    del saved["teacher"]["distill_from"]
+    (workdir / "config.json").write_text(json.dumps(saved))
+
+    with pytest.raises(errors.WorkdirError, match="teacher.distill_from: 'last' in the workdir"):
+        workdir_lib.prepare(tiny_demo(), str(workdir))
+    workdir_lib.prepare(tiny_demo(**{"teacher.distill_from": "last"}), str(workdir))
+    assert not (workdir / "previous").exists()
+
+
 def test_config_hash_ignores_result_neutral_fields():
     a = tiny_demo().to_dict()
     b = tiny_demo(**{"log_every_steps": 3, "num_cpu_devices": 1}).to_dict()
