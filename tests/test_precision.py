@@ -13,6 +13,7 @@ import pytest
 
 from dfa_jax import bilevel
 from dfa_jax import config_lib
+from dfa_jax import features
 from dfa_jax import inputs
 from dfa_jax import models
 from dfa_jax import optimizers
@@ -120,6 +121,23 @@ def test_bf16_keeps_state_float32_and_computes_in_bf16(runs):
     conv = models.layers.Conv3x3(4, dtype=jnp.bfloat16)
     out = conv.apply(conv.init(jax.random.key(0), images), images)
     assert out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", ["wrn_10_1", "shufflenet_v2_0.5"])
+def test_bf16_classifier_head_runs_in_float32(name):
+    """Under dtype=bfloat16 the logits are the float32 head of the (bf16) last feature map:
+    ReLU, average pooling and the classifier in float32, to float32 rounding."""
+    model = models.get_model(name, 10, dtype=jnp.bfloat16)
+    images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images)
+    logits, mutated = model.apply(variables, images, mutable=[models.FEATURES])
+    last = model.feature_groups()[-1][-1]
+    feature = np.asarray(features.read(mutated, [last])[0], np.float64)
+    pooled = np.maximum(feature, 0.0).mean(axis=(1, 2))
+    fc = variables["params"]["fc"]
+    expected = pooled @ np.asarray(fc["kernel"], np.float64) + np.asarray(fc["bias"], np.float64)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
 
 
 @functools.cache
