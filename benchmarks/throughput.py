@@ -327,9 +327,25 @@ def _num_steps(steps: int | None, warm_step_s: float, min_time_s: float) -> int:
     return max(MIN_STEPS, math.ceil(min_time_s / max(warm_step_s, 1e-6)))
 
 
+def _time_steps(step: Callable[[], None], sync: Callable[[], None], steps, min_time_s):
+    """One warm-up step, then N steps back to back synced once at the end (N = `steps`, or
+    enough for `min_time_s` at the warm-up pace). Returns (seconds per step, N, faults per step)."""
+    start = time.perf_counter()
+    step()
+    sync()
+    n = _num_steps(steps, time.perf_counter() - start, min_time_s)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    step_s = (time.perf_counter() - start) / n
+    return step_s, n, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+
+
 def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
-    """Trace and compile ahead (timed apart), the first call, one warm-up step, then back-to-back
-    steps synced once at the end. The first call reuses the executable compiled ahead."""
+    """Trace and compile ahead (timed apart), the first call, then `_time_steps`. The first call
+    reuses the executable compiled ahead."""
     state = runner.make_state()
     start = time.perf_counter()
     lowered = runner.fn.lower(state, *runner.args)
@@ -338,21 +354,15 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
     lowered.compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    state, metrics = runner.fn(state, *runner.args)
-    jax.block_until_ready((state, metrics))
+    held = [runner.fn(state, *runner.args)]  # [(state, metrics)]; the step donates the state.
+    jax.block_until_ready(held)
     first_call_s = time.perf_counter() - start
-    start = time.perf_counter()
-    state, metrics = runner.fn(state, *runner.args)
-    jax.block_until_ready((state, metrics))
-    n = _num_steps(steps, time.perf_counter() - start, min_time_s)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    for _ in range(n):
-        state, metrics = runner.fn(state, *runner.args)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - start) / n
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return Timing(step_s, first_call_s, n, faults / n, trace_s, compile_s)
+
+    def step():
+        held[0] = runner.fn(held[0][0], *runner.args)
+
+    step_s, n, faults = _time_steps(step, lambda: jax.block_until_ready(held), steps, min_time_s)
+    return Timing(step_s, first_call_s, n, faults, trace_s, compile_s)
 
 
 def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float) -> Timing:
@@ -363,18 +373,8 @@ def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float
     step(*args)
     synchronize()
     first_call_s = time.perf_counter() - start
-    start = time.perf_counter()
-    step(*args)
-    synchronize()
-    n = _num_steps(steps, time.perf_counter() - start, min_time_s)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    for _ in range(n):
-        step(*args)
-    synchronize()
-    step_s = (time.perf_counter() - start) / n
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return Timing(step_s, first_call_s, n, faults / n)
+    step_s, n, faults = _time_steps(lambda: step(*args), synchronize, steps, min_time_s)
+    return Timing(step_s, first_call_s, n, faults)
 
 
 def _host_batches(batch_size: int, mesh, examples: int):

@@ -66,21 +66,16 @@ def configure_cpu_devices(num_cpu_devices: int) -> None:
         ).strip()
 
 
-def use_compilation_cache(directory: str) -> str | None:
+def use_compilation_cache(directory: str) -> None:
     """Keeps compiled steps on disk, so a resumed or repeated run skips XLA's compile (seconds to
     a minute per step on CPU, tens of seconds on a GPU). Call before the first compile.
 
     `directory` ('~' expanded; '' = off) is used unless JAX_COMPILATION_CACHE_DIR is set, which
-    wins. Entries are keyed by the program, the backend and the JAX version, so one directory
-    serves every run, method and stage on a host. Returns the directory in use, or None.
+    JAX reads itself and which wins. Entries are keyed by the program, the backend and the JAX
+    version, so one directory serves every run, method and stage on a host.
     """
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    if not directory:
-        return None
-    directory = os.path.expanduser(directory)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    return directory
+    if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
 
 
 def initialize_distributed(

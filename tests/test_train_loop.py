@@ -26,6 +26,8 @@ from dfa_jax.data import loader
 
 from test_config import load_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def tiny_demo(**overrides):
     config = load_config("demo", "tiny")
@@ -317,7 +319,7 @@ def test_freed_host_memory_is_reused_without_page_faults():
             capture_output=True,
             text=True,
             check=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            cwd=ROOT,
         )
         return int(out.stdout.split()[-1])
 
@@ -329,7 +331,6 @@ def test_repeated_run_reuses_the_compilation_cache(tmp_path):
     """config.compilation_cache_dir: the first run stores its compiled steps there; a second run
     of the same config (another workdir) finds every one of them (nothing is written again) and
     reaches the same accuracy."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cache = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -339,14 +340,14 @@ def test_repeated_run_reuses_the_compilation_cache(tmp_path):
             sys.executable,
             "-m",
             "dfa_jax.main",
-            f"--config={os.path.join(root, 'configs', 'demo.py')}:tiny",
+            f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny",
             f"--workdir={workdir}",
             "--config.stages=('teacher',)",
             "--config.num_cpu_devices=1",
             f"--config.compilation_cache_dir={cache}",
         ]
         done = subprocess.run(
-            command, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
         )
         assert done.returncode == 0, done.stderr[-3000:]
         with open(workdir / "summary.json") as f:

@@ -50,11 +50,16 @@ def _weight_grad_chunks(x, w, dimension_numbers, feature_group_count) -> int:
     return max(chunks, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _conv_chunked_weight_grad(x, w, strides, padding, rhs_dilation, dn, precision, chunks):
+def _conv(x, w, strides, padding, rhs_dilation, dn, precision):
     return lax.conv_general_dilated(
         x, w, strides, padding, rhs_dilation=rhs_dilation, dimension_numbers=dn, precision=precision
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _conv_chunked_weight_grad(x, w, strides, padding, rhs_dilation, dn, precision, chunks):
+    del chunks  # Used by the backward pass only.
+    return _conv(x, w, strides, padding, rhs_dilation, dn, precision)
 
 
 def _conv_fwd(x, w, strides, padding, rhs_dilation, dn, precision, chunks):
@@ -64,18 +69,14 @@ def _conv_fwd(x, w, strides, padding, rhs_dilation, dn, precision, chunks):
 
 def _conv_bwd(strides, padding, rhs_dilation, dn, precision, chunks, residuals, g):
     x, w = residuals
-
-    def conv(x, w):
-        return lax.conv_general_dilated(
-            x,
-            w,
-            strides,
-            padding,
-            rhs_dilation=rhs_dilation,
-            dimension_numbers=dn,
-            precision=precision,
-        )
-
+    conv = functools.partial(
+        _conv,
+        strides=strides,
+        padding=padding,
+        rhs_dilation=rhs_dilation,
+        dn=dn,
+        precision=precision,
+    )
     dx = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
     xs = x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:])
     gs = g.reshape(g.shape[0] // chunks, chunks, *g.shape[1:])
@@ -163,6 +164,17 @@ def sow_feature(module: nn.Module, name: str, x):
 def global_avg_pool(x):
     """[B, H, W, C] -> [B, C]."""
     return jnp.mean(x, axis=(1, 2))
+
+
+def classifier_head(x, num_classes: int):
+    """ReLU, global average pooling and the `fc` layer: [B, H, W, C] -> float32 logits [B, K].
+
+    Call from a module's compact method (the layer is named `fc` there). Float32 whatever the
+    compute dtype: pooling and logits are cheap, and the losses (cross-entropy, KD's softened
+    logits) read the logits' small differences.
+    """
+    x = global_avg_pool(nn.relu(x).astype(jnp.float32))
+    return Dense(num_classes, dtype=jnp.float32, name="fc")(x)
 
 
 def check_group_range(start_group, stop_group, num_groups):

@@ -165,10 +165,7 @@ class ShuffleNetV2(nn.Module):
         if stop_group is not None:
             return x
 
-        # The head in float32 whatever the compute dtype: pooling and logits are cheap, and the
-        # losses (cross-entropy, KD's softened logits) read the logits' small differences.
-        x = layers.global_avg_pool(nn.relu(x).astype(jnp.float32))
-        return layers.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x)
+        return layers.classifier_head(x, self.num_classes)
 
 
 SHUFFLENET_V2_0_5 = functools.partial(ShuffleNetV2, widths=WIDTHS["0.5"])

@@ -162,10 +162,7 @@ class WideResNet(nn.Module):
         if stop_group is not None:
             return pre
 
-        # The head in float32 whatever the compute dtype: pooling and logits are cheap, and the
-        # losses (cross-entropy, KD's softened logits) read the logits' small differences.
-        x = layers.global_avg_pool(nn.relu(pre).astype(jnp.float32))
-        return layers.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x)
+        return layers.classifier_head(pre, self.num_classes)
 
 
 WRN_16_2 = functools.partial(WideResNet, depth=16, width=2)
