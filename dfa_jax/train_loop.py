@@ -114,8 +114,17 @@ def _batches(
 
 
 def _mean_metrics(fetched: list[dict]) -> dict:
+    """Per key, the mean over a logging interval's steps, in float64 and in step order.
+
+    The steps' float32 values widen to float64 exactly, so an interval whose first steps were
+    saved in a checkpoint (as Python floats) and whose others were fetched after the resume
+    averages to the same number as the interval of an uninterrupted run.
+    """
     keys = [k for k in fetched[0] if k != "finite"]
-    return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+    return {
+        k: float(np.mean(np.array([float(m[k]) for m in fetched], dtype=np.float64)))
+        for k in keys
+    }
 
 
 def run(stage: Stage, config, mesh) -> dict:

@@ -85,6 +85,35 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(
     jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(workdir))
 
 
+def test_a_stop_inside_a_logging_interval_resumes_to_the_same_records(
+    straight, tmp_path, monkeypatch, signal_handlers
+):
+    """Stopped after step 1 of a 2-step logging interval: the first row after the resume averages
+    a step kept in the checkpoint and one computed after it, and equals the uninterrupted run's
+    row bit for bit (the mean's precision and order do not depend on where the values came
+    from)."""
+    calls = []
+
+    def stop_after_step_1():
+        calls.append(1)
+        return True
+
+    workdir = str(tmp_path / "run")
+    real_should_stop = preemption.should_stop
+    monkeypatch.setattr(preemption, "should_stop", stop_after_step_1)
+    with pytest.raises(preemption.Stopped, match=r"at step 1/18"):
+        pipeline.run(tiny_demo(), workdir)
+    assert len(calls) == 1
+    assert not os.path.exists(os.path.join(workdir, "teacher", "metrics.jsonl"))  # Nothing logged.
+    monkeypatch.setattr(preemption, "should_stop", real_should_stop)
+    pipeline.run(tiny_demo(), workdir)
+
+    resumed = _comparable(workdir)
+    assert [r["step"] for r in resumed[1] if "train/loss" in r][0] == 2
+    assert resumed == _comparable(straight)
+    jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(workdir))
+
+
 def _truncate_files(directory):
     """Cuts every data file of a finished checkpoint to a third, as a failing disk might."""
     for parent, _, names in os.walk(directory):
