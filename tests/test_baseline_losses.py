@@ -141,7 +141,9 @@ def test_kd_zero_when_equal_and_grows_with_disagreement():
     values = [float(losses.kd_loss(t + eps * noise, t, 4.0)) for eps in (0.5, 1.0, 2.0, 4.0)]
     assert np.all(np.diff(values) > 0), values
     # With the T^2 factor the loss tends to the logit MSE / 2 (T -> inf), not to 0.
-    soft = [float(losses.kd_loss(t + noise, t, temp)) for temp in (8.0, 64.0, 512.0)]
+    # Not higher than 128: the T^2 / B factor magnifies float32 rounding (at T = 512 one ulp of
+    # one example's logsumexp is ~1.4 % of the loss, which depends on the CPU's exp and sums).
+    soft = [float(losses.kd_loss(t + noise, t, temp)) for temp in (8.0, 32.0, 128.0)]
     centred = noise - noise.mean(axis=1, keepdims=True)
     limit = (centred.astype(np.float64) ** 2).sum() / (2 * 10 * 8)
     assert abs(soft[-1] - limit) < abs(soft[0] - limit)

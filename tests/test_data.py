@@ -294,12 +294,19 @@ def _closed_local_port():
 
 
 def test_tfds_offline_fails_fast_with_how_to(tmp_path, monkeypatch):
+    """Nothing prepared and no network: one probe (refused at once here), then the error; no
+    download is attempted."""
     monkeypatch.setattr(sources, "NETWORK_PROBE_ADDRESS", _closed_local_port())
+    probes = []
+    real_probe = sources.network_reachable
+    monkeypatch.setattr(
+        sources, "network_reachable", lambda *a, **k: probes.append(1) or real_probe(*a, **k)
+    )
     source = data.make_source(data_cfg(dataset="cifar100", data_dir=str(tmp_path / "empty")))
-    start = time.monotonic()
     with pytest.raises(data.DataError) as error:
         source.labels("train")
-    assert time.monotonic() - start < 10
+    assert len(probes) == 1
+    assert not any((tmp_path / "empty").glob("**/*.tfrecord*"))
     message = str(error.value)
     for hint in ["tfds build cifar100", "--config.data.data_dir", "source=npz", "image_folder"]:
         assert hint in message
@@ -310,13 +317,15 @@ def test_network_probe():
         server.bind(("127.0.0.1", 0))
         server.listen()
         assert sources.network_reachable(server.getsockname(), timeout_s=2)
+    # Bounds at half of what waiting would take, so that a loaded machine cannot fail them.
     start = time.monotonic()
-    assert not sources.network_reachable(_closed_local_port(), timeout_s=5)
-    assert time.monotonic() - start < 1  # a refusal ends the probe, no waiting for the timeout
+    assert not sources.network_reachable(_closed_local_port(), timeout_s=120)
+    assert time.monotonic() - start < 60  # a refusal ends the probe, no waiting for the timeout
     start = time.monotonic()
-    # TEST-NET-1 is never routed: either refused at once or timed out by the probe.
-    assert not sources.network_reachable(("192.0.2.1", 9), timeout_s=0.5)
-    assert time.monotonic() - start < 2
+    # TEST-NET-1 is never routed: either refused at once or timed out by the probe, well before
+    # the operating system's own connect timeout (minutes).
+    assert not sources.network_reachable(("192.0.2.1", 9), timeout_s=1)
+    assert time.monotonic() - start < 60
 
 
 def test_make_source_rejects_bad_config():
@@ -528,7 +537,8 @@ def test_random_resized_crop_zooms_a_quarter_box_by_two():
     np.testing.assert_allclose(slopes, 4.0, atol=1e-3)
     starts = y[:, 0, 2, 0]
     assert len(np.unique(np.round(starts, 3))) > 32  # each example its own box position
-    assert ramp.min() <= y.min() and y.max() <= ramp.max()
+    # Bilinear weights sum to one up to rounding: the output stays in the input's range.
+    assert ramp.min() - 1e-3 <= y.min() and y.max() <= ramp.max() + 1e-3
     again = augment.random_resized_crop_flip(
         jnp.asarray(ramp), jax.random.key(3), flip=False, scale=(0.25, 0.25), ratio=(1.0, 1.0)
     )
