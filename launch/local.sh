@@ -157,16 +157,20 @@ fi
 
 pids=()
 # SIGTERM every process still running, SIGKILL what is left after 10 s, and reap them all.
+# `jobs -p` adds a process started but not yet in `pids` (a signal that lands between its `&` and
+# the `pids[i]=$!` after it), which the final `wait` would otherwise wait on forever.
 stop_all() {
-  local pid tries alive
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  local pid tries alive all
+  all=("${pids[@]}")
+  for pid in $(jobs -p); do all+=("$pid"); done
+  for pid in "${all[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for ((tries = 0; tries < 20; tries++)); do
     alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     ((alive)) || break
     sleep 0.5
   done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for pid in "${all[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 # Background processes ignore SIGINT (no job control here), so Ctrl-C is passed on as SIGTERM.

@@ -318,6 +318,30 @@ def test_local_passes_ctrl_c_and_sigterm_on(fake, tmp_path, sig, status):
     assert not any(alive(pid) for pid in children)
 
 
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_local_stops_processes_a_signal_interrupts_the_start_of(fake, tmp_path, sig, status):
+    """The signal lands while local.sh is still starting its processes (as soon as the first
+    one runs): every process it started, recorded or not, is stopped, and it exits."""
+    env, _, pids = fake
+    env["FAKE_MODE"] = "hang"
+    proc = subprocess.Popen(
+        ["bash", os.path.join(LAUNCH, "local.sh"), "--processes=4", "--config=c.py"]
+        + [f"--workdir={tmp_path}/run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + EVENT_LIMIT_S
+    while not any(p.read_text().strip() for p in pids.iterdir()) and time.monotonic() < deadline:
+        assert proc.poll() is None, "local.sh exited before its processes started"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=EVENT_LIMIT_S) == status
+    started = [int(t) for p in pids.iterdir() if (t := p.read_text().strip())]
+    assert started and not any(alive(pid) for pid in started)
+
+
 def test_tpu_pod_dry_run_prints_every_gcloud_step_in_order(fake):
     env, calls, _ = fake
     out = launch(
