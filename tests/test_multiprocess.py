@@ -1,5 +1,7 @@
-"""Two processes on loopback (`launch/local.sh --processes 2`) make the same run as one process
-with the same number of devices, and a checkpoint they write resumes in one process."""
+"""Two processes on loopback (`launch/local.sh --processes 2`) make the run of one process with
+the same number of devices to the README's stated tolerance (different programs: their devices
+meet over loopback, not in one process), a checkpoint they write resumes in one process, and a
+stopped and resumed two-process run equals its uninterrupted self bitwise (the same program)."""
 
 import json
 import os
@@ -11,16 +13,26 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
+from test_train_loop import LAYOUT_TOLERANCE, assert_within_layout_tolerance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Teacher -> search (three groups) -> DFA distillation, seconds per stage.
+sys.path.insert(0, ROOT)  # benchmarks/ is run from the repository root, outside the package.
+from benchmarks import layout_agreement  # noqa: E402
+
+# Teacher -> search (three groups) -> DFA distillation, seconds per stage; one metrics row per
+# step. Four teacher epochs: the SIGTERM test's stop lands well inside the teacher stage.
 TINY = [
     "--config=configs/demo.py:tiny",
     "--config.distill.compare_with=()",
     "--config.log_every_steps=1",
+    "--config.teacher.optim.epochs=4",
 ]
+TWO_PROCESSES = ["bash", "launch/local.sh", "--processes", "2"]
+# One CPU device per process, whatever the host's core count (local.sh would split the cores);
+# after TINY, whose --config must come first.
+ONE_DEVICE_EACH = "--config.num_cpu_devices=1"
 TIMEOUT_S = 900
 
 
@@ -58,16 +70,10 @@ def _losses(path) -> list[float]:
         return [row["train/loss"] for row in map(json.loads, f) if "train/loss" in row]
 
 
-def _assert_same_run(a, b):
-    """Same accuracies and alpha (to float tolerance: the two runs reduce in the same order, but
-    nothing promises bitwise equality across process layouts)."""
-    assert a.keys() == b.keys()
-    for stage in a:
-        for key in ("best_accuracy", "last_accuracy", "student_last_accuracy"):
-            if key in a[stage]:
-                assert a[stage][key] == pytest.approx(b[stage][key], abs=1e-6), (stage, key)
-    for group, alpha in a["search"]["alpha"].items():
-        np.testing.assert_allclose(alpha, b["search"]["alpha"][group], rtol=1e-5, atol=1e-7)
+def _records(path) -> list[dict]:
+    """metrics.jsonl without the one field that is a wall-clock measurement."""
+    with open(path) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "train/images_per_s"} for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +83,7 @@ def runs(tmp_path_factory):
     # One process with two CPU devices: the same 2-device mesh as two processes of one each.
     _one_process(one, "--config.num_cpu_devices=2")
     port = str(_free_port())
-    out = _run(
-        ["bash", "launch/local.sh", "--processes", "2", "--port", port, *TINY, f"--workdir={two}"]
-    )
+    out = _run([*TWO_PROCESSES, "--port", port, *TINY, ONE_DEVICE_EACH, f"--workdir={two}"])
     log = os.path.join(two, "logs", "process_1.log")
     assert out.returncode == 0, out.stderr[-3000:] + (
         open(log).read()[-2000:] if os.path.exists(log) else ""
@@ -88,14 +92,11 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_make_the_same_run_as_one(runs):
+    """Every stage's per-step losses, alpha and the final teacher and student parameters agree
+    to the stated tolerance (LAYOUT_TOLERANCE, the README's promise across layouts)."""
     one, two = runs
-    _assert_same_run(_stages(one), _stages(two))
-    for stage in ("teacher", "distill/dfa"):
-        np.testing.assert_allclose(
-            _losses(os.path.join(two, stage, "metrics.jsonl")),
-            _losses(os.path.join(one, stage, "metrics.jsonl")),
-            rtol=1e-5,
-        )
+    assert _stages(one).keys() == _stages(two).keys()
+    assert_within_layout_tolerance(layout_agreement.compare(two, one))
     # Only process 0 writes the run's records: the same rows as one process wrote, none twice.
     for name in ("teacher/metrics.jsonl", "search/g2/metrics.jsonl", "search/alpha_history.json"):
         with open(os.path.join(one, name)) as f, open(os.path.join(two, name)) as g:
@@ -116,7 +117,9 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
     os.remove(os.path.join(resumed, "summary.json"))
     log = _one_process(resumed, "--config.num_cpu_devices=2")
     assert f"[distill/dfa] resuming from step {steps[-2]}" in log
-    _assert_same_run(_stages(two), _stages(resumed))
+    assert _stages(resumed).keys() == _stages(two).keys()
+    # The last steps ran as another program (one process): the layout tolerance, not bitwise.
+    assert_within_layout_tolerance(layout_agreement.compare(resumed, two))
 
 
 def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
@@ -127,13 +130,11 @@ def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
     workdir = str(tmp_path / "stopped")
     # The teacher stage alone (`stages` cannot change its numbers): the stop lands in it.
     command = [
-        "bash",
-        "launch/local.sh",
-        "--processes",
-        "2",
+        *TWO_PROCESSES,
         "--port",
         str(_free_port()),
         *TINY,
+        ONE_DEVICE_EACH,
         "--config.stages=('teacher',)",
     ]
     launcher = subprocess.Popen(
@@ -146,9 +147,11 @@ def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
     )
     metrics = os.path.join(workdir, "teacher", "metrics.jsonl")
     deadline = time.time() + TIMEOUT_S
-    while not (os.path.exists(metrics) and len(_losses(metrics)) >= 2):
+    # Waits for the first step's row (an event, not a fixed delay), then stops the run: 15 of its
+    # 16 teacher steps are still to come.
+    while not (os.path.exists(metrics) and len(_losses(metrics)) >= 1):
         assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)
     output = launcher.communicate(timeout=TIMEOUT_S)[0]
     assert launcher.returncode == 143, output[-3000:]
@@ -160,11 +163,10 @@ def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
     resumed = _run([*command, f"--workdir={workdir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {stopped[0][1]}" in resumed.stdout + resumed.stderr
+    # The same layout, so the same program: bitwise, records and result alike.
     stopped_run, straight_run = _stages(workdir)["teacher"], _stages(two)["teacher"]
     for key in ("best_accuracy", "best_epoch", "last_accuracy", "steps"):
-        assert stopped_run[key] == pytest.approx(straight_run[key], abs=1e-6), key
-    np.testing.assert_allclose(
-        _losses(os.path.join(workdir, "teacher", "metrics.jsonl")),
-        _losses(os.path.join(two, "teacher", "metrics.jsonl")),
-        rtol=1e-5,
+        assert stopped_run[key] == straight_run[key], key
+    assert _records(os.path.join(workdir, "teacher", "metrics.jsonl")) == _records(
+        os.path.join(two, "teacher", "metrics.jsonl")
     )

@@ -26,6 +26,10 @@ from dfa_jax.data import loader
 
 from test_config import load_config
 
+# benchmarks/ holds scripts run from the repository root, outside the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import layout_agreement  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -237,29 +241,55 @@ def _one_step(mesh):
     return jax.device_get((state.params, state.batch_stats, metrics["loss"]))
 
 
+# What the README promises across device and process layouts (1 or 2 devices, 1 or 2 processes)
+# for the tiny runs of the tests: different compiled programs, so not bitwise, but within these
+# of each other (`benchmarks/layout_agreement.py`, measured in BENCHMARKS.md, with a margin).
+# 'first_step_loss': relative difference of the first step's train loss of a stage that starts
+# from the same state (the teacher); 'loss': of any step's, any stage; 'alpha': absolute;
+# 'parameters': ||a - b|| / ||b|| of a model's final parameters (and BN statistics) as one vector.
+LAYOUT_TOLERANCE = {"first_step_loss": 1e-5, "loss": 2e-2, "alpha": 1e-3, "parameters": 2e-2}
+
+
+def assert_within_layout_tolerance(difference: dict) -> None:
+    """`difference`: `benchmarks.layout_agreement.compare`'s result for two layouts' runs."""
+    for stage, rel in difference["loss_rel_diff"].items():
+        if stage == "teacher":
+            assert rel["first_step"] <= LAYOUT_TOLERANCE["first_step_loss"], (stage, rel)
+        assert rel["all_steps"] <= LAYOUT_TOLERANCE["loss"], (stage, rel)
+    assert difference.get("alpha_abs_diff", 0.0) <= LAYOUT_TOLERANCE["alpha"], difference
+    for name, diff in difference["parameters"].items():
+        assert diff["rel_l2"] <= LAYOUT_TOLERANCE["parameters"], (name, diff)
+
+
 def test_one_device_and_two_devices_agree():
+    """Two steps of the teacher's step: the parameters and BN statistics to the layout tolerance,
+    the loss (of the second step) to the first step's."""
     assert jax.device_count() == 2
     one = _one_step(parallel.make_mesh(jax.devices()[:1]))
     two = _one_step(parallel.make_mesh(jax.devices()))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, two)
+
+    flat = [dict(enumerate(np.asarray(x) for x in jax.tree.leaves(run[:2]))) for run in (one, two)]
+    difference = layout_agreement.parameter_difference(*flat)
+    assert difference["rel_l2"] <= LAYOUT_TOLERANCE["parameters"], difference
+    assert float(one[2]) == pytest.approx(float(two[2]), rel=LAYOUT_TOLERANCE["first_step_loss"])
 
 
-def test_teacher_stage_on_one_device_equals_two(tmp_path, monkeypatch):
-    """The same config and seed give the same run on a 1-device and a 2-device mesh: the batches
-    do not depend on the device count and BatchNorm sees global-batch statistics."""
-    config = tiny_demo(**{"teacher.optim.epochs": 2, "data.max_test_examples": 45})
-    two = pipeline.run(config, str(tmp_path / "two"))["stages"]["teacher"]
+def test_teacher_stage_on_one_and_two_devices_agrees_to_the_stated_tolerance(
+    tmp_path, monkeypatch
+):
+    """The same config and seed on a 1-device and a 2-device mesh: the batches do not depend on
+    the device count and BatchNorm sees global-batch statistics, so every step's loss and the
+    final parameters agree to LAYOUT_TOLERANCE (not bitwise: two different programs)."""
+    config = tiny_demo(**{"teacher.optim.epochs": 2, "log_every_steps": 1})
+    two = str(tmp_path / "two")
+    pipeline.run(config, two)
     real_make_mesh = parallel.make_mesh
     monkeypatch.setattr(parallel, "make_mesh", lambda: real_make_mesh(jax.devices()[:1]))
-    one = pipeline.run(config, str(tmp_path / "one"))["stages"]["teacher"]
-    for key in ("best_accuracy", "last_accuracy", "steps"):
-        assert one[key] == pytest.approx(two[key], abs=1e-6), key
-
-    def losses(name):
-        rows = read_jsonl(os.path.join(tmp_path, name, "teacher", "metrics.jsonl"))
-        return [r["train/loss"] for r in rows if "train/loss" in r]
-
-    np.testing.assert_allclose(losses("one"), losses("two"), rtol=1e-4)
+    one = str(tmp_path / "one")
+    pipeline.run(config, one)
+    difference = layout_agreement.compare(one, two)
+    assert list(difference["loss_rel_diff"]) == ["teacher"]
+    assert_within_layout_tolerance(difference)
 
 
 def test_sgd_matches_pytorch_rule():
@@ -308,7 +338,20 @@ print(faults)
 """
 
 
+def _transparent_huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(
+    _transparent_huge_pages_always(),
+    reason="transparent huge pages 'always': a fresh 64 MiB block faults in 2 MiB pages, so the"
+    " 4 KiB fault count this measures is not there to save",
+)
 def test_freed_host_memory_is_reused_without_page_faults():
     """What main.py sets (config.keep_freed_host_memory): a step's buffers, freed and allocated
     again, reuse mapped pages instead of faulting every 4 KiB back in (16,384 for 64 MiB)."""
