@@ -18,6 +18,10 @@ import jax.numpy as jnp
 import optax
 
 PyTree = Any
+# A beta loss may return, among its metrics, the gradient of its student-to-teacher part with
+# respect to the searched beta (shaped like it): the step then logs the shares of beta's gradient
+# that this part and the rest of the loss contribute.
+BETA_GRAD_ST = "beta_grad_st"
 # (params, batch_stats, beta, batch, rng, aux) -> (loss, (new_batch_stats, metrics))
 WLossFn = Callable[..., tuple[jax.Array, tuple[PyTree, dict]]]
 # (beta, params, batch_stats, batch, rng, aux) -> (loss, metrics)
@@ -60,6 +64,28 @@ def create_state(
     )
 
 
+def keep_untrained(new: PyTree, old: PyTree, trainable: PyTree, params: PyTree | None = None):
+    """`new` where `trainable` (Python bools shaped like the params) is True, `old` elsewhere.
+
+    `new` / `old` are params, or optimizer states (then pass `params`): every params-shaped
+    subtree of a state (momentum traces, Adam moments) is selected leaf by leaf, and its other
+    entries (step counts) come from `new`.
+    """
+    params_def = jax.tree.structure(trainable if params is None else params)
+
+    def is_params(x):
+        return jax.tree.structure(x) == params_def
+
+    def select(n, o):
+        if not is_params(n):
+            return n
+        return jax.tree.map(lambda t, a, b: a if t else b, trainable, n, o)
+
+    if params is None:
+        return select(new, old)
+    return jax.tree.map(select, new, old, is_leaf=is_params)
+
+
 def make_bilevel_step(
     w_loss_fn: WLossFn,
     w_tx: optax.GradientTransformation,
@@ -70,6 +96,7 @@ def make_bilevel_step(
     order: int = 1,
     virtual_lr_fn: Callable[[jax.Array], jax.Array] | None = None,
     preprocess_fn: Callable[[dict, jax.Array], dict] | None = None,
+    w_trainable: PyTree | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """Builds `step(state, batch, val_batch, aux) -> (state, metrics)`, pure and jit-ready.
 
@@ -92,10 +119,18 @@ def make_bilevel_step(
       virtual_lr_fn: `step -> xi`, the virtual step's learning rate (order 2), usually w's schedule.
       preprocess_fn: `(batch, rng) -> batch` applied on device to both batches (augmentation and
         normalisation), so the host only gathers uint8 images.
+      w_trainable: a pytree of Python bools shaped like `state.params` (None: all True). The w
+        update leaves a parameter marked False, and its part of the optimizer state, exactly as
+        they are, as PyTorch's SGD skips a parameter that got no gradient; otherwise weight decay
+        and momentum would move parameters the step's loss does not reach (the search's
+        connectors of other groups).
 
     Returns:
       The step. `metrics` holds device scalars: the loss functions' metrics, `grad_norm`,
-      `beta_grad_norm` (search), and `finite` (False when a loss or gradient is not finite).
+      `finite` (False when a loss or gradient is not finite) and, in a search, `beta_grad_norm`,
+      `beta_grad/{j}` (|dL_val/dbeta_j|, the loss's gradient before the optimizer's L2) and, when
+      the beta loss returns `BETA_GRAD_ST`, `beta_share_st` / `beta_share_ts` (each part's
+      L2 norm over the two norms' sum).
     """
     if not (beta_loss_fn is None) == (beta_tx is None) == (beta_key is None):
         raise ValueError("beta_loss_fn, beta_tx and beta_key must be given together")
@@ -130,6 +165,16 @@ def make_bilevel_step(
 
             part = beta[beta_key]
             (beta_loss, beta_metrics), beta_grads = jax.value_and_grad(val_loss, has_aux=True)(part)
+            beta_metrics = dict(beta_metrics)
+            grad_st = beta_metrics.pop(BETA_GRAD_ST, None)
+            if grad_st is not None:
+                st_norm = jnp.linalg.norm(grad_st)
+                ts_norm = jnp.linalg.norm(beta_grads - grad_st)
+                total = jnp.maximum(st_norm + ts_norm, jnp.finfo(jnp.float32).tiny)
+                metrics["beta_share_st"] = st_norm / total
+                metrics["beta_share_ts"] = ts_norm / total
+            for j, g in enumerate(jnp.abs(beta_grads).reshape(-1)):
+                metrics[f"beta_grad/{j}"] = g
             updates, part_opt_state = beta_tx.update(beta_grads, beta_opt_state[beta_key], part)
             beta = {**beta, beta_key: optax.apply_updates(part, updates)}
             beta_opt_state = {**beta_opt_state, beta_key: part_opt_state}
@@ -144,6 +189,9 @@ def make_bilevel_step(
         )
         updates, opt_state = w_tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if w_trainable is not None:
+            params = keep_untrained(params, state.params, w_trainable)
+            opt_state = keep_untrained(opt_state, state.opt_state, w_trainable, state.params)
         grad_norm = optax.global_norm(grads)
         metrics.update(w_metrics)
         metrics["loss"] = loss

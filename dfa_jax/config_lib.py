@@ -32,16 +32,19 @@ def optim_recipe(name: str) -> ml_collections.ConfigDict:
 
     Args:
       name: 'paper' (Zagoruyko & Komodakis' WRN recipe the paper uses: SGD 0.1, momentum 0.9,
-        wd 5e-4, x0.2 at epochs 60/120/160 of 200, batch 128), 'overhaul' (Heo et al.: Nesterov,
-        /10 at 100 and /100 at 150 of 200) or 'cinic' (the paper's CINIC-10 recipe: lr 0.01, x0.1 at
-        100/120 of 140, batch 96).
+        wd 5e-4, x0.2 at epochs 60/120/160 of 200, batch 128), 'overhaul' (Heo et al.: /10 at 100
+        and /100 at 150 of 200) or 'cinic' (the paper's CINIC-10 recipe: lr 0.01, x0.1 at
+        100/120 of 140, batch 96). All with Nesterov momentum, for teachers and students alike:
+        the paper does not say, and the authors' teachers (github.com/PkuDavidGuan/Distillation,
+        `simple_train.py`: `SGD(..., momentum=0.9, nesterov=True, weight_decay=0.0005)`), their
+        students and overhaul-distillation's all use it.
     """
     c = ml_collections.ConfigDict()
     c.epochs = 200  # Training epochs.
     c.batch_size = 128  # Global batch size (split across all devices of all hosts).
     c.lr = 0.1  # Peak learning rate.
     c.momentum = 0.9  # SGD momentum.
-    c.nesterov = False  # Nesterov momentum.
+    c.nesterov = True  # Nesterov momentum (the authors' simple_train.py and train.py).
     c.weight_decay = 5e-4  # Coupled L2 weight decay, as PyTorch's SGD(weight_decay=...).
     c.schedule = "step"  # 'step' (piecewise constant), 'cosine' or 'constant'.
     c.milestones = (60, 120, 160)  # 'step': epochs where the lr is multiplied by `decay`.
@@ -49,7 +52,6 @@ def optim_recipe(name: str) -> ml_collections.ConfigDict:
     if name == "paper":
         pass
     elif name == "overhaul":
-        c.nesterov = True
         c.milestones = (100, 150)
         c.decay = 0.1
     elif name == "cinic":
@@ -130,7 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.search = search = ml_collections.ConfigDict()
     search.epochs_per_group = 40  # Epochs of bilevel updates per layer group (Algorithm 1).
     search.batch_size = 128  # Global batch size of both the train (w) and val (beta) batches.
-    search.w_lr = 0.05  # w (student + connectors): SGD, cosine from this over the whole search.
+    search.w_lr = 0.05  # w (student + connectors): SGD, cosine from this (see w_schedule).
+    # 'global': one cosine over every group's epochs (group 3 is searched at lr 0.025 -> 0);
+    # 'per_group': the cosine restarts for each group. The paper does not say.
+    search.w_schedule = "global"
     search.w_momentum = 0.9  # w's SGD momentum.
     search.w_weight_decay = 5e-4  # w's coupled weight decay.
     search.beta_lr = 1e-3  # beta: Adam learning rate (§3.4).
@@ -153,8 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
     distill.margin = -1.0  # partial_l2's margin: the paper keeps teacher values >= -1.
     distill.gamma_fd = 1e-3  # gamma_fd of L = CE + gamma_fd * L_fd (Eq. 4).
     distill.teacher_bn = "eval"  # Teacher BatchNorm: 'eval' (running stats) or 'batch' (overhaul).
-    distill.optim = optim_recipe("paper")  # Student recipe (the paper's, with Nesterov: DESIGN §4).
-    distill.optim.nesterov = True
+    distill.optim = optim_recipe("paper")  # Student recipe (the paper's, with Nesterov).
 
     # --- baselines of Table 2 (weights: RepDistiller's CIFAR-100 commands unless noted) --------
     config.baselines = base = ml_collections.ConfigDict()
@@ -639,6 +643,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             "search.gamma_st = search.gamma_ts = 0 leaves beta no loss; set search.gamma_ts ="
             " 1.0 (the paper's)."
         )
+    if search.w_schedule not in ("global", "per_group"):
+        problems.append(
+            f"search.w_schedule = {search.w_schedule!r}: use 'global' (one cosine over the whole"
+            " search) or 'per_group' (restarted for each group)."
+        )
     if search.order not in (1, 2):
         problems.append(f"search.order = {search.order}: use 1 (first order) or 2 (second order).")
     distill = config.distill
@@ -789,7 +798,7 @@ def result_fields(config_dict: dict) -> dict:
 # Result-affecting fields added after workdirs were first written, with the value that
 # reproduces what a run from before them did: a config.json without the field is read as
 # holding that value (so `--config.teacher.distill_from=last` resumes such a workdir).
-VALUES_BEFORE_THE_FIELD = {"teacher.distill_from": "last"}
+VALUES_BEFORE_THE_FIELD = {"teacher.distill_from": "last", "search.w_schedule": "global"}
 
 
 def changed_fields(saved: dict, current: dict) -> list[tuple[str, object, object]]:

@@ -17,15 +17,20 @@ def lr_schedule(optim, steps_per_epoch: int) -> optax.Schedule:
     raise ValueError(f"unknown schedule {optim.schedule!r}")
 
 
-def sgd(optim, steps_per_epoch: int) -> optax.GradientTransformation:
+def sgd(
+    optim, steps_per_epoch: int, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
     """SGD with momentum and *coupled* weight decay, as PyTorch's `SGD(weight_decay=...)`.
 
     The decay is added to the gradient before momentum (`add_decayed_weights` first), which is what
-    the paper's recipe (and every peer's PyTorch code) does; it applies to all parameters, BN's too.
+    the paper's recipe (and every peer's PyTorch code) does; it applies to all parameters the step
+    trains, BN's too. `schedule` replaces `optim`'s learning-rate schedule.
     """
     return optax.chain(
         optax.add_decayed_weights(optim.weight_decay),
         optax.sgd(
-            lr_schedule(optim, steps_per_epoch), momentum=optim.momentum, nesterov=optim.nesterov
+            schedule or lr_schedule(optim, steps_per_epoch),
+            momentum=optim.momentum,
+            nesterov=optim.nesterov,
         ),
     )

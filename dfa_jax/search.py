@@ -7,7 +7,8 @@ bridge loss of group i (Eq. 12):
 - TS path: A_i -> TS connector -> injected at the student's group-i boundary -> groups i+1..G ->
   head -> L_TS (cross-entropy).
 The teacher runs only up to group i, in eval mode, under stop_gradient. Only beta_i moves while
-group i is searched; w carries over from group to group. Each group is a sub-stage of the shared
+group i is searched, and of w only the student and group i's connectors (weight decay and momentum
+leave the other groups' connectors exactly as they are); w carries over from group to group. Each group is a sub-stage of the shared
 loop (`WORKDIR/search/g{i}`), so the search resumes mid-group like any stage.
 Outputs: `WORKDIR/alpha.json`, `WORKDIR/search/alpha_history.json` and the PNG plots.
 """
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 
 from dfa_jax import bilevel
 from dfa_jax import evaluation
@@ -75,7 +77,7 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
     st_connector = models.Connector(t_channels, dtype=student_model.dtype)
     ts_connector = models.Connector(s_channels, dtype=student_model.dtype)
 
-    def loss_fn(params, batch_stats, beta, batch, rng, aux):
+    def loss_fn(params, batch_stats, beta, batch, rng, aux, beta_diagnostics=False):
         del rng
         images, labels = batch["image"], batch["label"]
         maps = teacher_group_maps(
@@ -122,11 +124,28 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
             "ts_loss": ts,
             "ts_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         }
+        if beta_diagnostics:
+            # What moves beta: the ST part's gradient (cheap: the student's output does not
+            # depend on beta; the step derives the TS part's from the total) and the pull of the
+            # coupled L2 toward beta = 0, i.e. uniform alpha ('Average'), per map.
+            st_out_fixed = jax.lax.stop_gradient(st_out.astype(jnp.float32))
+            metrics[bilevel.BETA_GRAD_ST] = jax.lax.stop_gradient(
+                jax.grad(
+                    lambda b: config.search.gamma_st
+                    * losses.st_loss(st_out_fixed, losses.aggregate(maps, jax.nn.softmax(b)))
+                )(beta[key])
+            )
+            for j, b in enumerate(beta[key]):
+                metrics[f"beta_l2_pull/{j}"] = jax.lax.stop_gradient(
+                    config.search.beta_weight_decay * jnp.abs(b)
+                )
         return loss, (new_batch_stats, metrics)
 
     def beta_loss_fn(beta, params, batch_stats, batch, rng, aux):
         # The same bridge loss on the validation batch; its BN statistics are not kept.
-        loss, (_, metrics) = loss_fn(params, batch_stats, beta, batch, rng, aux)
+        loss, (_, metrics) = loss_fn(
+            params, batch_stats, beta, batch, rng, aux, beta_diagnostics=True
+        )
         return loss, metrics
 
     return loss_fn, beta_loss_fn
@@ -142,9 +161,11 @@ def beta_optimizer(search) -> optax.GradientTransformation:
 
 
 def w_optim(search, num_groups: int) -> ml_collections.ConfigDict:
-    """w's recipe during the search: SGD + momentum, cosine over all groups' epochs."""
+    """w's recipe during the search: SGD + momentum, a cosine over all groups' epochs
+    (`search.w_schedule='global'`) or over each group's (`'per_group'`, see `w_lr_schedule`)."""
     optim = ml_collections.ConfigDict()
-    optim.epochs = search.epochs_per_group * num_groups
+    per_group = search.w_schedule == "per_group"
+    optim.epochs = search.epochs_per_group * (1 if per_group else num_groups)
     optim.batch_size = search.batch_size
     optim.lr = search.w_lr
     optim.momentum = search.w_momentum
@@ -154,6 +175,28 @@ def w_optim(search, num_groups: int) -> ml_collections.ConfigDict:
     optim.milestones = ()
     optim.decay = 1.0
     return optim
+
+
+def w_lr_schedule(search, num_groups: int, steps_per_epoch: int) -> optax.Schedule:
+    """w's learning rate at a step counted from the start of the whole search: one cosine over
+    every group's steps ('global'), or the same cosine restarted for each group ('per_group')."""
+    cosine = optimizers.lr_schedule(w_optim(search, num_groups), steps_per_epoch)
+    if search.w_schedule == "global":
+        return cosine
+    steps_per_group = search.epochs_per_group * steps_per_epoch
+    return lambda step: cosine(step % steps_per_group)
+
+
+def w_trainable(params: dict, group: int) -> dict:
+    """True for what group `group`'s search trains: the student and that group's connectors."""
+    key = methods.group_key(group)
+    return {
+        "student": jax.tree.map(lambda _: True, params["student"]),
+        **{
+            path: {g: jax.tree.map(lambda _, g=g: g == key, tree) for g, tree in params[path].items()}
+            for path in ("st", "ts")
+        },
+    }
 
 
 def alpha_record(teacher_model, beta) -> list[dict]:
@@ -220,15 +263,20 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
 
     optim = w_optim(config.search, num_groups)
     steps_per_epoch = loader.steps_per_epoch(len(data.search_train.labels), optim.batch_size)
-    w_tx = optimizers.sgd(optim, steps_per_epoch)
-    schedule = optimizers.lr_schedule(optim, steps_per_epoch)
+    # The optimizer's step count runs on over all groups, which the schedule restarts or not.
+    schedule = w_lr_schedule(config.search, num_groups, steps_per_epoch)
+    w_tx = optimizers.sgd(optim, steps_per_epoch, schedule)
     beta_tx = beta_optimizer(config.search)
+    beta0 = init_beta(teacher_model, config.search.init_last_logit)
     state = jax.jit(
-        lambda p, b: bilevel.create_state(
-            p, b, w_tx, init_beta(teacher_model, config.search.init_last_logit), beta_tx
-        ),
+        lambda p, b: bilevel.create_state(p, b, w_tx, beta0, beta_tx),
         out_shardings=parallel.replicated(mesh),
     )(params, batch_stats)
+    logging.info(
+        "[search] alpha at the start (softmax of beta = 0, last map's logit %g):\n%s",
+        config.search.init_last_logit,
+        reporting.alpha_table(alpha_record(teacher_model, beta0)),
+    )
 
     eval_fn = evaluation.make_model_eval_fn(student_model, config, data, mesh)
     preprocess = inputs.make_train_preprocess(config.data, data.info)
@@ -253,6 +301,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
             order=config.search.order,
             virtual_lr_fn=schedule,
             preprocess_fn=preprocess,
+            w_trainable=w_trainable(params, group),
         )
         stage = train_loop.Stage(
             name=f"search/{methods.group_key(group)}",
@@ -277,6 +326,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         state = result.pop("state")
 
     record = alpha_record(teacher_model, state.beta)
+    logging.info("[search] alpha at the end:\n%s", reporting.alpha_table(record))
     files.write_json_atomic(
         os.path.join(workdir, ALPHA_FILE), {"teacher": config.teacher.model, "groups": record}
     )

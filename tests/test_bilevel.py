@@ -151,3 +151,64 @@ def test_factory_rejects_half_configured_beta():
         bilevel.make_bilevel_step(
             toy_w_loss, optax.sgd(0.1), 0, toy_beta_loss, optax.sgd(1.0), "g1", order=2
         )
+
+
+def test_untrained_parameters_and_their_optimizer_state_stay_exactly_as_they_are():
+    """A parameter marked untrained does not move, though weight decay and momentum would move
+    it with a zero gradient (PyTorch's SGD skips a parameter without a gradient)."""
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    params = {
+        "W": jnp.asarray(np.random.default_rng(2).normal(size=(5, 3)), jnp.float32),
+        "unused": jnp.ones((4,), jnp.float32),  # Not in the loss: a zero gradient.
+    }
+    trainable = {"W": True, "unused": False}
+    state = bilevel.create_state(params, {}, tx, {"g1": jnp.zeros(3), "g2": jnp.zeros(3)})
+    # A momentum buffer already holding a value, as after earlier training of that parameter.
+    trace = state.opt_state[1][0].trace
+    state = state.replace(
+        opt_state=(
+            state.opt_state[0],
+            (state.opt_state[1][0]._replace(trace={**trace, "unused": jnp.full((4,), 0.5)}),)
+            + tuple(state.opt_state[1][1:]),
+        )
+    )
+    masked = bilevel.make_bilevel_step(toy_w_loss, tx, seed=0, w_trainable=trainable)
+    plain = bilevel.make_bilevel_step(toy_w_loss, tx, seed=0)
+    new, _ = jax.jit(masked)(state, BATCH, None, None)
+    new, _ = jax.jit(masked)(new, BATCH, None, None)
+    moved, _ = jax.jit(plain)(state, BATCH, None, None)
+    assert not np.array_equal(moved.params["unused"], params["unused"])  # What it guards against.
+    np.testing.assert_array_equal(new.params["unused"], params["unused"])
+    np.testing.assert_array_equal(new.opt_state[1][0].trace["unused"], 0.5)
+    # The trained parameter gets exactly the unmasked step's update.
+    ref, _ = jax.jit(plain)(state, BATCH, None, None)
+    ref, _ = jax.jit(plain)(ref, BATCH, None, None)
+    np.testing.assert_array_equal(new.params["W"], ref.params["W"])
+
+
+def test_beta_gradient_diagnostics():
+    """Per element |dL/dbeta_j|, and the ST part's share of the gradient's norm against the rest
+    (a NumPy re-derivation on a loss whose two parts have known gradients)."""
+    a = jnp.array([0.3, -1.0, 2.0])
+
+    def beta_loss(beta, params, batch_stats, batch, rng, aux):
+        del params, batch_stats, batch, rng, aux
+        b = beta["g1"]
+        st_part = jnp.sum(a * b)  # gradient a
+        rest = jnp.sum(b**2)  # gradient 2b
+        return st_part + rest, {bilevel.BETA_GRAD_ST: a}
+
+    beta_tx = optax.adam(0.1)
+    state = toy_state(optax.sgd(0.1), beta_tx)
+    step = bilevel.make_bilevel_step(
+        toy_w_loss, optax.sgd(0.1), seed=0, beta_loss_fn=beta_loss, beta_tx=beta_tx, beta_key="g1"
+    )
+    _, metrics = jax.jit(step)(state, BATCH, VAL, None)
+    b = np.array([0.0, 0.5, 1.0])
+    total = np.array(a) + 2 * b
+    for j in range(3):
+        assert float(metrics[f"beta_grad/{j}"]) == pytest.approx(abs(total[j]), rel=1e-6)
+    st, ts = np.linalg.norm(a), np.linalg.norm(2 * b)
+    assert float(metrics["beta_share_st"]) == pytest.approx(st / (st + ts), rel=1e-6)
+    assert float(metrics["beta_share_ts"]) == pytest.approx(ts / (st + ts), rel=1e-6)
+    assert bilevel.BETA_GRAD_ST not in metrics and f"val/{bilevel.BETA_GRAD_ST}" not in metrics

@@ -193,8 +193,12 @@ def test_recipes():
         0.1,
         (60, 120, 160),
         0.2,
-        False,
+        True,
     )
+    # Teachers train as students do, with Nesterov (the authors' simple_train.py).
+    base = config_lib.base_config()
+    assert base.teacher.optim.nesterov and base.distill.optim.nesterov
+    assert config_lib.optim_recipe("cinic").nesterov
     assert (overhaul.milestones, overhaul.decay, overhaul.nesterov) == ((100, 150), 0.1, True)
     with pytest.raises(config_lib.ConfigError, match="paper"):
         config_lib.optim_recipe("adam")

@@ -12,12 +12,14 @@ import tensorflow_datasets as tfds
 
 from dfa_jax import bilevel
 from dfa_jax import checkpointing
+from dfa_jax import config_lib
 from dfa_jax import distill
 from dfa_jax import methods
 from dfa_jax import parallel
 from dfa_jax import pipeline
 from dfa_jax import search
 from dfa_jax import teacher as teacher_lib
+from dfa_jax import train_loop
 
 from test_config import load_config
 
@@ -52,6 +54,56 @@ def test_beta_gets_gradient_through_both_st_and_ts_paths():
         assert np.abs(grads["g2"]).sum() > 0, (gamma_st, gamma_ts)
         np.testing.assert_array_equal(grads["g1"], 0.0)  # Only the searched group is in the loss.
         np.testing.assert_array_equal(grads["g3"], 0.0)
+
+
+def test_beta_diagnostics_are_the_st_gradient_and_the_l2_pull():
+    """The ST part's gradient the search reports (computed without the student's backward) equals
+    the gradient of the bridge loss with the TS part switched off; the L2 pull is lambda |beta|."""
+    t_model, s_model = tiny_models()
+    mesh = parallel.make_mesh()
+    t_vars = teacher_lib.init_variables(t_model, 0, mesh)
+    s_vars = teacher_lib.init_variables(s_model, 1, mesh)
+    t_shapes = [(1, 32, 32, 16), (1, 16, 16, 32), (1, 8, 8, 64)]
+    st_p, st_s = methods.connector_helpers(t_shapes, [16, 32, 64], 2, mesh, jnp.float32)
+    ts_p, ts_s = methods.connector_helpers(t_shapes, [16, 32, 64], 3, mesh, jnp.float32)
+    params = {"student": s_vars["params"], "st": st_p, "ts": ts_p}
+    stats = {"student": s_vars["batch_stats"], "st": st_s, "ts": ts_s}
+    beta = search.init_beta(t_model, 1.5)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32),
+    }
+    config = load_config("demo", "tiny")
+    config.search.gamma_st = 0.5
+    _, beta_loss = search.make_bridge_loss_fn(t_model, s_model, 2, config)
+    _, metrics = beta_loss(beta, params, stats, batch, None, t_vars)
+    config.search.gamma_ts = 0.0
+    _, st_only = search.make_bridge_loss_fn(t_model, s_model, 2, config)
+    grad_st = jax.grad(lambda b: st_only(b, params, stats, batch, None, t_vars)[0])(beta)["g2"]
+    assert np.abs(grad_st).sum() > 0
+    np.testing.assert_allclose(metrics[bilevel.BETA_GRAD_ST], grad_st, rtol=1e-5, atol=1e-9)
+    for j, b in enumerate([0.0, 1.5]):
+        l2 = config.search.beta_weight_decay * b
+        assert float(metrics[f"beta_l2_pull/{j}"]) == pytest.approx(l2, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("w_schedule", ["global", "per_group"])
+def test_w_learning_rate_over_the_groups(w_schedule):
+    """'global': one cosine over all groups' steps; 'per_group': restarted at each group's
+    first step (NumPy cosine)."""
+    config = load_config("demo", "tiny")
+    config.search.w_schedule, config.search.epochs_per_group = w_schedule, 2
+    steps_per_epoch, groups = 5, 3
+    schedule = search.w_lr_schedule(config.search, groups, steps_per_epoch)
+    per_group = 2 * steps_per_epoch
+    for step in range(groups * per_group):
+        t, total = (step % per_group, per_group) if w_schedule == "per_group" else (step, 30)
+        expected = config.search.w_lr * 0.5 * (1 + np.cos(np.pi * t / total))
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-9), step
+    config.search.w_schedule = "cyclic"
+    with pytest.raises(Exception, match="search.w_schedule = 'cyclic'"):
+        config_lib.validate(config, device_count=1)
 
 
 def test_aggregations_of_table_5():
@@ -147,11 +199,38 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
 
 
 def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
+    """Also: a group's search trains only the student and that group's connectors; the other
+    groups' connectors (BN included) enter their own search exactly as initialised."""
     config = load_config("demo", "tiny")
     config.stages = ("teacher", "search")
     config.search.epochs_per_group = 2
     straight = str(tmp_path / "straight")
+    states = {}
+    real_run = train_loop.run
+
+    def keeping_states(stage, config, mesh):
+        result = real_run(stage, config, mesh)
+        states[stage.name] = jax.device_get((result["state"].params, result["state"].batch_stats))
+        return result
+
+    monkeypatch.setattr(train_loop, "run", keeping_states)
     pipeline.run(config, straight)
+    monkeypatch.setattr(train_loop, "run", real_run)
+    t_model = teacher_lib.build_model(config.teacher.model, 10, "float32")
+    s_model = teacher_lib.build_model(config.student.model, 10, "float32")
+    init = jax.device_get(
+        search.init_search_variables(t_model, s_model, config, parallel.make_mesh())
+    )
+    for searched, untouched in (("g1", ("g2", "g3")), ("g2", ("g3",))):
+        params, stats = states[f"search/{searched}"]
+        for part in ("st", "ts"):
+            for tree, tree0 in ((params, init[0]), (stats, init[1])):
+                for g in untouched:
+                    jax.tree.map(np.testing.assert_array_equal, tree[part][g], tree0[part][g])
+            moved = jax.tree.map(
+                lambda a, b: not np.array_equal(a, b), params[part][searched], init[0][part][searched]
+            )
+            assert all(jax.tree.leaves(moved)), (searched, part)  # The searched one trained.
 
     resumed = str(tmp_path / "resumed")
     real_save = checkpointing.Checkpointer.save
