@@ -80,7 +80,7 @@ def _losses(workdir: str) -> dict[str, np.ndarray]:
 
 
 def parameter_difference(a: dict, b: dict) -> dict:
-    """`{'rel_l2': ||a - b|| / ||b||, 'max_abs': max |a - b|}` over every array of `b` as one vector."""
+    """`{'rel_l2': ||a - b|| / ||b||, 'max_abs': max |a - b|}`, every array of `b` as one vector."""
     assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
     diff = np.concatenate([(a[k].astype(np.float64) - b[k]).ravel() for k in sorted(b)])
     ref = np.concatenate([b[k].astype(np.float64).ravel() for k in sorted(b)])
@@ -107,7 +107,8 @@ def _restore(path: str) -> dict:
 def final_arrays(workdir: str) -> dict[str, np.ndarray]:
     """The exported teacher's arrays and, where the run distilled, the DFA student's final ones."""
     arrays = {
-        "teacher/" + k: v for k, v in _leaves(_restore(os.path.join(workdir, "teacher", "variables")))
+        "teacher/" + k: v
+        for k, v in _leaves(_restore(os.path.join(workdir, "teacher", "variables")))
     }
     student_dir = os.path.join(workdir, "distill", "dfa", "checkpoints")
     if os.path.isdir(student_dir):
@@ -140,8 +141,7 @@ def compare(workdir: str, reference: str) -> dict:
         with open(os.path.join(workdir, "alpha.json")) as f, open(alpha_file) as g:
             a, b = json.load(f)["groups"], json.load(g)["groups"]
         result["alpha_abs_diff"] = max(
-            float(np.max(np.abs(np.array(x["alpha"]) - np.array(y["alpha"]))))
-            for x, y in zip(a, b)
+            float(np.max(np.abs(np.array(x["alpha"]) - np.array(y["alpha"])))) for x, y in zip(a, b)
         )
     arrays_a, arrays_b = final_arrays(workdir), final_arrays(reference)
     assert arrays_a.keys() == arrays_b.keys()
@@ -153,9 +153,10 @@ def compare(workdir: str, reference: str) -> dict:
         for name in ("teacher", "student")
         if any(k.startswith(name + "/") for k in arrays_b)
     }
-    with open(os.path.join(workdir, "summary.json")) as f, open(
-        os.path.join(reference, "summary.json")
-    ) as g:
+    with (
+        open(os.path.join(workdir, "summary.json")) as f,
+        open(os.path.join(reference, "summary.json")) as g,
+    ):
         a, b = json.load(f)["stages"], json.load(g)["stages"]
     result["accuracy_abs_diff"] = max(
         abs(a[stage][k] - v) for stage in b for k, v in b[stage].items() if k.endswith("accuracy")

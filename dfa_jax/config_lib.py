@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.features = ml_collections.ConfigDict()
     config.features.clamp_min = -1.0  # Teacher maps enter the losses as max(x, clamp_min) (§3.4).
 
-    # --- stage 1: aggregation search (§3.2, DESIGN §3) ----------------------------------------
+    # --- stage 1: aggregation search (§3.2; README, design notes) -----------------------------
     config.search = search = ml_collections.ConfigDict()
     search.epochs_per_group = 40  # Epochs of bilevel updates per layer group (Algorithm 1).
     search.batch_size = 128  # Global batch size of both the train (w) and val (beta) batches.
@@ -147,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
     search.gamma_st = 1e-3  # Weight of the student-to-teacher loss in the bridge loss (Eq. 12).
     search.gamma_ts = 1.0  # Weight of the teacher-to-student loss in the bridge loss (Eq. 12).
 
-    # --- stage 2: distillation (§3.1, DESIGN §4) -------------------------------------------------
+    # --- stage 2: distillation (§3.1; README, design notes) --------------------------------------
     config.distill = distill = ml_collections.ConfigDict()
     distill.method = "dfa"  # One of METHODS: the student the distill stage trains.
     # With method 'dfa': 'dfa' (this run's search) | 'last' | 'average' | 'random' | 'file'.
@@ -226,7 +226,7 @@ def cinic10_pair(teacher: str, student: str) -> ml_collections.ConfigDict:
     config.search.epochs_per_group = 5
     config.search.batch_size = 96
     config.distill.aggregation = "dfa"
-    # Light students take a much smaller feature-distillation weight than WRNs (DESIGN §4).
+    # Light students take a much smaller feature-distillation weight than WRNs (README, design notes).
     config.distill.gamma_fd = 1e-4
     return config
 

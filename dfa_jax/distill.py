@@ -2,7 +2,7 @@
 
 A_i = sum_j alpha_i^j T_i^j is the teacher's group-i aggregation with alpha frozen; F_s is a
 per-group ST connector (1x1 conv + BN, student -> teacher channels); D is overhaul's partial L2
-with the constant margin -1 by default (DESIGN §4); w_i = 1/2^(G-i). Training uses the same
+with the constant margin -1 by default; w_i = 1/2^(G-i). Training uses the same
 bilevel step as the search, with beta frozen: the state carries beta = log(alpha) (exact zeros
 of 'last' become -inf logits, which softmax maps back to exact zeros) and no beta optimizer.
 
@@ -146,7 +146,7 @@ def _stage(
     **extra,
 ):
     """A distillation (or helper-initialisation) stage on the shared step, beta frozen."""
-    # beta frozen: no beta loss, so the step is the w update alone (DESIGN §1).
+    # beta frozen: no beta loss, so the step is the w update alone (bilevel.py).
     step = bilevel.make_bilevel_step(
         loss_fn,
         tx,

@@ -174,7 +174,7 @@ def fitnets_group(pair: Pair) -> int:
 def teacher_margins(pair: Pair, teacher_vars) -> list[jax.Array]:
     """Per group end, overhaul's margin E[t | t < 0] from the BN that produces it ([C] each).
 
-    Only WRNs have one BatchNorm producing each group end (the consumer BN, DESIGN §2); other
+    Only WRNs have one BatchNorm producing each group end (the consumer BN); other
     teachers are refused rather than given a made-up margin.
     """
     if not isinstance(pair.teacher, models.WideResNet):

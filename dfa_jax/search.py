@@ -8,8 +8,9 @@ bridge loss of group i (Eq. 12):
   head -> L_TS (cross-entropy).
 The teacher runs only up to group i, in eval mode, under stop_gradient. Only beta_i moves while
 group i is searched, and of w only the student and group i's connectors (weight decay and momentum
-leave the other groups' connectors exactly as they are); w carries over from group to group. Each group is a sub-stage of the shared
-loop (`WORKDIR/search/g{i}`), so the search resumes mid-group like any stage.
+leave the other groups' connectors exactly as they are); w carries over from group to group. Each
+group is a sub-stage of the shared loop (`WORKDIR/search/g{i}`), so the search resumes mid-group
+like any stage.
 Outputs: `WORKDIR/alpha.json`, `WORKDIR/search/alpha_history.json` and the PNG plots.
 """
 
@@ -131,8 +132,10 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
             st_out_fixed = jax.lax.stop_gradient(st_out.astype(jnp.float32))
             metrics[bilevel.BETA_GRAD_ST] = jax.lax.stop_gradient(
                 jax.grad(
-                    lambda b: config.search.gamma_st
-                    * losses.st_loss(st_out_fixed, losses.aggregate(maps, jax.nn.softmax(b)))
+                    lambda b: (
+                        config.search.gamma_st
+                        * losses.st_loss(st_out_fixed, losses.aggregate(maps, jax.nn.softmax(b)))
+                    )
                 )(beta[key])
             )
             for j, b in enumerate(beta[key]):
@@ -193,7 +196,9 @@ def w_trainable(params: dict, group: int) -> dict:
     return {
         "student": jax.tree.map(lambda _: True, params["student"]),
         **{
-            path: {g: jax.tree.map(lambda _, g=g: g == key, tree) for g, tree in params[path].items()}
+            path: {
+                g: jax.tree.map(lambda _, g=g: g == key, tree) for g, tree in params[path].items()
+            }
             for path in ("st", "ts")
         },
     }

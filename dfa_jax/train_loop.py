@@ -122,8 +122,7 @@ def _mean_metrics(fetched: list[dict]) -> dict:
     """
     keys = [k for k in fetched[0] if k != "finite"]
     return {
-        k: float(np.mean(np.array([float(m[k]) for m in fetched], dtype=np.float64)))
-        for k in keys
+        k: float(np.mean(np.array([float(m[k]) for m in fetched], dtype=np.float64))) for k in keys
     }
 
 

@@ -73,7 +73,9 @@ def _losses(path) -> list[float]:
 def _records(path) -> list[dict]:
     """metrics.jsonl without the one field that is a wall-clock measurement."""
     with open(path) as f:
-        return [{k: v for k, v in json.loads(line).items() if k != "train/images_per_s"} for line in f]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "train/images_per_s"} for line in f
+        ]
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,9 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
                 for g in untouched:
                     jax.tree.map(np.testing.assert_array_equal, tree[part][g], tree0[part][g])
             moved = jax.tree.map(
-                lambda a, b: not np.array_equal(a, b), params[part][searched], init[0][part][searched]
+                lambda a, b: not np.array_equal(a, b),
+                params[part][searched],
+                init[0][part][searched],
             )
             assert all(jax.tree.leaves(moved)), (searched, part)  # The searched one trained.
 

@@ -274,9 +274,7 @@ def test_one_device_and_two_devices_agree():
     assert float(one[2]) == pytest.approx(float(two[2]), rel=LAYOUT_TOLERANCE["first_step_loss"])
 
 
-def test_teacher_stage_on_one_and_two_devices_agrees_to_the_stated_tolerance(
-    tmp_path, monkeypatch
-):
+def test_teacher_stage_on_one_and_two_devices_agrees_to_the_stated_tolerance(tmp_path, monkeypatch):
     """The same config and seed on a 1-device and a 2-device mesh: the batches do not depend on
     the device count and BatchNorm sees global-batch statistics, so every step's loss and the
     final parameters agree to LAYOUT_TOLERANCE (not bitwise: two different programs)."""

@@ -1,7 +1,7 @@
 """On-device augmentation and normalisation, pure JAX, called inside the jitted train/eval steps.
 
 The host ships uint8 batches (4x less transfer than float32) and the step augments and
-normalises them. The CIFAR recipe (DESIGN §4) is `random_crop_flip` (pad 4, reflect, random 32x32
+normalises them. The CIFAR recipe (§4.1) is `random_crop_flip` (pad 4, reflect, random 32x32
 crop, horizontal flip) then `normalize`; CINIC-10's is `random_resized_crop_flip`
 (torchvision's RandomResizedCrop(32) + flip) then `normalize` (`data.augment` picks).
 """

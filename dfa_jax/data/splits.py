@@ -2,7 +2,7 @@
 
 Everything here works on index arrays, never on images, so it is cheap on every host and every
 host computes the same answer from the same labels and seed. The search stage's train/val split
-of CIFAR (DESIGN §3: 50k -> 35k/15k, 7:3) is saved in the workdir by `load_or_create_split`, so
+of CIFAR (§4.1: 50k -> 35k/15k, 7:3) is saved in the workdir by `load_or_create_split`, so
 a resumed or re-run search sees exactly the examples it started with.
 """
 

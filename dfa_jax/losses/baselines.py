@@ -4,7 +4,7 @@ Each function re-derives the loss of the public PyTorch code the community compa
 (RepDistiller `distiller_zoo/*.py`; Knowledge-Distillation-Zoo `kd_losses/sobolev.py` for the
 Jacobian), reductions and constants included, so that a weight tuned there means the same here.
 The `*_BETA`/`*_GAMMA` constants are RepDistiller's loss weights (`scripts/run_cifar_distill.sh`);
-the DFA authors' own settings (DESIGN §6) are noted per loss for the presets.
+the DFA authors' own settings are noted per loss for the presets.
 
 All functions are pure and jit-able, take NHWC features and [B, K] logits, and compute in float32.
 Teacher inputs are used as given: as in `distances.py`, the caller keeps teacher gradients out.
@@ -170,7 +170,7 @@ def at_loss(student_feat: jax.Array, teacher_feat: jax.Array, p: float = 2) -> j
     B*H*W). RepDistiller sums it over the inner group outputs with weight `AT_BETA` = 1000
     (`L = CE + 1000 * sum_i at_loss_i`). The DFA authors' `ATLoss` instead uses pre-ReLU maps,
     the signed channel sum (here p = 1) and `CE + (beta / 2) * sum_i at_loss_i` with beta = 60 over
-    4 WRN positions (DESIGN §6).
+    4 WRN positions.
 
     Args:
       student_feat: [B, Hs, Ws, Cs] student map.

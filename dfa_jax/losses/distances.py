@@ -94,7 +94,7 @@ def partial_l2(student: jax.Array, teacher: jax.Array, margin: float | jax.Array
 
 
 def l2(student: jax.Array, teacher: jax.Array) -> jax.Array:
-    """Plain squared error `(s - t)^2` (DESIGN `distill.distance='l2'`).
+    """Plain squared error `(s - t)^2` (`distill.distance='l2'`).
 
     Args:
       student: [B, H, W, C] student map in teacher channels.
@@ -109,7 +109,7 @@ def l2(student: jax.Array, teacher: jax.Array) -> jax.Array:
 
 
 def group_weights(num_groups: int) -> jax.Array:
-    """Per-group distillation weights `w_i = 1 / 2^(G - i)`, i = 1..G (overhaul's, DESIGN §4).
+    """Per-group distillation weights `w_i = 1 / 2^(G - i)`, i = 1..G (overhaul's).
 
     Returns:
       [G] float32, e.g. [1/4, 1/2, 1] for G = 3: the deepest group weighs most.
@@ -126,7 +126,7 @@ def feature_distillation_loss(
     margin: float | jax.Array | Sequence[float | jax.Array] = -1.0,
     weights: Sequence[float] | jax.Array | None = None,
 ) -> jax.Array:
-    """Feature distillation loss, paper Eq. 3 with DESIGN §4: `L_fd = sum_i w_i D(F_s(S_i), A_i)`.
+    """Feature distillation loss, paper Eq. 3 as we read it: `L_fd = sum_i w_i D(F_s(S_i), A_i)`.
 
     The student objective `L = CE + GAMMA_FD * L_fd` (Eq. 4, GAMMA_FD = 1e-3) is assembled by the
     caller. Targets are used as given: the caller freezes alpha and keeps teacher gradients out.
