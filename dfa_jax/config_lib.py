@@ -662,11 +662,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         if name not in labels:
             problems.append(f"distill.compare_with: {name!r} is unknown; use any of {labels}.")
     uses = tuple(distill_labels(config))
-    if "margin" in uses and not config.teacher.model.startswith("wrn_"):
-        problems.append(
-            f"distill 'margin' takes overhaul's BN margins, defined for WRN teachers; teacher.model"
-            f" = {config.teacher.model!r}: drop 'margin' or use a WRN teacher."
-        )
     if "file" in uses:
         if distill.alpha_file is None:
             problems.append(

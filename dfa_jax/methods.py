@@ -9,7 +9,8 @@ Two methods start with a stage of their own (see `distill.py`): FT pre-trains a 
 the teacher's last map, AB initialises the student by its activation-boundary loss.
 
 Feature positions: the group ends. AB, Margin and DFA take them pre-ReLU (they are about the
-sign/value of pre-activations); KD-style feature methods from RepDistiller (FitNets, AT, SP, FT)
+sign/value of pre-activations; Margin's margins come from the teacher's BN, or are -1 for a
+teacher without a BN producing its group ends); KD-style feature methods from RepDistiller (FitNets, AT, SP, FT)
 take the post-ReLU maps, as RepDistiller's networks return them.
 """
 
@@ -174,14 +175,14 @@ def fitnets_group(pair: Pair) -> int:
 def teacher_margins(pair: Pair, teacher_vars) -> list[jax.Array]:
     """Per group end, overhaul's margin E[t | t < 0] from the BN that produces it ([C] each).
 
-    Only WRNs have one BatchNorm producing each group end (the consumer BN); other
-    teachers are refused rather than given a made-up margin.
+    Only WRNs have one BatchNorm producing each group end (the consumer BN). A teacher without
+    one (ShuffleNetV2: a unit ends in a concatenation and a channel shuffle) gets the constant
+    margin -1 on every channel, as the DFA authors' Margin runs had it (their ShuffleNetV2's
+    `get_margin()` returns None, which their `MarginReLU` turns into -1;
+    github.com/PkuDavidGuan/Distillation, `framework/modeling/kd/margin_ReLU.py`).
     """
     if not isinstance(pair.teacher, models.WideResNet):
-        raise ValueError(
-            "the Margin baseline takes overhaul's BN margins, defined here for WRN teachers only;"
-            f" got {type(pair.teacher).__name__}"
-        )
+        return [jnp.full((shape[-1],), -1.0, jnp.float32) for shape in pair.t_shapes()]
     params = teacher_vars["params"]
     num_groups = len(pair.t_groups)
     bns = [params[f"block{i + 1}_layer0"]["bn1"] for i in range(1, num_groups)] + [params["bn1"]]

@@ -4,11 +4,15 @@ loss falls, its helper stages run, and it lands in summary.json."""
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dfa_jax import config_lib
+from dfa_jax import methods
+from dfa_jax import parallel
 from dfa_jax import pipeline
+from dfa_jax import teacher as teacher_lib
 
 from test_config import load_config
 
@@ -55,9 +59,19 @@ def test_distill_labels_order_and_dedup():
     assert config_lib.distill_labels(config)[0] == "average"
 
 
-def test_margin_needs_a_wrn_teacher():
+def test_margin_of_a_shufflenet_teacher_is_the_constant_minus_one():
+    """Table 4's Margin column: a ShuffleNetV2 teacher has no BN producing its group ends, so its
+    margins are -1 on every channel (the DFA authors' MarginReLU without BN margins); a WRN
+    teacher's are overhaul's E[t | t < 0] from its BNs."""
     config = load_config("cinic10_pair1")
     config.data.path = "/tmp"
     config.distill.method = "margin"
-    with pytest.raises(config_lib.ConfigError, match="WRN teachers"):
-        config_lib.validate(config, device_count=1)
+    config_lib.validate(config, device_count=1)
+    mesh = parallel.make_mesh()
+    for name, expect_constant in (("shufflenet_v2_0.5", True), ("wrn_16_1", False)):
+        model = teacher_lib.build_model(name, 10, "float32")
+        pair = methods.Pair(model, model)
+        margins = methods.teacher_margins(pair, teacher_lib.init_variables(model, 0, mesh))
+        assert [m.shape[0] for m in margins] == [s[-1] for s in pair.t_shapes()]
+        constant = all(bool(jnp.all(m == -1.0)) for m in margins)
+        assert constant == expect_constant, name
