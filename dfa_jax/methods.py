@@ -277,6 +277,10 @@ def make_loss_fn(label: str, pair: Pair, config, margins=None):
                 nn.relu(s_pre[g - 1]),
             )
             new_stats["regressor"] = stats
+            # RepDistiller's ConvReg for maps of one size: 1x1 conv, BN, ReLU (`models/util.py`,
+            # `use_relu=True` as `train_student.py` builds it); the conv's bias is left out, as
+            # the BN's batch mean cancels it in training, the regressor's only use.
+            regressed = nn.relu(regressed)
             hint = losses.fitnets_loss(regressed, nn.relu(t_pre[g - 1]))
             metrics["fitnets_loss"] = hint
             return ce + base.fitnets_weight * hint, (new_stats, metrics)

@@ -75,3 +75,59 @@ def test_margin_of_a_shufflenet_teacher_is_the_constant_minus_one():
         assert [m.shape[0] for m in margins] == [s[-1] for s in pair.t_shapes()]
         constant = all(bool(jnp.all(m == -1.0)) for m in margins)
         assert constant == expect_constant, name
+
+
+def test_fitnets_loss_is_assembled_as_repdistillers():
+    """The whole FitNets loss from images: CE + 100 * mean((ReLU(BN(conv1x1(s))) - t)^2) at the
+    middle group end, s and t the post-ReLU maps — RepDistiller's ConvReg (conv, BN, ReLU) and
+    HintLoss — re-assembled here from the models' own pieces and NumPy."""
+    import jax
+
+    from dfa_jax import features
+    from dfa_jax import models
+
+    config = load_config("demo", "tiny")
+    t_model = teacher_lib.build_model("wrn_16_1", 10, "float32")
+    s_model = teacher_lib.build_model("wrn_10_1", 10, "float32")
+    pair = methods.Pair(t_model, s_model)
+    mesh = parallel.make_mesh()
+    t_vars = teacher_lib.init_variables(t_model, 0, mesh)
+    s_vars = teacher_lib.init_variables(s_model, 1, mesh)
+    helper_params, helper_stats = methods.init_helpers("fitnets", pair, config, 2, mesh)
+    # A regressor whose BN shifts some outputs below zero.
+    bn = helper_params["regressor"]["bn"]
+    helper_params["regressor"]["bn"] = {**bn, "bias": jnp.full_like(bn["bias"], -0.3)}
+    params = {"student": s_vars["params"], **helper_params}
+    stats = {"student": s_vars["batch_stats"], **helper_stats}
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32),
+    }
+    loss, (_, metrics) = methods.make_loss_fn("fitnets", pair, config)(
+        params, stats, {}, batch, None, t_vars
+    )
+
+    g = methods.fitnets_group(pair)
+    s_logits, s_mut = s_model.apply(
+        s_vars, batch["image"], train=True, mutable=["batch_stats", models.FEATURES]
+    )
+    _, t_mut = t_model.apply(t_vars, batch["image"], train=False, mutable=[models.FEATURES])
+    s_hint = jax.nn.relu(features.read(s_mut, [pair.s_ends[g - 1]])[0])
+    t_hint = np.maximum(np.asarray(features.read(t_mut, [pair.t_ends[g - 1]])[0]), 0.0)
+    connector = models.Connector(t_hint.shape[-1])
+    regressed, _ = connector.apply(
+        {"params": helper_params["regressor"], "batch_stats": helper_stats["regressor"]},
+        s_hint,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    regressed = np.asarray(regressed)
+    assert (regressed < 0).any()  # The ReLU the regressor ends with has something to cut.
+    regressed = np.maximum(regressed, 0.0)
+    logits = np.asarray(s_logits, np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -log_p[np.arange(4), np.asarray(batch["label"])].mean()
+    hint = np.mean((regressed - t_hint) ** 2)
+    assert float(metrics["fitnets_loss"]) == pytest.approx(hint, rel=1e-5)
+    assert float(loss) == pytest.approx(ce + config.baselines.fitnets_weight * hint, rel=1e-5)
