@@ -129,19 +129,18 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
             # What moves beta: the ST part's gradient (cheap: the student's output does not
             # depend on beta; the step derives the TS part's from the total) and the pull of the
             # coupled L2 toward beta = 0, i.e. uniform alpha ('Average'), per map.
+            # Every input under stop_gradient: the beta step's own differentiation then sees
+            # constants here and does not trace this gradient's derivative.
             st_out_fixed = jax.lax.stop_gradient(st_out.astype(jnp.float32))
-            metrics[bilevel.BETA_GRAD_ST] = jax.lax.stop_gradient(
-                jax.grad(
-                    lambda b: (
-                        config.search.gamma_st
-                        * losses.st_loss(st_out_fixed, losses.aggregate(maps, jax.nn.softmax(b)))
-                    )
-                )(beta[key])
-            )
-            for j, b in enumerate(beta[key]):
-                metrics[f"beta_l2_pull/{j}"] = jax.lax.stop_gradient(
-                    config.search.beta_weight_decay * jnp.abs(b)
+            beta_fixed = jax.lax.stop_gradient(beta[key])
+            metrics[bilevel.BETA_GRAD_ST] = jax.grad(
+                lambda b: (
+                    config.search.gamma_st
+                    * losses.st_loss(st_out_fixed, losses.aggregate(maps, jax.nn.softmax(b)))
                 )
+            )(beta_fixed)
+            for j, b in enumerate(beta_fixed):
+                metrics[f"beta_l2_pull/{j}"] = config.search.beta_weight_decay * jnp.abs(b)
         return loss, (new_batch_stats, metrics)
 
     def beta_loss_fn(beta, params, batch_stats, batch, rng, aux):

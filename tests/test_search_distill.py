@@ -209,6 +209,8 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
     real_run = train_loop.run
 
     def keeping_states(stage, config, mesh):
+        if stage.name == "search/g1":  # The search's step-0 state (read before it is donated).
+            states["init"] = jax.device_get((stage.state.params, stage.state.batch_stats))
         result = real_run(stage, config, mesh)
         states[stage.name] = jax.device_get((result["state"].params, result["state"].batch_stats))
         return result
@@ -216,11 +218,7 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "run", keeping_states)
     pipeline.run(config, straight)
     monkeypatch.setattr(train_loop, "run", real_run)
-    t_model = teacher_lib.build_model(config.teacher.model, 10, "float32")
-    s_model = teacher_lib.build_model(config.student.model, 10, "float32")
-    init = jax.device_get(
-        search.init_search_variables(t_model, s_model, config, parallel.make_mesh())
-    )
+    init = states["init"]
     for searched, untouched in (("g1", ("g2", "g3")), ("g2", ("g3",))):
         params, stats = states[f"search/{searched}"]
         for part in ("st", "ts"):
