@@ -64,14 +64,14 @@ def create_state(
     )
 
 
-def keep_untrained(new: PyTree, old: PyTree, trainable: PyTree, params: PyTree | None = None):
+def keep_untrained(new: PyTree, old: PyTree, trainable: PyTree) -> PyTree:
     """`new` where `trainable` (Python bools shaped like the params) is True, `old` elsewhere.
 
-    `new` / `old` are params, or optimizer states (then pass `params`): every params-shaped
-    subtree of a state (momentum traces, Adam moments) is selected leaf by leaf, and its other
-    entries (step counts) come from `new`.
+    `new` / `old` are params or optimizer states: every params-shaped subtree (the params
+    themselves, momentum traces, Adam moments) is selected leaf by leaf; any other entry of a
+    state (a step count) comes from `new`.
     """
-    params_def = jax.tree.structure(trainable if params is None else params)
+    params_def = jax.tree.structure(trainable)
 
     def is_params(x):
         return jax.tree.structure(x) == params_def
@@ -81,8 +81,6 @@ def keep_untrained(new: PyTree, old: PyTree, trainable: PyTree, params: PyTree |
             return n
         return jax.tree.map(lambda t, a, b: a if t else b, trainable, n, o)
 
-    if params is None:
-        return select(new, old)
     return jax.tree.map(select, new, old, is_leaf=is_params)
 
 
@@ -191,7 +189,7 @@ def make_bilevel_step(
         params = optax.apply_updates(state.params, updates)
         if w_trainable is not None:
             params = keep_untrained(params, state.params, w_trainable)
-            opt_state = keep_untrained(opt_state, state.opt_state, w_trainable, state.params)
+            opt_state = keep_untrained(opt_state, state.opt_state, w_trainable)
         grad_norm = optax.global_norm(grads)
         metrics.update(w_metrics)
         metrics["loss"] = loss

@@ -226,7 +226,8 @@ def cinic10_pair(teacher: str, student: str) -> ml_collections.ConfigDict:
     config.search.epochs_per_group = 5
     config.search.batch_size = 96
     config.distill.aggregation = "dfa"
-    # Light students take a much smaller feature-distillation weight than WRNs (README, design notes).
+    # Light students take a much smaller feature-distillation weight than WRNs (README: design
+    # notes).
     config.distill.gamma_fd = 1e-4
     return config
 

@@ -10,8 +10,8 @@ the teacher's last map, AB initialises the student by its activation-boundary lo
 
 Feature positions: the group ends. AB, Margin and DFA take them pre-ReLU (they are about the
 sign/value of pre-activations; Margin's margins come from the teacher's BN, or are -1 for a
-teacher without a BN producing its group ends); KD-style feature methods from RepDistiller (FitNets, AT, SP, FT)
-take the post-ReLU maps, as RepDistiller's networks return them.
+teacher without a BN producing its group ends); KD-style feature methods from RepDistiller
+(FitNets, AT, SP, FT) take the post-ReLU maps, as RepDistiller's networks return them.
 """
 
 from __future__ import annotations

@@ -192,15 +192,10 @@ def w_lr_schedule(search, num_groups: int, steps_per_epoch: int) -> optax.Schedu
 def w_trainable(params: dict, group: int) -> dict:
     """True for what group `group`'s search trains: the student and that group's connectors."""
     key = methods.group_key(group)
-    return {
-        "student": jax.tree.map(lambda _: True, params["student"]),
-        **{
-            path: {
-                g: jax.tree.map(lambda _, g=g: g == key, tree) for g, tree in params[path].items()
-            }
-            for path in ("st", "ts")
-        },
-    }
+    # Paths are ('student', ...) or ('st' | 'ts', 'g<i>', ...).
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: path[0].key == "student" or path[1].key == key, params
+    )
 
 
 def alpha_record(teacher_model, beta) -> list[dict]:
@@ -330,7 +325,6 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         state = result.pop("state")
 
     record = alpha_record(teacher_model, state.beta)
-    logging.info("[search] alpha at the end:\n%s", reporting.alpha_table(record))
     files.write_json_atomic(
         os.path.join(workdir, ALPHA_FILE), {"teacher": config.teacher.model, "groups": record}
     )

@@ -289,29 +289,36 @@ def test_local_stops_the_others_when_one_fails(fake, tmp_path):
     assert not alive(int((pids / "0").read_text()))
 
 
-@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_local_passes_ctrl_c_and_sigterm_on(fake, tmp_path, sig, status):
-    env, _, pids = fake
+def _start_hanging_processes(fake, tmp_path, processes, started):
+    """`local.sh --processes N` over fake processes that hang; returns it once `started(pids)`
+    holds for the pids the fakes wrote. Limits for a loaded 2-core machine: they only bound a
+    hang, the test waits on events (pids written, the launcher's exit)."""
+    env, _, pids_dir = fake
     env["FAKE_MODE"] = "hang"
     proc = subprocess.Popen(
-        ["bash", os.path.join(LAUNCH, "local.sh"), "--processes=2", "--config=c.py"]
+        ["bash", os.path.join(LAUNCH, "local.sh"), f"--processes={processes}", "--config=c.py"]
         + [f"--workdir={tmp_path}/run"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # Limits for a loaded 2-core machine: they only bound a hang, the test waits on events (both
-    # pids written, the launcher's exit).
     deadline = time.monotonic() + EVENT_LIMIT_S
-
-    def written():  # A pid file can exist before the fake process has written its pid.
-        return [p.read_text().strip() for p in pids.iterdir()]
-
-    while not (len(written()) == 2 and all(written())) and time.monotonic() < deadline:
+    while not started(_written_pids(pids_dir)) and time.monotonic() < deadline:
         assert proc.poll() is None, "local.sh exited before its processes started"
-        time.sleep(0.05)
-    children = [int(pid) for pid in written()]
+        time.sleep(0.01)
+    return proc
+
+
+def _written_pids(pids_dir):
+    """The pids the fake processes wrote (a pid file can exist before its pid is in it)."""
+    return [int(t) for p in pids_dir.iterdir() if (t := p.read_text().strip())]
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_local_passes_ctrl_c_and_sigterm_on(fake, tmp_path, sig, status):
+    proc = _start_hanging_processes(fake, tmp_path, 2, lambda pids: len(pids) == 2)
+    children = _written_pids(fake[2])
     assert len(children) == 2
     proc.send_signal(sig)
     assert proc.wait(timeout=EVENT_LIMIT_S) == status
@@ -322,23 +329,10 @@ def test_local_passes_ctrl_c_and_sigterm_on(fake, tmp_path, sig, status):
 def test_local_stops_processes_a_signal_interrupts_the_start_of(fake, tmp_path, sig, status):
     """The signal lands while local.sh is still starting its processes (as soon as the first
     one runs): every process it started, recorded or not, is stopped, and it exits."""
-    env, _, pids = fake
-    env["FAKE_MODE"] = "hang"
-    proc = subprocess.Popen(
-        ["bash", os.path.join(LAUNCH, "local.sh"), "--processes=4", "--config=c.py"]
-        + [f"--workdir={tmp_path}/run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + EVENT_LIMIT_S
-    while not any(p.read_text().strip() for p in pids.iterdir()) and time.monotonic() < deadline:
-        assert proc.poll() is None, "local.sh exited before its processes started"
-        time.sleep(0.01)
+    proc = _start_hanging_processes(fake, tmp_path, 4, lambda pids: len(pids) >= 1)
     proc.send_signal(sig)
     assert proc.wait(timeout=EVENT_LIMIT_S) == status
-    started = [int(t) for p in pids.iterdir() if (t := p.read_text().strip())]
+    started = _written_pids(fake[2])
     assert started and not any(alive(pid) for pid in started)
 
 

@@ -30,7 +30,8 @@ def tiny_models():
     return t, s
 
 
-def test_beta_gets_gradient_through_both_st_and_ts_paths():
+def bridge_inputs():
+    """Tiny teacher and student, the search's w (student + connectors), a batch of 4."""
     t_model, s_model = tiny_models()
     mesh = parallel.make_mesh()
     t_vars = teacher_lib.init_variables(t_model, 0, mesh)
@@ -40,12 +41,17 @@ def test_beta_gets_gradient_through_both_st_and_ts_paths():
     ts_p, ts_s = methods.connector_helpers(t_shapes, [16, 32, 64], 3, mesh, jnp.float32)
     params = {"student": s_vars["params"], "st": st_p, "ts": ts_p}
     stats = {"student": s_vars["batch_stats"], "st": st_s, "ts": ts_s}
-    beta = search.init_beta(t_model, 0.0)
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32),
     }
+    return t_model, s_model, t_vars, params, stats, batch
+
+
+def test_beta_gets_gradient_through_both_st_and_ts_paths():
+    t_model, s_model, t_vars, params, stats, batch = bridge_inputs()
+    beta = search.init_beta(t_model, 0.0)
     for gamma_st, gamma_ts in ((1.0, 0.0), (0.0, 1.0)):
         config = load_config("demo", "tiny")
         config.search.gamma_st, config.search.gamma_ts = gamma_st, gamma_ts
@@ -59,21 +65,8 @@ def test_beta_gets_gradient_through_both_st_and_ts_paths():
 def test_beta_diagnostics_are_the_st_gradient_and_the_l2_pull():
     """The ST part's gradient the search reports (computed without the student's backward) equals
     the gradient of the bridge loss with the TS part switched off; the L2 pull is lambda |beta|."""
-    t_model, s_model = tiny_models()
-    mesh = parallel.make_mesh()
-    t_vars = teacher_lib.init_variables(t_model, 0, mesh)
-    s_vars = teacher_lib.init_variables(s_model, 1, mesh)
-    t_shapes = [(1, 32, 32, 16), (1, 16, 16, 32), (1, 8, 8, 64)]
-    st_p, st_s = methods.connector_helpers(t_shapes, [16, 32, 64], 2, mesh, jnp.float32)
-    ts_p, ts_s = methods.connector_helpers(t_shapes, [16, 32, 64], 3, mesh, jnp.float32)
-    params = {"student": s_vars["params"], "st": st_p, "ts": ts_p}
-    stats = {"student": s_vars["batch_stats"], "st": st_s, "ts": ts_s}
+    t_model, s_model, t_vars, params, stats, batch = bridge_inputs()
     beta = search.init_beta(t_model, 1.5)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32),
-    }
     config = load_config("demo", "tiny")
     config.search.gamma_st = 0.5
     _, beta_loss = search.make_bridge_loss_fn(t_model, s_model, 2, config)
