@@ -171,10 +171,23 @@ def base_config() -> ml_collections.ConfigDict:
     base.ft_weight = 200.0  # FT: factor-transfer weight (RepDistiller -b 200).
     base.ft_rate = 0.5  # FT: paraphraser factor channels / teacher channels (RepDistiller k=0.5).
     base.ft_pretrain_epochs = 30  # FT: paraphraser pre-training epochs (RepDistiller init_epochs).
+    # FT: the paraphraser's pre-training lr (plain SGD, momentum, weight decay, constant): 0.01,
+    # RepDistiller's `helper/pretrain.py` for WRN/ResNet students, and its `train_student.py`
+    # learning rate for light (ShuffleNet, MobileNet) students.
+    base.ft_pretrain_lr = 0.01
     base.ab_margin = 1.0  # AB: activation-boundary margin m (RepDistiller).
     base.ab_init_epochs = 30  # AB: initialisation epochs before CE training (RepDistiller).
-    base.jacobian_weight = 1.0  # Jacobian: weight of the Sobolev term (Knowledge-Distillation-Zoo).
+    # AB: the initialisation's lr (plain SGD, momentum, weight decay, constant): RepDistiller's
+    # `helper/pretrain.py` uses the student's, 0.05 for WRNs (0.01 for light students).
+    base.ab_init_lr = 0.05
+    # Jacobian: weight of the Sobolev term, as Knowledge-Distillation-Zoo's own
+    # `example_train_script.sh` runs it (`--lambda_kd 20.0`; its argparse default 1.0 leaves the
+    # term ~1e-3 of the loss).
+    base.jacobian_weight = 20.0
     base.margin_gamma = 1e-3  # Margin (overhaul): weight of the partial-L2 term with BN margins.
+    # Margin: the teacher's BatchNorm while distilling; 'batch' as overhaul-distillation's
+    # `train_with_distillation.py` runs it (`t_net.train()`), 'eval' for running statistics.
+    base.margin_teacher_bn = "batch"
 
     # --- compute, logging, checkpoints ---------------------------------------------------------
     config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
@@ -229,6 +242,9 @@ def cinic10_pair(teacher: str, student: str) -> ml_collections.ConfigDict:
     # Light students take a much smaller feature-distillation weight than WRNs (README: design
     # notes).
     config.distill.gamma_fd = 1e-4
+    # RepDistiller's learning rate for light (ShuffleNet) students, which its AB initialisation
+    # takes over (`train_student.py`, `helper/pretrain.py`).
+    config.baselines.ab_init_lr = 0.01
     return config
 
 
@@ -701,6 +717,17 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.append(
             f"baselines.ft_rate = {base.ft_rate}: must be positive (RepDistiller: 0.5)."
         )
+    if base.margin_teacher_bn not in ("eval", "batch"):
+        problems.append(
+            f"baselines.margin_teacher_bn = {base.margin_teacher_bn!r}: use 'batch' (overhaul's)"
+            " or 'eval'."
+        )
+    for field in ("ft_pretrain_lr", "ab_init_lr"):
+        if not base[field] > 0:
+            problems.append(
+                f"baselines.{field} = {base[field]}: must be a positive learning rate"
+                " (RepDistiller: ft_pretrain_lr 0.01, ab_init_lr 0.05)."
+            )
     for field in ("ft_pretrain_epochs", "ab_init_epochs"):
         if base[field] <= 0:
             problems.append(
@@ -794,7 +821,17 @@ def result_fields(config_dict: dict) -> dict:
 # Result-affecting fields added after workdirs were first written, with the value that
 # reproduces what a run from before them did: a config.json without the field is read as
 # holding that value (so `--config.teacher.distill_from=last` resumes such a workdir).
-VALUES_BEFORE_THE_FIELD = {"teacher.distill_from": "last", "search.w_schedule": "global"}
+#
+# Fields of a method's own helpers whose earlier behaviour no value reproduces (the helpers were
+# rebuilt as the peers build them: README, "What changed") take their new default, so a workdir
+# of another method still resumes; such a method's own students start over from a fresh workdir.
+VALUES_BEFORE_THE_FIELD = {
+    "teacher.distill_from": "last",
+    "search.w_schedule": "global",
+    "baselines.ft_pretrain_lr": 0.01,
+    "baselines.ab_init_lr": 0.05,
+    "baselines.margin_teacher_bn": "batch",
+}
 
 
 def changed_fields(saved: dict, current: dict) -> list[tuple[str, object, object]]:

@@ -143,6 +143,7 @@ def _stage(
     aux,
     eval_fn,
     steps_per_epoch,
+    w_trainable=None,
     **extra,
 ):
     """A distillation (or helper-initialisation) stage on the shared step, beta frozen."""
@@ -152,6 +153,7 @@ def _stage(
         tx,
         seed=config.seed,
         preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
+        w_trainable=w_trainable,
     )
     return train_loop.Stage(
         name=name,
@@ -169,14 +171,34 @@ def _stage(
     )
 
 
-def _run_helper_stage(
-    config, name, directory, epochs, params, batch_stats, loss_fn, data, mesh, teacher_vars, eval_fn
-):
-    """Trains a method's own first stage (FT's paraphraser, AB's initialisation) for `epochs`
-    with the student's recipe at a constant learning rate; returns its final state."""
+def helper_stage_optim(config, epochs: int, lr: float) -> ml_collections.ConfigDict:
+    """The recipe of a method's own first stage, as RepDistiller's `helper/pretrain.py` `init`
+    runs it: the student's batch size and weight decay, plain SGD with momentum (no Nesterov)
+    at a constant `lr` for `epochs`."""
     optim = ml_collections.ConfigDict(config.distill.optim.to_dict())
     optim.epochs = epochs
+    optim.lr = lr
     optim.schedule = "constant"
+    optim.nesterov = False
+    return optim
+
+
+def _run_helper_stage(
+    config,
+    name,
+    directory,
+    optim,
+    params,
+    batch_stats,
+    loss_fn,
+    data,
+    mesh,
+    teacher_vars,
+    eval_fn,
+    w_trainable=None,
+):
+    """Trains a method's own first stage (FT's paraphraser, AB's initialisation) with `optim`
+    (`helper_stage_optim`); returns its final state."""
     steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
     tx = optimizers.sgd(optim, steps_per_epoch)
     stage = _stage(
@@ -192,6 +214,7 @@ def _run_helper_stage(
         teacher_vars,
         eval_fn,
         steps_per_epoch,
+        w_trainable=w_trainable,
     )
     return train_loop.run(stage, config, mesh)["state"]
 
@@ -202,33 +225,32 @@ def _replicate_state(mesh, params, batch_stats, tx, beta=None):
     )(params, batch_stats)
 
 
-def pretrain_paraphraser(config, directory, pair, data, mesh, teacher_vars):
-    """FT's first stage: train the paraphraser to reconstruct the teacher's last (post-ReLU) map."""
-    base = config.baselines
-    t_last = pair.t_shapes()[-1]
-    module = methods.Paraphraser(t_last[-1], base.ft_rate, dtype=pair.teacher.dtype)
-    params, batch_stats = methods._init(module, config.seed + 300, mesh, t_last)  # noqa: SLF001
+def make_paraphraser_loss(pair: methods.Pair, base):
+    """FT's first-stage loss: MSE between the teacher's raw last map and the paraphraser's
+    reconstruction of it (RepDistiller `helper/pretrain.py`, `nn.MSELoss()` on `feat_t[-2]`)."""
+    module = methods.Paraphraser(pair.t_shapes()[-1][-1], base.ft_rate, dtype=pair.teacher.dtype)
 
     def loss_fn(params, batch_stats, beta, batch, rng, aux):
         del beta, rng
         _, mut = pair.teacher.apply(aux, batch["image"], train=False, mutable=[models.FEATURES])
-        target = jax.lax.stop_gradient(
-            jax.nn.relu(features.read(mut, pair.t_ends[-1:])[0].astype(jnp.float32))
-        )
-        (recon, _), new = module.apply(
-            {"params": params, "batch_stats": batch_stats},
-            target,
-            train=True,
-            mutable=["batch_stats"],
-        )
+        target = jax.lax.stop_gradient(features.read(mut, pair.t_raw[-1:])[0].astype(jnp.float32))
+        recon, _ = module.apply({"params": params, "batch_stats": batch_stats}, target)
         loss = jnp.mean((recon.astype(jnp.float32) - target) ** 2)
-        return loss, (new["batch_stats"], {"reconstruction_loss": loss})
+        return loss, (batch_stats, {"reconstruction_loss": loss})
 
+    return module, loss_fn
+
+
+def pretrain_paraphraser(config, directory, pair, data, mesh, teacher_vars):
+    """FT's first stage: train the paraphraser to reconstruct the teacher's raw last map."""
+    base = config.baselines
+    module, loss_fn = make_paraphraser_loss(pair, base)
+    params, batch_stats = methods._init(module, config.seed + 300, mesh, pair.t_shapes()[-1])  # noqa: SLF001
     final = _run_helper_stage(
         config,
         "distill/ft/paraphraser",
         directory,
-        base.ft_pretrain_epochs,
+        helper_stage_optim(config, base.ft_pretrain_epochs, base.ft_pretrain_lr),
         params,
         batch_stats,
         loss_fn,
@@ -240,14 +262,28 @@ def pretrain_paraphraser(config, directory, pair, data, mesh, teacher_vars):
     return {"params": final.params, "batch_stats": final.batch_stats}
 
 
-def initialise_by_ab(config, directory, pair, data, mesh, teacher_vars, student_vars, eval_fn):
-    """AB's first stage: fit the student's group ends to the teacher's activation boundaries."""
-    base = config.baselines
-    helper_params, helper_stats = methods.init_helpers("ab", pair, config, config.seed + 100, mesh)
-    params = {"student": student_vars["params"], **helper_params}
-    batch_stats = {"student": student_vars["batch_stats"], **helper_stats}
-    t_channels = [s[-1] for s in pair.t_shapes()]
-    weights = losses.group_weights(len(t_channels))
+def ab_init_trainable(pair: methods.Pair, params: dict) -> dict:
+    """What AB's initialisation trains: the connectors and the student's feature body.
+
+    RepDistiller's `init` trains `model_s.get_feat_modules()` (a WRN's conv1 and block1-3) and the
+    connectors only: the classifier (and a WRN's final BN) get neither gradient nor weight decay.
+    """
+    frozen = ("fc", "bn1") if isinstance(pair.student, models.WideResNet) else ("fc",)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: path[0].key != "student" or path[1].key not in frozen, params
+    )
+
+
+def make_ab_init_loss(pair: methods.Pair, base, connectors):
+    """AB's first-stage loss (RepDistiller `helper/pretrain.py` with `ABLoss`): per group end,
+    the activation-boundary loss between the connected pre-ReLU student map and the teacher's.
+
+    As in RepDistiller, the student runs with `model_s.eval()` and its feature modules switched
+    back to train mode: a WRN's last pre-ReLU map is its final BN with running statistics (which
+    therefore do not move), the others use batch statistics.
+    """
+    weights = losses.group_weights(len(pair.t_groups))
+    wrn = isinstance(pair.student, models.WideResNet)
 
     def loss_fn(params, batch_stats, beta, batch, rng, aux):
         del beta, rng
@@ -261,30 +297,53 @@ def initialise_by_ab(config, directory, pair, data, mesh, teacher_vars, student_
         )
         t_pre = features.read(t_mut, pair.t_ends)
         s_pre = features.read(s_mut, pair.s_ends)
+        student_stats = s_mut["batch_stats"]
+        if wrn:
+            final_bn = {
+                "params": params["student"]["bn1"],
+                "batch_stats": batch_stats["student"]["bn1"],
+            }
+            raw_last = features.read(s_mut, pair.s_raw[-1:])[0]
+            s_pre[-1] = models.layers.BatchNorm(
+                use_running_average=True, dtype=pair.student.dtype
+            ).apply(final_bn, raw_last)
+            student_stats = {**student_stats, "bn1": batch_stats["student"]["bn1"]}
         total, st_stats = 0.0, {}
-        for i, channels in enumerate(t_channels):
+        for i, connector in enumerate(connectors):
             key = methods.group_key(i + 1)
-            out, new = models.Connector(channels, dtype=pair.student.dtype).apply(
-                {"params": params["st"][key], "batch_stats": batch_stats["st"][key]},
-                s_pre[i],
-                train=True,
-                mutable=["batch_stats"],
-            )
-            st_stats[key] = new["batch_stats"]
+            out = s_pre[i]
+            if connector is not None:
+                out, new = connector.apply(
+                    {"params": params["st"][key], "batch_stats": batch_stats["st"][key]},
+                    out,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                st_stats[key] = new["batch_stats"]
             ab = losses.ab_loss(
                 out.astype(jnp.float32),
                 jax.lax.stop_gradient(t_pre[i].astype(jnp.float32)),
                 base.ab_margin,
             )
             total = total + weights[i] * ab / images.shape[0] * losses.AB_GAMMA
-        new_stats = {"student": s_mut["batch_stats"], "st": st_stats}
+        new_stats = {**batch_stats, "student": student_stats, "st": st_stats}
         return total, (new_stats, {"ab_loss": total})
 
+    return loss_fn
+
+
+def initialise_by_ab(config, directory, pair, data, mesh, teacher_vars, student_vars, eval_fn):
+    """AB's first stage: fit the student's group ends to the teacher's activation boundaries."""
+    base = config.baselines
+    helper_params, helper_stats = methods.init_helpers("ab", pair, config, config.seed + 100, mesh)
+    params = {"student": student_vars["params"], **helper_params}
+    batch_stats = {"student": student_vars["batch_stats"], **helper_stats}
+    loss_fn = make_ab_init_loss(pair, base, methods.ab_connectors(pair, helper_params))
     final = _run_helper_stage(
         config,
         "distill/ab/init",
         directory,
-        base.ab_init_epochs,
+        helper_stage_optim(config, base.ab_init_epochs, base.ab_init_lr),
         params,
         batch_stats,
         loss_fn,
@@ -292,6 +351,7 @@ def initialise_by_ab(config, directory, pair, data, mesh, teacher_vars, student_
         mesh,
         teacher_vars,
         eval_fn,
+        w_trainable=ab_init_trainable(pair, params),
     )
     return {"params": final.params["student"], "batch_stats": final.batch_stats["student"]}
 

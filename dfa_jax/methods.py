@@ -10,8 +10,10 @@ the teacher's last map, AB initialises the student by its activation-boundary lo
 
 Feature positions: the group ends. AB, Margin and DFA take them pre-ReLU (they are about the
 sign/value of pre-activations; Margin's margins come from the teacher's BN, or are -1 for a
-teacher without a BN producing its group ends); KD-style feature methods from RepDistiller
-(FitNets, AT, SP, FT) take the post-ReLU maps, as RepDistiller's networks return them.
+teacher without a BN producing its group ends). The methods from RepDistiller (FitNets, AT, SP,
+FT) take the *raw* group outputs, the residual stream before the BN that consumes it, as
+RepDistiller's `train_student.py` hands them `model(x, is_feat=True, preact=False)`'s features
+(`models.raw_group_ends`). Helpers are built as RepDistiller's `models/util.py` builds them.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ class Pair:
     def s_ends(self):
         return [names[-1] for names in self.student.feature_groups()]
 
+    @property
+    def t_raw(self):
+        return list(self.teacher.raw_group_ends())
+
+    @property
+    def s_raw(self):
+        return list(self.student.raw_group_ends())
+
     def t_shapes(self):
         return features.group_shapes(self.teacher)
 
@@ -74,8 +84,11 @@ def group_key(group: int) -> str:
 class Paraphraser(nn.Module):
     """FT's paraphraser (Kim et al. 2018): a conv autoencoder of the teacher's last map.
 
-    encode: [B, H, W, C] -> factor [B, H, W, round(C * rate)]; decode maps it back to C channels.
-    Three 3x3 conv + BN + LeakyReLU(0.1) layers each way, as RepDistiller's `Paraphraser`.
+    encode: [B, H, W, C] -> factor [B, H, W, int(C * rate)]; decode maps it back to C channels.
+    As RepDistiller's `Paraphraser(t_shape)` (`models/util.py`, built with its default
+    `use_bn=False`): three 3x3 conv (with bias) + LeakyReLU(0.1) layers each way, C -> C -> F -> F
+    and F -> F -> C -> C. (The decoder's stride-1 `ConvTranspose2d(3, 1, 1)` layers are 3x3 convs:
+    a transposed kernel `W[in, out, a, b]` is the conv kernel `K[2 - a, 2 - b, in, out]`.)
     """
 
     channels: int
@@ -83,11 +96,11 @@ class Paraphraser(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        factor = int(round(self.channels * self.rate))
+        factor = int(self.channels * self.rate)
         widths_in = (self.channels, factor, factor)
         widths_out = (factor, self.channels, self.channels)
-        self.enc = [_ConvBNAct(c, dtype=self.dtype) for c in widths_in]
-        self.dec = [_ConvBNAct(c, dtype=self.dtype) for c in widths_out]
+        self.enc = [_ConvAct(c, batch_norm=False, dtype=self.dtype) for c in widths_in]
+        self.dec = [_ConvAct(c, batch_norm=False, dtype=self.dtype) for c in widths_out]
 
     def encode(self, x, train: bool = False):
         for layer in self.enc:
@@ -95,7 +108,7 @@ class Paraphraser(nn.Module):
         return x
 
     def __call__(self, x, train: bool = False):
-        """Reconstruction [B, H, W, C] and factor [B, H, W, C*rate]."""
+        """Reconstruction [B, H, W, C] and factor [B, H, W, int(C * rate)]."""
         factor = self.encode(x, train)
         y = factor
         for layer in self.dec:
@@ -104,26 +117,39 @@ class Paraphraser(nn.Module):
 
 
 class Translator(nn.Module):
-    """FT's translator: the student's last map -> a factor of the paraphraser's width."""
+    """FT's translator: the student's last map [B, H, W, Cs] -> a factor [B, H, W, F].
+
+    As RepDistiller's `Translator(s_shape, t_shape)` (default `use_bn=True`): 3x3 conv + BN +
+    LeakyReLU(0.1) three times, Cs -> Cs -> F -> F. (The convs' biases are left out: BN's batch
+    mean cancels them in training, the translator's only use.)
+    """
 
     factor_channels: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        for _ in range(2):
-            x = _ConvBNAct(x.shape[-1], dtype=self.dtype)(x, train)
-        return _ConvBNAct(self.factor_channels, dtype=self.dtype)(x, train)
+        for width in (x.shape[-1], self.factor_channels, self.factor_channels):
+            x = _ConvAct(width, batch_norm=True, dtype=self.dtype)(x, train)
+        return x
 
 
-class _ConvBNAct(nn.Module):
+class _ConvAct(nn.Module):
+    """3x3 conv, then BN (`batch_norm`) or the conv's own bias, then LeakyReLU(0.1)."""
+
     features: int
+    batch_norm: bool
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = models.layers.Conv3x3(self.features, dtype=self.dtype)(x)
-        x = models.layers.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+        x = models.layers.Conv3x3(
+            self.features, use_bias=not self.batch_norm, dtype=self.dtype, name="conv"
+        )(x)
+        if self.batch_norm:
+            x = models.layers.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn")(
+                x
+            )
         return nn.leaky_relu(x, 0.1)
 
 
@@ -133,7 +159,7 @@ def _init(module, seed, mesh, *shapes, **kwargs):
         out_shardings=parallel.replicated(mesh),
     )
     variables = init(jax.random.key(seed))
-    return variables["params"], variables["batch_stats"]
+    return variables["params"], variables.get("batch_stats", {})
 
 
 def connector_helpers(in_shapes, out_channels, seed: int, mesh, dtype) -> tuple[dict, dict]:
@@ -149,11 +175,23 @@ def init_helpers(label: str, pair: Pair, config, seed: int, mesh) -> tuple[dict,
     """The learned helpers of `label`'s method, trained with the student: (params, batch_stats)."""
     method, dtype = method_of(label), jnp.dtype(config.dtype)
     t_shapes, s_shapes = pair.t_shapes(), pair.s_shapes()
-    if method in ("dfa", "margin", "ab"):
+    if method in ("dfa", "margin"):
         st_params, st_stats = connector_helpers(
             s_shapes, [s[-1] for s in t_shapes], seed, mesh, dtype
         )
         return {"st": st_params}, {"st": st_stats}
+    if method == "ab":
+        # RepDistiller's AB `Connector` (`models/util.py`): the identity where the student's map
+        # already has the teacher's shape, else ConvReg without its ReLU (conv + BN).
+        groups = [i for i, (s, t) in enumerate(zip(s_shapes, t_shapes)) if s != t]
+        st_params, st_stats = connector_helpers(
+            [s_shapes[i] for i in groups], [t_shapes[i][-1] for i in groups], seed, mesh, dtype
+        )
+        rename = {group_key(j + 1): group_key(i + 1) for j, i in enumerate(groups)}
+        return (
+            {"st": {rename[k]: v for k, v in st_params.items()}},
+            {"st": {rename[k]: v for k, v in st_stats.items()}},
+        )
     if method == "fitnets":
         g = fitnets_group(pair)
         params, stats = _init(
@@ -161,10 +199,20 @@ def init_helpers(label: str, pair: Pair, config, seed: int, mesh) -> tuple[dict,
         )
         return {"regressor": params}, {"regressor": stats}
     if method == "ft":
-        factor = int(round(t_shapes[-1][-1] * config.baselines.ft_rate))
+        factor = int(t_shapes[-1][-1] * config.baselines.ft_rate)
         params, stats = _init(Translator(factor, dtype=dtype), seed, mesh, s_shapes[-1])
         return {"translator": params}, {"translator": stats}
     return {}, {}
+
+
+def ab_connectors(pair: Pair, params: dict) -> list:
+    """Per group, AB's connector module, or None where it is the identity (see init_helpers)."""
+    return [
+        models.Connector(pair.t_shapes()[i][-1], dtype=pair.student.dtype)
+        if group_key(i + 1) in params.get("st", {})
+        else None
+        for i in range(len(pair.t_groups))
+    ]
 
 
 def fitnets_group(pair: Pair) -> int:
@@ -208,7 +256,7 @@ def make_loss_fn(label: str, pair: Pair, config, margins=None):
     clamp_min = config.features.clamp_min
     t_channels = [s[-1] for s in pair.t_shapes()]
     connectors = [models.Connector(c, dtype=pair.student.dtype) for c in t_channels]
-    teacher_train = config.distill.teacher_bn == "batch"
+    teacher_train = teacher_bn(method, config) == "batch"
     needs_teacher_features = method not in ("none", "kd", "jacobian")
 
     def student_forward(params, batch_stats, images):
@@ -245,12 +293,15 @@ def make_loss_fn(label: str, pair: Pair, config, margins=None):
             return ce, (new_stats, metrics)
 
         t_logits, t_mut = teacher_forward(aux, images)
+
+        def teacher_maps(names):
+            return [jax.lax.stop_gradient(m) for m in group_end_maps(t_mut, names)]
+
         s_pre = group_end_maps(s_mut, pair.s_ends)
-        t_pre = (
-            [jax.lax.stop_gradient(m) for m in group_end_maps(t_mut, pair.t_ends)]
-            if needs_teacher_features
-            else []
-        )
+        t_pre = teacher_maps(pair.t_ends) if needs_teacher_features else []
+        # RepDistiller's methods read the raw group outputs (see the module docstring).
+        s_raw = group_end_maps(s_mut, pair.s_raw)
+        t_raw = teacher_maps(pair.t_raw) if needs_teacher_features else []
         if method == "kd":
             kd = losses.kd_loss(logits, t_logits, base.kd_temperature)
             metrics["kd_loss"] = kd
@@ -259,39 +310,40 @@ def make_loss_fn(label: str, pair: Pair, config, margins=None):
             jac = jacobian_term(pair, params, batch_stats, aux, images, labels)
             metrics["jacobian_loss"] = jac
             return ce + base.jacobian_weight * jac, (new_stats, metrics)
-        if method == "at":
-            at = sum(losses.at_loss(nn.relu(s), nn.relu(t)) for s, t in zip(s_pre, t_pre))
+        if method == "at":  # RepDistiller: feat[1:-1], every group's output.
+            at = sum(losses.at_loss(s, t) for s, t in zip(s_raw, t_raw))
             metrics["at_loss"] = at
             return ce + base.at_weight * at, (new_stats, metrics)
-        if method == "sp":
-            sp = losses.sp_loss(nn.relu(s_pre[-1]), nn.relu(t_pre[-1]))
+        if method == "sp":  # RepDistiller: feat[-2], the last group's output.
+            sp = losses.sp_loss(s_raw[-1], t_raw[-1])
             metrics["sp_loss"] = sp
             return ce + base.sp_weight * sp, (new_stats, metrics)
-        if method == "fitnets":
+        if method == "fitnets":  # RepDistiller: feat[hint_layer = 2].
             g = fitnets_group(pair)
             regressed, stats = _apply_helper(
                 models.Connector(t_channels[g - 1], dtype=pair.student.dtype),
                 params,
                 batch_stats,
                 "regressor",
-                nn.relu(s_pre[g - 1]),
+                s_raw[g - 1],
             )
             new_stats["regressor"] = stats
             # RepDistiller's ConvReg for maps of one size: 1x1 conv, BN, ReLU (`models/util.py`,
             # `use_relu=True` as `train_student.py` builds it); the conv's bias is left out, as
-            # the BN's batch mean cancels it in training, the regressor's only use.
+            # the BN's batch mean cancels it in training, the regressor's only use. The target
+            # is the raw map, negative values included.
             regressed = nn.relu(regressed)
-            hint = losses.fitnets_loss(regressed, nn.relu(t_pre[g - 1]))
+            hint = losses.fitnets_loss(regressed, t_raw[g - 1])
             metrics["fitnets_loss"] = hint
             return ce + base.fitnets_weight * hint, (new_stats, metrics)
-        if method == "ft":
-            factor_t = paraphraser_factor(pair, aux["paraphraser"], nn.relu(t_pre[-1]), base)
+        if method == "ft":  # RepDistiller: feat[-2] through the translator and the paraphraser.
+            factor_t = paraphraser_factor(pair, aux["paraphraser"], t_raw[-1], base)
             factor_s, stats = _apply_helper(
                 Translator(factor_t.shape[-1], dtype=pair.student.dtype),
                 params,
                 batch_stats,
                 "translator",
-                nn.relu(s_pre[-1]),
+                s_raw[-1],
             )
             new_stats["translator"] = stats
             ft = losses.ft_loss(factor_s, jax.lax.stop_gradient(factor_t))
@@ -328,6 +380,16 @@ def make_loss_fn(label: str, pair: Pair, config, margins=None):
     return loss_fn
 
 
+def teacher_bn(method: str, config) -> str:
+    """How the teacher's BatchNorm runs while `method` distills: 'eval' or 'batch'.
+
+    Margin runs as overhaul-distillation's `train_with_distillation.py` does, with the teacher in
+    train mode (`baselines.margin_teacher_bn`); every other method follows `distill.teacher_bn`
+    (RepDistiller keeps its teacher in eval mode).
+    """
+    return config.baselines.margin_teacher_bn if method == "margin" else config.distill.teacher_bn
+
+
 def teacher_variables(aux) -> dict:
     """The teacher's own variables out of a step's `aux` (which may also carry FT's paraphraser)."""
     return {"params": aux["params"], "batch_stats": aux["batch_stats"]}
@@ -351,7 +413,7 @@ def jacobian_term(pair: Pair, params, batch_stats, aux, images, labels) -> jax.A
 
 
 def paraphraser_factor(pair: Pair, paraphraser_vars, teacher_map, base) -> jax.Array:
-    """The frozen paraphraser's factor of the teacher's (post-ReLU) last map."""
+    """The frozen paraphraser's factor of the teacher's raw last map."""
     module = Paraphraser(teacher_map.shape[-1], base.ft_rate, dtype=pair.teacher.dtype)
     factor = module.apply(paraphraser_vars, teacher_map, train=False, method=Paraphraser.encode)
     return factor.astype(jnp.float32)

@@ -102,7 +102,34 @@ def test_sown_feature_names_and_shapes(name, stem, shapes):
     assert all(isinstance(features[n], tuple) and len(features[n]) == 1 for n in names)
     for group, shape in zip(groups, shapes):
         assert [features[n][0].shape for n in group] == [shape] * len(group)
-    assert [features[n][0].shape for n in model.extra_feature_names()] == stem
+    # The raw group ends (WRN: extra names; ShuffleNetV2: the group ends) share the group shapes.
+    extra = [n for n in model.extra_feature_names() if n not in model.raw_group_ends()]
+    assert [features[n][0].shape for n in extra] == stem
+    assert [features[n][0].shape for n in model.raw_group_ends()] == shapes
+
+
+def test_raw_group_ends_are_the_residual_stream_the_consumer_bn_reads(trained):
+    """A WRN's raw group end is the block output before the BN consuming it (RepDistiller's
+    `is_feat` features); the pre-ReLU group end is that BN's output in inference mode."""
+    model, variables = trained
+    if not isinstance(model, models.WideResNet):  # A unit's output is its group end already.
+        assert model.raw_group_ends() == tuple(g[-1] for g in model.feature_groups())
+        return
+    _, mutated = model.apply(variables, IMAGES, mutable=[models.FEATURES])
+    sown = {
+        name: np.asarray(value[0], np.float64) for name, value in mutated[models.FEATURES].items()
+    }
+    params, stats = variables["params"], variables["batch_stats"]
+    consumers = [f"block{g + 1}_layer0" for g in range(1, model.num_groups)] + [None]
+    for raw, pre, consumer in zip(
+        model.raw_group_ends(), [g[-1] for g in model.feature_groups()], consumers
+    ):
+        bn_params = params["bn1"] if consumer is None else params[consumer]["bn1"]
+        bn_stats = stats["bn1"] if consumer is None else stats[consumer]["bn1"]
+        x = sown[raw]
+        want = (x - bn_stats["mean"]) / np.sqrt(bn_stats["var"] + 1e-5) * bn_params["scale"]
+        np.testing.assert_allclose(sown[pre], want + bn_params["bias"], rtol=1e-4, atol=1e-4)
+        assert not np.allclose(sown[pre], x, atol=1e-2)
 
 
 def test_features_are_pre_relu_and_end_groups(trained):

@@ -5,6 +5,8 @@ Every model is a Linen module with
     boundary tensor when stop_group is set; start_group resumes from an injected boundary;
   `feature_groups()` -> per group, the names of its candidate maps (last = the boundary);
   `extra_feature_names()` -> sown names outside every group;
+  `raw_group_ends()` -> per group, the sown name of its raw output (before any BN that consumes
+    it; what RepDistiller's networks return as features for AT, FitNets, SP and FT);
   `num_groups` (property).
 Features are sown into the flat top-level collection FEATURES: `mutated[FEATURES][name]` is a
 1-tuple holding the map, in the module's compute dtype.

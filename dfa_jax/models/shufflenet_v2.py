@@ -124,6 +124,12 @@ class ShuffleNetV2(nn.Module):
         """Sown features outside every group: none."""
         return ()
 
+    @nn.nowrap
+    def raw_group_ends(self) -> tuple[str, ...]:
+        """Per group, its raw output: the group end itself (no BN of its own consumes a unit's
+        output; the next unit starts with a ReLU)."""
+        return tuple(names[-1] for names in self.feature_groups())
+
     @nn.compact
     def __call__(self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None):
         """Runs groups start_group+1..stop_group.

@@ -1,7 +1,9 @@
 """Pre-activation Wide ResNet WRN-d-k for 32x32 images (Zagoruyko & Komodakis, no dropout).
 
 Every block output is sown pre-ReLU, i.e. as the output of the BatchNorm that consumes it: the
-next block's `bn1`, or the final `bn1` for the last block. The forward can stop at, or resume
+next block's `bn1`, or the final `bn1` for the last block. Each group's last block output is also
+sown raw (the residual stream before that BatchNorm, `g{i}_out`): the map RepDistiller's WRN hands
+AT, FitNets, SP and FT (`forward(is_feat=True, preact=False)`). The forward can stop at, or resume
 from, a group boundary (the pre-ReLU map at the end of a group). Parameter names mirror
 WideResNet-pytorch (`conv1`, `block{g}_layer{j}/{bn1,conv1,bn2,conv2,conv_shortcut}`, `bn1`,
 `fc`) so a PyTorch state_dict maps onto them 1:1.
@@ -73,8 +75,8 @@ class WideResNet(nn.Module):
     """WRN-depth-width: stem conv, 3 groups of (depth-4)/6 blocks at 32^2/16^2/8^2, BN-ReLU-pool-FC.
 
     Sown features (collection FEATURES, top level): 'stem' (the stem output after g1_b1's bn1,
-    [B, 32, 32, 16]) and 'g{i}_b{j}' for block j of group i, [B, 32/2^(i-1), 32/2^(i-1),
-    16*width*2^(i-1)].
+    [B, 32, 32, 16]), 'g{i}_b{j}' for block j of group i, [B, 32/2^(i-1), 32/2^(i-1),
+    16*width*2^(i-1)], and 'g{i}_out', group i's raw output (its last block's, before any BN).
     """
 
     depth: int
@@ -105,7 +107,12 @@ class WideResNet(nn.Module):
     @nn.nowrap
     def extra_feature_names(self) -> tuple[str, ...]:
         """Sown features outside every group."""
-        return ("stem",)
+        return ("stem",) + self.raw_group_ends()
+
+    @nn.nowrap
+    def raw_group_ends(self) -> tuple[str, ...]:
+        """Per group, the sown raw output of its last block (the residual stream, before a BN)."""
+        return tuple(f"g{g}_out" for g in range(1, self.num_groups + 1))
 
     def _block(self, group: int, index: int) -> WideBasicBlock:
         """Block `index` (0-based) of `group` (1-based)."""
@@ -149,6 +156,7 @@ class WideResNet(nn.Module):
                     layers.sow_feature(self, prev_name, pre)
                 x = block(x, pre, train)
                 pre, prev_name = None, f"g{group}_b{index + 1}"
+            layers.sow_feature(self, f"g{group}_out", x)
 
         # The last block's pre-ReLU feature is the output of the BN that consumes it.
         if pre is None:  # else start_group == G: the injected tensor goes straight to the head
