@@ -1,0 +1,148 @@
+"""Where alpha goes in a search and what moves it: a table and plots over search workdirs.
+
+    python -m benchmarks.search_dynamics RUNS/lambda* --out RUNS
+
+For every workdir (its `search/g{i}/metrics.jsonl`) and group: alpha at the start (softmax of the
+initial beta) and after every epoch, and, averaged over the logged steps, the two forces on beta
+that the search logs: |dL_val/dbeta_j| (`train/beta_grad/j`, the bridge loss's gradient) and
+|lambda * beta_j| (`train/val/beta_l2_pull/j`, the coupled L2's pull toward beta = 0, i.e.
+uniform alpha), with the ST path's share of the loss gradient. Writes `search_dynamics.md` (the
+table), `search_dynamics.jsonl` (one line per workdir and group), `alpha_trajectories.png` and
+`beta_forces.png` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from dfa_jax import files
+from dfa_jax import reporting
+
+
+def _rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def group_dynamics(workdir: str) -> list[dict]:
+    """Per group of one search workdir: steps, alpha start / per epoch / end, mean forces."""
+    config = files.read_json(os.path.join(workdir, "config.json"))
+    search = config["search"]
+    out, group = [], 1
+    while os.path.exists(path := os.path.join(workdir, "search", f"g{group}", "metrics.jsonl")):
+        rows = _rows(path)
+        steps = [r for r in rows if "train/beta_grad/0" in r]
+        epochs = [r for r in rows if "epoch" in r]
+        n = sum(1 for k in steps[0] if k.startswith("train/beta_grad/"))
+        beta0 = np.zeros(n)
+        beta0[-1] = search["init_last_logit"]
+
+        def mean(key):
+            return float(np.mean([r[key] for r in steps]))
+
+        grad = [mean(f"train/beta_grad/{j}") for j in range(n)]
+        pull = [mean(f"train/val/beta_l2_pull/{j}") for j in range(n)]
+        out.append(
+            {
+                "workdir": os.path.basename(os.path.normpath(workdir)),
+                "group": group,
+                "beta_lr": search["beta_lr"],
+                "lambda": search["beta_weight_decay"],
+                "w_schedule": search.get("w_schedule", "global"),
+                "steps": steps[-1]["step"] - (steps[0]["step"] - config["log_every_steps"]),
+                "alpha_start": _softmax(beta0).tolist(),
+                "alpha_epochs": [[r[f"alpha/g{group}/{j}"] for j in range(n)] for r in epochs],
+                "beta_grad": grad,
+                "beta_l2_pull": pull,
+                "share_st": mean("train/beta_share_st"),
+            }
+        )
+        group += 1
+    return out
+
+
+def table(records: list[dict]) -> str:
+    """A markdown table: one row per workdir and group."""
+    lines = [
+        "| run | group | steps | alpha start | alpha end | mean abs dL/dbeta (last map) | mean abs "
+        "lambda*beta (last map) | pull / grad | ST share of the gradient |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        fmt = " / ".join
+        pull, grad = r["beta_l2_pull"][-1], r["beta_grad"][-1]
+        ratio = f"{pull / grad:.3g}" if grad > 0 else "inf"
+        lines.append(
+            f"| {r['workdir']} | {r['group']} | {r['steps']} "
+            f"| {fmt(f'{a:.3f}' for a in r['alpha_start'])} "
+            f"| {fmt(f'{a:.3f}' for a in r['alpha_epochs'][-1])} "
+            f"| {grad:.3g} | {pull:.3g} | {ratio} | {r['share_st']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], out: str) -> None:
+    """alpha_trajectories.png (alpha of every map per epoch, epoch 0 = start) and
+    beta_forces.png (mean |dL/dbeta_j| against mean |lambda beta_j| per group), one row per run."""
+    plt = reporting._pyplot()  # noqa: SLF001  (the package's headless matplotlib)
+    runs = sorted({r["workdir"] for r in records})
+    groups = max(r["group"] for r in records)
+    for name, draw in (("alpha_trajectories", _draw_alpha), ("beta_forces", _draw_forces)):
+        fig, axes = plt.subplots(
+            len(runs), groups, figsize=(3.6 * groups, 2.6 * len(runs)), squeeze=False
+        )
+        for r in records:
+            ax = axes[runs.index(r["workdir"])][r["group"] - 1]
+            draw(ax, r)
+            ax.set_title(f"{r['workdir']} g{r['group']}", fontsize=8)
+        fig.tight_layout()
+        reporting._save_png(fig, os.path.join(out, f"{name}.png"))  # noqa: SLF001
+
+
+def _draw_alpha(ax, r):
+    alphas = np.array([r["alpha_start"]] + r["alpha_epochs"])
+    for j in range(alphas.shape[1]):
+        ax.plot(range(len(alphas)), alphas[:, j], marker="o", label=f"map {j + 1}")
+    ax.axhline(1.0 / alphas.shape[1], color="grey", lw=0.8, ls=":")  # 'Average'
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("search epoch", fontsize=7)
+    ax.legend(fontsize=6)
+
+
+def _draw_forces(ax, r):
+    x = np.arange(len(r["beta_grad"]))
+    ax.bar(x - 0.2, r["beta_grad"], 0.4, label="|dL/dbeta|")
+    ax.bar(x + 0.2, r["beta_l2_pull"], 0.4, label="|lambda beta|")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"map {j + 1}" for j in x], fontsize=7)
+    ax.legend(fontsize=6)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdirs", nargs="+", help="search workdirs")
+    parser.add_argument("--out", required=True, help="directory for the table and plots")
+    args = parser.parse_args(argv)
+    records = [r for w in args.workdirs for r in group_dynamics(w)]
+    os.makedirs(args.out, exist_ok=True)
+    text = table(records)
+    print(text)
+    files.write_text_atomic(os.path.join(args.out, "search_dynamics.md"), text + "\n")
+    files.write_text_atomic(
+        os.path.join(args.out, "search_dynamics.jsonl"),
+        "".join(json.dumps(r) + "\n" for r in records),
+    )
+    plot(records, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
