@@ -14,6 +14,7 @@ import re
 import ml_collections
 from ml_collections.config_dict import placeholder  # Optional fields the command line can set.
 
+from dfa_jax import baseline_presets
 from dfa_jax import errors
 
 # Stages the pipeline knows, in the order it runs them.
@@ -154,6 +155,9 @@ def base_config() -> ml_collections.ConfigDict:
     distill.aggregation = "dfa"
     distill.alpha_file = placeholder(str)  # 'file': an alpha.json of another run (DFA-T).
     distill.compare_with = ()  # More students after the main one: methods or DFA aggregations.
+    # Distillation positions of DFA and its aggregations: 'groups' (the group ends) or
+    # 'stem_and_groups' (a WRN's pre-ReLU stem too, weight 1/8, as the authors' baselines had it).
+    distill.positions = "groups"
     distill.distance = "partial_l2"  # 'partial_l2' (overhaul's, with `margin`) or 'l2'.
     distill.margin = -1.0  # partial_l2's margin: the paper keeps teacher values >= -1.
     distill.gamma_fd = 1e-3  # gamma_fd of L = CE + gamma_fd * L_fd (Eq. 4).
@@ -162,6 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- baselines of Table 2 (weights: RepDistiller's CIFAR-100 commands unless noted) --------
     config.baselines = base = ml_collections.ConfigDict()
+    # Whose settings KD, AT, SP and Margin run with: 'peers' (these fields, RepDistiller's) or
+    # 'authors' (the DFA authors' own baseline code: dfa_jax/baseline_presets.py says which).
+    base.preset = "peers"
     base.kd_temperature = 4.0  # KD: T (RepDistiller -T 4; the DFA authors used 16).
     base.kd_weight = 0.9  # KD: weight of T^2 KL (RepDistiller -a 0.9).
     base.kd_ce_weight = 0.1  # KD: weight of the label cross-entropy (RepDistiller -r 0.1).
@@ -717,6 +724,17 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.append(
             f"baselines.ft_rate = {base.ft_rate}: must be positive (RepDistiller: 0.5)."
         )
+    if base.preset not in baseline_presets.PRESETS:
+        problems.append(
+            f"baselines.preset = {base.preset!r}: use 'peers' (RepDistiller's settings) or"
+            " 'authors' (the DFA authors' baseline code)."
+        )
+    else:
+        problems.extend(baseline_presets.conflicts(config, base_config()))
+    if distill.positions not in ("groups", "stem_and_groups"):
+        problems.append(
+            f"distill.positions = {distill.positions!r}: use 'groups' or 'stem_and_groups'."
+        )
     if base.margin_teacher_bn not in ("eval", "batch"):
         problems.append(
             f"baselines.margin_teacher_bn = {base.margin_teacher_bn!r}: use 'batch' (overhaul's)"
@@ -763,6 +781,14 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             f"checkpoints_to_keep = {config.checkpoints_to_keep}: keep at least 1 checkpoint."
         )
 
+    if distill.positions == "stem_and_groups" and teacher_ok and student_ok:
+        for role in ("teacher", "student"):
+            if not config[role].model.startswith("wrn_"):
+                problems.append(
+                    f"distill.positions = 'stem_and_groups' with {role}.model ="
+                    f" {config[role].model!r}: only a WRN has a stem outside its groups (a"
+                    " ShuffleNetV2's stem is its group 1); use 'groups'."
+                )
     if teacher_ok and student_ok and data.dataset in data_lib.DATASETS:
         t_sizes = _check_group_sizes(config.teacher.model)
         s_sizes = _check_group_sizes(config.student.model)
@@ -826,6 +852,8 @@ def result_fields(config_dict: dict) -> dict:
 # rebuilt as the peers build them: README, "What changed") take their new default, so a workdir
 # of another method still resumes; such a method's own students start over from a fresh workdir.
 VALUES_BEFORE_THE_FIELD = {
+    "baselines.preset": "peers",
+    "distill.positions": "groups",
     "teacher.distill_from": "last",
     "search.w_schedule": "global",
     "baselines.ft_pretrain_lr": 0.01,

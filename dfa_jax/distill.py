@@ -377,7 +377,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, label: s
     if method == "dfa":
         beta = frozen_beta(aggregation_alpha(label, pair.teacher, config, workdir))
     elif method == "margin":
-        margins = methods.teacher_margins(pair, teacher_vars)
+        margins = methods.teacher_margins(pair, teacher_vars, methods.reads_stem(method, config))
     elif method == "ft":
         paraphraser = pretrain_paraphraser(
             config, os.path.join(directory, "paraphraser"), pair, data, mesh, teacher_vars

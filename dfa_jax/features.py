@@ -40,17 +40,21 @@ def clamp(x: jax.Array, clamp_min: float | None) -> jax.Array:
     return x if clamp_min is None else jnp.maximum(x, clamp_min)
 
 
-def group_shapes(model, image_size: int = 32) -> list[tuple[int, ...]]:
-    """Per group, the shape [1, H, W, C] shared by all its candidate maps (no compile, no FLOPs)."""
+def shapes_of(model, names: Sequence[str], image_size: int = 32) -> list[tuple[int, ...]]:
+    """The shapes [1, H, W, C] of the sown maps `names` (no compile, no FLOPs)."""
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
 
     def forward(x):
         variables = model.init(jax.random.key(0), x)
         _, mutated = model.apply(variables, x, mutable=[models.FEATURES])
-        groups = model.feature_groups()
-        return [read(mutated, names)[-1] for names in groups]
+        return read(mutated, names)
 
     return [tuple(s.shape) for s in jax.eval_shape(forward, x)]
+
+
+def group_shapes(model, image_size: int = 32) -> list[tuple[int, ...]]:
+    """Per group, the shape [1, H, W, C] shared by all its candidate maps."""
+    return shapes_of(model, [names[-1] for names in model.feature_groups()], image_size)
 
 
 def group_spatial_sizes(model, image_size: int = 32) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dfa_jax import baseline_presets
 from dfa_jax import config_lib
 from dfa_jax import features
 from dfa_jax import losses
@@ -179,6 +180,11 @@ def init_helpers(label: str, pair: Pair, config, seed: int, mesh) -> tuple[dict,
         st_params, st_stats = connector_helpers(
             s_shapes, [s[-1] for s in t_shapes], seed, mesh, dtype
         )
+        if reads_stem(method, config):
+            (t_stem,) = features.shapes_of(pair.teacher, pair.teacher.stem_features()[:1])
+            (s_stem,) = features.shapes_of(pair.student, pair.student.stem_features()[:1])
+            connector = models.Connector(t_stem[-1], dtype=dtype)
+            st_params[STEM], st_stats[STEM] = _init(connector, seed + 50, mesh, s_stem)
         return {"st": st_params}, {"st": st_stats}
     if method == "ab":
         # RepDistiller's AB `Connector` (`models/util.py`): the identity where the student's map
@@ -205,6 +211,31 @@ def init_helpers(label: str, pair: Pair, config, seed: int, mesh) -> tuple[dict,
     return {}, {}
 
 
+STEM = "stem"
+"""The pytree key of a WRN's stem position (its connector), beside the groups' `g{i}`."""
+
+
+def reads_stem(method: str, config) -> bool:
+    """Whether `method` also distills at a WRN's stem (`distill.positions` for DFA, the 'authors'
+    preset for AT, SP and Margin)."""
+    if method == "dfa":
+        return config.distill.positions == "stem_and_groups"
+    return method in ("at", "sp", "margin") and baseline_presets.settings(config).with_stem
+
+
+def positions(model, kind: str, with_stem: bool = False) -> list[str]:
+    """Sown names of the maps a method reads: every group end, 'pre_relu' (the consumer BN's
+    output) or 'raw' (before it), after a WRN's stem when `with_stem`."""
+    if kind == "pre_relu":
+        names = [group[-1] for group in model.feature_groups()]
+    else:
+        names = list(model.raw_group_ends())
+    stem = model.stem_features()
+    if with_stem and stem is not None:
+        names.insert(0, stem[0] if kind == "pre_relu" else stem[1])
+    return names
+
+
 def ab_connectors(pair: Pair, params: dict) -> list:
     """Per group, AB's connector module, or None where it is the identity (see init_helpers)."""
     return [
@@ -220,8 +251,9 @@ def fitnets_group(pair: Pair) -> int:
     return (len(pair.t_groups) + 1) // 2
 
 
-def teacher_margins(pair: Pair, teacher_vars) -> list[jax.Array]:
-    """Per group end, overhaul's margin E[t | t < 0] from the BN that produces it ([C] each).
+def teacher_margins(pair: Pair, teacher_vars, with_stem: bool = False) -> list[jax.Array]:
+    """Per group end (after the stem when `with_stem`), overhaul's margin E[t | t < 0] from the
+    BN that produces it ([C] each).
 
     Only WRNs have one BatchNorm producing each group end (the consumer BN). A teacher without
     one (ShuffleNetV2: a unit ends in a concatenation and a channel shuffle) gets the constant
@@ -233,7 +265,9 @@ def teacher_margins(pair: Pair, teacher_vars) -> list[jax.Array]:
         return [jnp.full((shape[-1],), -1.0, jnp.float32) for shape in pair.t_shapes()]
     params = teacher_vars["params"]
     num_groups = len(pair.t_groups)
-    bns = [params[f"block{i + 1}_layer0"]["bn1"] for i in range(1, num_groups)] + [params["bn1"]]
+    first = 0 if with_stem else 1  # block1_layer0's bn1 consumes the stem.
+    bns = [params[f"block{i + 1}_layer0"]["bn1"] for i in range(first, num_groups)]
+    bns.append(params["bn1"])
     return [losses.bn_margin(bn["scale"], bn["bias"]) for bn in bns]
 
 
@@ -253,9 +287,16 @@ def make_loss_fn(label: str, pair: Pair, config, margins=None):
     """The w loss of run `label` (see the module docstring); `margins` for Margin only."""
     method = method_of(label)
     base = config.baselines
+    preset = baseline_presets.settings(config)
+    stem = reads_stem(method, config)
     clamp_min = config.features.clamp_min
     t_channels = [s[-1] for s in pair.t_shapes()]
-    connectors = [models.Connector(c, dtype=pair.student.dtype) for c in t_channels]
+    # Margin's and DFA's connector positions: the group ends, after the stem when it is read.
+    fd_keys = ([STEM] if stem else []) + [group_key(i + 1) for i in range(len(t_channels))]
+    fd_channels = [
+        s[-1] for s in features.shapes_of(pair.teacher, positions(pair.teacher, "pre_relu", stem))
+    ]
+    connectors = [models.Connector(c, dtype=pair.student.dtype) for c in fd_channels]
     teacher_train = teacher_bn(method, config) == "batch"
     needs_teacher_features = method not in ("none", "kd", "jacobian")
 
@@ -297,27 +338,38 @@ def make_loss_fn(label: str, pair: Pair, config, margins=None):
         def teacher_maps(names):
             return [jax.lax.stop_gradient(m) for m in group_end_maps(t_mut, names)]
 
-        s_pre = group_end_maps(s_mut, pair.s_ends)
-        t_pre = teacher_maps(pair.t_ends) if needs_teacher_features else []
+        def maps(kind):
+            """(student, teacher) maps at this method's positions: 'pre_relu' or 'raw'."""
+            s_names, t_names = (
+                positions(pair.student, kind, stem),
+                positions(pair.teacher, kind, stem),
+            )
+            return group_end_maps(s_mut, s_names), (
+                teacher_maps(t_names) if needs_teacher_features else []
+            )
+
         # RepDistiller's methods read the raw group outputs (see the module docstring).
-        s_raw = group_end_maps(s_mut, pair.s_raw)
-        t_raw = teacher_maps(pair.t_raw) if needs_teacher_features else []
+        s_raw, t_raw = maps("raw")
         if method == "kd":
-            kd = losses.kd_loss(logits, t_logits, base.kd_temperature)
+            kd = losses.kd_loss(logits, t_logits, preset.kd_temperature)
             metrics["kd_loss"] = kd
-            return base.kd_ce_weight * ce + base.kd_weight * kd, (new_stats, metrics)
+            return preset.kd_ce_weight * ce + preset.kd_weight * kd, (new_stats, metrics)
         if method == "jacobian":
             jac = jacobian_term(pair, params, batch_stats, aux, images, labels)
             metrics["jacobian_loss"] = jac
             return ce + base.jacobian_weight * jac, (new_stats, metrics)
         if method == "at":  # RepDistiller: feat[1:-1], every group's output.
-            at = sum(losses.at_loss(s, t) for s, t in zip(s_raw, t_raw))
+            s_at, t_at = (s_raw, t_raw) if preset.at_maps == "raw" else maps("pre_relu")
+            at = sum(losses.at_loss(s, t, preset.at_p) for s, t in zip(s_at, t_at))
             metrics["at_loss"] = at
-            return ce + base.at_weight * at, (new_stats, metrics)
+            return ce + preset.at_weight * at, (new_stats, metrics)
         if method == "sp":  # RepDistiller: feat[-2], the last group's output.
-            sp = losses.sp_loss(s_raw[-1], t_raw[-1])
+            pairs = (
+                list(zip(s_raw, t_raw)) if preset.sp_every_position else [(s_raw[-1], t_raw[-1])]
+            )
+            sp = sum(losses.sp_loss(s, t) for s, t in pairs)
             metrics["sp_loss"] = sp
-            return ce + base.sp_weight * sp, (new_stats, metrics)
+            return ce + preset.sp_weight * sp, (new_stats, metrics)
         if method == "fitnets":  # RepDistiller: feat[hint_layer = 2].
             g = fitnets_group(pair)
             regressed, stats = _apply_helper(
@@ -351,25 +403,26 @@ def make_loss_fn(label: str, pair: Pair, config, margins=None):
             return ce + base.ft_weight * ft, (new_stats, metrics)
 
         # Connector methods over every group end: Margin (overhaul) and DFA (Eqs. 3-4).
+        s_pre, t_pre = maps("pre_relu")
         mapped, st_stats = [], {}
-        for i, connector in enumerate(connectors):
-            out, stats = _apply_helper(
-                connector, params, batch_stats, "st", s_pre[i], group_key(i + 1)
-            )
+        for key, connector, s_map in zip(fd_keys, connectors, s_pre):
+            out, stats = _apply_helper(connector, params, batch_stats, "st", s_map, key)
             mapped.append(out)
-            st_stats[group_key(i + 1)] = stats
+            st_stats[key] = stats
         new_stats["st"] = st_stats
         if method == "margin":
             fd = losses.feature_distillation_loss(mapped, t_pre, margin=list(margins))
-            gamma = base.margin_gamma
+            gamma = preset.margin_gamma
         else:
-            targets = []
+            # The stem is one map: its target is that map itself.
+            targets = [features.clamp(t_pre[0], clamp_min)] if stem else []
             for i, names in enumerate(pair.t_groups):
-                maps = [
+                candidates = [
                     jax.lax.stop_gradient(features.clamp(m, clamp_min))
                     for m in group_end_maps(t_mut, names)
                 ]
-                targets.append(losses.aggregate(maps, jax.nn.softmax(beta[group_key(i + 1)])))
+                alpha = jax.nn.softmax(beta[group_key(i + 1)])
+                targets.append(losses.aggregate(candidates, alpha))
             fd = losses.feature_distillation_loss(
                 mapped, targets, distance=config.distill.distance, margin=config.distill.margin
             )
@@ -384,10 +437,12 @@ def teacher_bn(method: str, config) -> str:
     """How the teacher's BatchNorm runs while `method` distills: 'eval' or 'batch'.
 
     Margin runs as overhaul-distillation's `train_with_distillation.py` does, with the teacher in
-    train mode (`baselines.margin_teacher_bn`); every other method follows `distill.teacher_bn`
-    (RepDistiller keeps its teacher in eval mode).
+    train mode (`baselines.margin_teacher_bn`; eval mode under the 'authors' preset); every other
+    method follows `distill.teacher_bn` (RepDistiller keeps its teacher in eval mode).
     """
-    return config.baselines.margin_teacher_bn if method == "margin" else config.distill.teacher_bn
+    if method == "margin":
+        return baseline_presets.settings(config).margin_teacher_bn
+    return config.distill.teacher_bn
 
 
 def teacher_variables(aux) -> dict:

@@ -546,3 +546,147 @@ def test_margin_is_overhauls(setting):
         setting, "margin", helpers["params"], helpers["batch_stats"], margins=jax_margins
     )
     _close(loss, want)
+
+
+# ------------------------------------------------- the DFA authors' baselines ('authors' preset)
+
+
+def _authors_features(net, images, preact):
+    """github.com/PkuDavidGuan/Distillation's WRN features: [g0, g1, g2, g3], the stem and the
+    three block outputs, each through the BN that consumes it with `--preReLU`."""
+    f0 = net.conv1(images)
+    f1 = net.block1(f0)
+    f2 = net.block2(f1)
+    f3 = net.block3(f2)
+    feats = [f0, f1, f2, f3]
+    if preact:
+        bns = [net.block1.layer[0].bn1] + net.get_bn_before_relu()
+        feats = [bn(f) for bn, f in zip(bns, feats)]
+    return feats
+
+
+def _authors_setting(setting, **changes):
+    config = config_lib.base_config()
+    config.baselines.preset = "authors"
+    for field, value in changes.items():
+        section, name = field.split(".")
+        config[section][name] = value
+    return {**setting, "config": config}
+
+
+def _authors_forward(setting, preact):
+    student, teacher = _torch_models(setting)
+    logit_s = student(setting["images"])
+    feat_s = _authors_features(student, setting["images"], preact)
+    with torch.no_grad():
+        logit_t = teacher(setting["images"])
+        feat_t = _authors_features(teacher, setting["images"], preact)
+    return feat_s, logit_s, feat_t, logit_t
+
+
+def test_authors_kd(setting):
+    """`kd_loss.py`: 0.8 CE + 0.2 T^2 soft-CE at T = 4 — the KL here plus the teacher's entropy."""
+    setting = _authors_setting(setting)
+    _, logit_s, _, logit_t = _authors_forward(setting, preact=False)
+    p_t = F.softmax(logit_t / 4, dim=1)
+    soft_ce = -(p_t * F.log_softmax(logit_s / 4, dim=1)).sum(1).mean()
+    want = 0.8 * F.cross_entropy(logit_s, setting["labels"]) + 0.2 * 16 * soft_ce
+    entropy = -(p_t * torch.log(p_t)).sum(1).mean()
+    _close(_jax_loss(setting, "kd")[0], want - 0.2 * 16 * entropy)
+
+
+def test_authors_at(setting):
+    """`at_loss.py` with `--preReLU`: CE + 60/2 sum over the 4 positions of
+    mse(normalize(sum_c f_s), normalize(sum_c f_t)), each sample normalised by its own norm."""
+    setting = _authors_setting(setting)
+    feat_s, logit_s, feat_t, _ = _authors_forward(setting, preact=True)
+
+    def q(f):
+        return F.normalize(f.sum(1).view(f.shape[0], -1), dim=1)
+
+    at = sum(F.mse_loss(q(s), q(t)) for s, t in zip(feat_s, feat_t))
+    loss, metrics = _jax_loss(setting, "at")
+    _close(float(metrics["at_loss"]), at)
+    _close(loss, F.cross_entropy(logit_s, setting["labels"]) + 30 * at)
+
+
+def test_authors_sp(setting):
+    """`similarity_loss.py`: CE + 3000 sum over the 4 raw positions of ||G_t - G_s||_F^2 / B^2."""
+    setting = _authors_setting(setting)
+    feat_s, logit_s, feat_t, _ = _authors_forward(setting, preact=False)
+
+    def gram(f):
+        f = f.view(f.shape[0], -1)
+        g = f @ f.t()
+        return g / torch.norm(g, dim=1, keepdim=True)
+
+    sp = sum(torch.norm(gram(t) - gram(s), p="fro") ** 2 for s, t in zip(feat_s, feat_t))
+    sp = sp / BATCH**2
+    loss, metrics = _jax_loss(setting, "sp")
+    _close(float(metrics["sp_loss"]), sp)
+    _close(loss, F.cross_entropy(logit_s, setting["labels"]) + 3000 * sp)
+
+
+def _connected(setting, label, feat_s, feat_t):
+    helpers = _init_helpers(setting, label)
+    keys = [methods.STEM] + [methods.group_key(i + 1) for i in range(3)]
+    assert sorted(helpers["params"]["st"]) == sorted(keys)
+    out = []
+    for key, s, t in zip(keys, feat_s, feat_t):
+        connector = conv_reg(s.shape[1], t.shape[1], use_relu=False).train()
+        _port_connector(connector, helpers["params"]["st"][key], helpers["batch_stats"]["st"][key])
+        out.append(connector(s))
+    return helpers, out
+
+
+def test_authors_margin(setting):
+    """`margin_ReLU_loss.py` with `--preReLU`: the teacher in eval mode, the 4 positions weighted
+    1/8 .. 1, margins from the teacher's BNs (the stem's from block1.layer[0].bn1); CE + 1e-3 *
+    sum / B."""
+    setting = _authors_setting(setting)
+    feat_s, logit_s, feat_t, _ = _authors_forward(setting, preact=True)
+    helpers, mapped = _connected(setting, "margin", feat_s, feat_t)
+    teacher = _torch_net(setting["t_vars"], *TEACHER, 10, train=False)
+    bns = [teacher.block1.layer[0].bn1] + teacher.get_bn_before_relu()
+    total = sum(
+        overhaul_distillation_loss(s, t, overhaul_margin(bn)) / 2 ** (3 - i)
+        for i, (s, t, bn) in enumerate(zip(mapped, feat_t, bns))
+    )
+    want = F.cross_entropy(logit_s, setting["labels"]) + 1e-3 * total / BATCH
+    margins = methods.teacher_margins(setting["pair"], setting["t_vars"], with_stem=True)
+    loss, _ = _jax_loss(
+        setting, "margin", helpers["params"], helpers["batch_stats"], margins=margins
+    )
+    _close(loss, want)
+
+
+def test_last_with_the_stem_position(setting):
+    """`distill.positions='stem_and_groups'`: Last distils the pre-ReLU stem too, weight 1/8,
+    with the partial L2 at the constant margin -1 (overhaul's loss on clamped targets)."""
+    setting = _authors_setting(setting, **{"distill.positions": "stem_and_groups"})
+    setting["config"].baselines.preset = "peers"
+    feat_s, logit_s, feat_t, _ = _authors_forward(setting, preact=True)
+    helpers, mapped = _connected(setting, "last", feat_s, feat_t)
+    minus_one = torch.tensor(-1.0)
+    total = sum(
+        overhaul_distillation_loss(s, t, minus_one) / 2 ** (3 - i)
+        for i, (s, t) in enumerate(zip(mapped, feat_t))
+    )
+    want = F.cross_entropy(logit_s, setting["labels"]) + 1e-3 * total / BATCH
+    pair = setting["pair"]
+    beta = distill.frozen_beta(
+        distill.aggregation_alpha("last", pair.teacher, setting["config"], "")
+    )
+    params = {"student": setting["s_vars"]["params"], **helpers["params"]}
+    stats = {"student": setting["s_vars"]["batch_stats"], **helpers["batch_stats"]}
+    loss_fn = methods.make_loss_fn("last", pair, setting["config"])
+    loss, _ = jax.jit(loss_fn)(params, stats, beta, setting["batch"], None, setting["t_vars"])
+    _close(float(loss), want)
+
+
+def test_authors_preset_refuses_a_weight_set_against_it():
+    config = config_lib.base_config()
+    config.baselines.preset = "authors"
+    config.baselines.at_weight = 50.0
+    with pytest.raises(config_lib.ConfigError, match=r"baselines.at_weight = 50.0 .*'authors'"):
+        config_lib.validate(config, device_count=1)

@@ -5,6 +5,7 @@ Every model is a Linen module with
     boundary tensor when stop_group is set; start_group resumes from an injected boundary;
   `feature_groups()` -> per group, the names of its candidate maps (last = the boundary);
   `extra_feature_names()` -> sown names outside every group;
+  `stem_features()` -> (pre-ReLU, raw) sown names of a stem outside every group, or None;
   `raw_group_ends()` -> per group, the sown name of its raw output (before any BN that consumes
     it; what RepDistiller's networks return as features for AT, FitNets, SP and FT);
   `num_groups` (property).

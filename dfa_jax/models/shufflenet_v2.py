@@ -125,6 +125,11 @@ class ShuffleNetV2(nn.Module):
         return ()
 
     @nn.nowrap
+    def stem_features(self) -> None:
+        """None: the stem is group 1."""
+        return None
+
+    @nn.nowrap
     def raw_group_ends(self) -> tuple[str, ...]:
         """Per group, its raw output: the group end itself (no BN of its own consumes a unit's
         output; the next unit starts with a ReLU)."""

@@ -75,7 +75,7 @@ class WideResNet(nn.Module):
     """WRN-depth-width: stem conv, 3 groups of (depth-4)/6 blocks at 32^2/16^2/8^2, BN-ReLU-pool-FC.
 
     Sown features (collection FEATURES, top level): 'stem' (the stem output after g1_b1's bn1,
-    [B, 32, 32, 16]), 'g{i}_b{j}' for block j of group i, [B, 32/2^(i-1), 32/2^(i-1),
+    [B, 32, 32, 16]) and 'stem_out' (the raw stem output), 'g{i}_b{j}' for block j of group i, [B, 32/2^(i-1), 32/2^(i-1),
     16*width*2^(i-1)], and 'g{i}_out', group i's raw output (its last block's, before any BN).
     """
 
@@ -107,7 +107,13 @@ class WideResNet(nn.Module):
     @nn.nowrap
     def extra_feature_names(self) -> tuple[str, ...]:
         """Sown features outside every group."""
-        return ("stem",) + self.raw_group_ends()
+        return self.stem_features() + self.raw_group_ends()
+
+    @nn.nowrap
+    def stem_features(self) -> tuple[str, str]:
+        """The stem's sown maps outside every group: (pre-ReLU, raw) = (g1_b1's bn1 of it, conv1's
+        output)."""
+        return ("stem", "stem_out")
 
     @nn.nowrap
     def raw_group_ends(self) -> tuple[str, ...]:
@@ -143,6 +149,7 @@ class WideResNet(nn.Module):
         x = x.astype(self.dtype)
         if start_group == 0:
             x = layers.Conv3x3(16, dtype=self.dtype, name="conv1")(x)
+            layers.sow_feature(self, "stem_out", x)
             pre, prev_name = None, "stem"
         else:
             # An injected boundary is already pre-activated; the next block projects it.

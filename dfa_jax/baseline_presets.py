@@ -1,0 +1,89 @@
+"""Whose settings the baselines run with: RepDistiller's ('peers', the default) or the authors'.
+
+`baselines.preset = 'authors'` runs KD, AT, SP and Margin as the DFA authors' own baseline code
+does (github.com/PkuDavidGuan/Distillation, the code of the paper's first author, commit c2c0316):
+
+* positions: a WRN's stem and its three group ends (`framework/modeling/backbone/wrn.py` returns
+  `[g0, g1, g2, g3]` to every method), weighted 1/8, 1/4, 1/2, 1 where a method weighs them;
+* KD: `alpha * CE + (1 - alpha) * T^2 * soft-CE` with alpha 0.8 (`--alpha` default,
+  `framework/losses/kd_loss.py`) and T = 4 (the `scripts/cifar100.*.kd.sh` pass `--temperature 4`);
+  their soft cross-entropy differs from the KL here by the teacher's entropy, a constant;
+* AT: p = 1 (the attention map is the plain channel sum, `framework/losses/at_loss.py`) on the
+  pre-ReLU maps (`scripts/cifar100.wrn_28_4_16_2.at.sh` passes `--preReLU`), every position,
+  weight beta / 2 = 30 (`self.beta = 60`). Their `normalize` broadcasts one sample's norm over
+  the batch; here each sample's map is normalised by its own norm, the method as published;
+* SP: every position's raw output (no SP script passes `--preReLU`), gamma = 3000
+  (`framework/losses/similarity_loss.py`);
+* Margin: every position pre-ReLU with the teacher's BN margins, alpha = 1e-3
+  (`framework/losses/margin_ReLU_loss.py`, scripts with `--preReLU`), the teacher in eval mode
+  as for every method there (`train.py`: `model.model_t.eval()`).
+
+Their code has no FitNets, FT, AB or Jacobian; those keep RepDistiller's settings under either
+preset. The configs' own fields hold the peers' values; `settings(config)` is the one place that
+resolves what a run uses, and `conflicts(config)` names a field set against the chosen preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PRESETS = ("peers", "authors")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The numbers and positions a run's KD, AT, SP and Margin use."""
+
+    kd_temperature: float
+    kd_weight: float
+    kd_ce_weight: float
+    at_weight: float
+    at_p: int
+    at_maps: str  # 'raw' (the residual stream, RepDistiller's) or 'pre_relu'.
+    sp_weight: float
+    sp_every_position: bool  # False: the last group end only (RepDistiller's feat[-2]).
+    margin_gamma: float
+    margin_teacher_bn: str  # 'batch' (overhaul's) or 'eval'.
+    with_stem: bool  # AT, SP and Margin also read a WRN's stem.
+
+
+# The authors' values, by config field (see the module docstring for where each comes from).
+AUTHORS = {
+    "kd_temperature": 4.0,
+    "kd_weight": 0.2,
+    "kd_ce_weight": 0.8,
+    "at_weight": 30.0,
+    "sp_weight": 3000.0,
+    "margin_gamma": 1e-3,
+    "margin_teacher_bn": "eval",
+}
+
+
+def settings(config) -> Settings:
+    """What `config`'s baselines run with under its `baselines.preset`."""
+    base = config.baselines
+    values = {field: base[field] for field in AUTHORS}
+    authors = base.preset == "authors"
+    if authors:
+        values.update(AUTHORS)
+    return Settings(
+        **values,
+        at_p=1 if authors else 2,
+        at_maps="pre_relu" if authors else "raw",
+        sp_every_position=authors,
+        with_stem=authors,
+    )
+
+
+def conflicts(config, defaults) -> list[str]:
+    """Config problems: a field the 'authors' preset sets, given another value than its default
+    (`defaults` is `base_config()`), would be silently overridden."""
+    base = config.baselines
+    if base.preset != "authors":
+        return []
+    return [
+        f"baselines.{field} = {base[field]} is set, but baselines.preset = 'authors' sets it to "
+        f"{value} (the DFA authors' code); drop one of the two."
+        for field, value in AUTHORS.items()
+        if base[field] != defaults.baselines[field]
+    ]
