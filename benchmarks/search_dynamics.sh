@@ -5,20 +5,22 @@
 # and 'per_group' — then a table and alpha-trajectory plots of where alpha went and whether the
 # loss's gradient or the L2 pull moved it (benchmarks/search_dynamics.py).
 #   bash benchmarks/search_dynamics.sh CIFAR10_NPZ_DIR [RUNS_DIR] [TRAIN_IMAGES] [EPOCHS_PER_GROUP]
+#       [TEACHER_EPOCHS]
 # TRAIN_IMAGES (default 10000) caps the training images the search splits 7:3 into its w and beta
-# halves; the teacher trains on all of them. Re-running resumes.
+# halves; the teacher (TEACHER_EPOCHS, default 5) trains on all of them. Re-running resumes.
 set -euo pipefail
 data=${1:?usage: search_dynamics.sh CIFAR10_NPZ_DIR [RUNS_DIR] [TRAIN_IMAGES] [EPOCHS_PER_GROUP]}
 runs=${2:-runs/search_dynamics}
 train_images=${3:-10000}
 epochs_per_group=${4:-5}
+teacher_epochs=${5:-5}
 lscpu | grep -m1 "Model name" || true
 # One JAX CPU device (see real_data_cifar10.sh).
 common=(--config.num_cpu_devices=1 --config.data.dataset=cifar10 --config.data.source=npz
         "--config.data.path=$data" --config.teacher.model=wrn_16_2 --config.student.model=wrn_10_1
         --config.log_every_steps=10 --config.checkpoint_every_steps=1000)
 python -m dfa_jax.main --config=configs/cifar100_pair3.py --workdir="$runs/teacher" "${common[@]}" \
-  '--config.stages=("teacher",)' --config.teacher.optim.epochs=5 \
+  '--config.stages=("teacher",)' --config.teacher.optim.epochs="$teacher_epochs" \
   --config.teacher.optim.schedule=cosine
 for lam in 0.001 0.0; do
   for schedule in global per_group; do

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from conftest import SUBPROCESS_XLA_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs in its own process: the test session has 2 CPU devices, this needs 3.
@@ -43,8 +45,7 @@ print("ok", want_acc)
 
 
 def test_evaluation_counts_each_example_once_on_1_2_3_devices():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=ROOT,

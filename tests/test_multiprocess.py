@@ -15,17 +15,22 @@ import time
 
 import pytest
 
+from conftest import SUBPROCESS_XLA_FLAGS
+from dfa_jax import pipeline
+from test_config import load_config
 from test_train_loop import LAYOUT_TOLERANCE, assert_within_layout_tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ is run from the repository root, outside the package.
 from benchmarks import layout_agreement  # noqa: E402
 
-# Teacher -> search (three groups) -> DFA distillation, seconds per stage; one metrics row per
-# step. Four teacher epochs: the SIGTERM test's stop lands well inside the teacher stage.
+# Teacher -> search (three groups), seconds per stage; one metrics row per step. (Distillation is
+# the teacher's w step with the teacher's forward as input, which the search has too.) Four
+# teacher epochs: the SIGTERM test's stop lands well inside the teacher stage, and the teacher
+# leaves several checkpoints to resume from.
 TINY = [
     "--config=configs/demo.py:tiny",
-    "--config.distill.compare_with=()",
+    "--config.stages=('teacher', 'search')",
     "--config.log_every_steps=1",
     "--config.teacher.optim.epochs=4",
 ]
@@ -37,9 +42,14 @@ TIMEOUT_S = 900
 
 
 def _env():
-    env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    env.pop("XLA_FLAGS", None)  # main.py sets its own; the tests' 2-device flag must not leak.
-    return env
+    # main.py adds its own XLA flags to these.
+    return dict(
+        os.environ,
+        PYTHON=sys.executable,
+        JAX_PLATFORMS="cpu",
+        CUDA_VISIBLE_DEVICES="",
+        XLA_FLAGS=SUBPROCESS_XLA_FLAGS,
+    )
 
 
 def _free_port() -> int:
@@ -82,8 +92,13 @@ def _records(path) -> list[dict]:
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multiprocess")
     one, two = str(base / "one"), str(base / "two")
-    # One process with two CPU devices: the same 2-device mesh as two processes of one each.
-    _one_process(one, "--config.num_cpu_devices=2")
+    # One process with two CPU devices (this one's): the same 2-device mesh as two processes of
+    # one each.
+    config = load_config("demo", "tiny")
+    config.stages = ("teacher", "search")
+    config.log_every_steps = 1
+    config.teacher.optim.epochs = 4
+    pipeline.run(config, one)
     port = str(_free_port())
     out = _run([*TWO_PROCESSES, "--port", port, *TINY, ONE_DEVICE_EACH, f"--workdir={two}"])
     log = os.path.join(two, "logs", "process_1.log")
@@ -109,8 +124,8 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
     _, two = runs
     resumed = str(tmp_path / "resumed")
     shutil.copytree(two, resumed)
-    # As if killed in distillation after its last-but-one checkpoint.
-    stage = os.path.join(resumed, "distill", "dfa")
+    # As if killed in the teacher stage after its last-but-one checkpoint.
+    stage = os.path.join(resumed, "teacher")
     checkpoints = os.path.join(stage, "checkpoints")
     steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
     assert len(steps) >= 2
@@ -118,7 +133,7 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
     os.remove(os.path.join(stage, "result.json"))
     os.remove(os.path.join(resumed, "summary.json"))
     log = _one_process(resumed, "--config.num_cpu_devices=2")
-    assert f"[distill/dfa] resuming from step {steps[-2]}" in log
+    assert f"[teacher] resuming from step {steps[-2]}" in log
     assert _stages(resumed).keys() == _stages(two).keys()
     # The last steps ran as another program (one process): the layout tolerance, not bitwise.
     assert_within_layout_tolerance(layout_agreement.compare(resumed, two))
