@@ -57,7 +57,9 @@ def group_dynamics(workdir: str) -> list[dict]:
                 "beta_lr": search["beta_lr"],
                 "lambda": search["beta_weight_decay"],
                 "w_schedule": search.get("w_schedule", "global"),
-                "steps": steps[-1]["step"] - (steps[0]["step"] - config["log_every_steps"]),
+                "steps": files.read_json(os.path.join(os.path.dirname(path), "result.json"))[
+                    "steps"
+                ],
                 "alpha_start": _softmax(beta0).tolist(),
                 "alpha_epochs": [[r[f"alpha/g{group}/{j}"] for j in range(n)] for r in epochs],
                 "beta_grad": grad,

@@ -4,6 +4,7 @@ single tracing, resume exactness across the search, and a whole tiny pipeline on
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,9 @@ from dfa_jax import teacher as teacher_lib
 from dfa_jax import train_loop
 
 from test_config import load_config
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import search_dynamics  # noqa: E402
 
 
 def tiny_models():
@@ -189,6 +193,16 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
     assert summary["stages"]["search"]["alpha"] == {
         f"g{g['group']}": g["alpha"] for g in record["groups"]
     }
+    # benchmarks/search_dynamics reads the same alpha, and the forces on beta, from the records.
+    dynamics = search_dynamics.group_dynamics(workdir)
+    assert [d["group"] for d in dynamics] == [1, 2, 3]
+    steps = json.load(open(os.path.join(workdir, "search", "g1", "result.json")))["steps"]
+    for d, g in zip(dynamics, record["groups"]):
+        np.testing.assert_allclose(d["alpha_start"], jax.nn.softmax(jnp.array([0.0, 4.0])))
+        np.testing.assert_allclose(d["alpha_epochs"][-1], g["alpha"], rtol=1e-6)
+        assert d["steps"] == steps and len(d["beta_grad"]) == len(d["beta_l2_pull"]) == 2
+        # The coupled L2 pulls the last map's logit (4) harder than the first's (near 0).
+        assert d["beta_l2_pull"][1] > d["beta_l2_pull"][0] > 0
 
 
 def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
