@@ -33,6 +33,8 @@ TINY = [
     "--config.stages=('teacher', 'search')",
     "--config.log_every_steps=1",
     "--config.teacher.optim.epochs=4",
+    # Two teacher checkpoints (steps 8 and 16) to resume from; a 2-process save costs seconds.
+    "--config.checkpoint_every_steps=8",
 ]
 TWO_PROCESSES = ["bash", "launch/local.sh", "--processes", "2"]
 # One CPU device per process, whatever the host's core count (local.sh would split the cores);
@@ -98,6 +100,7 @@ def runs(tmp_path_factory):
     config.stages = ("teacher", "search")
     config.log_every_steps = 1
     config.teacher.optim.epochs = 4
+    config.checkpoint_every_steps = 8
     pipeline.run(config, one)
     port = str(_free_port())
     out = _run([*TWO_PROCESSES, "--port", port, *TINY, ONE_DEVICE_EACH, f"--workdir={two}"])

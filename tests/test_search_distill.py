@@ -162,6 +162,7 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
     config = load_config("cifar100_pair1", "tiny")
     config.distill.compare_with = ("none",)
     config.data.max_train_examples = None  # All 192 mock images: the 7:3 split of 100 classes.
+    config.checkpoint_every_steps = 1000  # End-of-stage checkpoints only (each save costs time).
     workdir = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=192):
         summary = pipeline.run(config, workdir)

@@ -66,6 +66,8 @@ def test_tiny_teacher_learns_and_writes_outputs(tmp_path):
             "teacher.optim.epochs": 6,
             "teacher.optim.schedule": "constant",
             "data.max_train_examples": 192,
+            # The end-of-stage checkpoint only: each save costs several steps' time.
+            "checkpoint_every_steps": 1000,
         }
     )
     summary = pipeline.run(config, workdir)
