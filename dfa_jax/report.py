@@ -12,7 +12,9 @@ best-epoch accuracy, with the paper's number beside it where the pair is one of 
 
 Both accuracies are shown because the paper reports best-epoch test accuracy (picking the epoch on
 the test set), while the last epoch is the honest number. The tables are printed as markdown and
-written to `--out` as `table<N>.md` and `table<N>.csv`. Pure Python + numpy: it starts instantly
+written to `--out` as `table<N>.md` and `table<N>.csv`; beside Table 5, DFA's accuracy minus
+Last's, Average's and Random's of the same seed, with its mean and 95 % interval
+(`paired.md`, `paired.csv`). Pure Python + numpy: it starts instantly
 and runs where the runs' files are, without JAX.
 """
 
@@ -419,6 +421,136 @@ def table5(summaries: Iterable[dict], collected: dict | None = None) -> tuple[st
     return _markdown(title, header, body if pairs else []), rows
 
 
+# --- DFA against the other aggregations, paired per seed --------------------------------------
+
+PAIRED_AGAINST = ("last", "average", "random")
+PAIRED_FIELDS = (
+    "dataset",
+    "teacher",
+    "student",
+    "against",
+    "n",
+    "seeds",
+    "differences",
+    "mean",
+    "ci95_low",
+    "ci95_high",
+    "paper",
+)
+# Student's t quantile t(0.975, df) for df = 1..30; beyond, its expansion around the normal's.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df): the half-width factor of a two-sided 95 % interval of a mean (df >= 1)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_difference(differences: Iterable[float]) -> dict:
+    """`{'n', 'mean', 'ci95_low', 'ci95_high'}` of per-seed differences: the mean and its 95 %
+    Student-t interval, mean ± t(0.975, n-1) * std / sqrt(n) (None for fewer than two)."""
+    d = np.asarray(list(differences), dtype=np.float64)
+    if d.size == 0:
+        return {"n": 0, "mean": None, "ci95_low": None, "ci95_high": None}
+    mean = float(np.mean(d))
+    if d.size < 2:
+        return {"n": 1, "mean": round(mean, 6), "ci95_low": None, "ci95_high": None}
+    half = t_quantile_975(d.size - 1) * float(np.std(d, ddof=1)) / math.sqrt(d.size)
+    return {
+        "n": int(d.size),
+        "mean": round(mean, 6),
+        "ci95_low": round(mean - half, 6),
+        "ci95_high": round(mean + half, 6),
+    }
+
+
+def paired_rows(collected: dict) -> list[dict]:
+    """Per pair with DFA runs, DFA's last-epoch accuracy minus Last's, Average's and Random's of
+    the same seed (a seed's runs see the same batches and start from the same student: only
+    alpha differs, so the paired interval is the honest one), with the paper's difference."""
+    rows = []
+    for pair in _pairs(5, collected, ["dfa"]):
+        dfa = {
+            e["seed"]: e["last"] for e in collected.get((*pair, "dfa"), []) if e["seed"] is not None
+        }
+        for other in PAIRED_AGAINST:
+            theirs = {
+                e["seed"]: e["last"]
+                for e in collected.get((*pair, other), [])
+                if e["seed"] is not None
+            }
+            seeds = sorted(set(dfa) & set(theirs), key=str)
+            if not seeds:
+                continue
+            differences = [round(dfa[k] - theirs[k], 6) for k in seeds]
+            paper_dfa = paper_results.paper_value(5, *pair, "dfa")
+            paper_other = paper_results.paper_value(5, *pair, other)
+            paper = None if None in (paper_dfa, paper_other) else round(paper_dfa - paper_other, 6)
+            rows.append(
+                {
+                    "dataset": pair[0],
+                    "teacher": pair[1],
+                    "student": pair[2],
+                    "against": other,
+                    "seeds": seeds,
+                    "differences": differences,
+                    "paper": paper,
+                    **paired_difference(differences),
+                }
+            )
+    return rows
+
+
+def paired_table(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list]:
+    """DFA minus Last / Average / Random per seed, mean and 95 % interval: `(markdown, rows)`."""
+    collected = collect(summaries) if collected is None else collected
+    rows = paired_rows(collected)
+    title = "### DFA against Last, Average and Random, paired per seed"
+    note = (
+        "DFA's last-epoch test accuracy minus the other aggregation's, per seed (points): the mean"
+        " and its 95 % Student-t interval over seeds; an interval that excludes 0 separates them."
+        " [paper x]: the paper's difference of the two (one run each, best-epoch accuracy)."
+    )
+    body = []
+    for r in rows:
+        interval = (
+            MISSING if r["ci95_low"] is None else f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
+        )
+        paper = "" if r["paper"] is None else f" [paper {r['paper']:+.2f}]"
+        per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in zip(r["seeds"], r["differences"]))
+        body.append(
+            [
+                f"{r['dataset']}: {r['teacher']} → {r['student']}",
+                f"DFA − {r['against'].capitalize()}",
+                str(r["n"]),
+                per_seed,
+                f"{r['mean']:+.2f}{paper}",
+                interval,
+            ]
+        )
+    header = ["Pair", "Difference", "n", "per seed", "mean", "95 % interval"]
+    return _markdown(title, header, body, note=note), rows
+
+
+def write_paired_csv(rows: list[dict], path: str) -> None:
+    """`rows` of `paired_rows` as CSV (seeds and differences joined by ';')."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=PAIRED_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            flat = {k: row[k] for k in PAIRED_FIELDS}
+            flat["seeds"] = ";".join(str(k) for k in row["seeds"])
+            flat["differences"] = ";".join(str(d) for d in row["differences"])
+            writer.writerow({k: "" if v is None else v for k, v in flat.items()})
+
+
 TABLES = {"2": table2, "5": table5, "4": table4}
 
 
@@ -469,6 +601,15 @@ def main(argv: list[str] | None = None) -> int:
             f.write(markdown)
         write_csv(rows, stem + ".csv")
         written += [stem + ".md", stem + ".csv"]
+    if args.table in ("5", "all"):
+        markdown, rows = paired_table(summaries, collected=collected)
+        if rows:
+            print(markdown)
+            stem = os.path.join(args.out, "paired")
+            with open(stem + ".md", "w", encoding="utf-8") as f:
+                f.write(markdown)
+            write_paired_csv(rows, stem + ".csv")
+            written += [stem + ".md", stem + ".csv"]
     if not written:
         print("error: no student run (distill/<method> stage) to tabulate", file=sys.stderr)
         return 1

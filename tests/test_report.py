@@ -196,7 +196,9 @@ def test_cli_writes_tables_and_csv_round_trips(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "### Table 2" in printed and "### Table 5" in printed and "### Table 4" in printed
     names = sorted(os.listdir(out))
-    assert names == [f"table{n}.{ext}" for n in (2, 4, 5) for ext in ("csv", "md")]
+    # Pair 3's seed 0 has DFA and Last: the paired comparison too.
+    tables = [f"table{n}.{ext}" for n in (2, 4, 5) for ext in ("csv", "md")]
+    assert names == ["paired.csv", "paired.md"] + tables
     _, rows = report.table2(report.load_summaries(runs))
     with open(os.path.join(out, "table2.md")) as f:
         assert "[paper 75.85]" in f.read()
@@ -218,7 +220,7 @@ def test_cli_writes_tables_and_csv_round_trips(runs, tmp_path, capsys):
 def test_cli_table_choice_and_nothing_found(runs, tmp_path):
     out = str(tmp_path / "only5")
     assert report.main([os.path.join(runs, "pair3"), "--out", out, "--table", "5"]) == 0
-    assert sorted(os.listdir(out)) == ["table5.csv", "table5.md"]
+    assert sorted(os.listdir(out)) == ["paired.csv", "paired.md", "table5.csv", "table5.md"]
     # Without a CINIC-10 run, 'all' writes no Table 4.
     out = str(tmp_path / "cifar")
     assert report.main([os.path.join(runs, "pair3"), "--out", out]) == 0
@@ -240,3 +242,48 @@ def test_teachers_count_once_per_seed_and_per_source(tmp_path):
         _write(root, f"loads{seed}", PAIR3, seed, {"teacher": dict(elsewhere)})
     entries = report.collect(report.load_summaries(root))[("cifar100", "wrn_28_4", None, "teacher")]
     assert sorted(e["last"] for e in entries) == [77.0, 79.0, 81.0]
+
+
+def test_t_quantiles_are_students():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 4, 9, 30, 31, 60, 200):
+        assert report.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-4)
+
+
+def test_dfa_against_last_average_random_is_paired_per_seed(tmp_path):
+    """Differences per seed (only seeds both arms have), their mean and 95 % t interval, the
+    paper's difference beside, and the CSV the CLI writes."""
+    root = str(tmp_path / "runs")
+    dfa = {0: 0.760, 1: 0.770, 2: 0.750, 3: 0.790}
+    last = {0: 0.755, 1: 0.762, 2: 0.749}  # No seed 3: that DFA run has no partner.
+    average = {1: 0.760}
+    for seed, acc in dfa.items():
+        stages = {"distill/dfa": _stage("distill/dfa", acc)}
+        if seed in last:
+            stages["distill/last"] = _stage("distill/last", last[seed])
+        if seed in average:
+            stages["distill/average"] = _stage("distill/average", average[seed])
+        _write(root, f"s{seed}", PAIR1, seed, stages)
+    markdown, rows = report.paired_table(report.load_summaries(root))
+    by_other = {r["against"]: r for r in rows}
+    assert set(by_other) == {"last", "average"}  # No Random run: no row.
+    want = [100 * (dfa[k] - last[k]) for k in (0, 1, 2)]
+    row = by_other["last"]
+    assert row["seeds"] == [0, 1, 2] and row["differences"] == pytest.approx(want)
+    mean, std = sum(want) / 3, float(__import__("numpy").std(want, ddof=1))
+    half = 4.303 * std / math.sqrt(3)
+    assert row["mean"] == pytest.approx(mean)
+    assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((mean - half, mean + half))
+    paper = paper_results.paper_value(5, "cifar100", *PAIR1, "dfa") - paper_results.paper_value(
+        5, "cifar100", *PAIR1, "last"
+    )
+    assert row["paper"] == pytest.approx(paper)
+    single = by_other["average"]
+    assert single["n"] == 1 and single["ci95_low"] is None  # One seed: no interval.
+    assert "DFA − Last" in markdown and f"{mean:+.2f}" in markdown
+
+    out = str(tmp_path / "out")
+    assert report.main([root, "--out", out]) == 0
+    with open(os.path.join(out, "paired.csv")) as f:
+        (csv_last,) = [r for r in csv.DictReader(f) if r["against"] == "last"]
+    assert csv_last["seeds"] == "0;1;2" and float(csv_last["mean"]) == pytest.approx(mean)
