@@ -387,6 +387,9 @@ def test_repeated_run_reuses_the_compilation_cache(tmp_path):
             f"--workdir={workdir}",
             "--config.stages=('teacher',)",
             "--config.num_cpu_devices=1",
+            # The smallest WRN and one epoch: what is under test is the cache, not the training.
+            "--config.teacher.model=wrn_10_1",
+            "--config.teacher.optim.epochs=1",
             f"--config.compilation_cache_dir={cache}",
         ]
         done = subprocess.run(
