@@ -3,7 +3,8 @@
     python -m benchmarks.search_dynamics RUNS/lambda* --out RUNS
 
 For every workdir (its `search/g{i}/metrics.jsonl`) and group: alpha at the start (softmax of the
-initial beta) and after every epoch, and, averaged over the logged steps, the two forces on beta
+initial beta) and after every epoch, how far beta moved (from `alpha.json`) against the most
+Adam can move it (about lr per step), and, averaged over the logged steps, the two forces on beta
 that the search logs: |dL_val/dbeta_j| (`train/beta_grad/j`, the bridge loss's gradient) and
 |lambda * beta_j| (`train/val/beta_l2_pull/j`, the coupled L2's pull toward beta = 0, i.e.
 uniform alpha), with the ST path's share of the loss gradient. Writes `search_dynamics.md` (the
@@ -36,6 +37,8 @@ def group_dynamics(workdir: str) -> list[dict]:
     """Per group of one search workdir: steps, alpha start / per epoch / end, mean forces."""
     config = files.read_json(os.path.join(workdir, "config.json"))
     search = config["search"]
+    alpha_file = os.path.join(workdir, "alpha.json")
+    final = files.read_json(alpha_file)["groups"] if os.path.exists(alpha_file) else []
     out, group = [], 1
     while os.path.exists(path := os.path.join(workdir, "search", f"g{group}", "metrics.jsonl")):
         rows = _rows(path)
@@ -65,6 +68,8 @@ def group_dynamics(workdir: str) -> list[dict]:
                 "beta_grad": grad,
                 "beta_l2_pull": pull,
                 "share_st": mean("train/beta_share_st"),
+                "beta_start": beta0.tolist(),
+                "beta_end": final[group - 1]["beta"] if len(final) >= group else None,
             }
         )
         group += 1
@@ -74,18 +79,31 @@ def group_dynamics(workdir: str) -> list[dict]:
 def table(records: list[dict]) -> str:
     """A markdown table: one row per workdir and group."""
     lines = [
-        "| run | group | steps | alpha start | alpha end | mean abs dL/dbeta (last map) | mean abs "
-        "lambda*beta (last map) | pull / grad | ST share of the gradient |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | group | steps | alpha start | alpha end | beta moved (first / last map) | Adam's "
+        "bound lr*steps | mean abs dL/dbeta (last map) | mean abs lambda*beta (last map) "
+        "| pull / grad | ST share of the gradient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         fmt = " / ".join
         pull, grad = r["beta_l2_pull"][-1], r["beta_grad"][-1]
         ratio = f"{pull / grad:.3g}" if grad > 0 else "inf"
+        moved = (
+            "–"
+            if r["beta_end"] is None
+            else fmt(
+                f"{e - b:+.3f}"
+                for b, e in (
+                    (r["beta_start"][0], r["beta_end"][0]),
+                    (r["beta_start"][-1], r["beta_end"][-1]),
+                )
+            )
+        )
         lines.append(
             f"| {r['workdir']} | {r['group']} | {r['steps']} "
             f"| {fmt(f'{a:.3f}' for a in r['alpha_start'])} "
             f"| {fmt(f'{a:.3f}' for a in r['alpha_epochs'][-1])} "
+            f"| {moved} | {r['beta_lr'] * r['steps']:.3f} "
             f"| {grad:.3g} | {pull:.3g} | {ratio} | {r['share_st']:.3f} |"
         )
     return "\n".join(lines)

@@ -202,6 +202,7 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
         np.testing.assert_allclose(d["alpha_start"], jax.nn.softmax(jnp.array([0.0, 4.0])))
         np.testing.assert_allclose(d["alpha_epochs"][-1], g["alpha"], rtol=1e-6)
         assert d["steps"] == steps and len(d["beta_grad"]) == len(d["beta_l2_pull"]) == 2
+        assert d["beta_start"] == [0.0, 4.0] and d["beta_end"] == g["beta"]
         # The coupled L2 pulls the last map's logit (4) harder than the first's (near 0).
         assert d["beta_l2_pull"][1] > d["beta_l2_pull"][0] > 0
 
