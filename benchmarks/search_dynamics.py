@@ -110,7 +110,7 @@ def table(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], out: str) -> None:
-    """alpha_trajectories.png (alpha of every map per epoch, epoch 0 = start) and
+    """alpha_trajectories.png (alpha of every map but the last per epoch, epoch 0 = start) and
     beta_forces.png (mean |dL/dbeta_j| against mean |lambda beta_j| per group), one row per run."""
     plt = reporting._pyplot()  # noqa: SLF001  (the package's headless matplotlib)
     runs = sorted({r["workdir"] for r in records})
@@ -128,12 +128,13 @@ def plot(records: list[dict], out: str) -> None:
 
 
 def _draw_alpha(ax, r):
+    # The earlier maps' alpha, on an axis fitted to them: at the paper's beta lr a few hundred
+    # steps move alpha by thousandths, invisible on [0, 1]. (The last map's is 1 minus their sum.)
     alphas = np.array([r["alpha_start"]] + r["alpha_epochs"])
-    for j in range(alphas.shape[1]):
+    for j in range(alphas.shape[1] - 1):
         ax.plot(range(len(alphas)), alphas[:, j], marker="o", label=f"map {j + 1}")
-    ax.axhline(1.0 / alphas.shape[1], color="grey", lw=0.8, ls=":")  # 'Average'
-    ax.set_ylim(0, 1)
     ax.set_xlabel("search epoch", fontsize=7)
+    ax.set_ylabel("alpha", fontsize=7)
     ax.legend(fontsize=6)
 
 
