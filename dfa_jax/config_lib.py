@@ -135,7 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
     search.batch_size = 128  # Global batch size of both the train (w) and val (beta) batches.
     search.w_lr = 0.05  # w (student + connectors): SGD, cosine from this (see w_schedule).
     # 'global': one cosine over every group's epochs (group 3 is searched at lr 0.025 -> 0);
-    # 'per_group': the cosine restarts for each group. The paper does not say.
+    # 'per_group': the cosine restarts for each group. The paper does not say; on real CIFAR-10
+    # both gave the same alpha to 0.001 (BENCHMARKS.md, "What moves beta in the search").
     search.w_schedule = "global"
     search.w_momentum = 0.9  # w's SGD momentum.
     search.w_weight_decay = 5e-4  # w's coupled weight decay.
