@@ -143,6 +143,9 @@ def _draw_forces(ax, r):
     ax.bar(x - 0.2, r["beta_grad"], 0.4, label="|dL/dbeta|")
     ax.bar(x + 0.2, r["beta_l2_pull"], 0.4, label="|lambda beta|")
     ax.set_yscale("log")
+    # A fixed span of decades: equal bars must look equal, and a zero pull (lambda = 0) absent.
+    top = max(r["beta_grad"] + r["beta_l2_pull"])
+    ax.set_ylim(top / 1e3, top * 3)
     ax.set_xticks(x, [f"map {j + 1}" for j in x], fontsize=7)
     ax.legend(fontsize=6)
 
