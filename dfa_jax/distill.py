@@ -233,7 +233,9 @@ def make_paraphraser_loss(pair: methods.Pair, base):
     def loss_fn(params, batch_stats, beta, batch, rng, aux):
         del beta, rng
         _, mut = pair.teacher.apply(aux, batch["image"], train=False, mutable=[models.FEATURES])
-        target = jax.lax.stop_gradient(features.read(mut, pair.t_raw[-1:])[0].astype(jnp.float32))
+        target = jax.lax.stop_gradient(
+            features.read(mut, methods.positions(pair.teacher, "raw")[-1:])[0].astype(jnp.float32)
+        )
         recon, _ = module.apply({"params": params, "batch_stats": batch_stats}, target)
         loss = jnp.mean((recon.astype(jnp.float32) - target) ** 2)
         return loss, (batch_stats, {"reconstruction_loss": loss})
@@ -303,7 +305,7 @@ def make_ab_init_loss(pair: methods.Pair, base, connectors):
                 "params": params["student"]["bn1"],
                 "batch_stats": batch_stats["student"]["bn1"],
             }
-            raw_last = features.read(s_mut, pair.s_raw[-1:])[0]
+            raw_last = features.read(s_mut, methods.positions(pair.student, "raw")[-1:])[0]
             s_pre[-1] = models.layers.BatchNorm(
                 use_running_average=True, dtype=pair.student.dtype
             ).apply(final_bn, raw_last)

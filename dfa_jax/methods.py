@@ -57,14 +57,6 @@ class Pair:
     def s_ends(self):
         return [names[-1] for names in self.student.feature_groups()]
 
-    @property
-    def t_raw(self):
-        return list(self.teacher.raw_group_ends())
-
-    @property
-    def s_raw(self):
-        return list(self.student.raw_group_ends())
-
     def t_shapes(self):
         return features.group_shapes(self.teacher)
 
