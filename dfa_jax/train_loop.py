@@ -6,7 +6,7 @@ data and its evaluation. The loop owns everything else, identically for every st
 - no host round-trip inside the step loop: metrics stay on device and are fetched every
   `log_every_steps` (also where the non-finite guard looks at them);
 - the test-split evaluation at each epoch end, best and last accuracy;
-- TensorBoard scalars (clu), `metrics.jsonl`, progress lines with images/s and ETA;
+- TensorBoard scalars, `metrics.jsonl`, progress lines with images/s and ETA;
 - orbax checkpoints every `checkpoint_every_steps` and at the end, and resuming from the latest one,
   so re-running the same command continues exactly where the last run stopped.
 """
@@ -28,6 +28,7 @@ from dfa_jax import checkpointing
 from dfa_jax import files
 from dfa_jax import parallel
 from dfa_jax import preemption
+from dfa_jax import scalar_writer
 from dfa_jax.data import loader
 
 RESULT_FILE = "result.json"
@@ -66,6 +67,22 @@ class Stage:
     # `(state, epoch) -> None` when an epoch's test accuracy beats every earlier epoch's (the
     # first of equals wins), before that epoch's checkpoint, so a resumed run never misses one.
     best_fn: Callable[[Any, int], None] | None = None
+
+
+def parameter_summary(params) -> str:
+    """'N parameters', with the student's share where the stage trains helpers too."""
+
+    def count(tree) -> int:
+        return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+    total = count(params)
+    if "student" not in params or len(params) == 1:
+        return f"{total:,} parameters"
+    student = count(params["student"])
+    return (
+        f"{total:,} parameters (student {student:,}, connectors and helpers"
+        f" {total - student:,})"
+    )
 
 
 def is_done(directory: str) -> bool:
@@ -160,14 +177,11 @@ def run(stage: Stage, config, mesh) -> dict:
     pending: list[tuple[int, dict]] = [(s, m) for s, m in meta.get("pending", [])]
     wall_before = float(meta["wall_time_s"])
 
-    # TensorBoard only: the progress line below is the human-readable log. Imported here because
-    # clu's writers import TensorFlow, which the steps themselves (and their benchmark) do not need.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-
+    # TensorBoard only: the progress line below is the human-readable log.
     writer = (
-        metric_writers.SummaryWriter(stage.directory)
+        scalar_writer.ScalarWriter(stage.directory)
         if jax.process_index() == 0
-        else metric_writers.MultiWriter([])
+        else scalar_writer.NullWriter()
     )
     metrics_file = _MetricsFile(os.path.join(stage.directory, "metrics.jsonl"), step)
 
@@ -183,6 +197,8 @@ def run(stage: Stage, config, mesh) -> dict:
     device_batches = parallel.prefetch_to_mesh(remaining, mesh, config.data.prefetch)
     run_start = time.time()
     interval_start, interval_steps = time.time(), 0
+    first_step = step
+    logging.info("[%s] %s", stage.name, parameter_summary(state.params))
 
     def fetch_and_guard() -> list[dict]:
         """Fetches pending metrics (the one host sync) and stops on a non-finite one."""
@@ -207,22 +223,24 @@ def run(stage: Stage, config, mesh) -> dict:
         scalars = {f"train/{k}": v for k, v in _mean_metrics(fetched).items()}
         if stage.lr_fn is not None:
             scalars["train/lr"] = float(stage.lr_fn(last_step - 1))
-        elapsed = time.time() - interval_start
-        steps_per_s = interval_steps / max(elapsed, 1e-9)
-        scalars["train/images_per_s"] = steps_per_s * stage.batch_size
+        if interval_steps:
+            steps_per_s = interval_steps / max(time.time() - interval_start, 1e-9)
+            scalars["train/images_per_s"] = steps_per_s * stage.batch_size
+            eta = (total_steps - last_step) / max(steps_per_s, 1e-9)
+            speed = f"{scalars['train/images_per_s']:.1f} img/s | ETA {_format_seconds(eta)}"
+        else:  # Only the compiling first step since the last row: no speed to report yet.
+            speed = "compiled"
         writer.write_scalars(last_step, scalars)
         metrics_file.write({"step": last_step, **scalars})
-        eta = (total_steps - last_step) / max(steps_per_s, 1e-9)
         logging.info(
-            "[%s] step %d/%d epoch %d/%d loss %.4f | %.1f img/s | ETA %s",
+            "[%s] step %d/%d epoch %d/%d loss %.4f | %s",
             stage.name,
             last_step,
             total_steps,
             (last_step - 1) // steps_per_epoch + 1,
             stage.epochs,
             scalars["train/loss"],
-            scalars["train/images_per_s"],
-            _format_seconds(eta),
+            speed,
         )
         pending.clear()
         interval_start, interval_steps = time.time(), 0
@@ -241,7 +259,12 @@ def run(stage: Stage, config, mesh) -> dict:
         for batches in device_batches:
             state, metrics = stage.step_fn(state, batches["train"], batches.get("val"), stage.aux)
             step += 1
-            interval_steps += 1
+            if step == first_step + 1:
+                # This call compiled the step: images/s and ETA time the steps after it.
+                jax.block_until_ready(metrics["loss"])
+                interval_start, interval_steps = time.time(), 0
+            else:
+                interval_steps += 1
             pending.append((step, metrics))
             if len(pending) > MAX_STEPS_IN_FLIGHT:
                 # Bound the dispatch queue: waits for an older step to finish (no transfer), so
@@ -305,7 +328,7 @@ def run(stage: Stage, config, mesh) -> dict:
                 )
     finally:
         ckpt.wait()
-        writer.flush()
+        writer.close()
 
     if stage.finalize_fn is not None:
         stage.finalize_fn(state)

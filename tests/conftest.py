@@ -5,6 +5,9 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The suite runs on the CPU on any machine; the runs it starts must not refuse a CPU-only jaxlib
+# on a GPU machine (`parallel.check_accelerators_used`).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The tests compile far more than they compute (tiny models, a few steps each): XLA:CPU's backend
 # at optimisation level 0 compiles ~30 % faster and runs these steps about as fast. Tests compare

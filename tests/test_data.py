@@ -3,6 +3,8 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import jax
@@ -275,15 +277,78 @@ def test_eval_batches_cover_every_example_once_with_masks(processes):
 # ------------------------------------------------------------------------------------------- tfds
 
 
+@pytest.mark.parametrize("random_access", [False, True], ids=["tf.data", "data_source"])
 @pytest.mark.parametrize("dataset, num_classes", [("cifar100", 100), ("cifar10", 10)])
-def test_tfds_source_under_mock_data(tmp_path, dataset, num_classes):
+def test_tfds_source_under_mock_data(tmp_path, monkeypatch, dataset, num_classes, random_access):
+    """Prepared as tfrecord, tf.data reads the split; as array_record, `tfds.data_source`."""
+    readers = []
+    real_data_source = tfds.core.DatasetBuilder.as_data_source
+
+    def as_data_source(self, *args, **kwargs):
+        readers.append("data_source")
+        return real_data_source(self, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "_random_access", lambda builder: random_access)
     with tfds.testing.mock_data(num_examples=12):
+        monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", as_data_source)
         source = data.make_source(data_cfg(dataset=dataset, data_dir=str(tmp_path)))
         labels = source.labels("train")
         images = source.images("train", np.array([0, 5, 11]))
     assert labels.shape == (12,) and labels.dtype == np.int32
     assert labels.min() >= 0 and labels.max() < num_classes
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    assert readers == (["data_source"] if random_access else [])
+
+
+# Runs the tfds source in a process where `import tensorflow` fails, as after `pip install -e .`.
+# `tfds.testing` itself needs TensorFlow, so a stand-in builder holds the prepared dataset.
+_WITHOUT_TENSORFLOW = """
+import sys
+sys.modules["tensorflow"] = None  # `import tensorflow` raises ImportError from here on.
+import numpy as np
+import tensorflow_datasets as tfds
+from dfa_jax import config_lib, data, errors, pipeline
+from dfa_jax.data import sources
+
+class PreparedBuilder:
+    def __init__(self, name, data_dir=None):
+        self.name = name
+    def is_prepared(self):
+        return True
+    def as_data_source(self, split):
+        return [{"image": np.full((32, 32, 3), i, np.uint8), "label": i % 10} for i in range(12)]
+
+tfds.builder = PreparedBuilder
+config = config_lib.base_config()
+config.stages = ("teacher",)
+config.data.dataset = "cifar10"
+config.teacher.model = "wrn_10_1"
+sources._random_access = lambda builder: True  # Prepared as array_record.
+source = data.make_source(config.data)
+labels, images = source.labels("train"), source.images("train", np.array([0, 3]))
+print("array_record:", labels.tolist(), images[:, 0, 0, 0].tolist())
+sources._random_access = lambda builder: False  # Prepared as tfrecord.
+try:
+    pipeline.run(config, sys.argv[1])
+except errors.InputError as e:
+    print("InputError:", e)
+"""
+
+
+def test_tfds_without_tensorflow(tmp_path):
+    """After `pip install -e .` (no TensorFlow), array_record data is read; tfrecord data fails
+    before any stage starts, naming the extra that brings tf.data."""
+    run = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "array_record: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1] [0, 3]" in run.stdout, run.stdout
+    assert "InputError:" in run.stdout and "pip install -e '.[tfds]'" in run.stdout, run.stdout
+    assert "--file_format=array_record" in run.stdout  # The way without TensorFlow.
+    assert not (tmp_path / "w" / "teacher").exists()
 
 
 def _closed_local_port():

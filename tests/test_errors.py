@@ -28,6 +28,7 @@ from PIL import Image
 from dfa_jax import config_lib
 from dfa_jax import errors
 from dfa_jax import models
+from dfa_jax import parallel
 from dfa_jax import pipeline
 from dfa_jax import teacher
 
@@ -840,3 +841,36 @@ def test_command_line_mistakes_are_one_error_line(flags, named, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and named in lines[0], done.stderr[-2000:]
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, device_file, extras",
+    [
+        ("NVIDIA GPU", "nvidia0", ["'.[cuda12]'", "'.[cuda13]'"]),
+        ("TPU", "accel0", ["'.[tpu]'"]),
+    ],
+)
+def test_accelerator_unused_by_jax_is_an_error_naming_the_install(
+    tmp_path, monkeypatch, kind, device_file, extras
+):
+    """A GPU or TPU on the machine while JAX runs on the CPU (a CPU-only jaxlib): an error that
+    names the device, the extra to install and --allow_cpu; JAX_PLATFORMS=cpu or the flag go
+    on."""
+    (tmp_path / device_file).touch()
+    monkeypatch.setattr(
+        parallel, "ACCELERATOR_DEVICE_FILES", {kind: (str(tmp_path / f"{device_file[:-1]}*"),)}
+    )
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(errors.InputError) as error:
+        parallel.check_accelerators_used(allow_cpu=False)
+    message = str(error.value)
+    assert kind in message and str(tmp_path / device_file) in message and "--allow_cpu" in message
+    assert all(extra in message for extra in extras), message
+    parallel.check_accelerators_used(allow_cpu=True)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    parallel.check_accelerators_used(allow_cpu=False)
+    # No accelerator on the machine: nothing to say.
+    monkeypatch.setattr(parallel, "ACCELERATOR_DEVICE_FILES", {kind: (str(tmp_path / "none*"),)})
+    monkeypatch.delenv("JAX_PLATFORMS")
+    parallel.check_accelerators_used(allow_cpu=False)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from dfa_jax import bilevel
 from dfa_jax import checkpointing
@@ -83,9 +84,14 @@ def test_tiny_teacher_learns_and_writes_outputs(tmp_path):
     on_disk = json.load(open(os.path.join(workdir, "summary.json")))
     assert on_disk["stages"]["teacher"]["best_accuracy"] == result["best_accuracy"]
     assert os.path.exists(os.path.join(workdir, "teacher", "variables"))
-    assert any(
-        f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "teacher"))
-    )
+    # TensorBoard shows what metrics.jsonl records: every scalar at its step.
+    events = event_accumulator.EventAccumulator(os.path.join(workdir, "teacher"))
+    events.Reload()
+    for tag in ("train/loss", "train/lr", "test/accuracy"):
+        logged = [(r["step"], r[tag]) for r in rows if tag in r]
+        shown = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in shown] == [s for s, _ in logged], tag
+        np.testing.assert_allclose([v for _, v in shown], [v for _, v in logged], rtol=1e-6)
     assert all("train/images_per_s" in r for r in rows if "train/loss" in r)
 
 

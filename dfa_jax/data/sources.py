@@ -27,6 +27,7 @@ import abc
 import concurrent.futures
 import dataclasses
 import glob
+import importlib.util
 import os
 import socket
 import threading
@@ -190,24 +191,52 @@ def network_reachable(
     return bool(connected)
 
 
-def _import_tfds():
-    """Imports tensorflow_datasets, keeping TensorFlow off the GPUs JAX needs."""
-    # Imported here, not at module level: TensorFlow takes seconds to import and only this
-    # source needs it.
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+TFDS_EXTRA = "pip install -e '.[tfds]'"
 
+
+def _import_tfds():
+    """tensorflow_datasets, which imports TensorFlow only when tf.data is used."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(
+            f"data.source='tfds' needs tensorflow-datasets: install it with `{TFDS_EXTRA}`"
+        ) from None
+    return tfds
+
+
+def _import_tensorflow(why: str):
+    """TensorFlow for tf.data, kept off the GPUs JAX needs; DataError naming the extra if absent."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise DataError(
+            f"{why}, which needs TensorFlow's tf.data: install it with `{TFDS_EXTRA}`, or prepare"
+            " the dataset as array_record (`tfds build NAME --file_format=array_record`), which is"
+            " read without TensorFlow"
+        ) from None
     # tf.data needs no accelerator, and TF would otherwise reserve most of the GPU memory. This
     # raises once TF has initialised its devices, in which case the program already chose.
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:
         pass
-    return tfds
+    return tf
+
+
+def _random_access(builder) -> bool:
+    """Whether the prepared dataset has array_record files, which `tfds.data_source` reads."""
+    from tensorflow_datasets.core import file_adapters
+
+    return file_adapters.FileFormat.ARRAY_RECORD in builder.info.available_file_formats()
 
 
 class TfdsSource(Source):
-    """CIFAR-10/100 from TensorFlow Datasets; a split is loaded whole on first use."""
+    """CIFAR-10/100 from TensorFlow Datasets; a split is loaded whole on first use.
+
+    Prepared as array_record, a split is read with `tfds.data_source` (no TensorFlow); prepared as
+    tfrecord (tfds' default), with tf.data, which the `[tfds]` extra installs.
+    """
 
     def __init__(self, data_cfg):
         super().__init__(data_cfg)
@@ -223,23 +252,39 @@ class TfdsSource(Source):
     def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in self._arrays:
             tfds = _import_tfds()
-            images, labels = [], []
-            for image, label in tfds.as_numpy(self._open(tfds, split)):
-                images.append(image)
-                labels.append(label)
-            self._arrays[split] = (np.concatenate(images), np.concatenate(labels))
+            try:
+                self._arrays[split] = self._read(tfds, split)
+            except ValueError as e:
+                if "split" not in str(e).lower():
+                    raise
+                raise DataError(
+                    f"{self._split_name(split)} is not a split of TFDS {self._name!r} ({e}); use "
+                    "'train' or 'test' (slices such as 'train[:90%]' work too)"
+                ) from None
         return self._arrays[split]
 
-    def _open(self, tfds, split: str):
-        try:
-            return self._open_prepared(tfds, split)
-        except ValueError as e:
-            if "split" not in str(e).lower():
-                raise
-            raise DataError(
-                f"{self._split_name(split)} is not a split of TFDS {self._name!r} ({e}); use "
-                "'train' or 'test' (slices such as 'train[:90%]' work too)"
-            ) from None
+    def _read(self, tfds, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 [N, 32, 32, 3] images, int [N] labels) of the whole `split`."""
+        builder = tfds.builder(self._name, data_dir=self._data_dir)
+        if _random_access(builder):
+            examples = builder.as_data_source(split=split)
+            records = [examples[i] for i in range(len(examples))]
+            images = np.stack([r["image"] for r in records]) if records else np.zeros((0, 32, 32, 3))
+            labels = np.asarray([r["label"] for r in records], np.int64)
+            return images.astype(np.uint8), labels
+        if not builder.is_prepared():
+            # Preparing here needs TensorFlow too; offline, say how to bring the data instead.
+            if importlib.util.find_spec("tensorflow") is None and not network_reachable():
+                raise DataError(self._how_to_provide())
+            why = f"TFDS {self._name!r} is not prepared in {self._where()} and preparing it"
+        else:
+            why = f"TFDS {self._name!r} in {self._where()} is prepared as tfrecord"
+        _import_tensorflow(why)
+        images, labels = [], []
+        for image, label in tfds.as_numpy(self._open_prepared(tfds, split)):
+            images.append(image)
+            labels.append(label)
+        return np.concatenate(images), np.concatenate(labels)
 
     def _open_prepared(self, tfds, split: str):
         kwargs = dict(
@@ -262,15 +307,20 @@ class TfdsSource(Source):
             builder.download_and_prepare()
             return tfds.load(self._name, download=False, **kwargs)
 
+    def _where(self) -> str:
+        return self._data_dir or "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+
     def _how_to_provide(self) -> str:
-        where = self._data_dir or "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+        where = self._where()
         host, port = NETWORK_PROBE_ADDRESS
         return (
             f"TFDS dataset {self._name!r} is not prepared in {where}, and it cannot be "
             f"downloaded: {host}:{port} is unreachable (offline?). Provide the data in one of "
             f"these ways:\n"
-            f"  1. on a machine with internet run `tfds build {self._name} --data_dir=DIR`, "
-            f"copy DIR here (or use a gs:// DIR) and pass --config.data.data_dir=DIR;\n"
+            f"  1. on a machine with internet run `tfds build {self._name} --data_dir=DIR"
+            f" --file_format=array_record` (read without TensorFlow; the default tfrecord needs"
+            f" `{TFDS_EXTRA}`), copy DIR here (or use a gs:// DIR) and pass"
+            f" --config.data.data_dir=DIR;\n"
             f"  2. pass --config.data.source=npz --config.data.path=DIR, DIR holding "
             f"train.npz|train_*.npz and test.npz|test_*.npz (uint8 'images' [N,32,32,3], "
             f"'labels' [N]);\n"
