@@ -156,6 +156,13 @@ def base_config() -> ml_collections.ConfigDict:
     distill.aggregation = "dfa"
     distill.alpha_file = placeholder(str)  # 'file': an alpha.json of another run (DFA-T).
     distill.compare_with = ()  # More students after the main one: methods or DFA aggregations.
+    # Every label's students are initialised with each of these seeds (empty: `seed`); batches and
+    # augmentation are the run's (`seed`). With several, WORKDIR/distill/<label>/seed<k>/.
+    distill.seeds = ()
+    # Students of one method train in one step sharing the teacher's forward (cohort.py): at most
+    # this many per step (0: all), and 'loop' | 'vmap' over them ('auto': loop on CPUs).
+    distill.max_students_per_step = 0
+    distill.cohort = "auto"
     # Distillation positions of DFA and its aggregations: 'groups' (the group ends) or
     # 'stem_and_groups' (a WRN's pre-ReLU stem too, weight 1/8, as the authors' baselines had it).
     distill.positions = "groups"
@@ -313,7 +320,12 @@ def _check_types(config, reference, prefix: str, problems: list[str]) -> None:
 
     nullable = ("features.clamp_min",)  # None is meaningful here (no clamp), not a placeholder.
     # Element types of tuples empty or unset by default.
-    tuple_items = {"distill.compare_with": str, "data.mean": float, "data.std": float}
+    tuple_items = {
+        "distill.compare_with": str,
+        "distill.seeds": int,
+        "data.mean": float,
+        "data.std": float,
+    }
     names = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
     plurals = {bool: "booleans", int: "integers", float: "finite numbers", str: "strings"}
 
@@ -686,6 +698,22 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     for name in distill.compare_with:
         if name not in labels:
             problems.append(f"distill.compare_with: {name!r} is unknown; use any of {labels}.")
+    seeds = tuple(distill.seeds)
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        problems.append(
+            f"distill.seeds = {seeds}: give distinct non-negative integers, e.g. '(0,1,2)' (or"
+            " '()' for the run's seed alone)."
+        )
+    if distill.max_students_per_step < 0:
+        problems.append(
+            f"distill.max_students_per_step = {distill.max_students_per_step}: use 0 (all of a"
+            " method's students in one step) or a positive number."
+        )
+    if distill.cohort not in ("auto", "loop", "vmap"):
+        problems.append(
+            f"distill.cohort = {distill.cohort!r}: use 'auto', 'loop' (the students one after the"
+            " other in the step) or 'vmap' (mapped over a student axis)."
+        )
     uses = tuple(distill_labels(config))
     if "file" in uses:
         if distill.alpha_file is None:
@@ -826,6 +854,11 @@ RESULT_NEUTRAL_FIELDS = (
     "distill.method",
     "distill.aggregation",
     "distill.compare_with",
+    # Each student lives in its own directory; how students are grouped into steps changes
+    # nothing beyond float tolerance (the README's promise across programs).
+    "distill.seeds",
+    "distill.max_students_per_step",
+    "distill.cohort",
 )
 
 

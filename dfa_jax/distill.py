@@ -12,6 +12,7 @@ Aggregations (`distill.aggregation`, Table 5): 'dfa' (this run's alpha.json), 'l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -21,6 +22,7 @@ import numpy as np
 import ml_collections
 
 from dfa_jax import bilevel
+from dfa_jax import cohort
 from dfa_jax import config_lib
 from dfa_jax import evaluation
 from dfa_jax import errors
@@ -358,36 +360,58 @@ def initialise_by_ab(config, directory, pair, data, mesh, teacher_vars, student_
     return {"params": final.params["student"], "batch_stats": final.batch_stats["student"]}
 
 
-def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, label: str) -> dict:
-    """Trains one student for run `label` (a method, or a DFA aggregation) in WORKDIR/distill/."""
-    directory = os.path.join(workdir, "distill", label)
-    if train_loop.is_done(directory):
-        return train_loop.read_result(directory)
-    method = methods.method_of(label)
+def student_seeds(config) -> tuple[int, ...]:
+    """The seeds each label's students are initialised with (`distill.seeds`; empty: the run's)."""
+    return tuple(config.distill.seeds) or (config.seed,)
+
+
+def student_name(config, label: str, seed: int) -> str:
+    """The stage name of (label, seed): 'distill/<label>' with one seed, else '.../seed<k>'."""
+    return f"distill/{label}" if len(student_seeds(config)) == 1 else f"distill/{label}/seed{seed}"
+
+
+def student_directory(workdir: str, config, label: str, seed: int) -> str:
+    return os.path.join(workdir, student_name(config, label, seed))
+
+
+def _pair(config, data) -> methods.Pair:
     num_classes = data.info.num_classes
-    pair = methods.Pair(
+    return methods.Pair(
         teacher=teacher_lib.build_model(config.teacher.model, num_classes, config.dtype),
         student=teacher_lib.build_model(config.student.model, num_classes, config.dtype),
     )
-    optim = config.distill.optim
-    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
-    tx = optimizers.sgd(optim, steps_per_epoch)
-    eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
-    student_vars = teacher_lib.init_variables(pair.student, config.seed, mesh)
 
+
+def _seeded(config, seed: int):
+    """The config a student of `seed` is built with: its initialisation (and a 'random'
+    aggregation's alpha) from `seed`; batches and augmentation stay the run's (`config.seed`)."""
+    if seed == config.seed:
+        return config
+    seeded = ml_collections.ConfigDict(config.to_dict())
+    seeded.seed = seed
+    return seeded
+
+
+def _student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student):
+    """(params, batch_stats, beta, aux, margins) at the start of (label, seed)'s training, after
+    its method's own first stage (FT's paraphraser, AB's initialisation) where it has one."""
+    method = methods.method_of(label)
+    seeded = _seeded(config, seed)
+    directory = student_directory(workdir, config, label, seed)
+    student_vars = teacher_lib.init_variables(pair.student, seed, mesh)
     aux, margins, beta = teacher_vars, None, None
     if method == "dfa":
-        beta = frozen_beta(aggregation_alpha(label, pair.teacher, config, workdir))
+        beta = frozen_beta(aggregation_alpha(label, pair.teacher, seeded, workdir))
     elif method == "margin":
         margins = methods.teacher_margins(pair, teacher_vars, methods.reads_stem(method, config))
     elif method == "ft":
         paraphraser = pretrain_paraphraser(
-            config, os.path.join(directory, "paraphraser"), pair, data, mesh, teacher_vars
+            seeded, os.path.join(directory, "paraphraser"), pair, data, mesh, teacher_vars
         )
         aux = {**teacher_vars, "paraphraser": paraphraser}
     elif method == "ab":
         student_vars = initialise_by_ab(
-            config,
+            seeded,
             os.path.join(directory, "init"),
             pair,
             data,
@@ -398,18 +422,36 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, label: s
                 {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
             ),
         )
-
     helper_params, helper_stats = (
         ({}, {})
         if method == "ab"  # AB's connectors served its initialisation only.
-        else methods.init_helpers(label, pair, config, config.seed + 100, mesh)
+        else methods.init_helpers(label, pair, config, seed + 100, mesh)
     )
     params = {"student": student_vars["params"], **helper_params}
     batch_stats = {"student": student_vars["batch_stats"], **helper_stats}
+    return params, batch_stats, beta, aux, margins
+
+
+def run(
+    config, workdir: str, mesh, data: inputs.RunData, teacher_vars, label: str, seed=None
+) -> dict:
+    """Trains the student (label, seed) alone (seed None: the run's) in its directory."""
+    seed = config.seed if seed is None else seed
+    directory = student_directory(workdir, config, label, seed)
+    if train_loop.is_done(directory):
+        return train_loop.read_result(directory)
+    pair = _pair(config, data)
+    optim = config.distill.optim
+    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
+    tx = optimizers.sgd(optim, steps_per_epoch)
+    eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
+    params, batch_stats, beta, aux, margins = _student_start(
+        config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student
+    )
     loss_fn = methods.make_loss_fn(label, pair, config, margins)
     stage = _stage(
         config,
-        f"distill/{label}",
+        student_name(config, label, seed),
         directory,
         _replicate_state(mesh, params, batch_stats, tx, beta),
         loss_fn,
@@ -426,3 +468,132 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars, label: s
     result = train_loop.run(stage, config, mesh)
     result.pop("state")
     return result
+
+
+# Methods whose students cannot share a step: each trains after a first stage of its own, whose
+# variables (FT's paraphraser, in the teacher's inputs) or schedule differ per student.
+ALONE = ("ft", "ab")
+
+
+def cohort_mode(config) -> str:
+    """'vmap' or 'loop' (`distill.cohort`; 'auto': the faster one measured on this backend).
+
+    On a CPU a vmapped convolution with per-student weights becomes a grouped convolution, which
+    XLA:CPU runs several times slower than K ordinary ones (BENCHMARKS.md, "Students that share
+    the teacher"): 'loop' there, 'vmap' on GPUs and TPUs.
+    """
+    if config.distill.cohort != "auto":
+        return config.distill.cohort
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+
+
+def cohorts(config, todo: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """`todo`'s (label, seed) students grouped into the steps that train them: students of one
+    method share a step (at most `distill.max_students_per_step` each), FT's and AB's train
+    alone; in the order of `todo`'s first student of each."""
+    groups: dict[str, list] = {}
+    for label, seed in todo:
+        method = methods.method_of(label)
+        key = f"{method}:{label}:{seed}" if method in ALONE else method
+        groups.setdefault(key, []).append((label, seed))
+    limit = config.distill.max_students_per_step or None
+    chunks = []
+    for students in groups.values():
+        size = limit or len(students)
+        chunks.extend(students[i : i + size] for i in range(0, len(students), size))
+    return chunks
+
+
+def cohort_directory(workdir: str, config, students: list[tuple[str, int]]) -> str:
+    """Where the one checkpoint of a cohort lives: named by its students, so another set of
+    students (a seed or label added to an unfinished run) never resumes it."""
+    names = ",".join(student_name(config, label, seed) for label, seed in students)
+    digest = hashlib.sha256(names.encode()).hexdigest()[:12]
+    return os.path.join(workdir, "distill", "cohorts", digest)
+
+
+def run_all(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict[str, dict]:
+    """Trains every (label, seed) student not done yet and returns all their results, by stage
+    name, labels in `distill_labels` order and seeds in `distill.seeds` order."""
+    order = [(lab, s) for lab in config_lib.distill_labels(config) for s in student_seeds(config)]
+    todo = []
+    for label, seed in order:
+        directory = student_directory(workdir, config, label, seed)
+        started_alone = files.exists(os.path.join(directory, "checkpoints"))
+        if train_loop.is_done(directory):
+            continue
+        if started_alone:  # Checkpointed by a run that trained it alone: resume it so.
+            run(config, workdir, mesh, data, teacher_vars, label, seed)
+        else:
+            todo.append((label, seed))
+    for students in cohorts(config, todo):
+        if len(students) == 1:
+            run(config, workdir, mesh, data, teacher_vars, *students[0])
+        else:
+            run_cohort(config, workdir, mesh, data, teacher_vars, students)
+    return {
+        student_name(config, label, seed): train_loop.read_result(
+            student_directory(workdir, config, label, seed)
+        )
+        for label, seed in order
+    }
+
+
+def run_cohort(
+    config, workdir: str, mesh, data: inputs.RunData, teacher_vars, students: list
+) -> dict[str, dict]:
+    """Trains `students` ((label, seed) of one method) in one step that computes the teacher's
+    forward once per batch (`cohort.py`); returns their results by stage name."""
+    pair = _pair(config, data)
+    optim = config.distill.optim
+    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
+    tx = optimizers.sgd(optim, steps_per_epoch)
+    eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
+    starts = [
+        _student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student)
+        for label, seed in students
+    ]
+    margins = starts[0][4]
+    state = jax.jit(
+        lambda p, b, beta: cohort.stack(
+            [bilevel.create_state(*args, tx, be) for *args, be in zip(p, b, beta)]
+        ),
+        out_shardings=parallel.replicated(mesh),
+    )([s[0] for s in starts], [s[1] for s in starts], [s[2] for s in starts])
+    step = bilevel.make_bilevel_step(
+        methods.make_loss_fn(students[0][0], pair, config, margins),
+        tx,
+        seed=config.seed,
+        preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
+    )
+    cohort_step = cohort.make_cohort_step(step, len(students), cohort_mode(config))
+
+    def member(k: int, label: str, seed: int) -> train_loop.Member:
+        def evaluate(state):
+            mine = cohort.student(state, k)
+            return eval_student(
+                {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]}
+            )
+
+        return train_loop.Member(
+            name=student_name(config, label, seed),
+            directory=student_directory(workdir, config, label, seed),
+            eval_fn=evaluate,
+        )
+
+    names = ", ".join(student_name(config, label, seed) for label, seed in students)
+    stage = train_loop.Stage(
+        name=f"distill cohort [{names}]",
+        directory=cohort_directory(workdir, config, students),
+        state=state,
+        step_fn=parallel.jit_step(cohort_step, mesh),
+        eval_fn=None,
+        train_data=data.train,
+        epochs=optim.epochs,
+        batch_size=optim.batch_size,
+        seed=config.seed,
+        aux=starts[0][3],
+        lr_fn=optimizers.lr_schedule(optim, steps_per_epoch),
+        members=tuple(member(k, *student) for k, student in enumerate(students)),
+    )
+    return train_loop.run(stage, config, mesh)["members"]

@@ -78,8 +78,9 @@ def main(argv):
     # the backends it did not find) show their warnings and errors only.
     package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
     logging.get_absl_handler().addFilter(
-        lambda record: record.pathname.startswith(package_dir)
-        or record.levelno >= std_logging.WARNING
+        lambda record: (
+            record.pathname.startswith(package_dir) or record.levelno >= std_logging.WARNING
+        )
     )
     from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
 

@@ -44,8 +44,7 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
     if "search" in config.stages:
         stages["search"] = search.run(config, workdir, mesh, data, teacher_vars)
     if "distill" in config.stages:
-        for name in config_lib.distill_labels(config):
-            stages[f"distill/{name}"] = distill.run(config, workdir, mesh, data, teacher_vars, name)
+        stages.update(distill.run_all(config, workdir, mesh, data, teacher_vars))
 
     summary = {
         "workdir": files.absolute(workdir),

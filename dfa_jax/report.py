@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable
 
@@ -267,6 +268,10 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
                     by_source[source] = (loaded, entry)
             elif name.startswith("distill/"):
                 label = name[len("distill/") :]
+                # A run of several seeds names each student `distill/<label>/seed<k>`.
+                seeded = re.fullmatch(r"(.+)/seed(\d+)", label)
+                if seeded:
+                    label, entry["seed"] = seeded.group(1), int(seeded.group(2))
                 cells.setdefault((dataset, teacher, student, label), []).append(entry)
     for key, entries in cells.items():
         _warn_duplicate_seeds(key, entries)

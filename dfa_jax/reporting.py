@@ -28,7 +28,10 @@ def results_table(stages: dict) -> str:
     for name, result in stages.items():
         if "best_accuracy" not in result:
             continue
-        name = _LABELS.get(name, name.replace("distill/", "student + "))
+        stage, _, seed = name.partition("/seed")
+        name = _LABELS.get(stage, stage.replace("distill/", "student + "))
+        if seed:
+            name += f" (seed {seed})"
         best_epoch = result.get("best_epoch", "-")
         epochs = result.get("epochs", "-")
         wall = result.get("wall_time_s")

@@ -67,6 +67,24 @@ class Stage:
     # `(state, epoch) -> None` when an epoch's test accuracy beats every earlier epoch's (the
     # first of equals wins), before that epoch's checkpoint, so a resumed run never misses one.
     best_fn: Callable[[Any, int], None] | None = None
+    # A cohort stage: the students of a stacked state (`cohort.py`), in the order of its student
+    # axis. Each member gets its own records and result; the stage's directory holds the one
+    # checkpoint of them all, and `eval_fn`, `best_fn`, `epoch_end_fn` and `finalize_fn` above
+    # are the members' own instead.
+    members: tuple["Member", ...] = ()
+
+
+@dataclasses.dataclass
+class Member:
+    """One student of a cohort stage: its name in messages, where its records go, its hooks
+    (each given the whole stacked state; the member picks its student)."""
+
+    name: str  # e.g. 'distill/dfa/seed1'
+    directory: str  # result.json, metrics.jsonl, TensorBoard events.
+    eval_fn: Callable[[Any], dict] | None = None
+    best_fn: Callable[[Any, int], None] | None = None
+    epoch_end_fn: Callable[[Any, int], dict] | None = None
+    finalize_fn: Callable[[Any], None] | None = None
 
 
 def parameter_summary(params) -> str:
@@ -79,10 +97,7 @@ def parameter_summary(params) -> str:
     if "student" not in params or len(params) == 1:
         return f"{total:,} parameters"
     student = count(params["student"])
-    return (
-        f"{total:,} parameters (student {student:,}, connectors and helpers"
-        f" {total - student:,})"
-    )
+    return f"{total:,} parameters (student {student:,}, connectors and helpers {total - student:,})"
 
 
 def is_done(directory: str) -> bool:
@@ -147,7 +162,9 @@ def run(stage: Stage, config, mesh) -> dict:
     """Trains `stage` to its last epoch (resuming if it has checkpoints) and returns its result.
 
     The result (also written to `stage.directory/result.json`, which marks the stage as done) has
-    `best_accuracy`, `best_epoch`, `last_accuracy`, `epochs`, `steps`, `wall_time_s`.
+    `best_accuracy`, `best_epoch`, `last_accuracy`, `epochs`, `steps`, `wall_time_s`. A cohort
+    stage (`stage.members`) writes one such result, metrics.jsonl and TensorBoard file per member
+    in the member's directory and returns `{'members': {name: result}, 'state': ...}`.
     """
     files.makedirs(stage.directory)
     try:
@@ -155,12 +172,27 @@ def run(stage: Stage, config, mesh) -> dict:
     except ValueError as e:
         raise ValueError(f"stage {stage.name!r}: {e}") from None
     total_steps = steps_per_epoch * stage.epochs
+    stacked = bool(stage.members)
+    members = stage.members or (
+        Member(
+            stage.name,
+            stage.directory,
+            stage.eval_fn,
+            stage.best_fn,
+            stage.epoch_end_fn,
+            stage.finalize_fn,
+        ),
+    )
 
     ckpt = checkpointing.Checkpointer(
         os.path.join(stage.directory, "checkpoints"), config.checkpoints_to_keep
     )
     state = stage.state
-    meta = {"step": 0, "history": [], "wall_time_s": 0.0}
+    meta = {
+        "step": 0,
+        "history": {m.name: [] for m in members} if stacked else [],
+        "wall_time_s": 0.0,
+    }
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         logging.info(
@@ -171,19 +203,34 @@ def run(stage: Stage, config, mesh) -> dict:
             ckpt.directory,
         )
     step = int(meta["step"])
-    history: list[dict] = list(meta["history"])
+    # Per member, its epoch rows (a one-member stage keeps its checkpoints' plain list).
+    histories: dict[str, list[dict]] = (
+        {m.name: list(meta["history"][m.name]) for m in members}
+        if stacked
+        else {members[0].name: list(meta["history"])}
+    )
     # Metrics of steps not logged yet when a stop request checkpointed mid-interval: the next log
     # row averages them with the steps after the resume, as an uninterrupted run does.
     pending: list[tuple[int, dict]] = [(s, m) for s, m in meta.get("pending", [])]
     wall_before = float(meta["wall_time_s"])
 
     # TensorBoard only: the progress line below is the human-readable log.
-    writer = (
-        scalar_writer.ScalarWriter(stage.directory)
-        if jax.process_index() == 0
-        else scalar_writer.NullWriter()
-    )
-    metrics_file = _MetricsFile(os.path.join(stage.directory, "metrics.jsonl"), step)
+    writers = {}
+    metrics_files = {}
+    for member in members:
+        files.makedirs(member.directory)
+        writers[member.name] = (
+            scalar_writer.ScalarWriter(member.directory)
+            if jax.process_index() == 0
+            else scalar_writer.NullWriter()
+        )
+        metrics_files[member.name] = _MetricsFile(
+            os.path.join(member.directory, "metrics.jsonl"), step
+        )
+
+    def of_member(metrics: dict, k: int) -> dict:
+        """Member k's scalars of one step's (fetched) metrics."""
+        return {key: v[k] for key, v in metrics.items()} if stacked else metrics
 
     rows = parallel.process_rows(mesh, stage.batch_size)
     train_iter = _batches(stage.train_data, stage.batch_size, stage.seed, step, rows)
@@ -198,19 +245,22 @@ def run(stage: Stage, config, mesh) -> dict:
     run_start = time.time()
     interval_start, interval_steps = time.time(), 0
     first_step = step
-    logging.info("[%s] %s", stage.name, parameter_summary(state.params))
+    trains = f" for {len(members)} students" if stacked else ""
+    logging.info("[%s] %s%s", stage.name, parameter_summary(state.params), trains)
 
     def fetch_and_guard() -> list[dict]:
         """Fetches pending metrics (the one host sync) and stops on a non-finite one."""
         fetched = jax.device_get([m for _, m in pending])
         for (s, _), m in zip(pending, fetched):
-            if not bool(m["finite"]):
-                raise NonFiniteError(
-                    f"stage {stage.name!r}: non-finite loss or gradient at step {s} (epoch"
-                    f" {(s - 1) // steps_per_epoch + 1}): loss={m['loss']}, grad_norm={m['grad_norm']}."
-                    " Lower the learning rate or check the input data; the last checkpoint before it is"
-                    f" in {ckpt.directory}."
-                )
+            for k, member in enumerate(members):
+                mine = of_member(m, k)
+                if not bool(mine["finite"]):
+                    raise NonFiniteError(
+                        f"stage {member.name!r}: non-finite loss or gradient at step {s} (epoch"
+                        f" {(s - 1) // steps_per_epoch + 1}): loss={mine['loss']},"
+                        f" grad_norm={mine['grad_norm']}. Lower the learning rate or check the"
+                        f" input data; the last checkpoint before it is in {ckpt.directory}."
+                    )
         return fetched
 
     def flush():
@@ -220,26 +270,32 @@ def run(stage: Stage, config, mesh) -> dict:
             return
         fetched = fetch_and_guard()
         last_step = pending[-1][0]
-        scalars = {f"train/{k}": v for k, v in _mean_metrics(fetched).items()}
+        shared = {}
         if stage.lr_fn is not None:
-            scalars["train/lr"] = float(stage.lr_fn(last_step - 1))
+            shared["train/lr"] = float(stage.lr_fn(last_step - 1))
         if interval_steps:
             steps_per_s = interval_steps / max(time.time() - interval_start, 1e-9)
-            scalars["train/images_per_s"] = steps_per_s * stage.batch_size
+            shared["train/images_per_s"] = steps_per_s * stage.batch_size
             eta = (total_steps - last_step) / max(steps_per_s, 1e-9)
-            speed = f"{scalars['train/images_per_s']:.1f} img/s | ETA {_format_seconds(eta)}"
+            speed = f"{shared['train/images_per_s']:.1f} img/s | ETA {_format_seconds(eta)}"
         else:  # Only the compiling first step since the last row: no speed to report yet.
             speed = "compiled"
-        writer.write_scalars(last_step, scalars)
-        metrics_file.write({"step": last_step, **scalars})
+        losses = []
+        for k, member in enumerate(members):
+            mean = _mean_metrics([of_member(m, k) for m in fetched])
+            scalars = {f"train/{key}": v for key, v in mean.items()}
+            scalars.update(shared)  # After the means: the keys' order of a one-member stage.
+            writers[member.name].write_scalars(last_step, scalars)
+            metrics_files[member.name].write({"step": last_step, **scalars})
+            losses.append(scalars["train/loss"])
         logging.info(
-            "[%s] step %d/%d epoch %d/%d loss %.4f | %s",
+            "[%s] step %d/%d epoch %d/%d loss %s | %s",
             stage.name,
             last_step,
             total_steps,
             (last_step - 1) // steps_per_epoch + 1,
             stage.epochs,
-            scalars["train/loss"],
+            " ".join(f"{loss:.4f}" for loss in losses),
             speed,
         )
         pending.clear()
@@ -248,12 +304,51 @@ def run(stage: Stage, config, mesh) -> dict:
     def save(unlogged: list | None = None):
         meta_now = {
             "step": step,
-            "history": history,
+            "history": histories if stacked else histories[members[0].name],
             "wall_time_s": wall_before + time.time() - run_start,
         }
         if unlogged:
             meta_now["pending"] = unlogged
         ckpt.save(step, state, meta_now)
+
+    def end_epoch(epoch: int) -> None:
+        """Each member's test evaluation, best-epoch export and records at an epoch's end."""
+        for member in members:
+            history = histories[member.name]
+            evaluation = member.eval_fn(state) if member.eval_fn is not None else {}
+            row = {
+                "epoch": epoch,
+                "step": step,
+                **{f"test/{k}": v for k, v in evaluation.items()},
+            }
+            if member.epoch_end_fn is not None:
+                row.update(member.epoch_end_fn(state, epoch))
+            history.append(row)
+            accuracy = evaluation.get("accuracy")
+            if (
+                member.best_fn is not None
+                and accuracy is not None
+                and all(accuracy > h["test/accuracy"] for h in history[:-1])
+            ):
+                member.best_fn(state, epoch)
+            writers[member.name].write_scalars(
+                step,
+                {
+                    k: v
+                    for k, v in row.items()
+                    if k not in ("epoch", "step") and isinstance(v, float)
+                },
+            )
+            metrics_files[member.name].write(row)
+            if "accuracy" in evaluation:
+                logging.info(
+                    "[%s] epoch %d/%d test accuracy %.4f (best %.4f)",
+                    member.name,
+                    epoch,
+                    stage.epochs,
+                    evaluation["accuracy"],
+                    max(h["test/accuracy"] for h in history),
+                )
 
     try:
         for batches in device_batches:
@@ -275,41 +370,7 @@ def run(stage: Stage, config, mesh) -> dict:
             if step % config.log_every_steps == 0 or wants_checkpoint or epoch_end:
                 flush()  # The guard runs before any save: no checkpoint holds a non-finite state.
             if epoch_end:
-                epoch = step // steps_per_epoch
-                evaluation = stage.eval_fn(state) if stage.eval_fn is not None else {}
-                row = {
-                    "epoch": epoch,
-                    "step": step,
-                    **{f"test/{k}": v for k, v in evaluation.items()},
-                }
-                if stage.epoch_end_fn is not None:
-                    row.update(stage.epoch_end_fn(state, epoch))
-                history.append(row)
-                accuracy = evaluation.get("accuracy")
-                if (
-                    stage.best_fn is not None
-                    and accuracy is not None
-                    and all(accuracy > h["test/accuracy"] for h in history[:-1])
-                ):
-                    stage.best_fn(state, epoch)
-                writer.write_scalars(
-                    step,
-                    {
-                        k: v
-                        for k, v in row.items()
-                        if k not in ("epoch", "step") and isinstance(v, float)
-                    },
-                )
-                metrics_file.write(row)
-                if "accuracy" in evaluation:
-                    logging.info(
-                        "[%s] epoch %d/%d test accuracy %.4f (best %.4f)",
-                        stage.name,
-                        epoch,
-                        stage.epochs,
-                        evaluation["accuracy"],
-                        max(h["test/accuracy"] for h in history),
-                    )
+                end_epoch(step // steps_per_epoch)
                 interval_start, interval_steps = time.time(), 0  # Keep evaluation out of images/s.
             # Saved after the epoch-end evaluation so a resumed run never skips one.
             if wants_checkpoint or step == total_steps:
@@ -318,7 +379,8 @@ def run(stage: Stage, config, mesh) -> dict:
                 # The guard runs before the save; the unlogged metrics go into the checkpoint.
                 fetched = fetch_and_guard() if pending else []
                 unlogged = [
-                    (s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(pending, fetched)
+                    (s, jax.tree.map(lambda v: np.asarray(v).tolist(), m))
+                    for (s, _), m in zip(pending, fetched)
                 ]
                 if not wants_checkpoint:
                     save(unlogged)
@@ -328,26 +390,33 @@ def run(stage: Stage, config, mesh) -> dict:
                 )
     finally:
         ckpt.wait()
-        writer.close()
+        for writer in writers.values():
+            writer.close()
 
-    if stage.finalize_fn is not None:
-        stage.finalize_fn(state)
-    result = {"stage": stage.name}
-    if stage.eval_fn is not None:
-        best = max(history, key=lambda h: h["test/accuracy"])
+    results = {}
+    for member in members:
+        if member.finalize_fn is not None:
+            member.finalize_fn(state)
+        history = histories[member.name]
+        result = {"stage": member.name}
+        if member.eval_fn is not None:
+            best = max(history, key=lambda h: h["test/accuracy"])
+            result |= {
+                "best_accuracy": best["test/accuracy"],
+                "best_epoch": best["epoch"],
+                "last_accuracy": history[-1]["test/accuracy"],
+            }
         result |= {
-            "best_accuracy": best["test/accuracy"],
-            "best_epoch": best["epoch"],
-            "last_accuracy": history[-1]["test/accuracy"],
+            "epochs": stage.epochs,
+            "steps": total_steps,
+            "wall_time_s": wall_before + time.time() - run_start,
         }
-    result |= {
-        "epochs": stage.epochs,
-        "steps": total_steps,
-        "wall_time_s": wall_before + time.time() - run_start,
-    }
-    files.write_json_atomic(os.path.join(stage.directory, RESULT_FILE), result)
+        files.write_json_atomic(os.path.join(member.directory, RESULT_FILE), result)
+        results[member.name] = result
     ckpt.close()
-    return result | {"state": state}
+    if stacked:
+        return {"members": results, "state": state}
+    return results[members[0].name] | {"state": state}
 
 
 def _format_seconds(seconds: float) -> str:

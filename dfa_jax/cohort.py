@@ -1,0 +1,89 @@
+"""Students that share the teacher: K students of one method trained by one jitted step.
+
+A cohort stacks K students' `bilevel.TrainState`s along a new leading axis — parameters, BN
+statistics, optimizer states and the frozen beta — while the step counter stays one shared scalar.
+Its step is the stage's own bilevel step applied to every student:
+
+- 'vmap': `jax.vmap` over the student axis with the batch, the teacher's variables and the step
+  counter (hence the augmentation's randomness) unmapped. What does not depend on a student —
+  the augmentation, the teacher's forward — is computed once for all of them; each student's
+  convolutions become one grouped convolution over the K students.
+- 'loop': the students one after the other inside the one program. The teacher's forward is
+  written K times with the same operands; XLA's common-subexpression elimination computes it
+  once.
+
+Either way the students see the same batches and the same augmentation, and differ in what they
+were initialised with (seed, frozen alpha). `benchmarks/throughput.py` (`cohort_*` cases)
+measures both against K separate steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dfa_jax import bilevel
+
+MODES = ("vmap", "loop")
+
+# Where a stacked TrainState has its student axis: everywhere but the shared step counter.
+STATE_AXES = bilevel.TrainState(
+    step=None, params=0, batch_stats=0, opt_state=0, beta=0, beta_opt_state=0
+)
+
+
+def stack(states: Sequence[bilevel.TrainState]) -> bilevel.TrainState:
+    """One TrainState whose leaves (but `step`) gain a leading student axis [K, ...]."""
+    if not states:
+        raise ValueError("a cohort needs at least one student")
+    first = states[0]
+
+    def stacked(*leaves):
+        return jnp.stack(leaves)
+
+    return first.replace(
+        params=jax.tree.map(stacked, *[s.params for s in states]),
+        batch_stats=jax.tree.map(stacked, *[s.batch_stats for s in states]),
+        opt_state=jax.tree.map(stacked, *[s.opt_state for s in states]),
+        beta=jax.tree.map(stacked, *[s.beta for s in states]),
+        beta_opt_state=jax.tree.map(stacked, *[s.beta_opt_state for s in states]),
+    )
+
+
+def student(state: bilevel.TrainState, k: int) -> bilevel.TrainState:
+    """Student `k` of a stacked TrainState, as a one-student TrainState."""
+
+    def pick(x):
+        return x[k]
+
+    return state.replace(
+        params=jax.tree.map(pick, state.params),
+        batch_stats=jax.tree.map(pick, state.batch_stats),
+        opt_state=jax.tree.map(pick, state.opt_state),
+        beta=jax.tree.map(pick, state.beta),
+        beta_opt_state=jax.tree.map(pick, state.beta_opt_state),
+    )
+
+
+def size(state: bilevel.TrainState) -> int:
+    """The number of students K of a stacked TrainState."""
+    return int(jax.tree.leaves(state.params)[0].shape[0])
+
+
+def make_cohort_step(step: Callable, num_students: int, mode: str = "vmap") -> Callable:
+    """`step(state, batch, val_batch, aux) -> (state, metrics)` for one student, made the step of
+    a stacked state of `num_students` students; every metric gains the student axis [K]."""
+    if mode not in MODES:
+        raise ValueError(f"cohort mode must be one of {MODES}, got {mode!r}")
+    if mode == "vmap":
+        return jax.vmap(step, in_axes=(STATE_AXES, None, None, None), out_axes=(STATE_AXES, 0))
+
+    def looped(state, batch, val_batch, aux):
+        outputs = [step(student(state, k), batch, val_batch, aux) for k in range(num_students)]
+        new_state = stack([s for s, _ in outputs])
+        metrics = jax.tree.map(lambda *m: jnp.stack(m), *[m for _, m in outputs])
+        return new_state, metrics
+
+    return looped

@@ -1,0 +1,232 @@
+"""Students that share the teacher (`cohort.py`, `distill.run_all`): one step trains several
+students, each as it would train alone (to float tolerance: another program), with the
+teacher's forward computed once; a run of several seeds keeps every student's records apart,
+resumes exactly, and trains only what a finished run is missing."""
+
+import json
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train_loop import read_jsonl, tiny_demo
+
+from dfa_jax import (
+    bilevel,
+    cohort,
+    config_lib,
+    distill,
+    inputs,
+    methods,
+    optimizers,
+    parallel,
+    pipeline,
+    preemption,
+)
+from dfa_jax import teacher as teacher_lib
+from dfa_jax.data import sources
+
+# Different programs (K students in one step against one alone): float32 rounding differs.
+STEP_TOLERANCE = 1e-4
+
+
+def _tiny_step(batch_size=8):
+    """DFA's distillation step (frozen average alpha) for WRN_16_1 -> WRN_10_1 on CIFAR shapes,
+    a batch, the teacher's variables and a `state(seed)` maker."""
+    config = config_lib.base_config()
+    config.data.dataset = "cifar10"
+    config.teacher.model, config.student.model = "wrn_16_1", "wrn_10_1"
+    info = sources.DATASETS["cifar10"]
+    mesh = parallel.make_mesh()
+    pair = methods.Pair(
+        teacher=teacher_lib.build_model("wrn_16_1", 10, "float32"),
+        student=teacher_lib.build_model("wrn_10_1", 10, "float32"),
+    )
+    teacher_vars = teacher_lib.init_variables(pair.teacher, 7, mesh)
+    tx = optimizers.sgd(config.distill.optim, 100)
+    alpha = distill.aggregation_alpha("average", pair.teacher, config, "")
+
+    def state(seed):
+        student = teacher_lib.init_variables(pair.student, seed, mesh)
+        helpers, helper_stats = methods.init_helpers("dfa", pair, config, seed + 100, mesh)
+        return bilevel.create_state(
+            {"student": student["params"], **helpers},
+            {"student": student["batch_stats"], **helper_stats},
+            tx,
+            distill.frozen_beta(alpha),
+        )
+
+    step = bilevel.make_bilevel_step(
+        methods.make_loss_fn("dfa", pair, config),
+        tx,
+        seed=0,
+        preprocess_fn=inputs.make_train_preprocess(config.data, info),
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, 10, (batch_size,)), jnp.int32),
+    }
+    return step, batch, teacher_vars, state
+
+
+def _convolutions(step_fn, *args) -> int:
+    hlo = jax.jit(step_fn).lower(*args).compile().as_text()
+    return len(re.findall(r"= \S+ convolution\(", hlo))
+
+
+def test_cohort_step_trains_each_student_as_alone_and_the_teacher_once():
+    """In both modes, per-step losses over three steps and the parameters after the first equal
+    each student's own steps to float tolerance (vmap's grouped convolutions round differently;
+    the differences then grow as training amplifies them, as across device counts)."""
+    step, batch, teacher_vars, state = _tiny_step()
+    seeds = (0, 1)
+    alone = []
+    for seed in seeds:
+        s, losses, first = state(seed), [], None
+        for _ in range(3):
+            s, metrics = jax.jit(step)(s, batch, None, teacher_vars)
+            losses.append(float(metrics["loss"]))
+            first = first or jax.device_get(s.params)
+        alone.append((first, losses))
+    one = _convolutions(step, state(0), batch, None, teacher_vars)
+
+    for mode in cohort.MODES:
+        cohort_step = cohort.make_cohort_step(step, len(seeds), mode)
+        stacked = cohort.stack([state(seed) for seed in seeds])
+        losses, first = [], None
+        for _ in range(3):
+            stacked, metrics = jax.jit(cohort_step)(stacked, batch, None, teacher_vars)
+            assert metrics["loss"].shape == (len(seeds),)
+            losses.append(np.asarray(metrics["loss"]))
+            first = first or stacked
+        assert int(stacked.step) == 3
+        for k, (alone_first, alone_losses) in enumerate(alone):
+            np.testing.assert_allclose(
+                [l[k] for l in losses], alone_losses, rtol=STEP_TOLERANCE, err_msg=mode
+            )
+            jax.tree.map(
+                lambda a, b, mode=mode: np.testing.assert_allclose(a, b, atol=1e-4, err_msg=mode),
+                jax.device_get(cohort.student(first, k).params),
+                alone_first,
+            )
+        assert not np.allclose(losses[-1][0], losses[-1][1])  # Another seed, another student.
+        # The teacher's forward once: two students cost fewer convolutions than two steps.
+        two = _convolutions(
+            cohort_step, cohort.stack([state(s) for s in seeds]), batch, None, teacher_vars
+        )
+        assert two < 2 * one, (mode, one, two)
+
+
+def _cohort_config(seeds, **overrides):
+    """The tiny demo's teacher, then Last and Average students for each of `seeds`."""
+    return tiny_demo(
+        **{
+            "stages": ("teacher", "distill"),
+            "distill.aggregation": "last",
+            "distill.compare_with": ("average",),
+            "distill.seeds": seeds,
+            "checkpoint_every_steps": 1000,
+            **overrides,
+        }
+    )
+
+
+def _losses(directory):
+    return [
+        r["train/loss"]
+        for r in read_jsonl(os.path.join(directory, "metrics.jsonl"))
+        if "train/loss" in r
+    ]
+
+
+def _records(directory):
+    return [
+        {k: v for k, v in r.items() if k != "train/images_per_s"}
+        for r in read_jsonl(os.path.join(directory, "metrics.jsonl"))
+    ]
+
+
+@pytest.fixture(scope="module")
+def cohort_run(tmp_path_factory):
+    """Last and Average, seeds 0 and 1: four students in one step."""
+    workdir = str(tmp_path_factory.mktemp("cohort") / "run")
+    summary = pipeline.run(_cohort_config((0, 1)), workdir)
+    return workdir, summary
+
+
+def test_several_seeds_keep_every_students_records_apart(cohort_run, tmp_path):
+    workdir, summary = cohort_run
+    names = [f"distill/{label}/seed{seed}" for label in ("last", "average") for seed in (0, 1)]
+    assert [n for n in summary["stages"] if n.startswith("distill/")] == names
+    for name in names:
+        directory = os.path.join(workdir, name)
+        with open(os.path.join(directory, "result.json")) as f:
+            assert json.load(f)["stage"] == name
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(directory))
+        assert len(_losses(directory)) > 0
+    # One checkpoint for the four of them.
+    cohorts = os.listdir(os.path.join(workdir, "distill", "cohorts"))
+    assert len(cohorts) == 1
+    assert os.listdir(os.path.join(workdir, "distill", "cohorts", cohorts[0], "checkpoints"))
+    seed0, seed1 = (_losses(os.path.join(workdir, f"distill/last/seed{s}")) for s in (0, 1))
+    assert seed0 != seed1
+
+    # The same student trained alone (one seed: today's layout, distill/last) to float tolerance.
+    alone = str(tmp_path / "alone")
+    shutil.copytree(workdir, alone, ignore=shutil.ignore_patterns("distill", "summary.json"))
+    pipeline.run(_cohort_config((1,), **{"distill.compare_with": ()}), alone)
+    np.testing.assert_allclose(
+        _losses(os.path.join(alone, "distill", "last")), seed1, rtol=STEP_TOLERANCE
+    )
+
+
+def test_adding_a_seed_trains_only_the_missing_students(cohort_run, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(cohort_run[0], workdir)
+    trained = []
+    real_cohort, real_alone = distill.run_cohort, distill.run
+
+    def recording_cohort(config, workdir, mesh, data, teacher_vars, students):
+        trained.append(list(students))
+        return real_cohort(config, workdir, mesh, data, teacher_vars, students)
+
+    monkeypatch.setattr(distill, "run_cohort", recording_cohort)
+    monkeypatch.setattr(
+        distill, "run", lambda *a, **k: trained.append(a[5:]) or real_alone(*a, **k)
+    )
+    before = {s: _records(os.path.join(workdir, f"distill/last/seed{s}")) for s in (0, 1)}
+    summary = pipeline.run(_cohort_config((0, 1, 2)), workdir)
+    assert trained == [[("last", 2), ("average", 2)]]
+    assert len([n for n in summary["stages"] if n.startswith("distill/")]) == 6
+    for s in (0, 1):
+        assert _records(os.path.join(workdir, f"distill/last/seed{s}")) == before[s]
+
+
+def test_a_stopped_cohort_resumes_to_the_same_records(cohort_run, tmp_path, monkeypatch):
+    """A stop request in the cohort's stage checkpoints all four students at one step; the same
+    command resumes them to their uninterrupted records, bit for bit (the same program)."""
+    straight = cohort_run[0]
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir, ignore=shutil.ignore_patterns("distill", "summary.json"))
+    steps = []
+    real_should_stop = preemption.should_stop
+
+    def stop_at_cohort_step_3():
+        steps.append(1)
+        return len(steps) == 3
+
+    monkeypatch.setattr(preemption, "should_stop", stop_at_cohort_step_3)
+    with pytest.raises(preemption.Stopped, match=r"at step 3/"):
+        pipeline.run(_cohort_config((0, 1)), workdir)
+    monkeypatch.setattr(preemption, "should_stop", real_should_stop)
+    pipeline.run(_cohort_config((0, 1)), workdir)
+    for label in ("last", "average"):
+        for seed in (0, 1):
+            name = f"distill/{label}/seed{seed}"
+            assert _records(os.path.join(workdir, name)) == _records(
+                os.path.join(straight, name)
+            ), name
