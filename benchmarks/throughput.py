@@ -13,6 +13,11 @@ after a warm-up step, N steps run back to back with one `block_until_ready` at t
 each step in the same process, right after the JAX one, and reports `ratio = img_per_s /
 torch_img_per_s`. Output: a header, one JSON line per case, then a markdown table.
 
+`cohort_<pair>_k<K>`: K DFA students sharing the teacher in one step (`cohort.py`, in the mode
+`distill.cohort='auto'` picks for the backend) and one student's step, timed in the same process;
+`img_per_s` counts every student's images, `speedup` = K one-student steps' time over one
+K-student step's.
+
 Memory: `peak_mem_mb` is the process's peak resident set while the case ran (Linux's VmHWM, reset
 before each case; the process maximum elsewhere), or the device's `peak_bytes_in_use` on a GPU.
 """
@@ -38,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfa_jax import bilevel, config_lib, inputs, methods, optimizers, parallel
+from dfa_jax import bilevel, cohort, config_lib, inputs, methods, optimizers, parallel
 from dfa_jax import distill as distill_lib
 from dfa_jax import search as search_lib
 from dfa_jax import teacher as teacher_lib
@@ -60,13 +65,16 @@ CASES = (
     "distill_pair1_kd",
     "distill_pair3_kd",
     "distill_shufflenet_2.0_0.5_dfa",
+    # K students of DFA sharing the teacher in one step (cohort.py), against K one-student steps.
+    *(f"cohort_{pair}_k{k}" for pair in ("pair3", "demo") for k in (1, 2, 4, 8)),
 )
-QUICK_CASES = ("teacher_wrn_16_2", "search_pair3", "distill_pair3_dfa")
+QUICK_CASES = ("teacher_wrn_16_2", "search_pair3", "distill_pair3_dfa", "cohort_demo_k4")
 # Table 2's CIFAR-100 pairs (configs/cifar100_pair{1,3}.py) and Table 4's ShuffleNetV2 pair 2.
 PAIRS = {
     "pair1": ("wrn_28_4", "wrn_16_4"),
     "pair3": ("wrn_28_4", "wrn_16_2"),
     "shufflenet_2.0_0.5": ("shufflenet_v2_2.0", "shufflenet_v2_0.5"),
+    "demo": ("wrn_16_2", "wrn_10_1"),  # configs/demo.py's pair, on CIFAR-sized input.
 }
 KEYS = (
     "case",
@@ -291,6 +299,49 @@ def build_distill(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
     return {"step": _runner(step, mesh, make_state, (batch, None, teacher_vars))}
 
 
+def build_cohort(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
+    """K DFA students (frozen average alpha, seeds 0..K-1) in one step (`distill.run_cohort`,
+    in `distill.cohort_mode`'s mode for this backend) and, as 'single', one student's step."""
+    students = int(case.rsplit("_k", 1)[1])
+    single = build_distill("distill_dfa", config, mesh, batch)["step"]
+    info = sources.DATASETS[config.data.dataset]
+    pair = methods.Pair(
+        teacher=teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype),
+        student=teacher_lib.build_model(config.student.model, info.num_classes, config.dtype),
+    )
+    tx = optimizers.sgd(config.distill.optim, 390)
+    beta = distill_lib.frozen_beta(
+        distill_lib.aggregation_alpha("average", pair.teacher, config, "")
+    )
+
+    def make_state():
+        states = []
+        for seed in range(students):
+            student_vars = teacher_lib.init_variables(pair.student, seed, mesh)
+            helpers, helper_stats = methods.init_helpers("dfa", pair, config, seed + 100, mesh)
+            states.append(
+                bilevel.create_state(
+                    {"student": student_vars["params"], **helpers},
+                    {"student": student_vars["batch_stats"], **helper_stats},
+                    tx,
+                    beta,
+                )
+            )
+        return _replicated(mesh, cohort.stack, states)
+
+    step = bilevel.make_bilevel_step(
+        methods.make_loss_fn("dfa", pair, config),
+        tx,
+        seed=config.seed,
+        preprocess_fn=inputs.make_train_preprocess(config.data, info),
+    )
+    cohort_step = cohort.make_cohort_step(step, students, distill_lib.cohort_mode(config))
+    return {
+        "step": _runner(cohort_step, mesh, make_state, single.args),
+        "single": single,
+    }
+
+
 def build_case(case: str, mesh, batch_size: int, dtype: str) -> dict[str, Runner]:
     """The runners of `case`: 'step' (what the stage trains with), and for the search its parts."""
     config = case_config(case, batch_size, dtype)
@@ -302,6 +353,8 @@ def build_case(case: str, mesh, batch_size: int, dtype: str) -> dict[str, Runner
         return build_search(case, config, mesh, batch, val_batch)
     if case.startswith("distill_"):
         return build_distill(case, config, mesh, batch)
+    if case.startswith("cohort_"):
+        return build_cohort(case, config, mesh, batch)
     raise ValueError(f"unknown case {case!r}; valid: {', '.join(CASES)}")
 
 
@@ -481,6 +534,7 @@ def run_case(
     first = jax_runs["step"][0]  # Later first calls hit the compilation cache.
     peak_mem_mb = _peak_mem_mb()
     torch_runs, torch_peak_mb = {}, None
+    with_torch = with_torch and not case.startswith("cohort_")  # No PyTorch twin of a cohort.
     if with_torch:
         import torch  # pylint: disable=g-import-not-at-top
 
@@ -526,6 +580,15 @@ def run_case(
         "traces": len(runners["step"].traces),
         "page_faults_per_step": round(main.faults_per_step),
     }
+    if "single" in timings:
+        # Images trained per second summed over the K students, and K one-student steps' time
+        # over one K-student step's.
+        students = int(case.rsplit("_k", 1)[1])
+        record["students"] = students
+        record["mode"] = distill_lib.cohort_mode(case_config(case, batch_size, dtype))
+        record["img_per_s"] = round(students * batch_size / main.step_s, 2)
+        record["single_step_ms"] = round(timings["single"].step_s * 1e3, 1)
+        record["speedup"] = round(students * timings["single"].step_s / main.step_s, 3)
     if "w_step" in timings:
         parts_s = timings["w_step"].step_s + timings["beta_step"].step_s
         record["w_step_img_per_s"] = round(batch_size / timings["w_step"].step_s, 2)
@@ -565,6 +628,7 @@ def markdown_table(records: list[dict]) -> str:
         ("peak_mem_mb", "peak RSS (MiB)"),
         ("overhead_ratio", "step/(w+beta)"),
         ("input_share", "host batch / step"),
+        ("speedup", "cohort speedup"),
     ]
     lines = [
         "| " + " | ".join(title for _, title in cols) + " |",
