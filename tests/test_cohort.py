@@ -230,3 +230,18 @@ def test_a_stopped_cohort_resumes_to_the_same_records(cohort_run, tmp_path, monk
             assert _records(os.path.join(workdir, name)) == _records(
                 os.path.join(straight, name)
             ), name
+
+
+def test_students_are_grouped_by_method_and_split_at_the_limit():
+    """DFA's aggregations share a step (one method), other methods get their own, FT and AB
+    (a first stage of their own) train alone, and `max_students_per_step` splits a group."""
+    config = _cohort_config((0, 1))
+    todo = [(label, seed) for label in ("dfa", "last", "kd", "ft", "average") for seed in (0, 1)]
+    assert distill.cohorts(config, todo) == [
+        [("dfa", 0), ("dfa", 1), ("last", 0), ("last", 1), ("average", 0), ("average", 1)],
+        [("kd", 0), ("kd", 1)],
+        [("ft", 0)],
+        [("ft", 1)],
+    ]
+    config.distill.max_students_per_step = 4
+    assert [len(c) for c in distill.cohorts(config, todo)] == [4, 2, 2, 1, 1]

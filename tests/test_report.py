@@ -287,3 +287,22 @@ def test_dfa_against_last_average_random_is_paired_per_seed(tmp_path):
     with open(os.path.join(out, "paired.csv")) as f:
         (csv_last,) = [r for r in csv.DictReader(f) if r["against"] == "last"]
     assert csv_last["seeds"] == "0;1;2" and float(csv_last["mean"]) == pytest.approx(mean)
+
+
+def test_a_run_of_several_seeds_is_read_per_student(tmp_path):
+    """One run with `distill.seeds` (stages `distill/<label>/seed<k>`, the run's own seed 0):
+    each student is a seed of its cell, the same as separate one-seed runs, and pairs by it."""
+    root = str(tmp_path / "runs")
+    dfa, last = {0: 0.760, 1: 0.770, 2: 0.750}, {0: 0.755, 1: 0.762, 2: 0.749}
+    stages = {}
+    for seed in dfa:
+        stages[f"distill/dfa/seed{seed}"] = _stage(f"distill/dfa/seed{seed}", dfa[seed])
+        stages[f"distill/last/seed{seed}"] = _stage(f"distill/last/seed{seed}", last[seed])
+    _write(root, "cohort", PAIR1, 0, stages)
+    collected = report.collect(report.load_summaries(root))
+    cell = collected[("cifar100", *PAIR1, "dfa")]
+    assert sorted(e["seed"] for e in cell) == [0, 1, 2]
+    assert report.cell_stats(e["last"] for e in cell)["n"] == 3
+    (row,) = report.paired_rows(collected)
+    assert row["against"] == "last" and row["seeds"] == [0, 1, 2]
+    assert row["differences"] == pytest.approx([100 * (dfa[k] - last[k]) for k in (0, 1, 2)])
