@@ -2,6 +2,7 @@
 
   python -m benchmarks.throughput [--quick] [--torch] [--batch 128] [--dtype float32|bfloat16]
       [--cases teacher_wrn_16_2,search_pair3] [--devices N] [--steps N] [--pipeline]
+      [--cohort-mode auto|loop|vmap]
 
 Each case builds the step exactly as its stage does (the teacher's cross-entropy step, the
 search's bilevel bridge-loss step of group 2, the distillation step with beta frozen) on random
@@ -170,7 +171,7 @@ def random_batch(batch_size: int, seed: int) -> dict:
     }
 
 
-def case_config(case: str, batch: int, dtype: str):
+def case_config(case: str, batch: int, dtype: str, cohort_mode: str = "auto"):
     """The config whose stage the case runs: Table 2's pair 1/3 or Table 4's pair 2."""
     pair = next((p for p in PAIRS if f"_{p}" in case), "pair3")
     teacher_name, student_name = PAIRS[pair]
@@ -187,6 +188,7 @@ def case_config(case: str, batch: int, dtype: str):
         optim.batch_size = batch
     config.teacher.optim.nesterov = True
     config.search.batch_size = batch
+    config.distill.cohort = cohort_mode
     if case.startswith("teacher_"):
         config.teacher.model = case.removeprefix("teacher_")
     return config
@@ -342,9 +344,11 @@ def build_cohort(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
     }
 
 
-def build_case(case: str, mesh, batch_size: int, dtype: str) -> dict[str, Runner]:
+def build_case(
+    case: str, mesh, batch_size: int, dtype: str, cohort_mode: str = "auto"
+) -> dict[str, Runner]:
     """The runners of `case`: 'step' (what the stage trains with), and for the search its parts."""
-    config = case_config(case, batch_size, dtype)
+    config = case_config(case, batch_size, dtype, cohort_mode)
     batch = parallel.to_global(random_batch(batch_size, 0), mesh)
     if case.startswith("teacher_"):
         return build_teacher(case, config, mesh, batch)
@@ -521,6 +525,7 @@ def run_case(
     pipeline: bool = False,
     host_ms: float | None = None,
     repeats: int = 1,
+    cohort_mode: str = "auto",
 ) -> dict:
     """Times `case` (and its PyTorch twin) and returns its JSON record (KEYS and extras).
 
@@ -529,7 +534,7 @@ def run_case(
     """
     gc.collect()
     _reset_peak_rss()
-    runners = build_case(case, mesh, batch_size, dtype)
+    runners = build_case(case, mesh, batch_size, dtype, cohort_mode)
     jax_runs = {name: [time_jax(r, steps, min_time_s)] for name, r in runners.items()}
     first = jax_runs["step"][0]  # Later first calls hit the compilation cache.
     peak_mem_mb = _peak_mem_mb()
@@ -585,7 +590,7 @@ def run_case(
         # over one K-student step's.
         students = int(case.rsplit("_k", 1)[1])
         record["students"] = students
-        record["mode"] = distill_lib.cohort_mode(case_config(case, batch_size, dtype))
+        record["mode"] = distill_lib.cohort_mode(case_config(case, batch_size, dtype, cohort_mode))
         record["img_per_s"] = round(students * batch_size / main.step_s, 2)
         record["single_step_ms"] = round(timings["single"].step_s * 1e3, 1)
         record["speedup"] = round(students * timings["single"].step_s / main.step_s, 3)
@@ -664,6 +669,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--pipeline", action="store_true", help="also time the steps fed by the prefetching loader"
     )
     parser.add_argument(
+        "--cohort-mode",
+        default="auto",
+        choices=("auto", "loop", "vmap"),
+        help="cohort_* cases: how the students share the step (distill.cohort)",
+    )
+    parser.add_argument(
         "--malloc",
         default="tuned",
         choices=("tuned", "default"),
@@ -712,6 +723,7 @@ def main(argv=None) -> list[dict]:
             pipeline=args.pipeline,
             host_ms=host_ms,
             repeats=args.repeats,
+            cohort_mode=args.cohort_mode,
         )
         record["load_avg_1m"] = round(os.getloadavg()[0], 2)
         records.append(record)

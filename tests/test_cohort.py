@@ -25,6 +25,7 @@ from dfa_jax import (
     parallel,
     pipeline,
     preemption,
+    train_loop,
 )
 from dfa_jax import teacher as teacher_lib
 from dfa_jax.data import sources
@@ -245,3 +246,25 @@ def test_students_are_grouped_by_method_and_split_at_the_limit():
     ]
     config.distill.max_students_per_step = 4
     assert [len(c) for c in distill.cohorts(config, todo)] == [4, 2, 2, 1, 1]
+
+
+def test_the_non_finite_guard_names_the_student(cohort_run, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(
+        cohort_run[0], workdir, ignore=shutil.ignore_patterns("distill", "summary.json")
+    )
+    real_start = distill._student_start
+
+    def poisoned(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student):
+        params, *rest = real_start(
+            config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student
+        )
+        if (label, seed) == ("average", 1):  # One student of four diverges.
+            params = jax.tree.map(lambda x: x * jnp.nan, params)
+        return params, *rest
+
+    monkeypatch.setattr(distill, "_student_start", poisoned)
+    with pytest.raises(
+        train_loop.NonFiniteError, match=r"stage 'distill/average/seed1': non-finite .* step 1\b"
+    ):
+        pipeline.run(_cohort_config((0, 1)), workdir)
