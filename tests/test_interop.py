@@ -13,18 +13,19 @@ import numpy as np
 import optax
 import pytest
 
-from dfa_jax import bilevel
-from dfa_jax import checkpointing
-from dfa_jax import config_lib
-from dfa_jax import evaluation
-from dfa_jax import inputs
-from dfa_jax import interop
-from dfa_jax import models
-from dfa_jax import parallel
-from dfa_jax import teacher
-from dfa_jax.data import augment
-from dfa_jax.data import loader
-from dfa_jax.data import sources
+from dfa_jax import (
+    bilevel,
+    checkpointing,
+    config_lib,
+    evaluation,
+    inputs,
+    interop,
+    models,
+    parallel,
+    safetensors_io,
+    teacher,
+)
+from dfa_jax.data import augment, loader, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # wrn_10_1: block1.layer.0 keeps 16 channels (identity shortcut, no convShortcut); wrn_16_2:
@@ -449,3 +450,76 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     with pytest.raises(SystemExit) as info:
         interop.main(["--help"])
     assert info.value.code == 0
+
+
+# ---------------------------------------------------------------------------------- safetensors
+
+
+def test_safetensors_files_are_the_reference_librarys(tmp_path):
+    """Ours load with huggingface's safetensors and its files load here: every dtype, scalars,
+    empty tensors and metadata; a damaged file is a named error."""
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.normal(size=(3, 4, 1, 2)).astype(np.float32),
+        "h": rng.normal(size=(5,)).astype(np.float16),
+        "d": rng.normal(size=(2, 2)),
+        "n": np.zeros((), np.int64),
+        "i": rng.integers(-5, 5, (7,)).astype(np.int32),
+        "b": np.array([True, False]),
+        "u": rng.integers(0, 255, (2, 3), dtype=np.uint8),
+        "e": np.zeros((0, 3), np.float32),
+    }
+    ours = str(tmp_path / "ours.safetensors")
+    safetensors_io.save(ours, arrays, {"format": "pt"})
+    theirs = st_numpy.load_file(ours)
+    assert theirs.keys() == arrays.keys()
+    for name, value in arrays.items():
+        assert theirs[name].dtype == value.dtype and np.array_equal(theirs[name], value), name
+
+    reference = str(tmp_path / "theirs.safetensors")
+    st_numpy.save_file(arrays, reference, metadata={"who": "reference"})
+    back, metadata = safetensors_io.load(reference)
+    assert metadata == {"who": "reference"}
+    for name, value in arrays.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+
+    with open(ours, "rb") as f:
+        blob = f.read()
+    with open(ours, "wb") as f:
+        f.write(blob[: len(blob) - 4])  # A truncated buffer.
+    with pytest.raises(safetensors_io.SafetensorsError, match="data_offsets"):
+        safetensors_io.load(ours)
+
+
+_SAFETENSORS_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # `import torch` raises ImportError: a JAX-only install.
+from dfa_jax import interop
+for argv in (["export", "--model", "wrn_10_1", "--num-classes", "10", sys.argv[1], sys.argv[2]],
+             ["import", "--model", "wrn_10_1", "--num-classes", "10", sys.argv[2], sys.argv[3]]):
+    assert interop.main(argv) == 0
+"""
+
+
+def test_a_student_leaves_and_enters_as_safetensors_without_pytorch(tmp_path):
+    """Export a student's variables to .safetensors and import them back, PyTorch not
+    importable: the same arrays; the file loads into PyTorch's WRN with strict=True."""
+    student_vars = random_flax_variables(10, 1, 10, seed=9)
+    stage = tmp_path / "run" / "distill" / "dfa" / "seed1"  # A cohort's student exports here.
+    teacher.save_variables(str(stage / teacher.VARIABLES_DIR), student_vars)
+    out, back = str(tmp_path / "s.safetensors"), str(tmp_path / "back")
+    subprocess.run(
+        [sys.executable, "-c", _SAFETENSORS_WITHOUT_TORCH, str(stage), out, back],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    restored = teacher.load_variables(
+        back, teacher.build_model("wrn_10_1", 10, "float32"), parallel.make_mesh()
+    )
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(student_vars)):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    st_torch = pytest.importorskip("safetensors.torch")
+    torch_wrn(10, 1, 10).load_state_dict(st_torch.load_file(out), strict=True)

@@ -1,0 +1,109 @@
+"""`.safetensors` files with NumPy alone, so weights leave and enter JAX without PyTorch.
+
+The format (huggingface/safetensors, "Format"): an unsigned little-endian 64-bit header length
+N, N bytes of JSON — per tensor `{"dtype", "shape", "data_offsets": [begin, end]}` into the byte
+buffer that follows, plus an optional `"__metadata__"` of strings — then the buffer, tensors in
+row-major order, little-endian. The header is padded with spaces to a multiple of 8 bytes, as the
+reference writer does. Files written here load with `safetensors.torch.load_file` (tested), and
+that library's files load here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+from dfa_jax import errors
+
+# safetensors dtype names <-> NumPy dtypes (bfloat16 has no NumPy type and is refused).
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+# A header larger than this is no safetensors file (the reference reader's own limit).
+MAX_HEADER_BYTES = 100_000_000
+
+
+class SafetensorsError(errors.InputError):
+    """A file that is not a well-formed safetensors file, or an array it cannot hold."""
+
+
+def save(path: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    """Writes `arrays` (name -> array) to `path`, atomically (a temporary file renamed)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    buffers, offset = [], 0
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if array.dtype not in _NAMES:
+            raise SafetensorsError(
+                f"{name}: dtype {array.dtype} has no safetensors name here; use one of"
+                f" {sorted(str(np.dtype(d)) for d in DTYPES.values())}"
+            )
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        buffers.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for data in buffers:
+            f.write(data)
+    os.replace(tmp, path)
+
+
+def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(name -> array, metadata) of the safetensors file at `path`."""
+    with open(path, "rb") as f:
+        blob = f.read()
+
+    def bad(why: str) -> SafetensorsError:
+        return SafetensorsError(f"{path} is not a safetensors file: {why}")
+
+    if len(blob) < 8:
+        raise bad("shorter than its 8-byte header length")
+    (size,) = struct.unpack("<Q", blob[:8])
+    if size > min(MAX_HEADER_BYTES, len(blob) - 8):
+        raise bad(f"its header claims {size} bytes")
+    try:
+        header = json.loads(blob[8 : 8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    buffer = memoryview(blob)[8 + size :]
+    arrays = {}
+    for name, entry in header.items():
+        try:
+            dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
+        if not 0 <= begin <= end <= len(buffer) or end - begin != dtype.itemsize * int(
+            np.prod(shape, dtype=np.int64)
+        ):
+            raise bad(f"tensor {name!r}'s data_offsets [{begin}, {end}] do not fit its shape")
+        arrays[name] = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape).copy()
+    return arrays, metadata
