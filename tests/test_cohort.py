@@ -169,6 +169,8 @@ def test_several_seeds_keep_every_students_records_apart(cohort_run, tmp_path):
             assert json.load(f)["stage"] == name
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(directory))
         assert len(_losses(directory)) > 0
+        # Its final variables, for `dfa_jax.interop export` (the checkpoint is the cohort's).
+        assert os.path.isdir(os.path.join(directory, "variables"))
     # One checkpoint for the four of them.
     cohorts = os.listdir(os.path.join(workdir, "distill", "cohorts"))
     assert len(cohorts) == 1
