@@ -18,8 +18,9 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
+from absl import logging
 
 from dfa_jax import bilevel
 from dfa_jax import cohort
@@ -594,8 +595,12 @@ def run_cohort(
         )
 
     names = ", ".join(student_name(config, label, seed) for label, seed in students)
+    method = methods.method_of(students[0][0])
+    logging.info(
+        "[distill] %d %s students share the teacher in one step: %s", len(students), method, names
+    )
     stage = train_loop.Stage(
-        name=f"distill cohort [{names}]",
+        name=f"distill/{method} cohort of {len(students)}",
         directory=cohort_directory(workdir, config, students),
         state=state,
         step_fn=parallel.jit_step(cohort_step, mesh),
