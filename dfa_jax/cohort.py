@@ -29,41 +29,29 @@ from dfa_jax import bilevel
 MODES = ("vmap", "loop")
 
 # Where a stacked TrainState has its student axis: everywhere but the shared step counter.
-STATE_AXES = bilevel.TrainState(
-    step=None, params=0, batch_stats=0, opt_state=0, beta=0, beta_opt_state=0
-)
+# The TrainState fields that hold one entry per student (all but the shared `step`).
+_STUDENT_FIELDS = ("params", "batch_stats", "opt_state", "beta", "beta_opt_state")
+STATE_AXES = bilevel.TrainState(step=None, **{field: 0 for field in _STUDENT_FIELDS})
 
 
 def stack(states: Sequence[bilevel.TrainState]) -> bilevel.TrainState:
     """One TrainState whose leaves (but `step`) gain a leading student axis [K, ...]."""
     if not states:
         raise ValueError("a cohort needs at least one student")
-    first = states[0]
-
-    def stacked(*leaves):
-        return jnp.stack(leaves)
-
-    return first.replace(
-        params=jax.tree.map(stacked, *[s.params for s in states]),
-        batch_stats=jax.tree.map(stacked, *[s.batch_stats for s in states]),
-        opt_state=jax.tree.map(stacked, *[s.opt_state for s in states]),
-        beta=jax.tree.map(stacked, *[s.beta for s in states]),
-        beta_opt_state=jax.tree.map(stacked, *[s.beta_opt_state for s in states]),
+    return states[0].replace(
+        **{
+            field: jax.tree.map(
+                lambda *leaves: jnp.stack(leaves), *[getattr(s, field) for s in states]
+            )
+            for field in _STUDENT_FIELDS
+        }
     )
 
 
 def student(state: bilevel.TrainState, k: int) -> bilevel.TrainState:
     """Student `k` of a stacked TrainState, as a one-student TrainState."""
-
-    def pick(x):
-        return x[k]
-
     return state.replace(
-        params=jax.tree.map(pick, state.params),
-        batch_stats=jax.tree.map(pick, state.batch_stats),
-        opt_state=jax.tree.map(pick, state.opt_state),
-        beta=jax.tree.map(pick, state.beta),
-        beta_opt_state=jax.tree.map(pick, state.beta_opt_state),
+        **{field: jax.tree.map(lambda x: x[k], getattr(state, field)) for field in _STUDENT_FIELDS}
     )
 
 

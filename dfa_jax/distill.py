@@ -147,9 +147,11 @@ def _stage(
     eval_fn,
     steps_per_epoch,
     w_trainable=None,
+    students=0,
     **extra,
 ):
-    """A distillation (or helper-initialisation) stage on the shared step, beta frozen."""
+    """A distillation (or helper-initialisation) stage on the shared step, beta frozen; with
+    `students` > 0, the step of a cohort of that many stacked students (`cohort.py`)."""
     # beta frozen: no beta loss, so the step is the w update alone (bilevel.py).
     step = bilevel.make_bilevel_step(
         loss_fn,
@@ -158,6 +160,8 @@ def _stage(
         preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
         w_trainable=w_trainable,
     )
+    if students:
+        step = cohort.make_cohort_step(step, students, cohort_mode(config))
     return train_loop.Stage(
         name=name,
         directory=directory,
@@ -561,13 +565,6 @@ def run_cohort(
         ),
         out_shardings=parallel.replicated(mesh),
     )([s[0] for s in starts], [s[1] for s in starts], [s[2] for s in starts])
-    step = bilevel.make_bilevel_step(
-        methods.make_loss_fn(students[0][0], pair, config, margins),
-        tx,
-        seed=config.seed,
-        preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
-    )
-    cohort_step = cohort.make_cohort_step(step, len(students), cohort_mode(config))
 
     def member(k: int, label: str, seed: int) -> train_loop.Member:
         def evaluate(state):
@@ -599,18 +596,20 @@ def run_cohort(
     logging.info(
         "[distill] %d %s students share the teacher in one step: %s", len(students), method, names
     )
-    stage = train_loop.Stage(
-        name=f"distill/{method} cohort of {len(students)}",
-        directory=cohort_directory(workdir, config, students),
-        state=state,
-        step_fn=parallel.jit_step(cohort_step, mesh),
-        eval_fn=None,
-        train_data=data.train,
-        epochs=optim.epochs,
-        batch_size=optim.batch_size,
-        seed=config.seed,
-        aux=starts[0][3],
-        lr_fn=optimizers.lr_schedule(optim, steps_per_epoch),
+    stage = _stage(
+        config,
+        f"distill/{method} cohort of {len(students)}",
+        cohort_directory(workdir, config, students),
+        state,
+        methods.make_loss_fn(students[0][0], pair, config, margins),
+        tx,
+        optim,
+        data,
+        mesh,
+        starts[0][3],
+        None,
+        steps_per_epoch,
+        students=len(students),
         members=tuple(member(k, *student) for k, student in enumerate(students)),
     )
     return train_loop.run(stage, config, mesh)["members"]

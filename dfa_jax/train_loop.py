@@ -218,7 +218,8 @@ def run(stage: Stage, config, mesh) -> dict:
     writers = {}
     metrics_files = {}
     for member in members:
-        files.makedirs(member.directory)
+        if stacked:  # A one-member stage's directory is the stage's, made above.
+            files.makedirs(member.directory)
         writers[member.name] = (
             scalar_writer.ScalarWriter(member.directory)
             if jax.process_index() == 0
