@@ -177,7 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Whose settings KD, AT, SP and Margin run with: 'peers' (these fields, RepDistiller's) or
     # 'authors' (the DFA authors' own baseline code: dfa_jax/baseline_presets.py says which).
     base.preset = "peers"
-    base.kd_temperature = 4.0  # KD: T (RepDistiller -T 4; the DFA authors used 16).
+    base.kd_temperature = 4.0  # KD: T (RepDistiller -T 4; the DFA authors' pair scripts too).
     base.kd_weight = 0.9  # KD: weight of T^2 KL (RepDistiller -a 0.9).
     base.kd_ce_weight = 0.1  # KD: weight of the label cross-entropy (RepDistiller -r 0.1).
     base.fitnets_weight = 100.0  # FitNets: hint weight at the middle group (RepDistiller -b 100).
@@ -518,6 +518,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown or not config.stages:
         problems.append(f"stages = {tuple(config.stages)}: use a non-empty subset of {STAGES}.")
+    elif len(set(config.stages)) != len(config.stages):
+        # ml_collections appends when a tuple field is overridden twice on one command line.
+        problems.append(
+            f"stages = {tuple(config.stages)} names a stage twice (was --config.stages given"
+            " twice? a second override of a tuple field appends to it): give each stage once."
+        )
 
     data = config.data
     if data.dataset not in data_lib.DATASETS:

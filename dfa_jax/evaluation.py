@@ -7,6 +7,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dfa_jax import inputs
@@ -35,9 +36,15 @@ def make_model_eval_fn(model, config, data: inputs.RunData, mesh) -> Callable:
     batch_size = config.data.eval_batch_size
     rows = parallel.process_rows(mesh, batch_size)
     mean, std = tuple(data.info.mean), tuple(data.info.std)
+    replicated = parallel.replicated(mesh)
+
+    def zero():
+        # Placed as the step's own totals are: an unplaced first `totals` would be another input
+        # type, and `_eval_step` would compile twice per pass.
+        return jax.make_array_from_callback((), replicated, lambda _: np.zeros((), np.float32))
 
     def evaluate(variables) -> dict:
-        totals = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        totals = (zero(), zero(), zero())
         batches = loader.eval_batches(data.test, batch_size, rows)
         for batch in parallel.prefetch_to_mesh(batches, mesh, config.data.prefetch):
             totals = _eval_step(model, mean, std, variables, batch, totals)

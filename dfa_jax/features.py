@@ -7,6 +7,8 @@ this module, so the bookkeeping (one entry per name, clamping, group layout) liv
 
 from __future__ import annotations
 
+import functools
+
 from typing import Mapping, Sequence
 
 import jax
@@ -42,6 +44,13 @@ def clamp(x: jax.Array, clamp_min: float | None) -> jax.Array:
 
 def shapes_of(model, names: Sequence[str], image_size: int = 32) -> list[tuple[int, ...]]:
     """The shapes [1, H, W, C] of the sown maps `names` (no compile, no FLOPs)."""
+    return list(_shapes_of(model, tuple(names), image_size))
+
+
+# Every stage asks for the same models' shapes several times; each answer traces the whole
+# model (seconds on a small CPU). Models are frozen dataclasses: hashable, equal by fields.
+@functools.lru_cache(maxsize=64)
+def _shapes_of(model, names: tuple[str, ...], image_size: int) -> tuple[tuple[int, ...], ...]:
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
 
     def forward(x):
@@ -49,7 +58,7 @@ def shapes_of(model, names: Sequence[str], image_size: int = 32) -> list[tuple[i
         _, mutated = model.apply(variables, x, mutable=[models.FEATURES])
         return read(mutated, names)
 
-    return [tuple(s.shape) for s in jax.eval_shape(forward, x)]
+    return tuple(tuple(s.shape) for s in jax.eval_shape(forward, x))
 
 
 def group_shapes(model, image_size: int = 32) -> list[tuple[int, ...]]:

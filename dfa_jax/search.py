@@ -325,6 +325,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         state = result.pop("state")
 
     record = alpha_record(teacher_model, state.beta)
+    logging.info("[search] alpha at the end:\n%s", reporting.alpha_table(record))
     files.write_json_atomic(
         os.path.join(workdir, ALPHA_FILE), {"teacher": config.teacher.model, "groups": record}
     )

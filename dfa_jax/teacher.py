@@ -40,12 +40,18 @@ def build_model(name: str, num_classes: int, dtype: str):
 
 def init_variables(model, seed: int, mesh, image_size: int = 32):
     """Initialises `model` directly into replicated device memory (abstract init -> jitted init)."""
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    init = jax.jit(
-        functools.partial(model.init, train=False), out_shardings=parallel.replicated(mesh)
-    )
-    variables = init(jax.random.key(seed), x)
+    variables = _jitted_init(model, mesh, image_size)(jax.random.key(seed))
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+# One traced init per (model, mesh, image size) in a process: every seed of a cohort, and every
+# stage that builds the same model, reuses it (tracing a model's init takes seconds on a CPU).
+@functools.lru_cache(maxsize=32)
+def _jitted_init(model, mesh, image_size: int):
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.jit(
+        lambda key: model.init(key, x, train=False), out_shardings=parallel.replicated(mesh)
+    )
 
 
 def cross_entropy_loss_fn(model):

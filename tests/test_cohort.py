@@ -74,36 +74,53 @@ def _tiny_step(batch_size=8):
     return step, batch, teacher_vars, state
 
 
-def _convolutions(step_fn, *args) -> int:
-    hlo = jax.jit(step_fn).lower(*args).compile().as_text()
-    return len(re.findall(r"= \S+ convolution\(", hlo))
+def _compiled(step_fn, state, batch, teacher_vars):
+    """`step_fn` jitted as the stages jit it (state donated and replicated), compiled once for
+    `state`'s layout, and the number of convolutions in its program."""
+    mesh = parallel.make_mesh()
+    state = jax.device_put(state, parallel.replicated(mesh))
+    compiled = parallel.jit_step(step_fn, mesh).lower(state, batch, None, teacher_vars).compile()
+    return compiled, state, len(re.findall(r"= \S+ convolution\(", compiled.as_text()))
 
 
 def test_cohort_step_trains_each_student_as_alone_and_the_teacher_once():
     """In both modes, per-step losses over three steps and the parameters after the first equal
     each student's own steps to float tolerance (vmap's grouped convolutions round differently;
     the differences then grow as training amplifies them, as across device counts)."""
-    step, batch, teacher_vars, state = _tiny_step()
+    step, batch, teacher_vars, make_state = _tiny_step()
     seeds = (0, 1)
+    # Made once per seed (each step gets its own placed or stacked copy to donate).
+    states = {seed: make_state(seed) for seed in seeds}
+
+    def state(seed):
+        return jax.tree.map(jnp.copy, states[seed])
+
     alone = []
     for seed in seeds:
-        s, losses, first = state(seed), [], None
+        # One program for both seeds: compiled for the first, called with the second's state.
+        if not alone:
+            alone_step, _, one = _compiled(step, state(seed), batch, teacher_vars)
+        s = jax.device_put(state(seed), parallel.replicated(parallel.make_mesh()))
+        losses, first = [], None
         for _ in range(3):
-            s, metrics = jax.jit(step)(s, batch, None, teacher_vars)
+            s, metrics = alone_step(s, batch, None, teacher_vars)
             losses.append(float(metrics["loss"]))
             first = first or jax.device_get(s.params)
         alone.append((first, losses))
-    one = _convolutions(step, state(0), batch, None, teacher_vars)
 
     for mode in cohort.MODES:
-        cohort_step = cohort.make_cohort_step(step, len(seeds), mode)
-        stacked = cohort.stack([state(seed) for seed in seeds])
+        cohort_step, stacked, two = _compiled(
+            cohort.make_cohort_step(step, len(seeds), mode),
+            cohort.stack([state(seed) for seed in seeds]),
+            batch,
+            teacher_vars,
+        )
         losses, first = [], None
         for _ in range(3):
-            stacked, metrics = jax.jit(cohort_step)(stacked, batch, None, teacher_vars)
+            stacked, metrics = cohort_step(stacked, batch, None, teacher_vars)
             assert metrics["loss"].shape == (len(seeds),)
             losses.append(np.asarray(metrics["loss"]))
-            first = first or stacked
+            first = first or [jax.device_get(cohort.student(stacked, k).params) for k in (0, 1)]
         assert int(stacked.step) == 3
         for k, (alone_first, alone_losses) in enumerate(alone):
             np.testing.assert_allclose(
@@ -111,14 +128,11 @@ def test_cohort_step_trains_each_student_as_alone_and_the_teacher_once():
             )
             jax.tree.map(
                 lambda a, b, mode=mode: np.testing.assert_allclose(a, b, atol=1e-4, err_msg=mode),
-                jax.device_get(cohort.student(first, k).params),
+                first[k],
                 alone_first,
             )
         assert not np.allclose(losses[-1][0], losses[-1][1])  # Another seed, another student.
         # The teacher's forward once: two students cost fewer convolutions than two steps.
-        two = _convolutions(
-            cohort_step, cohort.stack([state(s) for s in seeds]), batch, None, teacher_vars
-        )
         assert two < 2 * one, (mode, one, two)
 
 

@@ -209,3 +209,11 @@ def test_base_config_is_lockable_and_rejects_typos():
     config.lock()
     with pytest.raises(AttributeError):
         config.teacher.optim.learning_rate = 0.1
+
+
+def test_helper_stage_learning_rates_are_repdistillers():
+    """FT's paraphraser pre-training and AB's initialisation run at RepDistiller's rates
+    (`helper/pretrain.py`): 0.01 and 0.05; the Jacobian weight is Knowledge-Distillation-Zoo's
+    scripts' 20, not its argparse default of 1."""
+    base = config_lib.base_config().baselines
+    assert (base.ft_pretrain_lr, base.ab_init_lr, base.jacobian_weight) == (0.01, 0.05, 20.0)

@@ -243,6 +243,13 @@ def _train_smaller_than_a_batch(tmp_path):
 
 CASES = [
     Case(
+        "stages_given_twice",
+        # What `--config.stages=(...)` given twice makes: ml_collections appends the second.
+        lambda tmp_path: (tiny_config(stages=("teacher", "search", "teacher")), "stages"),
+        errors.ConfigError,
+        "give each stage once",
+    ),
+    Case(
         "npz_train_smaller_than_a_batch",
         _train_smaller_than_a_batch,
         errors.DataError,

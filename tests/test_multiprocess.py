@@ -36,6 +36,7 @@ TINY = [
     # Two teacher checkpoints (steps 8 and 16) to resume from; a 2-process save costs seconds.
     "--config.checkpoint_every_steps=8",
 ]
+TEACHER_ONLY = "--config.stages=('teacher',)"
 TWO_PROCESSES = ["bash", "launch/local.sh", "--processes", "2"]
 # One CPU device per process, whatever the host's core count (local.sh would split the cores);
 # after TINY, whose --config must come first.
@@ -148,14 +149,14 @@ def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
     command then finishes the run with the numbers of the uninterrupted one."""
     _, two = runs
     workdir = str(tmp_path / "stopped")
-    # The teacher stage alone (`stages` cannot change its numbers): the stop lands in it.
+    # The teacher stage alone (`stages` cannot change its numbers): the stop lands in it. Given
+    # once: a second `--config.stages` would append to the first.
     command = [
         *TWO_PROCESSES,
         "--port",
         str(_free_port()),
-        *TINY,
+        *[flag if not flag.startswith("--config.stages=") else TEACHER_ONLY for flag in TINY],
         ONE_DEVICE_EACH,
-        "--config.stages=('teacher',)",
     ]
     launcher = subprocess.Popen(
         [*command, f"--workdir={workdir}"],
@@ -182,6 +183,7 @@ def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
 
     resumed = _run([*command, f"--workdir={workdir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "search"))
     assert f"resuming from step {stopped[0][1]}" in resumed.stdout + resumed.stderr
     # The same layout, so the same program: bitwise, records and result alike.
     stopped_run, straight_run = _stages(workdir)["teacher"], _stages(two)["teacher"]

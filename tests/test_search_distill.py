@@ -16,6 +16,7 @@ from dfa_jax import bilevel
 from dfa_jax import checkpointing
 from dfa_jax import config_lib
 from dfa_jax import distill
+from dfa_jax import inputs
 from dfa_jax import methods
 from dfa_jax import parallel
 from dfa_jax import pipeline
@@ -52,6 +53,29 @@ def bridge_inputs():
         "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32),
     }
     return t_model, s_model, t_vars, params, stats, batch
+
+
+def test_starting_alpha_of_wrn_28_4_is_softmax_of_the_last_logit():
+    """WRN_28_4's groups hold four maps: softmax([0, 0, 0, 4]) puts 0.948 on the last (0.982 is
+    the two-map figure), as the README states."""
+    model = teacher_lib.build_model("wrn_28_4", 100, "float32")
+    record = search.alpha_record(model, search.init_beta(model, 4.0))
+    assert [len(r["alpha"]) for r in record] == [4, 4, 4]
+    for r in record:
+        np.testing.assert_allclose(r["alpha"], np.exp([0, 0, 0, 4]) / np.exp([0, 0, 0, 4]).sum())
+        assert round(r["alpha"][-1], 3) == 0.948
+
+
+def test_demos_beta_learning_rate_can_move_alpha_in_its_steps(tmp_path):
+    """Adam moves each beta by at most about its learning rate per step: in the demo's beta steps
+    per group its beta_lr can move the last map's logit by a whole unit (its alpha from 0.982 to
+    0.953 or less), where the paper's 1e-3 could not move it by 0.1 (the demo's search would stay
+    at its starting 'Last')."""
+    config = load_config("demo")
+    train_examples = len(inputs.load(config, str(tmp_path), search=True).search_train.labels)
+    steps_per_group = config.search.epochs_per_group * (train_examples // config.search.batch_size)
+    assert config.search.beta_lr * steps_per_group >= 1.0, steps_per_group
+    assert 1e-3 * steps_per_group < 0.1, steps_per_group
 
 
 def test_beta_gets_gradient_through_both_st_and_ts_paths():
@@ -207,9 +231,22 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
         assert d["beta_l2_pull"][1] > d["beta_l2_pull"][0] > 0
 
 
-def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
+def _logged_alpha_table(messages, heading):
+    """The alpha table logged after `heading`: {layer name: alpha} of every group."""
+    (message,) = [m for m in messages if m.startswith(heading)]
+    table = {}
+    for line in message.splitlines()[1:]:
+        for entry in line.split(": ", 1)[1].split(", "):
+            name, value = entry.split()
+            table[name] = float(value)
+    return table
+
+
+def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch, caplog):
     """Also: a group's search trains only the student and that group's connectors; the other
-    groups' connectors (BN included) enter their own search exactly as initialised."""
+    groups' connectors (BN included) enter their own search exactly as initialised; the search
+    logs every group's real alpha at its start and its end."""
+    caplog.set_level("INFO")
     config = load_config("demo", "tiny")
     config.stages = ("teacher", "search")
     config.search.epochs_per_group = 2
@@ -227,6 +264,19 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "run", keeping_states)
     pipeline.run(config, straight)
     monkeypatch.setattr(train_loop, "run", real_run)
+    messages = [r.getMessage() for r in caplog.records]
+    start = _logged_alpha_table(messages, "[search] alpha at the start")
+    end = _logged_alpha_table(messages, "[search] alpha at the end")
+    record = search.alpha_record_from_file(os.path.join(straight, search.ALPHA_FILE))
+    for group in record:
+        # softmax([0, ..., 0, init_last_logit]) over the group's maps, in NumPy.
+        logits = np.zeros(len(group["layers"]))
+        logits[-1] = config.search.init_last_logit
+        expected = np.exp(logits) / np.exp(logits).sum()
+        for name, a0, a in zip(group["layers"], expected, group["alpha"]):
+            assert start[name] == pytest.approx(a0, abs=5e-4), name
+            assert end[name] == pytest.approx(a, abs=5e-4), name
+    assert start != end  # The search moved alpha.
     init = states["init"]
     for searched, untouched in (("g1", ("g2", "g3")), ("g2", ("g3",))):
         params, stats = states[f"search/{searched}"]

@@ -269,7 +269,9 @@ class TfdsSource(Source):
         if _random_access(builder):
             examples = builder.as_data_source(split=split)
             records = [examples[i] for i in range(len(examples))]
-            images = np.stack([r["image"] for r in records]) if records else np.zeros((0, 32, 32, 3))
+            images = (
+                np.stack([r["image"] for r in records]) if records else np.zeros((0, 32, 32, 3))
+            )
             labels = np.asarray([r["label"] for r in records], np.int64)
             return images.astype(np.uint8), labels
         if not builder.is_prepared():
