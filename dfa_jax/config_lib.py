@@ -485,10 +485,10 @@ def _check_files(config) -> None:
             num_classes=num_classes,
         )
     if "distill" in config.stages and "file" in distill_labels(config):
-        from dfa_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
+        from dfa_jax import alpha_file  # pylint: disable=g-import-not-at-top
 
         teacher = teacher or models.get_model(config.teacher.model, num_classes)
-        distill_lib.load_alpha_file(config.distill.alpha_file, teacher)
+        alpha_file.load(config.distill.alpha_file, teacher)
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:

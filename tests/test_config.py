@@ -1,5 +1,6 @@
 """validate(): one clear error per mistake, naming the field and the fix, before anything builds."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -217,3 +218,47 @@ def test_helper_stage_learning_rates_are_repdistillers():
     scripts' 20, not its argparse default of 1."""
     base = config_lib.base_config().baselines
     assert (base.ft_pretrain_lr, base.ab_init_lr, base.jacobian_weight) == (0.01, 0.05, 20.0)
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """dfa_jax's modules -> the dfa_jax modules each imports (at the top or inside a function)."""
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dfa_jax")
+    paths = {}
+    for directory, _, names in os.walk(package):
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                module = os.path.relpath(path[:-3], os.path.dirname(package)).replace(os.sep, ".")
+                paths[module.removesuffix(".__init__")] = path
+    graph = {}
+    for module, path in paths.items():
+        imported = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dfa_jax"):
+                for alias in node.names:
+                    name = f"{node.module}.{alias.name}"
+                    imported.add(name if name in paths else node.module)
+        graph[module] = {m for m in imported if m in paths and m != module}
+    return graph
+
+
+def test_package_imports_have_no_cycles():
+    """The modules form layers: no module imports, however indirectly, one that imports it (the
+    config's checks sit below the stages they check)."""
+    graph, done, path = _package_imports(), set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError(
+                "import cycle: " + " -> ".join(path[path.index(module) :] + [module])
+            )
+        if module not in done:
+            path.append(module)
+            for imported in sorted(graph[module]):
+                visit(imported)
+            path.pop()
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert "dfa_jax.distill" not in graph["dfa_jax.config_lib"]

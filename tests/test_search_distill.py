@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from dfa_jax import alpha_file
 from dfa_jax import bilevel
 from dfa_jax import checkpointing
 from dfa_jax import config_lib
@@ -152,16 +153,16 @@ def test_alpha_file_of_another_layout_is_refused(tmp_path):
     good = search.alpha_record(t_model, search.init_beta(t_model, 1.0))
     path = tmp_path / "alpha.json"
     path.write_text(json.dumps({"teacher": "wrn_16_1", "groups": good}))
-    alpha = distill.load_alpha_file(str(path), t_model)
+    alpha = alpha_file.load(str(path), t_model)
     assert [len(a) for a in alpha] == [2, 2, 2]
     bad_layers = json.loads(json.dumps(good))
     bad_layers[1]["layers"] = ["g2_b1", "g2_b2", "g2_b3"]
     path.write_text(json.dumps({"teacher": "wrn_22_1", "groups": bad_layers}))
-    with pytest.raises(distill.AlphaFileError, match="group 2 aggregates layers"):
-        distill.load_alpha_file(str(path), t_model)
+    with pytest.raises(alpha_file.AlphaFileError, match="group 2 aggregates layers"):
+        alpha_file.load(str(path), t_model)
     path.write_text(json.dumps({"teacher": "shufflenet_v2_1.0", "groups": good[:2]}))
-    with pytest.raises(distill.AlphaFileError, match="has 2 groups but the teacher"):
-        distill.load_alpha_file(str(path), t_model)
+    with pytest.raises(alpha_file.AlphaFileError, match="has 2 groups but the teacher"):
+        alpha_file.load(str(path), t_model)
 
 
 def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):

@@ -1,0 +1,73 @@
+"""The 'file' aggregation's alpha.json (DFA-T: an alpha searched in another run), read and checked
+against a teacher's feature groups. Below the stages: the config's checks read it before
+anything trains, and the distillation reads it to freeze its alpha."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from dfa_jax import errors
+from dfa_jax import files
+
+AlphaFileError = errors.AlphaFileError
+
+
+def load(path: str, teacher_model) -> list[np.ndarray]:
+    """Per group, alpha [N_i] from an alpha.json, checked against the teacher's feature groups.
+
+    Raises `AlphaFileError` naming the file and what is wrong: unreadable or not JSON, keys
+    missing, another group layout, or an alpha that is not non-negative weights summing to 1.
+    """
+    fix = "use the alpha.json a search with this teacher architecture wrote (WORKDIR/alpha.json)"
+    try:
+        text = files.read_text(path)
+    except OSError as e:
+        raise AlphaFileError(f"alpha file {path} cannot be read ({e}); {fix}.") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise AlphaFileError(f"alpha file {path} is not valid JSON ({e}); {fix}.") from None
+    if not isinstance(record, dict) or not isinstance(record.get("groups"), list):
+        raise AlphaFileError(
+            f"alpha file {path} has no 'groups' list (expected {{'teacher': ..., 'groups':"
+            " [{'layers': [...], 'alpha': [...]}, ...]}); " + fix + "."
+        )
+    for i, group in enumerate(record["groups"]):
+        for key in ("layers", "alpha"):
+            if not isinstance(group, dict) or not isinstance(group.get(key), list):
+                raise AlphaFileError(
+                    f"alpha file {path}: group {i + 1} has no {key!r} list; {fix}."
+                )
+    groups = teacher_model.feature_groups()
+    found = [tuple(g["layers"]) for g in record["groups"]]
+    if len(found) != len(groups):
+        raise AlphaFileError(
+            f"{path} has {len(found)} groups but the teacher ({record.get('teacher')!r} there)"
+            f" has {len(groups)}; use an alpha.json searched with this teacher architecture."
+        )
+    for i, (want, got) in enumerate(zip(groups, found)):
+        if tuple(want) != got:
+            raise AlphaFileError(
+                f"{path}: group {i + 1} aggregates layers {list(got)} but this teacher's group"
+                f" {i + 1} has {list(want)}; use an alpha.json searched with this teacher."
+            )
+    alphas = []
+    for i, group in enumerate(record["groups"]):
+        alpha = group["alpha"]
+        where = f"alpha file {path}: group {i + 1}'s alpha {alpha}"
+        if len(alpha) != len(group["layers"]) or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) for a in alpha
+        ):
+            raise AlphaFileError(
+                f"{where} must hold one number per layer ({len(group['layers'])}); {fix}."
+            )
+        alpha = np.asarray(alpha, np.float64)
+        if not np.all(np.isfinite(alpha)) or alpha.min() < 0 or abs(alpha.sum() - 1) > 1e-3:
+            raise AlphaFileError(
+                f"{where} (sum {alpha.sum():.4g}) must be non-negative weights summing to 1 (a"
+                f" softmax of the group's beta); {fix}."
+            )
+        alphas.append(alpha.astype(np.float32))
+    return alphas
