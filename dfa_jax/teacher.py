@@ -48,10 +48,12 @@ def init_variables(model, seed: int, mesh, image_size: int = 32):
 # stage that builds the same model, reuses it (tracing a model's init takes seconds on a CPU).
 @functools.lru_cache(maxsize=32)
 def _jitted_init(model, mesh, image_size: int):
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return jax.jit(
-        lambda key: model.init(key, x, train=False), out_shardings=parallel.replicated(mesh)
-    )
+    def init(key):
+        # Made inside the traced function: a cached closure over an array made here at the first
+        # call would hold a tracer when that call is itself traced (`jax.eval_shape`).
+        return model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))
 
 
 def cross_entropy_loss_fn(model):
@@ -211,6 +213,52 @@ def load_variables(path: str, model, mesh, field: str = "teacher.checkpoint"):
     return ocp.StandardCheckpointer().restore(directory, abstract)
 
 
+def build_stage(
+    config, mesh, data: inputs.RunData, directory: str, model=None, eval_fn=None
+) -> train_loop.Stage:
+    """The teacher stage as the loop runs it (initial state, jitted cross-entropy step, schedule,
+    exports), built without reading or writing a file. `model` and `eval_fn` default to the
+    config's teacher and its test-split evaluation."""
+    model = model or build_model(config.teacher.model, data.info.num_classes, config.dtype)
+    if eval_fn is None:
+        eval_fn = evaluation.make_model_eval_fn(model, config, data, mesh)
+    optim = config.teacher.optim
+    steps_per_epoch = max(loader.steps_per_epoch(len(data.train.labels), optim.batch_size), 1)
+    tx = optimizers.sgd(optim, steps_per_epoch)
+    variables = init_variables(model, config.seed, mesh)
+    state = jax.jit(
+        lambda v: bilevel.create_state(v["params"], v["batch_stats"], tx),
+        out_shardings=parallel.replicated(mesh),
+    )(variables)
+    step = bilevel.make_bilevel_step(
+        cross_entropy_loss_fn(model),
+        tx,
+        seed=config.seed,
+        preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
+    )
+
+    def export(name):
+        return lambda s, *_: save_variables(
+            os.path.join(directory, name), {"params": s.params, "batch_stats": s.batch_stats}
+        )
+
+    return train_loop.Stage(
+        name="teacher",
+        directory=directory,
+        state=state,
+        step_fn=parallel.jit_step(step, mesh),
+        eval_fn=lambda s: eval_fn({"params": s.params, "batch_stats": s.batch_stats}),
+        train_data=data.train,
+        epochs=optim.epochs,
+        batch_size=optim.batch_size,
+        seed=config.seed,
+        lr_fn=optimizers.lr_schedule(optim, steps_per_epoch),
+        # Both exported before result.json marks the stage done, so a done teacher has them.
+        best_fn=export(BEST_VARIABLES_DIR),
+        finalize_fn=export(VARIABLES_DIR),
+    )
+
+
 def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
     """Trains (or loads) the teacher. Returns `(result, variables)`."""
     directory = os.path.join(workdir, "teacher")
@@ -247,41 +295,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
         result = train_loop.read_result(directory) | {"distill_from": config.teacher.distill_from}
         return result, load_variables(used, model, mesh)
 
-    optim = config.teacher.optim
-    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
-    tx = optimizers.sgd(optim, max(steps_per_epoch, 1))
-    variables = init_variables(model, config.seed, mesh)
-    state = jax.jit(
-        lambda v: bilevel.create_state(v["params"], v["batch_stats"], tx),
-        out_shardings=parallel.replicated(mesh),
-    )(variables)
-    step = bilevel.make_bilevel_step(
-        cross_entropy_loss_fn(model),
-        tx,
-        seed=config.seed,
-        preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
-    )
-    stage = train_loop.Stage(
-        name="teacher",
-        directory=directory,
-        state=state,
-        step_fn=parallel.jit_step(step, mesh),
-        eval_fn=lambda s: eval_fn({"params": s.params, "batch_stats": s.batch_stats}),
-        train_data=data.train,
-        epochs=optim.epochs,
-        batch_size=optim.batch_size,
-        seed=config.seed,
-        lr_fn=optimizers.lr_schedule(optim, max(steps_per_epoch, 1)),
-        # Both exported before result.json marks the stage done, so a done teacher has them.
-        best_fn=lambda s, epoch: save_variables(
-            os.path.join(directory, BEST_VARIABLES_DIR),
-            {"params": s.params, "batch_stats": s.batch_stats},
-        ),
-        finalize_fn=lambda s: save_variables(
-            os.path.join(directory, VARIABLES_DIR),
-            {"params": s.params, "batch_stats": s.batch_stats},
-        ),
-    )
+    stage = build_stage(config, mesh, data, directory, model, eval_fn)
     result = train_loop.run(stage, config, mesh)
     final = result.pop("state")
     result["distill_from"] = config.teacher.distill_from
