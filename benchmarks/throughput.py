@@ -4,10 +4,10 @@
       [--cases teacher_wrn_16_2,search_pair3] [--devices N] [--steps N] [--pipeline]
       [--cohort-mode auto|loop|vmap]
 
-Each case builds the step exactly as its stage does (the teacher's cross-entropy step, the
-search's bilevel bridge-loss step of group 2, the distillation step with beta frozen) on random
-CIFAR-sized uint8 batches (32x32x3, 100 classes), jits it over the project's mesh with the state
-donated (`parallel.jit_step`), and times it: tracing and lowering (`trace_s`) and XLA's compile
+Each case takes its stage's own step and initial state from the stage's builder
+(`teacher.build_stage`, `search.build_group_stage` for group 2, `distill.build_stage` with beta
+frozen), on random CIFAR-sized uint8 batches (32x32x3, 100 classes), jitted over the project's
+mesh with the state donated (`parallel.jit_step`), and times it: tracing and lowering (`trace_s`) and XLA's compile
 (`compile_s`) ahead of time, then the first call (`first_call_s`, which reuses that executable);
 after a warm-up step, N steps run back to back with one `block_until_ready` at the end, and
 `img_per_s = N * batch / time`. `--torch` times `benchmarks/torch_reference.py`'s twin of
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfa_jax import bilevel, cohort, config_lib, inputs, methods, optimizers, parallel
+from dfa_jax import bilevel, config_lib, inputs, methods, parallel
 from dfa_jax import distill as distill_lib
 from dfa_jax import search as search_lib
 from dfa_jax import teacher as teacher_lib
@@ -194,153 +194,106 @@ def case_config(case: str, batch: int, dtype: str, cohort_mode: str = "auto"):
     return config
 
 
-def _replicated(mesh, fn, *args):
-    return jax.jit(fn, out_shardings=parallel.replicated(mesh))(*args)
+def _copies(state):
+    """`state -> a fresh copy` each call (the step donates, i.e. consumes, its state)."""
+    return lambda: jax.tree.map(jnp.copy, state)
+
+
+def _stage_runner(stage, mesh, args) -> Runner:
+    """The stage's own step (re-jitted around a trace counter) from copies of its state."""
+    return _runner(stage.step_fn.__wrapped__, mesh, _copies(stage.state), args)
+
+
+def run_data(config, train_examples: int = 50_000) -> inputs.RunData:
+    """The case's dataset with CIFAR's split sizes, labels only: what the stage builders read
+    (the schedules' steps per epoch; the 7:3 search split); the benchmark feeds its own batches."""
+
+    def split(n: int) -> loader.ArrayExamples:
+        return loader.ArrayExamples(np.zeros((n, 1, 1, 1), np.uint8), np.zeros(n, np.int32))
+
+    search_train = int(train_examples * (1 - config.data.search_val_fraction))
+    return inputs.RunData(
+        info=sources.DATASETS[config.data.dataset],
+        train=split(train_examples),
+        test=split(10_000),
+        search_train=split(search_train),
+        search_val=split(train_examples - search_train),
+    )
 
 
 def build_teacher(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
-    """The teacher stage's step (teacher.run): cross-entropy, SGD Nesterov + weight decay."""
-    info = sources.DATASETS[config.data.dataset]
-    model = teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype)
-    tx = optimizers.sgd(config.teacher.optim, 390)
-    variables = teacher_lib.init_variables(model, config.seed, mesh)
-
-    def make_state():
-        return _replicated(
-            mesh, lambda v: bilevel.create_state(v["params"], v["batch_stats"], tx), variables
-        )
-
-    step = bilevel.make_bilevel_step(
-        teacher_lib.cross_entropy_loss_fn(model),
-        tx,
-        seed=config.seed,
-        preprocess_fn=inputs.make_train_preprocess(config.data, info),
-    )
-    return {"step": _runner(step, mesh, make_state, (batch, None, None))}
+    """The teacher stage's step (`teacher.build_stage`): cross-entropy, SGD Nesterov + wd."""
+    stage = teacher_lib.build_stage(config, mesh, run_data(config), "unused")
+    return {"step": _stage_runner(stage, mesh, (batch, None, None))}
 
 
 def build_search(case: str, config, mesh, batch: dict, val_batch: dict) -> dict[str, Runner]:
-    """The search stage's bilevel step of group 2 (search.run), and its halves alone: the w step
-    (the same step with beta frozen) and the beta step (the same step with a zero w loss)."""
-    info = sources.DATASETS[config.data.dataset]
-    teacher = teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype)
-    student = teacher_lib.build_model(config.student.model, info.num_classes, config.dtype)
-    teacher_vars = teacher_lib.init_variables(teacher, config.seed + 1, mesh)
-    params, batch_stats = search_lib.init_search_variables(teacher, student, config, mesh)
-    optim = search_lib.w_optim(config.search, len(teacher.feature_groups()))
-    w_tx = optimizers.sgd(optim, 273)
-    beta_tx = search_lib.beta_optimizer(config.search)
-    beta = search_lib.init_beta(teacher, config.search.init_last_logit)
-
-    def make_state():
-        return _replicated(
-            mesh, lambda p, b: bilevel.create_state(p, b, w_tx, beta, beta_tx), params, batch_stats
-        )
-
-    loss_fn, beta_loss_fn = search_lib.make_bridge_loss_fn(teacher, student, SEARCH_GROUP, config)
-    preprocess = inputs.make_train_preprocess(config.data, info)
-    key = methods.group_key(SEARCH_GROUP)
+    """The search stage's bilevel step of group 2 (`search.build_group_stage`), and its halves
+    alone: the w step (the same step with beta frozen) and the beta step (the same step with a
+    zero w loss)."""
+    data = run_data(config)
+    search = search_lib.build(config, mesh, data)
+    teacher_vars = teacher_lib.init_variables(search.teacher_model, config.seed + 1, mesh)
+    stage = search_lib.build_group_stage(
+        search, config, mesh, data, "unused", SEARCH_GROUP, search.state
+    )
+    loss_fn, beta_loss_fn = search_lib.make_bridge_loss_fn(
+        search.teacher_model, search.student_model, SEARCH_GROUP, config
+    )
 
     def zero_w_loss(params, batch_stats, beta, batch, rng, aux):
         return jnp.zeros((), jnp.float32), (batch_stats, {})
 
-    def bilevel_step(w_loss, with_beta):
-        beta_args = (
-            {"beta_loss_fn": beta_loss_fn, "beta_tx": beta_tx, "beta_key": key} if with_beta else {}
-        )
+    def half(w_loss, with_beta):
+        beta_args = {
+            "beta_loss_fn": beta_loss_fn,
+            "beta_tx": search.beta_tx,
+            "beta_key": methods.group_key(SEARCH_GROUP),
+        }
         return bilevel.make_bilevel_step(
             w_loss,
-            w_tx,
+            search.w_tx,
             seed=config.seed,
             order=config.search.order,
-            virtual_lr_fn=optimizers.lr_schedule(optim, 273),
-            preprocess_fn=preprocess,
-            **beta_args,
+            virtual_lr_fn=search.schedule,
+            preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
+            w_trainable=search_lib.w_trainable(search.state.params, SEARCH_GROUP),
+            **(beta_args if with_beta else {}),
         )
 
     args = (batch, val_batch, teacher_vars)
+    copies = _copies(search.state)
     return {
-        "step": _runner(bilevel_step(loss_fn, True), mesh, make_state, args),
-        "w_step": _runner(bilevel_step(loss_fn, False), mesh, make_state, args),
-        "beta_step": _runner(bilevel_step(zero_w_loss, True), mesh, make_state, args),
+        "step": _stage_runner(stage, mesh, args),
+        "w_step": _runner(half(loss_fn, False), mesh, copies, args),
+        "beta_step": _runner(half(zero_w_loss, True), mesh, copies, args),
     }
 
 
-def build_distill(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
-    """The distillation step (distill.run): DFA with a frozen alpha (the 'average' one: the cost
-    does not depend on its values) or KD, SGD Nesterov + weight decay."""
-    info = sources.DATASETS[config.data.dataset]
-    label = case.rsplit("_", 1)[1]
-    pair = methods.Pair(
-        teacher=teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype),
-        student=teacher_lib.build_model(config.student.model, info.num_classes, config.dtype),
-    )
+def _distill_runner(config, mesh, batch, students) -> Runner:
+    """`distill.build_stage`'s step for `students` ((label, seed)), from their starts."""
+    data = run_data(config)
+    pair = distill_lib.pair_of(config, data)
     teacher_vars = teacher_lib.init_variables(pair.teacher, config.seed + 1, mesh)
-    student_vars = teacher_lib.init_variables(pair.student, config.seed, mesh)
-    tx = optimizers.sgd(config.distill.optim, 390)
-    beta = None
-    if label == "dfa":
-        beta = distill_lib.frozen_beta(
-            distill_lib.aggregation_alpha("average", pair.teacher, config, "")
-        )
-    helper_params, helper_stats = methods.init_helpers(label, pair, config, config.seed + 100, mesh)
-    params = {"student": student_vars["params"], **helper_params}
-    batch_stats = {"student": student_vars["batch_stats"], **helper_stats}
+    stage = distill_lib.build_stage(config, mesh, data, "unused", teacher_vars, students)
+    return _stage_runner(stage, mesh, (batch, None, teacher_vars))
 
-    def make_state():
-        return _replicated(
-            mesh, lambda p, b: bilevel.create_state(p, b, tx, beta), params, batch_stats
-        )
 
-    step = bilevel.make_bilevel_step(
-        methods.make_loss_fn(label, pair, config),
-        tx,
-        seed=config.seed,
-        preprocess_fn=inputs.make_train_preprocess(config.data, info),
-    )
-    return {"step": _runner(step, mesh, make_state, (batch, None, teacher_vars))}
+def build_distill(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
+    """The distillation step (`distill.build_stage`): DFA with a frozen alpha (the 'average'
+    one: the cost does not depend on its values) or KD, SGD Nesterov + weight decay."""
+    label = case.rsplit("_", 1)[1]
+    label = "average" if label == "dfa" else label
+    return {"step": _distill_runner(config, mesh, batch, [(label, config.seed)])}
 
 
 def build_cohort(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
-    """K DFA students (frozen average alpha, seeds 0..K-1) in one step (`distill.run_cohort`,
+    """K DFA students (frozen average alpha, seeds 0..K-1) in one step (`distill.build_stage`,
     in `distill.cohort_mode`'s mode for this backend) and, as 'single', one student's step."""
     students = int(case.rsplit("_k", 1)[1])
-    single = build_distill("distill_dfa", config, mesh, batch)["step"]
-    info = sources.DATASETS[config.data.dataset]
-    pair = methods.Pair(
-        teacher=teacher_lib.build_model(config.teacher.model, info.num_classes, config.dtype),
-        student=teacher_lib.build_model(config.student.model, info.num_classes, config.dtype),
-    )
-    tx = optimizers.sgd(config.distill.optim, 390)
-    beta = distill_lib.frozen_beta(
-        distill_lib.aggregation_alpha("average", pair.teacher, config, "")
-    )
-
-    def make_state():
-        states = []
-        for seed in range(students):
-            student_vars = teacher_lib.init_variables(pair.student, seed, mesh)
-            helpers, helper_stats = methods.init_helpers("dfa", pair, config, seed + 100, mesh)
-            states.append(
-                bilevel.create_state(
-                    {"student": student_vars["params"], **helpers},
-                    {"student": student_vars["batch_stats"], **helper_stats},
-                    tx,
-                    beta,
-                )
-            )
-        return _replicated(mesh, cohort.stack, states)
-
-    step = bilevel.make_bilevel_step(
-        methods.make_loss_fn("dfa", pair, config),
-        tx,
-        seed=config.seed,
-        preprocess_fn=inputs.make_train_preprocess(config.data, info),
-    )
-    cohort_step = cohort.make_cohort_step(step, students, distill_lib.cohort_mode(config))
     return {
-        "step": _runner(cohort_step, mesh, make_state, single.args),
-        "single": single,
+        "step": _distill_runner(config, mesh, batch, [("average", k) for k in range(students)]),
+        "single": build_distill("distill_dfa", config, mesh, batch)["step"],
     }
 
 

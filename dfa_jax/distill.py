@@ -317,7 +317,8 @@ def student_directory(workdir: str, config, label: str, seed: int) -> str:
     return os.path.join(workdir, student_name(config, label, seed))
 
 
-def _pair(config, data) -> methods.Pair:
+def pair_of(config, data) -> methods.Pair:
+    """The run's teacher and student models."""
     num_classes = data.info.num_classes
     return methods.Pair(
         teacher=teacher_lib.build_model(config.teacher.model, num_classes, config.dtype),
@@ -335,7 +336,7 @@ def _seeded(config, seed: int):
     return seeded
 
 
-def _student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student):
+def student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student):
     """(params, batch_stats, beta, aux, margins) at the start of (label, seed)'s training, after
     its method's own first stage (FT's paraphraser, AB's initialisation) where it has one."""
     method = methods.method_of(label)
@@ -375,6 +376,113 @@ def _student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed,
     return params, batch_stats, beta, aux, margins
 
 
+def build_stage(
+    config,
+    mesh,
+    data: inputs.RunData,
+    workdir: str,
+    teacher_vars,
+    students: list[tuple[str, int]],
+    starts: list[tuple] | None = None,
+) -> train_loop.Stage:
+    """The distillation of `students` ((label, seed) of one method) as the loop runs it: one
+    student alone, or several in one step that computes the teacher's forward once per batch
+    (`cohort.py`), on the bilevel step with beta frozen. Built without reading or writing a file
+    from `starts` (each `student_start`'s tuple; None: made here, for methods without a first
+    stage of their own and aggregations that read no alpha.json)."""
+    pair = pair_of(config, data)
+    optim = config.distill.optim
+    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
+    tx = optimizers.sgd(optim, steps_per_epoch)
+    eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
+    if starts is None:
+        starts = [
+            student_start(
+                config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student
+            )
+            for label, seed in students
+        ]
+    margins, aux = starts[0][4], starts[0][3]
+    loss_fn = methods.make_loss_fn(students[0][0], pair, config, margins)
+    if len(students) == 1:
+        (label, seed), (params, batch_stats, beta, *_) = students[0], starts[0]
+        return _stage(
+            config,
+            student_name(config, label, seed),
+            student_directory(workdir, config, label, seed),
+            _replicate_state(mesh, params, batch_stats, tx, beta),
+            loss_fn,
+            tx,
+            optim,
+            data,
+            mesh,
+            aux,
+            lambda s: eval_student(
+                {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
+            ),
+            steps_per_epoch,
+        )
+
+    state = jax.jit(
+        lambda p, b, beta: cohort.stack(
+            [bilevel.create_state(*args, tx, be) for *args, be in zip(p, b, beta)]
+        ),
+        out_shardings=parallel.replicated(mesh),
+    )([s[0] for s in starts], [s[1] for s in starts], [s[2] for s in starts])
+
+    def member(k: int, label: str, seed: int) -> train_loop.Member:
+        def evaluate(state):
+            mine = cohort.student(state, k)
+            return eval_student(
+                {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]}
+            )
+
+        directory = student_directory(workdir, config, label, seed)
+
+        def export(state):
+            """The student's final variables, as a teacher stage exports its own: the cohort's
+            checkpoint is elsewhere, and `dfa_jax.interop export` reads them here."""
+            mine = cohort.student(state, k)
+            teacher_lib.save_variables(
+                os.path.join(directory, teacher_lib.VARIABLES_DIR),
+                {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]},
+            )
+
+        return train_loop.Member(
+            name=student_name(config, label, seed),
+            directory=directory,
+            eval_fn=evaluate,
+            finalize_fn=export,
+        )
+
+    return _stage(
+        config,
+        f"distill/{methods.method_of(students[0][0])} cohort of {len(students)}",
+        cohort_directory(workdir, config, students),
+        state,
+        loss_fn,
+        tx,
+        optim,
+        data,
+        mesh,
+        aux,
+        None,
+        steps_per_epoch,
+        students=len(students),
+        members=tuple(member(k, *student) for k, student in enumerate(students)),
+    )
+
+
+def _starts(config, workdir, mesh, data, teacher_vars, students) -> list[tuple]:
+    """Each student's `student_start`, its method's first stage (FT, AB) run where it has one."""
+    pair = pair_of(config, data)
+    eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
+    return [
+        student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student)
+        for label, seed in students
+    ]
+
+
 def run(
     config, workdir: str, mesh, data: inputs.RunData, teacher_vars, label: str, seed=None
 ) -> dict:
@@ -383,31 +491,9 @@ def run(
     directory = student_directory(workdir, config, label, seed)
     if train_loop.is_done(directory):
         return train_loop.read_result(directory)
-    pair = _pair(config, data)
-    optim = config.distill.optim
-    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
-    tx = optimizers.sgd(optim, steps_per_epoch)
-    eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
-    params, batch_stats, beta, aux, margins = _student_start(
-        config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student
-    )
-    loss_fn = methods.make_loss_fn(label, pair, config, margins)
-    stage = _stage(
-        config,
-        student_name(config, label, seed),
-        directory,
-        _replicate_state(mesh, params, batch_stats, tx, beta),
-        loss_fn,
-        tx,
-        optim,
-        data,
-        mesh,
-        aux,
-        lambda s: eval_student(
-            {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
-        ),
-        steps_per_epoch,
-    )
+    students = [(label, seed)]
+    starts = _starts(config, workdir, mesh, data, teacher_vars, students)
+    stage = build_stage(config, mesh, data, workdir, teacher_vars, students, starts)
     result = train_loop.run(stage, config, mesh)
     result.pop("state")
     return result
@@ -487,67 +573,11 @@ def run_cohort(
 ) -> dict[str, dict]:
     """Trains `students` ((label, seed) of one method) in one step that computes the teacher's
     forward once per batch (`cohort.py`); returns their results by stage name."""
-    pair = _pair(config, data)
-    optim = config.distill.optim
-    steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
-    tx = optimizers.sgd(optim, steps_per_epoch)
-    eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
-    starts = [
-        _student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student)
-        for label, seed in students
-    ]
-    margins = starts[0][4]
-    state = jax.jit(
-        lambda p, b, beta: cohort.stack(
-            [bilevel.create_state(*args, tx, be) for *args, be in zip(p, b, beta)]
-        ),
-        out_shardings=parallel.replicated(mesh),
-    )([s[0] for s in starts], [s[1] for s in starts], [s[2] for s in starts])
-
-    def member(k: int, label: str, seed: int) -> train_loop.Member:
-        def evaluate(state):
-            mine = cohort.student(state, k)
-            return eval_student(
-                {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]}
-            )
-
-        directory = student_directory(workdir, config, label, seed)
-
-        def export(state):
-            """The student's final variables, as a teacher stage exports its own: the cohort's
-            checkpoint is elsewhere, and `dfa_jax.interop export` reads them here."""
-            mine = cohort.student(state, k)
-            teacher_lib.save_variables(
-                os.path.join(directory, teacher_lib.VARIABLES_DIR),
-                {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]},
-            )
-
-        return train_loop.Member(
-            name=student_name(config, label, seed),
-            directory=directory,
-            eval_fn=evaluate,
-            finalize_fn=export,
-        )
-
+    starts = _starts(config, workdir, mesh, data, teacher_vars, students)
     names = ", ".join(student_name(config, label, seed) for label, seed in students)
     method = methods.method_of(students[0][0])
     logging.info(
         "[distill] %d %s students share the teacher in one step: %s", len(students), method, names
     )
-    stage = _stage(
-        config,
-        f"distill/{method} cohort of {len(students)}",
-        cohort_directory(workdir, config, students),
-        state,
-        methods.make_loss_fn(students[0][0], pair, config, margins),
-        tx,
-        optim,
-        data,
-        mesh,
-        starts[0][3],
-        None,
-        steps_per_epoch,
-        students=len(students),
-        members=tuple(member(k, *student) for k, student in enumerate(students)),
-    )
+    stage = build_stage(config, mesh, data, workdir, teacher_vars, students, starts)
     return train_loop.run(stage, config, mesh)["members"]

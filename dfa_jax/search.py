@@ -16,8 +16,10 @@ Outputs: `WORKDIR/alpha.json`, `WORKDIR/search/alpha_history.json` and the PNG p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -249,17 +251,30 @@ def init_search_variables(teacher_model, student_model, config, mesh) -> tuple[d
     return params, batch_stats
 
 
-def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
-    """Searches the aggregation weights of every group; returns the result with `alpha`."""
-    directory = os.path.join(workdir, "search")
-    if train_loop.is_done(directory):
-        return train_loop.read_result(directory)
+@dataclasses.dataclass
+class Search:
+    """What every group's search shares: the models, the w and beta optimizers and w's schedule,
+    the step-0 state (student, every group's connectors, beta) and the student's evaluation."""
+
+    teacher_model: Any
+    student_model: Any
+    num_groups: int
+    w_tx: optax.GradientTransformation
+    beta_tx: optax.GradientTransformation
+    schedule: Callable[[int], Any]  # w's learning rate at the optimizer's step count.
+    steps_per_epoch: int
+    batch_size: int
+    state: bilevel.TrainState  # Step 0, replicated on the mesh.
+    eval_fn: Callable[[dict], dict]  # Student variables -> test accuracy and loss.
+
+
+def build(config, mesh, data: inputs.RunData) -> Search:
+    """The search's shared parts, built without reading or writing a file."""
     num_classes = data.info.num_classes
     teacher_model = teacher_lib.build_model(config.teacher.model, num_classes, config.dtype)
     student_model = teacher_lib.build_model(config.student.model, num_classes, config.dtype)
     num_groups = len(teacher_model.feature_groups())
     params, batch_stats = init_search_variables(teacher_model, student_model, config, mesh)
-
     optim = w_optim(config.search, num_groups)
     steps_per_epoch = loader.steps_per_epoch(len(data.search_train.labels), optim.batch_size)
     # The optimizer's step count runs on over all groups, which the schedule restarts or not.
@@ -271,14 +286,48 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         lambda p, b: bilevel.create_state(p, b, w_tx, beta0, beta_tx),
         out_shardings=parallel.replicated(mesh),
     )(params, batch_stats)
-    logging.info(
-        "[search] alpha at the start (softmax of beta = 0, last map's logit %g):\n%s",
-        config.search.init_last_logit,
-        reporting.alpha_table(alpha_record(teacher_model, beta0)),
+    return Search(
+        teacher_model=teacher_model,
+        student_model=student_model,
+        num_groups=num_groups,
+        w_tx=w_tx,
+        beta_tx=beta_tx,
+        schedule=schedule,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=optim.batch_size,
+        state=state,
+        eval_fn=evaluation.make_model_eval_fn(student_model, config, data, mesh),
     )
 
-    eval_fn = evaluation.make_model_eval_fn(student_model, config, data, mesh)
-    preprocess = inputs.make_train_preprocess(config.data, data.info)
+
+def build_group_stage(
+    search: Search,
+    config,
+    mesh,
+    data: inputs.RunData,
+    directory: str,
+    group: int,
+    state,
+    teacher_vars=None,
+) -> train_loop.Stage:
+    """Group `group`'s search as the loop runs it, from `state` (the previous group's end, or
+    `search.state`): its bilevel step (beta_group on val batches, the student and this group's
+    connectors on train batches), built without reading or writing a file."""
+    loss_fn, beta_loss_fn = make_bridge_loss_fn(
+        search.teacher_model, search.student_model, group, config
+    )
+    step = bilevel.make_bilevel_step(
+        loss_fn,
+        search.w_tx,
+        seed=config.seed,
+        beta_loss_fn=beta_loss_fn,
+        beta_tx=search.beta_tx,
+        beta_key=methods.group_key(group),
+        order=config.search.order,
+        virtual_lr_fn=search.schedule,
+        preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
+        w_trainable=w_trainable(search.state.params, group),
+    )
 
     def alpha_scalars(state, epoch):
         del epoch
@@ -287,40 +336,42 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
             f"alpha/{g}/{j}": float(a) for g, values in alpha.items() for j, a in enumerate(values)
         }
 
+    offset = (group - 1) * config.search.epochs_per_group * search.steps_per_epoch
+    return train_loop.Stage(
+        name=f"search/{methods.group_key(group)}",
+        directory=os.path.join(directory, methods.group_key(group)),
+        state=state,
+        step_fn=parallel.jit_step(step, mesh),
+        eval_fn=lambda s: search.eval_fn(
+            {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
+        ),
+        train_data=data.search_train,
+        val_data=data.search_val,
+        epochs=config.search.epochs_per_group,
+        batch_size=search.batch_size,
+        seed=config.seed,
+        aux=teacher_vars,
+        lr_fn=lambda s: search.schedule(s + offset),
+        epoch_end_fn=alpha_scalars,
+    )
+
+
+def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
+    """Searches the aggregation weights of every group; returns the result with `alpha`."""
+    directory = os.path.join(workdir, "search")
+    if train_loop.is_done(directory):
+        return train_loop.read_result(directory)
+    search = build(config, mesh, data)
+    teacher_model, num_groups, state = search.teacher_model, search.num_groups, search.state
+    logging.info(
+        "[search] alpha at the start (softmax of beta = 0, last map's logit %g):\n%s",
+        config.search.init_last_logit,
+        reporting.alpha_table(alpha_record(teacher_model, state.beta)),
+    )
+
     result = {}
     for group in range(1, num_groups + 1):
-        loss_fn, beta_loss_fn = make_bridge_loss_fn(teacher_model, student_model, group, config)
-        step = bilevel.make_bilevel_step(
-            loss_fn,
-            w_tx,
-            seed=config.seed,
-            beta_loss_fn=beta_loss_fn,
-            beta_tx=beta_tx,
-            beta_key=methods.group_key(group),
-            order=config.search.order,
-            virtual_lr_fn=schedule,
-            preprocess_fn=preprocess,
-            w_trainable=w_trainable(params, group),
-        )
-        stage = train_loop.Stage(
-            name=f"search/{methods.group_key(group)}",
-            directory=os.path.join(directory, methods.group_key(group)),
-            state=state,
-            step_fn=parallel.jit_step(step, mesh),
-            eval_fn=lambda s: eval_fn(
-                {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
-            ),
-            train_data=data.search_train,
-            val_data=data.search_val,
-            epochs=config.search.epochs_per_group,
-            batch_size=optim.batch_size,
-            seed=config.seed,
-            aux=teacher_vars,
-            lr_fn=lambda s, offset=(group - 1) * config.search.epochs_per_group: schedule(
-                s + offset * steps_per_epoch
-            ),
-            epoch_end_fn=alpha_scalars,
-        )
+        stage = build_group_stage(search, config, mesh, data, directory, group, state, teacher_vars)
         result = train_loop.run(stage, config, mesh)
         state = result.pop("state")
 

@@ -269,7 +269,7 @@ def test_the_non_finite_guard_names_the_student(cohort_run, tmp_path, monkeypatc
     shutil.copytree(
         cohort_run[0], workdir, ignore=shutil.ignore_patterns("distill", "summary.json")
     )
-    real_start = distill._student_start
+    real_start = distill.student_start
 
     def poisoned(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student):
         params, *rest = real_start(
@@ -279,7 +279,7 @@ def test_the_non_finite_guard_names_the_student(cohort_run, tmp_path, monkeypatc
             params = jax.tree.map(lambda x: x * jnp.nan, params)
         return params, *rest
 
-    monkeypatch.setattr(distill, "_student_start", poisoned)
+    monkeypatch.setattr(distill, "student_start", poisoned)
     with pytest.raises(
         train_loop.NonFiniteError, match=r"stage 'distill/average/seed1': non-finite .* step 1\b"
     ):

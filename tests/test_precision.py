@@ -203,6 +203,14 @@ def test_throughput_teacher_case_with_input_pipeline(tiny_pair):
     assert record["pipeline_img_per_s"] > 0 and 0 < record["input_share"]
 
 
+def test_throughput_cohort_case_times_the_distillation_stages_own_steps(tiny_pair):
+    """The cohort case: two students in `distill.build_stage`'s one step, against one student's
+    step from the same builder (the steps the pipeline runs, not copies of them)."""
+    record = throughput.run_case("cohort_tiny_k2", parallel.make_mesh(), 4, "float32", steps=1)
+    _check_record(record, with_torch=False)
+    assert record["students"] == 2 and record["mode"] == "loop" and record["speedup"] > 0
+
+
 def test_throughput_torch_models_match_param_counts():
     """The PyTorch twins have the JAX models' parameter counts (so they do the same work)."""
     pytest.importorskip("torch")
