@@ -188,7 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
     base.ft_pretrain_epochs = 30  # FT: paraphraser pre-training epochs (RepDistiller init_epochs).
     # FT: the paraphraser's pre-training lr (plain SGD, momentum, weight decay, constant): 0.01,
     # RepDistiller's `helper/pretrain.py` for WRN/ResNet students, and its `train_student.py`
-    # learning rate for light (ShuffleNet, MobileNet) students.
+    # learning rate for light (ShuffleNet, MobileNet) students. RepDistiller's WRN students are
+    # wrn_16_1/16_2/40_1/40_2; for the paper's wrn_16_4 and wrn_28_2 (pairs 1, 2) 0.01 is our
+    # extension of its rule, not a setting it ran.
     base.ft_pretrain_lr = 0.01
     base.ab_margin = 1.0  # AB: activation-boundary margin m (RepDistiller).
     base.ab_init_epochs = 30  # AB: initialisation epochs before CE training (RepDistiller).

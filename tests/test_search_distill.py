@@ -243,11 +243,19 @@ def _logged_alpha_table(messages, heading):
     return table
 
 
-def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch, caplog):
+def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
     """Also: a group's search trains only the student and that group's connectors; the other
     groups' connectors (BN included) enter their own search exactly as initialised; the search
     logs every group's real alpha at its start and its end."""
-    caplog.set_level("INFO")
+    # What the search logs, whatever another test left the logging configuration at.
+    messages, real_info = [], search.logging.info
+    monkeypatch.setattr(
+        search.logging,
+        "info",
+        lambda msg, *args, **kw: (
+            messages.append(str(msg) % args if args else str(msg)) or real_info(msg, *args, **kw)
+        ),
+    )
     config = load_config("demo", "tiny")
     config.stages = ("teacher", "search")
     config.search.epochs_per_group = 2
@@ -265,7 +273,6 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(train_loop, "run", keeping_states)
     pipeline.run(config, straight)
     monkeypatch.setattr(train_loop, "run", real_run)
-    messages = [r.getMessage() for r in caplog.records]
     start = _logged_alpha_table(messages, "[search] alpha at the start")
     end = _logged_alpha_table(messages, "[search] alpha at the end")
     record = search.alpha_record_from_file(os.path.join(straight, search.ALPHA_FILE))
