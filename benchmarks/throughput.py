@@ -6,9 +6,9 @@
 
 Each case takes its stage's own step and initial state from the stage's builder
 (`teacher.build_stage`, `search.build_group_stage` for group 2, `distill.build_stage` with beta
-frozen), on random CIFAR-sized uint8 batches (32x32x3, 100 classes), jitted over the project's
-mesh with the state donated (`parallel.jit_step`), and times it: tracing and lowering (`trace_s`) and XLA's compile
-(`compile_s`) ahead of time, then the first call (`first_call_s`, which reuses that executable);
+frozen), feeds it random CIFAR-sized uint8 batches (32x32x3, 100 classes), jitted over the
+project's mesh with the state donated (`parallel.jit_step`), and times it: tracing and lowering
+(`trace_s`) and XLA's compile (`compile_s`) ahead of time, then the first call (`first_call_s`, which reuses that executable);
 after a warm-up step, N steps run back to back with one `block_until_ready` at the end, and
 `img_per_s = N * batch / time`. `--torch` times `benchmarks/torch_reference.py`'s twin of
 each step in the same process, right after the JAX one, and reports `ratio = img_per_s /

@@ -396,12 +396,7 @@ def build_stage(
     tx = optimizers.sgd(optim, steps_per_epoch)
     eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
     if starts is None:
-        starts = [
-            student_start(
-                config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student
-            )
-            for label, seed in students
-        ]
+        starts = _starts(config, workdir, mesh, data, teacher_vars, students)
     margins, aux = starts[0][4], starts[0][3]
     loss_fn = methods.make_loss_fn(students[0][0], pair, config, margins)
     if len(students) == 1:

@@ -19,7 +19,6 @@ RepDistiller's `train_student.py` hands them `model(x, is_feat=True, preact=Fals
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
@@ -148,19 +147,8 @@ class _ConvAct(nn.Module):
 
 
 def _init(module, seed, mesh, *shapes, **kwargs):
-    init = _jitted_init(module, mesh, tuple(map(tuple, shapes)), tuple(sorted(kwargs.items())))
-    variables = init(jax.random.key(seed))
+    variables = parallel.init_replicated(module, seed, mesh, *shapes, **kwargs)
     return variables["params"], variables.get("batch_stats", {})
-
-
-# One traced init per helper architecture and input shapes in a process (every group's, seed's
-# and student's helper of the same shapes reuses it).
-@functools.lru_cache(maxsize=64)
-def _jitted_init(module, mesh, shapes: tuple, kwargs: tuple):
-    return jax.jit(
-        lambda key: module.init(key, *[jnp.zeros(s, jnp.float32) for s in shapes], **dict(kwargs)),
-        out_shardings=parallel.replicated(mesh),
-    )
 
 
 def connector_helpers(in_shapes, out_channels, seed: int, mesh, dtype) -> tuple[dict, dict]:

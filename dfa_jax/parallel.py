@@ -14,6 +14,7 @@ each process feeds its rows of every global batch (`process_rows`) and
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import queue
@@ -21,6 +22,7 @@ import threading
 from typing import Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -168,6 +170,26 @@ def make_mesh(devices=None) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def init_replicated(module, seed: int, mesh: Mesh, *shapes, **kwargs) -> dict:
+    """`module.init` (a Flax module) on float32 zeros of `shapes`, straight into replicated
+    device memory: its variables, e.g. {'params': ..., 'batch_stats': ...}."""
+    key = (tuple(map(tuple, shapes)), tuple(sorted(kwargs.items())))
+    return _jitted_init(module, mesh, *key)(jax.random.key(seed))
+
+
+# One traced init per (module, mesh, input shapes, options) in a process: every seed of a cohort,
+# every group's helper and every stage that builds the same network reuses it (tracing a model's
+# init takes seconds on a CPU). Flax modules are frozen dataclasses: hashable, equal by fields.
+@functools.lru_cache(maxsize=64)
+def _jitted_init(module, mesh: Mesh, shapes: tuple, kwargs: tuple):
+    def init(key):
+        # The inputs are made inside the traced function: a cached closure over arrays made at
+        # the first call would hold tracers when that call is itself traced (`jax.eval_shape`).
+        return module.init(key, *[jnp.zeros(s, jnp.float32) for s in shapes], **dict(kwargs))
+
+    return jax.jit(init, out_shardings=replicated(mesh))
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:

@@ -10,7 +10,6 @@ distillation use the one `config.teacher.distill_from` names ('best', as the aut
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -40,20 +39,9 @@ def build_model(name: str, num_classes: int, dtype: str):
 
 def init_variables(model, seed: int, mesh, image_size: int = 32):
     """Initialises `model` directly into replicated device memory (abstract init -> jitted init)."""
-    variables = _jitted_init(model, mesh, image_size)(jax.random.key(seed))
+    shape = (1, image_size, image_size, 3)
+    variables = parallel.init_replicated(model, seed, mesh, shape, train=False)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-
-
-# One traced init per (model, mesh, image size) in a process: every seed of a cohort, and every
-# stage that builds the same model, reuses it (tracing a model's init takes seconds on a CPU).
-@functools.lru_cache(maxsize=32)
-def _jitted_init(model, mesh, image_size: int):
-    def init(key):
-        # Made inside the traced function: a cached closure over an array made here at the first
-        # call would hold a tracer when that call is itself traced (`jax.eval_shape`).
-        return model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))
 
 
 def cross_entropy_loss_fn(model):

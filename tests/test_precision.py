@@ -84,7 +84,7 @@ def _train(dtype: str, variables, mesh):
 def runs():
     mesh = parallel.make_mesh()
     model = teacher_lib.build_model("wrn_10_1", NUM_CLASSES, "float32")
-    variables = _init_variables(model, 0, mesh)
+    variables = teacher_lib.init_variables(model, 0, mesh)
     return {dtype: _train(dtype, variables, mesh) for dtype in ("float32", "bfloat16")}
 
 
@@ -140,26 +140,10 @@ def test_bf16_classifier_head_runs_in_float32(name):
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
 
 
-@functools.cache
-def _jitted_init(model, mesh):
-    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    return jax.jit(
-        lambda key: model.init(key, x, train=False), out_shardings=parallel.replicated(mesh)
-    )
-
-
-def _init_variables(model, seed, mesh, image_size=32):
-    """teacher.init_variables with one compiled init per model (seeds are traced, not baked in)."""
-    del image_size
-    variables = _jitted_init(model, mesh)(jax.random.key(seed))
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-
-
 @pytest.fixture
 def tiny_pair(monkeypatch):
-    """A 'tiny' pair for the benchmark's cases, and model inits compiled once per model."""
+    """A 'tiny' pair for the benchmark's cases."""
     monkeypatch.setitem(throughput.PAIRS, "tiny", ("wrn_10_1", "wrn_10_1"))
-    monkeypatch.setattr(teacher_lib, "init_variables", _init_variables)
 
 
 def _check_record(record, with_torch):
