@@ -36,3 +36,32 @@ import jax  # noqa: E402
 # Must run before any JAX backend is initialised: every test sees a 2-device CPU mesh.
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_platforms", "cpu")
+
+
+# The files whose module fixtures and pipelines take longest on 2 cores, slowest first (measured
+# with `pytest --durations=0`). xdist hands each worker one file at a time (`--dist loadfile`,
+# `--no-loadscope-reorder` in pytest.ini): starting the long ones first keeps one of them from
+# running alone at the end while the other worker idles.
+SLOWEST_FILES = (
+    "test_multiprocess.py",
+    "test_cohort.py",
+    "test_search_distill.py",
+    "test_train_loop.py",
+    "test_methods.py",
+    "test_precision.py",
+    "test_methods_against_peers.py",
+    "test_models.py",
+    "test_resilience.py",
+    "test_evaluation.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    del config
+
+    def rank(item):
+        name = os.path.basename(item.nodeid.split("::")[0])
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    items.sort(key=rank)  # Stable: each file's tests keep their order.
+

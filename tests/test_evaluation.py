@@ -26,8 +26,9 @@ images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
 labels = rng.integers(0, 10, size=n).astype(np.int32)
 model = teacher.build_model("wrn_10_1", 10, "float32")
 variables = teacher.init_variables(model, 0, parallel.make_mesh(jax.devices()[:1]))
-logits = model.apply(
-    variables, augment.normalize(images, tuple(info.mean), tuple(info.std)), train=False
+# Jitted: op by op, the model's every layer would be compiled on its own.
+logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+    variables, augment.normalize(images, tuple(info.mean), tuple(info.std))
 )
 want_acc = float(np.mean(np.argmax(logits, -1) == labels))
 want_loss = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
