@@ -636,18 +636,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                     " raise the cap or lower the batch size."
                 )
 
+    for role in ("teacher", "student"):
+        problem = models.name_problem(f"{role}.model", config[role].model)
+        problems += [problem] if problem else []
     teacher_ok = models.is_valid_model_name(config.teacher.model)
-    if not teacher_ok:
-        problems.append(
-            f"teacher.model = {config.teacher.model!r} is unknown; use one of {models.MODEL_NAMES}"
-            " or wrn_{depth}_{width} with depth = 6n+4."
-        )
     student_ok = models.is_valid_model_name(config.student.model)
-    if not student_ok:
-        problems.append(
-            f"student.model = {config.student.model!r} is unknown; use one of {models.MODEL_NAMES}"
-            " or wrn_{depth}_{width} with depth = 6n+4."
-        )
     if (
         config.teacher.checkpoint is not None
         and not _is_remote(config.teacher.checkpoint)
