@@ -426,29 +426,6 @@ def _is_remote(path: str) -> bool:
     return bool(re.match(r"^[a-z0-9]+://", path))
 
 
-def _check_splits(data, problems: list[str]) -> None:
-    """Split names: non-empty, and for the fixed-split sources one of their splits."""
-    fields = ["train_split", "test_split"] + (["val_split"] if data.val_split is not None else [])
-    for field in fields:
-        split = data[field]
-        if not split.strip():
-            problems.append(f"data.{field} = {split!r}: name a split of the data, e.g. 'train'.")
-        elif data.source == "tfds":
-            # CIFAR in TFDS has 'train' and 'test'; slices and unions ('train[:90%]+test') work.
-            bases = {re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")}
-            if not bases <= {"train", "test"}:
-                problems.append(
-                    f"data.{field} = {split!r}: TFDS CIFAR has the splits 'train' and 'test' (or"
-                    " slices such as 'train[:90%]'); leave data.val_split unset to carve the"
-                    " search's val split out of train."
-                )
-        elif data.source == "bundled" and split not in ("train", "test"):
-            problems.append(
-                f"data.{field} = {split!r}: bundled digits has the splits 'train' and 'test';"
-                " leave data.val_split unset."
-            )
-
-
 # Model name -> group spatial sizes: an abstract trace each (~0.3 s), asked for on every validate.
 _GROUP_SIZES: dict[str, tuple[int, ...]] = {}
 
@@ -534,32 +511,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         )
     if data.source not in data_lib.SOURCES:
         problems.append(f"data.source = {data.source!r} is unknown; use one of {data_lib.SOURCES}.")
-    elif data.source in ("image_folder", "npz"):
-        if not data.path:
-            problems.append(
-                f"data.path is unset but data.source = {data.source!r} reads from it; set"
-                f" --config.data.path=DIR."
-            )
-        elif not _is_remote(data.path) and not (
-            os.path.exists(data.path)
-            or (data.source == "npz" and any(c in data.path for c in "*?["))
-        ):
-            problems.append(
-                f"data.path = {data.path!r} does not exist; point it at the {data.source} data."
-            )
-    elif data.source == "tfds" and data.dataset in data_lib.DATASETS:
-        if data.dataset not in sources.TFDS_NAMES:
-            problems.append(
-                f"data.source = 'tfds' has {sorted(sources.TFDS_NAMES)}, not data.dataset ="
-                f" {data.dataset!r}; use data.source='image_folder' or 'npz' with data.path."
-            )
-    elif data.source == "bundled" and data.dataset != "digits":
-        problems.append(
-            f"data.source = 'bundled' provides only 'digits', not data.dataset = {data.dataset!r};"
-            " set data.dataset='digits' or another data.source."
-        )
-    if data.source in data_lib.SOURCES:
-        _check_splits(data, problems)
+    else:
+        problems.extend(sources.SOURCE_CLASSES[data.source].check(data))
     for field in ("data_dir", "path"):
         if data[field] is not None and not data[field].strip():
             problems.append(f"data.{field} = {data[field]!r}: give a directory or leave it unset.")
