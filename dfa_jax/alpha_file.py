@@ -13,6 +13,8 @@ from dfa_jax import files
 
 AlphaFileError = errors.AlphaFileError
 
+NAME = "alpha.json"  # A search's alpha, in its workdir.
+
 
 def load(path: str, teacher_model) -> list[np.ndarray]:
     """Per group, alpha [N_i] from an alpha.json, checked against the teacher's feature groups.

@@ -1,9 +1,11 @@
 """The base configuration (every field, one comment each) and `validate`.
 
 Experiment files in `configs/` start from `base_config()` and override what differs; library code
-reads `config.x` and never supplies its own defaults, so this file is the one source of them.
+reads `config.x` and never supplies its own defaults, so this file is the one source of them
+(a registered method brings its own `baselines` fields: `method_registry.Method.fields`).
 `validate(config)` runs before anything is built and reports every mistake it finds, each naming
-the field and the fix.
+the field and the fix: its own checks, and those each component owns (every method's
+`Implementation.check`, the data source's `Source.check`, the model families' names).
 """
 
 from __future__ import annotations
@@ -16,13 +18,21 @@ from ml_collections.config_dict import placeholder  # Optional fields the comman
 
 from dfa_jax import baseline_presets
 from dfa_jax import errors
+from dfa_jax import method_registry
 
 # Stages the pipeline knows, in the order it runs them.
 STAGES = ("teacher", "search", "distill")
-AGGREGATIONS = ("dfa", "last", "average", "random", "file")
-# Distillation methods (Table 2); 'dfa' runs with `distill.aggregation`.
-METHODS = ("none", "kd", "fitnets", "at", "jacobian", "ft", "ab", "sp", "margin", "dfa")
+# DFA's aggregations (Table 5; 'file': DFA-T): the labels of its runs, `distill.aggregation`.
+AGGREGATIONS = method_registry.REGISTRY["dfa"].labels
 SCHEDULES = ("step", "cosine", "constant")
+
+
+def __getattr__(name: str):
+    # METHODS, the registered distillation methods (Table 2), read when asked: a method
+    # registered after this import is among them.
+    if name == "METHODS":
+        return method_registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ConfigError = errors.ConfigError  # Re-exported: config files and callers catch it here.
@@ -205,6 +215,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Margin: the teacher's BatchNorm while distilling; 'batch' as overhaul-distillation's
     # `train_with_distillation.py` runs it (`t_net.train()`), 'eval' for running statistics.
     base.margin_teacher_bn = "batch"
+    # The fields of methods registered beyond these (`method_registry.Method.fields`).
+    for field, default in method_registry.fields().items():
+        if field in base:
+            raise ValueError(f"method field baselines.{field} is a field already")
+        base[field] = default
 
     # --- compute, logging, checkpoints ---------------------------------------------------------
     config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
@@ -426,29 +441,6 @@ def _is_remote(path: str) -> bool:
     return bool(re.match(r"^[a-z0-9]+://", path))
 
 
-def _check_splits(data, problems: list[str]) -> None:
-    """Split names: non-empty, and for the fixed-split sources one of their splits."""
-    fields = ["train_split", "test_split"] + (["val_split"] if data.val_split is not None else [])
-    for field in fields:
-        split = data[field]
-        if not split.strip():
-            problems.append(f"data.{field} = {split!r}: name a split of the data, e.g. 'train'.")
-        elif data.source == "tfds":
-            # CIFAR in TFDS has 'train' and 'test'; slices and unions ('train[:90%]+test') work.
-            bases = {re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")}
-            if not bases <= {"train", "test"}:
-                problems.append(
-                    f"data.{field} = {split!r}: TFDS CIFAR has the splits 'train' and 'test' (or"
-                    " slices such as 'train[:90%]'); leave data.val_split unset to carve the"
-                    " search's val split out of train."
-                )
-        elif data.source == "bundled" and split not in ("train", "test"):
-            problems.append(
-                f"data.{field} = {split!r}: bundled digits has the splits 'train' and 'test';"
-                " leave data.val_split unset."
-            )
-
-
 # Model name -> group spatial sizes: an abstract trace each (~0.3 s), asked for on every validate.
 _GROUP_SIZES: dict[str, tuple[int, ...]] = {}
 
@@ -534,32 +526,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         )
     if data.source not in data_lib.SOURCES:
         problems.append(f"data.source = {data.source!r} is unknown; use one of {data_lib.SOURCES}.")
-    elif data.source in ("image_folder", "npz"):
-        if not data.path:
-            problems.append(
-                f"data.path is unset but data.source = {data.source!r} reads from it; set"
-                f" --config.data.path=DIR."
-            )
-        elif not _is_remote(data.path) and not (
-            os.path.exists(data.path)
-            or (data.source == "npz" and any(c in data.path for c in "*?["))
-        ):
-            problems.append(
-                f"data.path = {data.path!r} does not exist; point it at the {data.source} data."
-            )
-    elif data.source == "tfds" and data.dataset in data_lib.DATASETS:
-        if data.dataset not in sources.TFDS_NAMES:
-            problems.append(
-                f"data.source = 'tfds' has {sorted(sources.TFDS_NAMES)}, not data.dataset ="
-                f" {data.dataset!r}; use data.source='image_folder' or 'npz' with data.path."
-            )
-    elif data.source == "bundled" and data.dataset != "digits":
-        problems.append(
-            f"data.source = 'bundled' provides only 'digits', not data.dataset = {data.dataset!r};"
-            " set data.dataset='digits' or another data.source."
-        )
-    if data.source in data_lib.SOURCES:
-        _check_splits(data, problems)
+    else:
+        problems.extend(sources.SOURCE_CLASSES[data.source].check(data))
     for field in ("data_dir", "path"):
         if data[field] is not None and not data[field].strip():
             problems.append(f"data.{field} = {data[field]!r}: give a directory or leave it unset.")
@@ -636,18 +604,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                     " raise the cap or lower the batch size."
                 )
 
+    for role in ("teacher", "student"):
+        problem = models.name_problem(f"{role}.model", config[role].model)
+        problems += [problem] if problem else []
     teacher_ok = models.is_valid_model_name(config.teacher.model)
-    if not teacher_ok:
-        problems.append(
-            f"teacher.model = {config.teacher.model!r} is unknown; use one of {models.MODEL_NAMES}"
-            " or wrn_{depth}_{width} with depth = 6n+4."
-        )
     student_ok = models.is_valid_model_name(config.student.model)
-    if not student_ok:
-        problems.append(
-            f"student.model = {config.student.model!r} is unknown; use one of {models.MODEL_NAMES}"
-            " or wrn_{depth}_{width} with depth = 6n+4."
-        )
     if (
         config.teacher.checkpoint is not None
         and not _is_remote(config.teacher.checkpoint)
@@ -696,13 +657,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if search.order not in (1, 2):
         problems.append(f"search.order = {search.order}: use 1 (first order) or 2 (second order).")
     distill = config.distill
-    if distill.method not in METHODS:
-        problems.append(f"distill.method = {distill.method!r} is unknown; use one of {METHODS}.")
-    if distill.aggregation not in AGGREGATIONS:
-        problems.append(
-            f"distill.aggregation = {distill.aggregation!r} is unknown; use one of {AGGREGATIONS}."
-        )
-    labels = METHODS[:-1] + AGGREGATIONS
+    methods = method_registry.names()
+    if distill.method not in methods:
+        problems.append(f"distill.method = {distill.method!r} is unknown; use one of {methods}.")
+    labels = method_registry.labels()
     for name in distill.compare_with:
         if name not in labels:
             problems.append(f"distill.compare_with: {name!r} is unknown; use any of {labels}.")
@@ -722,45 +680,15 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             f"distill.cohort = {distill.cohort!r}: use 'auto', 'loop' (the students one after the"
             " other in the step) or 'vmap' (mapped over a student axis)."
         )
-    uses = tuple(distill_labels(config))
-    if "file" in uses:
-        if distill.alpha_file is None:
-            problems.append(
-                "distill.alpha_file is unset but the 'file' aggregation (distill.aggregation or"
-                " distill.compare_with) reads it; pass"
-                " --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
-            )
-        elif not _is_remote(distill.alpha_file) and not os.path.isfile(distill.alpha_file):
-            problems.append(
-                f"distill.alpha_file = {distill.alpha_file!r} is not a file; give the alpha.json"
-                " written by another run's search (OTHER_WORKDIR/alpha.json)."
-            )
-    if "distill" in config.stages and "dfa" in uses and "search" not in config.stages:
-        problems.append(
-            "distill.aggregation = 'dfa' needs this run's search: add 'search' to stages, or use"
-            " 'file' with --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
-        )
     needs_teacher = any(stage in config.stages for stage in ("search", "distill"))
     if needs_teacher and "teacher" not in config.stages and config.teacher.checkpoint is None:
         problems.append(
             f"stages = {tuple(config.stages)} need a teacher: add 'teacher' to stages (trains one)"
             " or set --config.teacher.checkpoint=TEACHER_WORKDIR."
         )
-    if distill.distance not in ("partial_l2", "l2"):
-        problems.append(f"distill.distance = {distill.distance!r}: use 'partial_l2' or 'l2'.")
     if distill.teacher_bn not in ("eval", "batch"):
         problems.append(f"distill.teacher_bn = {distill.teacher_bn!r}: use 'eval' or 'batch'.")
-    if distill.gamma_fd < 0:
-        problems.append(f"distill.gamma_fd = {distill.gamma_fd}: must be >= 0 (paper: 1e-3).")
     base = config.baselines
-    if not base.kd_temperature > 0:
-        problems.append(
-            f"baselines.kd_temperature = {base.kd_temperature}: must be positive (RepDistiller: 4)."
-        )
-    if not base.ft_rate > 0:
-        problems.append(
-            f"baselines.ft_rate = {base.ft_rate}: must be positive (RepDistiller: 0.5)."
-        )
     if base.preset not in baseline_presets.PRESETS:
         problems.append(
             f"baselines.preset = {base.preset!r}: use 'peers' (RepDistiller's settings) or"
@@ -768,39 +696,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         )
     else:
         problems.extend(baseline_presets.conflicts(config, base_config()))
-    if distill.positions not in ("groups", "stem_and_groups"):
-        problems.append(
-            f"distill.positions = {distill.positions!r}: use 'groups' or 'stem_and_groups'."
-        )
-    if base.margin_teacher_bn not in ("eval", "batch"):
-        problems.append(
-            f"baselines.margin_teacher_bn = {base.margin_teacher_bn!r}: use 'batch' (overhaul's)"
-            " or 'eval'."
-        )
-    for field in ("ft_pretrain_lr", "ab_init_lr"):
-        if not base[field] > 0:
-            problems.append(
-                f"baselines.{field} = {base[field]}: must be a positive learning rate"
-                " (RepDistiller: ft_pretrain_lr 0.01, ab_init_lr 0.05)."
-            )
-    for field in ("ft_pretrain_epochs", "ab_init_epochs"):
-        if base[field] <= 0:
-            problems.append(
-                f"baselines.{field} = {base[field]}: must be a positive number of epochs."
-            )
-    for field in (
-        "kd_weight",
-        "kd_ce_weight",
-        "fitnets_weight",
-        "at_weight",
-        "sp_weight",
-        "ft_weight",
-        "ab_margin",
-        "jacobian_weight",
-        "margin_gamma",
-    ):
-        if base[field] < 0:
-            problems.append(f"baselines.{field} = {base[field]}: must be >= 0.")
+    # Each method's own fields (every config has them, whichever methods it runs).
+    for method in method_registry.REGISTRY.values():
+        problems.extend(method.load().check(config))
     if config.dtype not in ("float32", "bfloat16"):
         problems.append(f"dtype = {config.dtype!r}: use 'float32' or 'bfloat16'.")
     if config.num_cpu_devices < 0:
@@ -818,14 +716,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             f"checkpoints_to_keep = {config.checkpoints_to_keep}: keep at least 1 checkpoint."
         )
 
-    if distill.positions == "stem_and_groups" and teacher_ok and student_ok:
-        for role in ("teacher", "student"):
-            if not config[role].model.startswith("wrn_"):
-                problems.append(
-                    f"distill.positions = 'stem_and_groups' with {role}.model ="
-                    f" {config[role].model!r}: only a WRN has a stem outside its groups (a"
-                    " ShuffleNetV2's stem is its group 1); use 'groups'."
-                )
     if teacher_ok and student_ok and data.dataset in data_lib.DATASETS:
         t_sizes = _check_group_sizes(config.teacher.model)
         s_sizes = _check_group_sizes(config.student.model)
@@ -909,7 +799,9 @@ def changed_fields(saved: dict, current: dict) -> list[tuple[str, object, object
     two configs given as nested dicts (e.g. a workdir's config.json and `config.to_dict()`)."""
     old, new = result_fields(saved), result_fields(current)
     if old:  # An empty saved config (unreadable file) stays empty: everything differs.
-        old = {**VALUES_BEFORE_THE_FIELD, **old}
+        # A registered method's own fields, new to the workdir, held their defaults there.
+        fields = {f"baselines.{f}": v for f, v in method_registry.fields().items()}
+        old = {**VALUES_BEFORE_THE_FIELD, **fields, **old}
     return [
         (field, old.get(field, "<absent>"), new.get(field, "<absent>"))
         for field in sorted(old.keys() | new.keys())

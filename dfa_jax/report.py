@@ -33,6 +33,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from dfa_jax import method_registry
 from dfa_jax import paper_results
 
 logger = logging.getLogger(__name__)
@@ -42,36 +43,32 @@ PATH_KEY = "summary_path"  # Added to every loaded summary: the file it came fro
 TEACHER = "teacher"
 CINIC10 = paper_results.CINIC10
 
-# (label, header) of each table's methods, in the paper's order.
-TABLE2_COLUMNS = (
-    (TEACHER, "Teacher"),
-    ("none", "Student"),
-    ("kd", "KD"),
-    ("fitnets", "FitNets"),
-    ("at", "AT"),
-    ("jacobian", "Jacobian"),
-    ("ft", "FT"),
-    ("ab", "AB"),
-    ("sp", "SP"),
-    ("margin", "Margin"),
-    ("dfa", "DFA"),
+# (label, header) of each table's methods, headers as the methods' registry names them. Tables 4
+# and 5 hold the paper's; Table 2 a column per registered method (`table2_columns`).
+TABLE4_COLUMNS = ((TEACHER, "Teacher"),) + tuple(
+    (label, method_registry.header(label))
+    for label in ("none", "at", "sp", "margin", "dfa", "file")
 )
-TABLE4_COLUMNS = (
-    (TEACHER, "Teacher"),
-    ("none", "Student"),
-    ("at", "AT"),
-    ("sp", "SP"),
-    ("margin", "Margin"),
-    ("dfa", "DFA"),
-    ("file", "DFA-T"),
+TABLE5_ROWS = tuple(
+    (label, method_registry.header(label)) for label in ("none", "random", "last", "average", "dfa")
 )
-TABLE5_ROWS = (
-    ("none", "Student"),
-    ("random", "Random"),
-    ("last", "Last"),
-    ("average", "Average"),
-    ("dfa", "DFA"),
-)
+
+
+def table2_columns() -> tuple[tuple[str, str], ...]:
+    """Table 2's (label, header): the teacher, then every registered method in registry order
+    (the paper's, then any method added)."""
+    return ((TEACHER, "Teacher"),) + tuple(
+        (method.name, method.column) for method in method_registry.REGISTRY.values()
+    )
+
+
+def __getattr__(name: str):
+    # TABLE2_COLUMNS is read when asked: a method registered after this import has its column.
+    if name == "TABLE2_COLUMNS":
+        return table2_columns()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 CSV_FIELDS = (
     "table",
     "dataset",
@@ -396,7 +393,7 @@ def table2(summaries: Iterable[dict], collected: dict | None = None) -> tuple[st
     reuse one grouping, and its warnings, across tables.
     """
     title = "### Table 2: distillation methods (CIFAR-100 in the paper)"
-    return _pairs_by_methods(2, title, TABLE2_COLUMNS, summaries, collected)
+    return _pairs_by_methods(2, title, table2_columns(), summaries, collected)
 
 
 def table4(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:

@@ -27,6 +27,7 @@ import ml_collections
 import optax
 from absl import logging
 
+from dfa_jax import alpha_file
 from dfa_jax import bilevel
 from dfa_jax import evaluation
 from dfa_jax import features
@@ -42,7 +43,7 @@ from dfa_jax import teacher as teacher_lib
 from dfa_jax import train_loop
 from dfa_jax.data import loader
 
-ALPHA_FILE = "alpha.json"
+ALPHA_FILE = alpha_file.NAME
 
 
 def alpha_of(beta) -> dict:

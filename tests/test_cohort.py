@@ -48,7 +48,7 @@ def _tiny_step(batch_size=8):
     )
     teacher_vars = teacher_lib.init_variables(pair.teacher, 7, mesh)
     tx = optimizers.sgd(config.distill.optim, 100)
-    alpha = distill.aggregation_alpha("average", pair.teacher, config, "")
+    alpha = methods.aggregation_alpha("average", pair.teacher, config, "")
 
     def state(seed):
         student = teacher_lib.init_variables(pair.student, seed, mesh)
@@ -57,7 +57,7 @@ def _tiny_step(batch_size=8):
             {"student": student["params"], **helpers},
             {"student": student["batch_stats"], **helper_stats},
             tx,
-            distill.frozen_beta(alpha),
+            methods.frozen_beta(alpha),
         )
 
     step = bilevel.make_bilevel_step(

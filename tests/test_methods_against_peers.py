@@ -1,7 +1,7 @@
 """Every baseline's whole loss from images equals the peer's own assembly on the same weights.
 
 The JAX side is what a run trains: `methods.make_loss_fn` (and the first-stage losses of FT and
-AB in `distill`) through the Flax student, teacher and helpers. The PyTorch side restates, from
+AB in `methods`) through the Flax student, teacher and helpers. The PyTorch side restates, from
 reading them, the peers' models, helpers and loops: RepDistiller's WRN
 (`forward(is_feat=True, preact=...)`, `models/wrn.py`), its `models/util.py` helpers (ConvReg,
 Paraphraser, Translator, Connector), `distiller_zoo` losses and `train_student.py` /
@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from dfa_jax import config_lib
-from dfa_jax import distill
 from dfa_jax import interop
 from dfa_jax import methods
 from dfa_jax import parallel
@@ -410,7 +409,7 @@ def test_sp_is_repdistillers(setting):
 def _paraphraser(setting, seed=6):
     pair, base = setting["pair"], setting["config"].baselines
     module = methods.Paraphraser(pair.t_shapes()[-1][-1], base.ft_rate)
-    params, _ = methods._init(module, seed, setting["mesh"], pair.t_shapes()[-1])  # noqa: SLF001
+    params, _ = methods.init_module(module, seed, setting["mesh"], pair.t_shapes()[-1])
     peer = PeerParaphraser(pair.t_shapes()[-1][-1], base.ft_rate)
     convs = [m for m in peer.encoder if isinstance(m, tnn.Conv2d)]
     deconvs = [m for m in peer.decoder if isinstance(m, tnn.ConvTranspose2d)]
@@ -428,7 +427,7 @@ def test_ft_pretraining_is_repdistillers(setting):
     _, _, feat_t, _ = _forward(setting)
     _, rec = peer.eval()(feat_t[-2])
     want = F.mse_loss(rec, feat_t[-2])
-    _, loss_fn = distill.make_paraphraser_loss(setting["pair"], setting["config"].baselines)
+    _, loss_fn = methods.make_paraphraser_loss(setting["pair"], setting["config"].baselines)
     loss, _ = loss_fn(variables["params"], {}, {}, setting["batch"], None, setting["t_vars"])
     _close(float(loss), want)
 
@@ -496,7 +495,7 @@ def test_ab_initialisation_is_repdistillers(setting, same_widths):
 
     params = {"student": setting["s_vars"]["params"], **helpers["params"]}
     stats = {"student": setting["s_vars"]["batch_stats"], **helpers["batch_stats"]}
-    loss_fn = distill.make_ab_init_loss(
+    loss_fn = methods.make_ab_init_loss(
         pair, setting["config"].baselines, methods.ab_connectors(pair, helpers["params"])
     )
     loss, (new_stats, _) = jax.jit(loss_fn)(
@@ -507,7 +506,7 @@ def test_ab_initialisation_is_repdistillers(setting, same_widths):
     np.testing.assert_array_equal(
         new_stats["student"]["bn1"]["mean"], stats["student"]["bn1"]["mean"]
     )
-    trainable = distill.ab_init_trainable(pair, params)
+    trainable = methods.ab_init_trainable(pair, params)
     assert not trainable["student"]["fc"]["kernel"] and not trainable["student"]["bn1"]["scale"]
     assert trainable["student"]["conv1"]["kernel"]
 
@@ -674,8 +673,8 @@ def test_last_with_the_stem_position(setting):
     )
     want = F.cross_entropy(logit_s, setting["labels"]) + 1e-3 * total / BATCH
     pair = setting["pair"]
-    beta = distill.frozen_beta(
-        distill.aggregation_alpha("last", pair.teacher, setting["config"], "")
+    beta = methods.frozen_beta(
+        methods.aggregation_alpha("last", pair.teacher, setting["config"], "")
     )
     params = {"student": setting["s_vars"]["params"], **helpers["params"]}
     stats = {"student": setting["s_vars"]["batch_stats"], **helpers["batch_stats"]}

@@ -16,7 +16,6 @@ from dfa_jax import alpha_file
 from dfa_jax import bilevel
 from dfa_jax import checkpointing
 from dfa_jax import config_lib
-from dfa_jax import distill
 from dfa_jax import inputs
 from dfa_jax import methods
 from dfa_jax import parallel
@@ -132,18 +131,18 @@ def test_w_learning_rate_over_the_groups(w_schedule):
 def test_aggregations_of_table_5():
     t_model, _ = tiny_models()
     config = load_config("demo", "tiny")
-    last = distill.aggregation_alpha("last", t_model, config, "")
+    last = methods.aggregation_alpha("last", t_model, config, "")
     assert [a.tolist() for a in last] == [[0.0, 1.0]] * 3
-    average = distill.aggregation_alpha("average", t_model, config, "")
+    average = methods.aggregation_alpha("average", t_model, config, "")
     assert [a.tolist() for a in average] == [[0.5, 0.5]] * 3
-    random_a = distill.aggregation_alpha("random", t_model, config, "")
-    random_b = distill.aggregation_alpha("random", t_model, config, "")
+    random_a = methods.aggregation_alpha("random", t_model, config, "")
+    random_b = methods.aggregation_alpha("random", t_model, config, "")
     for a, b in zip(random_a, random_b):
         np.testing.assert_array_equal(a, b)
         assert a.sum() == pytest.approx(1.0) and (a > 0).all()
     # Frozen beta reproduces alpha exactly through softmax, one-hot included.
     for alpha in (last, random_a):
-        beta = distill.frozen_beta(alpha)
+        beta = methods.frozen_beta(alpha)
         for i, a in enumerate(alpha):
             np.testing.assert_allclose(jax.nn.softmax(beta[f"g{i + 1}"]), a, rtol=1e-6, atol=0)
 

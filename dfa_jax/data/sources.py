@@ -29,6 +29,7 @@ import dataclasses
 import glob
 import importlib.util
 import os
+import re
 import socket
 import threading
 import zipfile
@@ -36,6 +37,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from dfa_jax import files
 from dfa_jax.data.splits import DataError, stratified_split, stratified_subset
 
 
@@ -92,6 +94,29 @@ class Source(abc.ABC):
                 self._split_fields[data_cfg[field]] = f"data.{field}"
         # split -> (rows of the full split that are kept, their int32 labels)
         self._kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def check(cls, data_cfg) -> list[str]:
+        """Problems with the `config.data` fields this source reads, each naming the field and
+        the fix; cheap (no data read), for `config_lib.validate`."""
+        fields = ["train_split", "test_split"]
+        fields += ["val_split"] if data_cfg.val_split is not None else []
+        problems = []
+        for field in fields:
+            split = data_cfg[field]
+            if not split.strip():
+                problems.append(
+                    f"data.{field} = {split!r}: name a split of the data, e.g. 'train'."
+                )
+            else:
+                problems.extend(cls._split_problems(field, split))
+        return problems
+
+    @classmethod
+    def _split_problems(cls, field: str, split: str) -> list[str]:
+        """Problems with the non-empty split name `split` of `data.<field>`."""
+        del field, split
+        return []
 
     def labels(self, split: str) -> np.ndarray:
         """int32 [N] (read-only) labels of `split` after the max_*_examples cap."""
@@ -238,6 +263,30 @@ class TfdsSource(Source):
     tfrecord (tfds' default), with tf.data, which the `[tfds]` extra installs.
     """
 
+    @classmethod
+    def check(cls, data_cfg) -> list[str]:
+        problems = []
+        if data_cfg.dataset in DATASETS and data_cfg.dataset not in TFDS_NAMES:
+            problems.append(
+                f"data.source = 'tfds' has {sorted(TFDS_NAMES)}, not data.dataset ="
+                f" {data_cfg.dataset!r}; use data.source='image_folder' or 'npz' with data.path."
+            )
+        return problems + super().check(data_cfg)
+
+    @classmethod
+    def _split_problems(cls, field: str, split: str) -> list[str]:
+        # CIFAR in TFDS has 'train' and 'test'; slices and unions ('train[:90%]+test') work.
+        bases = {re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")}
+        if bases <= {"train", "test"}:
+            return []
+        return [
+            (
+                f"data.{field} = {split!r}: TFDS CIFAR has the splits 'train' and 'test' (or"
+                " slices such as 'train[:90%]'); leave data.val_split unset to carve the"
+                " search's val split out of train."
+            )
+        ]
+
     def __init__(self, data_cfg):
         super().__init__(data_cfg)
         if data_cfg.dataset not in TFDS_NAMES:
@@ -369,12 +418,31 @@ def _jpeg_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _path_problems(data_cfg, globs: bool) -> list[str]:
+    """data.path set, and existing unless remote (or, with `globs`, a glob pattern)."""
+    source, path = data_cfg.source, data_cfg.path
+    if not path:
+        return [
+            (
+                f"data.path is unset but data.source = {source!r} reads from it; set"
+                " --config.data.path=DIR."
+            )
+        ]
+    if files.is_remote(path) or os.path.exists(path) or (globs and any(c in path for c in "*?[")):
+        return []
+    return [f"data.path = {path!r} does not exist; point it at the {source} data."]
+
+
 class ImageFolderSource(Source):
     """`root/{split}/{class_name}/*.png|jpg|jpeg`; the class list is the train split's folders.
 
     Labels come from file paths alone (no decoding). Images are decoded with PIL on first
     request, in a thread pool (decoding releases the GIL), and cached per row.
     """
+
+    @classmethod
+    def check(cls, data_cfg) -> list[str]:
+        return _path_problems(data_cfg, globs=False) + super().check(data_cfg)
 
     def __init__(self, data_cfg):
         super().__init__(data_cfg)
@@ -546,6 +614,10 @@ class NpzSource(Source):
     rows (a host reading a contiguous shard typically opens one or two files), and cached.
     """
 
+    @classmethod
+    def check(cls, data_cfg) -> list[str]:
+        return _path_problems(data_cfg, globs=True) + super().check(data_cfg)
+
     def __init__(self, data_cfg):
         super().__init__(data_cfg)
         if not data_cfg.path:
@@ -675,6 +747,27 @@ class BundledDigitsSource(Source):
     TEST_FRACTION = 0.2
     SPLIT_SEED = 0
 
+    @classmethod
+    def check(cls, data_cfg) -> list[str]:
+        problems = []
+        if data_cfg.dataset != "digits":
+            problems.append(
+                "data.source = 'bundled' provides only 'digits', not data.dataset ="
+                f" {data_cfg.dataset!r}; set data.dataset='digits' or another data.source."
+            )
+        return problems + super().check(data_cfg)
+
+    @classmethod
+    def _split_problems(cls, field: str, split: str) -> list[str]:
+        if split in ("train", "test"):
+            return []
+        return [
+            (
+                f"data.{field} = {split!r}: bundled digits has the splits 'train' and 'test';"
+                " leave data.val_split unset."
+            )
+        ]
+
     def __init__(self, data_cfg):
         super().__init__(data_cfg)
         if data_cfg.dataset != "digits":
@@ -714,7 +807,7 @@ class BundledDigitsSource(Source):
         return self._split(split)[0][rows]
 
 
-_SOURCE_CLASSES = {
+SOURCE_CLASSES: dict[str, type[Source]] = {
     "tfds": TfdsSource,
     "image_folder": ImageFolderSource,
     "npz": NpzSource,
@@ -726,6 +819,6 @@ def make_source(data_cfg) -> Source:
     """The `Source` chosen by `data_cfg.source` for `data_cfg.dataset` (`config.data`)."""
     if data_cfg.dataset not in DATASETS:
         raise DataError(f"data.dataset must be one of {sorted(DATASETS)}, got {data_cfg.dataset!r}")
-    if data_cfg.source not in _SOURCE_CLASSES:
+    if data_cfg.source not in SOURCE_CLASSES:
         raise DataError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
-    return _SOURCE_CLASSES[data_cfg.source](data_cfg)
+    return SOURCE_CLASSES[data_cfg.source](data_cfg)

@@ -1,6 +1,6 @@
-"""Model registry: CIFAR Wide ResNets and ShuffleNetV2, with pre-ReLU features sown by name.
+"""Model families: CIFAR Wide ResNets and ShuffleNetV2, with pre-ReLU features sown by name.
 
-Every model is a Linen module with
+Every model keeps the feature contract `FeatureModel`:
   `__call__(x, train=False, start_group=0, stop_group=None)` -> float32 logits, or a group
     boundary tensor when stop_group is set; start_group resumes from an injected boundary;
   `feature_groups()` -> per group, the names of its candidate maps (last = the boundary);
@@ -11,9 +11,18 @@ Every model is a Linen module with
   `num_groups` (property).
 Features are sown into the flat top-level collection FEATURES: `mutated[FEATURES][name]` is a
 1-tuple holding the map, in the module's compute dtype.
+
+A `Family` reads its model names, builds its models and says what its maps allow beyond the
+contract (a stem outside the groups; one BatchNorm producing each group end; which parameters
+sit after the feature body). `FAMILIES` lists them; `family_of` finds a model's or a name's.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import re
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,46 +34,142 @@ from dfa_jax.models.shufflenet_v2 import ShuffleNetV2
 from dfa_jax.models.wide_resnet import WideResNet
 
 __all__ = [
-    "Connector",
+    "FAMILIES",
     "FEATURES",
     "MODEL_NAMES",
+    "Connector",
+    "Family",
+    "FeatureModel",
     "ShuffleNetV2",
     "WideResNet",
+    "family_of",
     "get_model",
     "is_valid_model_name",
+    "name_problem",
 ]
 
-MODEL_NAMES = (
-    "wrn_16_2",
-    "wrn_16_4",
-    "wrn_28_2",
-    "wrn_28_4",
-    "shufflenet_v2_0.5",
-    "shufflenet_v2_1.0",
-    "shufflenet_v2_2.0",
-)
-"""The paper's presets; any wrn_{depth}_{width} with (depth-4) % 6 == 0, depth >= 10 also works."""
+
+@runtime_checkable
+class FeatureModel(Protocol):
+    """The feature contract of every model (see the module docstring)."""
+
+    @property
+    def num_groups(self) -> int: ...
+
+    def feature_groups(self) -> tuple[tuple[str, ...], ...]: ...
+
+    def extra_feature_names(self) -> tuple[str, ...]: ...
+
+    def stem_features(self) -> tuple[str, str] | None: ...
+
+    def raw_group_ends(self) -> tuple[str, ...]: ...
+
+    def __call__(
+        self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None
+    ): ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its names, its models, and what its maps allow beyond the contract."""
+
+    name: str  # For messages: 'WRN'.
+    module: type  # Its Linen class.
+    parse: Callable[[str], dict | None]  # A model name -> the module's fields, or None.
+    presets: tuple[str, ...]  # Its names among MODEL_NAMES (the paper's).
+    pattern: str | None  # The names it reads beyond its presets, for messages.
+    has_stem: bool  # A stem outside its groups (`stem_features()` is not None).
+    # (model, params, with_stem) -> per group end (after the stem when `with_stem`), the params
+    # of the BatchNorm that produces it; None where no single BatchNorm does.
+    group_end_bns: Callable[[Any, dict, bool], list[dict]] | None
+    # Top-level parameters after the feature body (RepDistiller's `get_feat_modules` leaves
+    # them out), and which of them, if any, is the BatchNorm producing the last group end.
+    head: tuple[str, ...]
+    final_bn: str | None
+
+    def build(self, name: str, num_classes: int, dtype=jnp.float32) -> nn.Module:
+        return self.module(**self.parse(name), num_classes=num_classes, dtype=dtype)
+
 
 _WRN_RE = re.compile(r"wrn_(\d+)_(\d+)")
-_SHUFFLENET_PREFIX = "shufflenet_v2_"
 
 
-def _wrn_depth_width(name: str) -> tuple[int, int] | None:
-    """(depth, width) for a valid 'wrn_{depth}_{width}' name, else None."""
+def _wrn_fields(name: str) -> dict | None:
+    """{depth, width} for a valid 'wrn_{depth}_{width}' name, else None."""
     match = _WRN_RE.fullmatch(name)
     if match is None:
         return None
     depth, width = int(match[1]), int(match[2])
     if depth < 10 or (depth - 4) % 6 or width < 1:
         return None
-    return depth, width
+    return {"depth": depth, "width": width}
+
+
+def _wrn_group_end_bns(model, params: dict, with_stem: bool) -> list[dict]:
+    """The consumer BNs: the next group's first bn1 (block1_layer0's for the stem), then bn1."""
+    first = 0 if with_stem else 1
+    bns = [params[f"block{i + 1}_layer0"]["bn1"] for i in range(first, model.num_groups)]
+    return bns + [params["bn1"]]
+
+
+_SHUFFLENET_PREFIX = "shufflenet_v2_"
+
+
+def _shufflenet_fields(name: str) -> dict | None:
+    width = name.removeprefix(_SHUFFLENET_PREFIX) if name.startswith(_SHUFFLENET_PREFIX) else None
+    return {"widths": SHUFFLENET_V2_WIDTHS[width]} if width in SHUFFLENET_V2_WIDTHS else None
+
+
+WRN = Family(
+    name="WRN",
+    module=WideResNet,
+    parse=_wrn_fields,
+    presets=("wrn_16_2", "wrn_16_4", "wrn_28_2", "wrn_28_4"),
+    pattern="wrn_{depth}_{width} with depth = 6n+4",
+    has_stem=True,
+    group_end_bns=_wrn_group_end_bns,
+    head=("fc", "bn1"),
+    final_bn="bn1",
+)
+SHUFFLENET_V2 = Family(
+    name="ShuffleNetV2",
+    module=ShuffleNetV2,
+    parse=_shufflenet_fields,
+    presets=tuple(_SHUFFLENET_PREFIX + width for width in SHUFFLENET_V2_WIDTHS),
+    pattern=None,
+    has_stem=False,  # Its stem is its group 1.
+    group_end_bns=None,  # A unit ends in a concatenation and a channel shuffle.
+    head=("fc",),
+    final_bn=None,
+)
+FAMILIES = (WRN, SHUFFLENET_V2)
+
+MODEL_NAMES = tuple(name for family in FAMILIES for name in family.presets)
+"""The paper's presets; any wrn_{depth}_{width} with (depth-4) % 6 == 0, depth >= 10 also works."""
+
+
+def family_of(model_or_name) -> Family | None:
+    """The family of a model (a Linen module) or of a model name; None if it has none."""
+    for family in FAMILIES:
+        if isinstance(model_or_name, str):
+            if family.parse(model_or_name) is not None:
+                return family
+        elif isinstance(model_or_name, family.module):
+            return family
+    return None
 
 
 def is_valid_model_name(name: str) -> bool:
     """Whether `get_model(name, ...)` would build a model."""
-    if name.startswith(_SHUFFLENET_PREFIX):
-        return name.removeprefix(_SHUFFLENET_PREFIX) in SHUFFLENET_V2_WIDTHS
-    return _wrn_depth_width(name) is not None
+    return family_of(name) is not None
+
+
+def name_problem(field: str, name: str) -> str | None:
+    """The config problem of model name `name` in `field` ('teacher.model'), or None."""
+    if is_valid_model_name(name):
+        return None
+    patterns = " or ".join(f.pattern for f in FAMILIES if f.pattern)
+    return f"{field} = {name!r} is unknown; use one of {MODEL_NAMES} or {patterns}."
 
 
 def get_model(name: str, num_classes: int, dtype=jnp.float32) -> nn.Module:
@@ -78,14 +183,10 @@ def get_model(name: str, num_classes: int, dtype=jnp.float32) -> nn.Module:
     Raises:
       ValueError: unknown name; the message lists the valid ones.
     """
-    if not is_valid_model_name(name):
+    family = family_of(name)
+    if family is None:
         raise ValueError(
             f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}, or any "
             "'wrn_{depth}_{width}' with (depth - 4) % 6 == 0 and depth >= 10 (e.g. wrn_10_1)"
         )
-    depth_width = _wrn_depth_width(name)
-    if depth_width is not None:
-        depth, width = depth_width
-        return WideResNet(depth=depth, width=width, num_classes=num_classes, dtype=dtype)
-    widths = SHUFFLENET_V2_WIDTHS[name.removeprefix(_SHUFFLENET_PREFIX)]
-    return ShuffleNetV2(widths=widths, num_classes=num_classes, dtype=dtype)
+    return family.build(name, num_classes, dtype)

@@ -1,0 +1,149 @@
+"""DFA's distillation (Eqs. 3-4) and its aggregations (Table 5, DFA-T).
+
+L = CE + gamma_fd * sum_i w_i D(F_s(S_i), A_i): A_i = sum_j alpha_i^j T_i^j is the teacher's
+group-i aggregation with alpha frozen (beta = log(alpha) in the step's state); F_s is a per-group
+ST connector (1x1 conv + BN, student -> teacher channels); D is overhaul's partial L2 with the
+constant margin -1 by default; w_i = 1/2^(G-i). The run label names the aggregation
+(`distill.aggregation`): 'dfa' (this run's alpha.json), 'last', 'average', 'random' (seeded),
+'file' (another run's alpha.json: DFA-T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfa_jax import alpha_file
+from dfa_jax import config_lib
+from dfa_jax import errors
+from dfa_jax import features
+from dfa_jax import files
+from dfa_jax import losses
+from dfa_jax import models
+from dfa_jax.methods import common
+
+
+def aggregation_alpha(name: str, teacher_model, config, workdir: str) -> list[np.ndarray]:
+    """Per group, the frozen alpha [N_i] of aggregation `name` (Table 5's rows)."""
+    groups = teacher_model.feature_groups()
+    if name == "last":
+        return [np.eye(len(g), dtype=np.float32)[-1] for g in groups]
+    if name == "average":
+        return [np.full(len(g), 1.0 / len(g), np.float32) for g in groups]
+    if name == "random":
+        rng = np.random.default_rng(config.seed)
+        weights = [rng.uniform(size=len(g)).astype(np.float32) for g in groups]
+        return [w / w.sum() for w in weights]
+    if name == "dfa":
+        return alpha_file.load(os.path.join(workdir, alpha_file.NAME), teacher_model)
+    if name == "file":
+        if config.distill.alpha_file is None:
+            raise errors.ConfigError(
+                "distill.alpha_file is unset but the 'file' aggregation reads it; pass"
+                " --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
+            )
+        return alpha_file.load(config.distill.alpha_file, teacher_model)
+    raise errors.ConfigError(
+        f"distill.aggregation = {name!r} is unknown; use one of {config_lib.AGGREGATIONS}."
+    )
+
+
+def frozen_beta(alpha: list[np.ndarray]) -> dict:
+    """beta = log(alpha), so that softmax(beta) == alpha exactly (zeros -> -inf logits)."""
+    return {common.group_key(i + 1): jnp.log(jnp.asarray(a)) for i, a in enumerate(alpha)}
+
+
+def _stem(pair: common.Pair, config) -> bool:
+    return common.with_stem(pair, config.distill.positions == "stem_and_groups")
+
+
+def _helpers(pair, config, seed, mesh):
+    return common.position_connectors(pair, config, seed, mesh, _stem(pair, config))
+
+
+def _start(setup: common.Setup, start: common.Start) -> common.Start:
+    alpha = aggregation_alpha(setup.label, setup.pair.teacher, setup.config, setup.workdir)
+    return dataclasses.replace(start, beta=frozen_beta(alpha))
+
+
+def _loss(pair, config, constants):
+    """CE + gamma_fd * D(connected student maps, the aggregations of softmax(beta))."""
+    del constants
+    distill = config.distill
+    stem, clamp_min = _stem(pair, config), config.features.clamp_min
+    connected = common.connected_maps(pair, stem)
+
+    def term(step):
+        mapped, t_pre = connected(step)
+        _, t_mut = step.teacher()
+        # The stem is one map: its target is that map itself.
+        targets = [features.clamp(t_pre[0], clamp_min)] if stem else []
+        for i, names in enumerate(pair.t_groups):
+            candidates = [
+                jax.lax.stop_gradient(features.clamp(m, clamp_min))
+                for m in common.group_end_maps(t_mut, names)
+            ]
+            alpha = jax.nn.softmax(step.beta[common.group_key(i + 1)])
+            targets.append(losses.aggregate(candidates, alpha))
+        fd = losses.feature_distillation_loss(
+            mapped, targets, distance=distill.distance, margin=distill.margin
+        )
+        step.metrics["fd_loss"] = fd
+        return step.ce + distill.gamma_fd * fd
+
+    return common.student_loss(pair, config, term)
+
+
+def _check(config) -> list[str]:
+    """The `distill` fields of DFA and its aggregations; the 'file' and 'dfa' aggregations'
+    inputs where a student uses them."""
+    distill, problems = config.distill, []
+    if distill.aggregation not in config_lib.AGGREGATIONS:
+        problems.append(
+            f"distill.aggregation = {distill.aggregation!r} is unknown; use one of"
+            f" {config_lib.AGGREGATIONS}."
+        )
+    uses = tuple(config_lib.distill_labels(config))
+    if "file" in uses:
+        if distill.alpha_file is None:
+            problems.append(
+                "distill.alpha_file is unset but the 'file' aggregation (distill.aggregation or"
+                " distill.compare_with) reads it; pass"
+                " --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
+            )
+        elif not files.is_remote(distill.alpha_file) and not os.path.isfile(distill.alpha_file):
+            problems.append(
+                f"distill.alpha_file = {distill.alpha_file!r} is not a file; give the alpha.json"
+                " written by another run's search (OTHER_WORKDIR/alpha.json)."
+            )
+    if "distill" in config.stages and "dfa" in uses and "search" not in config.stages:
+        problems.append(
+            "distill.aggregation = 'dfa' needs this run's search: add 'search' to stages, or use"
+            " 'file' with --config.distill.alpha_file=OTHER_WORKDIR/alpha.json."
+        )
+    if distill.distance not in ("partial_l2", "l2"):
+        problems.append(f"distill.distance = {distill.distance!r}: use 'partial_l2' or 'l2'.")
+    if distill.gamma_fd < 0:
+        problems.append(f"distill.gamma_fd = {distill.gamma_fd}: must be >= 0 (paper: 1e-3).")
+    if distill.positions not in ("groups", "stem_and_groups"):
+        problems.append(
+            f"distill.positions = {distill.positions!r}: use 'groups' or 'stem_and_groups'."
+        )
+    elif distill.positions == "stem_and_groups":
+        roles = ("teacher", "student")
+        families = [models.family_of(config[role].model) for role in roles]
+        for role, family in zip(roles, families):
+            if None not in families and not family.has_stem:
+                problems.append(
+                    f"distill.positions = 'stem_and_groups' with {role}.model ="
+                    f" {config[role].model!r}: only a WRN has a stem outside its groups (a"
+                    " ShuffleNetV2's stem is its group 1); use 'groups'."
+                )
+    return problems
+
+
+DFA = common.Implementation(loss=_loss, helpers=_helpers, start=_start, check=_check)
