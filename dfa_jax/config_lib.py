@@ -71,9 +71,46 @@ def optim_recipe(name: str) -> ml_collections.ConfigDict:
         c.lr = 0.01
         c.milestones = (100, 120)
         c.decay = 0.1
+    elif name == "crd":
+        # RepDistiller's CIFAR-100 recipe (`train_teacher.py`, `train_student.py`), which
+        # mdistiller's CIFAR-100 configs keep (`configs/cifar100/*.yaml`: SOLVER): plain SGD, no
+        # Nesterov, for teachers and students alike.
+        c.epochs = 240
+        c.batch_size = 64
+        c.lr = 0.05
+        c.nesterov = False
+        c.milestones = (150, 180, 210)
+        c.decay = 0.1
     else:
-        raise ConfigError(f"unknown optimiser recipe {name!r}; use 'paper', 'overhaul' or 'cinic'")
+        raise ConfigError(
+            f"unknown optimiser recipe {name!r}; use 'paper', 'overhaul', 'cinic' or 'crd'"
+        )
     return c
+
+
+# RepDistiller's CIFAR-100 benchmark (Tian et al., CRD, ICLR 2020; README "Benchmark Results on
+# CIFAR-100"), teacher -> student, as later papers (DKD and its successors) compare on it.
+CRD_PAIRS = (
+    ("wrn_40_2", "wrn_16_2"),
+    ("wrn_40_2", "wrn_40_1"),
+    ("resnet56", "resnet20"),
+    ("resnet110", "resnet20"),
+    ("resnet110", "resnet32"),
+    ("resnet32x4", "resnet8x4"),
+    ("vgg13", "vgg8"),
+    ("vgg13", "MobileNetV2"),
+    ("ResNet50", "MobileNetV2"),
+    ("ResNet50", "vgg8"),
+    ("resnet32x4", "ShuffleV1"),
+    ("resnet32x4", "ShuffleV2"),
+    ("wrn_40_2", "ShuffleV1"),
+)
+# Students RepDistiller trains at lr 0.01 instead of 0.05 (`train_student.py`; mdistiller's
+# configs for these students set SOLVER.LR 0.01 too).
+LIGHT_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+# RepDistiller's (and mdistiller's) CIFAR-100 normalisation, in [0, 1] units.
+CRD_MEAN = (0.5071, 0.4867, 0.4408)
+CRD_STD = (0.2675, 0.2565, 0.2761)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -251,6 +288,37 @@ def cifar100_pair(student: str) -> ml_collections.ConfigDict:
     config.data.source = "tfds"
     config.teacher.model = "wrn_28_4"
     config.student.model = student
+    config.search.epochs_per_group = 40
+    config.distill.aggregation = "dfa"
+    return config
+
+
+def crd_pair(teacher: str, student: str) -> ml_collections.ConfigDict:
+    """RepDistiller's CIFAR-100 protocol for `teacher` -> `student` (one of CRD_PAIRS), with DFA.
+
+    The teacher and every student train with `optim_recipe('crd')` (lr 0.01 for the light
+    students), on RepDistiller's augmentation (random crop of the zero-padded image, flip) and
+    normalisation; DFA's search keeps the paper's settings (40 epochs per group on the 7:3
+    split). A teacher imported from RepDistiller or mdistiller (`dfa_jax.interop import`) is
+    given as `--config.teacher.checkpoint=DIR`.
+    """
+    config = base_config()
+    config.stages = ("teacher", "search", "distill")
+    config.data.dataset = "cifar100"
+    config.data.source = "tfds"
+    config.data.mean, config.data.std = CRD_MEAN, CRD_STD
+    config.data.pad_mode = "constant"  # torchvision's RandomCrop(32, padding=4) pads zeros.
+    config.teacher.model = teacher
+    config.student.model = student
+    config.teacher.optim = optim_recipe("crd")
+    config.distill.optim = optim_recipe("crd")
+    if student in LIGHT_STUDENTS:
+        config.distill.optim.lr = 0.01
+        # Light students take a much smaller feature-distillation weight, as the paper's
+        # ShuffleNetV2 students on CINIC-10 do (README: design notes).
+        config.distill.gamma_fd = 1e-4
+        # RepDistiller's AB initialisation runs at the student's rate (`helper/pretrain.py`).
+        config.baselines.ab_init_lr = 0.01
     config.search.epochs_per_group = 40
     config.distill.aggregation = "dfa"
     return config
@@ -456,6 +524,26 @@ def _check_group_sizes(model_name: str) -> tuple[int, ...]:
     return _GROUP_SIZES[model_name]
 
 
+# Model name -> what it lacks of the feature contract, for the families registered by users
+# (`models.register_family`; the package's own are tested): an abstract trace each.
+_CONTRACT_PROBLEMS: dict[tuple, tuple[str, ...]] = {}
+
+
+def _contract_problems(model_name: str) -> tuple[str, ...]:
+    """What model `model_name` lacks of the feature contract; () for the package's families."""
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+
+    family = models.family_of(model_name)
+    if family is None or family in models.BUILTIN_FAMILIES:
+        return ()
+    key = (family, model_name)
+    if key not in _CONTRACT_PROBLEMS:
+        from dfa_jax.models import contract  # pylint: disable=g-import-not-at-top
+
+        _CONTRACT_PROBLEMS[key] = tuple(contract.problems(models.get_model(model_name, 10)))
+    return _CONTRACT_PROBLEMS[key]
+
+
 def _check_files(config) -> None:
     """The small files the config names, read before anything is built: the teacher checkpoint's
     metadata (`CheckpointError`) and the alpha.json of the 'file' aggregation (`AlphaFileError`).
@@ -607,8 +695,15 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     for role in ("teacher", "student"):
         problem = models.name_problem(f"{role}.model", config[role].model)
         problems += [problem] if problem else []
-    teacher_ok = models.is_valid_model_name(config.teacher.model)
-    student_ok = models.is_valid_model_name(config.student.model)
+        if problem is None:
+            broken = _contract_problems(config[role].model)
+            problems += [f"{role}.model = {config[role].model!r}: {p}" for p in broken]
+    teacher_ok = models.is_valid_model_name(config.teacher.model) and not _contract_problems(
+        config.teacher.model
+    )
+    student_ok = models.is_valid_model_name(config.student.model) and not _contract_problems(
+        config.student.model
+    )
     if (
         config.teacher.checkpoint is not None
         and not _is_remote(config.teacher.checkpoint)

@@ -1,6 +1,6 @@
 """The paper's results tables (Tables 2, 4 and 5) over many runs, from their `summary.json` files.
 
-  python -m dfa_jax.report RUN_DIR... [--out DIR] [--table 2|4|5|all]
+  python -m dfa_jax.report RUN_DIR... [--out DIR] [--table 2|4|5|crd|all]
 
 Each RUN_DIR is a workdir, a `summary.json` itself, or a parent directory searched recursively.
 Runs are grouped by (dataset, teacher model, student model, method), where the method is the label
@@ -345,10 +345,16 @@ def _pairs(table: int, collected: dict, labels: Iterable[str]) -> list[tuple]:
     in its order. Teacher-only runs make no row: they only fill their dataset's Teacher cells.
     """
     labels = set(labels) - {TEACHER}
+
+    def belongs(pair) -> bool:
+        if table == paper_results.CRD:  # The CRD suite's pairs alone (they are Table 2's too).
+            return paper_results.pair_number(table, *pair) is not None
+        return (pair[0] == CINIC10) == (table == 4)
+
     pairs = {
         key[:3]
         for key, entries in collected.items()
-        if key[3] in labels and entries and (key[0] == CINIC10) == (table == 4)
+        if key[3] in labels and entries and belongs(key[:3])
     }
 
     def order(pair):
@@ -400,6 +406,30 @@ def table4(summaries: Iterable[dict], collected: dict | None = None) -> tuple[st
     """Table 4 (CINIC-10 pairs; DFA-T is the 'file' aggregation): `(markdown, rows)`."""
     title = "### Table 4: CINIC-10 (ShuffleNetV2 in the paper)"
     return _pairs_by_methods(4, title, TABLE4_COLUMNS, summaries, collected)
+
+
+# The CRD suite's columns: RepDistiller's methods that are also ours, CRD and DKD (published
+# numbers beside any runs of them), then DFA.
+CRD_COLUMNS = (
+    (TEACHER, "Teacher"),
+    ("none", "Student"),
+    ("kd", "KD"),
+    ("fitnets", "FitNets"),
+    ("at", "AT"),
+    ("sp", "SP"),
+    ("ab", "AB"),
+    ("ft", "FT"),
+    ("crd", "CRD"),
+    ("dkd", "DKD"),
+    ("dfa", "DFA"),
+)
+
+
+def table_crd(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
+    """RepDistiller's CIFAR-100 benchmark (configs/crd/): a row per pair of it that has runs, the
+    published numbers of RepDistiller and mdistiller beside ours; `(markdown, rows)`."""
+    title = "### CRD suite: RepDistiller's CIFAR-100 pairs (published: RepDistiller, mdistiller)"
+    return _pairs_by_methods(paper_results.CRD, title, CRD_COLUMNS, summaries, collected)
 
 
 def table5(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
@@ -553,7 +583,7 @@ def write_paired_csv(rows: list[dict], path: str) -> None:
             writer.writerow({k: "" if v is None else v for k, v in flat.items()})
 
 
-TABLES = {"2": table2, "5": table5, "4": table4}
+TABLES = {"2": table2, "5": table5, "4": table4, "crd": table_crd}
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -569,7 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     """The CLI: prints the tables and writes `table<N>.md`/`.csv` into --out; returns the status."""
     parser = argparse.ArgumentParser(
         prog="python -m dfa_jax.report",
-        description="The paper's Tables 2, 4 and 5 over runs' summary.json files.",
+        description=(
+            "The paper's Tables 2, 4 and 5, and the CRD suite's table, over runs' summary.json"
+            " files."
+        ),
     )
     parser.add_argument(
         "run_dirs",
@@ -580,9 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=".", help="where table<N>.md/.csv go (default: .)")
     parser.add_argument(
         "--table",
-        choices=("2", "4", "5", "all"),
+        choices=(*TABLES, "all"),
         default="all",
-        help="which table; 'all' (default) writes those that have runs",
+        help="which table ('crd': RepDistiller's CIFAR-100 pairs); 'all' (default) writes those"
+        " that have runs",
     )
     args = parser.parse_args(argv)
 

@@ -20,7 +20,12 @@ def load_config(name, arg=None):
     return module.get_config(arg)
 
 
-SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py"))
+SHIPPED = sorted(
+    os.path.relpath(os.path.join(root, f), CONFIGS)[:-3]
+    for root, _, files in os.walk(CONFIGS)
+    for f in files
+    if f.endswith(".py")
+)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -262,3 +267,24 @@ def test_package_imports_have_no_cycles():
     for module in sorted(graph):
         visit(module)
     assert "dfa_jax.distill" not in graph["dfa_jax.config_lib"]
+
+
+def test_crd_recipe_and_pairs_are_repdistillers():
+    """RepDistiller's CIFAR-100 recipe (`train_student.py`), as mdistiller's configs keep it, and
+    one shipped config per pair of its benchmark."""
+    recipe = config_lib.optim_recipe("crd")
+    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.momentum) == (240, 64, 0.05, 0.9)
+    assert (recipe.weight_decay, recipe.schedule, recipe.decay) == (5e-4, "step", 0.1)
+    assert tuple(recipe.milestones) == (150, 180, 210) and recipe.nesterov is False
+    shipped = {name for name in SHIPPED if name.startswith("crd" + os.sep)}
+    assert len(shipped) == len(config_lib.CRD_PAIRS) == 13
+    for teacher, student in config_lib.CRD_PAIRS:
+        config = load_config(os.path.join("crd", f"{teacher.lower()}_to_{student.lower()}"))
+        assert (config.teacher.model, config.student.model) == (teacher, student)
+        assert config.teacher.optim.to_dict() == recipe.to_dict()
+        light = student in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+        assert config.distill.optim.lr == (0.01 if light else 0.05), student
+        assert tuple(config.data.mean) == (0.5071, 0.4867, 0.4408)
+        assert tuple(config.data.std) == (0.2675, 0.2565, 0.2761)
+        assert (config.data.pad, config.data.pad_mode, config.data.flip) == (4, "constant", True)
+        assert config.stages == ("teacher", "search", "distill")

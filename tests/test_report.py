@@ -306,3 +306,50 @@ def test_a_run_of_several_seeds_is_read_per_student(tmp_path):
     (row,) = report.paired_rows(collected)
     assert row["against"] == "last" and row["seeds"] == [0, 1, 2]
     assert row["differences"] == pytest.approx([100 * (dfa[k] - last[k]) for k in (0, 1, 2)])
+
+
+def test_crd_suite_numbers_are_repdistillers_and_mdistillers():
+    """Spot checks against the two READMEs (RepDistiller's tables, mdistiller's DKD tables)."""
+    value = paper_results.paper_value
+    assert value("crd", "cifar100", "resnet32x4", "resnet8x4", "teacher") == 79.42
+    assert value("crd", "cifar100", "resnet32x4", "resnet8x4", "crd") == 75.51
+    assert value("crd", "cifar100", "resnet32x4", "resnet8x4", "dkd") == 76.32
+    assert value("crd", "cifar100", "vgg13", "MobileNetV2", "at") == 59.40
+    assert value("crd", "cifar100", "wrn_40_2", "ShuffleV1", "kd") == 74.83
+    assert value("crd", "cifar100", "resnet32x4", "ShuffleV2", "dkd") == 77.07
+    # mdistiller publishes no DKD for these two pairs; RepDistiller no DFA anywhere.
+    assert value("crd", "cifar100", "resnet110", "resnet20", "dkd") is None
+    assert value("crd", "cifar100", "ResNet50", "vgg8", "dkd") is None
+    assert value("crd", "cifar100", "resnet56", "resnet20", "dfa") is None
+    assert value("crd", "cifar10", "resnet56", "resnet20", "kd") is None
+    # The suite is the configs' pairs, in their order; its students alone share their numbers.
+    from dfa_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+    assert tuple(paper_results.CRD_SUITE) == config_lib.CRD_PAIRS
+    assert value("crd", "cifar100", "resnet56", "resnet20", "none") == value(
+        "crd", "cifar100", "resnet110", "resnet20", "none"
+    )
+
+
+def test_crd_table_holds_the_suites_pairs_with_the_published_numbers(tmp_path):
+    root = str(tmp_path / "runs")
+    pair = ("resnet56", "resnet20")
+    for seed, (dfa, kd) in enumerate(((0.715, 0.705), (0.725, 0.709))):
+        stages = {
+            "teacher": _stage("teacher", 0.72),
+            "distill/dfa": _stage("distill/dfa", dfa),
+            "distill/kd": _stage("distill/kd", kd),
+        }
+        _write(root, f"r56/s{seed}", pair, seed, stages)
+    _write(root, "pair3", PAIR3, 0, {"distill/dfa": _stage("distill/dfa", 0.75)})
+    summaries = report.load_summaries(root)
+    markdown, rows = report.table_crd(summaries)
+    assert {(r["teacher"], r["student"]) for r in rows} == {pair}  # Not the paper's WRN pair.
+    dfa = _row(rows, pair, "dfa")
+    assert (dfa["n"], dfa["median_last"], dfa["paper"]) == (2, 72.0, None)
+    assert _row(rows, pair, "kd")["paper"] == 70.66
+    crd = _row(rows, pair, "crd")
+    assert (crd["n"], crd["paper"]) == (0, 71.16)
+    assert "| CRD | DKD | DFA |" in markdown and "– [paper 71.97]" in markdown
+    # Table 2 still holds every CIFAR-100 pair, the suite's among them.
+    assert {(r["teacher"], r["student"]) for r in report.table2(summaries)[1]} >= {pair, PAIR3}

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from dfa_jax.models.connectors import Connector
 from dfa_jax.models.layers import FEATURES
+from dfa_jax.models.layers import sow_feature
 from dfa_jax.models.shufflenet_v2 import WIDTHS as SHUFFLENET_V2_WIDTHS
 from dfa_jax.models.shufflenet_v2 import ShuffleNetV2
 from dfa_jax.models.wide_resnet import WideResNet
@@ -44,6 +45,8 @@ __all__ = [
     "WideResNet",
     "family_of",
     "get_model",
+    "register_family",
+    "sow_feature",
     "is_valid_model_name",
     "name_problem",
 ]
@@ -143,9 +146,24 @@ SHUFFLENET_V2 = Family(
     final_bn=None,
 )
 FAMILIES = (WRN, SHUFFLENET_V2)
+BUILTIN_FAMILIES = FAMILIES  # Tested here; a registered family is checked by `validate`.
 
 MODEL_NAMES = tuple(name for family in FAMILIES for name in family.presets)
-"""The paper's presets; any wrn_{depth}_{width} with (depth-4) % 6 == 0, depth >= 10 also works."""
+"""The presets; any wrn_{depth}_{width} with (depth-4) % 6 == 0, depth >= 10 also works."""
+
+
+def register_family(family: Family) -> Family:
+    """Adds a model family of your own (docs/design.md, "Bringing your own model"): its names
+    become valid `teacher.model` / `student.model` values, its presets join MODEL_NAMES, and
+    `config_lib.validate` checks its models against the feature contract (`contract.problems`).
+    """
+    global FAMILIES, MODEL_NAMES
+    taken = [n for n in family.presets if family_of(n) is not None]
+    if any(f.name == family.name for f in FAMILIES) or taken:
+        raise ValueError(f"model family {family.name!r}: {taken or family.name} already registered")
+    FAMILIES = FAMILIES + (family,)
+    MODEL_NAMES = MODEL_NAMES + family.presets
+    return family
 
 
 def family_of(model_or_name) -> Family | None:

@@ -1,0 +1,136 @@
+"""A model of the user's own (docs/design.md, "Bringing your own model"): the documented
+example, read from that page, keeps the feature contract, is accepted by `validate` and trains a
+student; a model that breaks the contract is refused by `validate`, naming what it lacks."""
+
+import os
+import re
+import sys
+import types
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfa_jax import config_lib
+from dfa_jax import distill
+from dfa_jax import errors
+from dfa_jax import inputs
+from dfa_jax import models
+from dfa_jax import parallel
+from dfa_jax import teacher as teacher_lib
+from dfa_jax.data import loader
+from dfa_jax.data import sources
+from dfa_jax.models import contract
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _documented_module() -> str:
+    with open(os.path.join(ROOT, "docs", "design.md")) as f:
+        section = f.read().split("## Bringing your own model", 1)[1].split("\n## ", 1)[0]
+    (source,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    return source
+
+
+@pytest.fixture
+def my_models(monkeypatch):
+    """The documented module, imported as `my_models` (registering its family) for one test."""
+    monkeypatch.setattr(models, "FAMILIES", models.FAMILIES)  # Restored after the test.
+    monkeypatch.setattr(models, "MODEL_NAMES", models.MODEL_NAMES)
+    module = types.ModuleType("my_models")
+    exec(compile(_documented_module(), "docs/design.md", "exec"), module.__dict__)  # noqa: S102
+    monkeypatch.setitem(sys.modules, "my_models", module)
+    return module
+
+
+def _config(teacher="small_cnn_3", student="small_cnn_1"):
+    config = config_lib.tiny(config_lib.base_config())
+    config.data.dataset, config.data.source = "digits", "bundled"
+    config.stages = ("teacher", "distill")
+    config.teacher.model, config.student.model = teacher, student
+    config.distill.aggregation = "average"
+    return config
+
+
+def test_the_documented_model_keeps_the_contract_and_validates(my_models):
+    assert models.family_of("small_cnn_3").module is my_models.SmallCNN
+    assert "small_cnn_3" in models.MODEL_NAMES
+    teacher = models.get_model("small_cnn_3", 10)
+    assert isinstance(teacher, models.FeatureModel)
+    assert contract.problems(teacher) == [] and contract.problems(my_models.SmallCNN(1)) == []
+    config_lib.validate(_config(), device_count=2)
+    # Another family's student: the group sizes agree (32, 16, 8), so the pair is accepted.
+    config_lib.validate(_config(teacher="wrn_16_1"), device_count=2)
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_family(models.family_of("small_cnn_1"))
+
+
+def test_a_model_that_breaks_the_contract_is_refused_naming_what_it_lacks(my_models):
+    class NeverSowsItsRawEnds(my_models.SmallCNN):
+        def raw_group_ends(self):
+            return ("g1_out", "g2_end", "g3_out")
+
+    class StopsAtTheWrongMap(my_models.SmallCNN):
+        def feature_groups(self):  # Group 2 names a map of group 1 as its boundary.
+            return (("g1_b1", "g1_b2"), ("g1_b2",), ("g3_b1", "g3_b2"))
+
+    class NoGroups(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+    (problem,) = contract.problems(NeverSowsItsRawEnds(2))
+    assert "names the map 'g2_end' but never sows it" in problem
+    (problem,) = contract.problems(StopsAtTheWrongMap(2))
+    assert "__call__(x, stop_group=2) returns shape (2, 16, 16, 32), not group 2's" in problem
+    assert any("num_groups" in p for p in contract.problems(NoGroups()))
+    assert any("'start_group'" in p for p in contract.problems(NoGroups()))
+
+    models.register_family(
+        models.Family(
+            name="Broken",
+            module=NeverSowsItsRawEnds,
+            parse=lambda name: {"blocks": 2} if name == "broken_cnn" else None,
+            presets=("broken_cnn",),
+            pattern=None,
+            has_stem=False,
+            group_end_bns=None,
+            head=("head",),
+            final_bn=None,
+        )
+    )
+    with pytest.raises(errors.ConfigError) as raised:
+        config_lib.validate(_config(student="broken_cnn"), device_count=2)
+    assert "student.model = 'broken_cnn': NeverSowsItsRawEnds names the map 'g2_end'" in str(
+        raised.value
+    )
+
+
+def test_a_student_of_the_documented_model_distills_from_its_teacher(my_models):
+    """DFA's Average aggregation over the teacher's three maps per group and AT on the raw group
+    ends: both students step on the real distill path and their losses fall."""
+    config = _config()
+    config.data.dataset = "cifar10"
+    config.distill.compare_with = ("at",)
+    config.distill.optim.schedule, config.distill.optim.lr = "constant", 0.05
+    mesh = parallel.make_mesh()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3), np.uint8)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    data = inputs.RunData(
+        info=sources.DATASETS["cifar10"],
+        train=loader.ArrayExamples(images, labels),
+        test=loader.ArrayExamples(images[:8], labels[:8]),
+    )
+    pair = distill.pair_of(config, data)
+    assert [len(names) for names in pair.t_groups] == [3, 3, 3]
+    teacher_vars = teacher_lib.init_variables(pair.teacher, 1, mesh)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    for label in ("average", "at"):
+        stage = distill.build_stage(config, mesh, data, "unused", teacher_vars, [(label, 0)])
+        state, losses = stage.state, []
+        for _ in range(6):
+            state, metrics = stage.step_fn(state, batch, None, teacher_vars)
+            losses.append(float(metrics["loss"]))
+        assert np.isfinite(losses).all() and losses[-1] < losses[0], (label, losses)
