@@ -394,12 +394,30 @@ def _wrn_converters():
     return from_torch_wrn, to_torch_wrn
 
 
-def converters() -> dict:
-    """Family name -> (from_torch, to_torch), each `(tree, model name, num_classes)`."""
+def _tabled_converters():
+    """Converters of the families whose layouts `interop_layouts` lists."""
     from dfa_jax import interop_layouts  # pylint: disable=g-import-not-at-top
 
-    repdistiller = (interop_layouts.from_torch, interop_layouts.to_torch)
-    return {"WRN": _wrn_converters(), "ResNet": repdistiller, "VGG": repdistiller}
+    def entries(name, num_classes):
+        if num_classes < 1:
+            raise InteropError(f"no {name} with {num_classes} classes")
+        return tuple(_Entry(*row) for row in interop_layouts.layout(name, num_classes))
+
+    def from_torch_tabled(state_dict, name, num_classes):
+        what = f"{name} with {num_classes} classes (PyTorch layout)"
+        return entries_from_torch(entries(name, num_classes), state_dict, what, "")
+
+    def to_torch_tabled(variables, name, num_classes):
+        what = f"{name} with {num_classes} classes (Flax layout)"
+        return entries_to_torch(entries(name, num_classes), variables, what, "")
+
+    return from_torch_tabled, to_torch_tabled
+
+
+def converters() -> dict:
+    """Family name -> (from_torch, to_torch), each `(tree, model name, num_classes)`."""
+    tabled = _tabled_converters()
+    return {"WRN": _wrn_converters(), "ResNet": tabled, "VGG": tabled}
 
 
 def _converter(name: str, direction: int):

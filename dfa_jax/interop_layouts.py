@@ -4,14 +4,13 @@ ResNet (`models.CifarResNet`): `conv1`, `bn1`, `layer{g}.{j}.{conv1,bn1,conv2,bn
 `layer{g}.{j}.downsample.{0,1}` (conv, BN), `fc` <-> `conv1`, `bn1`, `layer{g}_{j}/{...,
 downsample_conv, downsample_bn}`, `fc`. VGG (`models.CifarVGG`): `block{b}.{3k}` (conv with bias),
 `block{b}.{3k+1}` (BN), `classifier` <-> `block{b}_conv{k}`, `block{b}_bn{k}`, `classifier`.
-`interop.from_torch` / `interop.to_torch` convert with these tables.
+`interop.from_torch` / `interop.to_torch` convert with these tables (this module stays below
+`interop`: it lists tensors and imports no converter).
 """
 
 from __future__ import annotations
 
 import functools
-
-from dfa_jax import interop
 
 _BN_LEAVES = (
     ("weight", ("params", "scale")),
@@ -46,20 +45,19 @@ def _modules(model) -> list[tuple[str, tuple[str, ...], str]]:
                 modules.append((f"block{b}.{3 * k + 1}", (f"block{b}_bn{k}",), "bn"))
         modules.append(("classifier", ("classifier",), "dense"))
     else:
-        raise interop.InteropError(f"no PyTorch layout for {type(model).__name__}")
+        raise TypeError(f"no PyTorch layout for {type(model).__name__}")
     return modules
 
 
 @functools.lru_cache(maxsize=32)
-def layout(name: str, num_classes: int) -> tuple[interop._Entry, ...]:
-    """Every tensor of model `name` in PyTorch's state_dict order (what the Flax model has)."""
+def layout(name: str, num_classes: int) -> tuple[tuple, ...]:
+    """Every tensor of model `name` in PyTorch's state_dict order, as (PyTorch key, Flax path
+    (collection first), kind: 'conv' / 'dense' / 'vector', Flax shape): what the Flax model has."""
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
     from dfa_jax import models  # pylint: disable=g-import-not-at-top
 
-    if num_classes < 1:
-        raise interop.InteropError(f"no {name} with {num_classes} classes")
     model = models.get_model(name, num_classes)
     abstract = jax.eval_shape(
         functools.partial(model.init, train=False),
@@ -86,30 +84,12 @@ def layout(name: str, num_classes: int) -> tuple[interop._Entry, ...]:
         if pairs[0][1] not in leaves:  # A block without a downsample.
             continue
         for (torch_leaf, path), leaf_kind in zip(pairs, kinds):
-            entries.append(
-                interop._Entry(f"{torch_module}.{torch_leaf}", path, leaf_kind, leaves[path])
-            )
+            entries.append((f"{torch_module}.{torch_leaf}", path, leaf_kind, leaves[path]))
     # Every Flax leaf mapped exactly once: guards the table against a change of the model.
-    mapped = [e.flax_path for e in entries]
+    mapped = [e[1] for e in entries]
     if sorted(mapped) != sorted(leaves):
         raise RuntimeError(
             f"the PyTorch layout of {name} is out of date with its Flax model: unmapped"
             f" {sorted(set(leaves) - set(mapped))}, unknown {sorted(set(mapped) - set(leaves))}"
         )
     return tuple(entries)
-
-
-def _what(name: str, num_classes: int, side: str) -> str:
-    return f"{name} with {num_classes} classes ({side} layout)"
-
-
-def from_torch(state_dict, name: str, num_classes: int) -> dict:
-    """A RepDistiller / mdistiller state_dict (bare or nested) -> `{'params', 'batch_stats'}`."""
-    entries = layout(name, num_classes)
-    return interop.entries_from_torch(entries, state_dict, _what(name, num_classes, "PyTorch"), "")
-
-
-def to_torch(variables, name: str, num_classes: int) -> dict:
-    """`{'params', 'batch_stats'}` -> their state_dict (with `num_batches_tracked` counters)."""
-    entries = layout(name, num_classes)
-    return interop.entries_to_torch(entries, variables, _what(name, num_classes, "Flax"), "")
