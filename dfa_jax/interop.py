@@ -49,7 +49,7 @@ _MORE_PROBLEMS_SHOWN = 3
 
 
 class InteropError(errors.InputError):
-    """A state_dict or variables tree that does not fit the requested WideResNet, or an unsafe
+    """A state_dict or variables tree that does not fit the requested model, or an unsafe
     or unreadable file (a ValueError, like every user-fixable error of dfa_jax)."""
 
 
@@ -403,9 +403,16 @@ def _tabled_converters():
             raise InteropError(f"no {name} with {num_classes} classes")
         return tuple(_Entry(*row) for row in interop_layouts.layout(name, num_classes))
 
+    def hint(name, num_classes, shapes):
+        guess = interop_layouts.infer_name(shapes)
+        if guess is None or guess == (name, num_classes):
+            return ""
+        return f" The weights look like {guess[0]} with {guess[1]} classes."
+
     def from_torch_tabled(state_dict, name, num_classes):
         what = f"{name} with {num_classes} classes (PyTorch layout)"
-        return entries_from_torch(entries(name, num_classes), state_dict, what, "")
+        guess = functools.partial(hint, name, num_classes)
+        return entries_from_torch(entries(name, num_classes), state_dict, what, guess)
 
     def to_torch_tabled(variables, name, num_classes):
         what = f"{name} with {num_classes} classes (Flax layout)"

@@ -11,6 +11,7 @@ downsample_conv, downsample_bn}`, `fc`. VGG (`models.CifarVGG`): `block{b}.{3k}`
 from __future__ import annotations
 
 import functools
+import re
 
 _BN_LEAVES = (
     ("weight", ("params", "scale")),
@@ -93,3 +94,26 @@ def layout(name: str, num_classes: int) -> tuple[tuple, ...]:
             f" {sorted(set(leaves) - set(mapped))}, unknown {sorted(set(mapped) - set(leaves))}"
         )
     return tuple(entries)
+
+
+def infer_name(shapes: dict) -> tuple[str, int] | None:
+    """(model name, num_classes) that PyTorch state_dict shapes (key -> shape) look like among
+    these families' presets, or None."""
+    from dfa_jax.models import cifar_resnet, cifar_vgg  # pylint: disable=g-import-not-at-top
+
+    try:
+        if "fc.weight" in shapes and "conv1.weight" in shapes:
+            blocks = {int(m[1]) for k in shapes if (m := re.match(r"layer1\.(\d+)\.", k))}
+            key = (6 * len(blocks) + 2, int(shapes["conv1.weight"][0]))
+            names = {(d, w[0]): n for n, (d, w) in cifar_resnet.PRESETS.items()}
+            return (names[key], int(shapes["fc.weight"][0])) if key in names else None
+        if "classifier.weight" in shapes:
+            layers = tuple(
+                len({int(m[1]) for k in shapes if (m := re.match(rf"block{b}\.(\d+)\.", k))}) // 2
+                for b in range(5)
+            )
+            names = {tuple(len(c) for c in cfg): n for n, cfg in cifar_vgg.CONFIGS.items()}
+            return (names[layers], int(shapes["classifier.weight"][0])) if layers in names else None
+    except (IndexError, TypeError, ValueError):
+        return None
+    return None

@@ -241,8 +241,13 @@ def test_wrong_model_or_classes_names_the_tensor_and_dataparallel_loads():
     _, state, variables = imported("resnet8")
     with pytest.raises(interop.InteropError, match=r"key 'fc\.weight' has shape \(7, 64\)"):
         interop.from_torch(state, "resnet8", 10)
+    with pytest.raises(interop.InteropError, match=r"look like resnet8 with 7 classes"):
+        interop.from_torch(state, "resnet8", 10)
     with pytest.raises(interop.InteropError, match=r"missing key 'layer1\.1\.conv1\.weight'"):
         interop.from_torch(state, "resnet14", NUM_CLASSES)
+    vgg_state = imported("vgg8")[1]
+    with pytest.raises(interop.InteropError, match=r"look like vgg8 with 7 classes"):
+        interop.from_torch(vgg_state, "vgg13", NUM_CLASSES)
     wrapped = {"model": {f"module.{k}": v for k, v in state.items()}}
     loaded = interop.from_torch(wrapped, "resnet8", NUM_CLASSES)
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
