@@ -1,5 +1,8 @@
 """Wide ResNets between PyTorch and dfa_jax: state_dict <-> Flax variables, and a command line.
 
+`from_torch` / `to_torch` convert any family with a PyTorch layout by model name: the WRNs here,
+RepDistiller's CIFAR ResNets and VGGs in `interop_layouts`.
+
 The PyTorch layout is the one WideResNet-pytorch, RepDistiller and overhaul-distillation share:
 `conv1.weight`, `block{g}.layer.{j}.{bn1,conv1,bn2,conv2,convShortcut}.*`, `bn1.*`, `fc.*`.
 It maps 1:1 onto `dfa_jax.models.WideResNet` (`conv1`, `block{g}_layer{j}/{...,conv_shortcut}`,
@@ -46,7 +49,7 @@ _MORE_PROBLEMS_SHOWN = 3
 
 
 class InteropError(errors.InputError):
-    """A state_dict or variables tree that does not fit the requested WideResNet, or an unsafe
+    """A state_dict or variables tree that does not fit the requested model, or an unsafe
     or unreadable file (a ValueError, like every user-fixable error of dfa_jax)."""
 
 
@@ -283,15 +286,22 @@ def wrn_from_torch(state_dict: Any, depth: int, width: int, num_classes: int) ->
       InteropError: a missing, unexpected or wrongly shaped key (the first one is named, with
         its shape, the expected shape and the model).
     """
-    entries = _layout(depth, width, num_classes)
+    return entries_from_torch(
+        _layout(depth, width, num_classes),
+        state_dict,
+        f"{model_name(depth, width)} with {num_classes} classes (PyTorch layout)",
+        lambda shapes: _hint(infer_architecture(shapes), depth, width, num_classes),
+    )
+
+
+def entries_from_torch(entries, state_dict: Any, what: str, hint) -> dict:
+    """`state_dict` -> Flax variables by the layout `entries`; `what` names the model in
+    messages, `hint` (a str, or shapes -> str) says what the weights look like instead."""
     state = unwrap_state_dict(state_dict)
     shapes = {str(k): _shape(v) for k, v in state.items()}
-    _check(
-        shapes,
-        {e.torch_key: e.torch_shape for e in entries},
-        f"{model_name(depth, width)} with {num_classes} classes (PyTorch layout)",
-        _hint(infer_architecture(shapes), depth, width, num_classes),
-    )
+    expected = {e.torch_key: e.torch_shape for e in entries}
+    if shapes != expected:  # Only a mismatch needs the (possibly costly) hint.
+        _check(shapes, expected, what, hint(shapes) if callable(hint) else hint)
     variables: dict = {"params": {}, "batch_stats": {}}
     for e in entries:
         value = _to_float32(state[e.torch_key])
@@ -332,18 +342,25 @@ def wrn_to_torch(variables: Mapping, depth: int, width: int, num_classes: int) -
     Raises:
       InteropError: a missing, unexpected or wrongly shaped leaf (the first one is named).
     """
-    entries = _layout(depth, width, num_classes)
+    return entries_to_torch(
+        _layout(depth, width, num_classes),
+        variables,
+        f"{model_name(depth, width)} with {num_classes} classes (Flax layout)",
+        lambda shapes: _hint(infer_architecture(shapes, layout="flax"), depth, width, num_classes),
+    )
+
+
+def entries_to_torch(entries, variables: Mapping, what: str, hint) -> dict:
+    """Flax variables -> a state_dict by the layout `entries` (`what`, `hint`: as in
+    `entries_from_torch`)."""
     leaves = _flax_leaves(variables)
     # Flax trees flatten alphabetically; checking in the model's order names the first bad
     # tensor of the network (unknown paths last).
     order = {e.flax_key: i for i, e in enumerate(entries)}
     shapes = {k: _shape(leaves[k]) for k in sorted(leaves, key=lambda k: order.get(k, len(order)))}
-    _check(
-        shapes,
-        {e.flax_key: e.flax_shape for e in entries},
-        f"{model_name(depth, width)} with {num_classes} classes (Flax layout)",
-        _hint(infer_architecture(shapes, layout="flax"), depth, width, num_classes),
-    )
+    expected = {e.flax_key: e.flax_shape for e in entries}
+    if shapes != expected:
+        _check(shapes, expected, what, hint(shapes) if callable(hint) else hint)
     try:
         torch = import_torch()
     except ImportError:
@@ -362,6 +379,80 @@ def wrn_to_torch(variables: Mapping, depth: int, width: int, num_classes: int) -
     if torch is not None:
         state = {k: torch.from_numpy(v) for k, v in state.items()}
     return state
+
+
+# ------------------------------------------------------------------------------ any family
+
+
+def _wrn_converters():
+    def from_torch_wrn(state_dict, name, num_classes):
+        return wrn_from_torch(state_dict, *parse_model_name(name), num_classes)
+
+    def to_torch_wrn(variables, name, num_classes):
+        return wrn_to_torch(variables, *parse_model_name(name), num_classes)
+
+    return from_torch_wrn, to_torch_wrn
+
+
+def _tabled_converters():
+    """Converters of the families whose layouts `interop_layouts` lists."""
+    from dfa_jax import interop_layouts  # pylint: disable=g-import-not-at-top
+
+    def entries(name, num_classes):
+        if num_classes < 1:
+            raise InteropError(f"no {name} with {num_classes} classes")
+        return tuple(_Entry(*row) for row in interop_layouts.layout(name, num_classes))
+
+    def hint(name, num_classes, shapes):
+        guess = interop_layouts.infer_name(shapes)
+        if guess is None or guess == (name, num_classes):
+            return ""
+        return f" The weights look like {guess[0]} with {guess[1]} classes."
+
+    def from_torch_tabled(state_dict, name, num_classes):
+        what = f"{name} with {num_classes} classes (PyTorch layout)"
+        guess = functools.partial(hint, name, num_classes)
+        return entries_from_torch(entries(name, num_classes), state_dict, what, guess)
+
+    def to_torch_tabled(variables, name, num_classes):
+        what = f"{name} with {num_classes} classes (Flax layout)"
+        return entries_to_torch(entries(name, num_classes), variables, what, "")
+
+    return from_torch_tabled, to_torch_tabled
+
+
+def converters() -> dict:
+    """Family name -> (from_torch, to_torch), each `(tree, model name, num_classes)`."""
+    tabled = _tabled_converters()
+    return {"WRN": _wrn_converters(), "ResNet": tabled, "VGG": tabled}
+
+
+def _converter(name: str, direction: int):
+    """The from_torch (direction 0) or to_torch (1) of `name`'s family; InteropError if none."""
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+
+    family = models.family_of(name)
+    table = converters()
+    if family is not None and family.name in table:
+        return table[family.name][direction]
+    if name.startswith("wrn_"):
+        parse_model_name(name)  # Raises the Wide ResNets' message.
+    others = [n for f in models.FAMILIES if f.name in table and f.name != "WRN" for n in f.presets]
+    raise InteropError(
+        f"model {name!r} cannot be converted: only Wide ResNets 'wrn_{{depth}}_{{width}}' and"
+        f" RepDistiller's {', '.join(others)} have a PyTorch layout"
+    )
+
+
+def from_torch(state_dict: Any, name: str, num_classes: int) -> dict:
+    """A PyTorch state_dict (bare or nested, e.g. `{'model': ...}`) of model `name` ->
+    `{'params', 'batch_stats'}` of `models.get_model(name, num_classes)`."""
+    return _converter(name, 0)(state_dict, name, num_classes)
+
+
+def to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
+    """The reverse of `from_torch`: Flax variables -> the PyTorch state_dict of model `name`."""
+    return _converter(name, 1)(variables, name, num_classes)
 
 
 # -------------------------------------------------------------------------------------- files
@@ -471,13 +562,18 @@ def read_dfa_variables(path: str) -> tuple[dict, str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dfa_jax.interop",
-        description="Convert Wide ResNets between PyTorch state_dicts (WideResNet-pytorch /"
-        " RepDistiller / overhaul-distillation layout) and dfa_jax.",
+        description="Convert Wide ResNets (WideResNet-pytorch / RepDistiller /"
+        " overhaul-distillation layout) and RepDistiller's / mdistiller's CIFAR ResNets and VGGs"
+        " between PyTorch state_dicts and dfa_jax.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--model", required=True, help="wrn_{depth}_{width}, e.g. wrn_28_4")
+        p.add_argument(
+            "--model",
+            required=True,
+            help="wrn_{depth}_{width} (e.g. wrn_28_4), or RepDistiller's resnet*/vgg* names",
+        )
         p.add_argument("--num-classes", type=int, required=True, help="classifier outputs")
         p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
 
@@ -517,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command line; a user's mistake exits with 'error: ...' and no traceback."""
     args = _parser().parse_args(argv)
     try:
-        depth, width = parse_model_name(args.model)
+        _converter(args.model, 0)  # An unconvertible name fails before any file is read.
         if args.num_classes < 1:
             raise InteropError(f"--num-classes must be positive, got {args.num_classes}")
         _refuse_overwrite(args.out, args.force)
@@ -528,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
                 state = safetensors_io.load(args.source)[0]
             else:
                 state = load_torch_file(args.source)
-            variables = wrn_from_torch(state, depth, width, args.num_classes)
+            variables = from_torch(state, args.model, args.num_classes)
             from dfa_jax import teacher  # pylint: disable=g-import-not-at-top
 
             teacher.save_variables(args.out, variables)
@@ -541,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
             safetensors = args.out.endswith(SAFETENSORS_SUFFIX)
             torch = None if safetensors else import_torch()
             variables, where = read_dfa_variables(args.source)
-            state = wrn_to_torch(variables, depth, width, args.num_classes)
+            state = to_torch(variables, args.model, args.num_classes)
             if safetensors:
                 # `safetensors.torch.save_file`'s own metadata, so PyTorch tools read it as theirs.
                 arrays = {k: np.asarray(v) for k, v in state.items()}

@@ -142,7 +142,12 @@ def test_a_registered_method_trains_through_build_stage(logit_l2):
 
 def test_model_families_resolve_names_and_keep_the_feature_contract():
     assert models.MODEL_NAMES == tuple(n for f in models.FAMILIES for n in f.presets)
-    smallest = {models.WRN: "wrn_10_1", models.SHUFFLENET_V2: "shufflenet_v2_0.5"}
+    smallest = {
+        models.WRN: "wrn_10_1",
+        models.SHUFFLENET_V2: "shufflenet_v2_0.5",
+        models.RESNET: "resnet8",
+        models.VGG: "vgg8",
+    }
     for family in models.FAMILIES:
         for name in family.presets + (smallest[family],):
             assert models.family_of(name) is family and models.is_valid_model_name(name)

@@ -140,7 +140,7 @@ def group_key(group: int) -> str:
 
 
 STEM = "stem"
-"""The pytree key of a WRN's stem position (its connector), beside the groups' `g{i}`."""
+"""The pytree key of the stem position (its connector), beside the groups' `g{i}`."""
 
 
 def positions(model, kind: str, with_stem: bool = False) -> list[str]:
@@ -158,7 +158,7 @@ def positions(model, kind: str, with_stem: bool = False) -> list[str]:
 
 def with_stem(pair: Pair, wanted: bool) -> bool:
     """Whether a method that `wanted` the stem position reads one: where both networks' families
-    have a stem outside their groups (a WRN's)."""
+    have a stem outside their groups (a WRN's, a CIFAR ResNet's or VGG's)."""
     return wanted and all(models.family_of(m).has_stem for m in (pair.teacher, pair.student))
 
 

@@ -140,8 +140,9 @@ def _check(config) -> list[str]:
             if None not in families and not family.has_stem:
                 problems.append(
                     f"distill.positions = 'stem_and_groups' with {role}.model ="
-                    f" {config[role].model!r}: only a WRN has a stem outside its groups (a"
-                    " ShuffleNetV2's stem is its group 1); use 'groups'."
+                    f" {config[role].model!r}: a {family.name} has no stem outside its groups"
+                    f" (only {', '.join(f.name for f in models.FAMILIES if f.has_stem)} have"
+                    " one); use 'groups'."
                 )
     return problems
 

@@ -1,4 +1,5 @@
-"""Model families: CIFAR Wide ResNets and ShuffleNetV2, with pre-ReLU features sown by name.
+"""Model families: CIFAR Wide ResNets, ShuffleNetV2 and RepDistiller's CIFAR ResNets and VGGs, with
+pre-ReLU features sown by name.
 
 Every model keeps the feature contract `FeatureModel`:
   `__call__(x, train=False, start_group=0, stop_group=None)` -> float32 logits, or a group
@@ -27,6 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dfa_jax.models import cifar_resnet, cifar_vgg
+from dfa_jax.models.cifar_resnet import CifarResNet
+from dfa_jax.models.cifar_vgg import CifarVGG
 from dfa_jax.models.connectors import Connector
 from dfa_jax.models.layers import FEATURES
 from dfa_jax.models.layers import sow_feature
@@ -38,6 +42,8 @@ __all__ = [
     "FAMILIES",
     "FEATURES",
     "MODEL_NAMES",
+    "CifarResNet",
+    "CifarVGG",
     "Connector",
     "Family",
     "FeatureModel",
@@ -145,7 +151,30 @@ SHUFFLENET_V2 = Family(
     head=("fc",),
     final_bn=None,
 )
-FAMILIES = (WRN, SHUFFLENET_V2)
+# RepDistiller's CIFAR-100 benchmark networks (CRD, ICLR 2020), with their names.
+RESNET = Family(
+    name="ResNet",
+    module=CifarResNet,
+    parse=cifar_resnet.fields,
+    presets=tuple(cifar_resnet.PRESETS),
+    pattern=None,
+    has_stem=True,
+    group_end_bns=cifar_resnet.group_end_bns,
+    head=("fc",),
+    final_bn=None,
+)
+VGG = Family(
+    name="VGG",
+    module=CifarVGG,
+    parse=cifar_vgg.fields,
+    presets=tuple(cifar_vgg.CONFIGS),
+    pattern=None,
+    has_stem=True,
+    group_end_bns=cifar_vgg.group_end_bns,
+    head=("classifier",),
+    final_bn=None,
+)
+FAMILIES = (WRN, SHUFFLENET_V2, RESNET, VGG)
 BUILTIN_FAMILIES = FAMILIES  # Tested here; a registered family is checked by `validate`.
 
 MODEL_NAMES = tuple(name for family in FAMILIES for name in family.presets)
