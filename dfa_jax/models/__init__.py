@@ -1,4 +1,5 @@
-"""Model families: CIFAR Wide ResNets and ShuffleNetV2, with pre-ReLU features sown by name.
+"""Model families: CIFAR Wide ResNets, ShuffleNetV2 and RepDistiller's CIFAR networks, with
+pre-ReLU features sown by name.
 
 Every model keeps the feature contract `FeatureModel`:
   `__call__(x, train=False, start_group=0, stop_group=None)` -> float32 logits, or a group
@@ -27,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dfa_jax.models import cifar_mobile
 from dfa_jax.models.connectors import Connector
 from dfa_jax.models.layers import FEATURES
 from dfa_jax.models.shufflenet_v2 import WIDTHS as SHUFFLENET_V2_WIDTHS
@@ -142,7 +144,29 @@ SHUFFLENET_V2 = Family(
     head=("fc",),
     final_bn=None,
 )
-FAMILIES = (WRN, SHUFFLENET_V2)
+
+
+def _only(name: str) -> Callable[[str], dict | None]:
+    return lambda n: {} if n == name else None
+
+
+# RepDistiller's / mdistiller's MobileNetV2 (mobile_half), ShuffleV1, ShuffleV2, ResNet50: one
+# model per family, its stem (conv-BN-ReLU) outside the groups.
+CIFAR_MOBILE = {
+    name: Family(
+        name=name,
+        module=module,
+        parse=_only(name),
+        presets=(name,),
+        pattern=None,
+        has_stem=True,
+        group_end_bns=cifar_mobile.GROUP_END_BNS.get(name),
+        head=cifar_mobile.HEADS[name],
+        final_bn=None,
+    )
+    for name, module in cifar_mobile.BUILDERS.items()
+}
+FAMILIES = (WRN, SHUFFLENET_V2, *CIFAR_MOBILE.values())
 
 MODEL_NAMES = tuple(name for family in FAMILIES for name in family.presets)
 """The paper's presets; any wrn_{depth}_{width} with (depth-4) % 6 == 0, depth >= 10 also works."""
