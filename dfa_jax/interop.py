@@ -364,6 +364,39 @@ def wrn_to_torch(variables: Mapping, depth: int, width: int, num_classes: int) -
     return state
 
 
+# --------------------------------------------------------------------------- any family
+
+
+def _converters(name: str) -> tuple:
+    """(from_torch, to_torch) of model `name`'s family, each `(tree, name, num_classes)`."""
+    from dfa_jax import interop_mobile, models  # pylint: disable=g-import-not-at-top
+
+    pairs = {
+        "WRN": (
+            lambda state, n, k: wrn_from_torch(state, *parse_model_name(n), k),
+            lambda variables, n, k: wrn_to_torch(variables, *parse_model_name(n), k),
+        ),
+        **interop_mobile.CONVERTERS,
+    }
+    family = models.family_of(name)
+    if family is None or family.name not in pairs:
+        raise InteropError(
+            f"model {name!r} has no PyTorch layout here; convertible: wrn_{{depth}}_{{width}},"
+            f" {', '.join(interop_mobile.NAMES)}"
+        )
+    return pairs[family.name]
+
+
+def from_torch(state_dict: Any, name: str, num_classes: int) -> dict:
+    """A PyTorch state_dict -> `{'params', 'batch_stats'}` of `models.get_model(name, ...)`."""
+    return _converters(name)[0](state_dict, name, num_classes)
+
+
+def to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
+    """`{'params', 'batch_stats'}` of model `name` -> its PyTorch state_dict."""
+    return _converters(name)[1](variables, name, num_classes)
+
+
 # -------------------------------------------------------------------------------------- files
 
 
