@@ -6,7 +6,7 @@ to a Flax leaf by rewriting the module path and the leaf (conv/linear `weight` -
 `weight`/`bias` -> `scale`/`bias` in params, `running_mean`/`running_var` -> `mean`/`var` in
 batch_stats). Conv kernels OIHW <-> HWIO (grouped and depthwise alike: [O, I/groups, H, W] <->
 [H, W, I/groups, O]), linear weights (out, in) <-> (in, out). Checkpoints may be bare or nested
-('model' as both repositories save them), as `interop.unwrap_state_dict` reads them.
+('model' as both repositories save them), as `interop_core.unwrap_state_dict` reads them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from dfa_jax import interop
-from dfa_jax.interop import InteropError, _Entry
+from dfa_jax import interop_core as core
+from dfa_jax.interop_core import InteropError, _Entry
 
 NAMES = ("MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50")
 
@@ -118,9 +118,9 @@ def convert_from_torch(state_dict: Any, name: str, num_classes: int) -> dict:
       InteropError: a missing, unexpected or wrongly shaped key (the first one is named).
     """
     entries = _layout(name, num_classes)
-    state = interop.unwrap_state_dict(state_dict)
-    shapes = {str(k): interop._shape(v) for k, v in state.items()}
-    interop._check(
+    state = core.unwrap_state_dict(state_dict)
+    shapes = {str(k): core._shape(v) for k, v in state.items()}
+    core._check(
         shapes,
         {e.torch_key: e.torch_shape for e in entries},
         _what(name, num_classes, "PyTorch"),
@@ -128,7 +128,7 @@ def convert_from_torch(state_dict: Any, name: str, num_classes: int) -> dict:
     )
     variables: dict = {"params": {}, "batch_stats": {}}
     for e in entries:
-        value = interop._to_float32(state[e.torch_key])
+        value = core._to_float32(state[e.torch_key])
         if e.kind == "conv":
             value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         elif e.kind == "dense":
@@ -149,21 +149,21 @@ def convert_to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
       InteropError: a missing, unexpected or wrongly shaped leaf (the first one is named).
     """
     entries = _layout(name, num_classes)
-    leaves = interop._flax_leaves(variables)
+    leaves = core._flax_leaves(variables)
     order = {e.flax_key: i for i, e in enumerate(entries)}
     shapes = {
-        k: interop._shape(leaves[k]) for k in sorted(leaves, key=lambda k: order.get(k, len(order)))
+        k: core._shape(leaves[k]) for k in sorted(leaves, key=lambda k: order.get(k, len(order)))
     }
-    interop._check(
+    core._check(
         shapes, {e.flax_key: e.flax_shape for e in entries}, _what(name, num_classes, "Flax"), ""
     )
     try:
-        torch = interop.import_torch()
+        torch = core.import_torch()
     except ImportError:
         torch = None
     state: dict[str, Any] = {}
     for e in entries:
-        value = interop._to_float32(leaves[e.flax_key])
+        value = core._to_float32(leaves[e.flax_key])
         if e.kind == "conv":
             value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
         elif e.kind == "dense":
