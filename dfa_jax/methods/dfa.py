@@ -140,7 +140,7 @@ def _check(config) -> list[str]:
             if None not in families and not family.has_stem:
                 problems.append(
                     f"distill.positions = 'stem_and_groups' with {role}.model ="
-                    f" {config[role].model!r}: only a WRN has a stem outside its groups (a"
+                    f" {config[role].model!r}: it has no stem outside its groups (a"
                     " ShuffleNetV2's stem is its group 1); use 'groups'."
                 )
     return problems

@@ -82,7 +82,8 @@ class Family:
     pattern: str | None  # The names it reads beyond its presets, for messages.
     has_stem: bool  # A stem outside its groups (`stem_features()` is not None).
     # (model, params, with_stem) -> per group end (after the stem when `with_stem`), the params
-    # of the BatchNorm that produces it; None where no single BatchNorm does.
+    # of the BatchNorm that produces it (for RepDistiller's MobileNetV2 and ResNet50, the one
+    # their `get_bn_before_relu()` names: a residual branch's last); None where none does.
     group_end_bns: Callable[[Any, dict, bool], list[dict]] | None
     # Top-level parameters after the feature body (RepDistiller's `get_feat_modules` leaves
     # them out), and which of them, if any, is the BatchNorm producing the last group end.
