@@ -386,3 +386,21 @@ def test_names_and_config_validate():
     config.teacher.model, config.student.model = "ResNet50", "MobileNetV2"
     with pytest.raises(config_lib.ConfigError, match="spatial sizes"):  # 32/16/8/4 vs 16/8/4/2.
         config_lib.validate(config, device_count=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_mode_and_bfloat16_trace(name):
+    """Shapes only (eval_shape): train mode updates every BN's statistics; bf16 maps, f32 logits."""
+    model = models.get_model(name, 10, dtype=jnp.bfloat16)
+    variables = _abstract(model)
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    logits, mutated = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats", models.FEATURES]),
+        variables,
+        images,
+    )
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert jax.tree.structure(mutated["batch_stats"]) == jax.tree.structure(
+        variables["batch_stats"]
+    )
+    assert mutated[models.FEATURES]["g1_b1"][0].dtype == jnp.bfloat16
