@@ -1,4 +1,4 @@
-"""Model families: CIFAR Wide ResNets, ShuffleNetV2 and RepDistiller's CIFAR ResNets and VGGs, with
+"""Model families: CIFAR Wide ResNets, ShuffleNetV2 and RepDistiller's CIFAR networks, with
 pre-ReLU features sown by name.
 
 Every model keeps the feature contract `FeatureModel`:
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from dfa_jax.models import cifar_resnet, cifar_vgg
 from dfa_jax.models.cifar_resnet import CifarResNet
 from dfa_jax.models.cifar_vgg import CifarVGG
+from dfa_jax.models import cifar_mobile
 from dfa_jax.models.connectors import Connector
 from dfa_jax.models.layers import FEATURES
 from dfa_jax.models.layers import sow_feature
@@ -89,7 +90,8 @@ class Family:
     pattern: str | None  # The names it reads beyond its presets, for messages.
     has_stem: bool  # A stem outside its groups (`stem_features()` is not None).
     # (model, params, with_stem) -> per group end (after the stem when `with_stem`), the params
-    # of the BatchNorm that produces it; None where no single BatchNorm does.
+    # of the BatchNorm that produces it (for RepDistiller's MobileNetV2 and ResNet50, the one
+    # their `get_bn_before_relu()` names: a residual branch's last); None where none does.
     group_end_bns: Callable[[Any, dict, bool], list[dict]] | None
     # Top-level parameters after the feature body (RepDistiller's `get_feat_modules` leaves
     # them out), and which of them, if any, is the BatchNorm producing the last group end.
@@ -174,7 +176,29 @@ VGG = Family(
     head=("classifier",),
     final_bn=None,
 )
-FAMILIES = (WRN, SHUFFLENET_V2, RESNET, VGG)
+
+
+def _only(name: str) -> Callable[[str], dict | None]:
+    return lambda n: {} if n == name else None
+
+
+# RepDistiller's / mdistiller's MobileNetV2 (mobile_half), ShuffleV1, ShuffleV2, ResNet50: one
+# model per family, its stem (conv-BN-ReLU) outside the groups.
+CIFAR_MOBILE = {
+    name: Family(
+        name=name,
+        module=module,
+        parse=_only(name),
+        presets=(name,),
+        pattern=None,
+        has_stem=True,
+        group_end_bns=cifar_mobile.GROUP_END_BNS.get(name),
+        head=cifar_mobile.HEADS[name],
+        final_bn=None,
+    )
+    for name, module in cifar_mobile.BUILDERS.items()
+}
+FAMILIES = (WRN, SHUFFLENET_V2, RESNET, VGG, *CIFAR_MOBILE.values())
 BUILTIN_FAMILIES = FAMILIES  # Tested here; a registered family is checked by `validate`.
 
 MODEL_NAMES = tuple(name for family in FAMILIES for name in family.presets)

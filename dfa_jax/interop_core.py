@@ -1,0 +1,136 @@
+"""What every converter between PyTorch state_dicts and dfa_jax variables shares: the error, the
+tensor entry of a layout, the shape check naming the first problem, state_dict unwrapping.
+
+`interop` (Wide ResNets, the command line, the per-family dispatch) and `interop_mobile`
+(RepDistiller's MobileNetV2, ShuffleV1, ShuffleV2, ResNet50) build on it; `interop` re-exports
+its names. Importing it never imports PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dfa_jax import errors
+
+TORCH_INSTALL = "pip install 'dfa_jax[torch]'"
+
+
+# Checkpoint dicts that hold the state_dict one level down (overhaul: 'model', RepDistiller:
+# 'model', common trainers: 'state_dict' / 'net'), tried in this order.
+NESTED_KEYS = ("state_dict", "model", "net")
+
+
+DATA_PARALLEL_PREFIX = "module."
+
+
+# How many further problems a shape-mismatch message lists after the first.
+_MORE_PROBLEMS_SHOWN = 3
+
+
+class InteropError(errors.InputError):
+    """A state_dict or variables tree that does not fit the requested model, or an unsafe
+    or unreadable file (a ValueError, like every user-fixable error of dfa_jax)."""
+
+
+def import_torch():
+    """Returns the `torch` module, or raises ImportError saying how to install it."""
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        raise ImportError(f"this needs PyTorch; install it with: {TORCH_INSTALL}") from e
+    return torch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One tensor: its PyTorch key and shape, its Flax path (collection first) and shape."""
+
+    torch_key: str
+    flax_path: tuple[str, ...]
+    kind: str  # 'conv' (OIHW <-> HWIO), 'dense' ((out, in) <-> (in, out)) or 'vector'.
+    flax_shape: tuple[int, ...]
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        s = self.flax_shape
+        if self.kind == "conv":
+            return (s[3], s[2], s[0], s[1])
+        if self.kind == "dense":
+            return (s[1], s[0])
+        return s
+
+    @property
+    def flax_key(self) -> str:
+        return "/".join(self.flax_path)
+
+
+def _check(given: Mapping[str, tuple], expected: Mapping[str, tuple], what: str, hint: str):
+    """Raises InteropError naming the first key of `given` (then the first missing key of
+    `expected`) that is unexpected or wrongly shaped. Both map names to shapes, in order."""
+    problems = []
+    for key, shape in given.items():
+        if shape is None:
+            problems.append(f"key {key!r} holds no array")
+        elif key not in expected:
+            problems.append(f"unexpected key {key!r} of shape {shape} ({what} has no such tensor)")
+        elif shape != expected[key]:
+            problems.append(f"key {key!r} has shape {shape}, expected {expected[key]}")
+    for key, shape in expected.items():
+        if key not in given:
+            problems.append(f"missing key {key!r}, expected shape {shape}")
+    if problems:
+        more = problems[1 : 1 + _MORE_PROBLEMS_SHOWN]
+        rest = len(problems) - 1 - len(more)
+        tail = f" Then: {'; '.join(more)}" if more else ""
+        tail += f"; and {rest} more." if rest > 0 else ("." if more else "")
+        raise InteropError(f"the weights do not fit {what}: {problems[0]}.{tail}{hint}")
+
+
+def _shape(value) -> tuple | None:
+    shape = getattr(value, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def _to_float32(value) -> np.ndarray:
+    """A torch tensor, jax or numpy array as a float32 numpy array (a copy, C-contiguous)."""
+    if type(value).__module__.startswith("torch"):
+        # .float() first: numpy has no bfloat16, and the values become float32 anyway.
+        value = value.detach().cpu().float().numpy()
+    return np.array(value, dtype=np.float32, copy=True)
+
+
+def unwrap_state_dict(checkpoint: Any) -> dict[str, Any]:
+    """The bare state_dict of a checkpoint: descends into 'state_dict' / 'model' / 'net', strips
+    DataParallel's 'module.' prefix, drops BatchNorm's 'num_batches_tracked' counters."""
+    state = checkpoint
+    for _ in range(len(NESTED_KEYS) + 1):
+        if not isinstance(state, Mapping):
+            raise InteropError(
+                f"expected a state_dict (a dict of tensors), found a {type(state).__name__}"
+            )
+        nested = next((k for k in NESTED_KEYS if isinstance(state.get(k), Mapping)), None)
+        if nested is None:
+            break
+        state = state[nested]
+    keys = list(state)
+    while keys and all(isinstance(k, str) and k.startswith(DATA_PARALLEL_PREFIX) for k in keys):
+        state = {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in state.items()}
+        keys = list(state)
+    return {k: v for k, v in state.items() if not str(k).endswith("num_batches_tracked")}
+
+
+def _flax_leaves(variables: Mapping) -> dict[str, Any]:
+    """'params/block1_layer0/conv1/kernel' -> leaf, for the 'params' and 'batch_stats' trees."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise InteropError("expected Flax variables {'params', 'batch_stats'}")
+    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }

@@ -1,0 +1,189 @@
+"""RepDistiller's / mdistiller's MobileNetV2, ShuffleV1, ShuffleV2, ResNet50 <-> dfa_jax.
+
+Their state_dict keys are module paths (`blocks.2.0.conv.3.weight`, `layer1.0.shortcut.1.bias`);
+`dfa_jax.models.cifar_mobile` names each module by that path with '.' written '_', so a key maps
+to a Flax leaf by rewriting the module path and the leaf (conv/linear `weight` -> `kernel`, BN
+`weight`/`bias` -> `scale`/`bias` in params, `running_mean`/`running_var` -> `mean`/`var` in
+batch_stats). Conv kernels OIHW <-> HWIO (grouped and depthwise alike: [O, I/groups, H, W] <->
+[H, W, I/groups, O]), linear weights (out, in) <-> (in, out). Checkpoints may be bare or nested
+('model' as both repositories save them), as `interop_core.unwrap_state_dict` reads them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dfa_jax import interop_core as core
+from dfa_jax.interop_core import InteropError, _Entry
+
+NAMES = ("MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50")
+
+
+def _torch_module(flax_module: tuple[str, ...]) -> str:
+    """('blocks_2_0', 'conv_3') -> 'blocks.2.0.conv.3' (their module names have no '_')."""
+    return ".".join(part.replace("_", ".") for part in flax_module)
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(name: str, num_classes: int) -> tuple[_Entry, ...]:
+    """Every tensor of model `name` in PyTorch's state_dict order (module creation order)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+
+    if name not in NAMES:
+        raise InteropError(f"model {name!r} has no converter here; use one of {NAMES}")
+    if num_classes < 1:
+        raise InteropError(f"no {name} with {num_classes} classes")
+    model = models.get_model(name, num_classes)
+    order: list[tuple[str, ...]] = []
+
+    def init(key, x):
+        variables = model.init(key, x, train=False)
+        # The traced dicts keep Flax's creation order (the result's are sorted): PyTorch's too.
+        order.extend(_modules(variables["params"]))
+        return variables
+
+    abstract = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+    params, stats = abstract["params"], abstract.get("batch_stats", {})
+    entries = []
+    for module in order:
+        p = _get(params, module)
+        torch_module = _torch_module(module)
+        if "kernel" in p:
+            shape = tuple(p["kernel"].shape)
+            kind = "conv" if len(shape) == 4 else "dense"
+            entries.append(
+                _Entry(f"{torch_module}.weight", ("params", *module, "kernel"), kind, shape)
+            )
+            if "bias" in p:
+                entries.append(
+                    _Entry(
+                        f"{torch_module}.bias",
+                        ("params", *module, "bias"),
+                        "vector",
+                        tuple(p["bias"].shape),
+                    )
+                )
+        else:
+            s = _get(stats, module)
+            for torch_leaf, collection, leaf, tree in (
+                ("weight", "params", "scale", p),
+                ("bias", "params", "bias", p),
+                ("running_mean", "batch_stats", "mean", s),
+                ("running_var", "batch_stats", "var", s),
+            ):
+                path = (collection, *module, leaf)
+                entries.append(
+                    _Entry(f"{torch_module}.{torch_leaf}", path, "vector", tuple(tree[leaf].shape))
+                )
+    # Every leaf mapped exactly once, or the rules above are out of date with the model.
+    mapped = sorted(e.flax_path for e in entries)
+    leaves = sorted(
+        tuple(k.key for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path({"params": params, "batch_stats": stats})
+    )
+    if mapped != leaves:
+        raise RuntimeError(f"interop_mobile's layout of {name} does not cover its variables")
+    return tuple(entries)
+
+
+def _modules(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths of the innermost modules (dicts of arrays) of a params tree, in its dict order."""
+    if not any(isinstance(v, Mapping) for v in tree.values()):
+        return [prefix]
+    return [m for k, v in tree.items() if isinstance(v, Mapping) for m in _modules(v, (*prefix, k))]
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Mapping:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def _what(name: str, num_classes: int, layout: str) -> str:
+    return f"{name} with {num_classes} classes ({layout} layout)"
+
+
+def convert_from_torch(state_dict: Any, name: str, num_classes: int) -> dict:
+    """Their state_dict (bare or nested, optionally 'module.'-prefixed) -> `{'params',
+    'batch_stats'}` of `models.get_model(name, num_classes)`, as float32 numpy arrays.
+
+    Raises:
+      InteropError: a missing, unexpected or wrongly shaped key (the first one is named).
+    """
+    entries = _layout(name, num_classes)
+    state = core.unwrap_state_dict(state_dict)
+    shapes = {str(k): core._shape(v) for k, v in state.items()}
+    core._check(
+        shapes,
+        {e.torch_key: e.torch_shape for e in entries},
+        _what(name, num_classes, "PyTorch"),
+        "",
+    )
+    variables: dict = {"params": {}, "batch_stats": {}}
+    for e in entries:
+        value = core._to_float32(state[e.torch_key])
+        if e.kind == "conv":
+            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif e.kind == "dense":
+            value = value.T  # (out, in) -> (in, out)
+        node = variables
+        for part in e.flax_path[:-1]:
+            node = node.setdefault(part, {})
+        node[e.flax_path[-1]] = np.ascontiguousarray(value)
+    return variables
+
+
+def convert_to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
+    """`{'params', 'batch_stats'}` -> their state_dict, keys in their module order, with each
+    BatchNorm's `num_batches_tracked` (0) so that `load_state_dict(strict=True)` accepts it.
+    Values are torch tensors when torch imports, else numpy arrays.
+
+    Raises:
+      InteropError: a missing, unexpected or wrongly shaped leaf (the first one is named).
+    """
+    entries = _layout(name, num_classes)
+    leaves = core._flax_leaves(variables)
+    order = {e.flax_key: i for i, e in enumerate(entries)}
+    shapes = {
+        k: core._shape(leaves[k]) for k in sorted(leaves, key=lambda k: order.get(k, len(order)))
+    }
+    core._check(
+        shapes, {e.flax_key: e.flax_shape for e in entries}, _what(name, num_classes, "Flax"), ""
+    )
+    try:
+        torch = core.import_torch()
+    except ImportError:
+        torch = None
+    state: dict[str, Any] = {}
+    for e in entries:
+        value = core._to_float32(leaves[e.flax_key])
+        if e.kind == "conv":
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif e.kind == "dense":
+            value = value.T
+        state[e.torch_key] = np.ascontiguousarray(value)
+        if e.torch_key.endswith(".running_var"):
+            state[e.torch_key.removesuffix("running_var") + "num_batches_tracked"] = np.zeros(
+                (), np.int64
+            )
+    if torch is not None:
+        state = {k: torch.from_numpy(v) for k, v in state.items()}
+    return state
+
+
+# Per family `<family>_from_torch` / `<family>_to_torch`: one converter serves all four, the
+# model name telling it which layout to build.
+mobilenetv2_from_torch = shufflev1_from_torch = convert_from_torch
+shufflev2_from_torch = resnet50_from_torch = convert_from_torch
+mobilenetv2_to_torch = shufflev1_to_torch = convert_to_torch
+shufflev2_to_torch = resnet50_to_torch = convert_to_torch
+
+CONVERTERS = {name: (convert_from_torch, convert_to_torch) for name in NAMES}
+"""Family name -> (from_torch, to_torch), each `(tree, name, num_classes)`."""
