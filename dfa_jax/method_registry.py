@@ -163,7 +163,7 @@ for _method in (
         "kd_ls",
         "KD+LS",
         "dfa_jax.methods.logit_targets:KD_LS",
-        fields={"ls_kd_ce_weight": 0.1, "ls_kd_weight": 9.0, "ls_kd_temperature": 2.0},
+        fields={"ls_kd_ce_weight": 1.0, "ls_kd_weight": 9.0, "ls_kd_temperature": 2.0},
         table="logits",
     ),
     Method(

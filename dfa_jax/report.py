@@ -398,11 +398,15 @@ def _markdown(title: str, header: list[str], body: list[list[str]], note: str = 
     return "\n".join(lines) + "\n"
 
 
-def _pairs_by_methods(table: int, title: str, columns: tuple, summaries, collected) -> tuple:
-    """Tables 2 and 4: a row per pair, a column per method."""
+def _pairs_by_methods(
+    table, title: str, columns: tuple, summaries, collected, pair_labels=None
+) -> tuple:
+    """Tables 2 and 4 (and the logit table): a row per pair, a column per method; a pair has a
+    row when it has a run of one of `pair_labels` (None: of the columns)."""
     collected = collect(summaries) if collected is None else collected
     rows, body = [], []
-    for pair in _pairs(table, collected, (label for label, _ in columns)):
+    labels = [label for label, _ in columns] if pair_labels is None else pair_labels
+    for pair in _pairs(table, collected, labels):
         cells = [_cell_row(table, collected, pair, label) for label, _ in columns]
         rows.extend(cells)
         body.append([pair[0], _pair_name(table, pair)] + [format_cell(c) for c in cells])
@@ -422,9 +426,13 @@ def table2(summaries: Iterable[dict], collected: dict | None = None) -> tuple[st
 
 def logit_table(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
     """The later logit baselines beside the student alone and KD, a row per pair of any dataset
-    (no paper numbers: the paper has none of them): `(markdown, rows)`, rows' `table` 'logits'."""
+    with a run of one of them (no paper numbers: the paper has none of them): `(markdown, rows)`,
+    rows' `table` 'logits'; none when no such run (`--table all` then writes no file)."""
     title = "### Later logit baselines (DKD, DIST, logit standardisation; not in the paper)"
-    return _pairs_by_methods(LOGITS, title, logit_columns(), summaries, collected)
+    columns = logit_columns()
+    own = [label for label, _ in columns if method_registry.REGISTRY.get(label) is not None]
+    own = [label for label in own if method_registry.REGISTRY[label].table == LOGITS]
+    return _pairs_by_methods(LOGITS, title, columns, summaries, collected, own)
 
 
 def table4(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:

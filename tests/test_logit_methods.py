@@ -7,6 +7,9 @@ train through `distill.build_stage`, their config checks reach `validate`, DKD's
 per-pair beta are as mdistiller's, and the report keeps the paper's Table 2.
 """
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -366,7 +369,7 @@ def test_methods_are_registered_and_settable():
         20,
     )
     assert (base.dist_beta, base.dist_gamma, base.dist_temperature) == (2.0, 2.0, 4.0)
-    assert (base.ls_kd_weight, base.ls_kd_temperature, base.ls_kd_ce_weight) == (9.0, 2.0, 0.1)
+    assert (base.ls_kd_weight, base.ls_kd_temperature, base.ls_kd_ce_weight) == (9.0, 2.0, 1.0)
     assert (base.ls_dkd_alpha, base.ls_dkd_beta) == (9.0, 81.0)
     config = config_lib.base_config()
     config.baselines.dkd_beta = 6.0  # The placeholder takes a float from the command line.
@@ -400,3 +403,24 @@ def test_report_keeps_table2_and_gives_logit_methods_their_table():
     assert (dkd["table"], dkd["median_last"], dkd["paper"]) == ("logits", 76.0, None)
     _, table2_rows = report.table2([summary])
     assert {r["method"] for r in table2_rows} == table2
+    # Without a run of its own methods the table is empty, and `--table all` writes none.
+    del summary["stages"]["distill/dkd"]
+    assert report.logit_table([summary])[1] == []
+
+
+def test_report_cli_writes_the_logit_table(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = {
+        "dataset": "cifar100",
+        "teacher_model": "wrn_28_4",
+        "student_model": "wrn_16_2",
+        "seed": 0,
+        "stages": {"distill/dist": {"last_accuracy": 0.7}, "distill/kd": {"last_accuracy": 0.6}},
+    }
+    (run / report.SUMMARY_FILE).write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    assert report.main([str(run), "--out", str(out), "--table", "logits"]) == 0
+    assert sorted(os.listdir(out)) == ["logits.csv", "logits.md"]
+    assert "| cifar100 | (3) wrn_28_4 → wrn_16_2 |" not in (out / "logits.md").read_text()
+    assert "70.00" in (out / "logits.md").read_text()

@@ -9,8 +9,8 @@
   CE weight 1). mdistiller has no DIST.
 * `kd_ls`, `dkd_ls`: logit-standardization-KD, which is mdistiller with a `normalize` of both
   networks' logits before the temperature. Its `tools/train.py --logit-stand --base-temp 2
-  --kd-weight 9` (the README's CIFAR-100 command) sets KD's weight to 9 and T to 2 (the CE
-  weight stays mdistiller's 0.1): `ls_kd_*`. For DKD it sets ALPHA to 1 * 9 and BETA to the
+  --kd-weight 9` (the README's CIFAR-100 command) sets KD's weight to 9 and T to 2, with the
+  CE weight of its own `engine/cfg.py`, 1 (mdistiller's is 0.1): `ls_kd_*`. For DKD it sets ALPHA to 1 * 9 and BETA to the
   new ALPHA * 9 = 81 whatever the pair, and its `--base-temp` goes to `KD.TEMPERATURE`, which
   DKD does not read: DKD+LS runs at `dkd_temperature` (4) with `ls_dkd_alpha` 9 and
   `ls_dkd_beta` 81, and DKD's CE weight and warm-up. Standardisation is a method of its own
@@ -25,9 +25,13 @@ statistics, so a resumed run continues its warm-up where it was. The epoch of a 
 // steps_per_epoch + 1` (`losses.dkd_warmup`), with the distill stage's steps per epoch, which
 the method's `start` reads from the run's data.
 
-RepDistiller has none of these methods, so where it and mdistiller differ elsewhere (KD's
-reduction is the same; mdistiller's KD weights 0.1 / 0.9 at T 4 are RepDistiller's) nothing
-here changes; the teacher's BatchNorm follows `distill.teacher_bn` ('eval', as both run it).
+RepDistiller, whose settings the Table 2 baselines follow, has none of these methods; these
+follow mdistiller (and the two codes built on it) where they differ: DKD's loss weights, beta
+and temperature are mdistiller's CIFAR-100 ones, and its warm-up is counted in mdistiller's
+1-based epochs. What the run shares with the other methods stays the run's: the student's
+recipe (`distill.optim`, not mdistiller's SOLVER) and the teacher's BatchNorm
+(`distill.teacher_bn`, 'eval' as mdistiller's `Distiller.train` keeps its teacher). KD itself
+is the same in both (summed KL over classes, batch mean, T^2).
 """
 
 from __future__ import annotations
