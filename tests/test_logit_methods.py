@@ -424,3 +424,27 @@ def test_report_cli_writes_the_logit_table(tmp_path):
     assert sorted(os.listdir(out)) == ["logits.csv", "logits.md"]
     assert "| cifar100 | (3) wrn_28_4 → wrn_16_2 |" not in (out / "logits.md").read_text()
     assert "70.00" in (out / "logits.md").read_text()
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_dkd_cohort_keeps_a_clock_per_student(mode):
+    """Two DKD students in one step (the cohort path): each advances its own clock."""
+    config = _tiny_config(**{"distill.method": "dkd", "distill.cohort": mode})
+    config.data.dataset = "cifar10"
+    config.distill.optim.schedule, config.distill.optim.lr = "constant", 0.05
+    mesh, data = parallel.make_mesh(), _data()
+    pair = distill.pair_of(config, data)
+    teacher_vars = teacher_lib.init_variables(pair.teacher, 1, mesh)
+    stage = distill.build_stage(
+        config, mesh, data, "unused", teacher_vars, [("dkd", 0), ("dkd", 1)]
+    )
+    batch = {
+        "image": jnp.asarray(data.train.images[:8]),
+        "label": jnp.asarray(data.train.labels[:8]),
+    }
+    state = stage.state
+    for _ in range(3):
+        state, metrics = stage.step_fn(state, batch, None, teacher_vars)
+    np.testing.assert_array_equal(state.batch_stats[logit_targets.CLOCK]["steps"], [3, 3])
+    # 16 examples, batches of 16: one step an epoch, so the third step is epoch 3 of 20.
+    np.testing.assert_allclose(metrics["dkd_warmup"], 3 / 20, rtol=1e-6)
