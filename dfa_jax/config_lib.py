@@ -256,7 +256,8 @@ def base_config() -> ml_collections.ConfigDict:
     for field, default in method_registry.fields().items():
         if field in base:
             raise ValueError(f"method field baselines.{field} is a field already")
-        base[field] = default
+        unset = isinstance(default, method_registry.Unset)
+        base[field] = placeholder(default.kind) if unset else default
 
     # --- compute, logging, checkpoints ---------------------------------------------------------
     config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
@@ -895,7 +896,10 @@ def changed_fields(saved: dict, current: dict) -> list[tuple[str, object, object
     old, new = result_fields(saved), result_fields(current)
     if old:  # An empty saved config (unreadable file) stays empty: everything differs.
         # A registered method's own fields, new to the workdir, held their defaults there.
-        fields = {f"baselines.{f}": v for f, v in method_registry.fields().items()}
+        fields = {
+            f"baselines.{f}": method_registry.default_value(v)
+            for f, v in method_registry.fields().items()
+        }
         old = {**VALUES_BEFORE_THE_FIELD, **fields, **old}
     return [
         (field, old.get(field, "<absent>"), new.get(field, "<absent>"))

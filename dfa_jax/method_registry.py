@@ -4,7 +4,8 @@ A line names the method (`distill.method`, its students' `distill/<name>` stages
 the report, where its implementation lives (`"module:attribute"` of a `methods.Implementation`:
 helpers, loss, first stage, config checks) and the `baselines` fields it brings. The line is all
 the config, the pipeline and the report need to know: `config_lib.METHODS`, the labels
-`distill.compare_with` accepts, the report's Table 2 columns and the checks `validate` runs all
+`distill.compare_with` accepts, the report's Table 2 columns (and the logit table's, for the
+later logit baselines the paper has no column for) and the checks `validate` runs all
 come from here. Implementations are imported on first use, so this module (and with it
 `config_lib` and `report`) imports no JAX. docs/design.md, "Adding a method", works an example.
 """
@@ -15,6 +16,19 @@ import dataclasses
 import importlib
 from collections.abc import Mapping
 from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Unset:
+    """A field's default that is no value: None, which the command line may set to a `kind`
+    (`base_config` makes it an ml_collections placeholder; e.g. DKD's beta, None = the pair's)."""
+
+    kind: type
+
+
+def default_value(default: Any) -> Any:
+    """The value a field's registered default stands for (None for an `Unset`)."""
+    return None if isinstance(default, Unset) else default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +43,9 @@ class Method:
     # label -> header of the runs it trains under other labels than its name (DFA's aggregations,
     # its own name among them); empty: the name alone.
     variants: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The report's table of its column: 2 (the paper's Table 2) or 'logits' (the later logit
+    # baselines, which the paper has no column for: `report.logit_table`).
+    table: int | str = 2
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -113,6 +130,49 @@ for _method in (
     Method("ab", "AB", "dfa_jax.methods.boundaries:AB"),
     Method("sp", "SP", "dfa_jax.methods.feature_maps:SP"),
     Method("margin", "Margin", "dfa_jax.methods.boundaries:MARGIN"),
+    # Later logit baselines (none in the paper): their own report table, before DFA so that
+    # DFA stays last. Defaults: mdistiller's CIFAR-100 configs (`mdistiller/engine/cfg.py`,
+    # `configs/cifar100/dkd/*.yaml`), DIST's CIFAR-100 setting, logit-standardization-KD's
+    # `tools/train.py` (dfa_jax/methods/logit_targets.py says which is which).
+    Method(
+        "dkd",
+        "DKD",
+        "dfa_jax.methods.logit_targets:DKD",
+        fields={
+            "dkd_ce_weight": 1.0,
+            "dkd_alpha": 1.0,
+            "dkd_beta": Unset(float),  # None: the pair's beta (`logit_targets.dkd_beta`).
+            "dkd_temperature": 4.0,
+            "dkd_warmup": 20,
+        },
+        table="logits",
+    ),
+    Method(
+        "dist",
+        "DIST",
+        "dfa_jax.methods.logit_targets:DIST",
+        fields={
+            "dist_ce_weight": 1.0,
+            "dist_beta": 2.0,
+            "dist_gamma": 2.0,
+            "dist_temperature": 4.0,
+        },
+        table="logits",
+    ),
+    Method(
+        "kd_ls",
+        "KD+LS",
+        "dfa_jax.methods.logit_targets:KD_LS",
+        fields={"ls_kd_ce_weight": 1.0, "ls_kd_weight": 9.0, "ls_kd_temperature": 2.0},
+        table="logits",
+    ),
+    Method(
+        "dkd_ls",
+        "DKD+LS",
+        "dfa_jax.methods.logit_targets:DKD_LS",
+        fields={"ls_dkd_alpha": 9.0, "ls_dkd_beta": 81.0},
+        table="logits",
+    ),
     Method(
         "dfa",
         "DFA",

@@ -1,6 +1,6 @@
 """The paper's results tables (Tables 2, 4 and 5) over many runs, from their `summary.json` files.
 
-  python -m dfa_jax.report RUN_DIR... [--out DIR] [--table 2|4|5|crd|all]
+  python -m dfa_jax.report RUN_DIR... [--out DIR] [--table 2|4|5|crd|logits|all]
 
 Each RUN_DIR is a workdir, a `summary.json` itself, or a parent directory searched recursively.
 Runs are grouped by (dataset, teacher model, student model, method), where the method is the label
@@ -14,7 +14,9 @@ Both accuracies are shown because the paper reports best-epoch test accuracy (pi
 the test set), while the last epoch is the honest number. The tables are printed as markdown and
 written to `--out` as `table<N>.md` and `table<N>.csv`; beside Table 5, DFA's accuracy minus
 Last's, Average's and Random's of the same seed, with its mean and 95 % interval
-(`paired.md`, `paired.csv`). Pure Python + numpy: it starts instantly
+(`paired.md`, `paired.csv`). The later logit baselines (DKD, DIST, KD+LS, DKD+LS), which the
+paper does not have, get a table of their own beside the student alone and KD (`logits.md`,
+`logits.csv`), so Table 2 keeps the paper's columns. Pure Python + numpy: it starts instantly
 and runs where the runs' files are, without JAX.
 """
 
@@ -55,10 +57,31 @@ TABLE5_ROWS = tuple(
 
 
 def table2_columns() -> tuple[tuple[str, str], ...]:
-    """Table 2's (label, header): the teacher, then every registered method in registry order
-    (the paper's, then any method added)."""
+    """Table 2's (label, header): the teacher, then every registered method of Table 2
+    (`Method.table == 2`) in registry order (the paper's, then any method added)."""
     return ((TEACHER, "Teacher"),) + tuple(
-        (method.name, method.column) for method in method_registry.REGISTRY.values()
+        (method.name, method.column)
+        for method in method_registry.REGISTRY.values()
+        if method.table == 2
+    )
+
+
+LOGITS = "logits"
+"""The table of the later logit baselines (DKD, DIST, KD+LS, DKD+LS): `Method.table`."""
+
+
+def logit_columns() -> tuple[tuple[str, str], ...]:
+    """The logit table's (label, header): the teacher, the student alone and KD (Table 2's, for
+    reference), then every method registered for this table. The paper has no such column, so
+    its Table 2 keeps exactly its own."""
+    return (
+        (TEACHER, "Teacher"),
+        ("none", method_registry.header("none")),
+        ("kd", method_registry.header("kd")),
+    ) + tuple(
+        (method.name, method.column)
+        for method in method_registry.REGISTRY.values()
+        if method.table == LOGITS
     )
 
 
@@ -341,7 +364,8 @@ def format_cell(row: dict) -> str:
 def _pairs(table: int, collected: dict, labels: Iterable[str]) -> list[tuple]:
     """(dataset, teacher, student) with a run of one of the table's student `labels`.
 
-    CINIC-10 pairs belong to Table 4, all others to Tables 2 and 5. The paper's pairs come first,
+    CINIC-10 pairs belong to Table 4, all others to Tables 2 and 5; the logit table takes every
+    dataset's. The paper's pairs come first,
     in its order. Teacher-only runs make no row: they only fill their dataset's Teacher cells.
     """
     labels = set(labels) - {TEACHER}
@@ -349,6 +373,8 @@ def _pairs(table: int, collected: dict, labels: Iterable[str]) -> list[tuple]:
     def belongs(pair) -> bool:
         if table == paper_results.CRD:  # The CRD suite's pairs alone (they are Table 2's too).
             return paper_results.pair_number(table, *pair) is not None
+        if table == LOGITS:  # Any dataset's pairs.
+            return True
         return (pair[0] == CINIC10) == (table == 4)
 
     pairs = {
@@ -380,11 +406,15 @@ def _markdown(title: str, header: list[str], body: list[list[str]], note: str = 
     return "\n".join(lines) + "\n"
 
 
-def _pairs_by_methods(table: int, title: str, columns: tuple, summaries, collected) -> tuple:
-    """Tables 2 and 4: a row per pair, a column per method."""
+def _pairs_by_methods(
+    table, title: str, columns: tuple, summaries, collected, pair_labels=None
+) -> tuple:
+    """Tables 2 and 4 (and the logit table): a row per pair, a column per method; a pair has a
+    row when it has a run of one of `pair_labels` (None: of the columns)."""
     collected = collect(summaries) if collected is None else collected
     rows, body = [], []
-    for pair in _pairs(table, collected, (label for label, _ in columns)):
+    labels = [label for label, _ in columns] if pair_labels is None else pair_labels
+    for pair in _pairs(table, collected, labels):
         cells = [_cell_row(table, collected, pair, label) for label, _ in columns]
         rows.extend(cells)
         body.append([pair[0], _pair_name(table, pair)] + [format_cell(c) for c in cells])
@@ -400,6 +430,17 @@ def table2(summaries: Iterable[dict], collected: dict | None = None) -> tuple[st
     """
     title = "### Table 2: distillation methods (CIFAR-100 in the paper)"
     return _pairs_by_methods(2, title, table2_columns(), summaries, collected)
+
+
+def logit_table(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
+    """The later logit baselines beside the student alone and KD, a row per pair of any dataset
+    with a run of one of them (no paper numbers: the paper has none of them): `(markdown, rows)`,
+    rows' `table` 'logits'; none when no such run (`--table all` then writes no file)."""
+    title = "### Later logit baselines (DKD, DIST, logit standardisation; not in the paper)"
+    columns = logit_columns()
+    own = [label for label, _ in columns if method_registry.REGISTRY.get(label) is not None]
+    own = [label for label in own if method_registry.REGISTRY[label].table == LOGITS]
+    return _pairs_by_methods(LOGITS, title, columns, summaries, collected, own)
 
 
 def table4(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
@@ -583,7 +624,7 @@ def write_paired_csv(rows: list[dict], path: str) -> None:
             writer.writerow({k: "" if v is None else v for k, v in flat.items()})
 
 
-TABLES = {"2": table2, "5": table5, "4": table4, "crd": table_crd}
+TABLES = {"2": table2, "5": table5, "4": table4, "crd": table_crd, LOGITS: logit_table}
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -632,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rows and args.table == "all":
             continue  # E.g. no CINIC-10 run: no Table 4.
         print(markdown)
-        stem = os.path.join(args.out, f"table{number}")
+        stem = os.path.join(args.out, LOGITS if number == LOGITS else f"table{number}")
         with open(stem + ".md", "w", encoding="utf-8") as f:
             f.write(markdown)
         write_csv(rows, stem + ".csv")

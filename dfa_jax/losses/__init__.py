@@ -1,5 +1,6 @@
 """Pure loss functions of DFA: aggregation and bridge loss (stage 1), feature distances (stage 2),
-and the baseline distillation losses of Table 2 (`baselines.py`).
+the baseline distillation losses of Table 2 (`baselines.py`) and later logit baselines: DKD,
+DIST and logit standardisation (`logit_targets.py`).
 
 Usage: `from dfa_jax import losses; losses.st_loss(student, aggregated)`.
 """
@@ -31,23 +32,38 @@ from dfa_jax.losses.distances import (
     l2,
     partial_l2,
 )
+from dfa_jax.losses.logit_targets import (
+    DIST_EPS,
+    DKD_MASK,
+    STANDARDIZE_EPS,
+    dist_loss,
+    dkd_loss,
+    dkd_warmup,
+    standardize,
+)
 
 __all__ = [
     "AB_GAMMA",
     "AT_BETA",
     "DISTANCES",
+    "DIST_EPS",
+    "DKD_MASK",
     "FITNETS_BETA",
     "FT_BETA",
     "GAMMA_FD",
     "GAMMA_ST",
     "GAMMA_TS",
     "SP_GAMMA",
+    "STANDARDIZE_EPS",
     "ab_loss",
     "aggregate",
     "at_loss",
     "attention_map",
     "bn_margin",
     "bridge_loss",
+    "dist_loss",
+    "dkd_loss",
+    "dkd_warmup",
     "empirical_margin",
     "feature_distillation_loss",
     "fitnets_loss",
@@ -59,6 +75,7 @@ __all__ = [
     "partial_l2",
     "sp_loss",
     "st_loss",
+    "standardize",
     "target_logit_input_grad",
     "ts_loss",
 ]

@@ -1,7 +1,8 @@
 """Every distillation method of Table 2 as a w loss on the shared bilevel step (beta frozen).
 
 A distillation run is named by a *label*: a registered method (`method_registry`: `none`, `kd`,
-`fitnets`, `at`, `jacobian`, `ft`, `ab`, `sp`, `margin`) or, for DFA, its aggregation (`dfa`,
+`fitnets`, `at`, `jacobian`, `ft`, `ab`, `sp`, `margin`; the later logit baselines `dkd`, `dist`,
+`kd_ls`, `dkd_ls`) or, for DFA, its aggregation (`dfa`,
 `last`, `average`, `random`, `file`: Table 5 and DFA-T). Each method's `Implementation` builds
 the learned helpers it trains beside the student (connectors, FitNets' regressor, FT's
 translator), its loss `(params, batch_stats, beta, batch, rng, aux=teacher variables) -> (loss,
@@ -10,7 +11,8 @@ of the teacher's last map and AB initialises the student by its activation-bound
 stages of their own), DFA freezes its aggregation's alpha, Margin reads the teacher's margins.
 
 One module per family: `logits.py` (none, KD, Jacobian), `feature_maps.py` (FitNets, AT, SP,
-FT), `boundaries.py` (AB, Margin), `dfa.py` (DFA and its aggregations); `common.py` holds what
+FT), `boundaries.py` (AB, Margin), `logit_targets.py` (DKD, DIST, KD+LS, DKD+LS), `dfa.py` (DFA
+and its aggregations); `common.py` holds what
 they share.
 
 Feature positions: the group ends. AB, Margin and DFA take them pre-ReLU (they are about the
