@@ -89,7 +89,10 @@ def optim_recipe(name: str) -> ml_collections.ConfigDict:
 
 
 # RepDistiller's CIFAR-100 benchmark (Tian et al., CRD, ICLR 2020; README "Benchmark Results on
-# CIFAR-100"), teacher -> student, as later papers (DKD and its successors) compare on it.
+# CIFAR-100"), teacher -> student, as later papers (DKD and its successors) compare on it. The
+# last six pair networks whose groups end at other spatial sizes (e.g. resnet32x4's 32/16/8
+# against ShuffleV1's 16/8/4): DFA's connectors map channels at one size, so `validate` refuses
+# them and configs/crd/ holds the first seven.
 CRD_PAIRS = (
     ("wrn_40_2", "wrn_16_2"),
     ("wrn_40_2", "wrn_40_1"),

@@ -244,7 +244,9 @@ def test_dkd_beta_per_pair_as_mdistillers_configs():
     assert logit_targets.MDISTILLER_DKD_BETA[("resnet56", "resnet20")] == 2.0
     assert logit_targets.MDISTILLER_DKD_BETA[("vgg13", "vgg8")] == 6.0
     # Only its WRN pairs have both networks among ours.
-    assert logit_targets.DKD_BETA == {("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0}
+    assert logit_targets.DKD_BETA == logit_targets.MDISTILLER_DKD_BETA  # Their names are ours.
+    assert logit_targets.dkd_beta("resnet110", "resnet32") == 2.0
+    assert set(logit_targets.DKD_BETA) <= set(config_lib.CRD_PAIRS)
     assert logit_targets.dkd_beta("wrn_40_2", "wrn_16_2") == 6.0
     assert logit_targets.dkd_beta("wrn_28_4", "wrn_16_2") == 8.0  # mdistiller's default.
     config = config_lib.base_config()

@@ -68,16 +68,8 @@ MDISTILLER_DKD_BETA = {
 """DKD's beta per (teacher, student) of mdistiller's `configs/cifar100/dkd/*.yaml`, in its
 model names (a yaml without a `DKD.BETA` runs the default 8)."""
 
-OURS = {"wrn_40_2": "wrn_40_2", "wrn_16_2": "wrn_16_2", "wrn_40_1": "wrn_40_1"}
-"""mdistiller's model names with a model of ours that is the same network (its WRNs; its
-`ShuffleV2` is ShuffleNetV2 1x but its pairs' teachers are ResNets we do not have)."""
-
-DKD_BETA = {
-    (OURS[t], OURS[s]): beta
-    for (t, s), beta in MDISTILLER_DKD_BETA.items()
-    if t in OURS and s in OURS
-}
-"""The pairs of `MDISTILLER_DKD_BETA` with both models ours, in our names."""
+DKD_BETA = MDISTILLER_DKD_BETA
+"""In our model names: RepDistiller's and mdistiller's CIFAR networks keep their names here."""
 
 
 def dkd_beta(teacher: str, student: str) -> float:
