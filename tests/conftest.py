@@ -48,9 +48,13 @@ SLOWEST_FILES = (
     "test_search_distill.py",
     "test_train_loop.py",
     "test_methods.py",
+    "test_logit_methods.py",
     "test_precision.py",
     "test_methods_against_peers.py",
     "test_models.py",
+    "test_cifar_mobile_models.py",
+    "test_interop.py",
+    "test_cifar_models.py",
     "test_resilience.py",
     "test_evaluation.py",
 )
