@@ -696,18 +696,14 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                     " raise the cap or lower the batch size."
                 )
 
+    model_ok = {}  # Role -> a known model that keeps the feature contract.
     for role in ("teacher", "student"):
         problem = models.name_problem(f"{role}.model", config[role].model)
+        broken = () if problem else _contract_problems(config[role].model)
         problems += [problem] if problem else []
-        if problem is None:
-            broken = _contract_problems(config[role].model)
-            problems += [f"{role}.model = {config[role].model!r}: {p}" for p in broken]
-    teacher_ok = models.is_valid_model_name(config.teacher.model) and not _contract_problems(
-        config.teacher.model
-    )
-    student_ok = models.is_valid_model_name(config.student.model) and not _contract_problems(
-        config.student.model
-    )
+        problems += [f"{role}.model = {config[role].model!r}: {p}" for p in broken]
+        model_ok[role] = not problem and not broken
+    teacher_ok, student_ok = model_ok["teacher"], model_ok["student"]
     if (
         config.teacher.checkpoint is not None
         and not _is_remote(config.teacher.checkpoint)

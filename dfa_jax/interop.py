@@ -48,6 +48,8 @@ from dfa_jax.interop_core import (  # noqa: F401 (re-exported: interop's public 
     _flax_leaves,
     _shape,
     _to_float32,
+    entries_from_torch,
+    entries_to_torch,
     import_torch,
     unwrap_state_dict,
 )
@@ -209,28 +211,6 @@ def wrn_from_torch(state_dict: Any, depth: int, width: int, num_classes: int) ->
     )
 
 
-def entries_from_torch(entries, state_dict: Any, what: str, hint) -> dict:
-    """`state_dict` -> Flax variables by the layout `entries`; `what` names the model in
-    messages, `hint` (a str, or shapes -> str) says what the weights look like instead."""
-    state = unwrap_state_dict(state_dict)
-    shapes = {str(k): _shape(v) for k, v in state.items()}
-    expected = {e.torch_key: e.torch_shape for e in entries}
-    if shapes != expected:  # Only a mismatch needs the (possibly costly) hint.
-        _check(shapes, expected, what, hint(shapes) if callable(hint) else hint)
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for e in entries:
-        value = _to_float32(state[e.torch_key])
-        if e.kind == "conv":
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        elif e.kind == "dense":
-            value = value.T  # (out, in) -> (in, out)
-        node = variables
-        for part in e.flax_path[:-1]:
-            node = node.setdefault(part, {})
-        node[e.flax_path[-1]] = np.ascontiguousarray(value)
-    return variables
-
-
 # ------------------------------------------------------------------------------ flax -> torch
 
 
@@ -250,37 +230,6 @@ def wrn_to_torch(variables: Mapping, depth: int, width: int, num_classes: int) -
         f"{model_name(depth, width)} with {num_classes} classes (Flax layout)",
         lambda shapes: _hint(infer_architecture(shapes, layout="flax"), depth, width, num_classes),
     )
-
-
-def entries_to_torch(entries, variables: Mapping, what: str, hint) -> dict:
-    """Flax variables -> a state_dict by the layout `entries` (`what`, `hint`: as in
-    `entries_from_torch`)."""
-    leaves = _flax_leaves(variables)
-    # Flax trees flatten alphabetically; checking in the model's order names the first bad
-    # tensor of the network (unknown paths last).
-    order = {e.flax_key: i for i, e in enumerate(entries)}
-    shapes = {k: _shape(leaves[k]) for k in sorted(leaves, key=lambda k: order.get(k, len(order)))}
-    expected = {e.flax_key: e.flax_shape for e in entries}
-    if shapes != expected:
-        _check(shapes, expected, what, hint(shapes) if callable(hint) else hint)
-    try:
-        torch = import_torch()
-    except ImportError:
-        torch = None
-    state: dict[str, Any] = {}
-    for e in entries:
-        value = _to_float32(leaves[e.flax_key])
-        if e.kind == "conv":
-            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        elif e.kind == "dense":
-            value = value.T
-        state[e.torch_key] = np.ascontiguousarray(value)
-        if e.torch_key.endswith(".running_var"):
-            counter = e.torch_key.removesuffix("running_var") + "num_batches_tracked"
-            state[counter] = np.zeros((), np.int64)
-    if torch is not None:
-        state = {k: torch.from_numpy(v) for k, v in state.items()}
-    return state
 
 
 # ------------------------------------------------------------------------------ any family

@@ -15,8 +15,6 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from dfa_jax import interop_core as core
 from dfa_jax.interop_core import InteropError, _Entry
 
@@ -118,26 +116,7 @@ def convert_from_torch(state_dict: Any, name: str, num_classes: int) -> dict:
       InteropError: a missing, unexpected or wrongly shaped key (the first one is named).
     """
     entries = _layout(name, num_classes)
-    state = core.unwrap_state_dict(state_dict)
-    shapes = {str(k): core._shape(v) for k, v in state.items()}
-    core._check(
-        shapes,
-        {e.torch_key: e.torch_shape for e in entries},
-        _what(name, num_classes, "PyTorch"),
-        "",
-    )
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for e in entries:
-        value = core._to_float32(state[e.torch_key])
-        if e.kind == "conv":
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        elif e.kind == "dense":
-            value = value.T  # (out, in) -> (in, out)
-        node = variables
-        for part in e.flax_path[:-1]:
-            node = node.setdefault(part, {})
-        node[e.flax_path[-1]] = np.ascontiguousarray(value)
-    return variables
+    return core.entries_from_torch(entries, state_dict, _what(name, num_classes, "PyTorch"), "")
 
 
 def convert_to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
@@ -149,41 +128,8 @@ def convert_to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
       InteropError: a missing, unexpected or wrongly shaped leaf (the first one is named).
     """
     entries = _layout(name, num_classes)
-    leaves = core._flax_leaves(variables)
-    order = {e.flax_key: i for i, e in enumerate(entries)}
-    shapes = {
-        k: core._shape(leaves[k]) for k in sorted(leaves, key=lambda k: order.get(k, len(order)))
-    }
-    core._check(
-        shapes, {e.flax_key: e.flax_shape for e in entries}, _what(name, num_classes, "Flax"), ""
-    )
-    try:
-        torch = core.import_torch()
-    except ImportError:
-        torch = None
-    state: dict[str, Any] = {}
-    for e in entries:
-        value = core._to_float32(leaves[e.flax_key])
-        if e.kind == "conv":
-            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        elif e.kind == "dense":
-            value = value.T
-        state[e.torch_key] = np.ascontiguousarray(value)
-        if e.torch_key.endswith(".running_var"):
-            state[e.torch_key.removesuffix("running_var") + "num_batches_tracked"] = np.zeros(
-                (), np.int64
-            )
-    if torch is not None:
-        state = {k: torch.from_numpy(v) for k, v in state.items()}
-    return state
+    return core.entries_to_torch(entries, variables, _what(name, num_classes, "Flax"), "")
 
-
-# Per family `<family>_from_torch` / `<family>_to_torch`: one converter serves all four, the
-# model name telling it which layout to build.
-mobilenetv2_from_torch = shufflev1_from_torch = convert_from_torch
-shufflev2_from_torch = resnet50_from_torch = convert_from_torch
-mobilenetv2_to_torch = shufflev1_to_torch = convert_to_torch
-shufflev2_to_torch = resnet50_to_torch = convert_to_torch
 
 CONVERTERS = {name: (convert_from_torch, convert_to_torch) for name in NAMES}
 """Family name -> (from_torch, to_torch), each `(tree, name, num_classes)`."""
