@@ -91,8 +91,8 @@ def optim_recipe(name: str) -> ml_collections.ConfigDict:
 # RepDistiller's CIFAR-100 benchmark (Tian et al., CRD, ICLR 2020; README "Benchmark Results on
 # CIFAR-100"), teacher -> student, as later papers (DKD and its successors) compare on it. The
 # last six pair networks whose groups end at other spatial sizes (e.g. resnet32x4's 32/16/8
-# against ShuffleV1's 16/8/4): DFA's connectors map channels at one size, so `validate` refuses
-# them and configs/crd/ holds the first seven.
+# against ShuffleV1's 16/8/4): there the teacher's maps are average-pooled to the student's
+# (mdistiller's OFD), and FitNets' and AB's regressors resize as RepDistiller's ConvReg.
 CRD_PAIRS = (
     ("wrn_40_2", "wrn_16_2"),
     ("wrn_40_2", "wrn_40_1"),
@@ -173,7 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- student -------------------------------------------------------------------------------
     config.student = student = ml_collections.ConfigDict()
-    student.model = "wrn_16_4"  # Student architecture; must have the teacher's group spatial sizes.
+    student.model = "wrn_16_4"  # Student architecture: the teacher's group count, maps no larger.
 
     # --- features ------------------------------------------------------------------------------
     config.features = ml_collections.ConfigDict()
@@ -517,8 +517,8 @@ def _is_remote(path: str) -> bool:
 _GROUP_SIZES: dict[str, tuple[int, ...]] = {}
 
 
-def _check_group_sizes(model_name: str) -> tuple[int, ...]:
-    """Per group, the spatial size of `model_name`'s maps (no compile), cached per name."""
+def group_sizes(model_name: str) -> tuple[int, ...]:
+    """Per group, the spatial size H of `model_name`'s maps (no compile), cached per name."""
     from dfa_jax import features  # pylint: disable=g-import-not-at-top
     from dfa_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -526,6 +526,29 @@ def _check_group_sizes(model_name: str) -> tuple[int, ...]:
         # The class count does not change the feature maps.
         _GROUP_SIZES[model_name] = features.group_spatial_sizes(models.get_model(model_name, 10))
     return _GROUP_SIZES[model_name]
+
+
+def _pair_size_problems(teacher: str, student: str) -> list[str]:
+    """Problems of a pair whose groups cannot be matched: other group counts, or a teacher map
+    that cannot be average-pooled to the student's size (a whole multiple of it)."""
+    t_sizes, s_sizes = group_sizes(teacher), group_sizes(student)
+    if len(t_sizes) != len(s_sizes):
+        return [
+            (
+                f"teacher.model = {teacher!r} has {len(t_sizes)} groups but student.model ="
+                f" {student!r} has {len(s_sizes)}; pick a student with as many groups."
+            )
+        ]
+    if all(t >= s and t % s == 0 for t, s in zip(t_sizes, s_sizes)):
+        return []
+    return [
+        (
+            f"teacher.model = {teacher!r} has groups at spatial sizes {t_sizes} but student.model"
+            f" = {student!r} at {s_sizes}: each teacher map must be the student's size or a whole"
+            " multiple of it (it is average-pooled to the student's, as mdistiller's OFD does);"
+            " pick a student whose groups end at those sizes or smaller."
+        )
+    ]
 
 
 # Model name -> what it lacks of the feature contract, for the families registered by users
@@ -812,14 +835,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         )
 
     if teacher_ok and student_ok and data.dataset in data_lib.DATASETS:
-        t_sizes = _check_group_sizes(config.teacher.model)
-        s_sizes = _check_group_sizes(config.student.model)
-        if t_sizes != s_sizes:
-            problems.append(
-                f"teacher.model = {config.teacher.model!r} has groups at spatial sizes {t_sizes} but"
-                f" student.model = {config.student.model!r} at {s_sizes}; pick a student of the same"
-                " family (WRN with WRN, ShuffleNetV2 with ShuffleNetV2)."
-            )
+        problems += _pair_size_problems(config.teacher.model, config.student.model)
 
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

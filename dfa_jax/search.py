@@ -76,7 +76,8 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
     """The bridge loss of `group` (Eq. 12) as a w loss `(params, batch_stats, beta, batch, rng,
     aux=teacher variables) -> (loss, (batch_stats, metrics))`; also the beta loss (on val)."""
     key = methods.group_key(group)
-    s_channels = features.group_shapes(student_model)[group - 1][-1]
+    s_shape = features.group_shapes(student_model)[group - 1]
+    s_channels, s_hw = s_shape[-1], s_shape[1:3]
     t_channels = features.group_shapes(teacher_model)[group - 1][-1]
     st_connector = models.Connector(t_channels, dtype=student_model.dtype)
     ts_connector = models.Connector(s_channels, dtype=student_model.dtype)
@@ -87,6 +88,9 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
         maps = teacher_group_maps(
             teacher_model, aux, images, group, config.features.clamp_min, train=False
         )
+        # A teacher group that ends at a larger size than the student's is pooled to it (both
+        # connectors then work at the student's size; pooling and aggregating commute).
+        maps = [features.pool_to(m, s_hw) for m in maps]
         aggregated = losses.aggregate(maps, jax.nn.softmax(beta[key]))
 
         # ST path: student groups 1..i, then the student transform to the teacher's channels.

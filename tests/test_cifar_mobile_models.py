@@ -383,8 +383,10 @@ def test_names_and_config_validate():
     config = _load_config("cifar100_teacher")
     config.teacher.model, config.student.model = "ShuffleV2", "ShuffleV1"  # Both 16/8/4.
     config_lib.validate(config, device_count=1)
-    config.teacher.model, config.student.model = "ResNet50", "MobileNetV2"
-    with pytest.raises(config_lib.ConfigError, match="spatial sizes"):  # 32/16/8/4 vs 16/8/4/2.
+    config.teacher.model, config.student.model = "ResNet50", "MobileNetV2"  # 32/16/8/4, 16/8/4/2.
+    config_lib.validate(config, device_count=1)
+    config.teacher.model, config.student.model = "MobileNetV2", "ResNet50"  # The student larger.
+    with pytest.raises(config_lib.ConfigError, match="spatial sizes"):
         config_lib.validate(config, device_count=1)
 
 

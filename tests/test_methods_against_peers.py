@@ -496,7 +496,7 @@ def test_ab_initialisation_is_repdistillers(setting, same_widths):
     params = {"student": setting["s_vars"]["params"], **helpers["params"]}
     stats = {"student": setting["s_vars"]["batch_stats"], **helpers["batch_stats"]}
     loss_fn = methods.make_ab_init_loss(
-        pair, setting["config"].baselines, methods.ab_connectors(pair, helpers["params"])
+        pair, setting["config"].baselines, methods.ab_connectors(pair)
     )
     loss, (new_stats, _) = jax.jit(loss_fn)(
         params, stats, {}, setting["batch"], None, setting["t_vars"]

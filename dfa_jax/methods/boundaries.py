@@ -22,30 +22,25 @@ from dfa_jax.methods import logits
 
 def _ab_helpers(pair, config, seed, mesh):
     """RepDistiller's AB `Connector` (`models/util.py`): the identity where the student's map
-    already has the teacher's shape, else ConvReg without its ReLU (conv + BN)."""
-    t_shapes, s_shapes = pair.t_shapes(), pair.s_shapes()
-    groups = [i for i, (s, t) in enumerate(zip(s_shapes, t_shapes)) if s != t]
-    st_params, st_stats = common.connector_helpers(
-        [s_shapes[i] for i in groups],
-        [t_shapes[i][-1] for i in groups],
-        seed,
-        mesh,
-        jnp.dtype(config.dtype),
-    )
-    rename = {common.group_key(j + 1): common.group_key(i + 1) for j, i in enumerate(groups)}
-    return (
-        {"st": {rename[k]: v for k, v in st_params.items()}},
-        {"st": {rename[k]: v for k, v in st_stats.items()}},
-    )
+    already has the teacher's shape, else ConvReg without its ReLU (conv + BN, resizing to the
+    teacher's map)."""
+    s_shapes, dtype = pair.s_shapes(), jnp.dtype(config.dtype)
+    modules = ab_connectors(pair, dtype)
+    st_params, st_stats = {}, {}
+    # Seeds count the connectors made, not the groups.
+    for j, i in enumerate(i for i, m in enumerate(modules) if m is not None):
+        key = common.group_key(i + 1)
+        st_params[key], st_stats[key] = common.init_module(modules[i], seed + j, mesh, s_shapes[i])
+    return {"st": st_params}, {"st": st_stats}
 
 
-def ab_connectors(pair: common.Pair, params: dict) -> list:
-    """Per group, AB's connector module, or None where it is the identity (see `_ab_helpers`)."""
+def ab_connectors(pair: common.Pair, dtype=None) -> list:
+    """Per group, AB's connector: ConvReg without its ReLU to the teacher's map, or None (the
+    identity) where the shapes agree. `dtype`: the student's unless given."""
+    dtype = pair.student.dtype if dtype is None else dtype
     return [
-        models.Connector(pair.t_shapes()[i][-1], dtype=pair.student.dtype)
-        if common.group_key(i + 1) in params.get("st", {})
-        else None
-        for i in range(len(pair.t_groups))
+        models.Connector(t[-1], out_hw=t[1:3], dtype=dtype) if s != t else None
+        for s, t in zip(pair.s_shapes(), pair.t_shapes())
     ]
 
 
@@ -135,7 +130,7 @@ def initialise_by_ab(setup: common.Setup, start: common.Start) -> common.Start:
         base.ab_init_lr,
         params,
         batch_stats,
-        make_ab_init_loss(pair, base, ab_connectors(pair, helper_params)),
+        make_ab_init_loss(pair, base, ab_connectors(pair)),
         lambda s: setup.eval_student(
             {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
         ),
@@ -148,6 +143,7 @@ def initialise_by_ab(setup: common.Setup, start: common.Start) -> common.Start:
 def _ab_check(config) -> list[str]:
     problems = common.positive_lr(config, "ab_init_lr")
     problems += common.positive_epochs(config, "ab_init_epochs")
+    problems += common.resize_problems(config, "ab")
     return problems + common.non_negative(config, "ab_margin")
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dfa_jax import config_lib
 from dfa_jax import features
 from dfa_jax import method_registry
 from dfa_jax import models
@@ -295,7 +296,8 @@ def student_loss(
 def connected_maps(pair: Pair, with_stem: bool) -> Callable[[Step], tuple[list, list]]:
     """Margin's and DFA's maps: `step -> (mapped, targets)`, per group end (after the stem when
     `with_stem`) the student's pre-ReLU map through its 'st' connector and the teacher's
-    pre-ReLU map. Records the connectors' batch_stats in `step.new_stats`."""
+    pre-ReLU map pooled to the student's size (`features.pool_to`). Records the connectors'
+    batch_stats in `step.new_stats`."""
     keys = ([STEM] if with_stem else []) + [group_key(i + 1) for i in range(len(pair.t_groups))]
     names = positions(pair.teacher, "pre_relu", with_stem)
     connectors = [
@@ -312,7 +314,7 @@ def connected_maps(pair: Pair, with_stem: bool) -> Callable[[Step], tuple[list, 
             mapped.append(out)
             st_stats[key] = stats
         step.new_stats["st"] = st_stats
-        return mapped, t_pre
+        return mapped, [features.pool_to(t, m.shape[1:3]) for t, m in zip(t_pre, mapped)]
 
     return apply
 
@@ -320,6 +322,28 @@ def connected_maps(pair: Pair, with_stem: bool) -> Callable[[Step], tuple[list, 
 # ------------------------------------------------------------------------------------------------
 # Config checks
 # ------------------------------------------------------------------------------------------------
+
+
+def resize_problems(config, method: str, groups=None) -> list[str]:
+    """Where `method` runs (`distill_labels`), the groups (1-based; None: all) whose student map
+    RepDistiller's ConvReg cannot resize to the teacher's (`models.resize_problem`)."""
+    names = (config.teacher.model, config.student.model)
+    runs = method in config_lib.distill_labels(config)
+    if not runs or not all(map(models.is_valid_model_name, names)):
+        return []
+    t_sizes, s_sizes = (config_lib.group_sizes(n) for n in names)
+    if len(t_sizes) != len(s_sizes):
+        return []  # `validate` says so.
+    problems = []
+    for g in range(1, len(t_sizes) + 1) if groups is None else groups(len(t_sizes)):
+        problem = models.resize_problem((s_sizes[g - 1],) * 2, (t_sizes[g - 1],) * 2)
+        if problem is not None:
+            problems.append(
+                f"distill.method = {method!r} with teacher.model = {names[0]!r} and"
+                f" student.model = {names[1]!r}: at group {g}, {problem}; pick a student whose"
+                " group ends at the teacher's size, half of it or larger."
+            )
+    return problems
 
 
 def non_negative(config, *fields: str) -> list[str]:

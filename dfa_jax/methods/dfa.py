@@ -3,7 +3,8 @@
 L = CE + gamma_fd * sum_i w_i D(F_s(S_i), A_i): A_i = sum_j alpha_i^j T_i^j is the teacher's
 group-i aggregation with alpha frozen (beta = log(alpha) in the step's state); F_s is a per-group
 ST connector (1x1 conv + BN, student -> teacher channels); D is overhaul's partial L2 with the
-constant margin -1 by default; w_i = 1/2^(G-i). The run label names the aggregation
+constant margin -1 by default; w_i = 1/2^(G-i). Where the teacher's group ends at a larger size than
+the student's, A_i is average-pooled to the student's, as mdistiller's OFD pools its targets. The run label names the aggregation
 (`distill.aggregation`): 'dfa' (this run's alpha.json), 'last', 'average', 'random' (seeded),
 'file' (another run's alpha.json: DFA-T).
 """
@@ -88,7 +89,9 @@ def _loss(pair, config, constants):
                 for m in common.group_end_maps(t_mut, names)
             ]
             alpha = jax.nn.softmax(step.beta[common.group_key(i + 1)])
-            targets.append(losses.aggregate(candidates, alpha))
+            aggregated = losses.aggregate(candidates, alpha)
+            # At the student's size where the teacher's group ends larger (`connected_maps`).
+            targets.append(features.pool_to(aggregated, mapped[len(targets)].shape[1:3]))
         fd = losses.feature_distillation_loss(
             mapped, targets, distance=distill.distance, margin=distill.margin
         )

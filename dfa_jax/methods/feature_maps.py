@@ -27,13 +27,24 @@ from dfa_jax.methods import common
 
 def fitnets_group(pair: common.Pair) -> int:
     """FitNets' hint position: the middle group (RepDistiller hints at feat[2] of a WRN)."""
-    return (len(pair.t_groups) + 1) // 2
+    return _middle(len(pair.t_groups))
+
+
+def _middle(num_groups: int) -> int:
+    return (num_groups + 1) // 2
+
+
+def fitnets_regressor(pair: common.Pair, dtype) -> models.Connector:
+    """RepDistiller's `ConvReg` to the teacher's hint map: its channels and its size."""
+    t_shape = pair.t_shapes()[fitnets_group(pair) - 1]
+    return models.Connector(t_shape[-1], out_hw=t_shape[1:3], dtype=dtype)
 
 
 def _fitnets_helpers(pair, config, seed, mesh):
-    g, t_shapes, s_shapes = fitnets_group(pair), pair.t_shapes(), pair.s_shapes()
-    connector = models.Connector(t_shapes[g - 1][-1], dtype=jnp.dtype(config.dtype))
-    params, stats = common.init_module(connector, seed, mesh, s_shapes[g - 1])
+    g, s_shapes = fitnets_group(pair), pair.s_shapes()
+    params, stats = common.init_module(
+        fitnets_regressor(pair, jnp.dtype(config.dtype)), seed, mesh, s_shapes[g - 1]
+    )
     return {"regressor": params}, {"regressor": stats}
 
 
@@ -41,7 +52,7 @@ def _fitnets_loss(pair, config, constants):
     """CE + fitnets_weight * MSE(ConvReg(s_raw[g]), t_raw[g]) at the middle group g."""
     del constants
     g = fitnets_group(pair)
-    regressor = models.Connector(pair.t_shapes()[g - 1][-1], dtype=pair.student.dtype)
+    regressor = fitnets_regressor(pair, pair.student.dtype)
     weight = config.baselines.fitnets_weight
 
     def term(step):
@@ -50,10 +61,10 @@ def _fitnets_loss(pair, config, constants):
             regressor, step.params, step.batch_stats, "regressor", s_raw[g - 1]
         )
         step.new_stats["regressor"] = stats
-        # RepDistiller's ConvReg for maps of one size: 1x1 conv, BN, ReLU (`models/util.py`,
-        # `use_relu=True` as `train_student.py` builds it); the conv's bias is left out, as
-        # the BN's batch mean cancels it in training, the regressor's only use. The target
-        # is the raw map, negative values included.
+        # RepDistiller's ConvReg: conv, BN, ReLU (`models/util.py`, `use_relu=True` as
+        # `train_student.py` builds it); the conv's bias is left out, as the BN's batch mean
+        # cancels it in training, the regressor's only use. The target is the raw map,
+        # negative values included.
         regressed = nn.relu(regressed)
         hint = losses.fitnets_loss(regressed, t_raw[g - 1])
         step.metrics["fitnets_loss"] = hint
@@ -65,7 +76,10 @@ def _fitnets_loss(pair, config, constants):
 FITNETS = common.Implementation(
     loss=_fitnets_loss,
     helpers=_fitnets_helpers,
-    check=lambda config: common.non_negative(config, "fitnets_weight"),
+    check=lambda config: (
+        common.non_negative(config, "fitnets_weight")
+        + common.resize_problems(config, "fitnets", lambda n: [_middle(n)])
+    ),
 )
 
 # ------------------------------------------------------------------------------------------ AT

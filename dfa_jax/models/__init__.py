@@ -32,7 +32,7 @@ from dfa_jax.models import cifar_resnet, cifar_vgg
 from dfa_jax.models.cifar_resnet import CifarResNet
 from dfa_jax.models.cifar_vgg import CifarVGG
 from dfa_jax.models import cifar_mobile
-from dfa_jax.models.connectors import Connector
+from dfa_jax.models.connectors import Connector, resize_problem
 from dfa_jax.models.layers import FEATURES
 from dfa_jax.models.layers import sow_feature
 from dfa_jax.models.shufflenet_v2 import WIDTHS as SHUFFLENET_V2_WIDTHS
@@ -56,6 +56,7 @@ __all__ = [
     "sow_feature",
     "is_valid_model_name",
     "name_problem",
+    "resize_problem",
 ]
 
 
