@@ -1,6 +1,7 @@
 """Training-step throughput of every stage's jitted step, and of a PyTorch reference of the same.
 
-  python -m benchmarks.throughput [--quick] [--torch] [--batch 128] [--dtype float32|bfloat16]
+  python -m benchmarks.throughput [--quick] [--torch] [--torch-compile] [--batch 128]
+      [--dtype float32|bfloat16]
       [--cases teacher_wrn_16_2,search_pair3] [--devices N] [--steps N] [--pipeline]
       [--cohort-mode auto|loop|vmap]
 
@@ -12,7 +13,11 @@ project's mesh with the state donated (`parallel.jit_step`), and times it: traci
 after a warm-up step, N steps run back to back with one `block_until_ready` at the end, and
 `img_per_s = N * batch / time`. `--torch` times `benchmarks/torch_reference.py`'s twin of
 each step in the same process, right after the JAX one, and reports `ratio = img_per_s /
-torch_img_per_s`. Output: a header, one JSON line per case, then a markdown table.
+`torch_img_per_s`. `--torch-compile` also times that twin under `torch.compile` (inductor: the
+forward and loss, their backward, the optimizer's step), right after the eager one, with the same
+protocol: its first calls, which compile, apart (`torch_compile_s`), then
+`torch_compile_img_per_s` and `ratio_compile = img_per_s / torch_compile_img_per_s`.
+Output: a header, one JSON line per case, then a markdown table.
 
 `cohort_<pair>_k<K>`: K DFA students sharing the teacher in one step (`cohort.py`, in the mode
 `distill.cohort='auto'` picks for the backend) and one student's step, timed in the same process;
@@ -327,7 +332,7 @@ class Timing:
     steps: int
     faults_per_step: float  # Minor page faults per timed step (all threads of the process).
     trace_s: float | None = None  # JAX: tracing and lowering to StableHLO.
-    compile_s: float | None = None  # JAX: XLA's compilation of the lowered step.
+    compile_s: float | None = None  # XLA's compilation of the lowered step; torch.compile's.
 
 
 def _num_steps(steps: int | None, warm_step_s: float, min_time_s: float) -> int:
@@ -375,16 +380,31 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
     return Timing(step_s, first_call_s, n, faults, trace_s, compile_s)
 
 
-def time_torch(step: Callable, args: tuple, steps: int | None, min_time_s: float) -> Timing:
-    """The same protocol for an eager PyTorch step (its first call has no compilation)."""
+# A torch.compile'd step compiles in its first calls: the loss's graphs in the first, the
+# optimizer's again in the second (its state is created there), and inductor's CPU kernels settle
+# over the next ones (measured: 12 s, 2.8 s, 1.5 s, 1.3 s, then 0.08 s a step).
+COMPILED_WARMUP_CALLS = 5
+
+
+def time_torch(
+    step: Callable, args: tuple, steps: int | None, min_time_s: float, warmup_calls: int = 1
+) -> Timing:
+    """The same protocol for a PyTorch step. The eager step's first call has no compilation; a
+    compiled one's first `warmup_calls` calls compile it: their time less as many steady steps
+    is its `compile_s`."""
     from benchmarks.torch_reference import synchronize  # pylint: disable=g-import-not-at-top
 
     start = time.perf_counter()
     step(*args)
     synchronize()
     first_call_s = time.perf_counter() - start
+    for _ in range(warmup_calls - 1):
+        step(*args)
+    synchronize()
+    warmup_s = time.perf_counter() - start
     step_s, n, faults = _time_steps(lambda: step(*args), synchronize, steps, min_time_s)
-    return Timing(step_s, first_call_s, n, faults)
+    compile_s = max(warmup_s - warmup_calls * step_s, 0.0) if warmup_calls > 1 else None
+    return Timing(step_s, first_call_s, n, faults, compile_s=compile_s)
 
 
 def _host_batches(batch_size: int, mesh, examples: int):
@@ -420,24 +440,28 @@ def pipeline_img_per_s(runner: Runner, mesh, batch_size: int, steps: int) -> flo
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def build_torch_case(case: str, dtype: str) -> dict[str, Callable]:
-    """The PyTorch twin of `case`'s runners (same names)."""
+def build_torch_case(
+    case: str, dtype: str, compile_backend: str | None = None, mode: str | None = None
+) -> dict[str, Callable]:
+    """The PyTorch twin of `case`'s runners (same names): eager, or compiled with
+    `compile_backend` in `mode` (`torch_reference.compiler`)."""
     from benchmarks import torch_reference as ref  # pylint: disable=g-import-not-at-top
 
-    bf16 = dtype == "bfloat16"
+    kwargs = {"bf16": dtype == "bfloat16", "compile_backend": compile_backend, "mode": mode}
     if case.startswith("teacher_"):
-        return {"step": ref.make_teacher_step(case.removeprefix("teacher_"), NUM_CLASSES, bf16)}
+        name = case.removeprefix("teacher_")
+        return {"step": ref.make_teacher_step(name, NUM_CLASSES, **kwargs)}
     pair = next(p for p in PAIRS if f"_{p}" in case)
     teacher_name, student_name = PAIRS[pair]
     if case.startswith("search_"):
         return ref.make_search_steps(
-            teacher_name, student_name, SEARCH_GROUP, NUM_CLASSES, bf16=bf16
+            teacher_name, student_name, SEARCH_GROUP, NUM_CLASSES, **kwargs
         )
     label = case.rsplit("_", 1)[1]
     gamma_fd = 1e-4 if pair.startswith("shufflenet") else 1e-3
     return {
         "step": ref.make_distill_step(
-            teacher_name, student_name, label, NUM_CLASSES, gamma_fd=gamma_fd, bf16=bf16
+            teacher_name, student_name, label, NUM_CLASSES, gamma_fd=gamma_fd, **kwargs
         )
     }
 
@@ -462,6 +486,23 @@ def _torch_args(case: str, batch_size: int) -> tuple:
 # ------------------------------------------------------------------------------------------------
 
 
+def _reset_torch_peak() -> None:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    _reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _torch_peak_mb() -> float:
+    """PyTorch's peak since `_reset_torch_peak`: the GPU's allocated bytes, else the RSS."""
+    import torch  # pylint: disable=g-import-not-at-top
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_rss_mb()
+
+
 def _best(timings: list[Timing]) -> Timing:
     """The least disturbed of repeated timings (the fastest): other load only slows a step."""
     return min(timings, key=lambda t: t.step_s)
@@ -479,12 +520,18 @@ def run_case(
     host_ms: float | None = None,
     repeats: int = 1,
     cohort_mode: str = "auto",
+    torch_compile: str | None = None,
+    torch_compile_mode: str | None = None,
 ) -> dict:
-    """Times `case` (and its PyTorch twin) and returns its JSON record (KEYS and extras).
+    """Times `case` (and its PyTorch twins) and returns its JSON record (KEYS and extras).
 
+    `torch_compile`: also time the twin compiled with that `torch.compile` backend ('inductor')
+    in `torch_compile_mode`, after the eager one (implies `with_torch`); its first calls, which
+    compile, are reported apart (`torch_compile_s`) from its steps.
     With `repeats` > 1 the JAX and PyTorch timings alternate that many times and each keeps its
     fastest, so a burst of other load on the machine hits both sides alike and is filtered out.
     """
+    with_torch = with_torch or torch_compile is not None
     gc.collect()
     _reset_peak_rss()
     runners = build_case(case, mesh, batch_size, dtype, cohort_mode)
@@ -492,14 +539,13 @@ def run_case(
     first = jax_runs["step"][0]  # Later first calls hit the compilation cache.
     peak_mem_mb = _peak_mem_mb()
     torch_runs, torch_peak_mb = {}, None
+    compiled_runs, compiled_peak_mb = {}, None
     with_torch = with_torch and not case.startswith("cohort_")  # No PyTorch twin of a cohort.
     if with_torch:
         import torch  # pylint: disable=g-import-not-at-top
 
         torch.manual_seed(0)
-        _reset_peak_rss()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        _reset_torch_peak()
         torch_steps = build_torch_case(case, dtype)
         args = _torch_args(case, batch_size)
     for rep in range(repeats):
@@ -512,11 +558,24 @@ def run_case(
                 n = jax_runs[name][0].steps
                 torch_runs.setdefault(name, []).append(time_torch(fn, args, n, min_time_s))
             if rep == 0:
-                torch_peak_mb = (
-                    torch.cuda.max_memory_allocated() / 2**20
-                    if torch.cuda.is_available()
-                    else _peak_rss_mb()
+                torch_peak_mb = _torch_peak_mb()
+        if with_torch and torch_compile is not None:
+            if rep == 0:
+                torch_steps = None  # Its memory out of the compiled twin's peak.
+                gc.collect()
+                _reset_torch_peak()
+                torch.manual_seed(0)
+                compiled_steps = build_torch_case(case, dtype, torch_compile, torch_compile_mode)
+            for name, fn in compiled_steps.items():
+                n = jax_runs[name][0].steps
+                compiled_runs.setdefault(name, []).append(
+                    time_torch(fn, args, n, min_time_s, COMPILED_WARMUP_CALLS)
                 )
+            if rep == 0:
+                compiled_peak_mb = _torch_peak_mb()
+                if repeats > 1:
+                    torch.manual_seed(0)
+                    torch_steps = build_torch_case(case, dtype)
     timings = {name: _best(runs) for name, runs in jax_runs.items()}
     main = timings["step"]
     record: dict[str, Any] = {
@@ -570,6 +629,17 @@ def run_case(
             parts_s = t_timings["w_step"].step_s + t_timings["beta_step"].step_s
             record["torch_overhead_ratio"] = round(t_timings["step"].step_s / parts_s, 3)
         del torch_steps
+    if compiled_runs:
+        c_timings = {name: _best(runs) for name, runs in compiled_runs.items()}
+        record["torch_compile_backend"] = torch_compile
+        record["torch_compile_img_per_s"] = round(batch_size / c_timings["step"].step_s, 2)
+        record["ratio_compile"] = round(record["img_per_s"] / record["torch_compile_img_per_s"], 3)
+        # The first calls compile every graph of the step (the loss's forward and backward, the
+        # optimizer's, its recompilation once its state exists): their time beyond steady steps.
+        record["torch_compile_s"] = round(compiled_runs["step"][0].compile_s, 2)
+        record["torch_compile_first_call_s"] = round(compiled_runs["step"][0].first_call_s, 2)
+        record["torch_compile_peak_mem_mb"] = round(compiled_peak_mb, 1)
+        del compiled_steps
     del runners
     gc.collect()
     return record
@@ -582,6 +652,9 @@ def markdown_table(records: list[dict]) -> str:
         ("img_per_s", "JAX img/s"),
         ("torch_img_per_s", "PyTorch img/s"),
         ("ratio", "JAX/PyTorch"),
+        ("torch_compile_img_per_s", "torch.compile img/s"),
+        ("ratio_compile", "JAX/compiled"),
+        ("torch_compile_s", "torch.compile (s)"),
         ("compile_s", "compile (s)"),
         ("peak_mem_mb", "peak RSS (MiB)"),
         ("overhead_ratio", "step/(w+beta)"),
@@ -602,6 +675,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)}")
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+    parser.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="also time the PyTorch reference under torch.compile (inductor); implies --torch",
+    )
+    parser.add_argument(
+        "--torch-compile-mode",
+        default=None,
+        help="torch.compile's mode for --torch-compile (default; 'max-autotune', ...)",
+    )
     parser.add_argument("--batch", type=int, default=128, help="global batch size")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--cases", default=None, help=f"comma-separated subset of {CASES}")
@@ -647,6 +730,7 @@ def main(argv=None) -> list[dict]:
         sys.exit(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
     min_time_s = args.min_time if args.min_time is not None else (5.0 if args.quick else 20.0)
     torch_version = None
+    args.torch = args.torch or args.torch_compile
     if args.torch:
         import torch  # pylint: disable=g-import-not-at-top
 
@@ -677,6 +761,8 @@ def main(argv=None) -> list[dict]:
             host_ms=host_ms,
             repeats=args.repeats,
             cohort_mode=args.cohort_mode,
+            torch_compile="inductor" if args.torch_compile else None,
+            torch_compile_mode=args.torch_compile_mode,
         )
         record["load_avg_1m"] = round(os.getloadavg()[0], 2)
         records.append(record)

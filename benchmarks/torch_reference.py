@@ -14,6 +14,9 @@ Written from the paper and from dfa_jax's own definitions, so both sides do the 
   normalisation).
 Layout: NCHW tensors in `channels_last` memory format, which oneDNN's CPU convolutions prefer
 (and cuDNN's on a GPU). Device: `DEVICE`, the CUDA GPU where PyTorch sees one, else the CPU.
+Each step is eager, or with `compile_backend='inductor'` what a performance-minded user writes:
+`torch.compile` on the forward and loss (its backward compiled by AOTAutograd) and on the
+optimizer's step; the augmentation stays eager (its random generator breaks a graph).
 """
 
 from __future__ import annotations
@@ -327,19 +330,39 @@ def _autocast(bf16: bool):
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def make_teacher_step(model_name: str, num_classes: int = 100, bf16: bool = False) -> Callable:
-    """`step(images_u8, labels)`: one SGD (Nesterov, wd 5e-4) step of cross-entropy training."""
+def compiler(compile_backend: str | None, mode: str | None = None) -> Callable:
+    """`fn -> fn` as `make_*_step` apply it to the loss (the forward and the loss become one graph;
+    AOTAutograd compiles its backward) and to the optimizer's step: `torch.compile` with
+    `compile_backend` ('inductor', what a user gets by default; 'eager' runs the captured graphs
+    without code generation) and `mode`, or the identity (the eager twin) for None."""
+    if compile_backend is None:
+        return lambda fn: fn
+    return lambda fn: torch.compile(fn, backend=compile_backend, mode=mode)
+
+
+def make_teacher_step(
+    model_name: str, num_classes: int = 100, bf16: bool = False, compile_backend=None, mode=None
+) -> Callable:
+    """`step(images_u8, labels)`: one SGD (Nesterov, wd 5e-4) step of cross-entropy training;
+    compiled as `compiler(compile_backend, mode)` says."""
     model = _prepare(get_model(model_name, num_classes)).train()
     opt = sgd(model.parameters(), nesterov=True)
     gen = _generator()
+    compiled = compiler(compile_backend, mode)
+
+    @compiled
+    def loss_of(images, labels):
+        with _autocast(bf16):
+            logits, _ = model(images)
+        return F.cross_entropy(logits.float(), labels)
+
+    opt_step = compiled(opt.step)
 
     def step(images_u8, labels):
-        with _autocast(bf16):
-            logits, _ = model(augment(images_u8, gen))
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = loss_of(augment(images_u8, gen), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opt_step()
         return loss
 
     return step
@@ -353,9 +376,12 @@ def make_search_steps(
     gamma_st: float = 1e-3,
     gamma_ts: float = 1.0,
     bf16: bool = False,
+    compile_backend: str | None = None,
+    mode: str | None = None,
 ) -> dict[str, Callable]:
     """The bilevel search step of `group` and its two halves: {'step', 'w_step', 'beta_step'},
-    each `(train_u8, train_labels, val_u8, val_labels)`.
+    each `(train_u8, train_labels, val_u8, val_labels)`; the bridge loss and both optimizers'
+    steps compiled as `compiler(compile_backend, mode)` says.
 
     beta: Adam(1e-3, (0.5, 0.999)) with coupled L2 1e-3 on a val batch, gradient of the bridge
     loss with respect to beta only; w (student + ST/TS connectors): SGD momentum 0.9, wd 5e-4.
@@ -373,7 +399,10 @@ def make_search_steps(
     w_opt = sgd(w_params, nesterov=False, lr=0.05)
     beta_opt = torch.optim.Adam([beta], lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-3)
     gen = _generator()
+    compiled = compiler(compile_backend, mode)
+    w_opt_step, beta_opt_step = compiled(w_opt.step), compiled(beta_opt.step)
 
+    @compiled
     def bridge(images, labels, alpha):
         with _autocast(bf16):
             with torch.no_grad():
@@ -390,7 +419,7 @@ def make_search_steps(
         loss = bridge(augment(val_u8, gen), val_labels, torch.softmax(beta, 0))
         # Only beta's gradient: autograd skips every weight gradient of w.
         (beta.grad,) = torch.autograd.grad(loss, [beta])
-        beta_opt.step()
+        beta_opt_step()
         return loss
 
     def w_step(train_u8, train_labels, val_u8, val_labels):
@@ -398,7 +427,7 @@ def make_search_steps(
         loss = bridge(augment(train_u8, gen), train_labels, torch.softmax(beta.detach(), 0))
         w_opt.zero_grad(set_to_none=True)
         loss.backward()
-        w_opt.step()
+        w_opt_step()
         return loss
 
     def step(*batches):
@@ -416,9 +445,12 @@ def make_distill_step(
     gamma_fd: float = 1e-3,
     kd_temperature: float = 4.0,
     bf16: bool = False,
+    compile_backend: str | None = None,
+    mode: str | None = None,
 ) -> Callable:
     """`step(images_u8, labels)` of DFA distillation (CE + gamma_fd sum_i w_i partial_l2 against
-    the frozen aggregation, alpha = the 'average' of each group) or KD (0.1 CE + 0.9 KD)."""
+    the frozen aggregation, alpha = the 'average' of each group) or KD (0.1 CE + 0.9 KD); the
+    loss and the optimizer's step compiled as `compiler(compile_backend, mode)` says."""
     teacher = _teacher_eval(teacher_name, num_classes)
     student = _prepare(get_model(student_name, num_classes)).train()
     t_channels, s_channels = group_channels(teacher), group_channels(student)
@@ -432,9 +464,11 @@ def make_distill_step(
     params = [*student.parameters()] + ([*connectors.parameters()] if method == "dfa" else [])
     opt = sgd(params, nesterov=True)
     gen = _generator()
+    compiled = compiler(compile_backend, mode)
+    opt_step = compiled(opt.step)
 
-    def step(images_u8, labels):
-        images = augment(images_u8, gen)
+    @compiled
+    def loss_of(images, labels):
         with _autocast(bf16):
             logits, s_feats = student(images)
             with torch.no_grad():
@@ -454,9 +488,13 @@ def make_distill_step(
                 maps = [t_feats[n].float().clamp(min=-1.0) for n in names]
                 fd = fd + weights[i] * partial_l2(mapped[i].float(), aggregate(maps, alphas[i]))
             loss = ce + gamma_fd * fd
+        return loss
+
+    def step(images_u8, labels):
+        loss = loss_of(augment(images_u8, gen), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opt_step()
         return loss
 
     return step

@@ -208,6 +208,23 @@ def test_throughput_torch_models_match_param_counts():
         assert ref.num_params(ref.get_model(name, 100)) == jax_count, name
 
 
+# The teacher's twin is the distillation's without its feature terms: two cases cover the three.
+@pytest.mark.parametrize("case", ["search_tiny", "distill_tiny_dfa"])
+def test_torch_compiled_twin_computes_the_eager_twins_losses(tiny_pair, case):
+    """The `--torch-compile` twin (here through AOTAutograd without code generation, 'aot_eager':
+    inductor's C++ would take minutes) trains as the eager twin does: the same losses, step
+    after step, from the same seed."""
+    torch = pytest.importorskip("torch")
+    args = throughput._torch_args(case, 4)  # noqa: SLF001
+    losses = []
+    for backend in (None, "aot_eager"):
+        torch.manual_seed(0)
+        step = throughput.build_torch_case(case, "float32", backend)["step"]
+        losses.append([float(step(*args).detach()) for _ in range(2)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert losses[0][0] != losses[0][1]  # The steps train.
+
+
 def test_chunked_weight_gradient_matches_xla():
     """models.layers.Conv's CPU weight gradient, summed over strided batch chunks, equals XLA's
     whole-batch one (up to float rounding); the forward and the input gradient are XLA's own."""
