@@ -24,6 +24,10 @@ Output: a header, one JSON line per case, then a markdown table.
 `img_per_s` counts every student's images, `speedup` = K one-student steps' time over one
 K-student step's.
 
+FLOPs: `gflop_per_step` is the compiled step's own count (XLA's cost analysis, all devices),
+`achieved_tflop_s` that at the measured pace, and on a chip of `PEAK_TFLOPS`
+`peak_fraction_{bf16,tf32,fp32}` its share of the chip's dense peaks.
+
 Memory: `peak_mem_mb` is the process's peak resident set while the case ran (Linux's VmHWM, reset
 before each case; the process maximum elsewhere), or the device's `peak_bytes_in_use` on a GPU.
 """
@@ -332,6 +336,7 @@ class Timing:
     steps: int
     faults_per_step: float  # Minor page faults per timed step (all threads of the process).
     trace_s: float | None = None  # JAX: tracing and lowering to StableHLO.
+    flops: float | None = None  # JAX: the compiled step's FLOPs, all devices (XLA's cost analysis).
     compile_s: float | None = None  # XLA's compilation of the lowered step; torch.compile's.
 
 
@@ -358,7 +363,32 @@ def _time_steps(step: Callable[[], None], sync: Callable[[], None], steps, min_t
     return step_s, n, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
 
 
-def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
+def step_flops(compiled, devices: int) -> float | None:
+    """FLOPs of one call of a compiled SPMD step over its `devices` (XLA's cost analysis counts a
+    multiply-add as 2 FLOPs, per device), or None where the backend reports none."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = (cost or {}).get("flops")
+    return None if flops is None or flops <= 0 else float(flops) * devices
+
+
+# Dense peak TFLOP/s of the chips the benchmark has met (NVIDIA's datasheets, SXM parts unless
+# named): bf16 and TF32 on the tensor cores, fp32 on the CUDA cores. Matched against
+# `device_kind` in order, the first hit wins.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+)
+
+
+def peak_tflops(device_kind: str) -> dict[str, float] | None:
+    """The chip's peaks (`PEAK_TFLOPS`), or None for a chip (or CPU) not listed."""
+    return next((peaks for name, peaks in PEAK_TFLOPS if name in device_kind), None)
+
+
+def time_jax(runner: Runner, steps: int | None, min_time_s: float, devices: int = 1) -> Timing:
     """Trace and compile ahead (timed apart), the first call, then `_time_steps`. The first call
     reuses the executable compiled ahead."""
     state = runner.make_state()
@@ -366,7 +396,7 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
     lowered = runner.fn.lower(state, *runner.args)
     trace_s = time.perf_counter() - start
     start = time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     held = [runner.fn(state, *runner.args)]  # [(state, metrics)]; the step donates the state.
@@ -377,7 +407,8 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float) -> Timing:
         held[0] = runner.fn(held[0][0], *runner.args)
 
     step_s, n, faults = _time_steps(step, lambda: jax.block_until_ready(held), steps, min_time_s)
-    return Timing(step_s, first_call_s, n, faults, trace_s, compile_s)
+    flops = step_flops(compiled, devices)
+    return Timing(step_s, first_call_s, n, faults, trace_s, compile_s, flops)
 
 
 # A torch.compile'd step compiles in its first calls: the loss's graphs in the first, the
@@ -503,6 +534,10 @@ def _torch_peak_mb() -> float:
     return _peak_rss_mb()
 
 
+def _significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 def _best(timings: list[Timing]) -> Timing:
     """The least disturbed of repeated timings (the fastest): other load only slows a step."""
     return min(timings, key=lambda t: t.step_s)
@@ -535,7 +570,8 @@ def run_case(
     gc.collect()
     _reset_peak_rss()
     runners = build_case(case, mesh, batch_size, dtype, cohort_mode)
-    jax_runs = {name: [time_jax(r, steps, min_time_s)] for name, r in runners.items()}
+    devices = len(mesh.devices.flat)
+    jax_runs = {name: [time_jax(r, steps, min_time_s, devices)] for name, r in runners.items()}
     first = jax_runs["step"][0]  # Later first calls hit the compilation cache.
     peak_mem_mb = _peak_mem_mb()
     torch_runs, torch_peak_mb = {}, None
@@ -551,7 +587,7 @@ def run_case(
     for rep in range(repeats):
         if rep:
             for name, r in runners.items():
-                jax_runs[name].append(time_jax(r, steps, min_time_s))
+                jax_runs[name].append(time_jax(r, steps, min_time_s, devices))
         if with_torch:
             # The same number of timed steps as the JAX side.
             for name, fn in torch_steps.items():
@@ -597,6 +633,16 @@ def run_case(
         "traces": len(runners["step"].traces),
         "page_faults_per_step": round(main.faults_per_step),
     }
+    if first.flops is not None:
+        # How close to the hardware: the step's FLOPs at its measured pace, against the chip's
+        # peaks (a bigger batch or a cohort of students fills what is left).
+        record["gflop_per_step"] = _significant(first.flops / 1e9)
+        record["achieved_tflop_s"] = _significant(first.flops / main.step_s / 1e12)
+        peaks = peak_tflops(jax.devices()[0].device_kind)
+        for precision, peak in (peaks or {}).items():
+            record[f"peak_fraction_{precision}"] = _significant(
+                first.flops / main.step_s / 1e12 / (peak * devices)
+            )
     if "single" in timings:
         # Images trained per second summed over the K students, and K one-student steps' time
         # over one K-student step's.
@@ -656,6 +702,9 @@ def markdown_table(records: list[dict]) -> str:
         ("ratio_compile", "JAX/compiled"),
         ("torch_compile_s", "torch.compile (s)"),
         ("compile_s", "compile (s)"),
+        ("achieved_tflop_s", "TFLOP/s"),
+        ("peak_fraction_bf16", "of bf16 peak"),
+        ("peak_fraction_fp32", "of fp32 peak"),
         ("peak_mem_mb", "peak RSS (MiB)"),
         ("overhead_ratio", "step/(w+beta)"),
         ("input_share", "host batch / step"),

@@ -150,6 +150,11 @@ def _check_record(record, with_torch):
     assert set(throughput.KEYS) <= set(record)
     assert record["img_per_s"] > 0 and record["compile_s"] > 0 and record["peak_mem_mb"] > 0
     assert record["traces"] == 1  # Timed steps reuse the first call's trace.
+    # XLA's FLOP count of the step at its measured pace; a CPU has no listed peak.
+    achieved = record["gflop_per_step"] * 1e9 / (record["step_ms"] / 1e3) / 1e12
+    assert record["gflop_per_step"] > 0
+    assert record["achieved_tflop_s"] == pytest.approx(achieved, rel=0.01, abs=1e-4)
+    assert not any(key.startswith("peak_fraction") for key in record)
     assert record["devices"] == len(jax.devices())
     if with_torch:
         assert record["torch_img_per_s"] > 0
@@ -223,6 +228,18 @@ def test_torch_compiled_twin_computes_the_eager_twins_losses(tiny_pair, case):
         losses.append([float(step(*args).detach()) for _ in range(2)])
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     assert losses[0][0] != losses[0][1]  # The steps train.
+
+
+def test_step_flops_count_every_devices_share_and_peaks_are_the_datasheets():
+    """A batch-sharded matmul over the mesh: XLA counts each device's share; the benchmark's
+    count is the whole step's, 2 * B * K * N."""
+    mesh = parallel.make_mesh()
+    x = jax.device_put(jnp.ones((8, 16)), parallel.batch_sharded(mesh))
+    compiled = jax.jit(lambda x, w: x @ w).lower(x, jnp.ones((16, 32))).compile()
+    assert throughput.step_flops(compiled, len(mesh.devices.flat)) == 2 * 8 * 16 * 32
+    assert throughput.peak_tflops("NVIDIA H200")["bf16"] == 989.4
+    assert throughput.peak_tflops("NVIDIA H100 PCIe")["fp32"] == 51.2
+    assert throughput.peak_tflops("cpu") is None
 
 
 def test_chunked_weight_gradient_matches_xla():
