@@ -3,10 +3,10 @@
 L = CE + gamma_fd * sum_i w_i D(F_s(S_i), A_i): A_i = sum_j alpha_i^j T_i^j is the teacher's
 group-i aggregation with alpha frozen (beta = log(alpha) in the step's state); F_s is a per-group
 ST connector (1x1 conv + BN, student -> teacher channels); D is overhaul's partial L2 with the
-constant margin -1 by default; w_i = 1/2^(G-i). Where the teacher's group ends at a larger size than
-the student's, A_i is average-pooled to the student's, as mdistiller's OFD pools its targets. The run label names the aggregation
-(`distill.aggregation`): 'dfa' (this run's alpha.json), 'last', 'average', 'random' (seeded),
-'file' (another run's alpha.json: DFA-T).
+constant margin -1 by default; w_i = 1/2^(G-i). Where the teacher's group ends at a larger size
+than the student's, A_i is average-pooled to the student's, as mdistiller's OFD pools its targets.
+The run label names the aggregation (`distill.aggregation`): 'dfa' (this run's alpha.json),
+'last', 'average', 'random' (seeded), 'file' (another run's alpha.json: DFA-T).
 """
 
 from __future__ import annotations
