@@ -1,7 +1,7 @@
 """Where a training step's memory and compile time go, from XLA's own accounting of the step.
 
   python -m benchmarks.memory_accounting [--case distill_shufflenet_2.0_0.5_dfa] [--batch 128]
-      [--dtype float32] [--devices 1] [--compare-wrn] [--top 25]
+      [--dtype float32] [--devices 1] [--compare-wrn] [--top 25] [--hlo-dir DIR]
 
 Builds the case's step and state as `benchmarks/throughput.py` does (its `build_case`), lowers
 and compiles it ahead of time, and prints:
@@ -260,7 +260,9 @@ def _tree_mib(tree) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / MIB
 
 
-def account_case(case: str, mesh, batch: int, dtype: str, top: int) -> dict:
+def account_case(
+    case: str, mesh, batch: int, dtype: str, top: int, hlo_dir: str | None = None
+) -> dict:
     """Builds, lowers and compiles `case`'s step and prints its accounting; returns the summary."""
     from benchmarks import throughput  # pylint: disable=g-import-not-at-top
 
@@ -278,7 +280,12 @@ def account_case(case: str, mesh, batch: int, dtype: str, top: int) -> dict:
     params_mib = _tree_mib(getattr(state, "params", {}))
     opt_mib = _tree_mib(getattr(state, "opt_state", {}))
     state_mib = _tree_mib(state)
-    acc = account(compiled.as_text(), top)
+    text = compiled.as_text()
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{case}.hlo.txt"), "w") as f:
+            f.write(text)
+    acc = account(text, top)
 
     print(f"\n== {case} (batch {batch}, {dtype}, {len(mesh.devices.flat)} device(s))")
     print(f"  build {build_s:.1f} s, trace+lower {trace_s:.1f} s, compile {compile_s:.1f} s")
@@ -326,6 +333,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--devices", type=int, default=1, help="JAX CPU devices")
     parser.add_argument("--compare-wrn", action="store_true", help="also distill_pair3_dfa")
     parser.add_argument("--top", type=int, default=25, help="largest buffers to list")
+    parser.add_argument("--hlo-dir", default=None, help="also write each optimised HLO here")
     args = parser.parse_args(argv)
 
     from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -339,7 +347,7 @@ def main(argv=None) -> list[dict]:
     print(f"# cpu: {throughput.cpu_model()} ({os.cpu_count()} cores)")
     print(f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices)")
     cases = [args.case] + (["distill_pair3_dfa"] if args.compare_wrn else [])
-    records = [account_case(c, mesh, args.batch, args.dtype, args.top) for c in cases]
+    records = [account_case(c, mesh, args.batch, args.dtype, args.top, args.hlo_dir) for c in cases]
     print()
     for record in records:
         print(json.dumps(record))
