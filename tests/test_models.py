@@ -63,6 +63,14 @@ def test_channel_shuffle_matches_pytorch_order():
     np.testing.assert_array_equal(expected[0, 0, 0], [0, 3, 1, 4, 2, 5])
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_concat_shuffle_is_channel_shuffle_of_the_concatenation(groups):
+    keys = jax.random.split(jax.random.key(1), groups)
+    parts = [jax.random.normal(k, (2, 3, 4, 5)) for k in keys]
+    expected = shufflenet_v2.channel_shuffle(jnp.concatenate(parts, axis=-1), groups)
+    np.testing.assert_array_equal(shufflenet_v2.concat_shuffle(parts), expected)
+
+
 def test_bad_group_range_raises():
     model = models.get_model("wrn_10_1", 10)
     variables = jax.eval_shape(model.init, jax.random.key(0), IMAGES)

@@ -46,6 +46,16 @@ def channel_shuffle(x, groups: int):
     return jnp.swapaxes(x, -1, -2).reshape(*batch_dims, channels)
 
 
+def concat_shuffle(parts):
+    """g x [B, H, W, C] -> [B, H, W, g*C]: `channel_shuffle(concatenate(parts, -1), g)`.
+
+    Written as a stack on a new minor axis (channel k*g+j is part j's channel k) rather than a
+    concatenate and a transpose: XLA then fuses one interleaving copy instead of a transposing
+    one, and the next unit's channel split slices that layout without another transpose.
+    """
+    return jnp.stack(parts, axis=-1).reshape(*parts[0].shape[:-1], -1)
+
+
 class ShuffleUnit(nn.Module):
     """relu -> (left branch | right branch) -> concat -> channel shuffle; output is pre-ReLU.
 
@@ -93,7 +103,7 @@ class ShuffleUnit(nn.Module):
         )(right)
         right = norm(name="residual_bn2")(right)
         right = norm(name="residual_bn3")(conv1x1(half, name="residual_conv2")(right))
-        return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
+        return concat_shuffle([left, right])
 
 
 class ShuffleNetV2(nn.Module):
