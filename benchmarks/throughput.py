@@ -336,8 +336,8 @@ class Timing:
     steps: int
     faults_per_step: float  # Minor page faults per timed step (all threads of the process).
     trace_s: float | None = None  # JAX: tracing and lowering to StableHLO.
-    flops: float | None = None  # JAX: the compiled step's FLOPs, all devices (XLA's cost analysis).
     compile_s: float | None = None  # XLA's compilation of the lowered step; torch.compile's.
+    flops: float | None = None  # JAX: the compiled step's FLOPs, all devices (XLA's cost analysis).
 
 
 def _num_steps(steps: int | None, warm_step_s: float, min_time_s: float) -> int:
@@ -408,7 +408,9 @@ def time_jax(runner: Runner, steps: int | None, min_time_s: float, devices: int 
 
     step_s, n, faults = _time_steps(step, lambda: jax.block_until_ready(held), steps, min_time_s)
     flops = step_flops(compiled, devices)
-    return Timing(step_s, first_call_s, n, faults, trace_s, compile_s, flops)
+    return Timing(
+        step_s, first_call_s, n, faults, trace_s=trace_s, compile_s=compile_s, flops=flops
+    )
 
 
 # A torch.compile'd step compiles in its first calls: the loss's graphs in the first, the
