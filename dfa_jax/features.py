@@ -42,23 +42,6 @@ def clamp(x: jax.Array, clamp_min: float | None) -> jax.Array:
     return x if clamp_min is None else jnp.maximum(x, clamp_min)
 
 
-def pool_to(x: jax.Array, hw: Sequence[int]) -> jax.Array:
-    """[B, H, W, C] -> [B, *hw, C]: average pooling by the whole factors H / hw[0] and W / hw[1].
-
-    Where a teacher's group ends at a larger size than the student's (resnet32x4's 32/16/8
-    against ShuffleV1's 16/8/4), its maps are pooled to the student's before any distance, as
-    mdistiller's OFD pools them (`adaptive_avg_pool2d` to the student's size: for whole factors
-    the same as this).
-    """
-    b, h, w, c = x.shape
-    oh, ow = hw
-    if (h, w) == (oh, ow):
-        return x
-    if h % oh or w % ow:
-        raise ValueError(f"cannot pool a {h}x{w} map to {oh}x{ow}: not a whole factor")
-    return jnp.mean(x.reshape(b, oh, h // oh, ow, w // ow, c), axis=(2, 4))
-
-
 def shapes_of(model, names: Sequence[str], image_size: int = 32) -> list[tuple[int, ...]]:
     """The shapes [1, H, W, C] of the sown maps `names` (no compile, no FLOPs)."""
     return list(_shapes_of(model, tuple(names), image_size))

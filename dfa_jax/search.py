@@ -90,7 +90,7 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
         )
         # A teacher group that ends at a larger size than the student's is pooled to it (both
         # connectors then work at the student's size; pooling and aggregating commute).
-        maps = [features.pool_to(m, s_hw) for m in maps]
+        maps = [losses.adaptive_avg_pool(m, s_hw) for m in maps]
         aggregated = losses.aggregate(maps, jax.nn.softmax(beta[key]))
 
         # ST path: student groups 1..i, then the student transform to the teacher's channels.

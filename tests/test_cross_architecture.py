@@ -17,9 +17,16 @@ import numpy as np
 import pytest
 from test_cifar_mobile_models import torch_net
 from test_cifar_models import torch_model
-from test_methods_against_peers import ab_losses, overhaul_distillation_loss, overhaul_margin
+from test_methods_against_peers import (
+    _nchw,
+    _set_bn,
+    _set_conv,
+    ab_losses,
+    overhaul_distillation_loss,
+    overhaul_margin,
+)
 
-from dfa_jax import config_lib, features, interop, methods, models, parallel, search
+from dfa_jax import config_lib, features, interop, losses, methods, models, parallel, search
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -49,25 +56,16 @@ def conv_reg(s_shape, t_shape, use_relu):
 
 
 def port_connector(module, params, stats=None):
-    """A Flax `models.Connector` into a torch (conv, BN, ...) sequence; the torch conv's bias (the
-    Flax one has none: the BN's batch mean cancels it) gets values that must not matter."""
-    conv, bn = module[0], module[1]
-    k = np.asarray(
-        params["conv"]["kernel"]
-    )  # [kh, kw, in, out]; the transposed: [kh, kw, out, in].
-    conv.weight.data = torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1)))
-    if conv.bias is not None:
-        conv.bias.data = torch.linspace(-0.5, 0.5, conv.bias.numel())
-    bn.weight.data = torch.from_numpy(np.asarray(params["bn"]["scale"]).copy())
-    bn.bias.data = torch.from_numpy(np.asarray(params["bn"]["bias"]).copy())
-    if stats is not None:
-        bn.running_mean.data = torch.from_numpy(np.asarray(stats["bn"]["mean"]).copy())
-        bn.running_var.data = torch.from_numpy(np.asarray(stats["bn"]["var"]).copy())
+    """A Flax `models.Connector` into a torch (conv, BN, ...) sequence. A transposed conv's Flax
+    kernel ([kh, kw, out, in], `transpose_kernel`) maps to torch's [in, out, kh, kw] as a plain
+    conv's does, unflipped."""
+    _set_conv(module[0], params["conv"]["kernel"])
+    if stats is None:  # Train mode reads no running statistics.
+        module[1].weight.data = torch.from_numpy(np.asarray(params["bn"]["scale"]).copy())
+        module[1].bias.data = torch.from_numpy(np.asarray(params["bn"]["bias"]).copy())
+    else:
+        _set_bn(module[1], params["bn"], stats["bn"])
     return module.train()
-
-
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +156,7 @@ def test_connector_and_validate_refuse_what_convreg_cannot_resize(pair):
     # 16/8/4/2 too. A student map a quarter of the teacher's: FitNets' ConvReg cannot go there.
     assert models.resize_problem((8, 8), (16, 16)) is None
     np.testing.assert_array_equal(
-        features.pool_to(jnp.arange(16.0).reshape(1, 4, 4, 1), (2, 2))[0, :, :, 0],
+        losses.adaptive_avg_pool(jnp.arange(16.0).reshape(1, 4, 4, 1), (2, 2))[0, :, :, 0],
         [[2.5, 4.5], [10.5, 12.5]],
     )
 

@@ -55,11 +55,24 @@ def _check_power(name: str, p: float) -> float:
     return int(p) if float(p).is_integer() else float(p)
 
 
+def adaptive_avg_pool(x: jax.Array, hw) -> jax.Array:
+    """[B, H, W, C] -> [B, *hw, C]: torch's `F.adaptive_avg_pool2d(x, hw)` on an NHWC map.
+
+    Where a teacher's group ends larger than the student's, DFA, Margin and the search pool the
+    teacher's maps to the student's size with it, as mdistiller's OFD does; AT and FT pool the
+    larger of their two maps (`_match_spatial`).
+    """
+    return _adaptive_avg_pool_axis(_adaptive_avg_pool_axis(x, 1, hw[0]), 2, hw[1])
+
+
 def _adaptive_avg_pool_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     """torch `adaptive_avg_pool` along one axis: bin i averages [floor(i n/s), ceil((i+1) n/s))."""
     n = x.shape[axis]
     if n == size:
         return x
+    if n % size == 0:  # Equal bins: one reduction over a reshape instead of `size` slices.
+        shape = x.shape[:axis] + (size, n // size) + x.shape[axis + 1 :]
+        return jnp.mean(x.reshape(shape), axis=axis + 1)
     bins = []
     for i in range(size):
         start, stop = (i * n) // size, -((-(i + 1) * n) // size)
@@ -77,11 +90,9 @@ def _match_spatial(student: jax.Array, teacher: jax.Array) -> tuple[jax.Array, j
     if s_hw == t_hw:
         return student, teacher
     if s_hw[0] >= t_hw[0] and s_hw[1] >= t_hw[1]:
-        pooled = _adaptive_avg_pool_axis(student, 1, t_hw[0])
-        return _adaptive_avg_pool_axis(pooled, 2, t_hw[1]), teacher
+        return adaptive_avg_pool(student, t_hw), teacher
     if t_hw[0] >= s_hw[0] and t_hw[1] >= s_hw[1]:
-        pooled = _adaptive_avg_pool_axis(teacher, 1, s_hw[0])
-        return student, _adaptive_avg_pool_axis(pooled, 2, s_hw[1])
+        return student, adaptive_avg_pool(teacher, s_hw)
     raise ValueError(
         f"cannot pool: student {s_hw} is neither larger nor smaller than teacher {t_hw}"
     )

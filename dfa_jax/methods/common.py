@@ -20,6 +20,7 @@ import optax
 
 from dfa_jax import config_lib
 from dfa_jax import features
+from dfa_jax import losses
 from dfa_jax import method_registry
 from dfa_jax import models
 from dfa_jax import parallel
@@ -296,8 +297,8 @@ def student_loss(
 def connected_maps(pair: Pair, with_stem: bool) -> Callable[[Step], tuple[list, list]]:
     """Margin's and DFA's maps: `step -> (mapped, targets)`, per group end (after the stem when
     `with_stem`) the student's pre-ReLU map through its 'st' connector and the teacher's
-    pre-ReLU map pooled to the student's size (`features.pool_to`). Records the connectors'
-    batch_stats in `step.new_stats`."""
+    pre-ReLU map pooled to the student's size (`losses.adaptive_avg_pool`). Records the
+    connectors' batch_stats in `step.new_stats`."""
     keys = ([STEM] if with_stem else []) + [group_key(i + 1) for i in range(len(pair.t_groups))]
     names = positions(pair.teacher, "pre_relu", with_stem)
     connectors = [
@@ -314,7 +315,7 @@ def connected_maps(pair: Pair, with_stem: bool) -> Callable[[Step], tuple[list, 
             mapped.append(out)
             st_stats[key] = stats
         step.new_stats["st"] = st_stats
-        return mapped, [features.pool_to(t, m.shape[1:3]) for t, m in zip(t_pre, mapped)]
+        return mapped, [losses.adaptive_avg_pool(t, m.shape[1:3]) for t, m in zip(t_pre, mapped)]
 
     return apply
 

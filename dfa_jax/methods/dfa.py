@@ -91,7 +91,7 @@ def _loss(pair, config, constants):
             alpha = jax.nn.softmax(step.beta[common.group_key(i + 1)])
             aggregated = losses.aggregate(candidates, alpha)
             # At the student's size where the teacher's group ends larger (`connected_maps`).
-            targets.append(features.pool_to(aggregated, mapped[len(targets)].shape[1:3]))
+            targets.append(losses.adaptive_avg_pool(aggregated, mapped[len(targets)].shape[1:3]))
         fd = losses.feature_distillation_loss(
             mapped, targets, distance=distill.distance, margin=distill.margin
         )
