@@ -1,6 +1,7 @@
 """Test set-up: two simulated CPU devices, quiet TensorFlow, no GPU for tf.data."""
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -23,11 +24,13 @@ os.environ.setdefault(
 
 # One persistent compilation cache per test run, shared by the xdist workers and the
 # subprocesses the tests start (inherited through the environment): the tiny pipelines many tests
-# run compile the same steps, and on 2 CPU cores compiling is most of their time.
-_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"dfa_jax_tests_{_RUN_ID}")
-)
+# run compile the same steps, and on 2 CPU cores compiling is most of their time. The process
+# pytest was started in makes it before it starts the workers (they inherit it) and removes it
+# when the run ends (a run leaves ~35 MB there); a directory the caller set is left alone.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="dfa_jax_tests_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -60,6 +63,12 @@ SLOWEST_FILES = (
 )
 
 
+def pytest_sessionfinish(session, exitstatus):
+    del session, exitstatus
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
     del config
 
@@ -68,4 +77,3 @@ def pytest_collection_modifyitems(config, items):
         return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
 
     items.sort(key=rank)  # Stable: each file's tests keep their order.
-
