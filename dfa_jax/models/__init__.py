@@ -11,7 +11,8 @@ Every model keeps the feature contract `FeatureModel`:
     it; what RepDistiller's networks return as features for AT, FitNets, SP and FT);
   `num_groups` (property).
 Features are sown into the flat top-level collection FEATURES: `mutated[FEATURES][name]` is a
-1-tuple holding the map, in the module's compute dtype.
+1-tuple holding the map, in the module's compute dtype. The built-in models name their maps alike
+and take the naming methods from how many maps each group has (`GroupNames`).
 
 A `Family` reads its model names, builds its models and says what its maps allow beyond the
 contract (a stem outside the groups; one BatchNorm producing each group end; which parameters
@@ -35,6 +36,7 @@ from dfa_jax.models import cifar_mobile
 from dfa_jax.models.connectors import Connector, resize_problem
 from dfa_jax.models.layers import FEATURES
 from dfa_jax.models.layers import sow_feature
+from dfa_jax.models.naming import GroupNames
 from dfa_jax.models.shufflenet_v2 import WIDTHS as SHUFFLENET_V2_WIDTHS
 from dfa_jax.models.shufflenet_v2 import ShuffleNetV2
 from dfa_jax.models.wide_resnet import WideResNet
@@ -48,6 +50,7 @@ __all__ = [
     "Connector",
     "Family",
     "FeatureModel",
+    "GroupNames",
     "ShuffleNetV2",
     "WideResNet",
     "family_of",
@@ -75,9 +78,19 @@ class FeatureModel(Protocol):
 
     def raw_group_ends(self) -> tuple[str, ...]: ...
 
-    def __call__(
-        self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None
-    ): ...
+    def __call__(self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None):
+        """Runs groups start_group+1..stop_group.
+
+        Args:
+          x: images [B, H, W, 3] when start_group == 0, else the group-`start_group` boundary
+            tensor (the pre-ReLU map sown as its last feature).
+          train: use and update batch statistics.
+          start_group: 0, or the group whose boundary `x` is.
+          stop_group: None for logits, or the group whose boundary to return.
+
+        Returns:
+          float32 logits [B, num_classes], or the group-`stop_group` boundary tensor.
+        """
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dfa_jax.models import layers
+from dfa_jax.models.naming import GroupNames
 from dfa_jax.models.shufflenet_v2 import channel_shuffle
 
 
@@ -38,40 +39,8 @@ def _pool_linear(x, num_classes: int, name: str):
     return layers.Dense(num_classes, dtype=jnp.float32, name=name)(x)
 
 
-class _Contract:
-    """The feature contract's name methods from `blocks_per_group` (a tuple per group)."""
-
-    raw_is_pre = False  # Raw block outputs are the pre-ReLU maps (no ReLU after a block).
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.blocks_per_group)
-
-    @nn.nowrap
-    def feature_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Per group, the names of its candidate maps in forward order (last = boundary)."""
-        return tuple(
-            tuple(f"g{g}_b{j}" for j in range(1, n + 1))
-            for g, n in enumerate(self.blocks_per_group, start=1)
-        )
-
-    @nn.nowrap
-    def stem_features(self) -> tuple[str, str]:
-        """(pre-ReLU, raw) of the stem: its BN's output, and the ReLU of it (their f0)."""
-        return ("stem", "stem_out")
-
-    @nn.nowrap
-    def raw_group_ends(self) -> tuple[str, ...]:
-        """Per group, the sown raw output of its last block (their is_feat feature)."""
-        if self.raw_is_pre:
-            return tuple(names[-1] for names in self.feature_groups())
-        return tuple(f"g{g}_out" for g in range(1, self.num_groups + 1))
-
-    @nn.nowrap
-    def extra_feature_names(self) -> tuple[str, ...]:
-        """Sown features outside every group."""
-        raw = () if self.raw_is_pre else self.raw_group_ends()
-        return self.stem_features() + raw
+class _Contract(GroupNames):
+    """The contract's names (`GroupNames`, from `maps_per_group`) and the forward these share."""
 
     def _run(self, x, train, start_group, stop_group, stem, blocks, post, head):
         """The shared forward: stem, groups start_group+1..stop_group, head.
@@ -159,7 +128,7 @@ class MobileNetV2(_Contract, nn.Module):
     raw_is_pre = True
 
     @property
-    def blocks_per_group(self) -> tuple[int, ...]:
+    def maps_per_group(self) -> tuple[int, ...]:
         return tuple(
             sum(MOBILENET_V2_SETTING[s][2] for s in stages) for stages in MOBILENET_V2_GROUPS
         )
@@ -260,7 +229,7 @@ class ShuffleV1(_Contract, nn.Module):
     dtype: Any = jnp.float32
 
     @property
-    def blocks_per_group(self) -> tuple[int, ...]:
+    def maps_per_group(self) -> tuple[int, ...]:
         return self.layer_blocks
 
     @nn.nowrap
@@ -361,7 +330,7 @@ class ShuffleV2(_Contract, nn.Module):
     dtype: Any = jnp.float32
 
     @property
-    def blocks_per_group(self) -> tuple[int, ...]:
+    def maps_per_group(self) -> tuple[int, ...]:
         return tuple(n + 1 for n in self.layer_blocks)
 
     @nn.nowrap
@@ -437,7 +406,7 @@ class ResNet50(_Contract, nn.Module):
     dtype: Any = jnp.float32
 
     @property
-    def blocks_per_group(self) -> tuple[int, ...]:
+    def maps_per_group(self) -> tuple[int, ...]:
         return self.layer_blocks
 
     @nn.nowrap

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dfa_jax.models import layers
+from dfa_jax.models.naming import GroupNames
 
 SMALL_WIDTHS = (16, 16, 32, 64)
 X4_WIDTHS = (32, 64, 128, 256)
@@ -68,7 +69,7 @@ class BasicBlock(nn.Module):
         return out + x
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(GroupNames, nn.Module):
     """Stem conv-BN-ReLU, three groups of (depth-2)/6 BasicBlocks, ReLU-pool-FC head.
 
     Group i maps are [B, 32/2^(i-1), 32/2^(i-1), widths[i]]; the stem's [B, 32, 32, widths[0]].
@@ -84,46 +85,14 @@ class CifarResNet(nn.Module):
         return (self.depth - 2) // 6
 
     @property
-    def num_groups(self) -> int:
-        return 3
-
-    @nn.nowrap
-    def feature_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Per group, the names of its candidate maps in forward order (last = boundary)."""
-        return tuple(
-            tuple(f"g{g}_b{j}" for j in range(1, self.blocks_per_group + 1))
-            for g in range(1, self.num_groups + 1)
-        )
-
-    @nn.nowrap
-    def extra_feature_names(self) -> tuple[str, ...]:
-        """Sown features outside every group."""
-        return self.stem_features() + self.raw_group_ends()
-
-    @nn.nowrap
-    def stem_features(self) -> tuple[str, str]:
-        """(pre-ReLU, raw) stem maps: bn1's output and its ReLU (RepDistiller's f0)."""
-        return ("stem", "stem_out")
-
-    @nn.nowrap
-    def raw_group_ends(self) -> tuple[str, ...]:
-        """Per group, the ReLU of its boundary (RepDistiller's `is_feat` features f1..f3)."""
-        return tuple(f"g{g}_out" for g in range(1, self.num_groups + 1))
+    def maps_per_group(self) -> tuple[int, ...]:
+        return (self.blocks_per_group,) * 3
 
     @nn.compact
     def __call__(self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None):
-        """Runs groups start_group+1..stop_group.
-
-        Args:
-          x: images [B, 32, 32, 3] when start_group == 0, else the group-`start_group` boundary
-            tensor (the pre-ReLU map sown as its last feature).
-          train: use and update batch statistics.
-          start_group: 0, or the group whose boundary `x` is.
-          stop_group: None for logits, or the group whose boundary to return.
-
-        Returns:
-          float32 logits [B, num_classes], or the group-`stop_group` boundary tensor.
-        """
+        """The contract's forward (`models.FeatureModel.__call__`): groups start_group+1..
+        stop_group of images [B, 32, 32, 3] or of group `start_group`'s boundary -> float32
+        logits [B, num_classes], or group `stop_group`'s boundary."""
         last = layers.check_group_range(start_group, stop_group, self.num_groups)
         x = x.astype(self.dtype)
         if start_group == 0:

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dfa_jax.models import layers
+from dfa_jax.models.naming import GroupNames
 
 CONFIGS = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
@@ -42,7 +43,7 @@ Conv3x3 = functools.partial(layers.Conv3x3, use_bias=True)
 classifier_init = nn.initializers.normal(0.01)
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(GroupNames, nn.Module):
     """Stem block 0, groups 1-4 (blocks 1-4), ReLU-pool-linear head.
 
     Maps: stem [B, 32, 32, 64]; group i [B, 32/2^i, 32/2^i, C] for i <= 3, group 4 [B, 4, 4, 512].
@@ -53,31 +54,9 @@ class CifarVGG(nn.Module):
     dtype: Any = jnp.float32
 
     @property
-    def num_groups(self) -> int:
-        return len(self.config) - 1
-
-    @nn.nowrap
-    def feature_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Per group, the names of its candidate maps in forward order (last = boundary)."""
-        return tuple(
-            tuple(f"g{g}_b{j}" for j in range(1, len(self.config[g]) + 1))
-            for g in range(1, self.num_groups + 1)
-        )
-
-    @nn.nowrap
-    def extra_feature_names(self) -> tuple[str, ...]:
-        """Sown features outside every group."""
-        return self.stem_features() + self.raw_group_ends()
-
-    @nn.nowrap
-    def stem_features(self) -> tuple[str, str]:
-        """(pre-ReLU, raw) stem maps: block 0's last BN output and its ReLU (their f0)."""
-        return ("stem", "stem_out")
-
-    @nn.nowrap
-    def raw_group_ends(self) -> tuple[str, ...]:
-        """Per group, the ReLU of its boundary (RepDistiller's `is_feat` features f1..f4)."""
-        return tuple(f"g{g}_out" for g in range(1, self.num_groups + 1))
+    def maps_per_group(self) -> tuple[int, ...]:
+        """One map per conv layer of blocks 1-4 (block 0 is the stem)."""
+        return tuple(len(widths) for widths in self.config[1:])
 
     @nn.nowrap
     def _layers(self, block: int, x, train: bool, sow: bool):
@@ -96,18 +75,9 @@ class CifarVGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None):
-        """Runs groups start_group+1..stop_group.
-
-        Args:
-          x: images [B, 32, 32, 3] when start_group == 0, else the group-`start_group` boundary
-            tensor (the pre-ReLU map sown as its last feature).
-          train: use and update batch statistics.
-          start_group: 0, or the group whose boundary `x` is.
-          stop_group: None for logits, or the group whose boundary to return.
-
-        Returns:
-          float32 logits [B, num_classes], or the group-`stop_group` boundary tensor.
-        """
+        """The contract's forward (`models.FeatureModel.__call__`): groups start_group+1..
+        stop_group of images [B, 32, 32, 3] or of group `start_group`'s boundary -> float32
+        logits [B, num_classes], or group `stop_group`'s boundary."""
         last = layers.check_group_range(start_group, stop_group, self.num_groups)
         x = x.astype(self.dtype)
         if start_group == 0:

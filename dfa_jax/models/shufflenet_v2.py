@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dfa_jax.models import layers
+from dfa_jax.models.naming import GroupNames
 
 STAGE_UNITS = (4, 8, 4)
 """Units of stages 2, 3, 4; the first of each has stride 2."""
@@ -106,7 +107,7 @@ class ShuffleUnit(nn.Module):
         return concat_shuffle([left, right])
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(GroupNames, nn.Module):
     """Stem (group 1), stages 2/3/4 (groups 2-4), conv5 (group 5), ReLU-pool-FC head.
 
     Group i maps: g1 [B, 32, 32, 24]; g2..g4 [B, 32/2^(i-1), 32/2^(i-1), widths[i-2]];
@@ -117,48 +118,21 @@ class ShuffleNetV2(nn.Module):
     num_classes: int
     dtype: Any = jnp.float32
 
+    # The stem is group 1, and no BN of its own consumes a unit's output (the next unit starts with
+    # a ReLU): the raw group ends are the boundaries, and nothing is sown outside the groups.
+    has_stem = False
+    raw_is_pre = True
+
     @property
-    def num_groups(self) -> int:
-        return 2 + len(STAGE_UNITS)
-
-    @nn.nowrap
-    def feature_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Per group, the names of its candidate maps in forward order (last = boundary)."""
-        units = (1,) + STAGE_UNITS + (1,)
-        return tuple(
-            tuple(f"g{g}_b{j}" for j in range(1, n + 1)) for g, n in enumerate(units, start=1)
-        )
-
-    @nn.nowrap
-    def extra_feature_names(self) -> tuple[str, ...]:
-        """Sown features outside every group: none."""
-        return ()
-
-    @nn.nowrap
-    def stem_features(self) -> None:
-        """None: the stem is group 1."""
-        return None
-
-    @nn.nowrap
-    def raw_group_ends(self) -> tuple[str, ...]:
-        """Per group, its raw output: the group end itself (no BN of its own consumes a unit's
-        output; the next unit starts with a ReLU)."""
-        return tuple(names[-1] for names in self.feature_groups())
+    def maps_per_group(self) -> tuple[int, ...]:
+        """The stem, each stage's units, conv5: one map each."""
+        return (1,) + STAGE_UNITS + (1,)
 
     @nn.compact
     def __call__(self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None):
-        """Runs groups start_group+1..stop_group.
-
-        Args:
-          x: images [B, 32, 32, 3] when start_group == 0, else the group-`start_group` boundary
-            tensor (the pre-ReLU map sown as its last feature).
-          train: use and update batch statistics.
-          start_group: 0, or the group whose boundary `x` is.
-          stop_group: None for logits, or the group whose boundary to return.
-
-        Returns:
-          float32 logits [B, num_classes], or the group-`stop_group` boundary tensor.
-        """
+        """The contract's forward (`models.FeatureModel.__call__`): groups start_group+1..
+        stop_group of images [B, 32, 32, 3] or of group `start_group`'s boundary -> float32
+        logits [B, num_classes], or group `stop_group`'s boundary."""
         last = layers.check_group_range(start_group, stop_group, self.num_groups)
         norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
         x = x.astype(self.dtype)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dfa_jax.models import layers
+from dfa_jax.models.naming import GroupNames
 
 
 class WideBasicBlock(nn.Module):
@@ -71,7 +72,7 @@ class WideBasicBlock(nn.Module):
         return out + x
 
 
-class WideResNet(nn.Module):
+class WideResNet(GroupNames, nn.Module):
     """WRN-depth-width: stem conv, 3 groups of (depth-4)/6 blocks at 32^2/16^2/8^2, BN-ReLU-pool-FC.
 
     Sown features (collection FEATURES, top level): 'stem' (the stem output after g1_b1's bn1,
@@ -89,36 +90,12 @@ class WideResNet(nn.Module):
         return (self.depth - 4) // 6
 
     @property
-    def num_groups(self) -> int:
-        return 3
+    def maps_per_group(self) -> tuple[int, ...]:
+        return (self.blocks_per_group,) * 3
 
     @property
     def group_widths(self) -> tuple[int, ...]:
         return tuple(16 * self.width * 2**g for g in range(self.num_groups))
-
-    @nn.nowrap
-    def feature_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Per group, the names of its candidate maps in forward order (last = boundary)."""
-        return tuple(
-            tuple(f"g{g}_b{j}" for j in range(1, self.blocks_per_group + 1))
-            for g in range(1, self.num_groups + 1)
-        )
-
-    @nn.nowrap
-    def extra_feature_names(self) -> tuple[str, ...]:
-        """Sown features outside every group."""
-        return self.stem_features() + self.raw_group_ends()
-
-    @nn.nowrap
-    def stem_features(self) -> tuple[str, str]:
-        """The stem's sown maps outside every group: (pre-ReLU, raw) = (g1_b1's bn1 of it, conv1's
-        output)."""
-        return ("stem", "stem_out")
-
-    @nn.nowrap
-    def raw_group_ends(self) -> tuple[str, ...]:
-        """Per group, the sown raw output of its last block (the residual stream, before a BN)."""
-        return tuple(f"g{g}_out" for g in range(1, self.num_groups + 1))
 
     def _block(self, group: int, index: int) -> WideBasicBlock:
         """Block `index` (0-based) of `group` (1-based)."""
@@ -133,18 +110,9 @@ class WideResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, start_group: int = 0, stop_group: int | None = None):
-        """Runs groups start_group+1..stop_group.
-
-        Args:
-          x: images [B, 32, 32, 3] when start_group == 0, else the group-`start_group` boundary
-            tensor (the pre-ReLU map sown as its last feature).
-          train: use and update batch statistics.
-          start_group: 0, or the group whose boundary `x` is.
-          stop_group: None for logits, or the group whose boundary to return.
-
-        Returns:
-          float32 logits [B, num_classes], or the group-`stop_group` boundary tensor.
-        """
+        """The contract's forward (`models.FeatureModel.__call__`): groups start_group+1..
+        stop_group of images [B, 32, 32, 3] or of group `start_group`'s boundary -> float32
+        logits [B, num_classes], or group `stop_group`'s boundary."""
         last = layers.check_group_range(start_group, stop_group, self.num_groups)
         x = x.astype(self.dtype)
         if start_group == 0:
