@@ -6,10 +6,12 @@
 #       --methods=none,kd,fitnets,at,jacobian,ft,ab,sp,margin,dfa --seeds=0,1,2 [--dry-run] \
 #       [--launcher=direct|local|slurm|tpu] [--config.teacher.checkpoint=W ...]
 #
-# A method is one of none kd fitnets at jacobian ft ab sp margin dfa, or a DFA aggregation
-# (last average random) for Table 5. Non-DFA methods skip the search stage. Any other flag is
-# passed to every run (e.g. a shared teacher, data paths, shorter epochs). --dry-run prints one
-# line per run and runs nothing. Afterwards:
+# A method is any `distill.method` (none kd fitnets at jacobian ft ab sp margin dkd dist kd_ls
+# dkd_ls dfa, or a registered one), or a DFA aggregation (last average random for Table 5; file
+# with --config.distill.alpha_file=...). Only dfa runs the search stage. Any other flag is passed
+# to every run (e.g. a shared teacher, data paths, shorter epochs). Each seed is a run of its own;
+# one run with --config.distill.seeds=(0,1,2) instead trains the seeds' students in one step
+# sharing the teacher's forward. --dry-run prints one line per run and runs nothing. Afterwards:
 #   python -m dfa_jax.report RUNS --out RUNS
 #
 # --launcher says how each run starts:
@@ -25,7 +27,7 @@
 #           leaves it). RUNS must be gs://...
 set -euo pipefail
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 
 runs="" configs="" methods="" seeds="0" dry_run=0 launcher=direct processes="" port=""
 tpu_delete=0
@@ -77,7 +79,7 @@ for config in "${config_list[@]}"; do
   for method in "${method_list[@]}"; do
     case "$method" in
       dfa) flags=(--config.distill.method=dfa --config.distill.aggregation=dfa) ;;
-      last|average|random) flags=(--config.distill.method=dfa "--config.distill.aggregation=$method"
+      last|average|random|file) flags=(--config.distill.method=dfa "--config.distill.aggregation=$method"
                                   '--config.stages=("teacher","distill")') ;;
       *) flags=("--config.distill.method=$method" '--config.stages=("teacher","distill")') ;;
     esac

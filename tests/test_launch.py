@@ -48,7 +48,7 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
             "launch/sweep.sh",
             f"--runs={tmp_path}",
             "--configs=configs/cifar100_pair3.py",
-            "--methods=kd,last,dfa",
+            "--methods=kd,last,dfa,file",
             "--seeds=0,1",
             "--dry-run",
             "--config.teacher.checkpoint=/t",
@@ -58,11 +58,14 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
         text=True,
         check=True,
     ).stdout.splitlines()
-    assert len(out) == 6
+    assert len(out) == 8
     assert all("--config.teacher.checkpoint=/t" in line for line in out)
     assert f"--workdir={tmp_path}/cifar100_pair3/kd/seed1" in out[1]
     assert "--config.distill.aggregation=last" in out[2] and "distill" in out[2]
     assert "--config.distill.aggregation=dfa" in out[4] and "stages" not in out[4]
+    # An alpha file of another run (DFA-T): DFA's distillation without a search of its own.
+    assert "--config.distill.method=dfa --config.distill.aggregation=file" in out[6]
+    assert "stages" in out[6]
     assert not any(tmp_path.iterdir())
 
 
