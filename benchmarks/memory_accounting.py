@@ -8,6 +8,8 @@ and compiles it ahead of time, and prints:
   * trace/lower and compile seconds;
   * `compiled.memory_analysis()` (argument, output, alias, temp, generated code, in MiB) and the
     state's parameter / optimizer bytes;
+  * on an accelerator, the device's peak memory after the compile alone (what the compiler's
+    autotuning allocated) and after one step, to set against `temp`;
   * from the optimised, scheduled HLO (`compiled.as_text()`): every buffer the entry computation
     defines, by kind (convolutions dense / depthwise, layout copies and transposes, concatenates,
     elementwise fusions, ...) with counts and bytes; then a liveness walk over the schedule
@@ -261,6 +263,16 @@ def _tree_mib(tree) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / MIB
 
 
+def _device_mib(device, key: str) -> float | None:
+    """`device.memory_stats()[key]` in MiB; None where the device keeps no statistics (CPU)."""
+    stats = device.memory_stats() or {}
+    return stats[key] / MIB if key in stats else None
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
 def account_case(
     case: str, mesh, batch: int, dtype: str, top: int, hlo_dir: str | None = None
 ) -> dict:
@@ -271,16 +283,27 @@ def account_case(
     runner = throughput.build_case(case, mesh, batch, dtype)["step"]
     build_s = time.perf_counter() - start
     state = runner.make_state()
+    params_mib = _tree_mib(getattr(state, "params", {}))
+    opt_mib = _tree_mib(getattr(state, "opt_state", {}))
+    state_mib = _tree_mib(state)
     start = time.perf_counter()
     lowered = runner.fn.lower(state, *runner.args)
     trace_s = time.perf_counter() - start
+    device = mesh.devices.flat[0]
+    in_use_before = _device_mib(device, "bytes_in_use")
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
-    params_mib = _tree_mib(getattr(state, "params", {}))
-    opt_mib = _tree_mib(getattr(state, "opt_state", {}))
-    state_mib = _tree_mib(state)
+    # On an accelerator: the device's peak after the compile alone (what autotuning allocated)
+    # and after one step (the step's buffers), to set against `temp`. None on the CPU.
+    peak_compile = _device_mib(device, "peak_bytes_in_use")
+    peak_step = None
+    if peak_compile is not None:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        jax.block_until_ready(compiled(state, *runner.args))
+        peak_step = _device_mib(device, "peak_bytes_in_use")
     text = compiled.as_text()
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
@@ -294,6 +317,11 @@ def account_case(
     fields = ("argument", "output", "alias", "temp", "generated_code")
     for field in fields:
         print(f"    {field:15s} {getattr(mem, f'{field}_size_in_bytes') / MIB:9.1f}")
+    if peak_compile is not None:
+        print(
+            f"  device memory (MiB): in use before the compile {in_use_before:.1f}, peak after the"
+            f" compile {peak_compile:.1f}, peak after one step {peak_step:.1f}"
+        )
     print(
         f"  state: params {params_mib:.1f} MiB, optimizer {opt_mib:.1f} MiB, whole state"
         f" {state_mib:.1f} MiB"
@@ -317,6 +345,8 @@ def account_case(
         "trace_s": round(trace_s, 2),
         "compile_s": round(compile_s, 2),
         **{f"{f}_mib": round(getattr(mem, f"{f}_size_in_bytes") / MIB, 1) for f in fields},
+        "device_peak_after_compile_mib": _rounded(peak_compile),
+        "device_peak_after_step_mib": _rounded(peak_step),
         "params_mib": round(params_mib, 1),
         "opt_state_mib": round(opt_mib, 1),
         "hlo_instructions": acc["instructions"],

@@ -250,6 +250,43 @@ def test_step_flops_count_every_devices_share_and_peaks_are_the_datasheets():
     assert throughput.peak_tflops("cpu") is None
 
 
+# A scheduled entry of 256 KiB arrays: `a` is read by `b` and `c`, so a, b and c are live together
+# at `c`; `d` (the output) lives to the end; parameters and tuples define no buffer of their own.
+_HLO = """HloModule m
+
+%fused_negate (p: f32[256,256]) -> f32[256,256] {
+  %p = f32[256,256]{1,0} parameter(0)
+  ROOT %n = f32[256,256]{1,0} negate(%p)
+}
+
+ENTRY %main (Arg_0.1: f32[256,256]) -> (f32[256,256]) {
+  %Arg_0.1 = f32[256,256]{1,0} parameter(0)
+  %a = f32[256,256]{1,0} exponential(%Arg_0.1)
+  %b = f32[256,256]{1,0} fusion(%a), kind=kLoop, calls=%fused_negate
+  %c = f32[256,256]{1,0} add(%a, %b), metadata={op_name="jit(f)/add"}
+  %d = f32[256,256]{1,0} negate(%c)
+  ROOT %t = (f32[256,256]{1,0}) tuple(%d)
+}
+"""
+
+
+def test_memory_accounting_finds_the_liveness_peak_and_what_is_live_there():
+    from benchmarks import memory_accounting
+
+    acc = memory_accounting.account(_HLO, top=2)
+    quarter = 0.25  # MiB: f32[256, 256].
+    assert acc["instructions"] == 6 and acc["fusions"] == 1 and acc["buffers"] == 4
+    assert acc["buffers_mib"] == pytest.approx(4 * quarter)
+    assert acc["peak_mib"] == pytest.approx(3 * quarter)  # a, b and c at `c`.
+    assert acc["peak_at"].startswith("3/6 (jit(f)/add")
+    assert acc["all_kinds"]["elementwise fusion"] == [1, 256 * 256 * 4]
+    # No trained parameter (args_0__params) feeds it: all of it counts as the teacher's.
+    assert acc["peak_by_owner"] == {"teacher forward (frozen, no gradient)": [3, 3 * 256 * 256 * 4]}
+    assert [row[0] for row in acc["peak_largest"]] == [quarter, quarter]
+    # The CPU keeps no device memory statistics: the GPU-only fields stay empty.
+    assert memory_accounting._device_mib(jax.devices()[0], "peak_bytes_in_use") is None  # noqa: SLF001
+
+
 def test_chunked_weight_gradient_matches_xla():
     """models.layers.Conv's CPU weight gradient, summed over strided batch chunks, equals XLA's
     whole-batch one (up to float rounding); the forward and the input gradient are XLA's own."""
