@@ -134,3 +134,44 @@ def test_a_student_of_the_documented_model_distills_from_its_teacher(my_models):
             state, metrics = stage.step_fn(state, batch, None, teacher_vars)
             losses.append(float(metrics["loss"]))
         assert np.isfinite(losses).all() and losses[-1] < losses[0], (label, losses)
+
+
+def test_a_model_on_group_names_keeps_the_contract_with_the_built_in_names(my_models):
+    """`models.GroupNames` (docs/design.md): the documented model with its five naming members
+    replaced by `maps_per_group` names the same maps and keeps the contract; `has_stem` and
+    `raw_is_pre` change what it names beside the groups."""
+
+    class OnGroupNames(models.GroupNames, nn.Module):
+        blocks: int = 2
+        num_classes: int = 10
+        dtype: jnp.dtype = jnp.float32
+        has_stem = False
+
+        @property
+        def maps_per_group(self):
+            return (self.blocks,) * 3
+
+        __call__ = my_models.SmallCNN.__call__
+
+    for blocks in (1, 3):
+        written_out, derived = my_models.SmallCNN(blocks), OnGroupNames(blocks)
+        for method in ("feature_groups", "raw_group_ends", "stem_features", "extra_feature_names"):
+            assert getattr(derived, method)() == getattr(written_out, method)(), method
+        assert derived.num_groups == written_out.num_groups == 3
+        assert isinstance(derived, models.FeatureModel)
+        assert contract.problems(derived) == []
+    assert OnGroupNames(2).feature_groups()[1] == ("g2_b1", "g2_b2")
+
+    class WithStem(OnGroupNames):
+        has_stem = True
+
+    class RawIsPre(OnGroupNames):
+        raw_is_pre = True
+
+    assert WithStem(2).stem_features() == ("stem", "stem_out")
+    assert WithStem(2).extra_feature_names() == ("stem", "stem_out", "g1_out", "g2_out", "g3_out")
+    assert RawIsPre(2).raw_group_ends() == ("g1_b2", "g2_b2", "g3_b2")
+    assert RawIsPre(2).extra_feature_names() == ()
+    # The contract check catches a naming that the forward does not keep: this forward sows no
+    # stem.
+    assert any("'stem'" in p for p in contract.problems(WithStem(2)))
