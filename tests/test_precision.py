@@ -284,7 +284,7 @@ def test_memory_accounting_finds_the_liveness_peak_and_what_is_live_there():
     assert acc["peak_by_owner"] == {"teacher forward (frozen, no gradient)": [3, 3 * 256 * 256 * 4]}
     assert [row[0] for row in acc["peak_largest"]] == [quarter, quarter]
     # The CPU keeps no device memory statistics: the GPU-only fields stay empty.
-    assert memory_accounting._device_mib(jax.devices()[0], "peak_bytes_in_use") is None  # noqa: SLF001
+    assert memory_accounting._device_mib(jax.devices()[0], "peak_bytes_in_use") is None
 
 
 def test_chunked_weight_gradient_matches_xla():

@@ -29,13 +29,11 @@ from typing import Any, Protocol, runtime_checkable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dfa_jax.models import cifar_resnet, cifar_vgg
+from dfa_jax.models import cifar_mobile, cifar_resnet, cifar_vgg
 from dfa_jax.models.cifar_resnet import CifarResNet
 from dfa_jax.models.cifar_vgg import CifarVGG
-from dfa_jax.models import cifar_mobile
 from dfa_jax.models.connectors import Connector, resize_problem
-from dfa_jax.models.layers import FEATURES
-from dfa_jax.models.layers import sow_feature
+from dfa_jax.models.layers import FEATURES, sow_feature
 from dfa_jax.models.naming import GroupNames
 from dfa_jax.models.shufflenet_v2 import WIDTHS as SHUFFLENET_V2_WIDTHS
 from dfa_jax.models.shufflenet_v2 import ShuffleNetV2
@@ -55,11 +53,11 @@ __all__ = [
     "WideResNet",
     "family_of",
     "get_model",
-    "register_family",
-    "sow_feature",
     "is_valid_model_name",
     "name_problem",
+    "register_family",
     "resize_problem",
+    "sow_feature",
 ]
 
 
