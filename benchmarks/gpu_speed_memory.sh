@@ -9,7 +9,8 @@
 #      ratio_compile, compile times, peak_fraction_*);
 #   2. the same cases' JAX steps in bfloat16 (FLOP/s against the bf16 peak);
 #   3. the ShuffleNetV2 distillation step's accounting (compiled temp against the device's peak
-#      after the compile and after one step), with XLA's GPU autotuning and without it.
+#      after the compile and after one step), with XLA's GPU autotuning and without it, and with
+#      Eq. 2's aggregation as the CPU's chain instead of the GPU's reduction.
 # Environment: CASES, BATCH (128), MIN_TIME (2 s a timing), PART_TIMEOUT (240 s a part) to change
 # them; a part that fails or runs out of time is reported and the next one runs.
 set -uo pipefail
@@ -44,3 +45,5 @@ part memory_shufflenet "$python" -m benchmarks.memory_accounting \
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" part memory_shufflenet_no_autotune \
   "$python" -m benchmarks.memory_accounting --case distill_shufflenet_2.0_0.5_dfa \
   --batch "$batch" --top 10
+part memory_shufflenet_chain "$python" -m benchmarks.memory_accounting \
+  --case distill_shufflenet_2.0_0.5_dfa --batch "$batch" --top 10 --aggregation chain

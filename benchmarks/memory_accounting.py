@@ -2,6 +2,7 @@
 
   python -m benchmarks.memory_accounting [--case distill_shufflenet_2.0_0.5_dfa] [--batch 128]
       [--dtype float32] [--devices 1] [--compare-wrn] [--top 25] [--hlo-dir DIR]
+      [--aggregation platform|reduction|chain]
 
 Builds the case's step and state as `benchmarks/throughput.py` does (its `build_case`), lowers
 and compiles it ahead of time, and prints:
@@ -356,6 +357,23 @@ def account_case(
     }
 
 
+def _use_aggregation(form: str) -> None:
+    """Makes `losses.aggregate` (read by the steps as they are traced) use `form` on every
+    platform: 'reduction' (`losses.dfa.weighted_sum`) or 'chain' (`weighted_sum_chain`)."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    from dfa_jax import losses  # pylint: disable=g-import-not-at-top
+    from dfa_jax.losses import dfa  # pylint: disable=g-import-not-at-top
+
+    form_fn = dfa.weighted_sum if form == "reduction" else dfa.weighted_sum_chain
+
+    def aggregate(features, alpha):
+        maps = [m.astype(jnp.float32) for m in features]
+        return form_fn(maps, jnp.asarray(alpha, jnp.float32))
+
+    losses.aggregate = aggregate
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="distill_shufflenet_2.0_0.5_dfa")
@@ -365,6 +383,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compare-wrn", action="store_true", help="also distill_pair3_dfa")
     parser.add_argument("--top", type=int, default=25, help="largest buffers to list")
     parser.add_argument("--hlo-dir", default=None, help="also write each optimised HLO here")
+    parser.add_argument(
+        "--aggregation",
+        default="platform",
+        choices=("platform", "reduction", "chain"),
+        help="Eq. 2's form: the one losses.aggregate picks for the platform, or this one everywhere",
+    )
     args = parser.parse_args(argv)
 
     from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -374,8 +398,11 @@ def main(argv=None) -> list[dict]:
 
     from benchmarks import throughput  # pylint: disable=g-import-not-at-top
 
+    if args.aggregation != "platform":
+        _use_aggregation(args.aggregation)
     mesh = parallel.make_mesh()
     print(f"# cpu: {throughput.cpu_model()} ({os.cpu_count()} cores)")
+    print(f"# aggregation: {args.aggregation}")
     print(f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices)")
     cases = [args.case] + (["distill_pair3_dfa"] if args.compare_wrn else [])
     records = [account_case(c, mesh, args.batch, args.dtype, args.top, args.hlo_dir) for c in cases]

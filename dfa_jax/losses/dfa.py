@@ -37,13 +37,30 @@ def aggregate(features: Sequence[jax.Array] | jax.Array, alpha: jax.Array) -> ja
     alpha = jnp.asarray(alpha, jnp.float32)
     if not maps or alpha.shape != (len(maps),):
         raise ValueError(f"alpha has shape {alpha.shape}, expected ({len(maps)},): one per map")
-    # A weighted sum over a stacked axis, not a chain of multiply-adds: XLA fuses an elementwise
-    # chain into each of its consumers, the feature loss and that loss's gradient, which keeps
-    # all N maps alive until the backward; a reduction's one output is what both read (ShuffleNetV2
-    # 2.0's distillation step: 94 MiB less temp memory, BENCHMARKS.md). Not a tensordot: a dot
-    # may run at reduced matmul precision on TPU/GPU, the reduction is float32 everywhere.
-    stacked = jnp.stack([m.astype(jnp.float32) for m in maps])
+    maps = [m.astype(jnp.float32) for m in maps]
+    # Two forms of the same sum, chosen where the step is lowered. A chain of multiply-adds is
+    # fused by XLA into each of its consumers (the feature loss and that loss's gradient), which
+    # keeps all N maps alive until the backward; one reduction over the stacked maps leaves one
+    # output for both to read (ShuffleNetV2 2.0's distillation step: 14 % less temp memory in
+    # XLA's accounting, BENCHMARKS.md). XLA:CPU runs that reduction through YNNPACK about 15x
+    # slower than the fused chain (~7 % of a DFA step), so the CPU, where memory is plentiful,
+    # keeps the chain. Neither is a tensordot: a dot may run at reduced precision on TPU/GPU.
+    return jax.lax.platform_dependent(maps, alpha, cpu=weighted_sum_chain, default=weighted_sum)
+
+
+def weighted_sum(maps: Sequence[jax.Array], alpha: jax.Array) -> jax.Array:
+    """`sum_j alpha_j maps_j` as one reduction over the stacked maps: [N] x N [B, H, W, C] ->
+    [B, H, W, C]."""
+    stacked = jnp.stack(maps)
     return jnp.sum(alpha.reshape((-1,) + (1,) * (stacked.ndim - 1)) * stacked, axis=0)
+
+
+def weighted_sum_chain(maps: Sequence[jax.Array], alpha: jax.Array) -> jax.Array:
+    """The same sum as a chain of multiply-adds (XLA fuses it into its consumers)."""
+    out = alpha[0] * maps[0]
+    for j in range(1, len(maps)):
+        out = out + alpha[j] * maps[j]
+    return out
 
 
 def _unit(x: jax.Array) -> jax.Array:
