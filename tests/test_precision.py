@@ -1,5 +1,6 @@
 """bfloat16 compute (`config.dtype`): a tiny teacher run through the project's step trains like
-float32 while everything stateful stays float32; and the throughput benchmark's own functions."""
+float32 while everything stateful stays float32; and the throughput and memory-accounting
+benchmarks' own functions."""
 
 import functools
 import importlib.util
