@@ -358,20 +358,12 @@ def account_case(
 
 
 def _use_aggregation(form: str) -> None:
-    """Makes `losses.aggregate` (read by the steps as they are traced) use `form` on every
-    platform: 'reduction' (`losses.dfa.weighted_sum`) or 'chain' (`weighted_sum_chain`)."""
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    """Makes `losses.aggregate` (read by the steps as they are traced) use `form` everywhere."""
+    import functools  # pylint: disable=g-import-not-at-top
 
     from dfa_jax import losses  # pylint: disable=g-import-not-at-top
-    from dfa_jax.losses import dfa  # pylint: disable=g-import-not-at-top
 
-    form_fn = dfa.weighted_sum if form == "reduction" else dfa.weighted_sum_chain
-
-    def aggregate(features, alpha):
-        maps = [m.astype(jnp.float32) for m in features]
-        return form_fn(maps, jnp.asarray(alpha, jnp.float32))
-
-    losses.aggregate = aggregate
+    losses.aggregate = functools.partial(losses.aggregate, form=form)
 
 
 def main(argv=None) -> list[dict]:
@@ -386,7 +378,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--aggregation",
         default="platform",
-        choices=("platform", "reduction", "chain"),
+        choices=("platform", "reduction", "chain"),  # losses.dfa.AGGREGATION_FORMS
         help="Eq. 2's form: the one losses.aggregate picks for the platform, or this one everywhere",
     )
     args = parser.parse_args(argv)

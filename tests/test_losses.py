@@ -79,19 +79,17 @@ def test_aggregate_matches_numpy(jit, stacked):
     np.testing.assert_allclose(out, expected, rtol=RTOL, atol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["weighted_sum", "weighted_sum_chain"])
+@pytest.mark.parametrize("form", ["reduction", "chain"])
 def test_both_forms_of_the_aggregation_match_numpy(form):
     """The reduction (what a GPU or TPU lowers) and the chain (what the CPU lowers) are the same
-    sum; only the platform's form runs in `aggregate`, so each is checked here directly."""
-    from dfa_jax.losses import dfa as dfa_losses
-
+    sum; the platform's form alone runs by default, so each is forced here."""
     maps = [jnp.asarray(_normal(i)) for i in range(4)]
     alpha = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
-    out = jax.jit(getattr(dfa_losses, form))(maps, jnp.asarray(alpha))
+    out = jax.jit(lambda m, a: losses.aggregate(m, a, form=form))(maps, jnp.asarray(alpha))
     expected = np.tensordot(alpha.astype(np.float64), np.stack(maps).astype(np.float64), axes=1)
     np.testing.assert_allclose(out, expected, rtol=RTOL, atol=1e-6)
     # On the CPU, `aggregate` lowers the chain: no reduction in its program.
-    if form == "weighted_sum_chain":
+    if form == "chain":
         assert "reduce" not in jax.jit(losses.aggregate).lower(maps, jnp.asarray(alpha)).as_text()
 
 
@@ -115,6 +113,8 @@ def test_aggregate_bf16_in_float32_out():
 def test_aggregate_rejects_wrong_alpha():
     with pytest.raises(ValueError, match="one per map"):
         losses.aggregate([jnp.zeros(SHAPE)] * 3, jnp.ones(2) / 2)
+    with pytest.raises(ValueError, match="form 'dot' is unknown"):
+        losses.aggregate([jnp.zeros(SHAPE)] * 2, jnp.ones(2) / 2, form="dot")
 
 
 # --- st / ts / bridge -------------------------------------------------------------------------

@@ -22,13 +22,20 @@ GAMMA_TS = 1.0
 _NORM_EPS = 1e-12
 
 
-def aggregate(features: Sequence[jax.Array] | jax.Array, alpha: jax.Array) -> jax.Array:
+AGGREGATION_FORMS = ("platform", "reduction", "chain")
+
+
+def aggregate(
+    features: Sequence[jax.Array] | jax.Array, alpha: jax.Array, form: str = "platform"
+) -> jax.Array:
     """Feature aggregation of one group, paper Eq. 2: `A = sum_j alpha_j T_j`.
 
     Args:
       features: the group's N teacher maps, a sequence of [B, H, W, C] arrays or one stacked
         [N, B, H, W, C] array.
       alpha: [N] aggregation weights (the softmax of beta, Eq. 6); used as given, not renormalised.
+      form: how the sum is written for XLA: 'platform' (the chain on the CPU, the reduction
+        elsewhere: see below), or 'reduction' / 'chain' on every platform (for measuring).
 
     Returns:
       [B, H, W, C] float32, the alpha-weighted sum over the N maps.
@@ -37,7 +44,11 @@ def aggregate(features: Sequence[jax.Array] | jax.Array, alpha: jax.Array) -> ja
     alpha = jnp.asarray(alpha, jnp.float32)
     if not maps or alpha.shape != (len(maps),):
         raise ValueError(f"alpha has shape {alpha.shape}, expected ({len(maps)},): one per map")
+    if form not in AGGREGATION_FORMS:
+        raise ValueError(f"form {form!r} is unknown; use one of {AGGREGATION_FORMS}")
     maps = [m.astype(jnp.float32) for m in maps]
+    if form != "platform":
+        return (_sum_as_reduction if form == "reduction" else _sum_as_chain)(maps, alpha)
     # Two forms of the same sum, chosen where the step is lowered. A chain of multiply-adds is
     # fused by XLA into each of its consumers (the feature loss and that loss's gradient), which
     # keeps all N maps alive until the backward; one reduction over the stacked maps leaves one
@@ -45,17 +56,17 @@ def aggregate(features: Sequence[jax.Array] | jax.Array, alpha: jax.Array) -> ja
     # XLA's accounting, BENCHMARKS.md). XLA:CPU runs that reduction through YNNPACK about 15x
     # slower than the fused chain (~7 % of a DFA step), so the CPU, where memory is plentiful,
     # keeps the chain. Neither is a tensordot: a dot may run at reduced precision on TPU/GPU.
-    return jax.lax.platform_dependent(maps, alpha, cpu=weighted_sum_chain, default=weighted_sum)
+    return jax.lax.platform_dependent(maps, alpha, cpu=_sum_as_chain, default=_sum_as_reduction)
 
 
-def weighted_sum(maps: Sequence[jax.Array], alpha: jax.Array) -> jax.Array:
+def _sum_as_reduction(maps: Sequence[jax.Array], alpha: jax.Array) -> jax.Array:
     """`sum_j alpha_j maps_j` as one reduction over the stacked maps: [N] x N [B, H, W, C] ->
     [B, H, W, C]."""
     stacked = jnp.stack(maps)
     return jnp.sum(alpha.reshape((-1,) + (1,) * (stacked.ndim - 1)) * stacked, axis=0)
 
 
-def weighted_sum_chain(maps: Sequence[jax.Array], alpha: jax.Array) -> jax.Array:
+def _sum_as_chain(maps: Sequence[jax.Array], alpha: jax.Array) -> jax.Array:
     """The same sum as a chain of multiply-adds (XLA fuses it into its consumers)."""
     out = alpha[0] * maps[0]
     for j in range(1, len(maps)):
