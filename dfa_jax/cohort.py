@@ -1,8 +1,9 @@
-"""Students that share the teacher: K students of one method trained by one jitted step.
+"""Students that share the teacher: K students, of one method or several, trained by one jitted
+step.
 
-A cohort stacks K students' `bilevel.TrainState`s along a new leading axis — parameters, BN
-statistics, optimizer states and the frozen beta — while the step counter stays one shared scalar.
-Its step is the stage's own bilevel step applied to every student:
+A method's students are stacked: their `bilevel.TrainState`s along a new leading axis —
+parameters, BN statistics, optimizer states and the frozen beta — while the step counter stays
+one shared scalar. Its step is the method's own bilevel step applied to every student:
 
 - 'vmap': `jax.vmap` over the student axis with the batch, the teacher's variables and the step
   counter (hence the augmentation's randomness) unmapped. What does not depend on a student —
@@ -15,12 +16,18 @@ Its step is the stage's own bilevel step applied to every student:
 Either way the students see the same batches and the same augmentation, and differ in what they
 were initialised with (seed, frozen alpha). `benchmarks/throughput.py` (`cohort_*` cases)
 measures both against K separate steps.
+
+Students of several methods form a `Mixed` state, one stacked state per method, whose step
+(`make_mixed_step`) runs each method's step on the same batch and the same teacher's variables
+inside one program: the augmentation and the teacher's forward, the same ops on the same
+operands in every method's step, are computed once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -75,3 +82,39 @@ def make_cohort_step(step: Callable, num_students: int, mode: str = "vmap") -> C
         return new_state, metrics
 
     return looped
+
+
+@flax.struct.dataclass
+class Mixed:
+    """A cohort of several methods: per method, its students' stacked TrainState (`stack`)."""
+
+    groups: tuple[bilevel.TrainState, ...]
+
+    @property
+    def params(self) -> tuple:
+        """Each method's stacked parameters."""
+        return tuple(g.params for g in self.groups)
+
+
+def make_mixed_step(steps: Sequence[Callable]) -> Callable:
+    """`steps[g](state, batch, val_batch, aux) -> (state, metrics)`, each the step of method g's
+    stacked students (`make_cohort_step`), made the step of a `Mixed` state; its metrics are
+    each method's (every metric [K_g]), in a tuple."""
+
+    def mixed(state, batch, val_batch, aux):
+        # The methods' step counters are equal but separate arguments: one of them for all, so
+        # the augmentation and the teacher's forward have the same operands in every method's
+        # step and XLA computes them once.
+        shared = state.groups[0].step
+        outputs = [
+            step(group.replace(step=shared), batch, val_batch, aux)
+            for step, group in zip(steps, state.groups)
+        ]
+        return Mixed(tuple(s for s, _ in outputs)), tuple(m for _, m in outputs)
+
+    return mixed
+
+
+def scalars(metrics: tuple[dict, ...], group: int, k: int) -> dict:
+    """Student k of method `group`'s scalars out of a `make_mixed_step`'s (fetched) metrics."""
+    return {key: v[k] for key, v in metrics[group].items()}

@@ -209,8 +209,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Every label's students are initialised with each of these seeds (empty: `seed`); batches and
     # augmentation are the run's (`seed`). With several, WORKDIR/distill/<label>/seed<k>/.
     distill.seeds = ()
-    # Students of one method train in one step sharing the teacher's forward (cohort.py): at most
-    # this many per step (0: all), and 'loop' | 'vmap' over them ('auto': loop on CPUs).
+    # The students (but FT's and AB's) train in one step sharing the teacher's forward (cohort.py):
+    # at most this many per step (0: all), and 'loop' | 'vmap' over each method's ('auto': loop on
+    # CPUs).
     distill.max_students_per_step = 0
     distill.cohort = "auto"
     # Distillation positions of DFA and its aggregations: 'groups' (the group ends) or

@@ -2,12 +2,14 @@
 
 Training uses the bilevel step of the search with beta frozen: the state carries beta (DFA's
 frozen log(alpha), `methods.dfa`) and no beta optimizer. A student starts from its method's
-`start` (a first stage of its own for FT and AB, run here by `_run_helper_stage`); students of
-one method that needs no first stage share one step and the teacher's forward (`cohort.py`).
+`start` (a first stage of its own for FT and AB, run here by `_run_helper_stage`); the students
+of the methods that need none share one step and the teacher's forward (`cohort.py`), each
+method's stacked.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -29,35 +31,23 @@ from dfa_jax import train_loop
 from dfa_jax.data import loader
 
 
-def _stage(
-    config,
-    name,
-    directory,
-    state,
-    loss_fn,
-    tx,
-    optim,
-    data,
-    mesh,
-    aux,
-    eval_fn,
-    steps_per_epoch,
-    w_trainable=None,
-    students=0,
-    **extra,
-):
-    """A distillation (or helper-initialisation) stage on the shared step, beta frozen; with
-    `students` > 0, the step of a cohort of that many stacked students (`cohort.py`)."""
-    # beta frozen: no beta loss, so the step is the w update alone (bilevel.py).
-    step = bilevel.make_bilevel_step(
+def _step(config, loss_fn, tx, data, w_trainable=None):
+    """The shared bilevel step on `loss_fn`, beta frozen: no beta loss, so the w update alone
+    (bilevel.py); batches and augmentation from the run's seed, whoever trains."""
+    return bilevel.make_bilevel_step(
         loss_fn,
         tx,
         seed=config.seed,
         preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
         w_trainable=w_trainable,
     )
-    if students:
-        step = cohort.make_cohort_step(step, students, cohort_mode(config))
+
+
+def _stage(
+    config, name, directory, state, step, optim, data, mesh, aux, eval_fn, steps_per_epoch, **extra
+):
+    """A distillation (or helper-initialisation) stage that trains `state` by `step` (`_step`,
+    or a cohort's step of it)."""
     return train_loop.Stage(
         name=name,
         directory=directory,
@@ -109,15 +99,13 @@ def _run_helper_stage(
         name,
         directory,
         _replicate_state(mesh, params, batch_stats, tx),
-        loss_fn,
-        tx,
+        _step(config, loss_fn, tx, data, w_trainable),
         optim,
         data,
         mesh,
         teacher_vars,
         eval_fn,
         steps_per_epoch,
-        w_trainable=w_trainable,
     )
     return train_loop.run(stage, config, mesh)["state"]
 
@@ -222,11 +210,12 @@ def build_stage(
     students: list[tuple[str, int]],
     starts: list[tuple] | None = None,
 ) -> train_loop.Stage:
-    """The distillation of `students` ((label, seed) of one method) as the loop runs it: one
-    student alone, or several in one step that computes the teacher's forward once per batch
-    (`cohort.py`), on the bilevel step with beta frozen. Built without reading or writing a file
-    from `starts` (each `student_start`'s tuple; None: made here, for methods without a first
-    stage of their own and aggregations that read no alpha.json)."""
+    """The distillation of `students` ((label, seed), of methods that do not train alone) as the
+    loop runs it: one student alone, or several in one step that computes the teacher's forward
+    once per batch (`cohort.py`; each method's students stacked, several methods' a
+    `cohort.Mixed`), on the bilevel step with beta frozen. Built without reading or writing a
+    file from `starts` (each `student_start`'s tuple; None: made here, for methods without a
+    first stage of their own and aggregations that read no alpha.json)."""
     pair = pair_of(config, data)
     optim = config.distill.optim
     steps_per_epoch = loader.steps_per_epoch(len(data.train.labels), optim.batch_size)
@@ -234,9 +223,18 @@ def build_stage(
     eval_student = evaluation.make_model_eval_fn(pair.student, config, data, mesh)
     if starts is None:
         starts = _starts(config, workdir, mesh, data, teacher_vars, students)
-    # One method's students: its aux and loss constants come from the teacher, the same for all.
-    constants, aux = starts[0][4], starts[0][3]
-    loss_fn = methods.make_loss_fn(students[0][0], pair, config, constants)
+    # Students that share a step share its aux, the teacher's variables (a method whose start
+    # adds to them trains alone): one argument of the step for all, so its forward is one.
+    aux = starts[0][3]
+    # Per method, in the order of its first student, its students' places in `students`.
+    places: dict[str, list[int]] = {}
+    for k, (label, _) in enumerate(students):
+        places.setdefault(methods.method_of(label), []).append(k)
+    groups = list(places.values())
+    # A method's loss constants come from the teacher, the same for all its students.
+    loss_fns = [
+        methods.make_loss_fn(students[ks[0]][0], pair, config, starts[ks[0]][4]) for ks in groups
+    ]
     if len(students) == 1:
         (label, seed), (params, batch_stats, beta, *_) = students[0], starts[0]
         return _stage(
@@ -244,8 +242,7 @@ def build_stage(
             student_name(config, label, seed),
             student_directory(workdir, config, label, seed),
             _replicate_state(mesh, params, batch_stats, tx, beta),
-            loss_fn,
-            tx,
+            _step(config, loss_fns[0], tx, data),
             optim,
             data,
             mesh,
@@ -256,53 +253,64 @@ def build_stage(
             steps_per_epoch,
         )
 
-    state = jax.jit(
-        lambda p, b, beta: cohort.stack(
-            [bilevel.create_state(*args, tx, be) for *args, be in zip(p, b, beta)]
-        ),
-        out_shardings=parallel.replicated(mesh),
-    )([s[0] for s in starts], [s[1] for s in starts], [s[2] for s in starts])
+    mode = cohort_mode(config)
+    steps = [
+        cohort.make_cohort_step(_step(config, loss_fn, tx, data), len(ks), mode)
+        for loss_fn, ks in zip(loss_fns, groups)
+    ]
+    mixed = len(groups) > 1
 
-    def member(k: int, label: str, seed: int) -> train_loop.Member:
-        def evaluate(state):
-            mine = cohort.student(state, k)
-            return eval_student(
-                {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]}
-            )
+    def create(inits):
+        stacks = tuple(
+            cohort.stack([bilevel.create_state(p, b, tx, beta) for p, b, beta in group])
+            for group in inits
+        )
+        # One method's cohort is its stacked state alone, as its earlier runs checkpointed it.
+        return cohort.Mixed(stacks) if mixed else stacks[0]
+
+    state = jax.jit(create, out_shardings=parallel.replicated(mesh))(
+        [[starts[k][:3] for k in ks] for ks in groups]
+    )
+
+    def member(g: int, i: int, label: str, seed: int) -> train_loop.Member:
+        """Student i of method g."""
+
+        def variables(state) -> dict:
+            """The student's variables out of the cohort's state."""
+            mine = cohort.student(state.groups[g] if mixed else state, i)
+            return {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]}
 
         directory = student_directory(workdir, config, label, seed)
 
         def export(state):
             """The student's final variables, as a teacher stage exports its own: the cohort's
             checkpoint is elsewhere, and `dfa_jax.interop export` reads them here."""
-            mine = cohort.student(state, k)
             teacher_lib.save_variables(
-                os.path.join(directory, teacher_lib.VARIABLES_DIR),
-                {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]},
+                os.path.join(directory, teacher_lib.VARIABLES_DIR), variables(state)
             )
 
         return train_loop.Member(
             name=student_name(config, label, seed),
             directory=directory,
-            eval_fn=evaluate,
+            eval_fn=lambda state: eval_student(variables(state)),
             finalize_fn=export,
+            metrics_fn=functools.partial(cohort.scalars, group=g, k=i) if mixed else None,
         )
 
+    where = {k: (g, i) for g, ks in enumerate(groups) for i, k in enumerate(ks)}
     return _stage(
         config,
-        f"distill/{methods.method_of(students[0][0])} cohort of {len(students)}",
+        f"distill/{'+'.join(places)} cohort of {len(students)}",
         cohort_directory(workdir, config, students),
         state,
-        loss_fn,
-        tx,
+        cohort.make_mixed_step(steps) if mixed else steps[0],
         optim,
         data,
         mesh,
         aux,
         None,
         steps_per_epoch,
-        students=len(students),
-        members=tuple(member(k, *student) for k, student in enumerate(students)),
+        members=tuple(member(*where[k], *student) for k, student in enumerate(students)),
     )
 
 
@@ -345,18 +353,20 @@ def cohort_mode(config) -> str:
 
 
 def cohorts(config, todo: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
-    """`todo`'s (label, seed) students grouped into the steps that train them: students of one
-    method share a step (at most `distill.max_students_per_step` each), those of a method that
-    `trains_alone` (FT, AB: a first stage of their own) train alone; in the order of `todo`'s first student of each."""
-    groups: dict[str, list] = {}
+    """`todo`'s (label, seed) students grouped into the steps that train them: all that can share
+    one step do (at most `distill.max_students_per_step` each), a method's students side by side;
+    those of a method that `trains_alone` (FT, AB: a first stage of their own) train alone; in the
+    order of `todo`'s first student of each."""
+    order = list(dict.fromkeys(methods.method_of(label) for label, _ in todo))
+    groups: dict[tuple | None, list] = {}
     for label, seed in todo:
-        method = methods.method_of(label)
         alone = methods.implementation(label).trains_alone
-        key = f"{method}:{label}:{seed}" if alone else method
-        groups.setdefault(key, []).append((label, seed))
+        groups.setdefault((label, seed) if alone else None, []).append((label, seed))
     limit = config.distill.max_students_per_step or None
     chunks = []
     for students in groups.values():
+        # A method's students side by side (stable: in `todo`'s order): one stacked state each.
+        students.sort(key=lambda student: order.index(methods.method_of(student[0])))
         size = limit or len(students)
         chunks.extend(students[i : i + size] for i in range(0, len(students), size))
     return chunks
@@ -400,13 +410,13 @@ def run_all(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> d
 def run_cohort(
     config, workdir: str, mesh, data: inputs.RunData, teacher_vars, students: list
 ) -> dict[str, dict]:
-    """Trains `students` ((label, seed) of one method) in one step that computes the teacher's
-    forward once per batch (`cohort.py`); returns their results by stage name."""
+    """Trains `students` ((label, seed), of one method or several) in one step that computes the
+    teacher's forward once per batch (`cohort.py`); returns their results by stage name."""
     starts = _starts(config, workdir, mesh, data, teacher_vars, students)
     names = ", ".join(student_name(config, label, seed) for label, seed in students)
-    method = methods.method_of(students[0][0])
+    kinds = "+".join(dict.fromkeys(methods.method_of(label) for label, _ in students))
     logging.info(
-        "[distill] %d %s students share the teacher in one step: %s", len(students), method, names
+        "[distill] %d %s students share the teacher in one step: %s", len(students), kinds, names
     )
     stage = build_stage(config, mesh, data, workdir, teacher_vars, students, starts)
     return train_loop.run(stage, config, mesh)["members"]

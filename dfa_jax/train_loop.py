@@ -68,7 +68,8 @@ class Stage:
     # first of equals wins), before that epoch's checkpoint, so a resumed run never misses one.
     best_fn: Callable[[Any, int], None] | None = None
     # A cohort stage: the students of a stacked state (`cohort.py`), in the order of its student
-    # axis. Each member gets its own records and result; the stage's directory holds the one
+    # axis, or of several methods' stacks (each member's hooks and `metrics_fn` pick its own).
+    # Each member gets its own records and result; the stage's directory holds the one
     # checkpoint of them all, and `eval_fn`, `best_fn`, `epoch_end_fn` and `finalize_fn` above
     # are the members' own instead.
     members: tuple["Member", ...] = ()
@@ -85,18 +86,23 @@ class Member:
     best_fn: Callable[[Any, int], None] | None = None
     epoch_end_fn: Callable[[Any, int], dict] | None = None
     finalize_fn: Callable[[Any], None] | None = None
+    # Its scalars out of one step's metrics (on device or fetched); None: entry k of each metric,
+    # k its place among the members (one method's stacked [K] metrics).
+    metrics_fn: Callable[[Any], dict] | None = None
 
 
 def parameter_summary(params) -> str:
-    """'N parameters', with the student's share where the stage trains helpers too."""
+    """'N parameters', with the student's share where the stage trains helpers too; `params` may
+    be a tuple of several methods' (`cohort.Mixed`)."""
 
     def count(tree) -> int:
         return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
-    total = count(params)
-    if "student" not in params or len(params) == 1:
+    trees = params if isinstance(params, tuple) else (params,)
+    total = count(trees)
+    student = sum(count(tree["student"]) for tree in trees if "student" in tree)
+    if student in (0, total):
         return f"{total:,} parameters"
-    student = count(params["student"])
     return f"{total:,} parameters (student {student:,}, connectors and helpers {total - student:,})"
 
 
@@ -229,9 +235,13 @@ def run(stage: Stage, config, mesh) -> dict:
             os.path.join(member.directory, "metrics.jsonl"), step
         )
 
-    def of_member(metrics: dict, k: int) -> dict:
+    def of_member(metrics, k: int) -> dict:
         """Member k's scalars of one step's (fetched) metrics."""
-        return {key: v[k] for key, v in metrics.items()} if stacked else metrics
+        if not stacked:
+            return metrics
+        if members[k].metrics_fn is not None:
+            return members[k].metrics_fn(metrics)
+        return {key: v[k] for key, v in metrics.items()}
 
     rows = parallel.process_rows(mesh, stage.batch_size)
     train_iter = _batches(stage.train_data, stage.batch_size, stage.seed, step, rows)
@@ -357,7 +367,7 @@ def run(stage: Stage, config, mesh) -> dict:
             step += 1
             if step == first_step + 1:
                 # This call compiled the step: images/s and ETA time the steps after it.
-                jax.block_until_ready(metrics["loss"])
+                jax.block_until_ready(metrics)
                 interval_start, interval_steps = time.time(), 0
             else:
                 interval_steps += 1
@@ -365,7 +375,7 @@ def run(stage: Stage, config, mesh) -> dict:
             if len(pending) > MAX_STEPS_IN_FLIGHT:
                 # Bound the dispatch queue: waits for an older step to finish (no transfer), so
                 # that at most a few steps' inputs and programs are in flight on the devices.
-                jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1]["loss"])
+                jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1])
             epoch_end = step % steps_per_epoch == 0
             wants_checkpoint = step % config.checkpoint_every_steps == 0
             if step % config.log_every_steps == 0 or wants_checkpoint or epoch_end:

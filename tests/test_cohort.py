@@ -34,9 +34,9 @@ from dfa_jax.data import sources
 STEP_TOLERANCE = 1e-4
 
 
-def _tiny_step(batch_size=8):
-    """DFA's distillation step (frozen average alpha) for WRN_16_1 -> WRN_10_1 on CIFAR shapes,
-    a batch, the teacher's variables and a `state(seed)` maker."""
+def _tiny_step(label="average", batch_size=8):
+    """`label`'s distillation step (DFA's aggregations with their frozen alpha) for WRN_16_1 ->
+    WRN_10_1 on CIFAR shapes, a batch, the teacher's variables and a `state(seed)` maker."""
     config = config_lib.base_config()
     config.data.dataset = "cifar10"
     config.teacher.model, config.student.model = "wrn_16_1", "wrn_10_1"
@@ -48,20 +48,21 @@ def _tiny_step(batch_size=8):
     )
     teacher_vars = teacher_lib.init_variables(pair.teacher, 7, mesh)
     tx = optimizers.sgd(config.distill.optim, 100)
-    alpha = methods.aggregation_alpha("average", pair.teacher, config, "")
+    dfa = methods.method_of(label) == "dfa"
+    alpha = methods.aggregation_alpha(label, pair.teacher, config, "") if dfa else None
 
     def state(seed):
         student = teacher_lib.init_variables(pair.student, seed, mesh)
-        helpers, helper_stats = methods.init_helpers("dfa", pair, config, seed + 100, mesh)
+        helpers, helper_stats = methods.init_helpers(label, pair, config, seed + 100, mesh)
         return bilevel.create_state(
             {"student": student["params"], **helpers},
             {"student": student["batch_stats"], **helper_stats},
             tx,
-            methods.frozen_beta(alpha),
+            methods.frozen_beta(alpha) if dfa else None,
         )
 
     step = bilevel.make_bilevel_step(
-        methods.make_loss_fn("dfa", pair, config),
+        methods.make_loss_fn(label, pair, config),
         tx,
         seed=0,
         preprocess_fn=inputs.make_train_preprocess(config.data, info),
@@ -136,13 +137,63 @@ def test_cohort_step_trains_each_student_as_alone_and_the_teacher_once():
         assert two < 2 * one, (mode, one, two)
 
 
+def test_a_step_of_several_methods_trains_each_student_as_alone_and_the_teacher_once():
+    """DFA (frozen average alpha) and two KD students in one step (`cohort.Mixed`), in both
+    modes: each student's per-step losses over three steps equal its own step's to float
+    tolerance, and each has its method's metrics; in 'loop' mode the program computes the
+    teacher's forward once for the three students of two methods."""
+    dfa_step, batch, teacher_vars, dfa_state = _tiny_step("average")
+    kd_step, _, _, kd_state = _tiny_step("kd")
+    alone, convolutions = [], []
+    for step, state, seeds in ((dfa_step, dfa_state, (0,)), (kd_step, kd_state, (0, 1))):
+        # One program per method: compiled for its first seed, called with the others' states.
+        compiled, _, count = _compiled(step, state(seeds[0]), batch, teacher_vars)
+        for seed in seeds:
+            s = jax.device_put(state(seed), parallel.replicated(parallel.make_mesh()))
+            losses = []
+            for _ in range(3):
+                s, metrics = compiled(s, batch, None, teacher_vars)
+                losses.append(float(metrics["loss"]))
+            alone.append(losses)
+            convolutions.append(count)
+    teacher = teacher_lib.build_model("wrn_16_1", 10, "float32")
+    forward = jax.jit(lambda v, x: teacher.apply(v, x, train=False))
+    teacher_convolutions = len(
+        re.findall(
+            r"= \S+ convolution\(",
+            forward.lower(teacher_vars, jnp.zeros((8, 32, 32, 3))).compile().as_text(),
+        )
+    )
+
+    places = ((0, 0), (1, 0), (1, 1))  # (method, student) of DFA and the two KD students.
+    for mode in cohort.MODES:
+        mixed = cohort.make_mixed_step(
+            [cohort.make_cohort_step(dfa_step, 1, mode), cohort.make_cohort_step(kd_step, 2, mode)]
+        )
+        state = cohort.Mixed(
+            (cohort.stack([dfa_state(0)]), cohort.stack([kd_state(0), kd_state(1)]))
+        )
+        compiled, state, count = _compiled(mixed, state, batch, teacher_vars)
+        losses = []
+        for _ in range(3):
+            state, metrics = compiled(state, batch, None, teacher_vars)
+            losses.append([float(cohort.scalars(metrics, *place)["loss"]) for place in places])
+        assert [int(group.step) for group in state.groups] == [3, 3]
+        assert "fd_loss" in metrics[0] and "kd_loss" not in metrics[0], mode
+        assert "kd_loss" in metrics[1] and "fd_loss" not in metrics[1], mode
+        np.testing.assert_allclose(np.transpose(losses), alone, rtol=STEP_TOLERANCE, err_msg=mode)
+        if mode == "loop":
+            # The separate steps' convolutions but two of the three teacher forwards.
+            assert count <= sum(convolutions) - 2 * teacher_convolutions, (count, convolutions)
+
+
 def _cohort_config(seeds, **overrides):
-    """The tiny demo's teacher, then Last and Average students for each of `seeds`."""
+    """The tiny demo's teacher, then Last, Average and KD students for each of `seeds`."""
     return tiny_demo(
         **{
             "stages": ("teacher", "distill"),
             "distill.aggregation": "last",
-            "distill.compare_with": ("average",),
+            "distill.compare_with": ("average", "kd"),
             "distill.seeds": seeds,
             "checkpoint_every_steps": 1000,
             **overrides,
@@ -167,7 +218,7 @@ def _records(directory):
 
 @pytest.fixture(scope="module")
 def cohort_run(tmp_path_factory):
-    """Last and Average, seeds 0 and 1: four students in one step."""
+    """Last, Average and KD, seeds 0 and 1: six students of two methods in one step."""
     workdir = str(tmp_path_factory.mktemp("cohort") / "run")
     summary = pipeline.run(_cohort_config((0, 1)), workdir)
     return workdir, summary
@@ -175,7 +226,8 @@ def cohort_run(tmp_path_factory):
 
 def test_several_seeds_keep_every_students_records_apart(cohort_run, tmp_path):
     workdir, summary = cohort_run
-    names = [f"distill/{label}/seed{seed}" for label in ("last", "average") for seed in (0, 1)]
+    labels = ("last", "average", "kd")
+    names = [f"distill/{label}/seed{seed}" for label in labels for seed in (0, 1)]
     assert [n for n in summary["stages"] if n.startswith("distill/")] == names
     for name in names:
         directory = os.path.join(workdir, name)
@@ -183,22 +235,33 @@ def test_several_seeds_keep_every_students_records_apart(cohort_run, tmp_path):
             assert json.load(f)["stage"] == name
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(directory))
         assert len(_losses(directory)) > 0
+        # Its own method's metrics: DFA's feature loss, KD's logit loss.
+        keys, kd = set().union(*_records(directory)), name.startswith("distill/kd/")
+        assert ("train/kd_loss" in keys) == kd and ("train/fd_loss" in keys) != kd, (name, keys)
         # Its final variables, for `dfa_jax.interop export` (the checkpoint is the cohort's).
         assert os.path.isdir(os.path.join(directory, "variables"))
-    # One checkpoint for the four of them.
+    # One checkpoint for the six of them.
     cohorts = os.listdir(os.path.join(workdir, "distill", "cohorts"))
     assert len(cohorts) == 1
     assert os.listdir(os.path.join(workdir, "distill", "cohorts", cohorts[0], "checkpoints"))
     seed0, seed1 = (_losses(os.path.join(workdir, f"distill/last/seed{s}")) for s in (0, 1))
     assert seed0 != seed1
 
-    # The same student trained alone (one seed: today's layout, distill/last) to float tolerance.
+    # Last and KD of seed 1 each trained alone (one seed: today's layout, distill/<label>) to
+    # float tolerance.
     alone = str(tmp_path / "alone")
     shutil.copytree(workdir, alone, ignore=shutil.ignore_patterns("distill", "summary.json"))
-    pipeline.run(_cohort_config((1,), **{"distill.compare_with": ()}), alone)
-    np.testing.assert_allclose(
-        _losses(os.path.join(alone, "distill", "last")), seed1, rtol=STEP_TOLERANCE
+    config = _cohort_config(
+        (1,), **{"distill.compare_with": ("kd",), "distill.max_students_per_step": 1}
     )
+    pipeline.run(config, alone)
+    for label in ("last", "kd"):
+        np.testing.assert_allclose(
+            _losses(os.path.join(alone, "distill", label)),
+            _losses(os.path.join(workdir, f"distill/{label}/seed1")),
+            rtol=STEP_TOLERANCE,
+            err_msg=label,
+        )
 
 
 def test_adding_a_seed_trains_only_the_missing_students(cohort_run, tmp_path, monkeypatch):
@@ -217,15 +280,16 @@ def test_adding_a_seed_trains_only_the_missing_students(cohort_run, tmp_path, mo
     )
     before = {s: _records(os.path.join(workdir, f"distill/last/seed{s}")) for s in (0, 1)}
     summary = pipeline.run(_cohort_config((0, 1, 2)), workdir)
-    assert trained == [[("last", 2), ("average", 2)]]
-    assert len([n for n in summary["stages"] if n.startswith("distill/")]) == 6
+    assert trained == [[("last", 2), ("average", 2), ("kd", 2)]]
+    assert len([n for n in summary["stages"] if n.startswith("distill/")]) == 9
     for s in (0, 1):
         assert _records(os.path.join(workdir, f"distill/last/seed{s}")) == before[s]
 
 
 def test_a_stopped_cohort_resumes_to_the_same_records(cohort_run, tmp_path, monkeypatch):
-    """A stop request in the cohort's stage checkpoints all four students at one step; the same
-    command resumes them to their uninterrupted records, bit for bit (the same program)."""
+    """A stop request in the cohort's stage checkpoints all six students, of two methods, at one
+    step; the same command resumes them to their uninterrupted records, bit for bit (the same
+    program)."""
     straight = cohort_run[0]
     workdir = str(tmp_path / "run")
     shutil.copytree(straight, workdir, ignore=shutil.ignore_patterns("distill", "summary.json"))
@@ -241,7 +305,7 @@ def test_a_stopped_cohort_resumes_to_the_same_records(cohort_run, tmp_path, monk
         pipeline.run(_cohort_config((0, 1)), workdir)
     monkeypatch.setattr(preemption, "should_stop", real_should_stop)
     pipeline.run(_cohort_config((0, 1)), workdir)
-    for label in ("last", "average"):
+    for label in ("last", "average", "kd"):
         for seed in (0, 1):
             name = f"distill/{label}/seed{seed}"
             assert _records(os.path.join(workdir, name)) == _records(
@@ -250,18 +314,24 @@ def test_a_stopped_cohort_resumes_to_the_same_records(cohort_run, tmp_path, monk
 
 
 def test_students_are_grouped_by_method_and_split_at_the_limit():
-    """DFA's aggregations share a step (one method), other methods get their own, FT and AB
-    (a first stage of their own) train alone, and `max_students_per_step` splits a group."""
+    """The students of every method but FT and AB (a first stage of their own: they train alone)
+    share one step, each method's side by side (DFA's aggregations are one method), and
+    `max_students_per_step` splits it."""
     config = _cohort_config((0, 1))
     todo = [(label, seed) for label in ("dfa", "last", "kd", "ft", "average") for seed in (0, 1)]
+    dfa = [("dfa", 0), ("dfa", 1), ("last", 0), ("last", 1), ("average", 0), ("average", 1)]
     assert distill.cohorts(config, todo) == [
-        [("dfa", 0), ("dfa", 1), ("last", 0), ("last", 1), ("average", 0), ("average", 1)],
-        [("kd", 0), ("kd", 1)],
+        [*dfa, ("kd", 0), ("kd", 1)],
         [("ft", 0)],
         [("ft", 1)],
     ]
     config.distill.max_students_per_step = 4
-    assert [len(c) for c in distill.cohorts(config, todo)] == [4, 2, 2, 1, 1]
+    assert distill.cohorts(config, todo) == [
+        dfa[:4],
+        [*dfa[4:], ("kd", 0), ("kd", 1)],
+        [("ft", 0)],
+        [("ft", 1)],
+    ]
 
 
 def test_the_non_finite_guard_names_the_student(cohort_run, tmp_path, monkeypatch):
@@ -275,12 +345,12 @@ def test_the_non_finite_guard_names_the_student(cohort_run, tmp_path, monkeypatc
         params, *rest = real_start(
             config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student
         )
-        if (label, seed) == ("average", 1):  # One student of four diverges.
+        if (label, seed) == ("kd", 1):  # One student of six, KD's second, diverges.
             params = jax.tree.map(lambda x: x * jnp.nan, params)
         return params, *rest
 
     monkeypatch.setattr(distill, "student_start", poisoned)
     with pytest.raises(
-        train_loop.NonFiniteError, match=r"stage 'distill/average/seed1': non-finite .* step 1\b"
+        train_loop.NonFiniteError, match=r"stage 'distill/kd/seed1': non-finite .* step 1\b"
     ):
         pipeline.run(_cohort_config((0, 1)), workdir)

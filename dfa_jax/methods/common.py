@@ -75,7 +75,9 @@ class Implementation:
       values read from the teacher or the workdir. None: the student starts as initialised.
     check: config -> its problems, each naming the field and the fix (run on every config:
       its fields are in every config).
-    trains_alone: its students cannot share a step (each has a first stage of its own).
+    trains_alone: its students cannot share a step (each has a first stage of its own, or a
+      step `aux` other than the teacher's variables, as FT's paraphraser: students that share a
+      step share its aux).
     """
 
     loss: Callable[[Pair, Any, Any], LossFn]
