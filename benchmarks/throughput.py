@@ -22,7 +22,9 @@ Output: a header, one JSON line per case, then a markdown table.
 `cohort_<pair>_k<K>`: K DFA students sharing the teacher in one step (`cohort.py`, in the mode
 `distill.cohort='auto'` picks for the backend) and one student's step, timed in the same process;
 `img_per_s` counts every student's images, `speedup` = K one-student steps' time over one
-K-student step's.
+K-student step's. `mixed_<pair>`: one student of each of Table 2's methods that share a step
+(MIXED_LABELS) in one step, and each of them alone; `speedup` = the sum of their own steps' times
+over the shared step's.
 
 FLOPs: `gflop_per_step` is the compiled step's own count (XLA's cost analysis, all devices),
 `achieved_tflop_s` that at the measured pace, and on a chip of `PEAK_TFLOPS`
@@ -77,7 +79,13 @@ CASES = (
     "distill_shufflenet_2.0_0.5_dfa",
     # K students of DFA sharing the teacher in one step (cohort.py), against K one-student steps.
     *(f"cohort_{pair}_k{k}" for pair in ("pair3", "demo") for k in (1, 2, 4, 8)),
+    # One student of each MIXED_LABELS method in one step, against each one's own step.
+    "mixed_pair3",
+    "mixed_demo",
 )
+# Table 2's methods whose students share a step (FT and AB train alone: a first stage of their
+# own); DFA with a frozen alpha ('average': the cost does not depend on its values).
+MIXED_LABELS = ("average", "kd", "fitnets", "at", "jacobian", "sp", "margin")
 QUICK_CASES = ("teacher_wrn_16_2", "search_pair3", "distill_pair3_dfa", "cohort_demo_k4")
 # Table 2's CIFAR-100 pairs (configs/cifar100_pair{1,3}.py) and Table 4's ShuffleNetV2 pair 2.
 PAIRS = {
@@ -306,6 +314,18 @@ def build_cohort(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
     }
 
 
+def build_mixed(case: str, config, mesh, batch: dict) -> dict[str, Runner]:
+    """One student of each MIXED_LABELS method in one step (`distill.build_stage`: the methods'
+    stacks in one program, the teacher's forward once) and, as 'single/<label>', each alone."""
+    return {
+        "step": _distill_runner(config, mesh, batch, [(label, 0) for label in MIXED_LABELS]),
+        **{
+            f"single/{label}": _distill_runner(config, mesh, batch, [(label, 0)])
+            for label in MIXED_LABELS
+        },
+    }
+
+
 def build_case(
     case: str, mesh, batch_size: int, dtype: str, cohort_mode: str = "auto"
 ) -> dict[str, Runner]:
@@ -321,6 +341,8 @@ def build_case(
         return build_distill(case, config, mesh, batch)
     if case.startswith("cohort_"):
         return build_cohort(case, config, mesh, batch)
+    if case.startswith("mixed_"):
+        return build_mixed(case, config, mesh, batch)
     raise ValueError(f"unknown case {case!r}; valid: {', '.join(CASES)}")
 
 
@@ -578,7 +600,8 @@ def run_case(
     peak_mem_mb = _peak_mem_mb()
     torch_runs, torch_peak_mb = {}, None
     compiled_runs, compiled_peak_mb = {}, None
-    with_torch = with_torch and not case.startswith("cohort_")  # No PyTorch twin of a cohort.
+    # No PyTorch twin of a cohort.
+    with_torch = with_torch and not case.startswith(("cohort_", "mixed_"))
     if with_torch:
         import torch  # pylint: disable=g-import-not-at-top
 
@@ -654,6 +677,15 @@ def run_case(
         record["img_per_s"] = round(students * batch_size / main.step_s, 2)
         record["single_step_ms"] = round(timings["single"].step_s * 1e3, 1)
         record["speedup"] = round(students * timings["single"].step_s / main.step_s, 3)
+    alone = {name.split("/", 1)[1]: t for name, t in timings.items() if name.startswith("single/")}
+    if alone:
+        # Images trained per second summed over the students, and their own steps' time summed
+        # over the one shared step's.
+        record["students"] = len(alone)
+        record["mode"] = distill_lib.cohort_mode(case_config(case, batch_size, dtype, cohort_mode))
+        record["img_per_s"] = round(len(alone) * batch_size / main.step_s, 2)
+        record["single_step_ms"] = {label: round(t.step_s * 1e3, 1) for label, t in alone.items()}
+        record["speedup"] = round(sum(t.step_s for t in alone.values()) / main.step_s, 3)
     if "w_step" in timings:
         parts_s = timings["w_step"].step_s + timings["beta_step"].step_s
         record["w_step_img_per_s"] = round(batch_size / timings["w_step"].step_s, 2)

@@ -208,6 +208,17 @@ def test_throughput_cohort_case_times_the_distillation_stages_own_steps(tiny_pai
     assert record["students"] == 2 and record["mode"] == "loop" and record["speedup"] > 0
 
 
+def test_throughput_mixed_case_times_each_methods_own_step(tiny_pair, monkeypatch):
+    """The mixed case: students of two methods in `distill.build_stage`'s one step, against each
+    method's own step from the same builder; the speedup is their times' sum over the step's."""
+    monkeypatch.setattr(throughput, "MIXED_LABELS", ("average", "kd"))
+    record = throughput.run_case("mixed_tiny", parallel.make_mesh(), 4, "float32", steps=1)
+    _check_record(record, with_torch=False)
+    assert record["students"] == 2 and set(record["single_step_ms"]) == {"average", "kd"}
+    alone_ms = sum(record["single_step_ms"].values())
+    assert record["speedup"] == pytest.approx(alone_ms / record["step_ms"], rel=0.02)
+
+
 def test_throughput_torch_models_match_param_counts():
     """The PyTorch twins have the JAX models' parameter counts (so they do the same work)."""
     pytest.importorskip("torch")
