@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Table 5's protocol on real CIFAR-10 in one command: teacher -> search -> DFA, Last, Average and
-# the student alone, each over several seeds (one run: a label's students of all seeds share the
-# teacher's forward, cohort.py), then the report with the per-seed paired DFA - Last / Average
+# the student alone, each over several seeds (one run: all their students train in one step that
+# computes the teacher's forward once, cohort.py), then the report with the per-seed paired DFA - Last / Average
 # differences and their 95 % intervals.
 #   bash benchmarks/protocol.sh cpu DATA RUNS   # 2-core CPU, < 60 min: npz shards (DATA = dir)
 #   bash benchmarks/protocol.sh gpu DATA RUNS   # one GPU, < 10 min: image_folder (DATA = root)
