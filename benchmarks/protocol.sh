@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Table 5's protocol on real CIFAR-10 in one command: teacher -> search -> DFA, Last, Average and
 # the student alone, each over several seeds (one run: all their students train in one step that
-# computes the teacher's forward once, cohort.py), then the report with the per-seed paired DFA - Last / Average
-# differences and their 95 % intervals.
+# computes the teacher's forward once, cohort.py), then the report with the per-seed paired
+# DFA - Last / Average differences and their 95 % intervals.
 #   bash benchmarks/protocol.sh cpu DATA RUNS   # 2-core CPU, < 60 min: npz shards (DATA = dir)
 #   bash benchmarks/protocol.sh gpu DATA RUNS   # one GPU, < 10 min: image_folder (DATA = root)
 # cpu: WRN_16_2 -> WRN_10_1 on 10,000 training images (2,000 test), 3 seeds, 3 epochs a network,
