@@ -668,24 +668,27 @@ def run_case(
             record[f"peak_fraction_{precision}"] = _significant(
                 first.flops / main.step_s / 1e12 / (peak * devices)
             )
+    # Each student's own one-student step: a cohort's K students the same one, a mixed case's
+    # one per method.
     if "single" in timings:
-        # Images trained per second summed over the K students, and K one-student steps' time
-        # over one K-student step's.
-        students = int(case.rsplit("_k", 1)[1])
-        record["students"] = students
-        record["mode"] = distill_lib.cohort_mode(case_config(case, batch_size, dtype, cohort_mode))
-        record["img_per_s"] = round(students * batch_size / main.step_s, 2)
+        alone_s = [timings["single"].step_s] * int(case.rsplit("_k", 1)[1])
         record["single_step_ms"] = round(timings["single"].step_s * 1e3, 1)
-        record["speedup"] = round(students * timings["single"].step_s / main.step_s, 3)
-    alone = {name.split("/", 1)[1]: t for name, t in timings.items() if name.startswith("single/")}
-    if alone:
+    else:
+        by_label = {
+            name.removeprefix("single/"): t.step_s
+            for name, t in timings.items()
+            if name.startswith("single/")
+        }
+        alone_s = list(by_label.values())
+        if by_label:
+            record["single_step_ms"] = {k: round(v * 1e3, 1) for k, v in by_label.items()}
+    if alone_s:
         # Images trained per second summed over the students, and their own steps' time summed
         # over the one shared step's.
-        record["students"] = len(alone)
+        record["students"] = len(alone_s)
         record["mode"] = distill_lib.cohort_mode(case_config(case, batch_size, dtype, cohort_mode))
-        record["img_per_s"] = round(len(alone) * batch_size / main.step_s, 2)
-        record["single_step_ms"] = {label: round(t.step_s * 1e3, 1) for label, t in alone.items()}
-        record["speedup"] = round(sum(t.step_s for t in alone.values()) / main.step_s, 3)
+        record["img_per_s"] = round(len(alone_s) * batch_size / main.step_s, 2)
+        record["speedup"] = round(sum(alone_s) / main.step_s, 3)
     if "w_step" in timings:
         parts_s = timings["w_step"].step_s + timings["beta_step"].step_s
         record["w_step_img_per_s"] = round(batch_size / timings["w_step"].step_s, 2)

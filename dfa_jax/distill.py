@@ -226,11 +226,12 @@ def build_stage(
     # Students that share a step share its aux, the teacher's variables (a method whose start
     # adds to them trains alone): one argument of the step for all, so its forward is one.
     aux = starts[0][3]
-    # Per method, in the order of its first student, its students' places in `students`.
-    places: dict[str, list[int]] = {}
-    for k, (label, _) in enumerate(students):
-        places.setdefault(methods.method_of(label), []).append(k)
-    groups = list(places.values())
+    # Per method (`methods_of`'s order), its students' places in `students`.
+    kinds = methods_of(students)
+    groups = [
+        [k for k, (label, _) in enumerate(students) if methods.method_of(label) == kind]
+        for kind in kinds
+    ]
     # A method's loss constants come from the teacher, the same for all its students.
     loss_fns = [
         methods.make_loss_fn(students[ks[0]][0], pair, config, starts[ks[0]][4]) for ks in groups
@@ -300,7 +301,7 @@ def build_stage(
     where = {k: (g, i) for g, ks in enumerate(groups) for i, k in enumerate(ks)}
     return _stage(
         config,
-        f"distill/{'+'.join(places)} cohort of {len(students)}",
+        f"distill/{'+'.join(kinds)} cohort of {len(students)}",
         cohort_directory(workdir, config, students),
         state,
         cohort.make_mixed_step(steps) if mixed else steps[0],
@@ -340,6 +341,11 @@ def run(
     return result
 
 
+def methods_of(students: list[tuple[str, int]]) -> list[str]:
+    """The methods of (label, seed) `students`, each once, in the order of its first student."""
+    return list(dict.fromkeys(methods.method_of(label) for label, _ in students))
+
+
 def cohort_mode(config) -> str:
     """'vmap' or 'loop' (`distill.cohort`; 'auto': the faster one measured on this backend).
 
@@ -357,7 +363,7 @@ def cohorts(config, todo: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
     one step do (at most `distill.max_students_per_step` each), a method's students side by side;
     those of a method that `trains_alone` (FT, AB: a first stage of their own) train alone; in the
     order of `todo`'s first student of each."""
-    order = list(dict.fromkeys(methods.method_of(label) for label, _ in todo))
+    order = methods_of(todo)
     groups: dict[tuple | None, list] = {}
     for label, seed in todo:
         alone = methods.implementation(label).trains_alone
@@ -414,7 +420,7 @@ def run_cohort(
     teacher's forward once per batch (`cohort.py`); returns their results by stage name."""
     starts = _starts(config, workdir, mesh, data, teacher_vars, students)
     names = ", ".join(student_name(config, label, seed) for label, seed in students)
-    kinds = "+".join(dict.fromkeys(methods.method_of(label) for label, _ in students))
+    kinds = "+".join(methods_of(students))
     logging.info(
         "[distill] %d %s students share the teacher in one step: %s", len(students), kinds, names
     )
