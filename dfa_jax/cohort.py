@@ -62,6 +62,17 @@ def student(state: bilevel.TrainState, k: int) -> bilevel.TrainState:
     )
 
 
+@jax.jit
+def student_variables(state: bilevel.TrainState, k) -> dict:
+    """Student `k`'s model variables {'params', 'batch_stats'} (each [...]) out of a stacked
+    TrainState: one program for any k, where slicing each leaf eagerly dispatches one op per
+    leaf per student."""
+    return jax.tree.map(
+        lambda x: x[k],
+        {"params": state.params["student"], "batch_stats": state.batch_stats["student"]},
+    )
+
+
 def size(state: bilevel.TrainState) -> int:
     """The number of students K of a stacked TrainState."""
     return int(jax.tree.leaves(state.params)[0].shape[0])
@@ -75,8 +86,14 @@ def make_cohort_step(step: Callable, num_students: int, mode: str = "vmap") -> C
     if mode == "vmap":
         return jax.vmap(step, in_axes=(STATE_AXES, None, None, None), out_axes=(STATE_AXES, 0))
 
+    # A nested jit: the K calls share one trace of the student's step (tracing a model K times
+    # costs seconds each on a CPU) and one callee, which XLA inlines before its CSE.
+    one_student = jax.jit(step)
+
     def looped(state, batch, val_batch, aux):
-        outputs = [step(student(state, k), batch, val_batch, aux) for k in range(num_students)]
+        outputs = [
+            one_student(student(state, k), batch, val_batch, aux) for k in range(num_students)
+        ]
         new_state = stack([s for s, _ in outputs])
         metrics = jax.tree.map(lambda *m: jnp.stack(m), *[m for _, m in outputs])
         return new_state, metrics

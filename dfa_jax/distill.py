@@ -278,8 +278,7 @@ def build_stage(
 
         def variables(state) -> dict:
             """The student's variables out of the cohort's state."""
-            mine = cohort.student(state.groups[g] if mixed else state, i)
-            return {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]}
+            return cohort.student_variables(state.groups[g] if mixed else state, i)
 
         directory = student_directory(workdir, config, label, seed)
 
