@@ -9,9 +9,9 @@ one shared scalar. Its step is the method's own bilevel step applied to every st
   counter (hence the augmentation's randomness) unmapped. What does not depend on a student —
   the augmentation, the teacher's forward — is computed once for all of them; each student's
   convolutions become one grouped convolution over the K students.
-- 'loop': the students one after the other inside the one program. The teacher's forward is
-  written K times with the same operands; XLA's common-subexpression elimination computes it
-  once.
+- 'loop': the students one after the other inside the one program, each a call of the one
+  traced student step. The teacher's forward is written K times with the same operands; XLA
+  inlines the calls and its common-subexpression elimination computes the forward once.
 
 Either way the students see the same batches and the same augmentation, and differ in what they
 were initialised with (seed, frozen alpha). `benchmarks/throughput.py` (`cohort_*` cases)
