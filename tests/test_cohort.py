@@ -11,6 +11,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from test_train_loop import read_jsonl, tiny_demo
 
@@ -135,6 +136,38 @@ def test_cohort_step_trains_each_student_as_alone_and_the_teacher_once():
         assert not np.allclose(losses[-1][0], losses[-1][1])  # Another seed, another student.
         # The teacher's forward once: two students cost fewer convolutions than two steps.
         assert two < 2 * one, (mode, one, two)
+
+
+def test_loop_mode_traces_the_students_step_once_and_reads_out_each_student():
+    """'loop' calls one traced student step K times (tracing a model per student would cost
+    seconds each), and `student_variables` gives student k's own params and BN statistics."""
+    traces = []
+
+    def step(state, scale, val_batch, aux):
+        del val_batch, aux
+        traces.append(1)  # Python runs here only while jit traces.
+        params = jax.tree.map(lambda w: w * scale, state.params)
+        return state.replace(step=state.step + 1, params=params), {
+            "loss": jnp.sum(params["student"]["w"])
+        }
+
+    states = [
+        bilevel.create_state(
+            {"student": {"w": jnp.full((3,), float(k))}},
+            {"student": {"mean": jnp.full((2,), -float(k))}},
+            optax.sgd(0.1),
+        )
+        for k in range(3)
+    ]
+    stepped, metrics = jax.jit(cohort.make_cohort_step(step, 3, "loop"))(
+        cohort.stack(states), 2.0, None, None
+    )
+    assert len(traces) == 1
+    np.testing.assert_array_equal(metrics["loss"], [0.0, 6.0, 12.0])
+    for k in range(3):
+        mine = cohort.student_variables(stepped, k)
+        np.testing.assert_array_equal(mine["params"]["w"], np.full((3,), 2.0 * k))
+        np.testing.assert_array_equal(mine["batch_stats"]["mean"], np.full((2,), -float(k)))
 
 
 def test_a_step_of_several_methods_trains_each_student_as_alone_and_the_teacher_once():
