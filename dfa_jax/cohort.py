@@ -64,9 +64,9 @@ def student(state: bilevel.TrainState, k: int) -> bilevel.TrainState:
 
 @jax.jit
 def student_variables(state: bilevel.TrainState, k) -> dict:
-    """Student `k`'s model variables {'params', 'batch_stats'} (each [...]) out of a stacked
-    TrainState: one program for any k, where slicing each leaf eagerly dispatches one op per
-    leaf per student."""
+    """Student `k`'s model variables {'params', 'batch_stats'} out of a stacked TrainState,
+    each leaf without its leading [K] axis: one compiled program for every k (slicing each leaf
+    eagerly would dispatch one op per leaf per student)."""
     return jax.tree.map(
         lambda x: x[k],
         {"params": state.params["student"], "batch_stats": state.batch_stats["student"]},
@@ -86,8 +86,8 @@ def make_cohort_step(step: Callable, num_students: int, mode: str = "vmap") -> C
     if mode == "vmap":
         return jax.vmap(step, in_axes=(STATE_AXES, None, None, None), out_axes=(STATE_AXES, 0))
 
-    # A nested jit: the K calls share one trace of the student's step (tracing a model K times
-    # costs seconds each on a CPU) and one callee, which XLA inlines before its CSE.
+    # A nested jit: the K calls share one trace of the student's step (each trace of a model
+    # costs seconds on a CPU) and one callee, which XLA inlines before its CSE.
     one_student = jax.jit(step)
 
     def looped(state, batch, val_batch, aux):
