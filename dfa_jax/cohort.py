@@ -67,10 +67,8 @@ def student_variables(state: bilevel.TrainState, k) -> dict:
     """Student `k`'s model variables {'params', 'batch_stats'} out of a stacked TrainState,
     each leaf without its leading [K] axis: one compiled program for every k (slicing each leaf
     eagerly would dispatch one op per leaf per student)."""
-    return jax.tree.map(
-        lambda x: x[k],
-        {"params": state.params["student"], "batch_stats": state.batch_stats["student"]},
-    )
+    mine = student(state, k)  # XLA drops the slices of the fields not returned.
+    return {"params": mine.params["student"], "batch_stats": mine.batch_stats["student"]}
 
 
 def size(state: bilevel.TrainState) -> int:
