@@ -4,6 +4,7 @@ meet over loopback, not in one process), a checkpoint they write resumes in one 
 stopped and resumed two-process run equals its uninterrupted self bitwise (the same program)."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -67,12 +68,6 @@ def _run(command) -> subprocess.CompletedProcess:
     )
 
 
-def _one_process(workdir, *extra) -> str:
-    out = _run([sys.executable, "-m", "dfa_jax.main", *TINY, f"--workdir={workdir}", *extra])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout + out.stderr
-
-
 def _stages(workdir) -> dict:
     with open(os.path.join(workdir, "summary.json")) as f:
         return json.load(f)["stages"]
@@ -91,18 +86,23 @@ def _records(path) -> list[dict]:
         ]
 
 
+def _tiny_config():
+    """TINY, in this process."""
+    config = load_config("demo", "tiny")
+    config.stages = ("teacher", "search")
+    config.log_every_steps = 1
+    config.teacher.optim.epochs = 4
+    config.checkpoint_every_steps = 8
+    return config
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multiprocess")
     one, two = str(base / "one"), str(base / "two")
     # One process with two CPU devices (this one's): the same 2-device mesh as two processes of
     # one each.
-    config = load_config("demo", "tiny")
-    config.stages = ("teacher", "search")
-    config.log_every_steps = 1
-    config.teacher.optim.epochs = 4
-    config.checkpoint_every_steps = 8
-    pipeline.run(config, one)
+    pipeline.run(_tiny_config(), one)
     port = str(_free_port())
     out = _run([*TWO_PROCESSES, "--port", port, *TINY, ONE_DEVICE_EACH, f"--workdir={two}"])
     log = os.path.join(two, "logs", "process_1.log")
@@ -124,7 +124,7 @@ def test_two_processes_make_the_same_run_as_one(runs):
             assert len(f.read().splitlines()) == len(g.read().splitlines()), name
 
 
-def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
+def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path, caplog):
     _, two = runs
     resumed = str(tmp_path / "resumed")
     shutil.copytree(two, resumed)
@@ -136,8 +136,10 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
     shutil.rmtree(os.path.join(checkpoints, str(steps[-1])))
     os.remove(os.path.join(stage, "result.json"))
     os.remove(os.path.join(resumed, "summary.json"))
-    log = _one_process(resumed, "--config.num_cpu_devices=2")
-    assert f"[teacher] resuming from step {steps[-2]}" in log
+    # In this process, with its two devices (the programs of the one-process run above).
+    caplog.set_level(logging.INFO)
+    pipeline.run(_tiny_config(), resumed)
+    assert f"[teacher] resuming from step {steps[-2]}" in caplog.text
     assert _stages(resumed).keys() == _stages(two).keys()
     # The last steps ran as another program (one process): the layout tolerance, not bitwise.
     assert_within_layout_tolerance(layout_agreement.compare(resumed, two))
