@@ -136,8 +136,9 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path, caplog):
     shutil.rmtree(os.path.join(checkpoints, str(steps[-1])))
     os.remove(os.path.join(stage, "result.json"))
     os.remove(os.path.join(resumed, "summary.json"))
-    # In this process, with its two devices (the programs of the one-process run above).
-    caplog.set_level(logging.INFO)
+    # In this process, with its two devices (the programs of the one-process run above). The
+    # absl logger's own level, whatever verbosity an earlier test in this worker left it at.
+    caplog.set_level(logging.INFO, logger="absl")
     pipeline.run(_tiny_config(), resumed)
     assert f"[teacher] resuming from step {steps[-2]}" in caplog.text
     assert _stages(resumed).keys() == _stages(two).keys()
