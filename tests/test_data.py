@@ -545,6 +545,28 @@ def test_npz_missing_key_names_file_key_and_field(tmp_path):
 # ---------------------------------------------------------------------------------------- bundled
 
 
+def test_digits_read_without_scikit_learn_are_load_digits(monkeypatch):
+    """The file read directly holds `load_digits`'s images and labels in its order (the split
+    depends on it), without importing scikit-learn; where the file is missing, `load_digits`."""
+    script = (
+        "import sys; from dfa_jax.data import sources; table = sources.digits_table();"
+        " assert 'sklearn' not in sys.modules, 'imported'; print(table.shape)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "(1797, 65)", done.stderr[-2000:]
+
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    direct = sources.digits_table()
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    for table in (direct, sources.digits_table()):
+        np.testing.assert_array_equal(table[:, :-1].reshape(-1, 8, 8), reference.images)
+        np.testing.assert_array_equal(table[:, -1], reference.target)
+
+
 def test_bundled_digits():
     from sklearn.datasets import load_digits
 

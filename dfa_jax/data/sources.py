@@ -736,8 +736,29 @@ class NpzSource(Source):
 # --------------------------------------------------------------------------------------- bundled
 
 
+def digits_table() -> np.ndarray:
+    """scikit-learn's `digits` as its file holds them: [1797, 65] float64, each row 64 pixels
+    (0..16, row-major 8x8) and then the label, in `load_digits`'s order.
+
+    Read straight from the file scikit-learn ships, without importing scikit-learn: that import
+    pulls in much of SciPy (~1 s of every process that runs the demo). `load_digits` where the
+    file is not where scikit-learn has kept it (`sklearn/datasets/data/digits.csv.gz`).
+    """
+    spec = importlib.util.find_spec("sklearn")  # Finds the package without running it.
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+            if os.path.isfile(path):
+                return np.loadtxt(path, delimiter=",")
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+    digits = load_digits()
+    return np.concatenate([digits.data, digits.target[:, None]], axis=1)
+
+
 class BundledDigitsSource(Source):
-    """scikit-learn's `digits` (1797 8x8 grey images, 10 classes), shipped inside the package.
+    """scikit-learn's `digits` (1797 8x8 grey images, 10 classes), shipped inside the package
+    (`digits_table`).
 
     Pixels 0..16 are scaled to uint8 0..255, upsampled nearest-neighbour to 32x32 (each pixel a
     4x4 block: exact and keeps the pixel statistics of the originals) and replicated to RGB.
@@ -779,18 +800,16 @@ class BundledDigitsSource(Source):
 
     def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if self._arrays is None:
-            # Imported here: scikit-learn is only needed for this demo source.
-            from sklearn.datasets import load_digits
-
-            digits = load_digits()
-            pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+            table = digits_table()
+            originals, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+            pixels = np.rint(originals * (255.0 / 16.0)).astype(np.uint8)
             scale = self.info.image_size // pixels.shape[1]
             pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
             images = np.repeat(pixels[..., None], 3, axis=-1)
-            train, test = stratified_split(digits.target, self.TEST_FRACTION, self.SPLIT_SEED)
+            train, test = stratified_split(labels, self.TEST_FRACTION, self.SPLIT_SEED)
             self._arrays = {
-                "train": (images[train], digits.target[train]),
-                "test": (images[test], digits.target[test]),
+                "train": (images[train], labels[train]),
+                "test": (images[test], labels[test]),
             }
         if split not in self._arrays:
             raise DataError(
