@@ -60,6 +60,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Must run before any JAX backend is initialised: every test sees a 2-device CPU mesh.
 jax.config.update("jax_num_cpu_devices", 2)
@@ -86,6 +87,35 @@ SLOWEST_FILES = (
     "test_resilience.py",
     "test_evaluation.py",
 )
+
+
+def _cpu_model() -> str:
+    """The CPU's model as `lscpu` names it, with its family and model numbers where Linux gives
+    them (Intel and AMD parts of one name differ in speed: BENCHMARKS.md, "Test suite")."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # The first processor's block is enough.
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown CPU"
+    name = fields.get("model name", "unknown CPU")
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
+@pytest.hookimpl(trylast=True)  # After the slowest durations, just above the result line.
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line after the result, also under `-q`: which machine the suite's time was taken on."""
+    del exitstatus
+    workers = getattr(config.option, "numprocesses", None) or 0
+    terminalreporter.write_line(
+        f"machine: {_cpu_model()}, {os.cpu_count()} cores, {workers or 'no'} pytest workers"
+    )
 
 
 def pytest_sessionfinish(session, exitstatus):
