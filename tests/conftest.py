@@ -110,7 +110,8 @@ def _cpu_model() -> str:
 
 @pytest.hookimpl(trylast=True)  # After the slowest durations, just above the result line.
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """One line after the result, also under `-q`: which machine the suite's time was taken on."""
+    """One line just above the result, also under `-q`: which machine the suite's time was
+    taken on."""
     del exitstatus
     workers = getattr(config.option, "numprocesses", None) or 0
     terminalreporter.write_line(

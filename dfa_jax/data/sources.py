@@ -757,8 +757,8 @@ def digits_table() -> np.ndarray:
 
 
 class BundledDigitsSource(Source):
-    """scikit-learn's `digits` (1797 8x8 grey images, 10 classes), shipped inside the package
-    (`digits_table`).
+    """scikit-learn's `digits` (1797 8x8 grey images, 10 classes), shipped inside scikit-learn and
+    read by `digits_table`.
 
     Pixels 0..16 are scaled to uint8 0..255, upsampled nearest-neighbour to 32x32 (each pixel a
     4x4 block: exact and keeps the pixel statistics of the originals) and replicated to RGB.
