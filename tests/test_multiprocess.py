@@ -19,7 +19,7 @@ import pytest
 from conftest import SUBPROCESS_XLA_FLAGS
 from dfa_jax import pipeline
 from test_config import load_config
-from test_train_loop import LAYOUT_TOLERANCE, assert_within_layout_tolerance
+from test_train_loop import assert_within_layout_tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ is run from the repository root, outside the package.
@@ -114,7 +114,8 @@ def runs(tmp_path_factory):
 
 def test_two_processes_make_the_same_run_as_one(runs):
     """Every stage's per-step losses, alpha and the final teacher and student parameters agree
-    to the stated tolerance (LAYOUT_TOLERANCE, the README's promise across layouts)."""
+    to the stated tolerance (test_train_loop.LAYOUT_TOLERANCE, the README's promise across
+    layouts)."""
     one, two = runs
     assert _stages(one).keys() == _stages(two).keys()
     assert_within_layout_tolerance(layout_agreement.compare(two, one))
