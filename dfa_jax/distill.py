@@ -30,6 +30,10 @@ from dfa_jax import teacher as teacher_lib
 from dfa_jax import train_loop
 from dfa_jax.data import loader
 
+# WORKDIR/distill/<COHORTS_DIR>/<id>/: a cohort's checkpoints and its students (MEMBERS_FILE).
+COHORTS_DIR = "cohorts"
+MEMBERS_FILE = "members.json"
+
 
 def _step(config, loss_fn, tx, data, w_trainable=None):
     """The shared bilevel step on `loss_fn`, beta frozen: no beta loss, so the w update alone
@@ -382,7 +386,51 @@ def cohort_directory(workdir: str, config, students: list[tuple[str, int]]) -> s
     students (a seed or label added to an unfinished run) never resumes it."""
     names = ",".join(student_name(config, label, seed) for label, seed in students)
     digest = hashlib.sha256(names.encode()).hexdigest()[:12]
-    return os.path.join(workdir, "distill", "cohorts", digest)
+    return os.path.join(workdir, "distill", COHORTS_DIR, digest)
+
+
+def started_cohorts(config, workdir: str, todo: list[tuple[str, int]]) -> list[list[tuple]]:
+    """The cohorts an earlier invocation started that still train some of `todo`, each with its
+    students in its own order (its `MEMBERS_FILE`).
+
+    They resume as they started: regrouping their students (`cohorts` of what is left when a
+    split cohort stopped, or of the students still without a result when a finished cohort was
+    stopped while writing them) would make another program, named otherwise, from step 0. A
+    cohort is left to be regrouped when it holds a student this run no longer trains, was named
+    under another seed layout, or is larger than `distill.max_students_per_step` allows now.
+    """
+    wanted = {
+        (label, seed)
+        for label in config_lib.distill_labels(config)
+        for seed in student_seeds(config)
+    }
+    limit = config.distill.max_students_per_step
+    found, claimed = [], set()
+    root = os.path.join(workdir, "distill", COHORTS_DIR)
+    for name in files.listdir(root):
+        path = os.path.join(root, name, MEMBERS_FILE)
+        if not files.exists(path):
+            continue  # Started before cohorts recorded their students.
+        students = [(str(label), int(seed)) for label, seed in files.read_json(path)["students"]]
+        if (
+            cohort_directory(workdir, config, students) != os.path.join(root, name)
+            or not set(students) <= wanted
+            or not set(students) & set(todo)
+            or set(students) & claimed
+        ):
+            continue
+        if limit and len(students) > limit:
+            logging.warning(
+                "[distill] the unfinished cohort in %s has %d students, more than"
+                " distill.max_students_per_step = %d: its students start over in smaller steps",
+                os.path.join(root, name),
+                len(students),
+                limit,
+            )
+            continue
+        found.append(students)
+        claimed |= set(students)
+    return found
 
 
 def run_all(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict[str, dict]:
@@ -399,7 +447,12 @@ def run_all(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> d
             run(config, workdir, mesh, data, teacher_vars, label, seed)
         else:
             todo.append((label, seed))
-    for students in cohorts(config, todo):
+    # Cohorts an earlier invocation started resume as they were, before the rest is grouped.
+    started = started_cohorts(config, workdir, todo)
+    for students in started:
+        run_cohort(config, workdir, mesh, data, teacher_vars, students)
+    resumed = {student for students in started for student in students}
+    for students in cohorts(config, [s for s in todo if s not in resumed]):
         if len(students) == 1:
             run(config, workdir, mesh, data, teacher_vars, *students[0])
         else:
@@ -422,6 +475,12 @@ def run_cohort(
     kinds = "+".join(methods_of(students))
     logging.info(
         "[distill] %d %s students share the teacher in one step: %s", len(students), kinds, names
+    )
+    # Its students, in their order: a later invocation resumes this cohort as it is.
+    directory = cohort_directory(workdir, config, students)
+    files.makedirs(directory)
+    files.write_json_atomic(
+        os.path.join(directory, MEMBERS_FILE), {"students": [list(s) for s in students]}
     )
     stage = build_stage(config, mesh, data, workdir, teacher_vars, students, starts)
     return train_loop.run(stage, config, mesh)["members"]

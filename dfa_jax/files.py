@@ -34,6 +34,12 @@ def exists(path: str) -> bool:
     return epath.Path(path).exists()
 
 
+def listdir(path: str) -> list[str]:
+    """The names of the entries of directory `path`, sorted ([] if it does not exist)."""
+    root = epath.Path(path)
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
 def makedirs(path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 

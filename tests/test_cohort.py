@@ -4,6 +4,7 @@ teacher's forward computed once; a run of several seeds keeps every student's re
 resumes exactly, and trains only what a finished run is missing."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -344,6 +345,71 @@ def test_a_stopped_cohort_resumes_to_the_same_records(cohort_run, tmp_path, monk
             assert _records(os.path.join(workdir, name)) == _records(
                 os.path.join(straight, name)
             ), name
+
+
+def test_stopped_cohorts_resume_as_they_started(cohort_run, tmp_path, monkeypatch, caplog):
+    """A cohort resumes with its own students in its own order (its `members.json`), not as
+    what is left regrouped: a split cohort stopped in its second step (regrouped, KD's students
+    would come first: another program, from step 0), and a finished cohort stopped between two
+    of its students' results (regrouped, the student without one would train again alone)."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(
+        cohort_run[0], workdir, ignore=shutil.ignore_patterns("distill", "summary.json")
+    )
+    # Last, KD, Average over seeds 0 and 1 in steps of three: [last0, last1, average0], then
+    # [average1, kd0, kd1] (a method's students side by side, methods in order of appearance).
+    config = _cohort_config(
+        (0, 1), **{"distill.compare_with": ("kd", "average"), "distill.max_students_per_step": 3}
+    )
+    second = [("average", 1), ("kd", 0), ("kd", 1)]
+    steps_per_stage = 12  # 96 images in batches of 16, two epochs.
+    calls = []
+    real_should_stop = preemption.should_stop
+    monkeypatch.setattr(
+        preemption, "should_stop", lambda: calls.append(1) or len(calls) == steps_per_stage + 3
+    )
+    with pytest.raises(preemption.Stopped, match=r"at step 3/"):
+        pipeline.run(config, workdir)
+    monkeypatch.setattr(preemption, "should_stop", real_should_stop)
+
+    trained = []
+    real_cohort, real_alone = distill.run_cohort, distill.run
+
+    def recording_cohort(config, workdir, mesh, data, teacher_vars, students):
+        trained.append(list(students))
+        return real_cohort(config, workdir, mesh, data, teacher_vars, students)
+
+    monkeypatch.setattr(distill, "run_cohort", recording_cohort)
+    monkeypatch.setattr(
+        distill, "run", lambda *a, **k: trained.append(a[5:]) or real_alone(*a, **k)
+    )
+    caplog.set_level(logging.INFO, logger="absl")
+    pipeline.run(config, workdir)
+    assert trained == [second]
+    assert re.search(r"cohort of 3\] resuming from step 3/", caplog.text)
+
+    # Stopped after the first of its results was written: the same cohort, from its final
+    # checkpoint, writes the others; nothing trains again and the records stay as they were.
+    records = {s: _records(os.path.join(workdir, f"distill/{s[0]}/seed{s[1]}")) for s in second}
+    results = {}
+    for label, seed in second[1:]:
+        path = os.path.join(workdir, f"distill/{label}/seed{seed}", "result.json")
+        with open(path) as f:
+            results[label, seed] = json.load(f)
+        os.remove(path)
+    trained.clear()
+    caplog.clear()
+    pipeline.run(config, workdir)
+    assert trained == [second]
+    assert re.search(r"cohort of 3\] resuming from step 12/12", caplog.text)
+    for label, seed in second:
+        directory = os.path.join(workdir, f"distill/{label}/seed{seed}")
+        assert _records(directory) == records[label, seed]
+        if (label, seed) in results:
+            with open(os.path.join(directory, "result.json")) as f:
+                rewritten = json.load(f)
+            for key in ("best_accuracy", "best_epoch", "last_accuracy", "steps", "stage"):
+                assert rewritten[key] == results[label, seed][key], key
 
 
 def test_students_are_grouped_by_method_and_split_at_the_limit():
