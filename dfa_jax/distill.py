@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 
 import jax
 import ml_collections
@@ -20,6 +21,7 @@ from absl import logging
 from dfa_jax import bilevel
 from dfa_jax import cohort
 from dfa_jax import config_lib
+from dfa_jax import errors
 from dfa_jax import evaluation
 from dfa_jax import files
 from dfa_jax import inputs
@@ -33,6 +35,9 @@ from dfa_jax.data import loader
 # WORKDIR/distill/<COHORTS_DIR>/<id>/: a cohort's checkpoints and its students (MEMBERS_FILE).
 COHORTS_DIR = "cohorts"
 MEMBERS_FILE = "members.json"
+# In each student's directory from its start: its label and seed (the one-seed layout's
+# directory, distill/<label>, does not name the seed).
+STUDENT_FILE = "student.json"
 
 
 def _step(config, loss_fn, tx, data, w_trainable=None):
@@ -132,6 +137,103 @@ def student_name(config, label: str, seed: int) -> str:
 
 def student_directory(workdir: str, config, label: str, seed: int) -> str:
     return os.path.join(workdir, student_name(config, label, seed))
+
+
+def record_student(workdir: str, config, label: str, seed: int) -> None:
+    """Writes (label, seed)'s `STUDENT_FILE` into its directory as its training starts."""
+    directory = student_directory(workdir, config, label, seed)
+    files.makedirs(directory)
+    files.write_json_atomic(os.path.join(directory, STUDENT_FILE), {"label": label, "seed": seed})
+
+
+def _recorded_seed(directory: str) -> int | None:
+    path = os.path.join(directory, STUDENT_FILE)
+    return int(files.read_json(path)["seed"]) if files.exists(path) else None
+
+
+def _seed_dirs(directory: str) -> list[str]:
+    return [n for n in files.listdir(directory) if re.fullmatch(r"seed\d+", n)]
+
+
+def prepare_seed_layout(config, workdir: str) -> None:
+    """Fits the students already in `workdir` to this run's `distill.seeds`, before anything is
+    built: a student keeps its seed, whatever the layout.
+
+    - One seed asked for, `distill/<label>/` holding a student of another seed: refused (it would
+      be reported, or resumed, as this seed's).
+    - One seed asked for, `distill/<label>/seed<k>/` there: refused (they are students of a run
+      of several seeds; ask for several).
+    - Several seeds asked for, `distill/<label>/` holding one student of seed s (a run of one
+      seed): moved to `distill/<label>/seed<s>/`, so that it counts as done (or resumes) and only
+      the missing seeds train. Moved with two renames through `distill/.<label>.seed<s>.moving`,
+      which a run stopped between them finishes.
+    """
+    seeds = student_seeds(config)
+    root = os.path.join(workdir, "distill")
+    for name in files.listdir(root):  # A move a stopped run left half done.
+        moving = re.fullmatch(r"\.(.+)\.(seed\d+)\.moving", name)
+        if moving and jax.process_index() == 0:
+            files.makedirs(os.path.join(root, moving.group(1)))
+            os.rename(os.path.join(root, name), os.path.join(root, *moving.groups()))
+    parallel.sync("distill seed layout: finished moves")
+    for label in config_lib.distill_labels(config):
+        directory = os.path.join(root, label)
+        if not files.exists(directory):
+            continue
+        recorded = _recorded_seed(directory)
+        holds_one = (
+            recorded is not None
+            or files.exists(os.path.join(directory, train_loop.RESULT_FILE))
+            or files.exists(os.path.join(directory, "checkpoints"))
+        )
+        if len(seeds) == 1:
+            if recorded is not None and recorded != seeds[0]:
+                raise errors.ConfigError(
+                    f"distill.seeds: {directory} holds the {label!r} student of seed {recorded},"
+                    f" not {seeds[0]}; ask for both with distill.seeds=({recorded}, {seeds[0]})"
+                    " (each then gets distill/<label>/seed<k>/), or use another --workdir."
+                )
+            if not holds_one and _seed_dirs(directory):
+                raise errors.ConfigError(
+                    f"distill.seeds: {directory} holds {label!r} students of a run of several"
+                    f" seeds ({', '.join(_seed_dirs(directory))}); ask for several seeds"
+                    " (distill.seeds) to use them, or use another --workdir."
+                )
+            continue
+        if not holds_one:
+            continue
+        if recorded is None:
+            raise errors.ConfigError(
+                f"distill.seeds: {directory} holds a {label!r} student of a run of one seed that"
+                " did not record which; move it to"
+                f" {os.path.join(directory, 'seed<k>')} (k: that run's distill.seeds, or its"
+                " seed when those were empty) and run again, or use another --workdir."
+            )
+        if files.is_remote(workdir):
+            raise errors.ConfigError(
+                f"distill.seeds: {directory} holds the {label!r} student of seed {recorded} of a"
+                " run of one seed; an object store cannot rename it into the layout of several"
+                f" seeds: copy it to {os.path.join(directory, f'seed{recorded}')}, delete the"
+                " original, and run again."
+            )
+        if jax.process_index() == 0:
+            moving = os.path.join(root, f".{label}.seed{recorded}.moving")
+            os.rename(directory, moving)
+            files.makedirs(directory)
+            os.rename(moving, os.path.join(directory, f"seed{recorded}"))
+            moved = os.path.join(directory, f"seed{recorded}")
+            result = os.path.join(moved, train_loop.RESULT_FILE)
+            if files.exists(result):  # Its stage's name in the layout of several seeds.
+                files.write_json_atomic(
+                    result, files.read_json(result) | {"stage": f"distill/{label}/seed{recorded}"}
+                )
+            logging.info(
+                "[distill] several seeds: moved the student of seed %d from %s to %s",
+                recorded,
+                directory,
+                moved,
+            )
+    parallel.sync("distill seed layout")
 
 
 def pair_of(config, data) -> methods.Pair:
@@ -337,6 +439,7 @@ def run(
     if train_loop.is_done(directory):
         return train_loop.read_result(directory)
     students = [(label, seed)]
+    record_student(workdir, config, label, seed)
     starts = _starts(config, workdir, mesh, data, teacher_vars, students)
     stage = build_stage(config, mesh, data, workdir, teacher_vars, students, starts)
     result = train_loop.run(stage, config, mesh)
@@ -482,5 +585,7 @@ def run_cohort(
     files.write_json_atomic(
         os.path.join(directory, MEMBERS_FILE), {"students": [list(s) for s in students]}
     )
+    for label, seed in students:
+        record_student(workdir, config, label, seed)
     stage = build_stage(config, mesh, data, workdir, teacher_vars, students, starts)
     return train_loop.run(stage, config, mesh)["members"]

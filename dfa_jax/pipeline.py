@@ -27,6 +27,8 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
     """Runs the configured stages in `workdir` and returns (and writes) the run's summary."""
     config_lib.validate(config)
     workdir_lib.prepare(config, workdir)
+    if "distill" in config.stages:  # Before any stage: it may refuse the seeds asked for.
+        distill.prepare_seed_layout(config, workdir)
     mesh = parallel.make_mesh()
     logging.info(
         "mesh: %d %s devices over %d process(es)",

@@ -21,6 +21,7 @@ from dfa_jax import (
     cohort,
     config_lib,
     distill,
+    errors,
     inputs,
     methods,
     optimizers,
@@ -410,6 +411,42 @@ def test_stopped_cohorts_resume_as_they_started(cohort_run, tmp_path, monkeypatc
                 rewritten = json.load(f)
             for key in ("best_accuracy", "best_epoch", "last_accuracy", "steps", "stage"):
                 assert rewritten[key] == results[label, seed][key], key
+
+
+def test_a_students_seed_stays_its_own_when_the_seeds_change(cohort_run, tmp_path):
+    """A run of one seed lays its students out as distill/<label>/, which names no seed: asking
+    for another single seed is refused (that student would be reported or resumed as the new
+    seed's); asking for several moves each to distill/<label>/seed<s>/, where it counts as done;
+    going back to one seed is refused."""
+    straight = cohort_run[0]
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir, ignore=shutil.ignore_patterns("distill", "summary.json"))
+    # A finished run of one seed, seed 1, as it lays out Last and KD.
+    for label in ("last", "kd"):
+        shutil.copytree(
+            os.path.join(straight, "distill", label, "seed1"), workdir / "distill" / label
+        )
+        with open(workdir / "distill" / label / "student.json") as f:
+            assert json.load(f) == {"label": label, "seed": 1}
+    one = {"distill.compare_with": ("kd",)}
+    with pytest.raises(errors.ConfigError, match=r"distill.seeds: .*'last' student of seed 1"):
+        pipeline.run(_cohort_config((2,), **one), str(workdir))
+
+    # As if stopped between the two renames of KD's move.
+    os.rename(workdir / "distill" / "kd", workdir / "distill" / ".kd.seed1.moving")
+    several = _cohort_config((0, 1), **one)
+    distill.prepare_seed_layout(several, str(workdir))
+    for label in ("last", "kd"):
+        directory = distill.student_directory(str(workdir), several, label, 1)
+        assert directory == str(workdir / "distill" / label / "seed1")
+        assert train_loop.is_done(directory)
+        assert train_loop.read_result(directory)["stage"] == f"distill/{label}/seed1"
+        assert _records(directory) == _records(os.path.join(straight, f"distill/{label}/seed1"))
+        assert not train_loop.is_done(distill.student_directory(str(workdir), several, label, 0))
+    assert sorted(os.listdir(workdir / "distill")) == ["kd", "last"]
+
+    with pytest.raises(errors.ConfigError, match=r"students of a run of several seeds \(seed1\)"):
+        distill.prepare_seed_layout(_cohort_config((1,), **one), str(workdir))
 
 
 def test_students_are_grouped_by_method_and_split_at_the_limit():
