@@ -5,22 +5,28 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 the middle of a save leaves the previous checkpoint as the latest usable one (the temporary
 directory is ignored). Each checkpoint holds the train state (arrays) and a small JSON `meta`
 (epoch bookkeeping, best accuracy so far) that the loop needs to continue exactly. A finished
-checkpoint that cannot be read (truncated or corrupted files) is skipped with a warning naming it,
-and the one before it is used; a failing save (full disk, lost permissions) raises a
-`WorkdirError` saying which checkpoint is still intact.
+checkpoint that cannot be read (truncated or corrupted files) is moved aside with a warning naming
+it and where it went, and the one before it is used; a failing save (full disk, lost permissions)
+raises a `WorkdirError` saying which checkpoint is still intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import uuid
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from dfa_jax import errors
 from dfa_jax import files
+
+
+# Unreadable checkpoints go to `<checkpoints directory>` + this, out of the manager's sight.
+UNREADABLE_SUFFIX = "-unreadable"
 
 
 class Checkpointer:
@@ -52,8 +58,8 @@ class Checkpointer:
     def restore(self, like: Any) -> tuple[Any, dict]:
         """Restores the newest readable checkpoint with the shapes/shardings of `like`.
 
-        An unreadable one is reported, deleted (it can never be resumed from) and the previous
-        one tried; if none is readable, a `CheckpointError` names the directory.
+        An unreadable one is reported, moved aside (`_set_aside`) and the previous one tried; if
+        none is readable, a `CheckpointError` names the directory.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         tried = []
@@ -70,18 +76,34 @@ class Checkpointer:
                 # Orbax/tensorstore raise many types for damaged files; all mean "unreadable".
                 tried.append(step)
                 logging.warning(
-                    "checkpoint step %d in %s is unreadable (%s: %s); deleting it and trying the"
-                    " previous one",
+                    "checkpoint step %d in %s is unreadable (%s: %s); %s and trying the previous"
+                    " one",
                     step,
                     self.directory,
                     type(e).__name__,
                     str(e).splitlines()[0][:200] if str(e) else "",
+                    self._set_aside(step),
                 )
-                self._manager.delete(step)
         raise errors.CheckpointError(
             f"no readable checkpoint in {self.directory} (unreadable steps: {tried}); delete that"
             " directory to start this stage over."
         )
+
+    def _set_aside(self, step: int) -> str:
+        """Moves unreadable checkpoint `step` out of the manager's sight, into
+        `<directory>-unreadable/`, and says where: an error that is no damage (a failed read of a
+        network disk, a device out of memory) must not cost the checkpoint. An object store
+        cannot rename a directory: there it is deleted."""
+        source = epath.Path(self.directory) / str(step)
+        if files.is_remote(self.directory) or not source.exists():
+            self._manager.delete(step)
+            return "deleted it"
+        target = epath.Path(self.directory + UNREADABLE_SUFFIX) / f"{step}-{uuid.uuid4().hex[:8]}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+        self._manager.reload()
+        return f"moved it to {target}"
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk (call before reading them or exiting)."""

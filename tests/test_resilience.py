@@ -138,6 +138,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_
     pipeline.run(tiny_demo(), workdir)
     assert "checkpoint step 18" in caplog.text and "unreadable" in caplog.text
     assert _comparable(workdir) == _comparable(straight)
+    # Set aside, not deleted: an error that is no damage must not cost a checkpoint.
+    (aside,) = os.listdir(checkpoints + checkpointing.UNREADABLE_SUFFIX)
+    assert aside.startswith("18-") and f"moved it to {checkpoints}-unreadable/18-" in caplog.text
 
 
 def test_no_readable_checkpoint_is_a_named_error(tmp_path):
