@@ -19,6 +19,10 @@ from jax.experimental import multihost_utils
 
 _requested: str | None = None  # Name of the signal that asked us to stop.
 _steps_seen = 0  # Steps run by this process, all stages: the preemption service's step ids.
+# Several processes: whether they agreed on a step to stop at. It stays so: when that step is a
+# stage's last, which the loop finishes without stopping, the next stage's first step stops (the
+# service agrees on one step only, so asking it again would never stop).
+_agreed = False
 
 
 class Stopped(Exception):
@@ -68,17 +72,17 @@ def request(signal_name: str = "SIGTERM") -> None:
 
 
 def clear() -> None:
-    global _requested
-    _requested = None
+    global _requested, _agreed
+    _requested, _agreed = None, False
 
 
 def should_stop() -> bool:
     """Called once per step by every process: whether to checkpoint and stop after this step."""
-    global _steps_seen
+    global _steps_seen, _agreed, _requested
     _steps_seen += 1
     if jax.process_count() > 1:
-        if multihost_utils.reached_preemption_sync_point(_steps_seen):
-            global _requested
+        if _agreed or multihost_utils.reached_preemption_sync_point(_steps_seen):
+            _agreed = True
             _requested = _requested or "SIGTERM"
             return True
         return False

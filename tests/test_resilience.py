@@ -85,6 +85,19 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(
     jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(workdir))
 
 
+def test_a_stop_agreed_at_a_stages_last_step_stops_the_next_stage(monkeypatch, signal_handlers):
+    """Several processes: JAX's preemption service agrees on one step; when it is a stage's last
+    (which the loop finishes without stopping) every later step stops, in every process alike,
+    so the next stage stops at its first step instead of running on until a hard kill."""
+    monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+    agreed = preemption._steps_seen + 2  # pylint: disable=protected-access
+    monkeypatch.setattr(
+        preemption.multihost_utils, "reached_preemption_sync_point", lambda step: step == agreed
+    )
+    assert [preemption.should_stop() for _ in range(4)] == [False, True, True, True]
+    assert preemption.requested_by() == "SIGTERM"
+
+
 def test_a_stop_inside_a_logging_interval_resumes_to_the_same_records(
     straight, tmp_path, monkeypatch, signal_handlers
 ):
