@@ -561,9 +561,11 @@ def run_all(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> d
         else:
             run_cohort(config, workdir, mesh, data, teacher_vars, students)
     return {
+        # With its seed: the one-seed layout's name does not say it.
         student_name(config, label, seed): train_loop.read_result(
             student_directory(workdir, config, label, seed)
         )
+        | {"seed": seed}
         for label, seed in order
     }
 

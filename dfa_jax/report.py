@@ -217,13 +217,20 @@ def _teacher_source(loaded_from: str) -> str:
     return path
 
 
+def _pairing(entry: dict) -> tuple:
+    """(run seed, student seed): students of one run seed see the same batches and augmentation,
+    and of one student seed start from the same initialisation."""
+    return (entry.get("run_seed"), entry["seed"])
+
+
 def _warn_duplicate_seeds(key: tuple, entries: list[dict]) -> None:
     """One warning per seed that more than one run of this cell used."""
     dataset, teacher, student, label = key
-    counts = collections.Counter(e["seed"] for e in entries if e["seed"] is not None)
-    for seed, count in counts.items():
+    counts = collections.Counter(_pairing(e) for e in entries if e["seed"] is not None)
+    for key, count in counts.items():
         if count > 1:
-            paths = ", ".join(e["path"] for e in entries if e["seed"] == seed)
+            seed = key[1]
+            paths = ", ".join(e["path"] for e in entries if _pairing(e) == key)
             logger.warning(
                 "%s %s -> %s %s: seed %s appears in %d summaries (%s); all kept, probably a"
                 " duplicate run",
@@ -242,7 +249,7 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
 
     Returns `{(dataset, teacher_model, student_model, label): [entry, ...]}` with one entry
     `{'seed', 'last', 'best', 'path'}` per stage that has a last-epoch accuracy ('best' may be
-    None). Labels are those of the `distill/<label>` stages; the teachers are under
+    None; a student's also 'run_seed', the seed of its run's batches). Labels are those of the `distill/<label>` stages; the teachers are under
     `(dataset, teacher_model, None, 'teacher')`, one entry per distinct teacher: a teacher loaded
     from another workdir (`loaded_from`) counts once, as the run that trained it when that run is
     among `summaries`, and teachers trained with the same seed (each pair's run trains its own by
@@ -288,10 +295,16 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
                     by_source[source] = (loaded, entry)
             elif name.startswith("distill/"):
                 label = name[len("distill/") :]
-                # A run of several seeds names each student `distill/<label>/seed<k>`.
+                # The run's seed sets the batches and augmentation its students share: with the
+                # student's seed, what `paired_rows` pairs by.
+                entry["run_seed"] = entry["seed"]
+                # A run of several seeds names each student `distill/<label>/seed<k>`; a run of
+                # one records its student's seed in its result (older runs: the run's seed).
                 seeded = re.fullmatch(r"(.+)/seed(\d+)", label)
                 if seeded:
                     label, entry["seed"] = seeded.group(1), int(seeded.group(2))
+                elif isinstance(result.get("seed"), int):
+                    entry["seed"] = result["seed"]
                 cells.setdefault((dataset, teacher, student, label), []).append(entry)
     for key, entries in cells.items():
         _warn_duplicate_seeds(key, entries)
@@ -546,23 +559,30 @@ def paired_difference(differences: Iterable[float]) -> dict:
 
 def paired_rows(collected: dict) -> list[dict]:
     """Per pair with DFA runs, DFA's last-epoch accuracy minus Last's, Average's and Random's of
-    the same seed (a seed's runs see the same batches and start from the same student: only
-    alpha differs, so the paired interval is the honest one), with the paper's difference."""
+    the same run seed and student seed (`_pairing`: they see the same batches and start from the
+    same student, only alpha differs, so the paired interval is the honest one), with the paper's
+    difference."""
     rows = []
     for pair in _pairs(5, collected, ["dfa"]):
         dfa = {
-            e["seed"]: e["last"] for e in collected.get((*pair, "dfa"), []) if e["seed"] is not None
+            _pairing(e): e["last"]
+            for e in collected.get((*pair, "dfa"), [])
+            if e["seed"] is not None
         }
         for other in PAIRED_AGAINST:
             theirs = {
-                e["seed"]: e["last"]
+                _pairing(e): e["last"]
                 for e in collected.get((*pair, other), [])
                 if e["seed"] is not None
             }
-            seeds = sorted(set(dfa) & set(theirs), key=str)
-            if not seeds:
+            keys = sorted(set(dfa) & set(theirs), key=str)
+            if not keys:
                 continue
-            differences = [round(dfa[k] - theirs[k], 6) for k in seeds]
+            differences = [round(dfa[k] - theirs[k], 6) for k in keys]
+            # The student seeds, or 'run seed/student seed' where runs of other seeds reuse them.
+            seeds = [k for _, k in keys]
+            if len(set(seeds)) < len(seeds):
+                seeds = [f"{r}/{k}" for r, k in keys]
             paper_dfa = paper_results.paper_value(5, *pair, "dfa")
             paper_other = paper_results.paper_value(5, *pair, other)
             paper = None if None in (paper_dfa, paper_other) else round(paper_dfa - paper_other, 6)

@@ -308,6 +308,33 @@ def test_a_run_of_several_seeds_is_read_per_student(tmp_path):
     assert row["differences"] == pytest.approx([100 * (dfa[k] - last[k]) for k in (0, 1, 2)])
 
 
+def test_students_pair_only_within_their_runs_batches(tmp_path):
+    """Two runs of seeds (0, 1) with other run seeds (other batches): each student pairs with its
+    own run's, never across; a one-seed run's student carries the seed it recorded."""
+    root = str(tmp_path / "runs")
+    accuracy = {(0, 0): (0.760, 0.750), (0, 1): (0.770, 0.765), (7, 0): (0.700, 0.790)}
+    for run_seed in (0, 7):
+        stages = {}
+        for (r, k), (dfa, last) in accuracy.items():
+            if r == run_seed:
+                stages[f"distill/dfa/seed{k}"] = _stage(f"distill/dfa/seed{k}", dfa)
+                stages[f"distill/last/seed{k}"] = _stage(f"distill/last/seed{k}", last)
+        _write(root, f"run{run_seed}", PAIR1, run_seed, stages)
+    (row,) = report.paired_rows(report.collect(report.load_summaries(root)))
+    assert row["seeds"] == ["0/0", "0/1", "7/0"]
+    want = [100 * (dfa - last) for dfa, last in accuracy.values()]
+    assert row["differences"] == pytest.approx(want)
+
+    one = str(tmp_path / "one")
+    stages = {
+        name: _stage(name, acc) | {"seed": 5}
+        for name, acc in (("distill/dfa", 0.76), ("distill/last", 0.75))
+    }
+    _write(one, "seeds5", PAIR1, 0, stages)
+    (row,) = report.paired_rows(report.collect(report.load_summaries(one)))
+    assert row["seeds"] == [5] and row["differences"] == pytest.approx([1.0])
+
+
 def test_crd_suite_numbers_are_repdistillers_and_mdistillers():
     """Spot checks against the two READMEs (RepDistiller's tables, mdistiller's DKD tables)."""
     value = paper_results.paper_value
