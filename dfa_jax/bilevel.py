@@ -112,8 +112,9 @@ def make_bilevel_step(
         are not even differentiated, so they cannot move.
       order: 1 = first order (the beta gradient at the current w); 2 = exact second order: the
         gradient of L_val(w - xi * grad_w L_train(w, beta), beta) with respect to beta, through one
-        virtual SGD step of w on the training batch (DARTS' unrolled objective, without its
-        finite-difference approximation).
+        virtual plain-SGD step of w on the training batch (DARTS' unrolled objective without its
+        finite-difference approximation; DARTS' virtual step also applies w's momentum and weight
+        decay, this one does not).
       virtual_lr_fn: `step -> xi`, the virtual step's learning rate (order 2), usually w's schedule.
       preprocess_fn: `(batch, rng) -> batch` applied on device to both batches (augmentation and
         normalisation), so the host only gathers uint8 images.
