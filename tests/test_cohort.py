@@ -251,6 +251,23 @@ def _records(directory):
     ]
 
 
+def _record_training(monkeypatch) -> list:
+    """The students each distillation step trains from now on, in calls' order: a cohort's list
+    of (label, seed), or a (label, seed) trained alone."""
+    trained = []
+    real_cohort, real_alone = distill.run_cohort, distill.run
+
+    def recording_cohort(config, workdir, mesh, data, teacher_vars, students):
+        trained.append(list(students))
+        return real_cohort(config, workdir, mesh, data, teacher_vars, students)
+
+    monkeypatch.setattr(distill, "run_cohort", recording_cohort)
+    monkeypatch.setattr(
+        distill, "run", lambda *a, **k: trained.append(a[5:]) or real_alone(*a, **k)
+    )
+    return trained
+
+
 @pytest.fixture(scope="module")
 def cohort_run(tmp_path_factory):
     """Last, Average and KD, seeds 0 and 1: six students of two methods in one step."""
@@ -302,17 +319,7 @@ def test_several_seeds_keep_every_students_records_apart(cohort_run, tmp_path):
 def test_adding_a_seed_trains_only_the_missing_students(cohort_run, tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
     shutil.copytree(cohort_run[0], workdir)
-    trained = []
-    real_cohort, real_alone = distill.run_cohort, distill.run
-
-    def recording_cohort(config, workdir, mesh, data, teacher_vars, students):
-        trained.append(list(students))
-        return real_cohort(config, workdir, mesh, data, teacher_vars, students)
-
-    monkeypatch.setattr(distill, "run_cohort", recording_cohort)
-    monkeypatch.setattr(
-        distill, "run", lambda *a, **k: trained.append(a[5:]) or real_alone(*a, **k)
-    )
+    trained = _record_training(monkeypatch)
     before = {s: _records(os.path.join(workdir, f"distill/last/seed{s}")) for s in (0, 1)}
     summary = pipeline.run(_cohort_config((0, 1, 2)), workdir)
     assert trained == [[("last", 2), ("average", 2), ("kd", 2)]]
@@ -378,17 +385,7 @@ def test_stopped_cohorts_resume_as_they_started(cohort_run, tmp_path, monkeypatc
         pipeline.run(config, workdir)
     monkeypatch.setattr(preemption, "should_stop", real_should_stop)
 
-    trained = []
-    real_cohort, real_alone = distill.run_cohort, distill.run
-
-    def recording_cohort(config, workdir, mesh, data, teacher_vars, students):
-        trained.append(list(students))
-        return real_cohort(config, workdir, mesh, data, teacher_vars, students)
-
-    monkeypatch.setattr(distill, "run_cohort", recording_cohort)
-    monkeypatch.setattr(
-        distill, "run", lambda *a, **k: trained.append(a[5:]) or real_alone(*a, **k)
-    )
+    trained = _record_training(monkeypatch)
     caplog.set_level(logging.INFO, logger="absl")
     pipeline.run(config, workdir)
     assert trained == [second]
