@@ -297,6 +297,8 @@ def run(stage: Stage, config, mesh) -> dict:
             scalars = {f"train/{key}": v for key, v in mean.items()}
             scalars.update(shared)  # After the means: the keys' order of a one-member stage.
             writers[member.name].write_scalars(last_step, scalars)
+            # On disk at once, as metrics.jsonl: a killed run loses no row it logged.
+            writers[member.name].flush()
             metrics_files[member.name].write({"step": last_step, **scalars})
             losses.append(scalars["train/loss"])
         logging.info(
@@ -350,6 +352,7 @@ def run(stage: Stage, config, mesh) -> dict:
                     if k not in ("epoch", "step") and isinstance(v, float)
                 },
             )
+            writers[member.name].flush()
             metrics_files[member.name].write(row)
             if "accuracy" in evaluation:
                 logging.info(

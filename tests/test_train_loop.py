@@ -21,6 +21,7 @@ from dfa_jax import inputs
 from dfa_jax import optimizers
 from dfa_jax import parallel
 from dfa_jax import pipeline
+from dfa_jax import scalar_writer
 from dfa_jax import teacher
 from dfa_jax import train_loop
 from dfa_jax.data import loader
@@ -60,8 +61,12 @@ def final_params(workdir):
     return teacher.load_variables(workdir, model, parallel.make_mesh())
 
 
-def test_tiny_teacher_learns_and_writes_outputs(tmp_path):
+def test_tiny_teacher_learns_and_writes_outputs(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
+    # As if killed at the end: the TensorBoard files are never closed (kept open, not collected),
+    # so what they hold is what the loop flushed as it went.
+    unclosed = []
+    monkeypatch.setattr(scalar_writer.ScalarWriter, "close", lambda writer: unclosed.append(writer))
     config = tiny_demo(
         **{
             "teacher.optim.epochs": 6,
@@ -93,6 +98,9 @@ def test_tiny_teacher_learns_and_writes_outputs(tmp_path):
         assert [s for s, _ in shown] == [s for s, _ in logged], tag
         np.testing.assert_allclose([v for _, v in shown], [v for _, v in logged], rtol=1e-6)
     assert all("train/images_per_s" in r for r in rows if "train/loss" in r)
+    assert unclosed
+    for writer in unclosed:
+        writer._records.close()  # pylint: disable=protected-access
 
 
 def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatch):
