@@ -246,7 +246,8 @@ def base_config() -> ml_collections.ConfigDict:
     base.ab_margin = 1.0  # AB: activation-boundary margin m (RepDistiller).
     base.ab_init_epochs = 30  # AB: initialisation epochs before CE training (RepDistiller).
     # AB: the initialisation's lr (plain SGD, momentum, weight decay, constant): RepDistiller's
-    # `helper/pretrain.py` uses the student's, 0.05 for WRNs (0.01 for light students).
+    # `helper/pretrain.py` uses the student's, 0.05 under its recipe (0.01 for light students;
+    # `crd_pair`, `cinic10_pair`). 0.05 under the paper's recipe too, whose student lr is 0.1.
     base.ab_init_lr = 0.05
     # Jacobian: weight of the Sobolev term, as Knowledge-Distillation-Zoo's own
     # `example_train_script.sh` runs it (`--lambda_kd 20.0`; its argparse default 1.0 leaves the
@@ -324,6 +325,12 @@ def crd_pair(teacher: str, student: str) -> ml_collections.ConfigDict:
         config.distill.gamma_fd = 1e-4
         # RepDistiller's AB initialisation runs at the student's rate (`helper/pretrain.py`).
         config.baselines.ab_init_lr = 0.01
+    if not student.startswith(("resnet", "wrn_")):
+        # FT's paraphraser pre-training (`helper/pretrain.py`): 0.01 for RepDistiller's resnet*
+        # and wrn_* students, the student's own rate for every other (0.05 for vgg8).
+        config.baselines.ft_pretrain_lr = config.distill.optim.lr
+    # RepDistiller's and mdistiller's teachers are the last epoch's (`ckpt_epoch_240.pth`).
+    config.teacher.distill_from = "last"
     config.search.epochs_per_group = 40
     config.distill.aggregation = "dfa"
     return config

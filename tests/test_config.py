@@ -292,6 +292,12 @@ def test_crd_recipe_and_pairs_are_repdistillers():
         assert config.teacher.optim.to_dict() == recipe.to_dict()
         light = student in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
         assert config.distill.optim.lr == (0.01 if light else 0.05), student
+        # `helper/pretrain.py`: AB at the student's rate; FT at 0.01 for its resnet*/wrn_*
+        # students, else the student's; the teacher of the last epoch (`ckpt_epoch_240.pth`).
+        assert config.baselines.ab_init_lr == config.distill.optim.lr, student
+        vgg = student.startswith("vgg")
+        assert config.baselines.ft_pretrain_lr == (0.05 if vgg else 0.01), student
+        assert config.teacher.distill_from == "last"
         assert tuple(config.data.mean) == (0.5071, 0.4867, 0.4408)
         assert tuple(config.data.std) == (0.2675, 0.2565, 0.2761)
         assert (config.data.pad, config.data.pad_mode, config.data.flip) == (4, "constant", True)
