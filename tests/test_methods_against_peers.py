@@ -689,3 +689,87 @@ def test_authors_preset_refuses_a_weight_set_against_it():
     config.baselines.at_weight = 50.0
     with pytest.raises(config_lib.ConfigError, match=r"baselines.at_weight = 50.0 .*'authors'"):
         config_lib.validate(config, device_count=1)
+
+
+def _spread(values) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    return float(np.abs(values).max()), float(values.std())
+
+
+@pytest.mark.parametrize(
+    "case", ["same_size", "halve", "double", "shrink", "paraphraser", "translator"]
+)
+def test_helpers_start_as_pytorch_initialises_repdistillers(case):
+    """RepDistiller's ConvReg (FitNets, AB), paraphraser and translator keep PyTorch's default
+    initialisation: each of our kernels and biases is uniform over the range PyTorch gives the
+    same layer (its fan_in as PyTorch counts it)."""
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+    from dfa_jax.methods import feature_maps  # pylint: disable=g-import-not-at-top
+
+    torch.manual_seed(0)
+    c_in, c_out = 64, 96
+    if case in ("paraphraser", "translator"):
+        if case == "paraphraser":
+            module, ours_in = feature_maps.Paraphraser(c_in, 0.5), (1, 8, 8, c_in)
+            # encoder C->C->F->F (convs), decoder F->F->C->C (stride-1 transposed convs)
+            theirs = [tnn.Conv2d(c_in, c_in, 3, 1, 1), tnn.Conv2d(c_in, 32, 3, 1, 1)]
+            theirs += [tnn.Conv2d(32, 32, 3, 1, 1), tnn.ConvTranspose2d(32, 32, 3, 1, 1)]
+            theirs += [tnn.ConvTranspose2d(32, c_in, 3, 1, 1)]
+            theirs += [tnn.ConvTranspose2d(c_in, c_in, 3, 1, 1)]
+        else:
+            module, ours_in = feature_maps.Translator(c_out), (1, 8, 8, c_in)
+            theirs = [tnn.Conv2d(c_in, c_in, 3, 1, 1), tnn.Conv2d(c_in, c_out, 3, 1, 1)]
+            theirs += [tnn.Conv2d(c_out, c_out, 3, 1, 1)]
+        params = module.init(jax.random.key(0), jnp.zeros(ours_in))["params"]
+        if case == "paraphraser":  # setup() names them enc_0..2, dec_0..2.
+            ours = [params[f"{part}_{i}"]["conv"] for part in ("enc", "dec") for i in range(3)]
+        else:
+            ours = [params[f"_ConvAct_{i}"]["conv"] for i in range(3)]
+    else:
+        in_hw, out_hw = {
+            "same_size": ((8, 8), (8, 8)),
+            "halve": ((16, 16), (8, 8)),
+            "double": ((4, 4), (8, 8)),
+            "shrink": ((10, 10), (8, 8)),
+        }[case]
+        module = models.Connector(c_out, out_hw=out_hw, initialiser="torch")
+        params = module.init(jax.random.key(0), jnp.zeros((1, *in_hw, c_in)))["params"]
+        ours = [params["conv"]]
+        theirs = [
+            {
+                "same_size": tnn.Conv2d(c_in, c_out, 1),
+                "halve": tnn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                "double": tnn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
+                "shrink": tnn.Conv2d(c_in, c_out, 3),
+            }[case]
+        ]
+    assert len(ours) == len(theirs)
+    for mine, layer in zip(ours, theirs):
+        # PyTorch's default: kernel and bias U(-b, b), b = 1 / sqrt(fan_in), fan_in as PyTorch
+        # counts it for the layer (a transposed conv's from its outputs).
+        fan_in, _ = tnn.init._calculate_fan_in_and_fan_out(layer.weight)  # pylint: disable=protected-access
+        bound = fan_in**-0.5
+        parts = [("kernel", layer.weight)] + ([("bias", layer.bias)] if "bias" in mine else [])
+        for name, reference in parts:
+            assert _spread(reference.detach().numpy())[0] <= bound  # PyTorch's own draws.
+            top, spread = _spread(mine[name])
+            assert 0.8 * bound <= top <= bound, (case, name, top, bound)
+            # 64-96 biases, thousands of kernel entries: the spread to 15 % and 3 %.
+            rel = 0.15 if name == "bias" else 0.03
+            assert spread == pytest.approx(bound / math.sqrt(3), rel=rel), (case, name)
+
+
+def test_fitnets_and_ab_build_their_regressors_as_pytorch_initialises():
+    """FitNets' and AB's `ConvReg`s take PyTorch's initialisation, DFA's and Margin's connectors
+    overhaul's He-normal one."""
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+    from dfa_jax.methods import boundaries, feature_maps  # pylint: disable=g-import-not-at-top
+
+    pair = methods.Pair(
+        teacher_lib.build_model("wrn_16_2", 10, "float32"),
+        teacher_lib.build_model("resnet8", 10, "float32"),
+    )
+    regressors = [feature_maps.fitnets_regressor(pair, jnp.float32)]
+    regressors += [c for c in boundaries.ab_connectors(pair) if c is not None]
+    assert regressors and all(r.initialiser == "torch" for r in regressors)
+    assert models.Connector(8).initialiser == "he"

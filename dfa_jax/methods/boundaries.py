@@ -39,7 +39,7 @@ def ab_connectors(pair: common.Pair, dtype=None) -> list:
     identity) where the shapes agree. `dtype`: the student's unless given."""
     dtype = pair.student.dtype if dtype is None else dtype
     return [
-        models.Connector(t[-1], out_hw=t[1:3], dtype=dtype) if s != t else None
+        models.Connector(t[-1], out_hw=t[1:3], dtype=dtype, initialiser="torch") if s != t else None
         for s, t in zip(pair.s_shapes(), pair.t_shapes())
     ]
 

@@ -37,7 +37,7 @@ def _middle(num_groups: int) -> int:
 def fitnets_regressor(pair: common.Pair, dtype) -> models.Connector:
     """RepDistiller's `ConvReg` to the teacher's hint map: its channels and its size."""
     t_shape = pair.t_shapes()[fitnets_group(pair) - 1]
-    return models.Connector(t_shape[-1], out_hw=t_shape[1:3], dtype=dtype)
+    return models.Connector(t_shape[-1], out_hw=t_shape[1:3], dtype=dtype, initialiser="torch")
 
 
 def _fitnets_helpers(pair, config, seed, mesh):
@@ -150,7 +150,10 @@ class Paraphraser(nn.Module):
         widths_in = (self.channels, factor, factor)
         widths_out = (factor, self.channels, self.channels)
         self.enc = [_ConvAct(c, batch_norm=False, dtype=self.dtype) for c in widths_in]
-        self.dec = [_ConvAct(c, batch_norm=False, dtype=self.dtype) for c in widths_out]
+        # PyTorch initialises them as the transposed convs they are there.
+        self.dec = [
+            _ConvAct(c, batch_norm=False, transposed=True, dtype=self.dtype) for c in widths_out
+        ]
 
     def encode(self, x, train: bool = False):
         for layer in self.enc:
@@ -185,16 +188,27 @@ class Translator(nn.Module):
 
 
 class _ConvAct(nn.Module):
-    """3x3 conv, then BN (`batch_norm`) or the conv's own bias, then LeakyReLU(0.1)."""
+    """3x3 conv, then BN (`batch_norm`) or the conv's own bias, then LeakyReLU(0.1); initialised
+    as PyTorch initialises RepDistiller's (`transposed`: a stride-1 `ConvTranspose2d`)."""
 
     features: int
     batch_norm: bool
+    transposed: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = models.layers.Conv3x3(
-            self.features, use_bias=not self.batch_norm, dtype=self.dtype, name="conv"
+        layers = models.layers
+        fan_in = 9 * (self.features if self.transposed else x.shape[-1])
+        x = layers.Conv3x3(
+            self.features,
+            use_bias=not self.batch_norm,
+            kernel_init=layers.torch_transposed_as_conv_init
+            if self.transposed
+            else layers.torch_conv_init,
+            bias_init=layers.torch_bias_init(fan_in),
+            dtype=self.dtype,
+            name="conv",
         )(x)
         if self.batch_norm:
             x = models.layers.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn")(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dfa_jax.models.layers import BatchNorm, Conv, Conv1x1, he_normal_fan_out
+from dfa_jax.models.layers import BatchNorm, Conv, Conv1x1, he_normal_fan_out, torch_conv_init
 
 
 def resize_problem(in_hw, out_hw) -> str | None:
@@ -35,11 +35,17 @@ def resize_problem(in_hw, out_hw) -> str | None:
 
 
 class Connector(nn.Module):
-    """[B, H, W, C_in] -> [B, *out_hw, features]: a conv (1x1 when no resize), then BatchNorm."""
+    """[B, H, W, C_in] -> [B, *out_hw, features]: a conv (1x1 when no resize), then BatchNorm.
+
+    `initialiser`: the conv kernel's 'he' (He-normal fan_out, overhaul's connector: DFA's, Margin's,
+    the search's) or 'torch' (PyTorch's default, which RepDistiller's `ConvReg` keeps: FitNets',
+    AB's).
+    """
 
     features: int
     out_hw: tuple[int, int] | None = None  # None: keep the input's H x W.
     dtype: jnp.dtype = jnp.float32
+    initialiser: str = "he"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -48,10 +54,24 @@ class Connector(nn.Module):
         problem = resize_problem(in_hw, out_hw)
         if problem is not None:
             raise ValueError(f"Connector: {problem}.")
+        if self.initialiser not in ("he", "torch"):
+            raise ValueError(
+                f"Connector: initialiser must be 'he' or 'torch', got {self.initialiser!r}"
+            )
+        # A transposed kernel [H, W, out, in] counts PyTorch's fan_in on axis -2, as a conv's.
+        kernel_init = he_normal_fan_out if self.initialiser == "he" else torch_conv_init
         if in_hw == out_hw:
-            conv = Conv1x1(self.features, dtype=self.dtype, name="conv")
+            conv = Conv1x1(self.features, kernel_init=kernel_init, dtype=self.dtype, name="conv")
         elif in_hw == (2 * out_hw[0], 2 * out_hw[1]):
-            conv = Conv(self.features, (3, 3), strides=2, padding=1, dtype=self.dtype, name="conv")
+            conv = Conv(
+                self.features,
+                (3, 3),
+                strides=2,
+                padding=1,
+                kernel_init=kernel_init,
+                dtype=self.dtype,
+                name="conv",
+            )
         elif (2 * in_hw[0], 2 * in_hw[1]) == out_hw:
             # PyTorch's ConvTranspose2d(k=4, s=2, p=1): the input dilated by 2, padded by
             # k - 1 - p = 2, correlated with the spatially flipped kernel.
@@ -62,12 +82,19 @@ class Connector(nn.Module):
                 padding=((2, 2), (2, 2)),
                 transpose_kernel=True,
                 use_bias=False,
-                kernel_init=he_normal_fan_out,
+                kernel_init=kernel_init,
                 dtype=self.dtype,
                 name="conv",
             )
         else:
             kernel = (1 + in_hw[0] - out_hw[0], 1 + in_hw[1] - out_hw[1])
-            conv = Conv(self.features, kernel, padding=0, dtype=self.dtype, name="conv")
+            conv = Conv(
+                self.features,
+                kernel,
+                padding=0,
+                kernel_init=kernel_init,
+                dtype=self.dtype,
+                name="conv",
+            )
         x = conv(x)
         return BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn")(x)

@@ -17,6 +17,27 @@ FEATURES = "features"
 """The one variable collection every pre-ReLU feature map is sown into, at top-level scope."""
 
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default Conv2d / ConvTranspose2d weight (kaiming_uniform, a = sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = a kernel [H, W, in, out]'s in x H x W. For a
+# transposed conv PyTorch counts its weight [in, out, H, W]'s dim 1, the outputs: `in_axis=-1`
+# for a stride-1 transposed conv written as a conv, default for a Flax `transpose_kernel` one
+# (kernel [H, W, out, in]).
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+torch_transposed_as_conv_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2
+)
+
+
+def torch_bias_init(fan_in: int):
+    """PyTorch's default conv bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), `fan_in` as its weight's."""
+    bound = fan_in**-0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 # PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
