@@ -657,6 +657,21 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     for field in ("npz_image_key", "npz_label_key"):
         if not data[field]:
             problems.append(f"data.{field} = '': give the key of the npz files' array.")
+    # The search trains beta on val_split and w on train_split, and the reported accuracy is
+    # test_split's: one name twice would train on what it measures (overlapping slices of one
+    # TFDS split are not detected).
+    if data.val_split is not None and data.val_split in (data.train_split, data.test_split):
+        problems.append(
+            f"data.val_split = {data.val_split!r} is also data."
+            f"{'train_split' if data.val_split == data.train_split else 'test_split'}: the search"
+            " would train beta on images it trains w on or is measured on; give a split of its"
+            " own, or None to hold out data.search_val_fraction of the training split."
+        )
+    if data.train_split == data.test_split:
+        problems.append(
+            f"data.train_split = data.test_split = {data.train_split!r}: the test accuracy would"
+            " be measured on the training images; give the test split its own name."
+        )
     if data.npz_image_key == data.npz_label_key:
         problems.append(
             f"data.npz_image_key = data.npz_label_key = {data.npz_image_key!r}: images and labels"

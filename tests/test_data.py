@@ -534,6 +534,28 @@ def test_npz_source_concatenates_shards_and_loads_only_needed_files(tmp_path, mo
         only_train.labels("test")
 
 
+def test_npz_files_of_a_longer_split_name_are_its_own(tmp_path):
+    """`train_val_0.npz` is the 'train_val' split's when the run uses one, never also 'train''s
+    (the search would train w on its beta's images); without such a split it is 'train''s."""
+    arrays = _write_npz(tmp_path)
+    np.savez(tmp_path / "train_val_0.npz", x=arrays["test"][0], y=arrays["test"][1])
+    with_val = data.make_source(
+        data_cfg(
+            source="npz",
+            path=str(tmp_path),
+            npz_image_key="x",
+            npz_label_key="y",
+            val_split="train_val",
+        )
+    )
+    assert len(with_val.labels("train")) == 12
+    np.testing.assert_array_equal(with_val.labels("train_val"), arrays["test"][1])
+    without = data.make_source(
+        data_cfg(source="npz", path=str(tmp_path), npz_image_key="x", npz_label_key="y")
+    )
+    assert len(without.labels("train")) == 16
+
+
 def test_npz_missing_key_names_file_key_and_field(tmp_path):
     _write_npz(tmp_path)
     source = data.make_source(data_cfg(source="npz", path=str(tmp_path), npz_label_key="y"))

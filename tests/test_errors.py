@@ -451,6 +451,18 @@ CASES = [
         "point it at",
     ),
     Case(
+        "search_validates_on_the_test_split",
+        lambda p: (tiny_config(**{"data.val_split": "test"}), "data.val_split"),
+        errors.ConfigError,
+        "is also data.test_split",
+    ),
+    Case(
+        "test_split_is_the_training_split",
+        lambda p: (tiny_config(**{"data.test_split": "train"}), "data.train_split"),
+        errors.ConfigError,
+        "give the test split its own name",
+    ),
+    Case(
         "epochs_none",
         lambda p: (tiny_config(**{"teacher.optim.epochs": None}), "teacher.optim.epochs"),
         errors.ConfigError,

@@ -627,17 +627,27 @@ class NpzSource(Source):
         self._path = data_cfg.path
         self._image_key = data_cfg.npz_image_key
         self._label_key = data_cfg.npz_label_key
+        # The run's split names: a file goes to the longest that names it (`_split_files`).
+        self._splits = tuple(
+            s for s in (data_cfg.train_split, data_cfg.test_split, data_cfg.val_split) if s
+        )
         # split -> (files, first row of each file and the total [len(files) + 1], labels)
         self._index: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
         self._file_images: dict[str, np.ndarray] = {}
 
     def _split_files(self, split: str) -> list[str]:
         pattern = os.path.join(self._path, "*.npz") if os.path.isdir(self._path) else self._path
+
+        def names(f: str, name: str) -> bool:
+            base = os.path.basename(f)
+            return base == f"{name}.npz" or (base.startswith(f"{name}_") and f.endswith(".npz"))
+
+        # `train_val_0.npz` is the 'train_val' split's where the run has one, not 'train''s.
+        longer = [s for s in self._splits if len(s) > len(split) and s.startswith(split)]
         files = sorted(
             f
             for f in glob.glob(pattern)
-            if os.path.basename(f) == f"{split}.npz"
-            or (os.path.basename(f).startswith(f"{split}_") and f.endswith(".npz"))
+            if names(f, split) and not any(names(f, other) for other in longer)
         )
         if not files:
             raise DataError(
