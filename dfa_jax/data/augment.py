@@ -6,6 +6,8 @@ crop, horizontal flip) then `normalize`; CINIC-10's is `random_resized_crop_flip
 (torchvision's RandomResizedCrop(32) + flip) then `normalize` (`data.augment` picks).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -53,6 +55,55 @@ def random_crop_flip(
     return images
 
 
+def resized_crop_boxes(
+    rng: jax.Array,
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    attempts: int = 10,
+) -> tuple[jax.Array, ...]:
+    """torchvision's `RandomResizedCrop.get_params`, per example: `attempts` boxes of area
+    fraction s ~ U(scale) and width / height r with log r ~ U(log ratio), rounded to whole
+    pixels; the first that fits the image is placed at a uniform whole-pixel offset; where none
+    fits, the largest central box within `ratio`.
+
+    Returns:
+        (top, left, h, w), each [batch] float32 of whole pixels.
+    """
+    area_rng, ratio_rng, y_rng, x_rng = jax.random.split(rng, 4)
+    area = (
+        height
+        * width
+        * jax.random.uniform(area_rng, (batch, attempts), minval=scale[0], maxval=scale[1])
+    )
+    aspect = jnp.exp(
+        jax.random.uniform(
+            ratio_rng, (batch, attempts), minval=math.log(ratio[0]), maxval=math.log(ratio[1])
+        )
+    )
+    # Half to even, as Python's round() in torchvision.
+    w, h = jnp.round(jnp.sqrt(area * aspect)), jnp.round(jnp.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = jnp.argmax(fits, axis=1)[:, None]
+    h, w = (jnp.take_along_axis(a, first, axis=1)[:, 0] for a in (h, w))
+    # torchvision's fallback when no attempt fits.
+    if width / height < min(ratio):
+        fall_h, fall_w = round(width / min(ratio)), width
+    elif width / height > max(ratio):
+        fall_h, fall_w = height, round(height * max(ratio))
+    else:
+        fall_h, fall_w = height, width
+    found = fits.any(axis=1)
+    h, w = jnp.where(found, h, fall_h), jnp.where(found, w, fall_w)
+    top = jnp.floor(jax.random.uniform(y_rng, (batch,)) * (height - h + 1))
+    left = jnp.floor(jax.random.uniform(x_rng, (batch,)) * (width - w + 1))
+    top = jnp.where(found, top, (height - fall_h) // 2)
+    left = jnp.where(found, left, (width - fall_w) // 2)
+    return top, left, h, w
+
+
 def random_resized_crop_flip(
     images: jax.Array,
     rng: jax.Array,
@@ -62,9 +113,8 @@ def random_resized_crop_flip(
 ) -> jax.Array:
     """RandomResizedCrop to the input size, then a random horizontal flip (CINIC-10's recipe).
 
-    Per example: an area fraction s ~ U(scale) and an aspect ratio r with log r ~ U(log ratio)
-    give a box of h = sqrt(s*H*W/r), w = sqrt(s*H*W*r) pixels (clipped to the image, where
-    torchvision would redraw up to ten times), placed uniformly, and resampled bilinearly to H x W.
+    Per example a box as torchvision draws it (`resized_crop_boxes`), resampled bilinearly
+    (half-pixel centres, as torchvision's resize) to H x W.
 
     Args:
         images: [B, H, W, C] uint8 or float (0..255).
@@ -77,16 +127,8 @@ def random_resized_crop_flip(
         [B, H, W, C] float32 in 0..255 (resampling makes fractional values).
     """
     batch, height, width, channels = images.shape
-    area_rng, ratio_rng, y_rng, x_rng, flip_rng = jax.random.split(rng, 5)
-    area = jax.random.uniform(area_rng, (batch,), minval=scale[0], maxval=scale[1])
-    log_ratio = jax.random.uniform(
-        ratio_rng, (batch,), minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1])
-    )
-    aspect = jnp.exp(log_ratio)
-    box_h = jnp.clip(jnp.sqrt(area * height * width / aspect), 1.0, height)
-    box_w = jnp.clip(jnp.sqrt(area * height * width * aspect), 1.0, width)
-    y0 = jax.random.uniform(y_rng, (batch,)) * (height - box_h)
-    x0 = jax.random.uniform(x_rng, (batch,)) * (width - box_w)
+    box_rng, flip_rng = jax.random.split(rng)
+    y0, x0, box_h, box_w = resized_crop_boxes(box_rng, batch, height, width, scale, ratio)
 
     def resize(image, h, w, y, x):
         scale_hw = jnp.stack([height / h, width / w])
