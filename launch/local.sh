@@ -20,13 +20,14 @@
 #                  (TMPDIR/dfa_jax_logs/NAME/process_i.log for a gs://.../NAME workdir).
 #                  When one process fails the others are stopped and its exit status is returned;
 #                  Ctrl-C or SIGTERM sends SIGTERM to every process and waits for them.
-#   --port P       coordinator port on 127.0.0.1 (default 12355)
+#   --port P       coordinator port on 127.0.0.1 (default: one of 20000-59999 derived from the
+#                  workdir, so that runs of two workdirs on one host do not meet)
 #   --dry-run      print every command, one line each, environment as a prefix; run nothing
 #   -h, --help     print this help
 set -euo pipefail
 
 usage() {
-  sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -41,7 +42,7 @@ is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
 dry_run=0
 processes=1
-port=12355
+port="" # Derived from the workdir below unless given.
 args=()
 while (($# > 0)); do
   case "$1" in
@@ -67,7 +68,7 @@ while (($# > 0)); do
   shift
 done
 is_count "$processes" || die "--processes must be a positive integer, got '$processes'"
-if ! is_count "$port" || ((port > 65535)); then
+if [[ -n $port ]] && { ! is_count "$port" || ((port > 65535)); }; then
   die "--port must be a port number, got '$port'"
 fi
 
@@ -94,6 +95,9 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 [[ -n $workdir ]] || die "--processes $processes needs --workdir (processes i > 0 log there)"
+if [[ -z $port ]]; then # A port per workdir: a second run on this host gets its own coordinator.
+  port=$((20000 + $(printf '%s' "$workdir" | cksum | cut -d' ' -f1) % 40000))
+fi
 if [[ $workdir == *://* ]]; then # A bucket: the logs stay on this host.
   log_dir=${TMPDIR:-/tmp}/dfa_jax_logs/$(basename "$workdir")
 else

@@ -22,7 +22,9 @@
 #   --project=P            Cloud project (default: gcloud's configured project)
 #   --repo=SPEC            what the workers install: a git URL[@ref] (pip installs git+URL[@ref])
 #                          or any other pip requirement (default: this checkout's files, tracked
-#                          and untracked but not ignored, copied with `tpu-vm scp --worker=all`)
+#                          and untracked but not ignored, copied with `tpu-vm scp --worker=all`;
+#                          the run starts in that copy, so --config=configs/... resolves; with
+#                          --repo it starts in the home directory: configs must be there)
 #   --no-install           skip the install step (the slice already has this version)
 #   --delete-at-end        delete the slice afterwards, also when the run fails
 #   --dry-run              print every gcloud command, one line each, run nothing
@@ -32,7 +34,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -124,7 +126,10 @@ $venv/bin/pip install -q --no-deps --force-reinstall $package"
 # The run, as one remote shell command: every worker logs to ~/dfa_jax_worker.log, worker 0 also
 # to the ssh session (its number comes from the metadata server).
 main_cmd="$venv/bin/python -m dfa_jax.main $(quote_all "${args[@]}") --distributed"
-run_cmd="set -o pipefail; cd; w=\$(curl -s -H Metadata-Flavor:Google \
+# Relative paths (--config=configs/...) resolve in the copied checkout; with --repo the package
+# alone is installed, so they resolve in the home directory and must be there.
+if ((copy_checkout)); then run_dir="\$HOME/$src_dir"; else run_dir="\$HOME"; fi
+run_cmd="set -o pipefail; cd $run_dir; w=\$(curl -s -H Metadata-Flavor:Google \
 http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number); \
 if [ \"\$w\" = 0 ]; then $main_cmd 2>&1 | tee \$HOME/dfa_jax_worker.log; \
 else $main_cmd >\$HOME/dfa_jax_worker.log 2>&1; fi"

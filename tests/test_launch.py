@@ -176,7 +176,7 @@ def alive(pid):
 @pytest.mark.parametrize(
     "script,expected",
     [
-        ("local.sh", ["--processes", "--port", "12355", "--dry-run"]),
+        ("local.sh", ["--processes", "--port", "derived from the", "--dry-run"]),
         ("tpu_pod.sh", ["--name", "--zone", "--accelerator-type", "--version", "--project"]),
         ("slurm_gpu.sbatch", ["--dry-run", "shares", "srun"]),
         ("sweep.sh", ["--launcher", "direct", "local", "slurm", "tpu", "--processes"]),
@@ -229,7 +229,17 @@ def test_local_keeps_the_users_cpu_device_count(fake, tmp_path):
     assert len(lines) == 3
     assert all(line.count("num_cpu_devices") == 1 for line in lines)
     assert all("--config.num_cpu_devices=2" in line for line in lines)
-    assert "--coordinator_address=127.0.0.1:12355" in lines[2]
+    # The coordinator's port is the workdir's: the same in every process, another workdir's
+    # elsewhere (two runs on one host do not meet).
+    ports = {line.split("--coordinator_address=127.0.0.1:")[1].split()[0] for line in lines}
+    assert len(ports) == 1 and 20000 <= int(next(iter(ports))) < 60000
+
+    def port_of(workdir):
+        args = ["--dry-run", "--processes=2", "--config=c.py", f"--workdir={workdir}"]
+        line = launch("local.sh", *args, env=env).stdout.splitlines()[0]
+        return line.split("--coordinator_address=127.0.0.1:")[1].split()[0]
+
+    assert port_of("/runs/a") == port_of("/runs/a") != port_of("/runs/b")
 
 
 def test_local_splits_the_gpus(fake, tmp_path):
