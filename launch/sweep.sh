@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs methods x configs x seeds, each in its own workdir RUNS/<config>/<method>/seed<k>; re-running
-# the same sweep resumes (finished runs are skipped).
+# Runs methods x configs x seeds, each in its own workdir RUNS/<config>/<method>/seed<k> (a config's
+# argument joins its name: x.py:tiny -> RUNS/x_tiny/); re-running the same sweep resumes (finished
+# stages are skipped).
 #
 #   launch/sweep.sh --runs=runs/table2 --configs=configs/cifar100_pair3.py \
 #       --methods=none,kd,fitnets,at,jacobian,ft,ab,sp,margin,dfa --seeds=0,1,2 [--dry-run] \
@@ -27,7 +28,7 @@
 #           leaves it). RUNS must be gs://...
 set -euo pipefail
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 
 runs="" configs="" methods="" seeds="0" dry_run=0 launcher=direct processes="" port=""
 tpu_delete=0
@@ -76,6 +77,8 @@ total=$((${#config_list[@]} * ${#method_list[@]} * ${#seed_list[@]}))
 count=0
 for config in "${config_list[@]}"; do
   name=$(basename "${config%%:*}" .py)
+  # The config's argument names its own runs: x.py and x.py:tiny are two experiments.
+  [[ $config != *:* ]] || name+="_${config#*:}"
   for method in "${method_list[@]}"; do
     case "$method" in
       dfa) flags=(--config.distill.method=dfa --config.distill.aggregation=dfa) ;;

@@ -69,6 +69,27 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_sweep_gives_a_config_with_an_argument_its_own_workdirs(tmp_path):
+    """x.py and x.py:tiny are two experiments: one workdir would refuse the second."""
+    out = subprocess.run(
+        [
+            "bash",
+            "launch/sweep.sh",
+            f"--runs={tmp_path}",
+            "--configs=configs/demo.py,configs/demo.py:tiny",
+            "--methods=kd",
+            "--seeds=0",
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert f"--workdir={tmp_path}/demo/kd/seed0" in out[0]
+    assert f"--workdir={tmp_path}/demo_tiny/kd/seed0" in out[1]
+
+
 # --- Multi-process launchers -------------------------------------------------------------------
 #
 # Nothing here trains or reaches a cloud: each test puts a directory of fake commands first on
