@@ -41,23 +41,25 @@ def test_local_help():
     assert "--dry-run" in out
 
 
-def test_sweep_dry_run_lists_every_run(tmp_path):
-    out = subprocess.run(
-        [
-            "bash",
-            "launch/sweep.sh",
-            f"--runs={tmp_path}",
-            "--configs=configs/cifar100_pair3.py",
-            "--methods=kd,last,dfa,file",
-            "--seeds=0,1",
-            "--dry-run",
-            "--config.teacher.checkpoint=/t",
-        ],
+def _sweep_dry_run(*args) -> list[str]:
+    """`launch/sweep.sh ARGS --dry-run`'s lines, one per run."""
+    return subprocess.run(
+        ["bash", "launch/sweep.sh", *args, "--dry-run"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.splitlines()
+
+
+def test_sweep_dry_run_lists_every_run(tmp_path):
+    out = _sweep_dry_run(
+        f"--runs={tmp_path}",
+        "--configs=configs/cifar100_pair3.py",
+        "--methods=kd,last,dfa,file",
+        "--seeds=0,1",
+        "--config.teacher.checkpoint=/t",
+    )
     assert len(out) == 8
     assert all("--config.teacher.checkpoint=/t" in line for line in out)
     assert f"--workdir={tmp_path}/cifar100_pair3/kd/seed1" in out[1]
@@ -71,21 +73,12 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
 
 def test_sweep_gives_a_config_with_an_argument_its_own_workdirs(tmp_path):
     """x.py and x.py:tiny are two experiments: one workdir would refuse the second."""
-    out = subprocess.run(
-        [
-            "bash",
-            "launch/sweep.sh",
-            f"--runs={tmp_path}",
-            "--configs=configs/demo.py,configs/demo.py:tiny",
-            "--methods=kd",
-            "--seeds=0",
-            "--dry-run",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    out = _sweep_dry_run(
+        f"--runs={tmp_path}",
+        "--configs=configs/demo.py,configs/demo.py:tiny",
+        "--methods=kd",
+        "--seeds=0",
+    )
     assert f"--workdir={tmp_path}/demo/kd/seed0" in out[0]
     assert f"--workdir={tmp_path}/demo_tiny/kd/seed0" in out[1]
 
