@@ -492,9 +492,11 @@ def cohort_directory(workdir: str, config, students: list[tuple[str, int]]) -> s
     return os.path.join(workdir, "distill", COHORTS_DIR, digest)
 
 
-def started_cohorts(config, workdir: str, todo: list[tuple[str, int]]) -> list[list[tuple]]:
-    """The cohorts an earlier invocation started that still train some of `todo`, each with its
-    students in its own order (its `MEMBERS_FILE`).
+def started_cohorts(
+    config, workdir: str, order: list[tuple[str, int]], todo: list[tuple[str, int]]
+) -> list[list[tuple]]:
+    """The cohorts an earlier invocation started that still train some of `todo` (of this run's
+    students, `order`), each with its students in its own order (its `MEMBERS_FILE`).
 
     They resume as they started: regrouping their students (`cohorts` of what is left when a
     split cohort stopped, or of the students still without a result when a finished cohort was
@@ -502,11 +504,7 @@ def started_cohorts(config, workdir: str, todo: list[tuple[str, int]]) -> list[l
     cohort is left to be regrouped when it holds a student this run no longer trains, was named
     under another seed layout, or is larger than `distill.max_students_per_step` allows now.
     """
-    wanted = {
-        (label, seed)
-        for label in config_lib.distill_labels(config)
-        for seed in student_seeds(config)
-    }
+    wanted = set(order)
     limit = config.distill.max_students_per_step
     found, claimed = [], set()
     root = os.path.join(workdir, "distill", COHORTS_DIR)
@@ -551,7 +549,7 @@ def run_all(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> d
         else:
             todo.append((label, seed))
     # Cohorts an earlier invocation started resume as they were, before the rest is grouped.
-    started = started_cohorts(config, workdir, todo)
+    started = started_cohorts(config, workdir, order, todo)
     for students in started:
         run_cohort(config, workdir, mesh, data, teacher_vars, students)
     resumed = {student for students in started for student in students}
