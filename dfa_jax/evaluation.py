@@ -33,7 +33,9 @@ def make_model_eval_fn(model, config, data: inputs.RunData, mesh) -> Callable:
     """Builds `evaluate(variables) -> {'accuracy': float, 'loss': float}` of `model` (eval mode)
     on the test split: every example counted exactly once whatever the device and process count
     (the last global batch is padded and masked out)."""
-    batch_size = config.data.eval_batch_size
+    # Rounded up to a whole number of rows per device: padding already makes any size exact,
+    # so a batch of 500 must not keep a run off 8 or 16 devices.
+    batch_size = -(-config.data.eval_batch_size // mesh.size) * mesh.size
     rows = parallel.process_rows(mesh, batch_size)
     mean, std = tuple(data.info.mean), tuple(data.info.std)
     # Placed as the step's own totals are: an unplaced first `totals` would be another input

@@ -37,6 +37,9 @@ def test_shipped_configs_validate(name, arg, tmp_path):
     if config.distill.aggregation == "file":
         config.distill.alpha_file = write_alpha_file(tmp_path / "alpha.json", config.teacher.model)
     config_lib.validate(config, device_count=2)
+    if arg is None:  # The README's 8-GPU and TPU v4-32 launches run the shipped configs as they are.
+        config_lib.validate(config, device_count=8)
+        config_lib.validate(config, device_count=16)
 
 
 def write_alpha_file(path, teacher_model: str) -> str:
@@ -93,7 +96,7 @@ CASES = [
     ("teacher.optim.epochs", 0, "teacher.optim.epochs", "positive"),
     ("data.search_val_fraction", 1.0, "data.search_val_fraction", "(0, 1)"),
     ("data.search_val_fraction", 0.0, "data.search_val_fraction", "(0, 1)"),
-    ("data.eval_batch_size", 101, "data.eval_batch_size", "multiple of the 2 devices"),
+    ("data.eval_batch_size", 0, "data.eval_batch_size", "positive"),
     ("teacher.checkpoint", "/nonexistent/teacher", "teacher.checkpoint", "does not exist"),
     ("stages", ("teacher", "pretrain"), "stages", "subset"),
     ("search.order", 3, "search.order", "second order"),

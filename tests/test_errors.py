@@ -433,10 +433,10 @@ CASES = [
         "'train' and 'test'",
     ),
     Case(
-        "eval_batch_not_divisible_by_devices",
-        lambda p: (tiny_config(**{"data.eval_batch_size": 15}), "data.eval_batch_size"),
+        "eval_batch_not_positive",
+        lambda p: (tiny_config(**{"data.eval_batch_size": 0}), "data.eval_batch_size"),
         errors.ConfigError,
-        "multiple of the 2 devices",
+        "must be positive",
     ),
     Case(
         "train_cap_smaller_than_batch",
@@ -660,7 +660,7 @@ SPEC = {
     "data.pad": (st.integers(0, 31), st.integers(-100, -1) | st.integers(32, 10**6)),
     "data.pad_mode": _enum(["reflect", "constant"]),
     "data.prefetch": (st.integers(0, 100), st.integers(-100, -1)),
-    "data.eval_batch_size": _even_positive(),
+    "data.eval_batch_size": _positive_int(),
     "teacher.model": (_WRN, _BAD_MODEL),
     "teacher.checkpoint": (st.none(), st.sampled_from(["", "/nonexistent/teacher"])),
     "student.model": (_WRN, _BAD_MODEL),

@@ -32,15 +32,16 @@ logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
 )
 want_acc = float(np.mean(np.argmax(logits, -1) == labels))
 want_loss = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
-config = ml_collections.ConfigDict({"data": {"eval_batch_size": 6, "prefetch": 2}})
 data = inputs.RunData(info=info, train=None, test=ArrayExamples(images, labels))
-for count in (1, 2, 3):
+# A batch of 7 is no multiple of 2 or 3 devices: it is rounded up, and still exact.
+for count, batch_size in ((1, 6), (2, 6), (3, 6), (2, 7), (3, 7)):
+    config = ml_collections.ConfigDict({"data": {"eval_batch_size": batch_size, "prefetch": 2}})
     mesh = parallel.make_mesh(jax.devices()[:count])
     on_mesh = jax.device_put(variables, parallel.replicated(mesh))
     got = evaluation.make_model_eval_fn(model, config, data, mesh)(on_mesh)
     assert abs(got["accuracy"] - want_acc) < 1e-6, (count, got, want_acc)
     assert abs(got["loss"] - want_loss) < 1e-4 * max(1.0, want_loss), (count, got, want_loss)
-    print(count, got)
+    print(count, batch_size, got)
 print("ok", want_acc)
 """
 
