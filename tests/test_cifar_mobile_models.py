@@ -406,3 +406,62 @@ def test_train_mode_and_bfloat16_trace(name):
         variables["batch_stats"]
     )
     assert mutated[models.FEATURES]["g1_b1"][0].dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------- initialisation
+
+
+def _kurtosis(x):
+    x = x - x.mean()
+    return float(np.mean(x**4) / np.mean(x**2) ** 2)
+
+
+def assert_starts_as(ours: dict, theirs: dict) -> None:
+    """Each tensor of our exported initial state_dict is drawn as their fresh network's is: the
+    same constant, or (for a tensor of >= 100 values) the same scale (std within 25 %) and, with
+    >= 1000 values, the same shape of distribution (kurtosis: 1.8 uniform, 3 normal)."""
+    checked = 0
+    for key, want in theirs.items():
+        if key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+            continue
+        got, want = np.asarray(ours[key], np.float64), want.double().numpy()
+        if want.std() == 0 or want.size < 100:
+            if want.std() == 0:
+                np.testing.assert_array_equal(got, want, err_msg=key)
+            else:  # A small bias of PyTorch's default: not zero, within its range.
+                assert got.any() and np.abs(got).max() <= 1.05 * np.abs(want).max() + 0.05, key
+            continue
+        ratio = got.std() / want.std()
+        assert 0.8 < ratio < 1.25, (key, ratio)
+        if want.size >= 1000:
+            shape = _kurtosis(got) - _kurtosis(want)
+            assert abs(shape) < 0.6, (key, shape)
+        checked += 1
+    assert checked >= 5
+
+
+def repdistiller_initialised(name, num_classes=100, seed=0):
+    """Their network as its constructor leaves it: MobileNetV2's `_initialize_weights`
+    (N(0, sqrt(2/n)) convs, N(0, 0.01) classifier, zero biases); ShuffleV1 and ShuffleV2 have no
+    init code, so PyTorch's defaults."""
+    torch.manual_seed(seed)
+    net = TORCH[name](num_classes)
+    with torch.no_grad():
+        if name == "MobileNetV2":
+            for m in net.modules():
+                if isinstance(m, tnn.Conv2d):
+                    n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                    m.weight.normal_(0, (2.0 / n) ** 0.5)
+                elif isinstance(m, tnn.Linear):
+                    m.weight.normal_(0, 0.01)
+                    m.bias.zero_()
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("name", ["MobileNetV2", "ShuffleV1", "ShuffleV2"])
+def test_networks_start_as_theirs(name):
+    model = models.get_model(name, 100)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+    )
+    assert_starts_as(interop.to_torch(variables, name, 100), repdistiller_initialised(name))

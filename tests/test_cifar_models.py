@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cifar_mobile_models import assert_starts_as
 from test_config import load_config, write_alpha_file
 
 from dfa_jax import config_lib, interop, models, parallel, teacher
@@ -318,3 +319,25 @@ def test_validate_accepts_a_pair_of_them(teacher, student, tmp_path):
     config.student.model = "resnet_8"
     with pytest.raises(config_lib.ConfigError, match="student.model = 'resnet_8' is unknown"):
         config_lib.validate(config, device_count=2)
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "vgg8"])
+def test_networks_start_as_theirs(name):
+    """Their constructors: He-normal fan_out convs (VGG: N(0, sqrt(2/n)), zero bias), BN 1/0; the
+    ResNet's fc left at nn.Linear's default (uniform weight and bias), VGG's N(0, 0.01), bias 0."""
+    torch.manual_seed(0)
+    net = TorchResNet(*RESNETS[name], 100) if name in RESNETS else TorchVGG(VGGS[name], 100)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Linear) and name in VGGS:
+                m.weight.normal_(0, 0.01)
+                m.bias.zero_()
+    model = models.get_model(name, 100)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+    )
+    assert_starts_as(interop.to_torch(variables, name, 100), net.state_dict())

@@ -33,10 +33,24 @@ from dfa_jax.models.naming import GroupNames
 from dfa_jax.models.shufflenet_v2 import channel_shuffle
 
 
-def _pool_linear(x, num_classes: int, name: str):
-    """Global average pooling and the classifier, in float32: [B, H, W, C] -> [B, K]."""
+def _pool_linear(x, num_classes: int, name: str, kernel_init=None):
+    """Global average pooling and the classifier, in float32: [B, H, W, C] -> [B, K].
+
+    Started as their nn.Linear: PyTorch's default weight and bias (ShuffleV1, ShuffleV2 and
+    ResNet50 leave it there), or `kernel_init` with a zero bias (MobileNetV2's N(0, 0.01)).
+    """
     x = layers.global_avg_pool(x.astype(jnp.float32))
-    return layers.Dense(num_classes, dtype=jnp.float32, name=name)(x)
+    if kernel_init is None:
+        init = {"bias_init": layers.torch_bias_init(x.shape[-1])}
+    else:
+        init = {"kernel_init": kernel_init}
+    return layers.Dense(num_classes, dtype=jnp.float32, name=name, **init)(x)
+
+
+# RepDistiller's ShuffleV1 and ShuffleV2 never initialise their (bias-free) convs: PyTorch's
+# default kernels, U(+-1/sqrt(fan_in)), not the He-normal fan_out of the other families.
+_ShuffleConv1x1 = functools.partial(layers.Conv1x1, kernel_init=layers.torch_conv_init)
+_ShuffleConv3x3 = functools.partial(layers.Conv3x3, kernel_init=layers.torch_conv_init)
 
 
 class _Contract(GroupNames):
@@ -170,7 +184,9 @@ class MobileNetV2(_Contract, nn.Module):
             last = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
             x = layers.Conv1x1(last, dtype=self.dtype, name="conv2_0")(x)
             x = nn.relu(norm(name="conv2_1")(x))
-            return _pool_linear(x, self.num_classes, "classifier_0")
+            return _pool_linear(
+                x, self.num_classes, "classifier_0", kernel_init=nn.initializers.normal(0.01)
+            )
 
         return self._run(
             x, train, start_group, stop_group, stem, self._stage_blocks, lambda p: p, head
@@ -201,13 +217,13 @@ class ShuffleV1Block(nn.Module):
         mid = self.features // 4
         # As theirs: the first 1x1 conv after the 24-channel stem is not grouped.
         g = 1 if self.in_features == 24 else self.groups
-        out = layers.Conv1x1(mid, feature_group_count=g, dtype=self.dtype, name="conv1")(x)
+        out = _ShuffleConv1x1(mid, feature_group_count=g, dtype=self.dtype, name="conv1")(x)
         out = channel_shuffle(nn.relu(norm(name="bn1")(out)), g)
-        out = layers.Conv3x3(
+        out = _ShuffleConv3x3(
             mid, strides=self.stride, feature_group_count=mid, dtype=self.dtype, name="conv2"
         )(out)
         out = nn.relu(norm(name="bn2")(out))
-        out = layers.Conv1x1(
+        out = _ShuffleConv1x1(
             self.features, feature_group_count=self.groups, dtype=self.dtype, name="conv3"
         )(out)
         out = norm(name="bn3")(out)
@@ -256,7 +272,7 @@ class ShuffleV1(_Contract, nn.Module):
         [B, num_classes], or the group-`stop_group` boundary."""
 
         def stem(x):
-            x = layers.Conv1x1(24, dtype=self.dtype, name="conv1")(x)
+            x = _ShuffleConv1x1(24, dtype=self.dtype, name="conv1")(x)
             return layers.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn1")(x)
 
         def head(x):
@@ -279,9 +295,9 @@ class ShuffleV2DownBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
-        conv1x1 = functools.partial(layers.Conv1x1, dtype=self.dtype)
+        conv1x1 = functools.partial(_ShuffleConv1x1, dtype=self.dtype)
         mid = self.features // 2
-        left = layers.Conv3x3(
+        left = _ShuffleConv3x3(
             self.in_features,
             strides=2,
             feature_group_count=self.in_features,
@@ -290,7 +306,7 @@ class ShuffleV2DownBlock(nn.Module):
         )(x)
         left = norm(name="bn2")(conv1x1(mid, name="conv2")(norm(name="bn1")(left)))
         right = nn.relu(norm(name="bn3")(conv1x1(mid, name="conv3")(x)))
-        right = layers.Conv3x3(
+        right = _ShuffleConv3x3(
             mid, strides=2, feature_group_count=mid, dtype=self.dtype, name="conv4"
         )(right)
         right = norm(name="bn5")(conv1x1(mid, name="conv5")(norm(name="bn4")(right)))
@@ -310,10 +326,10 @@ class ShuffleV2BasicBlock(nn.Module):
         half = int(self.features * 0.5)  # Their SplitBlock(0.5).
         x1, x2 = x[..., :half], x[..., half:]
         width = self.features - half
-        out = nn.relu(norm(name="bn1")(layers.Conv1x1(width, dtype=self.dtype, name="conv1")(x2)))
-        out = layers.Conv3x3(width, feature_group_count=width, dtype=self.dtype, name="conv2")(out)
+        out = nn.relu(norm(name="bn1")(_ShuffleConv1x1(width, dtype=self.dtype, name="conv1")(x2)))
+        out = _ShuffleConv3x3(width, feature_group_count=width, dtype=self.dtype, name="conv2")(out)
         out = norm(name="bn2")(out)
-        out = norm(name="bn3")(layers.Conv1x1(width, dtype=self.dtype, name="conv3")(out))
+        out = norm(name="bn3")(_ShuffleConv1x1(width, dtype=self.dtype, name="conv3")(out))
         return jnp.concatenate([x1, out], axis=-1)
 
 
@@ -352,10 +368,10 @@ class ShuffleV2(_Contract, nn.Module):
         norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
 
         def stem(x):
-            return norm(name="bn1")(layers.Conv1x1(24, dtype=self.dtype, name="conv1")(x))
+            return norm(name="bn1")(_ShuffleConv1x1(24, dtype=self.dtype, name="conv1")(x))
 
         def head(x):
-            x = layers.Conv1x1(self.out_channels[3], dtype=self.dtype, name="conv2")(x)
+            x = _ShuffleConv1x1(self.out_channels[3], dtype=self.dtype, name="conv2")(x)
             return _pool_linear(nn.relu(norm(name="bn2")(x)), self.num_classes, "linear")
 
         def post(pre):

@@ -120,7 +120,7 @@ class CifarResNet(GroupNames, nn.Module):
         if stop_group is not None:
             return pre
 
-        return layers.classifier_head(pre, self.num_classes)
+        return layers.classifier_head(pre, self.num_classes, torch_bias=True)
 
 
 def fields(name: str) -> dict | None:

@@ -1,9 +1,11 @@
 """Layer presets shared by the CIFAR backbones.
 
 Convolutions, BatchNorm and the classifier follow the PyTorch reference models (RepDistiller /
-WideResNet-pytorch / the DFA authors' framework): He-normal fan_out conv kernels, BN gamma 1
-beta 0 with PyTorch's momentum 0.1 (Flax's 0.9) and epsilon 1e-5, symmetric explicit padding so
-strided convs sample the same pixels as PyTorch and a state_dict can be imported 1:1.
+WideResNet-pytorch / the DFA authors' framework): He-normal fan_out conv kernels where those
+models initialise their convs (WRN, ResNet, VGG, MobileNetV2, ResNet50), PyTorch's own default
+where they leave it (the ShuffleNets: `torch_conv_init`, `torch_bias_init`), BN gamma 1 beta 0
+with PyTorch's momentum 0.1 (Flax's 0.9) and epsilon 1e-5, symmetric explicit padding so strided
+convs sample the same pixels as PyTorch and a state_dict can be imported 1:1.
 """
 
 import functools
@@ -40,6 +42,15 @@ def torch_bias_init(fan_in: int):
 
 # PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_conv_defaults(kernel_size: int, in_features: int, feature_group_count: int = 1) -> dict:
+    """`kernel_init` and `bias_init` of a k x k conv as PyTorch's nn.Conv2d starts it, for
+    models whose reference never re-initialises its convs (the ShuffleNets): both
+    U(+-1/sqrt(fan_in)), fan_in = in_features / groups * k * k."""
+    fan_in = in_features // feature_group_count * kernel_size * kernel_size
+    return {"kernel_init": torch_conv_init, "bias_init": torch_bias_init(fan_in)}
+
 
 # XLA:CPU computes a convolution's weight gradient 2-3x faster in chunks of a few examples than
 # over the whole batch at once (the whole batch's patches do not stay in cache): a 3x3 conv's
@@ -187,15 +198,17 @@ def global_avg_pool(x):
     return jnp.mean(x, axis=(1, 2))
 
 
-def classifier_head(x, num_classes: int):
+def classifier_head(x, num_classes: int, torch_bias: bool = False):
     """ReLU, global average pooling and the `fc` layer: [B, H, W, C] -> float32 logits [B, K].
 
     Call from a module's compact method (the layer is named `fc` there). Float32 whatever the
     compute dtype: pooling and logits are cheap, and the losses (cross-entropy, KD's softened
-    logits) read the logits' small differences.
+    logits) read the logits' small differences. `torch_bias`: the bias starts as nn.Linear's
+    default, U(+-1/sqrt(C)), for models whose reference leaves it there; else zero (WRN's).
     """
     x = global_avg_pool(nn.relu(x).astype(jnp.float32))
-    return Dense(num_classes, dtype=jnp.float32, name="fc")(x)
+    bias_init = torch_bias_init(x.shape[-1]) if torch_bias else nn.initializers.zeros
+    return Dense(num_classes, dtype=jnp.float32, bias_init=bias_init, name="fc")(x)
 
 
 def check_group_range(start_group, stop_group, num_groups):

@@ -8,7 +8,10 @@ parameter counts (0.356M/1.269M/5.367M with 10 classes; torchvision's units give
     output (and the stem and conv5 outputs) is a pre-ReLU map;
   * the stride-2 unit's residual branch keeps the input width until its last 1x1 conv
     (1x1 C_in->C_in, dw3x3, 1x1 C_in->C_out/2);
-  * every conv has a bias (PyTorch's default).
+  * every conv has a bias (PyTorch's default), and every conv and the classifier start as
+    PyTorch's defaults: the authors' model defines a He-normal `reset_parameters` but never calls
+    it, so the networks behind Table 4 started from nn.Conv2d's and nn.Linear's own
+    initialisation (U(+-1/sqrt(fan_in)) kernels and biases).
 
 Sown features (collection FEATURES, top level): 'g1_b1' (stem), 'g{s}_b{j}' for unit j of stage
 s in 2..4, 'g5_b1' (conv5). Parameter names: `conv1`/`bn1` (stem), `stage{s}_unit{j}` (0-based j),
@@ -36,8 +39,12 @@ WIDTHS = {
 }
 """Output channels of stages 2/3/4 and conv5, per width multiplier."""
 
-Conv1x1 = functools.partial(layers.Conv1x1, use_bias=True)
-Conv3x3 = functools.partial(layers.Conv3x3, use_bias=True)  # the stem and the depthwise convs
+
+def _conv(kernel_size: int, features: int, in_features: int, feature_group_count: int = 1, **kw):
+    """A biased k x k conv (k = 1 or 3) started as PyTorch's nn.Conv2d (see the module note)."""
+    preset = layers.Conv1x1 if kernel_size == 1 else layers.Conv3x3
+    init = layers.torch_conv_defaults(kernel_size, in_features, feature_group_count)
+    return preset(features, use_bias=True, feature_group_count=feature_group_count, **init, **kw)
 
 
 def channel_shuffle(x, groups: int):
@@ -74,7 +81,6 @@ class ShuffleUnit(nn.Module):
     def __call__(self, x, train: bool):
         """[B, H, W, in_features] -> [B, H/stride, W/stride, features]."""
         norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
-        conv1x1 = functools.partial(Conv1x1, dtype=self.dtype)
         half = self.features // 2
         x = nn.relu(x)
         if self.stride == 1:
@@ -82,20 +88,26 @@ class ShuffleUnit(nn.Module):
             left, right = jnp.split(x, 2, axis=-1)
             mid = half
         else:
-            dw = Conv3x3(
+            dw = _conv(
+                3,
                 self.in_features,
-                strides=self.stride,
+                self.in_features,
                 feature_group_count=self.in_features,
+                strides=self.stride,
                 dtype=self.dtype,
                 name="shortcut_dwconv",
             )
             left = norm(name="shortcut_bn1")(dw(x))
-            left = norm(name="shortcut_bn2")(conv1x1(half, name="shortcut_conv")(left))
+            conv = _conv(1, half, self.in_features, dtype=self.dtype, name="shortcut_conv")
+            left = norm(name="shortcut_bn2")(conv(left))
             right = x
             mid = self.in_features
 
-        right = nn.relu(norm(name="residual_bn1")(conv1x1(mid, name="residual_conv1")(right)))
-        right = Conv3x3(
+        conv = _conv(1, mid, right.shape[-1], dtype=self.dtype, name="residual_conv1")
+        right = nn.relu(norm(name="residual_bn1")(conv(right)))
+        right = _conv(
+            3,
+            mid,
             mid,
             strides=self.stride,
             feature_group_count=mid,
@@ -103,7 +115,8 @@ class ShuffleUnit(nn.Module):
             name="residual_dwconv",
         )(right)
         right = norm(name="residual_bn2")(right)
-        right = norm(name="residual_bn3")(conv1x1(half, name="residual_conv2")(right))
+        conv = _conv(1, half, mid, dtype=self.dtype, name="residual_conv2")
+        right = norm(name="residual_bn3")(conv(right))
         return concat_shuffle([left, right])
 
 
@@ -137,7 +150,7 @@ class ShuffleNetV2(GroupNames, nn.Module):
         norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
         x = x.astype(self.dtype)
         if start_group == 0:
-            x = Conv3x3(STEM_WIDTH, dtype=self.dtype, name="conv1")(x)
+            x = _conv(3, STEM_WIDTH, x.shape[-1], dtype=self.dtype, name="conv1")(x)
             x = norm(name="bn1")(x)
             layers.sow_feature(self, "g1_b1", x)
 
@@ -154,13 +167,14 @@ class ShuffleNetV2(GroupNames, nn.Module):
                     )(x, train)
                     layers.sow_feature(self, f"g{group}_b{index + 1}", x)
             else:
-                x = Conv1x1(self.widths[3], dtype=self.dtype, name="conv5")(nn.relu(x))
+                conv5 = _conv(1, self.widths[3], x.shape[-1], dtype=self.dtype, name="conv5")
+                x = conv5(nn.relu(x))
                 x = norm(name="bn5")(x)
                 layers.sow_feature(self, f"g{group}_b1", x)
         if stop_group is not None:
             return x
 
-        return layers.classifier_head(x, self.num_classes)
+        return layers.classifier_head(x, self.num_classes, torch_bias=True)
 
 
 SHUFFLENET_V2_0_5 = functools.partial(ShuffleNetV2, widths=WIDTHS["0.5"])
