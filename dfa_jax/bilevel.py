@@ -64,6 +64,14 @@ def create_state(
     )
 
 
+def normalised_entropy(alpha: jax.Array) -> jax.Array:
+    """H(alpha) / log N of weights alpha [N] (N > 1): 1 for uniform alpha ('Average'), 0 for one
+    map alone; how far a group's search has spread or concentrated its weights."""
+    return -jnp.sum(alpha * jnp.log(jnp.maximum(alpha, jnp.finfo(alpha.dtype).tiny))) / jnp.log(
+        alpha.size
+    )
+
+
 def keep_untrained(new: PyTree, old: PyTree, trainable: PyTree) -> PyTree:
     """`new` where `trainable` (Python bools shaped like the params) is True, `old` elsewhere.
 
@@ -127,9 +135,12 @@ def make_bilevel_step(
     Returns:
       The step. `metrics` holds device scalars: the loss functions' metrics, `grad_norm`,
       `finite` (False when a loss or gradient is not finite) and, in a search, `beta_grad_norm`,
-      `beta_grad/{j}` (|dL_val/dbeta_j|, the loss's gradient before the optimizer's L2) and, when
-      the beta loss returns `BETA_GRAD_ST`, `beta_share_st` / `beta_share_ts` (each part's
-      L2 norm over the two norms' sum).
+      `beta_grad/{j}` (|dL_val/dbeta_j|, the loss's gradient before the optimizer's L2),
+      `beta_grad_signed/{j}` (the same with its sign), `beta_update/{j}` (the step the optimizer
+      applied to beta_j, L2 and Adam included), `alpha_entropy` (`normalised_entropy` of the
+      searched group's alpha after the step; groups of one map have none) and, when the beta
+      loss returns `BETA_GRAD_ST`, `beta_share_st` / `beta_share_ts` (each part's L2 norm over
+      the two norms' sum).
     """
     if not (beta_loss_fn is None) == (beta_tx is None) == (beta_key is None):
         raise ValueError("beta_loss_fn, beta_tx and beta_key must be given together")
@@ -172,10 +183,18 @@ def make_bilevel_step(
                 total = jnp.maximum(st_norm + ts_norm, jnp.finfo(jnp.float32).tiny)
                 metrics["beta_share_st"] = st_norm / total
                 metrics["beta_share_ts"] = ts_norm / total
-            for j, g in enumerate(jnp.abs(beta_grads).reshape(-1)):
-                metrics[f"beta_grad/{j}"] = g
             updates, part_opt_state = beta_tx.update(beta_grads, beta_opt_state[beta_key], part)
-            beta = {**beta, beta_key: optax.apply_updates(part, updates)}
+            new_part = optax.apply_updates(part, updates)
+            # Magnitudes say which force is larger; the signed gradient and the step Adam took say
+            # which way each map's logit was pushed and went (averaged over a logging interval:
+            # the net push, and the distance moved per step).
+            for j, (g, u) in enumerate(zip(beta_grads.reshape(-1), updates.reshape(-1))):
+                metrics[f"beta_grad/{j}"] = jnp.abs(g)
+                metrics[f"beta_grad_signed/{j}"] = g
+                metrics[f"beta_update/{j}"] = u
+            if new_part.size > 1:
+                metrics["alpha_entropy"] = normalised_entropy(jax.nn.softmax(new_part))
+            beta = {**beta, beta_key: new_part}
             beta_opt_state = {**beta_opt_state, beta_key: part_opt_state}
             beta_grad_norm = optax.global_norm(beta_grads)
             metrics.update({f"val/{k}": v for k, v in beta_metrics.items()})

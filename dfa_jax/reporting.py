@@ -90,19 +90,35 @@ def plot_alpha_heatmap(record: list[dict], path: str) -> None:
     _save_png(fig, path)
 
 
+def change_axis_limit(changes) -> float:
+    """Half the y range of a panel of alpha changes: the largest change, padded by a tenth, at
+    least 1e-3. A search often moves alpha by thousandths, which an axis of [0, 1] draws flat."""
+    return max(1.1 * max((abs(c) for c in changes), default=0.0), 1e-3)
+
+
 def plot_alpha_trajectories(history: list[dict], record: list[dict], path: str) -> None:
-    """alpha of every teacher layer against the search epoch, one panel per group."""
+    """How far the search moved each teacher layer's alpha from its start, against the search
+    epoch (0 = the start; `history` has a row for it), one panel per group, each on an axis
+    fitted to its changes (`change_axis_limit`); the legend gives each layer's starting alpha,
+    and the heatmap the final ones."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(record), figsize=(4 * len(record), 3.2), squeeze=False)
     for ax, r in zip(axes[0], record):
-        rows = [h for h in history if h["group"] == r["group"]]
+        rows = sorted((h for h in history if h["group"] == r["group"]), key=lambda h: h["epoch"])
         epochs = [h["epoch"] for h in rows]
+        drawn = []
         for j, name in enumerate(r["layers"]):
-            ax.plot(epochs, [h[f"alpha/g{r['group']}/{j}"] for h in rows], marker="o", label=name)
+            values = [h[f"alpha/g{r['group']}/{j}"] for h in rows]
+            changes = [v - values[0] for v in values] if values else []
+            start = f" (start {values[0]:.3f})" if values else ""
+            ax.plot(epochs, changes, marker="o", label=f"{name}{start}")
+            drawn += changes
+        ax.axhline(0.0, color="0.7", linewidth=0.8)
         ax.set_title(f"group {r['group']}")
         ax.set_xlabel("search epoch")
-        ax.set_ylim(0, 1)
+        limit = change_axis_limit(drawn)
+        ax.set_ylim(-limit, limit)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("alpha")
+    axes[0][0].set_ylabel("alpha - alpha at the start")
     fig.tight_layout()
     _save_png(fig, path)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
@@ -219,14 +220,43 @@ def alpha_record(teacher_model, beta) -> list[dict]:
     ]
 
 
+def group_movement(start: dict, end: dict, adam_bound: float) -> str:
+    """One line on how far a group's search moved: alpha and its normalised entropy (1 =
+    'Average', 0 = one map) from start to end, and each beta's move against `adam_bound`, the
+    most Adam can move one in the group's steps (about lr per step): a move near the bound is a
+    push in one direction all along; a small one, forces that cancelled or changed sign."""
+
+    def entropy(alpha) -> str:
+        if len(alpha) < 2:
+            return "-"
+        a = np.maximum(np.asarray(alpha, np.float64), 1e-30)
+        return f"{float(-np.sum(a * np.log(a)) / np.log(len(a))):.3f}"
+
+    def joined(values, fmt) -> str:
+        return "/".join(format(v, fmt) for v in values)
+
+    if len(start["alpha"]) < 2:
+        return f"g{end['group']}: one map, alpha = 1 (nothing to search)"
+    moved = np.asarray(end["beta"]) - np.asarray(start["beta"])
+    return (
+        f"g{end['group']}: alpha {joined(start['alpha'], '.3f')} -> {joined(end['alpha'], '.3f')}"
+        f" (entropy {entropy(start['alpha'])} -> {entropy(end['alpha'])}); beta moved"
+        f" {joined(moved, '+.3f')} of at most {adam_bound:.3f}"
+    )
+
+
 def alpha_record_from_file(path: str) -> list[dict]:
     return files.read_json(path)["groups"]
 
 
-def _alpha_history(directory: str, num_groups: int) -> list[dict]:
-    """Per searched epoch, the alpha of every group, from the sub-stages' metrics.jsonl."""
+def _alpha_history(directory: str, start: list[dict]) -> list[dict]:
+    """Per group, alpha at the start (epoch 0, `start` = `alpha_record` of the initial beta) and
+    after every searched epoch, from the sub-stages' metrics.jsonl."""
     history = []
-    for i in range(1, num_groups + 1):
+    for i, first in enumerate(start, start=1):
+        history.append(
+            {"group": i, "epoch": 0, **{f"alpha/g{i}/{j}": a for j, a in enumerate(first["alpha"])}}
+        )
         metrics = files.read_text(os.path.join(directory, methods.group_key(i), "metrics.jsonl"))
         for line in metrics.splitlines():
             row = json.loads(line)
@@ -374,11 +404,20 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         reporting.alpha_table(alpha_record(teacher_model, state.beta)),
     )
 
+    start = alpha_record(teacher_model, state.beta)
     result = {}
     for group in range(1, num_groups + 1):
         stage = build_group_stage(search, config, mesh, data, directory, group, state, teacher_vars)
         result = train_loop.run(stage, config, mesh)
         state = result.pop("state")
+        logging.info(
+            "[search] %s",
+            group_movement(
+                start[group - 1],
+                alpha_record(teacher_model, state.beta)[group - 1],
+                config.search.beta_lr * result["steps"],
+            ),
+        )
 
     record = alpha_record(teacher_model, state.beta)
     logging.info("[search] alpha at the end:\n%s", reporting.alpha_table(record))
@@ -386,7 +425,7 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         os.path.join(workdir, ALPHA_FILE), {"teacher": config.teacher.model, "groups": record}
     )
     if jax.process_index() == 0:  # Only process 0 writes metrics.jsonl, the history's source.
-        history = _alpha_history(directory, num_groups)
+        history = _alpha_history(directory, start)
         files.write_json_atomic(os.path.join(directory, "alpha_history.json"), history)
         reporting.plot_alpha_heatmap(record, os.path.join(workdir, "alpha_heatmap.png"))
         reporting.plot_alpha_trajectories(

@@ -187,8 +187,9 @@ def test_untrained_parameters_and_their_optimizer_state_stay_exactly_as_they_are
 
 
 def test_beta_gradient_diagnostics():
-    """Per element |dL/dbeta_j|, and the ST part's share of the gradient's norm against the rest
-    (a NumPy re-derivation on a loss whose two parts have known gradients)."""
+    """Per element |dL/dbeta_j|, the signed gradient, the step Adam applied, the entropy of the
+    new alpha, and the ST part's share of the gradient's norm against the rest (a NumPy
+    re-derivation on a loss whose two parts have known gradients)."""
     a = jnp.array([0.3, -1.0, 2.0])
 
     def beta_loss(beta, params, batch_stats, batch, rng, aux):
@@ -203,11 +204,21 @@ def test_beta_gradient_diagnostics():
     step = bilevel.make_bilevel_step(
         toy_w_loss, optax.sgd(0.1), seed=0, beta_loss_fn=beta_loss, beta_tx=beta_tx, beta_key="g1"
     )
-    _, metrics = jax.jit(step)(state, BATCH, VAL, None)
-    b = np.array([0.0, 0.5, 1.0])
+    # beta_1 = 0.2: its gradient -1 + 0.4 is negative, so a magnitude alone would hide its sign.
+    state = state.replace(beta={**state.beta, "g1": jnp.array([0.0, 0.2, 1.0])})
+    new, metrics = jax.jit(step)(state, BATCH, VAL, None)
+    b = np.array([0.0, 0.2, 1.0])
     total = np.array(a) + 2 * b
+    moved = np.asarray(new.beta["g1"]) - b
     for j in range(3):
         assert float(metrics[f"beta_grad/{j}"]) == pytest.approx(abs(total[j]), rel=1e-6)
+        assert float(metrics[f"beta_grad_signed/{j}"]) == pytest.approx(total[j], rel=1e-6)
+        # Adam's first step is -lr * sign(gradient) (to its epsilon).
+        assert float(metrics[f"beta_update/{j}"]) == pytest.approx(moved[j], rel=1e-5, abs=1e-7)
+        assert moved[j] == pytest.approx(-0.1 * np.sign(total[j]), rel=1e-4)
+    alpha = np.exp(np.asarray(new.beta["g1"])) / np.exp(np.asarray(new.beta["g1"])).sum()
+    entropy = -np.sum(alpha * np.log(alpha)) / np.log(3)
+    assert float(metrics["alpha_entropy"]) == pytest.approx(entropy, rel=1e-5)
     st, ts = np.linalg.norm(a), np.linalg.norm(2 * b)
     assert float(metrics["beta_share_st"]) == pytest.approx(st / (st + ts), rel=1e-6)
     assert float(metrics["beta_share_ts"]) == pytest.approx(ts / (st + ts), rel=1e-6)

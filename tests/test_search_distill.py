@@ -203,7 +203,13 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
         # Searched: no longer exactly the initial softmax([0, 4]).
         assert g["beta"] != [0.0, 4.0]
     history = json.load(open(os.path.join(workdir, "search", "alpha_history.json")))
-    assert [(h["group"], h["epoch"]) for h in history] == [(1, 1), (2, 1), (3, 1)]
+    assert [(h["group"], h["epoch"]) for h in history] == [
+        (g, e) for g in (1, 2, 3) for e in (0, 1)
+    ]
+    for h in history[::2]:  # Epoch 0: the start, softmax([0, 4]).
+        np.testing.assert_allclose(
+            [h[f"alpha/g{h['group']}/{j}"] for j in (0, 1)], jax.nn.softmax(jnp.array([0.0, 4.0]))
+        )
     for name in ("alpha_heatmap.png", "search/alpha_trajectories.png", "search_split.json"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
     on_disk = json.load(open(os.path.join(workdir, "summary.json")))
@@ -284,6 +290,13 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
             assert start[name] == pytest.approx(a0, abs=5e-4), name
             assert end[name] == pytest.approx(a, abs=5e-4), name
     assert start != end  # The search moved alpha.
+    for group in record:  # One line per group on how far it moved, beta against Adam's bound.
+        (line,) = [m for m in messages if m.startswith(f"[search] g{group['group']}: alpha ")]
+        logits = np.zeros(len(group["layers"]))
+        logits[-1] = config.search.init_last_logit
+        moved = "/".join(f"{m:+.3f}" for m in np.asarray(group["beta"]) - logits)
+        assert "/".join(f"{a:.3f}" for a in group["alpha"]) in line.split(" -> ")[1], line
+        assert f"beta moved {moved} of at most " in line, line
     init = states["init"]
     for searched, untouched in (("g1", ("g2", "g3")), ("g2", ("g3",))):
         params, stats = states[f"search/{searched}"]
