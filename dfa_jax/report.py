@@ -2,8 +2,10 @@
 
   python -m dfa_jax.report RUN_DIR... [--out DIR] [--table 2|4|5|crd|logits|all]
 
-Each RUN_DIR is a workdir, a `summary.json` itself, or a parent directory searched recursively.
-Runs are grouped by (dataset, teacher model, student model, method), where the method is the label
+Each RUN_DIR is a workdir, a `summary.json` itself, or a parent directory searched recursively,
+on a local disk or in a bucket (`gs://...`). A workdir without `summary.json` (a run stopped, or
+still running) counts with the stages it finished, and a warning says it is partial. Runs are
+grouped by (dataset, teacher model, student model, method), where the method is the label
 of a `distill/<label>` stage ('none' = the student alone, 'file' = DFA-T). Every cell shows the
 median last-epoch test accuracy over seeds, then `mean ± std`, the number of seeds and the median
 best-epoch accuracy, with the paper's number beside it where the pair is one of the paper's:
@@ -11,13 +13,15 @@ best-epoch accuracy, with the paper's number beside it where the pair is one of 
   76.00 (77.00±2.65, n=3; best 76.40) [paper 75.85]
 
 Both accuracies are shown because the paper reports best-epoch test accuracy (picking the epoch on
-the test set), while the last epoch is the honest number. The tables are printed as markdown and
+the test set), while the last epoch is the honest number. A cell pools every run it is given: runs
+of different protocols in one cell (another `epochs`, another result-affecting config field than
+the seeds) are warned about, naming the fields and the runs. The tables are printed as markdown and
 written to `--out` as `table<N>.md` and `table<N>.csv`; beside Table 5, DFA's accuracy minus
 Last's, Average's and Random's of the same seed, with its mean and 95 % interval
 (`paired.md`, `paired.csv`). The later logit baselines (DKD, DIST, KD+LS, DKD+LS), which the
 paper does not have, get a table of their own beside the student alone and KD (`logits.md`,
-`logits.csv`), so Table 2 keeps the paper's columns. Pure Python + numpy: it starts instantly
-and runs where the runs' files are, without JAX.
+`logits.csv`), so Table 2 keeps the paper's columns. Pure Python, numpy and `etils.epath`: it
+starts instantly and runs where the runs' files are, without JAX.
 """
 
 from __future__ import annotations
@@ -25,16 +29,20 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import io
 import json
 import logging
 import math
 import os
+import posixpath
 import re
 import sys
 from collections.abc import Iterable
 
 import numpy as np
+from etils import epath
 
+from dfa_jax import config_lib
 from dfa_jax import method_registry
 from dfa_jax import paper_results
 
@@ -42,6 +50,18 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 PATH_KEY = "summary_path"  # Added to every loaded summary: the file it came from.
+CONFIG_KEY = "run_config"  # Added to every loaded summary: its workdir's config.json, or None.
+COMPLETE_KEY = "complete"  # False in the summary of a run that has not finished.
+# A workdir's files, named here because the modules that write them import JAX: workdir.py's
+# config and its hash, a stage's result (train_loop.py), a student's label and seed and the
+# cohorts' checkpoints (distill.py), the teacher's exported variables (teacher.py).
+CONFIG_FILE = "config.json"
+HASH_FILE = "config_hash"
+RESULT_FILE = "result.json"
+STUDENT_FILE = "student.json"
+COHORTS_DIR = "cohorts"
+VARIABLES_DIR = "variables"
+BEST_VARIABLES_DIR = "best_variables"
 TEACHER = "teacher"
 CINIC10 = paper_results.CINIC10
 
@@ -114,24 +134,61 @@ _NOTE = (
 )
 _TEACHER_NOTE = (
     " Teacher: every distinct teacher of that dataset and teacher model (a teacher loaded by"
-    " several runs counts once; one per seed)."
+    " several runs counts once; one per seed and protocol; one loaded from the best-epoch"
+    " variables of a run not given counts in best only)."
 )
 
 
 # --- loading ---------------------------------------------------------------------------------
 
 
+def _is_remote(path) -> bool:
+    # As `files.is_remote`, which imports JAX.
+    return bool(re.match(r"^[a-z0-9]+://", str(path)))
+
+
+def _normalized(path: str) -> str:
+    """`path` without `.`, `..`, doubled or trailing slashes; an object store's `gs://` kept."""
+    if _is_remote(path):
+        scheme, rest = str(path).split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.normpath(path)
+
+
+def _absolute(path: str) -> str:
+    return str(path) if _is_remote(path) else os.path.abspath(path)
+
+
+def _read_json(path: str):
+    """The JSON in `path`; raises OSError or ValueError (bad JSON or bad UTF-8)."""
+    return json.loads(epath.Path(path).read_text())
+
+
+def _read_json_if_there(path: str):
+    """The JSON in `path`, or None where it is absent or unreadable (the caller falls back)."""
+    try:
+        return _read_json(path) if epath.Path(path).exists() else None
+    except (OSError, ValueError):
+        return None
+
+
 def find_summaries(path: str) -> list[str]:
-    """The `summary.json` files at or under `path` (a file is taken as it is), sorted."""
-    if os.path.isfile(path):
-        return [path]
+    """The `summary.json` files at or under `path` (a file is taken as it is), sorted, and the
+    `config.json` of each workdir there without one: a run that has not finished."""
+    root = epath.Path(path)
+    if root.is_file():
+        return [str(root)]
     found = []
-    for root, dirs, files in os.walk(path):
+    for directory, dirs, names in root.walk():
         dirs.sort()
-        if SUMMARY_FILE in files:
-            found.append(os.path.join(root, SUMMARY_FILE))
-            # Below a workdir are its stages' checkpoints, not more runs: walking them is slow.
-            dirs.clear()
+        if SUMMARY_FILE in names:
+            found.append(str(directory / SUMMARY_FILE))
+        elif CONFIG_FILE in names and HASH_FILE in names:  # `workdir.prepare` writes both.
+            found.append(str(directory / CONFIG_FILE))
+        else:
+            continue
+        # Below a workdir are its stages' checkpoints and the runs it moved aside, not more runs.
+        dirs.clear()
     return found
 
 
@@ -148,27 +205,115 @@ def _problem(summary) -> str | None:
 
 
 def _read_summary(path: str) -> dict | None:
-    """The summary in `path` with PATH_KEY added, or None (and a warning) when unusable."""
+    """The summary in `path` with PATH_KEY (and CONFIG_KEY) added, or None (and a warning) when
+    unusable."""
     try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8.
+        summary = _read_json(path)
+    except (OSError, ValueError) as error:
         logger.warning("skipped %s: unreadable summary (%s)", path, error)
         return None
     problem = _problem(summary)
     if problem is not None:
         logger.warning("skipped %s: not a run summary (%s)", path, problem)
         return None
-    return {**summary, PATH_KEY: path}
+    config = _read_json_if_there(str(epath.Path(path).parent / CONFIG_FILE))
+    return {**summary, PATH_KEY: path, CONFIG_KEY: config if isinstance(config, dict) else None}
+
+
+def _config_value(config: dict, field: str):
+    """`config`'s dotted `field` ('data.dataset'), or None."""
+    value = config
+    for key in field.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _stage_result(directory: epath.Path) -> dict | None:
+    """The `result.json` a finished stage left in `directory`, or None."""
+    result = _read_json_if_there(str(directory / RESULT_FILE))
+    return result if isinstance(result, dict) else None
+
+
+def _finished_students(workdir: epath.Path, config: dict) -> dict[str, dict]:
+    """The students that finished in `workdir`, by the stage name `distill.run_all` gives them,
+    each result with its student's seed (from `student.json`, or the layout and the config)."""
+    students = {}
+    root = workdir / "distill"
+    if not root.is_dir():
+        return students
+    for directory in sorted(root.iterdir()):
+        label = directory.name
+        # A cohort's checkpoint, or a student halfway through a move between seed layouts.
+        if label == COHORTS_DIR or label.startswith(".") or not directory.is_dir():
+            continue
+        result = _stage_result(directory)
+        if result is not None:  # The layout of one seed: distill/<label>.
+            recorded = _read_json_if_there(str(directory / STUDENT_FILE))
+            seed = recorded.get("seed") if isinstance(recorded, dict) else None
+            if not isinstance(seed, int):
+                seeds = _config_value(config, "distill.seeds") or [config.get("seed")]
+                seed = seeds[0] if len(seeds) == 1 else config.get("seed")
+            students[f"distill/{label}"] = {**result, "seed": seed}
+            continue
+        # Several seeds: distill/<label>/seed<k>; its other directories are helper stages.
+        for seeded in sorted(directory.iterdir()):
+            number = re.fullmatch(r"seed(\d+)", seeded.name)
+            result = _stage_result(seeded) if number else None
+            if result is not None:
+                students[f"distill/{label}/{seeded.name}"] = {**result, "seed": int(number[1])}
+    return students
+
+
+def _read_unfinished_run(config_path: str) -> dict | None:
+    """The summary of a workdir without `summary.json` (stopped, or still running), from the
+    stages it finished, with COMPLETE_KEY False; None (and a warning) when unusable."""
+    try:
+        config = _read_json(config_path)
+    except (OSError, ValueError) as error:
+        logger.warning("skipped %s: unreadable config (%s)", config_path, error)
+        return None
+    if not isinstance(config, dict):
+        logger.warning("skipped %s: not a run's config (not a JSON object)", config_path)
+        return None
+    workdir = epath.Path(config_path).parent
+    stages = {}
+    teacher = _stage_result(workdir / TEACHER)  # A loaded teacher leaves none: it was no stage.
+    if teacher is not None:
+        stages[TEACHER] = teacher
+    stages.update(_finished_students(workdir, config))
+    summary = {
+        "workdir": _absolute(str(workdir)),
+        "config_path": None,
+        "seed": config.get("seed"),
+        "dataset": _config_value(config, "data.dataset"),
+        "teacher_model": _config_value(config, "teacher.model"),
+        "student_model": _config_value(config, "student.model"),
+        "stages": stages,
+        COMPLETE_KEY: False,
+    }
+    problem = _problem(summary)
+    if problem is not None:
+        logger.warning("skipped %s: not a run's config (%s)", config_path, problem)
+        return None
+    logger.warning(
+        "%s: run not finished (no %s): reported as a partial run, with the %d stages it finished",
+        summary["workdir"],
+        SUMMARY_FILE,
+        len(stages),
+    )
+    return {**summary, PATH_KEY: config_path, CONFIG_KEY: config}
 
 
 def load_summaries(paths: str | Iterable[str]) -> list[dict]:
-    """Every usable summary at or under `paths`, each file once; bad ones are warned about."""
+    """Every usable summary at or under `paths` (local or `gs://`), each file once, a run that
+    has not finished included as far as it got (`_read_unfinished_run`); bad ones are warned
+    about."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     summaries, seen = [], set()
     for path in paths:
-        if not os.path.exists(path):
+        path = str(path)
+        if not epath.Path(path).exists():
             logger.warning("skipped %s: no such file or directory", path)
             continue
         files = find_summaries(path)
@@ -176,11 +321,14 @@ def load_summaries(paths: str | Iterable[str]) -> list[dict]:
             logger.warning("no %s found under %s", SUMMARY_FILE, path)
         for file in files:
             # A run reached through two arguments (a workdir and its parent) counts once.
-            real = os.path.realpath(file)
+            real = _normalized(file) if _is_remote(file) else os.path.realpath(file)
             if real in seen:
                 continue
             seen.add(real)
-            summary = _read_summary(file)
+            if posixpath.basename(file) == SUMMARY_FILE:
+                summary = _read_summary(file)
+            else:
+                summary = _read_unfinished_run(file)
             if summary is not None:
                 summaries.append(summary)
     return summaries
@@ -204,17 +352,115 @@ def _percent(fraction: float) -> float:
 def _workdir(summary: dict) -> str:
     workdir = summary.get("workdir")
     if isinstance(workdir, str):
-        return os.path.normpath(workdir)
-    return os.path.dirname(os.path.abspath(summary.get(PATH_KEY, SUMMARY_FILE)))
+        return _normalized(workdir)
+    return _normalized(os.path.dirname(_absolute(str(summary.get(PATH_KEY, SUMMARY_FILE)))))
 
 
 def _teacher_source(loaded_from: str) -> str:
-    """The workdir that trained a loaded teacher (`W/teacher/variables` -> `W`), else the path."""
-    path = os.path.normpath(loaded_from)
-    for part in ("variables", "teacher"):
-        if os.path.basename(path) == part:
-            path = os.path.dirname(path)
+    """The workdir that trained a loaded teacher (`W/teacher/variables` or
+    `W/teacher/best_variables` -> `W`), else the path."""
+    path = _normalized(loaded_from)
+    for names in ((VARIABLES_DIR, BEST_VARIABLES_DIR), (TEACHER,)):
+        if posixpath.basename(path) in names:
+            path = posixpath.dirname(path)
     return path
+
+
+# Result-affecting fields (`config_lib.result_fields`) that differ between runs of one protocol:
+# the seed, where a run reads its inputs (a shared teacher, its copy of the data set, the alpha
+# file of its own search), and the evaluation batch (each test example counts once at any size).
+_PER_RUN_FIELDS = frozenset(
+    (
+        "seed",
+        "teacher.checkpoint",
+        "data.data_dir",
+        "data.path",
+        "distill.alpha_file",
+        "data.eval_batch_size",
+    )
+)
+_ABSENT = "<absent>"
+
+
+def _result_config(config) -> dict | None:
+    """`config`'s result-affecting fields but `_PER_RUN_FIELDS`, read as
+    `config_lib.changed_fields` reads them (a field newer than the run holds the value that
+    reproduces what the run did); None without a config."""
+    if not isinstance(config, dict):
+        return None
+    own = {
+        f"baselines.{field}": method_registry.default_value(default)
+        for field, default in method_registry.fields().items()
+    }
+    fields = {**config_lib.VALUES_BEFORE_THE_FIELD, **own, **config_lib.result_fields(config)}
+    return {k: v for k, v in fields.items() if k not in _PER_RUN_FIELDS}
+
+
+def _teachers_fields(fields: dict | None) -> dict | None:
+    """The fields that shape a run's teacher: its own but `teacher.distill_from` (which epoch's
+    variables the students use), the data's and the dtype, whatever the run distils after."""
+    if fields is None:
+        return None
+    return {
+        k: v
+        for k, v in fields.items()
+        if (k.startswith(("teacher.", "data.")) or k == "dtype") and k != "teacher.distill_from"
+    }
+
+
+def _protocol_differences(entries: list[dict]) -> list[str]:
+    """The protocol fields in which `entries` differ: the stage's `epochs` among those that
+    record it, and the config's fields among those whose workdir kept its config.json."""
+    differing = []
+    epochs = {e["protocol"]["epochs"] for e in entries if e["protocol"]["epochs"] is not None}
+    if len(epochs) > 1:
+        differing.append("epochs")
+    configs = [e["protocol"]["config"] for e in entries if e["protocol"]["config"] is not None]
+    for field in sorted({field for config in configs for field in config}):
+        values = {json.dumps(c.get(field, _ABSENT), sort_keys=True) for c in configs}
+        if len(values) > 1:
+            differing.append(field)
+    return differing
+
+
+def _protocol_value(entry: dict, field: str) -> str:
+    """`entry`'s value of a protocol field as JSON, '?' where its run did not record it."""
+    if field == "epochs":
+        value = entry["protocol"]["epochs"]
+        return "?" if value is None else json.dumps(value)
+    config = entry["protocol"]["config"]
+    return "?" if config is None else json.dumps(config.get(field, _ABSENT), sort_keys=True)
+
+
+def _cell_name(key: tuple) -> str:
+    dataset, teacher, student, label = key
+    return (
+        f"{dataset} {teacher} teacher"
+        if label == TEACHER
+        else f"{dataset} {teacher} -> {student} {label}"
+    )
+
+
+def _warn_mixed_protocols(key: tuple, entries: list[dict]) -> None:
+    """One warning for a cell whose runs differ in their protocol, naming the fields and the
+    runs of each value."""
+    differing = _protocol_differences(entries)
+    if not differing:
+        return
+    shown = differing[:4]  # A `:tiny` run differs in many fields; a few say enough.
+    runs: dict[str, list[str]] = {}
+    for entry in entries:
+        values = ", ".join(f"{f}={_protocol_value(entry, f)}" for f in shown)
+        runs.setdefault(values, []).append(entry["path"])
+    more = f" and {len(differing) - len(shown)} more" if len(differing) > len(shown) else ""
+    logger.warning(
+        "%s: its runs differ in %s%s (%s); all pooled, probably runs of different protocols:"
+        " pass them to separate reports",
+        _cell_name(key),
+        ", ".join(shown),
+        more,
+        "; ".join(f"{values}: {', '.join(paths)}" for values, paths in runs.items()),
+    )
 
 
 def _pairing(entry: dict) -> tuple:
@@ -248,12 +494,16 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
     """Groups the runs' test accuracies (%) per table cell.
 
     Returns `{(dataset, teacher_model, student_model, label): [entry, ...]}` with one entry
-    `{'seed', 'last', 'best', 'path'}` per stage that has a last-epoch accuracy ('best' may be
-    None; a student's also 'run_seed', the seed of its run's batches). Labels are those of the `distill/<label>` stages; the teachers are under
+    `{'seed', 'last', 'best', 'path', 'protocol'}` per stage that has a last-epoch accuracy
+    ('best' may be None; a student's also 'run_seed', the seed of its run's batches). Labels are
+    those of the `distill/<label>` stages; the teachers are under
     `(dataset, teacher_model, None, 'teacher')`, one entry per distinct teacher: a teacher loaded
     from another workdir (`loaded_from`) counts once, as the run that trained it when that run is
-    among `summaries`, and teachers trained with the same seed (each pair's run trains its own by
-    default) count once per seed. Same-seed runs of a student cell are all kept, with a warning.
+    among `summaries` (else, loaded from best-epoch variables, with that accuracy as its 'best'
+    and no 'last'), and teachers trained with the same seed and protocol (each pair's run trains
+    its own by default) count once. Same-seed runs of a student cell are all kept, with a
+    warning; so are runs of different protocols in one cell (a stage's `epochs`, the config's
+    result-affecting fields but the seeds and where inputs are read from).
     """
     cells: dict[tuple, list[dict]] = {}
     # (dataset, teacher_model) -> {teacher's workdir: (loaded, entry)}
@@ -270,27 +520,40 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
             summary["student_model"],
         )
         seed = summary.get("seed")
+        fields = _result_config(summary.get(CONFIG_KEY))
         for name, result in summary["stages"].items():
             # Partial runs: a stage without a last-epoch accuracy (or the search) has no cell.
             last = _number(result.get("last_accuracy")) if isinstance(result, dict) else None
             if last is None:
                 continue
             best = _number(result.get("best_accuracy"))
+            epochs = result.get("epochs")
             entry = {
                 # A seed that is no number or string is as good as none (and stays hashable).
                 "seed": seed if isinstance(seed, (int, str)) else None,
                 "last": _percent(last),
                 "best": None if best is None else _percent(best),
                 "path": path,
+                "protocol": {
+                    "epochs": epochs if isinstance(epochs, int) else None,
+                    "config": fields,
+                },
             }
             if name == TEACHER:
                 loaded_from = result.get("loaded_from")
                 loaded = isinstance(loaded_from, str)
                 if loaded:
                     entry["seed"] = None  # The loading run's seed is not the teacher's.
+                    # Nor its config the protocol that trained it.
+                    entry["protocol"] = {"epochs": None, "config": None}
+                    if posixpath.basename(_normalized(loaded_from)) == BEST_VARIABLES_DIR:
+                        # Its accuracy is the best epoch's: never a last-epoch number.
+                        entry["best"], entry["last"] = entry["last"], None
+                else:
+                    entry["protocol"]["config"] = _teachers_fields(fields)
                 source = _teacher_source(loaded_from) if loaded else _workdir(summary)
                 by_source = teachers.setdefault((dataset, teacher), {})
-                # The run that trained a teacher knows its seed and its true best epoch.
+                # The run that trained a teacher knows its seed and its true last epoch.
                 if source not in by_source or (by_source[source][0] and not loaded):
                     by_source[source] = (loaded, entry)
             elif name.startswith("distill/"):
@@ -309,12 +572,17 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
     for key, entries in cells.items():
         _warn_duplicate_seeds(key, entries)
     for (dataset, teacher), by_source in teachers.items():
-        kept, seeds = [], set()
+        kept = []
         for _, entry in by_source.values():
-            if entry["seed"] is None or entry["seed"] not in seeds:
+            # One seed and one protocol: one teacher, trained again by each run of its pair.
+            if entry["seed"] is None or not any(
+                other["seed"] == entry["seed"] and not _protocol_differences([other, entry])
+                for other in kept
+            ):
                 kept.append(entry)
-                seeds.add(entry["seed"])
         cells[(dataset, teacher, None, TEACHER)] = kept
+    for key, entries in cells.items():
+        _warn_mixed_protocols(key, entries)
     return cells
 
 
@@ -342,7 +610,7 @@ def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
     dataset, teacher, student = pair
     key = (dataset, teacher, None, TEACHER) if label == TEACHER else (*pair, label)
     entries = collected.get(key, [])
-    stats = cell_stats(e["last"] for e in entries)
+    stats = cell_stats(e["last"] for e in entries if e["last"] is not None)
     best = cell_stats(e["best"] for e in entries if e["best"] is not None)
     return {
         "table": table,
@@ -363,6 +631,8 @@ def format_cell(row: dict) -> str:
     """`median (mean±std, n=N; best B) [paper P]`, or `–` (still with the paper's number)."""
     if row["n"] == 0:
         text = MISSING
+        if row["median_best"] is not None:  # A teacher known by its best epoch alone.
+            text += f" (best {row['median_best']:.2f})"
     else:
         std = MISSING if row["std_last"] is None else f"{row['std_last']:.2f}"
         text = f"{row['median_last']:.2f} ({row['mean_last']:.2f}±{std}, n={row['n']}"
@@ -632,16 +902,24 @@ def paired_table(summaries: Iterable[dict], collected: dict | None = None) -> tu
     return _markdown(title, header, body, note=note), rows
 
 
+def _write_csv_rows(path: str, fields: tuple, rows: Iterable[dict]) -> None:
+    # Written whole through epath: --out may be a bucket too.
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    epath.Path(path).write_text(text.getvalue())
+
+
 def write_paired_csv(rows: list[dict], path: str) -> None:
     """`rows` of `paired_rows` as CSV (seeds and differences joined by ';')."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=PAIRED_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            flat = {k: row[k] for k in PAIRED_FIELDS}
-            flat["seeds"] = ";".join(str(k) for k in row["seeds"])
-            flat["differences"] = ";".join(str(d) for d in row["differences"])
-            writer.writerow({k: "" if v is None else v for k, v in flat.items()})
+    flat = []
+    for row in rows:
+        values = {k: row[k] for k in PAIRED_FIELDS}
+        values["seeds"] = ";".join(str(k) for k in row["seeds"])
+        values["differences"] = ";".join(str(d) for d in row["differences"])
+        flat.append({k: "" if v is None else v for k, v in values.items()})
+    _write_csv_rows(path, PAIRED_FIELDS, flat)
 
 
 TABLES = {"2": table2, "5": table5, "4": table4, "crd": table_crd, LOGITS: logit_table}
@@ -649,11 +927,8 @@ TABLES = {"2": table2, "5": table5, "4": table4, "crd": table_crd, LOGITS: logit
 
 def write_csv(rows: list[dict], path: str) -> None:
     """`rows` as CSV with the CSV_FIELDS columns; None becomes an empty field."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_FIELDS})
+    flat = [{k: "" if row[k] is None else row[k] for k in CSV_FIELDS} for row in rows]
+    _write_csv_rows(path, CSV_FIELDS, flat)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -669,9 +944,12 @@ def main(argv: list[str] | None = None) -> int:
         "run_dirs",
         nargs="+",
         metavar="RUN_DIR",
-        help="a workdir, a summary.json, or a directory searched recursively for summary.json",
+        help="a workdir, a summary.json, or a directory searched recursively for workdirs (local"
+        " or gs://); a workdir without summary.json is a run not finished: its finished stages",
     )
-    parser.add_argument("--out", default=".", help="where table<N>.md/.csv go (default: .)")
+    parser.add_argument(
+        "--out", default=".", help="where table<N>.md/.csv go, local or gs:// (default: .)"
+    )
     parser.add_argument(
         "--table",
         choices=(*TABLES, "all"),
@@ -683,10 +961,10 @@ def main(argv: list[str] | None = None) -> int:
 
     summaries = load_summaries(args.run_dirs)
     if not summaries:
-        print(f"error: no usable {SUMMARY_FILE} in {' '.join(args.run_dirs)}", file=sys.stderr)
+        print(f"error: no usable run in {' '.join(args.run_dirs)}", file=sys.stderr)
         return 1
     collected = collect(summaries)
-    os.makedirs(args.out, exist_ok=True)
+    epath.Path(args.out).mkdir(parents=True, exist_ok=True)
     written = []
     for number in TABLES if args.table == "all" else (args.table,):
         markdown, rows = TABLES[number](summaries, collected=collected)
@@ -694,8 +972,7 @@ def main(argv: list[str] | None = None) -> int:
             continue  # E.g. no CINIC-10 run: no Table 4.
         print(markdown)
         stem = os.path.join(args.out, LOGITS if number == LOGITS else f"table{number}")
-        with open(stem + ".md", "w", encoding="utf-8") as f:
-            f.write(markdown)
+        epath.Path(stem + ".md").write_text(markdown)
         write_csv(rows, stem + ".csv")
         written += [stem + ".md", stem + ".csv"]
     if args.table in ("5", "all"):
@@ -703,8 +980,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             print(markdown)
             stem = os.path.join(args.out, "paired")
-            with open(stem + ".md", "w", encoding="utf-8") as f:
-                f.write(markdown)
+            epath.Path(stem + ".md").write_text(markdown)
             write_paired_csv(rows, stem + ".csv")
             written += [stem + ".md", stem + ".csv"]
     if not written:

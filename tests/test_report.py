@@ -4,6 +4,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -380,3 +382,210 @@ def test_crd_table_holds_the_suites_pairs_with_the_published_numbers(tmp_path):
     assert "| CRD | DKD | DFA |" in markdown and "– [paper 71.97]" in markdown
     # Table 2 still holds every CIFAR-100 pair, the suite's among them.
     assert {(r["teacher"], r["student"]) for r in report.table2(summaries)[1]} >= {pair, PAIR3}
+
+
+def _config(pair, seed, epochs=200):
+    """A run's config.json, as far as the report reads it (`workdir.prepare` writes it whole)."""
+    return {
+        "seed": seed,
+        "data": {"dataset": "cifar100", "data_dir": f"/data/copy{seed}", "eval_batch_size": 500},
+        "teacher": {"model": pair[0], "checkpoint": None, "optim": {"epochs": epochs}},
+        "student": {"model": pair[1]},
+        "distill": {"seeds": [], "optim": {"epochs": epochs}},
+        "baselines": {"kd_weight": 0.9},
+    }
+
+
+def _write_config(workdir, config):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, report.CONFIG_FILE), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(workdir, report.HASH_FILE), "w") as f:
+        f.write("0123456789ab\n")
+
+
+def test_workdir_file_names_are_the_pipelines():
+    """The report names a workdir's files itself (their modules import JAX): the same names."""
+    # pylint: disable=g-import-not-at-top
+    from dfa_jax import distill
+    from dfa_jax import reporting
+    from dfa_jax import teacher
+    from dfa_jax import train_loop
+    from dfa_jax import workdir
+
+    assert report.VARIABLES_DIR == teacher.VARIABLES_DIR
+    assert report.BEST_VARIABLES_DIR == teacher.BEST_VARIABLES_DIR
+    assert (report.CONFIG_FILE, report.HASH_FILE) == (workdir.CONFIG_FILE, workdir.HASH_FILE)
+    assert report.RESULT_FILE == train_loop.RESULT_FILE
+    assert (report.STUDENT_FILE, report.COHORTS_DIR) == (distill.STUDENT_FILE, distill.COHORTS_DIR)
+    assert report.SUMMARY_FILE == reporting.SUMMARY_FILE
+
+
+def test_report_imports_without_jax():
+    code = "import sys, dfa_jax.report; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_teacher_reused_from_best_variables_counts_once(tmp_path):
+    """The default `teacher.distill_from='best'` loads `W/teacher/best_variables`: the teacher is
+    W's, with W's seed and last epoch, not a second teacher at its best-epoch accuracy."""
+    root = str(tmp_path)
+    trained = {"teacher": _stage("teacher", 0.79, 0.80), "distill/dfa": _stage("d", 0.755)}
+    a = _write(root, "pair3/s0", PAIR3, 0, trained)
+    loaded = {
+        "stage": "teacher",
+        "loaded_from": os.path.join(a, "teacher", "best_variables"),
+        "best_accuracy": 0.80,
+        "last_accuracy": 0.80,
+    }
+    _write(root, "pair1/s0", PAIR1, 0, {"teacher": loaded, "distill/dfa": _stage("d", 0.789)})
+    cells = report.collect(report.load_summaries(root))
+    (entry,) = cells[("cifar100", "wrn_28_4", None, "teacher")]
+    assert (entry["last"], entry["best"], entry["seed"]) == (79.0, 80.0, 0)
+
+
+def test_a_teacher_loaded_from_best_variables_of_an_absent_run_has_no_last_epoch(tmp_path):
+    """Its training run not among the runs, the loading run's evaluation is of the best epoch:
+    it counts as a best-epoch accuracy, never in the last-epoch statistics."""
+    root = str(tmp_path)
+    loaded = {
+        "stage": "teacher",
+        "loaded_from": "/elsewhere/W/teacher/best_variables",
+        "best_accuracy": 0.81,
+        "last_accuracy": 0.81,
+    }
+    _write(root, "loads", PAIR3, 0, {"teacher": loaded, "distill/dfa": _stage("d", 0.75)})
+    _write(root, "trains", PAIR3, 1, {"teacher": _stage("teacher", 0.77, 0.78)})
+    markdown, rows = report.table2(report.load_summaries(root))
+    teacher = _row(rows, PAIR3, "teacher")
+    assert (teacher["n"], teacher["median_last"], teacher["median_best"]) == (1, 77.0, 79.5)
+    assert "77.00 (77.00±–, n=1; best 79.50)" in markdown
+
+
+def test_a_cell_mixing_protocols_warns(tmp_path, caplog):
+    """A 1-epoch smoke run beside 200-epoch runs: pooled, but with a warning naming the field
+    and the runs; runs that differ only in their seeds (and data copies) raise none."""
+    root = str(tmp_path)
+    smoke = _write(root, "a", PAIR3, 0, {"distill/kd": {**_stage("kd", 0.60), "epochs": 1}})
+    _write(root, "b", PAIR3, 1, {"distill/kd": _stage("kd", 0.74)})
+    report.collect(report.load_summaries(root))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "epochs" in warning and smoke in warning and os.path.join(root, "b") in warning
+
+    caplog.clear()
+    root = str(tmp_path / "configs")
+    for seed in (0, 1):
+        workdir = _write(root, f"s{seed}", PAIR3, seed, {"distill/kd": _stage("kd", 0.74)})
+        _write_config(workdir, _config(PAIR3, seed))
+    report.collect(report.load_summaries(root))
+    assert caplog.records == []
+    # Same stage epochs, another config: a changed KD weight.
+    workdir = _write(root, "s2", PAIR3, 2, {"distill/kd": _stage("kd", 0.70)})
+    _write_config(workdir, {**_config(PAIR3, 2), "baselines": {"kd_weight": 0.5}})
+    report.collect(report.load_summaries(root))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "baselines.kd_weight" in warning and workdir in warning and "seed" not in warning
+
+
+def test_teachers_of_one_seed_and_other_protocols_are_kept_apart(tmp_path, caplog):
+    """A `:tiny` teacher and the full one, both of seed 0, are two teachers, with a warning."""
+    root = str(tmp_path)
+    for name, epochs, accuracy in (("tiny", 1, 0.05), ("full", 200, 0.79)):
+        stages = {"teacher": {**_stage("teacher", accuracy), "epochs": epochs}}
+        _write_config(_write(root, name, PAIR3, 0, stages), _config(PAIR3, 0, epochs))
+    entries = report.collect(report.load_summaries(root))[("cifar100", "wrn_28_4", None, "teacher")]
+    assert sorted(e["last"] for e in entries) == [5.0, 79.0]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "teacher.optim.epochs" in warning and "tiny" in warning and "full" in warning
+
+
+def _result_file(directory, result, student=None):
+    os.makedirs(directory, exist_ok=True)
+    if result is not None:
+        with open(os.path.join(directory, report.RESULT_FILE), "w") as f:
+            json.dump(result, f)
+    if student is not None:
+        with open(os.path.join(directory, report.STUDENT_FILE), "w") as f:
+            json.dump(student, f)
+
+
+def test_an_unfinished_run_reports_its_finished_stages(tmp_path, caplog):
+    """A workdir with config.json but no summary.json (stopped before its end): its teacher and
+    finished students count, each student with its seed; helper stages, students still
+    training and cohort checkpoints do not; and a warning says the run is partial."""
+    root = str(tmp_path / "runs")
+    workdir = os.path.join(root, "pair3")
+    _write_config(workdir, {**_config(PAIR3, 7), "distill": {"seeds": [0, 1]}})
+    _result_file(os.path.join(workdir, "teacher"), _stage("teacher", 0.79, 0.80))
+    distill = os.path.join(workdir, "distill")
+    _result_file(os.path.join(distill, "dfa", "seed0"), _stage("distill/dfa/seed0", 0.76), {})
+    _result_file(os.path.join(distill, "dfa", "seed1"), _stage("distill/dfa/seed1", 0.74))
+    _result_file(os.path.join(distill, "ab", "seed0", "init"), _stage("distill/ab/init", 0.1))
+    _result_file(os.path.join(distill, "ab", "seed0"), None, {"label": "ab", "seed": 0})
+    _result_file(os.path.join(distill, "cohorts", "0123456789ab"), None)
+    # A run of one seed, its student's seed recorded in student.json.
+    one = os.path.join(root, "pair1")
+    _write_config(one, _config(PAIR1, 0))
+    _result_file(os.path.join(one, "distill", "kd"), _stage("d", 0.77), {"label": "kd", "seed": 3})
+    _write(root, "finished", PAIR3, 2, {"distill/dfa": _stage("d", 0.75)})
+
+    summaries = report.load_summaries(root)
+    assert len(summaries) == 3
+    partial = [s for s in summaries if s.get(report.COMPLETE_KEY) is False]
+    assert {s["workdir"] for s in partial} == {workdir, one}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("not finished" in w for w in warnings)
+    assert any(workdir in w for w in warnings) and any(one in w for w in warnings)
+    cells = report.collect(summaries)
+    dfa = cells[("cifar100", *PAIR3, "dfa")]
+    assert sorted((e["run_seed"], e["seed"], e["last"]) for e in dfa) == [
+        (2, 2, 75.0),
+        (7, 0, 76.0),
+        (7, 1, 74.0),
+    ]
+    assert ("cifar100", *PAIR3, "ab") not in cells
+    (teacher,) = cells[("cifar100", "wrn_28_4", None, "teacher")]
+    assert (teacher["seed"], teacher["last"]) == (7, 79.0)
+    (kd,) = cells[("cifar100", *PAIR1, "kd")]
+    assert (kd["seed"], kd["last"]) == (3, 77.0)
+    assert _row(report.table2(summaries)[1], PAIR3, "dfa")["n"] == 3
+
+
+def test_runs_are_read_through_epath_from_an_object_store(tmp_path, monkeypatch):
+    """`gs://` run directories: the same runs, the same cells, paths kept as gs:// paths."""
+    from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+    from etils.epath import testing  # pylint: disable=g-import-not-at-top
+
+    local = str(tmp_path / "bucket")
+    bucket = "gs://bucket"
+    _write(local, "pair3/s0", PAIR3, 0, {"distill/dfa": _stage("d", 0.75)})
+    workdir = os.path.join(local, "pair3", "s1")
+    _write_config(workdir, _config(PAIR3, 1))
+    _result_file(os.path.join(workdir, "distill", "dfa"), _stage("d", 0.77), {"seed": 1})
+
+    def to_local(path):
+        path = os.fspath(path)
+        return local + path[len(bucket) :] if path.startswith(bucket) else path
+
+    def walk(original, top, **kwargs):
+        remote = os.fspath(top).startswith(bucket)
+        for root, dirs, names in original(to_local(top), **kwargs):
+            root = os.fspath(root)
+            yield (bucket + root[len(local) :] if remote else root), dirs, names
+
+    # The bucket is the local tree: every file operation of epath goes through these.
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    with testing.mock_epath(
+        open=lambda original, path, mode: original(to_local(path), mode),
+        exists=lambda original, path: original(to_local(path)),
+        isdir=lambda original, path: original(to_local(path)),
+        listdir=lambda original, path: original(to_local(path)),
+        walk=walk,
+    ):
+        summaries = report.load_summaries(bucket + "/pair3")
+    assert sorted(s[report.PATH_KEY] for s in summaries) == [
+        f"{bucket}/pair3/s0/{report.SUMMARY_FILE}",
+        f"{bucket}/pair3/s1/{report.CONFIG_FILE}",
+    ]
+    cell = report.collect(summaries)[("cifar100", *PAIR3, "dfa")]
+    assert sorted(e["last"] for e in cell) == [75.0, 77.0]
