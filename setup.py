@@ -28,6 +28,8 @@ setuptools.setup(
         "scikit-learn>=1.3",
         "absl-py>=2.0",
         "numpy>=1.26",
+        # bfloat16 / float8 tensors of safetensors files (jaxlib depends on it too).
+        "ml_dtypes>=0.4",
         "Pillow>=10.0",
     ],
     extras_require={

@@ -15,6 +15,10 @@ weight/bias/running_mean/running_var <-> scale/bias (params) and mean/var (batch
   python -m dfa_jax.interop export --model wrn_16_2 --num-classes 100 WORKDIR/distill/dfa s.pth
   # The same as .safetensors (in and out), with no PyTorch installed:
   python -m dfa_jax.interop export --model wrn_16_2 --num-classes 100 WORKDIR/distill/dfa s.safetensors
+  # The teacher a run distilled from (as its config.json's teacher.distill_from; --best/--last):
+  python -m dfa_jax.interop export --model wrn_28_4 --num-classes 100 WORKDIR teacher.pth
+  # One network of a checkpoint holding several (mdistiller's whole distiller):
+  python -m dfa_jax.interop import --model resnet8x4 --num-classes 100 --prefix student. best.pth OUT
 
 `from_torch` / `to_torch` take any convertible model by name (RepDistiller's MobileNetV2,
 ShuffleV1, ShuffleV2 and ResNet50 through `interop_mobile`). PyTorch is optional: importing
@@ -32,6 +36,8 @@ import os
 import pickle
 import re
 import sys
+import tarfile
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +48,7 @@ from dfa_jax.interop_core import (  # noqa: F401 (re-exported: interop's public 
     DATA_PARALLEL_PREFIX,
     NESTED_KEYS,
     TORCH_INSTALL,
+    WRAPPER_PREFIXES,
     InteropError,
     _check,
     _Entry,
@@ -192,7 +199,7 @@ def wrn_from_torch(state_dict: Any, depth: int, width: int, num_classes: int) ->
 
     Args:
       state_dict: the PyTorch layout's tensors (torch or numpy), bare or nested under
-        'state_dict' / 'model' / 'net', keys optionally prefixed with 'module.'.
+        'state_dict' / 'model' / 'net', keys optionally prefixed with 'module.' / '_orig_mod.'.
       depth, width, num_classes: the WideResNet to build (`wrn_{depth}_{width}`).
 
     Returns:
@@ -297,9 +304,15 @@ def _converter(name: str, direction: int):
     )
 
 
-def from_torch(state_dict: Any, name: str, num_classes: int) -> dict:
+def from_torch(state_dict: Any, name: str, num_classes: int, prefix: str | None = None) -> dict:
     """A PyTorch state_dict (bare or nested, e.g. `{'model': ...}`) of model `name` ->
-    `{'params', 'batch_stats'}` of `models.get_model(name, num_classes)`."""
+    `{'params', 'batch_stats'}` of `models.get_model(name, num_classes)`.
+
+    `prefix` takes the tensors under it, e.g. 'student.' of a distiller's whole state_dict
+    (`unwrap_state_dict`).
+    """
+    if prefix:
+        state_dict = unwrap_state_dict(state_dict, prefix)
     return _converter(name, 0)(state_dict, name, num_classes)
 
 
@@ -311,23 +324,87 @@ def to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
 # -------------------------------------------------------------------------------------- files
 
 
+# torch.save writes a zip archive (starting with a local file header, even when truncated); its
+# legacy format starts with a pickled magic number: the PROTO opcode of pickle protocols 2+, or
+# the LONG opcode of protocols 0 and 1.
+_ZIP_START = b"PK\x03\x04"
+_PICKLE_STARTS = (b"\x80", b"L")
+
+
+def _not_a_checkpoint(path: str) -> str | None:
+    """Why the file at `path` cannot be a torch.save checkpoint, or None when it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return f"{path} is empty: copy or download the checkpoint again"
+    if head.startswith(safetensors_io.GIT_LFS_POINTER):
+        return (
+            f"{path} is a Git LFS pointer, not the checkpoint: fetch the file itself with"
+            " `git lfs pull` in the repository it came from (or download it directly)"
+        )
+    header_size = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and header_size <= os.path.getsize(path) - 8:
+        return (
+            f"{path} is a safetensors file: give it the {SAFETENSORS_SUFFIX} suffix, under which"
+            " it is read as one"
+        )
+    if head.startswith((_ZIP_START, *_PICKLE_STARTS)) or zipfile.is_zipfile(path):
+        return None
+    if tarfile.is_tarfile(path):
+        return None  # torch.load still reads the tar archives of PyTorch before 0.1.10.
+    return (
+        f"{path} is not a PyTorch checkpoint (neither the zip archive torch.save writes nor its"
+        f" legacy pickle; it starts with {head[:16]!r}): check that it is the right file and that"
+        " its download or copy is complete"
+    )
+
+
 def load_torch_file(path: str) -> Any:
     """`torch.load(path, map_location='cpu', weights_only=True)`, with readable errors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
+    why = _not_a_checkpoint(path)  # Before PyTorch: installing it would not help.
+    if why is not None:
+        raise InteropError(why)
     torch = import_torch()
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        reason = _torch_reason(e)
+        # An opcode no pickle writer emits means damaged bytes; anything else weights_only
+        # refuses (a global, a class, a call; worded differently across torch versions) is an
+        # object it will not build.
+        if reason.startswith("Unsupported operand"):
+            raise InteropError(
+                f"{path} is not a readable PyTorch file (damaged, or not a checkpoint): {reason}"
+            ) from None
         raise InteropError(
             f"{path} holds objects other than tensors and plain containers, and is not unpickled"
-            f" here (torch.load weights_only=True: {reason.strip()}). If you trust the file,"
+            f" here (torch.load weights_only=True: {reason}). If you trust the file,"
             " save its weights alone in PyTorch and convert that: torch.save(state_dict,"
             " 'weights.pth')."
         ) from None
-    except (RuntimeError, EOFError) as e:
-        raise InteropError(f"{path} is not a readable PyTorch file: {e}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError) as e:
+        # What torch.load raises on a damaged file varies with where the damage is.
+        raise InteropError(
+            f"{path} is not a readable PyTorch file (damaged or truncated?): {_torch_reason(e)}"
+        ) from None
+
+
+def _torch_reason(error: Exception) -> str:
+    """What a torch.load error says went wrong, without the general advice around it."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    if "WeightsUnpickler error:" in text:
+        # weights_only's message: advice, then the reason, then more advice; the reason is what
+        # tells the user what the file holds.
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        for advice in (" Please use ", " Check the documentation "):
+            text = text.split(advice, 1)[0]
+        return text.strip()
+    if isinstance(error, RuntimeError) and text:
+        return text
+    # Other types carry no sentence (KeyError: 101, or an empty EOFError): name the type.
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _restore_numpy(path: str) -> dict:
@@ -358,7 +435,7 @@ def _absl_quiet():
         logging.set_verbosity(verbosity)
 
 
-def read_dfa_variables(path: str) -> tuple[dict, str]:
+def read_dfa_variables(path: str, teacher_epoch: str | None = None) -> tuple[dict, str]:
     """The `{'params', 'batch_stats'}` of a network dfa_jax trained, and where they were found.
 
     `path` is teacher variables (whatever `teacher.resolve_checkpoint` accepts: the variables
@@ -366,23 +443,27 @@ def read_dfa_variables(path: str) -> tuple[dict, str]:
     its variables there) or a stage directory with checkpoints, `WORKDIR/distill/<label>`, whose
     latest checkpoint's `params['student']` is taken (a stage without a student, e.g. an
     unfinished teacher, gives its own params).
+
+    Of a workdir or its teacher stage, the teacher the run distilled from is taken: its best or
+    last epoch's variables as the workdir's config.json records `teacher.distill_from` (the last
+    epoch's without a config.json), or those of the config's `teacher.checkpoint` where the run
+    loaded its teacher. `teacher_epoch` ('best' or 'last') overrides the recorded choice.
     """
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     from etils import epath  # pylint: disable=g-import-not-at-top
 
-    from dfa_jax import teacher, train_loop  # pylint: disable=g-import-not-at-top
+    from dfa_jax import train_loop  # pylint: disable=g-import-not-at-top
 
+    if teacher_epoch not in (None, "best", "last"):
+        raise InteropError(f"teacher_epoch = {teacher_epoch!r}: use 'best', 'last' or None")
     root = epath.Path(path)
     if not root.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    try:
-        variables_dir = teacher.resolve_checkpoint(path)
-    except (FileNotFoundError, errors.InputError):
-        variables_dir = None
+    variables_dir, which = _teacher_variables(path, teacher_epoch)
     if variables_dir is not None:
         restored = _restore_numpy(variables_dir)
         variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-        return variables, f"variables {variables_dir}"
+        return variables, f"variables {variables_dir}{which}"
 
     checkpoints = root / "checkpoints"
     step = ocp.CheckpointManager(checkpoints).latest_step() if checkpoints.is_dir() else None
@@ -393,6 +474,11 @@ def read_dfa_variables(path: str) -> tuple[dict, str]:
         raise FileNotFoundError(
             f"{path} holds neither teacher variables (WORKDIR/teacher/variables, WORKDIR/teacher"
             f" or WORKDIR) nor a stage's checkpoints (WORKDIR/distill/<label>).{found}"
+        )
+    if teacher_epoch is not None:
+        raise InteropError(
+            f"--{teacher_epoch} chooses a teacher's epoch, and {path} holds no teacher variables"
+            " (it is a stage with checkpoints, whose latest is exported): drop the flag"
         )
     state = _restore_numpy(str(checkpoints / str(step) / "state"))
     params, batch_stats = state["params"], state["batch_stats"]
@@ -407,6 +493,103 @@ def read_dfa_variables(path: str) -> tuple[dict, str]:
             file=sys.stderr,
         )
     return {"params": params, "batch_stats": batch_stats}, where
+
+
+def _teacher_variables(path: str, teacher_epoch: str | None) -> tuple[str | None, str]:
+    """(The teacher variables directory `path` gives, ' (which epoch's, and why)'), or
+    (None, '') when `path` holds none (e.g. a distilled student's stage)."""
+    from dfa_jax import config_lib, teacher  # pylint: disable=g-import-not-at-top
+
+    config_path, config = _recorded_config(path)
+    if teacher_epoch is not None:
+        best, why = teacher_epoch == "best", f"as --{teacher_epoch} asks"
+    elif config is not None:
+        # A config.json from before the field was added: those runs distilled from the last epoch.
+        before = config_lib.VALUES_BEFORE_THE_FIELD["teacher.distill_from"]
+        distill_from = config.get("teacher", {}).get("distill_from", before)
+        best = distill_from == "best"
+        why = f"the run distilled from it: teacher.distill_from = {distill_from!r} in {config_path}"
+    else:
+        best = False
+        why = "no config.json records which one the run distilled from; --best takes the best"
+        why += " epoch's"
+
+    def resolve(candidate):
+        try:
+            return teacher.resolve_checkpoint(candidate, best=best)
+        except (FileNotFoundError, errors.InputError):
+            return None
+
+    source, found = path, resolve(path)
+    loaded = (config or {}).get("teacher", {}).get("checkpoint")
+    if found is None and loaded:
+        # The run loaded its teacher from elsewhere: WORKDIR/teacher holds no variables of its own.
+        source, found = loaded, resolve(loaded)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path}'s run loaded its teacher from teacher.checkpoint = {loaded!r}"
+                f" ({config_path}), which holds no teacher variables seen from here (a path"
+                " relative to where the run started?): export that directory itself"
+            )
+    if found is None:
+        return None, ""
+    loaded_note = f"the teacher the run loaded, teacher.checkpoint = {loaded!r}"
+    if not _is_a_teacher_stages(found, source):
+        # Variables named directly (or a cohort student's): nothing was chosen.
+        if teacher_epoch is not None:
+            named = path if source == path else f"{path}'s {loaded_note},"
+            raise InteropError(
+                f"--{teacher_epoch} chooses between a teacher stage's variables, and {named} names"
+                " variables themselves: give a workdir or teacher stage, or drop the flag"
+            )
+        return found, "" if source == path else f" ({loaded_note} in {config_path})"
+    if source != path:
+        why = f"{loaded_note}; {why}"
+    if best and os.path.basename(found) != teacher.BEST_VARIABLES_DIR:
+        if teacher_epoch == "best":
+            raise InteropError(
+                f"{path} has no {teacher.BEST_VARIABLES_DIR} (a teacher stage of an older"
+                " version): pass --last, or no flag"
+            )
+        why += f"; it has no {teacher.BEST_VARIABLES_DIR} (a teacher stage of an older version)"
+    epoch = "best" if os.path.basename(found) == teacher.BEST_VARIABLES_DIR else "last"
+    return found, f" (the {epoch} epoch's, {why})"
+
+
+def _is_a_teacher_stages(variables_dir: str, source: str) -> bool:
+    """Whether `teacher.resolve_checkpoint(source)` chose `variables_dir` among the variables of
+    a teacher stage (`source` a workdir or its teacher stage), rather than being given it."""
+    from dfa_jax import files, teacher  # pylint: disable=g-import-not-at-top
+
+    stage = os.path.dirname(variables_dir)
+    source = files.absolute(source).rstrip("/")
+    return os.path.basename(variables_dir) in (
+        teacher.VARIABLES_DIR,
+        teacher.BEST_VARIABLES_DIR,
+    ) and (
+        stage == os.path.join(source, "teacher") or (stage == source and _is_teacher_dir(source))
+    )
+
+
+def _is_teacher_dir(path: str) -> bool:
+    return os.path.basename(path.rstrip("/")) == "teacher"
+
+
+def _recorded_config(path: str) -> tuple[str | None, dict | None]:
+    """(config.json, its content) of the workdir `path` is, or whose teacher stage it is."""
+    from dfa_jax import files, workdir  # pylint: disable=g-import-not-at-top
+
+    directories = [path]
+    if _is_teacher_dir(path):
+        directories.append(os.path.dirname(path.rstrip("/")))
+    for directory in directories:
+        config_path = os.path.join(directory, workdir.CONFIG_FILE)
+        if files.exists(config_path):
+            try:
+                return config_path, files.read_json(config_path)
+            except (OSError, ValueError):
+                return config_path, None  # Unreadable: as if no config recorded the choice.
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -440,6 +623,12 @@ def _parser() -> argparse.ArgumentParser:
         " no PyTorch.",
     )
     common(imp)
+    imp.add_argument(
+        "--prefix",
+        help="take only the tensors whose keys start with PREFIX, without it: one network of a"
+        " checkpoint holding several (e.g. 'student.' of a distiller's state_dict; mdistiller's"
+        " 'module.student.')",
+    )
     imp.add_argument("source", help="PyTorch checkpoint (.pth / .pt) or .safetensors")
     imp.add_argument("out", help="output directory (teacher variables)")
 
@@ -449,9 +638,21 @@ def _parser() -> argparse.ArgumentParser:
         " or a .safetensors file (no PyTorch needed)",
         description="SOURCE: teacher variables (WORKDIR/teacher/variables, WORKDIR/teacher or"
         " WORKDIR) or a distilled student's stage (WORKDIR/distill/<label>; its latest"
-        " checkpoint). Writes a state_dict that load_state_dict(strict=True) accepts.",
+        " checkpoint). Of WORKDIR or WORKDIR/teacher, the teacher the run distilled from: its best"
+        " or last epoch's as the workdir's config.json records teacher.distill_from (--best or"
+        " --last choose). Writes a state_dict that load_state_dict(strict=True) accepts.",
     )
     common(exp)
+    epoch = exp.add_mutually_exclusive_group()
+    for flag in ("best", "last"):
+        epoch.add_argument(
+            f"--{flag}",
+            dest="teacher_epoch",
+            action="store_const",
+            const=flag,
+            help=f"of a workdir's teacher, export the {flag} epoch's variables whatever the run"
+            " distilled from",
+        )
     exp.add_argument("source", help="variables directory, teacher stage, workdir or distill stage")
     exp.add_argument("out", help="output .pth file, or .safetensors (written without PyTorch)")
     return parser
@@ -477,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                 state = safetensors_io.load(args.source)[0]
             else:
                 state = load_torch_file(args.source)
-            variables = from_torch(state, args.model, args.num_classes)
+            variables = from_torch(state, args.model, args.num_classes, prefix=args.prefix)
             from dfa_jax import teacher  # pylint: disable=g-import-not-at-top
 
             teacher.save_variables(args.out, variables)
@@ -489,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             safetensors = args.out.endswith(SAFETENSORS_SUFFIX)
             torch = None if safetensors else import_torch()
-            variables, where = read_dfa_variables(args.source)
+            variables, where = read_dfa_variables(args.source, args.teacher_epoch)
             state = to_torch(variables, args.model, args.num_classes)
             if safetensors:
                 # `safetensors.torch.save_file`'s own metadata, so PyTorch tools read it as theirs.

@@ -25,10 +25,15 @@ NESTED_KEYS = ("state_dict", "model", "net")
 
 
 DATA_PARALLEL_PREFIX = "module."
+# What wrapping a model adds to every key of its state_dict: DataParallel / DistributedDataParallel
+# ('module.') and torch.compile ('_orig_mod.'), in any nesting.
+WRAPPER_PREFIXES = (DATA_PARALLEL_PREFIX, "_orig_mod.")
 
 
 # How many further problems a shape-mismatch message lists after the first.
 _MORE_PROBLEMS_SHOWN = 3
+# How many key prefixes a message about prefixes lists.
+_PREFIXES_SHOWN = 5
 
 
 class InteropError(errors.InputError):
@@ -103,9 +108,16 @@ def _to_float32(value) -> np.ndarray:
     return np.array(value, dtype=np.float32, copy=True)
 
 
-def unwrap_state_dict(checkpoint: Any) -> dict[str, Any]:
+def unwrap_state_dict(checkpoint: Any, prefix: str | None = None) -> dict[str, Any]:
     """The bare state_dict of a checkpoint: descends into 'state_dict' / 'model' / 'net', strips
-    DataParallel's 'module.' prefix, drops BatchNorm's 'num_batches_tracked' counters."""
+    the prefixes wrappers add ('module.', '_orig_mod.'), drops BatchNorm's 'num_batches_tracked'
+    counters.
+
+    `prefix` selects the tensors under it (e.g. 'student.' of a distiller's whole state_dict,
+    mdistiller's 'module.student.'), with the prefix removed; it is matched against the keys as
+    saved and, failing that, against the keys with their wrapper prefixes stripped. The trailing
+    dot may be left out.
+    """
     state = checkpoint
     for _ in range(len(NESTED_KEYS) + 1):
         if not isinstance(state, Mapping):
@@ -116,11 +128,68 @@ def unwrap_state_dict(checkpoint: Any) -> dict[str, Any]:
         if nested is None:
             break
         state = state[nested]
-    keys = list(state)
-    while keys and all(isinstance(k, str) and k.startswith(DATA_PARALLEL_PREFIX) for k in keys):
-        state = {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in state.items()}
-        keys = list(state)
+    if prefix:
+        # PyTorch's module paths are dotted: 'student' means the module 'student.'.
+        state = _select_prefix(state, prefix if prefix.endswith(".") else prefix + ".")
+    state = _strip_wrapper_prefixes(state)
     return {k: v for k, v in state.items() if not str(k).endswith("num_batches_tracked")}
+
+
+def _strip_wrapper_prefixes(state: Mapping) -> dict:
+    state = dict(state)
+    while state:
+        shared = next(
+            (p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), None
+        )
+        if shared is None:
+            break
+        state = {k[len(shared) :]: v for k, v in state.items()}
+    return state
+
+
+def _select_prefix(state: Mapping, prefix: str) -> dict:
+    for keys in (dict(state), _strip_wrapper_prefixes(state)):
+        selected = {k[len(prefix) :]: v for k, v in keys.items() if str(k).startswith(prefix)}
+        if selected:
+            return selected
+    heads = sorted({k.split(".", 1)[0] + "." for k in map(str, _strip_wrapper_prefixes(state))})
+    shown = ", ".join(repr(h) for h in heads[:_PREFIXES_SHOWN])
+    more = f" and {len(heads) - _PREFIXES_SHOWN} more" if len(heads) > _PREFIXES_SHOWN else ""
+    raise InteropError(
+        f"no key of the state_dict starts with the prefix {prefix!r}; its keys start with"
+        f" {shown}{more}: give one of those as the prefix"
+    )
+
+
+def prefix_hint(keys, expected) -> str:
+    """A sentence naming the prefix a state_dict's networks sit under, or ''.
+
+    Every key of `keys` under one prefix that no key of `expected` starts with (e.g. a Lightning
+    module's 'model.'): that prefix. Keys under several such prefixes: those under which the keys
+    start like `expected`'s (a distiller's 'student.' and 'teacher.').
+    """
+    if not keys or any("." not in k for k in keys):
+        return ""
+    known = {k.split(".", 1)[0] for k in expected}
+    under: dict[str, set] = {}
+    for key in keys:
+        head, rest = key.split(".", 1)
+        under.setdefault(head, set()).add(rest.split(".", 1)[0])
+    if under.keys() & known:
+        return ""  # The keys start like the model's: the mismatch itself is the message.
+    if len(under) == 1:
+        (head,) = under
+        return (
+            f" Every key starts with {head + '.'!r}: select the tensors under it with"
+            f" prefix={head + '.'!r} (the command line's --prefix {head}.)."
+        )
+    networks = [repr(h + ".") for h in sorted(under) if under[h] & known]
+    if not networks:
+        return ""
+    return (
+        f" The keys under {', '.join(networks)} start like the model's: select one with"
+        f" prefix={networks[0]} (the command line's --prefix {networks[0][1:-1]})."
+    )
 
 
 def _flax_leaves(variables: Mapping) -> dict[str, Any]:
@@ -143,7 +212,8 @@ def entries_from_torch(entries, state_dict: Any, what: str, hint) -> dict:
     shapes = {str(k): _shape(v) for k, v in state.items()}
     expected = {e.torch_key: e.torch_shape for e in entries}
     if shapes != expected:  # Only a mismatch needs the (possibly costly) hint.
-        _check(shapes, expected, what, hint(shapes) if callable(hint) else hint)
+        hint = hint(shapes) if callable(hint) else hint
+        _check(shapes, expected, what, prefix_hint(shapes, expected) or hint)
     variables: dict = {"params": {}, "batch_stats": {}}
     for e in entries:
         value = _to_float32(state[e.torch_key])

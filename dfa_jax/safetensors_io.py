@@ -15,25 +15,35 @@ import os
 import struct
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 
 from dfa_jax import errors
 
-# safetensors dtype names <-> NumPy dtypes (bfloat16 has no NumPy type and is refused).
+# safetensors dtype names <-> NumPy dtypes. ml_dtypes (NumPy-only, installed with jaxlib) gives
+# NumPy the bfloat16 and float8 types PyTorch saves.
 DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
     "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,
     "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 # A header larger than this is no safetensors file (the reference reader's own limit).
 MAX_HEADER_BYTES = 100_000_000
+# What a clone without Git LFS leaves in place of a large file (a model repository's weights).
+GIT_LFS_POINTER = b"version https://git-lfs"
 
 
 class SafetensorsError(errors.InputError):
@@ -80,6 +90,11 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     def bad(why: str) -> SafetensorsError:
         return SafetensorsError(f"{path} is not a safetensors file: {why}")
 
+    if blob.startswith(GIT_LFS_POINTER):
+        raise SafetensorsError(
+            f"{path} is a Git LFS pointer, not the tensors: fetch the file itself with"
+            " `git lfs pull` in the repository it came from (or download it directly)"
+        )
     if len(blob) < 8:
         raise bad("shorter than its 8-byte header length")
     (size,) = struct.unpack("<Q", blob[:8])
@@ -96,11 +111,18 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     arrays = {}
     for name, entry in header.items():
         try:
-            dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")
+            dtype_name = entry["dtype"]
             shape = tuple(int(n) for n in entry["shape"])
             begin, end = (int(n) for n in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            # A well-formed file of a dtype NumPy cannot hold (e.g. a newer float8 variant).
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} has dtype {dtype_name!r}, which is not supported here"
+                f" (supported: {', '.join(DTYPES)}); save it as F32, F16 or BF16"
+            )
+        dtype = np.dtype(DTYPES[dtype_name]).newbyteorder("<")
         if not 0 <= begin <= end <= len(buffer) or end - begin != dtype.itemsize * int(
             np.prod(shape, dtype=np.int64)
         ):

@@ -5,10 +5,13 @@ message naming the problem, and the command line writes what the pipeline loads.
 import functools
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -18,12 +21,14 @@ from dfa_jax import (
     checkpointing,
     config_lib,
     evaluation,
+    files,
     inputs,
     interop,
     models,
     parallel,
     safetensors_io,
     teacher,
+    workdir,
 )
 from dfa_jax.data import augment, loader, sources
 
@@ -293,7 +298,7 @@ def test_importing_interop_does_not_import_torch():
 def test_without_torch_loading_names_the_extra_and_export_gives_numpy(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     pth = tmp_path / "t.pth"
-    pth.write_bytes(b"")
+    pth.write_bytes(b"PK\x03\x04" + bytes(60))  # Starts like torch.save's zip archive.
     with pytest.raises(ImportError, match=r"pip install 'dfa_jax\[torch\]'"):
         interop.load_torch_file(str(pth))
     state = interop.wrn_to_torch(random_flax_variables(10, 1, 10), 10, 1, 10)
@@ -523,3 +528,338 @@ def test_a_student_leaves_and_enters_as_safetensors_without_pytorch(tmp_path):
         assert np.array_equal(np.asarray(got), np.asarray(want))
     st_torch = pytest.importorskip("safetensors.torch")
     torch_wrn(10, 1, 10).load_state_dict(st_torch.load_file(out), strict=True)
+
+
+# ------------------------------------------------------------------------- files that are not
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    """A safetensors file built by hand: the header length, the JSON header, the buffer."""
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+_LFS_POINTER = (
+    b"version https://git-lfs.github.com/spec/v1\n"
+    b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    b"size 23515011\n"
+)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("teacher.pth", _LFS_POINTER, r"is a Git LFS pointer, not the checkpoint: .*git lfs pull"),
+        (
+            "model.safetensors",
+            _LFS_POINTER,
+            r"is a Git LFS pointer, not the tensors: .*git lfs pull",
+        ),
+        ("bytes.pth", b"hello world not a checkpoint", r"is not a PyTorch checkpoint .*b'hello"),
+        ("page.pth", b"<!DOCTYPE html><html>404</html>", r"is not a PyTorch checkpoint"),
+        ("empty.pth", b"", r"is empty: copy or download the checkpoint again"),
+        (
+            "weights.pth",
+            _safetensors_bytes(
+                {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+            ),
+            r"is a safetensors file: give it the \.safetensors suffix",
+        ),
+        (
+            "cut.pth",
+            b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P",
+            r"not a readable PyTorch file .*EOFError",
+        ),
+    ],
+    ids=["lfs", "lfs-safetensors", "bytes", "html", "empty", "safetensors-as-pth", "cut-pickle"],
+)
+def test_a_file_that_is_no_checkpoint_is_named_with_its_fix(tmp_path, name, content, expected):
+    """One `error:` line naming the file and what it is, never the advice to unpickle it fully
+    (unsafe, and useless for these) and never a traceback."""
+    pytest.importorskip("torch")
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as info:
+        interop.main(
+            ["import", "--model", "wrn_10_1", "--num-classes", "10", str(path), str(tmp_path / "o")]
+        )
+    message = str(info.value.code)
+    assert message.startswith(f"error: {path} ")
+    assert re.search(expected, message), message
+    assert "save its weights alone" not in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_weights_only_refusal_names_the_refused_object(tmp_path):
+    """torch's message opens with general advice (with terminal escapes); the line that says what
+    the file holds is the one shown."""
+    torch = pytest.importorskip("torch")
+    path = str(tmp_path / "unsafe.pth")
+    torch.save({"model": torch_wrn(10, 1, 10).state_dict(), "extra": Arbitrary()}, path)
+    with pytest.raises(interop.InteropError) as info:
+        interop.load_torch_file(path)
+    message = str(info.value)
+    assert "holds objects other than tensors" in message and "save its weights alone" in message
+    assert "Unsupported global" in message and "Arbitrary" in message
+    assert "\x1b" not in message and "\n" not in message
+
+
+def test_a_cli_import_of_arbitrary_bytes_prints_no_traceback(tmp_path):
+    pytest.importorskip("torch")
+    path = tmp_path / "teacher.pth"
+    path.write_bytes(b"hello world not a checkpoint")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dfa_jax.interop",
+            "import",
+            "--model",
+            "wrn_10_1",
+            "--num-classes",
+            "10",
+            str(path),
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert run.stderr.startswith(f"error: {path} is not a PyTorch checkpoint"), run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# ----------------------------------------------------------------------------- safetensors BF16
+
+
+def test_bf16_safetensors_tensors_load_as_bfloat16(tmp_path):
+    """bfloat16 is the top 16 bits of float32: 1.5 and -2.0 are exact in it."""
+    path = tmp_path / "bf16.safetensors"
+    data = (np.float32([1.5, -2.0]).view(np.uint32) >> 16).astype("<u2").tobytes()
+    header = {"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}
+    path.write_bytes(_safetensors_bytes(header, data))
+    arrays, _ = safetensors_io.load(str(path))
+    assert arrays["w"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(arrays["w"].astype(np.float32), [1.5, -2.0])
+
+
+def test_safetensors_io_stays_numpy_only_with_bf16():
+    """ml_dtypes gives NumPy bfloat16 without importing JAX (or PyTorch)."""
+    code = "import sys, dfa_jax.safetensors_io; print(sorted({'jax', 'torch'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_unsupported_safetensors_dtype_is_named_with_its_tensor(tmp_path):
+    path = tmp_path / "f4.safetensors"
+    header = {
+        "ok": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "packed": {"dtype": "F4", "shape": [2], "data_offsets": [4, 5]},
+    }
+    path.write_bytes(_safetensors_bytes(header, bytes(5)))
+    with pytest.raises(safetensors_io.SafetensorsError) as info:
+        safetensors_io.load(str(path))
+    message = str(info.value)
+    assert "tensor 'packed' has dtype 'F4', which is not supported here" in message
+    assert "BF16" in message  # the supported names
+    assert "is not a safetensors file" not in message
+
+
+def test_torch_bf16_weights_import_from_safetensors(tmp_path):
+    """bf16 tensors saved by PyTorch's safetensors, and by this module's writer from the same
+    bytes, import as their float32 values; the reference reader reads ours as bf16 again."""
+    torch = pytest.importorskip("torch")
+    st_torch = pytest.importorskip("safetensors.torch")
+    state = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v
+        for k, v in torch_wrn(10, 1, 10, seed=11).state_dict().items()
+    }
+    theirs, ours = str(tmp_path / "theirs.safetensors"), str(tmp_path / "ours.safetensors")
+    st_torch.save_file(state, theirs)
+    safetensors_io.save(
+        ours,
+        {
+            k: v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            if v.dtype == torch.bfloat16
+            else v.numpy()
+            for k, v in state.items()
+        },
+        {"format": "pt"},
+    )
+    back = st_torch.load_file(ours)
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
+
+    want = interop.from_torch({k: v.float() for k, v in state.items()}, "wrn_10_1", 10)
+    for path in (theirs, ours):
+        out = str(tmp_path / f"imported_{os.path.basename(path)}")
+        assert (
+            interop.main(["import", "--model", "wrn_10_1", "--num-classes", "10", path, out]) == 0
+        )
+        got = teacher.load_variables(
+            out, teacher.build_model("wrn_10_1", 10, "float32"), parallel.make_mesh()
+        )
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert np.array_equal(np.asarray(a), b)
+
+
+# ------------------------------------------------------------------- which teacher is exported
+
+
+def _export_to_arrays(tmp_path, source, *flags, name="wrn_10_1"):
+    """`export` of `source` to .safetensors, read back as Flax variables."""
+    out = tmp_path / "exported.safetensors"
+    argv = ["export", "--model", name, "--num-classes", "10", "--force", *flags, str(source)]
+    assert interop.main([*argv, str(out)]) == 0
+    return interop.from_torch(safetensors_io.load(str(out))[0], name, 10)
+
+
+def _assert_same(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _teacher_workdir(root, distill_from, **teacher_fields):
+    """A workdir as a finished teacher stage leaves it: both variable directories, holding
+    different values, and the config.json of the run."""
+    last, best = (
+        random_flax_variables(10, 1, 10, seed=21),
+        random_flax_variables(10, 1, 10, seed=22),
+    )
+    teacher.save_variables(str(root / "teacher" / teacher.VARIABLES_DIR), last)
+    teacher.save_variables(str(root / "teacher" / teacher.BEST_VARIABLES_DIR), best)
+    config = config_lib.base_config()
+    config.teacher.distill_from = distill_from
+    for field, value in teacher_fields.items():
+        config.teacher[field] = value
+    files.write_json_atomic(str(root / workdir.CONFIG_FILE), config.to_dict())
+    return last, best
+
+
+def test_export_of_a_workdir_takes_the_teacher_the_run_distilled_from(tmp_path, capsys):
+    run = tmp_path / "run"
+    last, best = _teacher_workdir(run, "best")
+
+    _assert_same(_export_to_arrays(tmp_path, run), best)
+    printed = capsys.readouterr().out
+    assert (
+        f"from variables {run / 'teacher' / teacher.BEST_VARIABLES_DIR} (the best epoch's"
+        in printed
+    )
+    assert "teacher.distill_from = 'best'" in printed
+    _assert_same(_export_to_arrays(tmp_path, run / "teacher"), best)  # its teacher stage too
+
+    _assert_same(_export_to_arrays(tmp_path, run, "--last"), last)
+    assert "(the last epoch's, as --last asks)" in capsys.readouterr().out
+
+    config = files.read_json(str(run / workdir.CONFIG_FILE))
+    config["teacher"]["distill_from"] = "last"
+    files.write_json_atomic(str(run / workdir.CONFIG_FILE), config)
+    _assert_same(_export_to_arrays(tmp_path, run), last)
+    _assert_same(_export_to_arrays(tmp_path, run, "--best"), best)
+    del config["teacher"]["distill_from"]  # A run from before the field distilled from the last.
+    files.write_json_atomic(str(run / workdir.CONFIG_FILE), config)
+    _assert_same(_export_to_arrays(tmp_path, run), last)
+    (run / workdir.CONFIG_FILE).unlink()
+    _assert_same(_export_to_arrays(tmp_path, run), last)
+    assert "no config.json records which one" in capsys.readouterr().out
+
+    # A flag that cannot choose anything is refused rather than ignored.
+    with pytest.raises(SystemExit, match=r"error: --best chooses between a teacher stage's"):
+        _export_to_arrays(tmp_path, run / "teacher" / teacher.VARIABLES_DIR, "--best")
+    with pytest.raises(SystemExit) as info:
+        _export_to_arrays(tmp_path, run, "--best", "--last")
+    assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_export_of_a_workdir_that_loaded_its_teacher_takes_that_teacher(tmp_path, capsys):
+    trained = tmp_path / "trained"
+    last, best = _teacher_workdir(trained, "best")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = config_lib.base_config()
+    config.teacher.checkpoint = str(trained)
+    files.write_json_atomic(str(run / workdir.CONFIG_FILE), config.to_dict())
+
+    _assert_same(_export_to_arrays(tmp_path, run), best)
+    assert f"the teacher the run loaded, teacher.checkpoint = {str(trained)!r}" in (
+        capsys.readouterr().out
+    )
+    _assert_same(_export_to_arrays(tmp_path, run, "--last"), last)
+
+
+# ------------------------------------------------------------------------------ key prefixes
+
+
+def _wrn_state(depth=10, width=1, seed=0):
+    variables = random_flax_variables(depth, width, 10, seed=seed)
+    return variables, numpy_state_dict(interop.wrn_to_torch(variables, depth, width, 10))
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
+        lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
+        lambda sd: {"model": {f"_orig_mod.module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["_orig_mod.", "module._orig_mod.", "model+_orig_mod.module."],
+)
+def test_torch_compile_prefix_is_stripped_like_data_parallels(wrap):
+    variables, state = _wrn_state()
+    _assert_same(interop.from_torch(wrap(state), "wrn_10_1", 10), variables)
+
+
+def test_a_prefix_selects_one_network_of_a_distillers_checkpoint(tmp_path, capsys):
+    """mdistiller's whole checkpoint: {'model': the DataParallel distiller's state_dict, holding
+    'module.student.*' and 'module.teacher.*'}."""
+    student, student_state = _wrn_state(10, 1, seed=31)
+    teach, teacher_state = _wrn_state(16, 2, seed=32)
+    checkpoint = {
+        "epoch": 240,
+        "model": {
+            **{f"module.student.{k}": v for k, v in student_state.items()},
+            **{f"module.teacher.{k}": v for k, v in teacher_state.items()},
+        },
+        "best_acc": 0.7,
+    }
+    for prefix in ("student.", "module.student.", "student"):
+        _assert_same(interop.from_torch(checkpoint, "wrn_10_1", 10, prefix=prefix), student)
+    _assert_same(interop.from_torch(checkpoint, "wrn_16_2", 10, prefix="teacher."), teach)
+
+    with pytest.raises(interop.InteropError) as info:
+        interop.from_torch(checkpoint, "wrn_10_1", 10)
+    assert "The keys under 'student.', 'teacher.' start like the model's" in str(info.value)
+    with pytest.raises(interop.InteropError, match=r"prefix 'stdent\.'.* 'student\.', 'teacher\.'"):
+        interop.from_torch(checkpoint, "wrn_10_1", 10, prefix="stdent.")
+
+    source = tmp_path / "checkpoint.safetensors"
+    safetensors_io.save(str(source), {f"student.{k}": v for k, v in student_state.items()})
+    out = str(tmp_path / "student")
+    argv = ["import", "--model", "wrn_10_1", "--num-classes", "10", "--prefix", "student."]
+    assert interop.main([*argv, str(source), out]) == 0
+    restored = teacher.load_variables(
+        out, teacher.build_model("wrn_10_1", 10, "float32"), parallel.make_mesh()
+    )
+    _assert_same(jax.tree.map(np.asarray, restored), student)
+
+
+def test_keys_under_one_unknown_prefix_name_it_and_the_option(tmp_path):
+    """A Lightning module's checkpoint keeps its network under its attribute ('model.')."""
+    _, state = _wrn_state()
+    lightning = {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}
+    with pytest.raises(interop.InteropError) as info:
+        interop.from_torch(lightning, "wrn_10_1", 10)
+    message = str(info.value)
+    assert "Every key starts with 'model.'" in message and "--prefix model." in message
+    source = tmp_path / "lightning.safetensors"
+    safetensors_io.save(str(source), lightning["state_dict"])
+    argv = ["import", "--model", "wrn_10_1", "--num-classes", "10", str(source)]
+    with pytest.raises(SystemExit, match=r"error: .*--prefix model\."):
+        interop.main([*argv, str(tmp_path / "o")])
+    assert interop.main(["import", "--prefix", "model.", *argv[1:], str(tmp_path / "o")]) == 0
