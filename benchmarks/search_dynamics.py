@@ -43,6 +43,9 @@ def group_dynamics(workdir: str) -> list[dict]:
     while os.path.exists(path := os.path.join(workdir, "search", f"g{group}", "metrics.jsonl")):
         rows = _rows(path)
         steps = [r for r in rows if "train/beta_grad/0" in r]
+        if not steps:  # A group of one map: alpha = 1, its beta is not searched.
+            group += 1
+            continue
         epochs = [r for r in rows if "epoch" in r]
         n = sum(1 for k in steps[0] if k.startswith("train/beta_grad/"))
         beta0 = np.zeros(n)
@@ -53,6 +56,12 @@ def group_dynamics(workdir: str) -> list[dict]:
 
         grad = [mean(f"train/beta_grad/{j}") for j in range(n)]
         pull = [mean(f"train/val/beta_l2_pull/{j}") for j in range(n)]
+        # The net push (mean signed gradient) where the run logged it.
+        signed = (
+            [mean(f"train/beta_grad_signed/{j}") for j in range(n)]
+            if "train/beta_grad_signed/0" in steps[0]
+            else None
+        )
         out.append(
             {
                 "workdir": os.path.basename(os.path.normpath(workdir)),
@@ -67,6 +76,7 @@ def group_dynamics(workdir: str) -> list[dict]:
                 "alpha_epochs": [[r[f"alpha/g{group}/{j}"] for j in range(n)] for r in epochs],
                 "beta_grad": grad,
                 "beta_l2_pull": pull,
+                "beta_grad_signed": signed,
                 "share_st": mean("train/beta_share_st"),
                 "beta_start": beta0.tolist(),
                 "beta_end": final[group - 1]["beta"] if len(final) >= group else None,

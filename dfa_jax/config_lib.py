@@ -186,9 +186,10 @@ def base_config() -> ml_collections.ConfigDict:
     search.epochs_per_group = 40  # Epochs of bilevel updates per layer group (Algorithm 1).
     search.batch_size = 128  # Global batch size of both the train (w) and val (beta) batches.
     search.w_lr = 0.05  # w (student + connectors): SGD, cosine from this (see w_schedule).
-    # 'global': one cosine over every group's epochs (group 3 is searched at lr 0.025 -> 0);
-    # 'per_group': the cosine restarts for each group. The paper does not say; on real CIFAR-10
-    # both gave the same alpha to 0.001 (BENCHMARKS.md, "What moves beta in the search").
+    # 'global': one cosine over every group's epochs, DARTS' one cosine over its search (of three
+    # groups, group 2 is searched at lr 0.0375 -> 0.0125, group 3 at 0.0125 -> 0); 'per_group':
+    # the cosine restarts for each group, Algorithm 1's repeated inner loop. The paper does not
+    # say (docs/design.md, "The search, our reading of §3.2").
     search.w_schedule = "global"
     search.w_momentum = 0.9  # w's SGD momentum.
     search.w_weight_decay = 5e-4  # w's coupled weight decay.

@@ -351,13 +351,17 @@ def build_group_stage(
     loss_fn, beta_loss_fn = make_bridge_loss_fn(
         search.teacher_model, search.student_model, group, config
     )
+    # A group of one map (ShuffleNetV2's stem and conv5) has alpha = 1 whatever beta is: its
+    # beta half would cost a forward and backward per step for a zero gradient (and let the L2
+    # move a beta that means nothing). Its w steps, Algorithm 1's, still run.
+    searched = len(search.teacher_model.feature_groups()[group - 1]) > 1
     step = bilevel.make_bilevel_step(
         loss_fn,
         search.w_tx,
         seed=config.seed,
-        beta_loss_fn=beta_loss_fn,
-        beta_tx=search.beta_tx,
-        beta_key=methods.group_key(group),
+        beta_loss_fn=beta_loss_fn if searched else None,
+        beta_tx=search.beta_tx if searched else None,
+        beta_key=methods.group_key(group) if searched else None,
         order=config.search.order,
         virtual_lr_fn=search.schedule,
         preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
@@ -381,7 +385,7 @@ def build_group_stage(
             {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
         ),
         train_data=data.search_train,
-        val_data=data.search_val,
+        val_data=data.search_val if searched else None,
         epochs=config.search.epochs_per_group,
         batch_size=search.batch_size,
         seed=config.seed,

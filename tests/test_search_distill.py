@@ -147,6 +147,23 @@ def test_aggregations_of_table_5():
             np.testing.assert_allclose(jax.nn.softmax(beta[f"g{i + 1}"]), a, rtol=1e-6, atol=0)
 
 
+def test_groups_of_one_map_train_w_without_a_beta_step(tmp_path):
+    """ShuffleNetV2's stem and conv5 are groups of one map (alpha = 1): their search stages get
+    no validation batches, so the step runs no beta half; the groups of several maps do."""
+    config = load_config("demo", "tiny")
+    config.teacher.model = config.student.model = "shufflenet_v2_0.5"
+    mesh = parallel.make_mesh()
+    data = inputs.load(config, str(tmp_path), search=True)
+    built = search.build(config, mesh, data)
+    for group, maps in enumerate((1, 4, 8, 4, 1), start=1):
+        stage = search.build_group_stage(
+            built, config, mesh, data, str(tmp_path), group, built.state
+        )
+        assert (stage.val_data is None) == (maps == 1), group
+    start = search.alpha_record(built.teacher_model, built.state.beta)
+    assert search.group_movement(start[0], start[0], 0.1).endswith("(nothing to search)")
+
+
 def test_alpha_file_of_another_layout_is_refused(tmp_path):
     t_model, _ = tiny_models()
     good = search.alpha_record(t_model, search.init_beta(t_model, 1.0))
