@@ -4,7 +4,11 @@
 does (github.com/PkuDavidGuan/Distillation, the code of the paper's first author, commit c2c0316):
 
 * positions: a WRN's stem and its three group ends (`framework/modeling/backbone/wrn.py` returns
-  `[g0, g1, g2, g3]` to every method), weighted 1/8, 1/4, 1/2, 1 where a method weighs them;
+  `[g0, g1, g2, g3]` to every method), weighted 1/8, 1/4, 1/2, 1 where a method weighs them; a
+  ShuffleNetV2's five groups (stem, stages 2-4, conv5: `shufflenetV2.py`'s `prime_idx`). Table
+  4's AT, SP and Margin columns (CINIC-10, ShuffleNetV2) are theirs: run them under 'authors'.
+  Under 'peers' a ShuffleNetV2's AT reads every group, stem included, and SP the last (conv5):
+  RepDistiller's rule applied to a network RepDistiller does not have;
 * KD: `alpha * CE + (1 - alpha) * T^2 * soft-CE` with alpha 0.8 (`--alpha` default,
   `framework/losses/kd_loss.py`) and T = 4 (the `scripts/cifar100.*.kd.sh` pass `--temperature 4`);
   their soft cross-entropy differs from the KL here by the teacher's entropy, a constant;
