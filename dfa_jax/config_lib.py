@@ -205,7 +205,8 @@ def base_config() -> ml_collections.ConfigDict:
     # --- stage 2: distillation (§3.1; README, design notes) --------------------------------------
     config.distill = distill = ml_collections.ConfigDict()
     distill.method = "dfa"  # One of METHODS: the student the distill stage trains.
-    # With method 'dfa': 'dfa' (this run's search) | 'last' | 'average' | 'random' | 'file'.
+    # With method 'dfa': 'dfa' (this run's search) | 'last' | 'average' | 'random' | 'file' |
+    # 'start' (the search's starting alpha, unsearched: a control for 'dfa').
     distill.aggregation = "dfa"
     distill.alpha_file = placeholder(str)  # 'file': an alpha.json of another run (DFA-T).
     distill.compare_with = ()  # More students after the main one: methods or DFA aggregations.

@@ -184,6 +184,8 @@ for _method in (
             "average": "Average",
             "random": "Random",
             "file": "DFA-T",
+            # Not in the paper: the search's start unsearched (the softened 'Last').
+            "start": "Start",
         },
     ),
 ):

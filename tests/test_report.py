@@ -168,7 +168,31 @@ def test_table5_rows_schemes_columns_students(runs):
     assert "| Method | wrn_16_4 | wrn_16_2 |" in markdown
     random_line = next(line for line in markdown.splitlines() if line.startswith("| Random"))
     assert random_line == "| Random | – [paper 78.92] | – [paper 74.25] |"
-    assert {r["method"] for r in rows} == {label for label, _ in report.TABLE5_ROWS}
+    # The paper's rows always; 'start' (not the paper's) only where a run trained it.
+    assert {r["method"] for r in rows} == {
+        label for label, _ in report.TABLE5_ROWS if label not in report.TABLE5_OWN_ROWS
+    }
+    assert "| Start" not in markdown
+
+
+def test_the_search_start_control_is_shown_and_paired_where_runs_have_it(tmp_path):
+    """A run that also trained 'start' (the search's alpha unsearched) gets its Table 5 row and
+    DFA - Start per seed; the paper has no number for it."""
+    root = str(tmp_path / "runs")
+    for seed, (dfa, start) in enumerate(((0.760, 0.751), (0.770, 0.768))):
+        stages = {
+            "distill/dfa": _stage("distill/dfa", dfa),
+            "distill/start": _stage("distill/start", start),
+        }
+        _write(root, f"s{seed}", PAIR3, seed, stages)
+    summaries = report.load_summaries(root)
+    markdown, rows = report.table5(summaries)
+    start = _row(rows, PAIR3, "start")
+    assert (start["n"], start["median_last"], start["paper"]) == (2, 75.95, None)
+    assert "| Start | 75.95" in markdown
+    (row,) = report.paired_table(summaries)[1]
+    assert row["against"] == "start" and row["paper"] is None
+    assert row["differences"] == pytest.approx([0.9, 0.2])
 
 
 def test_table4_holds_the_cinic_runs(runs):

@@ -140,6 +140,12 @@ def test_aggregations_of_table_5():
     for a, b in zip(random_a, random_b):
         np.testing.assert_array_equal(a, b)
         assert a.sum() == pytest.approx(1.0) and (a > 0).all()
+    # 'start': the search's first alpha, softmax of `search.init_beta`, unsearched.
+    start = methods.aggregation_alpha("start", t_model, config, "")
+    initial = search.init_beta(t_model, config.search.init_last_logit)
+    for i, a in enumerate(start):
+        np.testing.assert_allclose(a, jax.nn.softmax(initial[f"g{i + 1}"]), rtol=1e-6)
+    assert config.search.init_last_logit == 4.0 and start[0][-1] == pytest.approx(0.982, abs=5e-4)
     # Frozen beta reproduces alpha exactly through softmax, one-hot included.
     for alpha in (last, random_a):
         beta = methods.frozen_beta(alpha)

@@ -6,7 +6,9 @@ ST connector (1x1 conv + BN, student -> teacher channels); D is overhaul's parti
 constant margin -1 by default; w_i = 1/2^(G-i). Where the teacher's group ends at a larger size
 than the student's, A_i is average-pooled to the student's, as mdistiller's OFD pools its targets.
 The run label names the aggregation (`distill.aggregation`): 'dfa' (this run's alpha.json),
-'last', 'average', 'random' (seeded), 'file' (another run's alpha.json: DFA-T).
+'last', 'average', 'random' (seeded), 'file' (another run's alpha.json: DFA-T), and 'start', the
+search's starting alpha unsearched (softmax of its initial beta): the control that separates
+what the search found from the softened 'Last' it starts at.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def aggregation_alpha(name: str, teacher_model, config, workdir: str) -> list[np
         return [np.eye(len(g), dtype=np.float32)[-1] for g in groups]
     if name == "average":
         return [np.full(len(g), 1.0 / len(g), np.float32) for g in groups]
+    if name == "start":
+        # softmax([0, ..., 0, init_last_logit]): alpha_last 0.982 / 0.948 / 0.886 for 2 / 4 / 8
+        # maps at the default 4, where the search begins (`search.init_beta`).
+        logit = config.search.init_last_logit
+        starts = [np.zeros(len(g), np.float64) for g in groups]
+        for s in starts:
+            s[-1] = logit
+        return [
+            (np.exp(s - s.max()) / np.exp(s - s.max()).sum()).astype(np.float32) for s in starts
+        ]
     if name == "random":
         rng = np.random.default_rng(config.seed)
         weights = [rng.uniform(size=len(g)).astype(np.float32) for g in groups]
