@@ -1,7 +1,7 @@
 """Wide ResNets between PyTorch and dfa_jax: state_dict <-> Flax variables, and a command line.
 
 `from_torch` / `to_torch` convert any family with a PyTorch layout by model name: the WRNs here,
-RepDistiller's CIFAR ResNets and VGGs in `interop_layouts`.
+RepDistiller's CIFAR ResNets and VGGs and the DFA authors' ShuffleNetV2 in `interop_layouts`.
 
 The PyTorch layout is the one WideResNet-pytorch, RepDistiller and overhaul-distillation share:
 `conv1.weight`, `block{g}.layer.{j}.{bn1,conv1,bn2,conv2,convShortcut}.*`, `bn1.*`, `fc.*`.
@@ -284,7 +284,13 @@ def converters() -> dict:
     from dfa_jax import interop_mobile  # pylint: disable=g-import-not-at-top
 
     tabled = _tabled_converters()
-    return {"WRN": _wrn_converters(), "ResNet": tabled, "VGG": tabled, **interop_mobile.CONVERTERS}
+    return {
+        "WRN": _wrn_converters(),
+        "ShuffleNetV2": tabled,  # The DFA authors' (PkuDavidGuan/Distillation).
+        "ResNet": tabled,
+        "VGG": tabled,
+        **interop_mobile.CONVERTERS,
+    }
 
 
 def _converter(name: str, direction: int):
@@ -297,10 +303,15 @@ def _converter(name: str, direction: int):
         return table[family.name][direction]
     if name.startswith("wrn_"):
         parse_model_name(name)  # Raises the Wide ResNets' message.
-    others = [n for f in models.FAMILIES if f.name in table and f.name != "WRN" for n in f.presets]
+    authors = models.SHUFFLENET_V2.presets
+    skip = ("WRN", models.SHUFFLENET_V2.name)
+    others = [
+        n for f in models.FAMILIES if f.name in table and f.name not in skip for n in f.presets
+    ]
     raise InteropError(
-        f"model {name!r} cannot be converted: only Wide ResNets 'wrn_{{depth}}_{{width}}' and"
-        f" RepDistiller's {', '.join(others)} have a PyTorch layout"
+        f"model {name!r} cannot be converted: only Wide ResNets 'wrn_{{depth}}_{{width}}', the DFA"
+        f" authors' {', '.join(authors)} and RepDistiller's {', '.join(others)} have a PyTorch"
+        " layout"
     )
 
 
@@ -599,7 +610,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dfa_jax.interop",
         description="Convert Wide ResNets (WideResNet-pytorch / RepDistiller /"
-        " overhaul-distillation layout) and RepDistiller's / mdistiller's CIFAR ResNets and VGGs"
+        " overhaul-distillation layout), the DFA authors' ShuffleNetV2 and RepDistiller's /"
+        " mdistiller's CIFAR ResNets, VGGs, MobileNetV2, ShuffleV1, ShuffleV2 and ResNet50"
         " between PyTorch state_dicts and dfa_jax.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -608,7 +620,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--model",
             required=True,
-            help="wrn_{depth}_{width} (e.g. wrn_28_4), or RepDistiller's resnet*/vgg* names",
+            help="wrn_{depth}_{width} (e.g. wrn_28_4), shufflenet_v2_{0.5,1.0,2.0}, or"
+            " RepDistiller's names (resnet*, vgg*, MobileNetV2, ShuffleV1, ShuffleV2, ResNet50)",
         )
         p.add_argument("--num-classes", type=int, required=True, help="classifier outputs")
         p.add_argument("--force", action="store_true", help="overwrite the output if it exists")

@@ -366,7 +366,7 @@ def test_wrong_checkpoint_names_the_problem():
     with pytest.raises(interop.InteropError, match=r"linear.weight.*shape"):
         interop.from_torch(state, "ShuffleV1", 100)
     with pytest.raises(interop.InteropError, match="cannot be converted: only Wide ResNets"):
-        interop.from_torch(state, "shufflenet_v2_1.0", 10)
+        interop.from_torch(state, "resnet_50", 10)
 
 
 def _load_config(name):

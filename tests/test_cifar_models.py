@@ -253,8 +253,8 @@ def test_wrong_model_or_classes_names_the_tensor_and_dataparallel_loads():
     loaded = interop.from_torch(wrapped, "resnet8", NUM_CLASSES)
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
         assert np.array_equal(got, want)
-    with pytest.raises(interop.InteropError, match="'shufflenet_v2_1.0' cannot be converted"):
-        interop.from_torch(state, "shufflenet_v2_1.0", NUM_CLASSES)
+    with pytest.raises(interop.InteropError, match="'resnet_50' cannot be converted"):
+        interop.from_torch(state, "resnet_50", NUM_CLASSES)
 
 
 def test_cli_imports_a_checkpoint_as_teacher_variables(tmp_path, capsys):
