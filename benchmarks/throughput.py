@@ -272,7 +272,6 @@ def build_search(case: str, config, mesh, batch: dict, val_batch: dict) -> dict[
             search.w_tx,
             seed=config.seed,
             order=config.search.order,
-            virtual_lr_fn=search.schedule,
             preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
             w_trainable=search_lib.w_trainable(search.state.params, SEARCH_GROUP),
             **(beta_args if with_beta else {}),

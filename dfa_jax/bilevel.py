@@ -100,7 +100,6 @@ def make_bilevel_step(
     beta_tx: optax.GradientTransformation | None = None,
     beta_key: str | None = None,
     order: int = 1,
-    virtual_lr_fn: Callable[[jax.Array], jax.Array] | None = None,
     preprocess_fn: Callable[[dict, jax.Array], dict] | None = None,
     w_trainable: PyTree | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
@@ -119,11 +118,11 @@ def make_bilevel_step(
         searched, Algorithm 1), with its own `state.beta_opt_state[beta_key]`; the other entries
         are not even differentiated, so they cannot move.
       order: 1 = first order (the beta gradient at the current w); 2 = exact second order: the
-        gradient of L_val(w - xi * grad_w L_train(w, beta), beta) with respect to beta, through one
-        virtual plain-SGD step of w on the training batch (DARTS' unrolled objective without its
-        finite-difference approximation; DARTS' virtual step also applies w's momentum and weight
-        decay, this one does not).
-      virtual_lr_fn: `step -> xi`, the virtual step's learning rate (order 2), usually w's schedule.
+        gradient of L_val(w', beta) with respect to beta, where w' = w + w_tx's update for
+        grad_w L_train(w, beta) is the step w is about to take (its schedule's rate, momentum
+        and weight decay, as DARTS' `_compute_unrolled_model` takes theta - eta * (momentum *
+        buffer + dtheta + wd * theta)), differentiated through exactly instead of by DARTS'
+        finite differences.
       preprocess_fn: `(batch, rng) -> batch` applied on device to both batches (augmentation and
         normalisation), so the host only gathers uint8 images.
       w_trainable: a pytree of Python bools shaped like `state.params` (None: all True). The w
@@ -146,8 +145,6 @@ def make_bilevel_step(
         raise ValueError("beta_loss_fn, beta_tx and beta_key must be given together")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
-    if order == 2 and virtual_lr_fn is None:
-        raise ValueError("order=2 needs virtual_lr_fn (the virtual w step's learning rate)")
     preprocess = preprocess_fn or (lambda batch, rng: batch)
 
     def step(state: TrainState, batch: dict, val_batch: dict | None, aux: PyTree):
@@ -165,12 +162,16 @@ def make_bilevel_step(
                 full_beta = {**beta, beta_key: beta_part}
                 params = state.params
                 if order == 2:
-                    # One virtual SGD step of w on the training batch, differentiated through.
+                    # The step w is about to take on the training batch, differentiated through
+                    # (w's optimizer state holds its momentum; only w's gradient depends on beta).
                     w_grads, _ = jax.grad(w_loss_fn, has_aux=True)(
                         params, state.batch_stats, full_beta, batch, rng_w, aux
                     )
-                    xi = virtual_lr_fn(state.step)
-                    params = jax.tree.map(lambda w, g: w - xi * g, params, w_grads)
+                    updates, _ = w_tx.update(w_grads, state.opt_state, params)
+                    virtual = optax.apply_updates(params, updates)
+                    if w_trainable is not None:
+                        virtual = keep_untrained(virtual, params, w_trainable)
+                    params = virtual
                 return beta_loss_fn(full_beta, params, state.batch_stats, val_batch, rng_beta, aux)
 
             part = beta[beta_key]

@@ -363,7 +363,6 @@ def build_group_stage(
         beta_tx=search.beta_tx if searched else None,
         beta_key=methods.group_key(group) if searched else None,
         order=config.search.order,
-        virtual_lr_fn=search.schedule,
         preprocess_fn=inputs.make_train_preprocess(config.data, data.info),
         w_trainable=w_trainable(search.state.params, group),
     )
