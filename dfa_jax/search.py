@@ -222,9 +222,10 @@ def alpha_record(teacher_model, beta) -> list[dict]:
 
 def group_movement(start: dict, end: dict, adam_bound: float) -> str:
     """One line on how far a group's search moved: alpha and its normalised entropy (1 =
-    'Average', 0 = one map) from start to end, and each beta's move against `adam_bound`, the
-    most Adam can move one in the group's steps (about lr per step): a move near the bound is a
-    push in one direction all along; a small one, forces that cancelled or changed sign."""
+    'Average', 0 = one map) from start to end, and each beta's move against `adam_bound`, about
+    the most Adam can move one in the group's steps (lr per step, give or take its bias
+    correction): a move near the bound is a push in one direction all along; a small one,
+    forces that cancelled or changed sign."""
 
     def entropy(alpha) -> str:
         if len(alpha) < 2:
@@ -241,7 +242,7 @@ def group_movement(start: dict, end: dict, adam_bound: float) -> str:
     return (
         f"g{end['group']}: alpha {joined(start['alpha'], '.3f')} -> {joined(end['alpha'], '.3f')}"
         f" (entropy {entropy(start['alpha'])} -> {entropy(end['alpha'])}); beta moved"
-        f" {joined(moved, '+.3f')} of at most {adam_bound:.3f}"
+        f" {joined(moved, '+.3f')} (Adam's bound, about lr x steps: {adam_bound:.3f})"
     )
 
 

@@ -319,7 +319,7 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
         logits[-1] = config.search.init_last_logit
         moved = "/".join(f"{m:+.3f}" for m in np.asarray(group["beta"]) - logits)
         assert "/".join(f"{a:.3f}" for a in group["alpha"]) in line.split(" -> ")[1], line
-        assert f"beta moved {moved} of at most " in line, line
+        assert f"beta moved {moved} (Adam's bound" in line, line
     init = states["init"]
     for searched, untouched in (("g1", ("g2", "g3")), ("g2", ("g3",))):
         params, stats = states[f"search/{searched}"]
