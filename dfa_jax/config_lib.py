@@ -197,8 +197,9 @@ def base_config() -> ml_collections.ConfigDict:
     search.beta_b1 = 0.5  # beta: Adam beta1 (§3.4: momentum (0.5, 0.999)).
     search.beta_b2 = 0.999  # beta: Adam beta2.
     search.beta_weight_decay = 1e-3  # lambda of lambda*R(beta): coupled L2 on beta (0 allowed).
-    search.init_last_logit = 4.0  # beta init: zeros but the last map's logit (alpha_last ~ 0.95).
-    search.order = 1  # 1: first-order beta gradient; 2: exact second order (one virtual w step).
+    # beta init: zeros but the last map's logit (alpha_last 0.982 / 0.948 / 0.886 for 2 / 4 / 8).
+    search.init_last_logit = 4.0
+    search.order = 1  # 1: first-order beta gradient; 2: exact second order (through w's step).
     search.gamma_st = 1e-3  # Weight of the student-to-teacher loss in the bridge loss (Eq. 12).
     search.gamma_ts = 1.0  # Weight of the teacher-to-student loss in the bridge loss (Eq. 12).
 
@@ -916,8 +917,8 @@ def result_fields(config_dict: dict) -> dict:
 # holding that value (so `--config.teacher.distill_from=last` resumes such a workdir).
 #
 # Fields of a method's own helpers whose earlier behaviour no value reproduces (the helpers were
-# rebuilt as the peers build them: README, "What changed") take their new default, so a workdir
-# of another method still resumes; such a method's own students start over from a fresh workdir.
+# rebuilt as the peers build them: docs/design.md, "What changed in the baselines") take their
+# new default, so a workdir of another method still resumes; such a method's own students start over from a fresh workdir.
 VALUES_BEFORE_THE_FIELD = {
     "baselines.preset": "peers",
     "distill.positions": "groups",

@@ -1,9 +1,10 @@
-"""Wide ResNets between PyTorch and dfa_jax: state_dict <-> Flax variables, and a command line.
+"""PyTorch state_dicts <-> dfa_jax variables, and the command line (the Wide ResNets' layout here).
 
 `from_torch` / `to_torch` convert any family with a PyTorch layout by model name: the WRNs here,
 RepDistiller's CIFAR ResNets and VGGs and the DFA authors' ShuffleNetV2 in `interop_layouts`.
 
-The PyTorch layout is the one WideResNet-pytorch, RepDistiller and overhaul-distillation share:
+The Wide ResNets' PyTorch layout is the one WideResNet-pytorch, RepDistiller and
+overhaul-distillation share:
 `conv1.weight`, `block{g}.layer.{j}.{bn1,conv1,bn2,conv2,convShortcut}.*`, `bn1.*`, `fc.*`.
 It maps 1:1 onto `dfa_jax.models.WideResNet` (`conv1`, `block{g}_layer{j}/{...,conv_shortcut}`,
 `bn1`, `fc`): conv kernels OIHW <-> HWIO, the linear weight (out, in) <-> (in, out), BatchNorm

@@ -15,13 +15,14 @@ best-epoch accuracy, with the paper's number beside it where the pair is one of 
 Both accuracies are shown because the paper reports best-epoch test accuracy (picking the epoch on
 the test set), while the last epoch is the honest number. A cell pools every run it is given: runs
 of different protocols in one cell (another `epochs`, another result-affecting config field than
-the seeds) are warned about, naming the fields and the runs. The tables are printed as markdown and
-written to `--out` as `table<N>.md` and `table<N>.csv`; beside Table 5, DFA's accuracy minus
-Last's, Average's and Random's of the same seed, with its mean and 95 % interval
-(`paired.md`, `paired.csv`). The later logit baselines (DKD, DIST, KD+LS, DKD+LS), which the
-paper does not have, get a table of their own beside the student alone and KD (`logits.md`,
-`logits.csv`), so Table 2 keeps the paper's columns. Pure Python, numpy and `etils.epath`: it
-starts instantly and runs where the runs' files are, without JAX.
+the seeds, where inputs are read from and the eval batch) are warned about, naming the fields and
+the runs. The tables are printed as markdown and written to `--out` as `table<N>.md` and
+`table<N>.csv`; beside Table 5, DFA's accuracy minus Last's, Average's, Random's and (where a run
+trained it) Start's of the same seed, with its mean and 95 % interval (`paired.md`, `paired.csv`).
+The later logit baselines (DKD, DIST, KD+LS, DKD+LS), which the paper does not have, get a table
+of their own beside the student alone and KD (`logits.md`, `logits.csv`), so Table 2 keeps the
+paper's columns. Pure Python, numpy, ml_collections and `etils.epath`: it starts instantly and
+runs where the runs' files are, without JAX.
 """
 
 from __future__ import annotations
@@ -879,10 +880,11 @@ def paired_rows(collected: dict) -> list[dict]:
 
 
 def paired_table(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list]:
-    """DFA minus Last / Average / Random per seed, mean and 95 % interval: `(markdown, rows)`."""
+    """DFA minus Last / Average / Random / Start per seed, mean and 95 % interval:
+    `(markdown, rows)`."""
     collected = collect(summaries) if collected is None else collected
     rows = paired_rows(collected)
-    title = "### DFA against Last, Average and Random, paired per seed"
+    title = "### DFA against the other aggregations (Last, Average, Random, Start), paired per seed"
     note = (
         "DFA's last-epoch test accuracy minus the other aggregation's, per seed (points): the mean"
         " and its 95 % Student-t interval over seeds; an interval that excludes 0 separates them."

@@ -1,4 +1,4 @@
-"""`.safetensors` files with NumPy alone, so weights leave and enter JAX without PyTorch.
+"""`.safetensors` files with NumPy (and ml_dtypes for BF16/F8) alone: weights without PyTorch.
 
 The format (huggingface/safetensors, "Format"): an unsigned little-endian 64-bit header length
 N, N bytes of JSON — per tensor `{"dtype", "shape", "data_offsets": [begin, end]}` into the byte

@@ -10,7 +10,10 @@ The teacher runs only up to group i, in eval mode, under stop_gradient. Only bet
 group i is searched, and of w only the student and group i's connectors (weight decay and momentum
 leave the other groups' connectors exactly as they are); w carries over from group to group. Each
 group is a sub-stage of the shared loop (`WORKDIR/search/g{i}`), so the search resumes mid-group
-like any stage.
+like any stage. A group of one map (ShuffleNetV2's stem and conv5) has alpha = 1 whatever beta
+is: it runs its w steps only, with no beta half and no validation batches. Each group's end logs
+one line (`group_movement`): alpha and its entropy from start to end, beta's move against
+Adam's bound.
 Outputs: `WORKDIR/alpha.json`, `WORKDIR/search/alpha_history.json` and the PNG plots.
 """
 

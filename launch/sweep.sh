@@ -8,8 +8,9 @@
 #       [--launcher=direct|local|slurm|tpu] [--config.teacher.checkpoint=W ...]
 #
 # A method is any `distill.method` (none kd fitnets at jacobian ft ab sp margin dkd dist kd_ls
-# dkd_ls dfa, or a registered one), or a DFA aggregation (last average random for Table 5; file
-# with --config.distill.alpha_file=...). Only dfa runs the search stage. Any other flag is passed
+# dkd_ls dfa, or a registered one), or a DFA aggregation (last average random for Table 5; start,
+# the search's starting alpha unsearched; file with --config.distill.alpha_file=...). Only dfa
+# runs the search stage. Any other flag is passed
 # to every run (e.g. a shared teacher, data paths, shorter epochs). Each seed is a run of its own;
 # one run with --config.distill.seeds=(0,1,2) instead trains the seeds' students in one step
 # sharing the teacher's forward. --dry-run prints one line per run and runs nothing. Afterwards:
@@ -82,7 +83,7 @@ for config in "${config_list[@]}"; do
   for method in "${method_list[@]}"; do
     case "$method" in
       dfa) flags=(--config.distill.method=dfa --config.distill.aggregation=dfa) ;;
-      last|average|random|file) flags=(--config.distill.method=dfa "--config.distill.aggregation=$method"
+      last|average|random|file|start) flags=(--config.distill.method=dfa "--config.distill.aggregation=$method"
                                   '--config.stages=("teacher","distill")') ;;
       *) flags=("--config.distill.method=$method" '--config.stages=("teacher","distill")') ;;
     esac

@@ -113,14 +113,14 @@ else
 fi
 
 # The install, as one remote shell command: Python >= 3.11 (apt's python3.11 where the image's
-# python3 is older, e.g. Ubuntu 22.04's 3.10), a venv, jax[tpu], the package (reinstalled
-# even when its version is unchanged).
+# python3 is older, e.g. Ubuntu 22.04's 3.10), a venv, jax[tpu], gcsfs (the gs:// workdir, read
+# and written through etils.epath), the package (reinstalled even when its version is unchanged).
 install_cmd="set -e; py=python3; \
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
 py=python3.11; command -v python3.11 >/dev/null || { sudo apt-get update -qq \
 && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv; }; fi; \
 \$py -m venv $venv; $venv/bin/pip install -q -U pip; \
-$venv/bin/pip install -q -U 'jax[tpu]'; $venv/bin/pip install -q $package; \
+$venv/bin/pip install -q -U 'jax[tpu]' gcsfs; $venv/bin/pip install -q $package; \
 $venv/bin/pip install -q --no-deps --force-reinstall $package"
 
 # The run, as one remote shell command: every worker logs to ~/dfa_jax_worker.log, worker 0 also

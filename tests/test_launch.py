@@ -57,11 +57,11 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
     out = _sweep_dry_run(
         f"--runs={tmp_path}",
         "--configs=configs/cifar100_pair3.py",
-        "--methods=kd,last,dfa,file",
+        "--methods=kd,last,dfa,file,start",
         "--seeds=0,1",
         "--config.teacher.checkpoint=/t",
     )
-    assert len(out) == 8
+    assert len(out) == 10
     assert all("--config.teacher.checkpoint=/t" in line for line in out)
     assert f"--workdir={tmp_path}/cifar100_pair3/kd/seed1" in out[1]
     assert "--config.distill.aggregation=last" in out[2] and "distill" in out[2]
@@ -69,6 +69,9 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
     # An alpha file of another run (DFA-T): DFA's distillation without a search of its own.
     assert "--config.distill.method=dfa --config.distill.aggregation=file" in out[6]
     assert "stages" in out[6]
+    # The search's starting alpha: an aggregation of DFA's, needing no search either.
+    assert "--config.distill.method=dfa --config.distill.aggregation=start" in out[8]
+    assert "stages" in out[8]
     assert not any(tmp_path.iterdir())
 
 
