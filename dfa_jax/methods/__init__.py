@@ -2,8 +2,8 @@
 
 A distillation run is named by a *label*: a registered method (`method_registry`: `none`, `kd`,
 `fitnets`, `at`, `jacobian`, `ft`, `ab`, `sp`, `margin`; the later logit baselines `dkd`, `dist`,
-`kd_ls`, `dkd_ls`) or, for DFA, its aggregation (`dfa`,
-`last`, `average`, `random`, `file`, `start`: Table 5, DFA-T and the search's unsearched start). Each method's `Implementation` builds
+`kd_ls`, `dkd_ls`) or, for DFA, its aggregation (`dfa`, `last`, `average`, `random`, `file`,
+`start`: Table 5, DFA-T and the search's unsearched start). Each method's `Implementation` builds
 the learned helpers it trains beside the student (connectors, FitNets' regressor, FT's
 translator), its loss `(params, batch_stats, beta, batch, rng, aux=teacher variables) -> (loss,
 (batch_stats, metrics))`, and what runs before its student trains: FT pre-trains a paraphraser
