@@ -288,6 +288,16 @@ def pair_number(table, dataset: str, teacher: str, student: str) -> int | None:
     return None
 
 
+def published_statistic(table, label: str) -> tuple[str, str]:
+    """(who published a cell's number, which epoch's accuracy it is): the DFA paper's tables
+    report the best epoch; RepDistiller's its last (its `train_student.py`: "The results reported
+    in the paper/README is from the last epoch"); mdistiller's DKD numbers its trainer's best
+    epoch (averaged over its runs)."""
+    if table == CRD:
+        return ("mdistiller", "best") if label == "dkd" else ("RepDistiller", "last")
+    return ("paper", "best")
+
+
 def paper_value(table, dataset: str, teacher: str, student: str, label: str) -> float | None:
     """The published accuracy (%) for one cell of Table 2, 4, 5 or CRD, or None where there is
     none."""

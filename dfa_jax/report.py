@@ -128,6 +128,8 @@ CSV_FIELDS = (
     "std_last",
     "median_best",
     "paper",
+    "paper_source",  # Who published `paper`: the DFA paper, RepDistiller or mdistiller.
+    "paper_epoch",  # Which accuracy `paper` is: 'best' or 'last' epoch.
 )
 MISSING = "–"
 
@@ -628,11 +630,15 @@ def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
         "std_last": stats["std"],
         "median_best": best["median"],
         "paper": paper_results.paper_value(table, dataset, teacher, student, label),
+        **dict(
+            zip(("paper_source", "paper_epoch"), paper_results.published_statistic(table, label))
+        ),
     }
 
 
 def format_cell(row: dict) -> str:
-    """`median (mean±std, n=N; best B) [paper P]`, or `–` (still with the paper's number)."""
+    """`median (mean±std, n=N; best B) [paper P]`, or `–` (still with the paper's number); a
+    number another source published reads `[SOURCE, last|best epoch P]`."""
     if row["n"] == 0:
         text = MISSING
         if row["median_best"] is not None:  # A teacher known by its best epoch alone.
@@ -644,7 +650,11 @@ def format_cell(row: dict) -> str:
             text += f"; best {row['median_best']:.2f}"
         text += ")"
     if row["paper"] is not None:
-        text += f" [paper {row['paper']:.2f}]"
+        source = row.get("paper_source", "paper")
+        if source == "paper":
+            text += f" [paper {row['paper']:.2f}]"
+        else:
+            text += f" [{source}, {row['paper_epoch']} epoch {row['paper']:.2f}]"
     return text
 
 
@@ -693,8 +703,17 @@ def _markdown(title: str, header: list[str], body: list[list[str]], note: str = 
     return "\n".join(lines) + "\n"
 
 
+_CRD_NOTE = (
+    "Each cell: median last-epoch test accuracy (%) over seeds (mean ± sample std with ddof=1,"
+    f" {MISSING} for one seed; n = seeds; median best-epoch accuracy). [RepDistiller, last epoch"
+    " x]: its README's number, its last epoch's accuracy: set it beside the cell's first number."
+    " [mdistiller, best epoch x] (DKD): its README's number, its trainer's best epoch averaged"
+    f" over its runs: set it beside the cell's best. {MISSING}: no run."
+)
+
+
 def _pairs_by_methods(
-    table, title: str, columns: tuple, summaries, collected, pair_labels=None
+    table, title: str, columns: tuple, summaries, collected, pair_labels=None, note: str = _NOTE
 ) -> tuple:
     """Tables 2 and 4 (and the logit table): a row per pair, a column per method; a pair has a
     row when it has a run of one of `pair_labels` (None: of the columns)."""
@@ -706,7 +725,7 @@ def _pairs_by_methods(
         rows.extend(cells)
         body.append([pair[0], _pair_name(table, pair)] + [format_cell(c) for c in cells])
     header = ["Dataset", "Pair"] + [name for _, name in columns]
-    return _markdown(title, header, body, _NOTE + _TEACHER_NOTE), rows
+    return _markdown(title, header, body, note + _TEACHER_NOTE), rows
 
 
 def table2(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
@@ -757,7 +776,9 @@ def table_crd(summaries: Iterable[dict], collected: dict | None = None) -> tuple
     """RepDistiller's CIFAR-100 benchmark (configs/crd/): a row per pair of it that has runs, the
     published numbers of RepDistiller and mdistiller beside ours; `(markdown, rows)`."""
     title = "### CRD suite: RepDistiller's CIFAR-100 pairs (published: RepDistiller, mdistiller)"
-    return _pairs_by_methods(paper_results.CRD, title, CRD_COLUMNS, summaries, collected)
+    return _pairs_by_methods(
+        paper_results.CRD, title, CRD_COLUMNS, summaries, collected, note=_CRD_NOTE
+    )
 
 
 def table5(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:

@@ -403,7 +403,17 @@ def test_crd_table_holds_the_suites_pairs_with_the_published_numbers(tmp_path):
     assert _row(rows, pair, "kd")["paper"] == 70.66
     crd = _row(rows, pair, "crd")
     assert (crd["n"], crd["paper"]) == (0, 71.16)
-    assert "| CRD | DKD | DFA |" in markdown and "– [paper 71.97]" in markdown
+    assert "| CRD | DKD | DFA |" in markdown
+    # Each published number under its source and the epoch it reports: RepDistiller's tables are
+    # its last epoch (beside our first number), mdistiller's DKD its best (beside our best).
+    assert "– [mdistiller, best epoch 71.97]" in markdown
+    assert "70.70 (70.70±0.28, n=2; best 70.70) [RepDistiller, last epoch 70.66]" in markdown
+    assert "[paper" not in markdown and "one run's best-epoch" not in markdown
+    kd, dkd = _row(rows, pair, "kd"), _row(rows, pair, "dkd")
+    assert (kd["paper_source"], kd["paper_epoch"]) == ("RepDistiller", "last")
+    assert (dkd["paper_source"], dkd["paper_epoch"]) == ("mdistiller", "best")
+    # The paper's own tables keep their label: its numbers are best-epoch ones.
+    assert _row(report.table2(summaries)[1], PAIR3, "dfa")["paper_source"] == "paper"
     # Table 2 still holds every CIFAR-100 pair, the suite's among them.
     assert {(r["teacher"], r["student"]) for r in report.table2(summaries)[1]} >= {pair, PAIR3}
 
