@@ -323,6 +323,8 @@ def crd_pair(teacher: str, student: str) -> ml_collections.ConfigDict:
     config.student.model = student
     config.teacher.optim = optim_recipe("crd")
     config.distill.optim = optim_recipe("crd")
+    if teacher in LIGHT_STUDENTS:  # `train_teacher.py` trains these at 0.01 too.
+        config.teacher.optim.lr = 0.01
     if student in LIGHT_STUDENTS:
         config.distill.optim.lr = 0.01
         # Light students take a much smaller feature-distillation weight, as the paper's
