@@ -305,3 +305,6 @@ def test_crd_recipe_and_pairs_are_repdistillers():
         assert tuple(config.data.std) == (0.2675, 0.2565, 0.2761)
         assert (config.data.pad, config.data.pad_mode, config.data.flip) == (4, "constant", True)
         assert config.stages == ("teacher", "search", "distill")
+    # A pair of one's own with a light teacher: RepDistiller's `train_teacher.py` rate for it.
+    assert config_lib.crd_pair("ShuffleV2", "resnet8").teacher.optim.lr == 0.01
+    assert config_lib.crd_pair("resnet32x4", "ShuffleV2").teacher.optim.lr == 0.05
