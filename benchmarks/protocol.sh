@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Table 5's protocol on real CIFAR-10 in one command: teacher -> search -> DFA, Last, Average and
-# the student alone, each over several seeds (one run: all their students train in one step that
-# computes the teacher's forward once, cohort.py), then the report with the per-seed paired
-# DFA - Last / Average differences and their 95 % intervals.
+# Table 5's protocol on real CIFAR-10 in one command: teacher -> search -> DFA, Last, Start (the
+# search's starting alpha, unsearched), Average and the student alone, each over several seeds
+# (one run: all their students train in one step that computes the teacher's forward once,
+# cohort.py), then the report with the per-seed paired DFA - Last / Start / Average differences
+# and their 95 % intervals.
 #   bash benchmarks/protocol.sh cpu DATA RUNS   # 2-core CPU, < 60 min: npz shards (DATA = dir)
 #   bash benchmarks/protocol.sh gpu DATA RUNS   # one GPU, < 10 min: image_folder (DATA = root)
 # cpu: WRN_16_2 -> WRN_10_1 on 10,000 training images (2,000 test), 3 seeds, 3 epochs a network,
@@ -17,7 +18,7 @@ lscpu | grep -m1 "Model name" || true
 common=(--config.data.dataset=cifar10
         --config.teacher.model=wrn_16_2 --config.student.model=wrn_10_1
         --config.teacher.optim.schedule=cosine --config.distill.optim.schedule=cosine
-        --config.distill.aggregation=dfa '--config.distill.compare_with=("last","average","none")'
+        --config.distill.aggregation=dfa '--config.distill.compare_with=("last","start","average","none")'
         --config.log_every_steps=50 --config.checkpoint_every_steps=500)
 case "$size" in
   cpu)
