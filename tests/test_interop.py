@@ -425,26 +425,17 @@ def test_cli_export_of_a_workdir_teacher_and_a_distilled_student(tmp_path, capsy
         )
 
 
+def _cli_import(source, out) -> subprocess.CompletedProcess:
+    """`python -m dfa_jax.interop import --model wrn_10_1 --num-classes 10 SOURCE OUT`, as a
+    user's shell runs it (what reaches stderr, and the exit code)."""
+    command = [sys.executable, "-m", "dfa_jax.interop", "import", "--model", "wrn_10_1"]
+    command += ["--num-classes", "10", str(source), str(out)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+
+
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     pytest.importorskip("torch")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dfa_jax.interop",
-            "import",
-            "--model",
-            "wrn_10_1",
-            "--num-classes",
-            "10",
-            str(tmp_path / "missing.pth"),
-            str(tmp_path / "out"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    run = _cli_import(tmp_path / "missing.pth", tmp_path / "out")
     assert run.returncode == 1
     assert "error: " in run.stderr and "missing.pth: no such file" in run.stderr
     assert "Traceback" not in run.stderr
@@ -607,24 +598,7 @@ def test_a_cli_import_of_arbitrary_bytes_prints_no_traceback(tmp_path):
     pytest.importorskip("torch")
     path = tmp_path / "teacher.pth"
     path.write_bytes(b"hello world not a checkpoint")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dfa_jax.interop",
-            "import",
-            "--model",
-            "wrn_10_1",
-            "--num-classes",
-            "10",
-            str(path),
-            str(tmp_path / "out"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    run = _cli_import(path, tmp_path / "out")
     assert run.returncode == 1
     assert run.stderr.startswith(f"error: {path} is not a PyTorch checkpoint"), run.stderr
     assert "Traceback" not in run.stderr
