@@ -7,7 +7,8 @@ initial beta) and after every epoch, how far beta moved (from `alpha.json`) agai
 Adam can move it (about lr per step), and, averaged over the logged steps, the two forces on beta
 that the search logs: |dL_val/dbeta_j| (`train/beta_grad/j`, the bridge loss's gradient) and
 |lambda * beta_j| (`train/val/beta_l2_pull/j`, the coupled L2's pull toward beta = 0, i.e.
-uniform alpha), with the ST path's share of the loss gradient. Writes `search_dynamics.md` (the
+uniform alpha), with the net push (the loss's gradient averaged with its sign, where the run
+logged it) and the ST path's share of the loss gradient. Writes `search_dynamics.md` (the
 table), `search_dynamics.jsonl` (one line per workdir and group), `alpha_trajectories.png` and
 `beta_forces.png` into --out.
 """
@@ -91,8 +92,8 @@ def table(records: list[dict]) -> str:
     lines = [
         "| run | group | steps | alpha start | alpha end | beta moved (first / last map) | Adam's "
         "bound lr*steps | mean abs dL/dbeta (last map) | mean abs lambda*beta (last map) "
-        "| pull / grad | ST share of the gradient |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pull / grad | mean dL/dbeta, signed (first / last map) | ST share of the gradient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         fmt = " / ".join
@@ -109,12 +110,15 @@ def table(records: list[dict]) -> str:
                 )
             )
         )
+        # The net push (the loss's gradient averaged with its sign): runs that logged it.
+        signed = r.get("beta_grad_signed")
+        push = "–" if signed is None else fmt(f"{g:+.2e}" for g in (signed[0], signed[-1]))
         lines.append(
             f"| {r['workdir']} | {r['group']} | {r['steps']} "
             f"| {fmt(f'{a:.3f}' for a in r['alpha_start'])} "
             f"| {fmt(f'{a:.3f}' for a in r['alpha_epochs'][-1])} "
             f"| {moved} | {r['beta_lr'] * r['steps']:.3f} "
-            f"| {grad:.3g} | {pull:.3g} | {ratio} | {r['share_st']:.3f} |"
+            f"| {grad:.3g} | {pull:.3g} | {ratio} | {push} | {r['share_st']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -258,6 +258,9 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
         assert d["beta_start"] == [0.0, 4.0] and d["beta_end"] == g["beta"]
         # The coupled L2 pulls the last map's logit (4) harder than the first's (near 0).
         assert d["beta_l2_pull"][1] > d["beta_l2_pull"][0] > 0
+        # Two maps: the loss's gradients on the two logits are opposite (softmax's), signed.
+        np.testing.assert_allclose(d["beta_grad_signed"][0], -d["beta_grad_signed"][1], rtol=1e-4)
+    assert "mean dL/dbeta, signed" in search_dynamics.table(dynamics)
 
 
 def _logged_alpha_table(messages, heading):
