@@ -158,7 +158,9 @@ def _mean_metrics(fetched: list[dict]) -> dict:
     saved in a checkpoint (as Python floats) and whose others were fetched after the resume
     averages to the same number as the interval of an uninterrupted run.
     """
-    keys = [k for k in fetched[0] if k != "finite"]
+    # Keys every step has: rows a checkpoint kept from an older step function may hold metrics
+    # the resumed one no longer logs (or miss new ones), for that one interval.
+    keys = [k for k in fetched[0] if k != "finite" and all(k in m for m in fetched[1:])]
     return {
         k: float(np.mean(np.array([float(m[k]) for m in fetched], dtype=np.float64))) for k in keys
     }

@@ -29,7 +29,8 @@
 #           leaves it). RUNS must be gs://...
 set -euo pipefail
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+# The header comment, whatever its length.
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 
 runs="" configs="" methods="" seeds="0" dry_run=0 launcher=direct processes="" port=""
 tpu_delete=0

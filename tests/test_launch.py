@@ -197,7 +197,8 @@ def alive(pid):
         ("local.sh", ["--processes", "--port", "derived from the", "--dry-run"]),
         ("tpu_pod.sh", ["--name", "--zone", "--accelerator-type", "--version", "--project"]),
         ("slurm_gpu.sbatch", ["--dry-run", "shares", "srun"]),
-        ("sweep.sh", ["--launcher", "direct", "local", "slurm", "tpu", "--processes"]),
+        # The header's last line too: the help is the whole header comment.
+        ("sweep.sh", ["--launcher", "direct", "local", "slurm", "--processes", "must be gs://"]),
     ],
 )
 def test_every_script_has_help(fake, script, expected):

@@ -139,6 +139,16 @@ def _truncate_files(directory):
                     f.write(data[: len(data) // 3])
 
 
+def test_an_interval_whose_saved_rows_came_from_another_step_function_averages_common_keys():
+    """A checkpoint keeps the unlogged rows of its interval; resumed by a step that logs other
+    metrics (the code changed in between), the interval averages the keys every row has
+    instead of failing on every resume."""
+    saved = {"loss": 1.0, "beta_grad/0": 0.5, "finite": True}  # The old step's row.
+    fetched = {"loss": 2.0, "alpha_entropy": 0.3, "finite": True}  # The new step's.
+    assert train_loop._mean_metrics([saved, fetched]) == {"loss": 1.5}
+    assert train_loop._mean_metrics([fetched]) == {"loss": 2.0, "alpha_entropy": 0.3}
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, caplog):
     workdir = str(tmp_path / "run")
     shutil.copytree(straight, workdir)
