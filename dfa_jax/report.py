@@ -223,7 +223,44 @@ def _read_summary(path: str) -> dict | None:
         logger.warning("skipped %s: not a run summary (%s)", path, problem)
         return None
     config = _read_json_if_there(str(epath.Path(path).parent / CONFIG_FILE))
-    return {**summary, PATH_KEY: path, CONFIG_KEY: config if isinstance(config, dict) else None}
+    if not isinstance(config, dict):
+        return {**summary, PATH_KEY: path, CONFIG_KEY: None}
+    # A finished run extended in place (another seed or label) that stopped before its end left
+    # its old summary: the students it finished since are on disk.
+    later = _students_missing_from(
+        summary["stages"], _finished_students(epath.Path(path).parent, config)
+    )
+    if later:
+        logger.warning(
+            "%s: %d students finished after its %s (a later invocation that did not end):"
+            " reported as a partial run with them (%s)",
+            summary.get("workdir", path),
+            len(later),
+            SUMMARY_FILE,
+            ", ".join(sorted(later)),
+        )
+        summary = {**summary, "stages": {**summary["stages"], **later}, COMPLETE_KEY: False}
+    return {**summary, PATH_KEY: path, CONFIG_KEY: config}
+
+
+def _students_missing_from(stages: dict, on_disk: dict) -> dict:
+    """The students of `on_disk` (`_finished_students`) that `stages` (a summary's) does not
+    hold, a student being its label and seed: a summary of the one-seed layout names
+    `distill/<label>` what a later invocation of several seeds moved to `distill/<label>/seed<k>`
+    (a summary's student without a recorded seed matches its label's only student)."""
+    held = collections.defaultdict(list)
+    for name, stage in stages.items():
+        if name.startswith("distill/") and isinstance(stage, dict):
+            held[name.split("/")[1]].append(stage.get("seed"))
+    missing = {}
+    for name, stage in on_disk.items():
+        if name in stages:
+            continue
+        seeds = held.get(name.split("/")[1], [])
+        if stage.get("seed") in seeds or (seeds == [None]):
+            continue
+        missing[name] = stage
+    return missing
 
 
 def _config_value(config: dict, field: str):
@@ -331,10 +368,16 @@ def load_summaries(paths: str | Iterable[str]) -> list[dict]:
             if real in seen:
                 continue
             seen.add(real)
-            if posixpath.basename(file) == SUMMARY_FILE:
-                summary = _read_summary(file)
+            # A workdir's config.json stands for the run (its summary when it has one); any
+            # other file is a summary, whatever its name (copied off a cluster run by run).
+            if posixpath.basename(file) == CONFIG_FILE:
+                beside = str(epath.Path(file).parent / SUMMARY_FILE)
+                if epath.Path(beside).exists():
+                    summary = _read_summary(beside)
+                else:
+                    summary = _read_unfinished_run(file)
             else:
-                summary = _read_unfinished_run(file)
+                summary = _read_summary(file)
             if summary is not None:
                 summaries.append(summary)
     return summaries

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -583,6 +584,44 @@ def test_an_unfinished_run_reports_its_finished_stages(tmp_path, caplog):
     (kd,) = cells[("cifar100", *PAIR1, "kd")]
     assert (kd["seed"], kd["last"]) == (3, 77.0)
     assert _row(report.table2(summaries)[1], PAIR3, "dfa")["n"] == 3
+
+
+def test_a_summary_under_another_name_is_read_and_a_config_stands_for_its_run(tmp_path, caplog):
+    """Summaries copied off a cluster under their own names are summaries still; a workdir's
+    config.json given by hand stands for the run, its summary.json where it has one."""
+    root = str(tmp_path / "runs")
+    workdir = _write(root, "pair3", PAIR3, 0, {"distill/kd": _stage("distill/kd", 0.70)})
+    _write_config(workdir, _config(PAIR3, 0))
+    copied = tmp_path / "pair3_kd_seed0.json"
+    shutil.copy(os.path.join(workdir, report.SUMMARY_FILE), copied)
+    for given in (str(copied), os.path.join(workdir, report.CONFIG_FILE)):
+        (summary,) = report.load_summaries(given)
+        assert summary["stages"] == {"distill/kd": _stage("distill/kd", 0.70)}, given
+        assert summary.get(report.COMPLETE_KEY, True) is True, given
+    assert not caplog.records
+
+
+def test_students_finished_after_a_stale_summary_are_reported(tmp_path, caplog):
+    """A finished run extended in place (a seed and a label more) whose later invocation did
+    not end keeps its old summary.json; the students it finished since count, once each: the
+    one-seed layout's student moved to `seed0` is the summary's, not another."""
+    root = str(tmp_path / "runs")
+    workdir = _write(
+        root, "pair3", PAIR3, 0, {"distill/dfa": {**_stage("distill/dfa", 0.76), "seed": 0}}
+    )
+    _write_config(workdir, {**_config(PAIR3, 0), "distill": {"seeds": [0, 1]}})
+    distill = os.path.join(workdir, "distill")
+    _result_file(os.path.join(distill, "dfa", "seed0"), _stage("distill/dfa/seed0", 0.76))
+    _result_file(os.path.join(distill, "dfa", "seed1"), _stage("distill/dfa/seed1", 0.74))
+    _result_file(os.path.join(distill, "start", "seed0"), _stage("distill/start/seed0", 0.75))
+    (summary,) = report.load_summaries(root)
+    assert set(summary["stages"]) == {"distill/dfa", "distill/dfa/seed1", "distill/start/seed0"}
+    assert summary[report.COMPLETE_KEY] is False
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "2 students finished after its summary.json" in warning
+    cells = report.collect([summary])
+    assert sorted(e["seed"] for e in cells[("cifar100", *PAIR3, "dfa")]) == [0, 1]
+    assert [e["last"] for e in cells[("cifar100", *PAIR3, "start")]] == [75.0]
 
 
 def test_runs_are_read_through_epath_from_an_object_store(tmp_path, monkeypatch):
