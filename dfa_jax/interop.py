@@ -371,6 +371,27 @@ def _not_a_checkpoint(path: str) -> str | None:
     )
 
 
+def _pickle_protocol(path: str) -> int | None:
+    """The pickle protocol a torch.save file was written with (0 for protocols 0 and 1, which
+    carry no marker), or None where that cannot be told."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return None
+                with archive.open(names[0]) as f:
+                    head = f.read(2)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if head[:1] == b"\x80" and len(head) == 2:
+        return head[1]
+    return 0 if head else None
+
+
 def load_torch_file(path: str) -> Any:
     """`torch.load(path, map_location='cpu', weights_only=True)`, with readable errors."""
     if not os.path.isfile(path):
@@ -383,9 +404,21 @@ def load_torch_file(path: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _torch_reason(e)
-        # An opcode no pickle writer emits means damaged bytes; anything else weights_only
-        # refuses (a global, a class, a call; worded differently across torch versions) is an
-        # object it will not build.
+        # weights_only's unpickler reads pickle protocols 2 and 3 only: torch.save(...,
+        # pickle_protocol=4 or 5, or 0 or 1) writes files it refuses opcode by opcode.
+        protocol = _pickle_protocol(path)
+        if reason.startswith("Unsupported operand") and protocol not in (2, 3, None):
+            written = "0 or 1" if protocol == 0 else str(protocol)
+            raise InteropError(
+                f"{path} was saved with pickle protocol {written}, which"
+                " torch.load(weights_only=True) cannot read (it reads protocols 2 and 3), and"
+                " files are not unpickled otherwise here: save it again with torch.save's default"
+                " protocol (in PyTorch, if you trust the file: torch.save(torch.load(PATH,"
+                " weights_only=False), NEW_PATH)) and convert that"
+            ) from None
+        # Another opcode it refuses means damaged bytes; anything else weights_only refuses (a
+        # global, a class, a call; worded differently across torch versions) is an object it
+        # will not build.
         if reason.startswith("Unsupported operand"):
             raise InteropError(
                 f"{path} is not a readable PyTorch file (damaged, or not a checkpoint): {reason}"

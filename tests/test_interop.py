@@ -594,6 +594,27 @@ def test_a_weights_only_refusal_names_the_refused_object(tmp_path):
     assert "\x1b" not in message and "\n" not in message
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+@pytest.mark.parametrize("protocol, named", [(4, "4"), (5, "5"), (0, "0 or 1")])
+def test_a_checkpoint_of_a_pickle_protocol_weights_only_cannot_read_says_so(
+    tmp_path, zip_format, protocol, named
+):
+    """torch.load(weights_only=True) reads pickle protocols 2 and 3 only: a valid file saved
+    with another is named with its protocol and how to save it again, not called damaged; one
+    of protocol 2 loads."""
+    torch = pytest.importorskip("torch")
+    state = torch_wrn(10, 1, 10).state_dict()
+    path = str(tmp_path / "teacher.pth")
+    torch.save(state, path, pickle_protocol=protocol, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(interop.InteropError) as info:
+        interop.load_torch_file(path)
+    message = str(info.value)
+    assert f"saved with pickle protocol {named}," in message and "torch.save(" in message
+    assert "damaged" not in message
+    torch.save(state, path, pickle_protocol=2, _use_new_zipfile_serialization=zip_format)
+    assert set(interop.load_torch_file(path)) == set(state)
+
+
 def test_a_cli_import_of_arbitrary_bytes_prints_no_traceback(tmp_path):
     pytest.importorskip("torch")
     path = tmp_path / "teacher.pth"
