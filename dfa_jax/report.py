@@ -1032,7 +1032,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    summaries = load_summaries(args.run_dirs)
+    try:
+        summaries = load_summaries(args.run_dirs)
+    except ImportError as error:  # etils.epath reaches gs:// through gcsfs (or TensorFlow).
+        print(
+            f"error: {error}: reading a bucket needs gcsfs (pip install 'dfa_jax[gcs]')",
+            file=sys.stderr,
+        )
+        return 2
     if not summaries:
         print(f"error: no usable run in {' '.join(args.run_dirs)}", file=sys.stderr)
         return 1

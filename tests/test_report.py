@@ -624,6 +624,18 @@ def test_students_finished_after_a_stale_summary_are_reported(tmp_path, caplog):
     assert [e["last"] for e in cells[("cifar100", *PAIR3, "start")]] == [75.0]
 
 
+def test_a_bucket_without_its_file_system_package_is_a_one_line_error(monkeypatch, capsys):
+    """Without gcsfs (or TensorFlow) etils.epath cannot reach gs://: the CLI says what to
+    install instead of a traceback."""
+
+    def no_gcsfs(paths):
+        raise ImportError("Install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(report, "load_summaries", no_gcsfs)
+    assert report.main(["gs://bucket/runs"]) == 2
+    assert "pip install 'dfa_jax[gcs]'" in capsys.readouterr().err
+
+
 def test_runs_are_read_through_epath_from_an_object_store(tmp_path, monkeypatch):
     """`gs://` run directories: the same runs, the same cells, paths kept as gs:// paths."""
     from etils.epath import gpath  # pylint: disable=g-import-not-at-top
