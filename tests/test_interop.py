@@ -594,6 +594,8 @@ def test_a_weights_only_refusal_names_the_refused_object(tmp_path):
     assert "\x1b" not in message and "\n" not in message
 
 
+# torch warns of any protocol but its default (2) as it reads one.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @pytest.mark.parametrize("zip_format", [True, False])
 @pytest.mark.parametrize("protocol, named", [(4, "4"), (5, "5"), (0, "0 or 1")])
 def test_a_checkpoint_of_a_pickle_protocol_weights_only_cannot_read_says_so(
