@@ -10,6 +10,7 @@ OFD does (`distillers/OFD.py`: `F.adaptive_avg_pool2d(feature_teacher[i], studen
 """
 
 import copy
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +203,26 @@ def test_ab_initialisation_resizes_every_group(pair):
     all_stats = {"student": pair["s_vars"]["batch_stats"], **stats}
     loss, _ = jax.jit(loss_fn)(all_params, all_stats, {}, pair["batch"], None, pair["t_vars"])
     _close(loss, want)
+
+
+@pytest.mark.parametrize("student, head_bn", [("MobileNetV2", "conv2_1"), ("ShuffleV2", "bn2")])
+def test_ab_initialisation_keeps_the_heads_bn_statistics(pair, student, head_bn):
+    """`helper/pretrain.py` runs the student in eval mode with only `get_feat_modules()` back in
+    train mode: a BN of the head (after the body) keeps its running statistics; the body's move."""
+    config = config_lib.base_config()
+    ab_pair = methods.Pair(models.get_model(TEACHER, 10), models.get_model(student, 10))
+    s_vars = jax.jit(functools.partial(ab_pair.student.init, train=False))(
+        jax.random.key(3), pair["batch"]["image"][:1]
+    )
+    helpers = methods.init_helpers("ab", ab_pair, config, 5, pair["mesh"])
+    loss_fn = methods.make_ab_init_loss(ab_pair, config.baselines, methods.ab_connectors(ab_pair))
+    params = {"student": s_vars["params"], **helpers[0]}
+    stats = {"student": s_vars["batch_stats"], **helpers[1]}
+    _, (new_stats, _) = jax.jit(loss_fn)(params, stats, {}, pair["batch"], None, pair["t_vars"])
+    kept, old = new_stats["student"], s_vars["batch_stats"]
+    jax.tree.map(np.testing.assert_array_equal, kept[head_bn], old[head_bn])
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), kept, old)
+    assert sum(jax.tree.leaves(moved)) > 10  # The body's BNs took the batch's statistics.
 
 
 def test_margin_pools_the_teacher_to_the_student_as_mdistiller(pair):

@@ -63,10 +63,13 @@ def make_ab_init_loss(pair: common.Pair, base, connectors):
 
     As in RepDistiller, the student runs with `model_s.eval()` and its feature modules switched
     back to train mode: a last pre-ReLU map produced by a BN after the body (a WRN's final BN) uses
-    running statistics (which therefore do not move), the others use batch statistics.
+    running statistics, the others use batch statistics; the running statistics of every BN
+    after the body (the family's `head`: a WRN's final BN, MobileNetV2's and ShuffleV2's head
+    BNs) do not move.
     """
     weights = losses.group_weights(len(pair.t_groups))
-    final_bn = models.family_of(pair.student).final_bn
+    family = models.family_of(pair.student)
+    final_bn = family.final_bn
 
     def loss_fn(params, batch_stats, beta, batch, rng, aux):
         del beta, rng
@@ -90,7 +93,9 @@ def make_ab_init_loss(pair: common.Pair, base, connectors):
             s_pre[-1] = models.layers.BatchNorm(
                 use_running_average=True, dtype=pair.student.dtype
             ).apply(final, raw_last)
-            student_stats = {**student_stats, final_bn: batch_stats["student"][final_bn]}
+        # In eval mode there, the head's BNs keep their running statistics.
+        kept = {k: batch_stats["student"][k] for k in family.head if k in batch_stats["student"]}
+        student_stats = {**student_stats, **kept}
         total, st_stats = 0.0, {}
         for i, connector in enumerate(connectors):
             key = common.group_key(i + 1)
