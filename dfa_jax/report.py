@@ -605,6 +605,14 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
                 # The run that trained a teacher knows its seed and its true last epoch.
                 if source not in by_source or (by_source[source][0] and not loaded):
                     by_source[source] = (loaded, entry)
+                elif by_source[source][0] and loaded:
+                    # Runs that loaded its last epoch's variables and its best's (its trainer
+                    # not given): the one teacher has the former's last and the latter's best.
+                    kept = by_source[source][1]
+                    if kept["last"] is None:
+                        kept["last"] = entry["last"]
+                    if entry["last"] is None:
+                        kept["best"] = entry["best"]
             elif name.startswith("distill/"):
                 label = name[len("distill/") :]
                 # The run's seed sets the batches and augmentation its students share: with the

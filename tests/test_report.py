@@ -586,6 +586,28 @@ def test_an_unfinished_run_reports_its_finished_stages(tmp_path, caplog):
     assert _row(report.table2(summaries)[1], PAIR3, "dfa")["n"] == 3
 
 
+@pytest.mark.parametrize("first", ["variables", "best_variables"])
+def test_a_teacher_loaded_as_last_and_as_best_by_two_runs_is_one_with_both(tmp_path, first):
+    """Its trainer not given, one run loaded the teacher's last-epoch variables and another its
+    best's: one teacher, its last from the former, its best from the latter, whichever the walk
+    reads first."""
+    root = str(tmp_path / "runs")
+    trainer = str(tmp_path / "elsewhere")
+    accuracy = {"variables": 0.79, "best_variables": 0.80}
+    second = "best_variables" if first == "variables" else "variables"
+    for seed, (name, directory) in enumerate((("a", first), ("b", second))):
+        loaded = {
+            "stage": "teacher",
+            "loaded_from": os.path.join(trainer, "teacher", directory),
+            "best_accuracy": accuracy[directory],
+            "last_accuracy": accuracy[directory],
+        }
+        _write(root, name, PAIR3, seed, {"teacher": loaded, "distill/kd": _stage("d", 0.7)})
+    cells = report.collect(report.load_summaries(root))
+    (teacher,) = cells[("cifar100", "wrn_28_4", None, "teacher")]
+    assert (teacher["last"], teacher["best"]) == (79.0, 80.0)
+
+
 def test_a_summary_under_another_name_is_read_and_a_config_stands_for_its_run(tmp_path, caplog):
     """Summaries copied off a cluster under their own names are summaries still; a workdir's
     config.json given by hand stands for the run, its summary.json where it has one."""
