@@ -55,12 +55,7 @@ def alpha_of(beta) -> dict:
     return {k: jax.nn.softmax(v) for k, v in beta.items()}
 
 
-def init_beta(teacher_model, init_last_logit: float) -> dict:
-    """beta_i = zeros with the last map's logit raised: the 'Last' aggregation, softened (§3.4)."""
-    return {
-        methods.group_key(i + 1): jnp.zeros(len(names)).at[-1].set(init_last_logit)
-        for i, names in enumerate(teacher_model.feature_groups())
-    }
+init_beta = methods.init_beta  # The search's start (the 'start' aggregation's beta).
 
 
 def teacher_group_maps(teacher_model, teacher_vars, images, group: int, clamp_min, train: bool):
@@ -231,10 +226,7 @@ def group_movement(start: dict, end: dict, adam_bound: float) -> str:
     forces that cancelled or changed sign."""
 
     def entropy(alpha) -> str:
-        if len(alpha) < 2:
-            return "-"
-        a = np.maximum(np.asarray(alpha, np.float64), 1e-30)
-        return f"{float(-np.sum(a * np.log(a)) / np.log(len(a))):.3f}"
+        return f"{float(bilevel.normalised_entropy(jnp.asarray(alpha))):.3f}"
 
     def joined(values, fmt) -> str:
         return "/".join(format(v, fmt) for v in values)

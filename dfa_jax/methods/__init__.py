@@ -48,7 +48,7 @@ from dfa_jax.methods.common import (
     student_loss,
     teacher_variables,
 )
-from dfa_jax.methods.dfa import aggregation_alpha, frozen_beta
+from dfa_jax.methods.dfa import aggregation_alpha, frozen_beta, init_beta
 from dfa_jax.methods.feature_maps import (
     Paraphraser,
     Translator,
@@ -77,6 +77,7 @@ __all__ = [
     "frozen_beta",
     "group_key",
     "implementation",
+    "init_beta",
     "init_helpers",
     "init_module",
     "initialise_by_ab",

@@ -30,6 +30,15 @@ from dfa_jax import models
 from dfa_jax.methods import common
 
 
+def init_beta(teacher_model, init_last_logit: float) -> dict:
+    """beta_i = zeros with the last map's logit raised: the 'Last' aggregation, softened (§3.4);
+    where the search starts, and the 'start' aggregation's alpha (softmax of it)."""
+    return {
+        common.group_key(i + 1): jnp.zeros(len(names)).at[-1].set(init_last_logit)
+        for i, names in enumerate(teacher_model.feature_groups())
+    }
+
+
 def aggregation_alpha(name: str, teacher_model, config, workdir: str) -> list[np.ndarray]:
     """Per group, the frozen alpha [N_i] of aggregation `name` (Table 5's rows)."""
     groups = teacher_model.feature_groups()
@@ -38,15 +47,9 @@ def aggregation_alpha(name: str, teacher_model, config, workdir: str) -> list[np
     if name == "average":
         return [np.full(len(g), 1.0 / len(g), np.float32) for g in groups]
     if name == "start":
-        # softmax([0, ..., 0, init_last_logit]): alpha_last 0.982 / 0.948 / 0.886 for 2 / 4 / 8
-        # maps at the default 4, where the search begins (`search.init_beta`).
-        logit = config.search.init_last_logit
-        starts = [np.zeros(len(g), np.float64) for g in groups]
-        for s in starts:
-            s[-1] = logit
-        return [
-            (np.exp(s - s.max()) / np.exp(s - s.max()).sum()).astype(np.float32) for s in starts
-        ]
+        # Where the search begins: alpha_last 0.982 / 0.948 / 0.886 for 2 / 4 / 8 maps at 4.
+        beta = init_beta(teacher_model, config.search.init_last_logit)
+        return [np.asarray(jax.nn.softmax(b), np.float32) for b in beta.values()]
     if name == "random":
         rng = np.random.default_rng(config.seed)
         weights = [rng.uniform(size=len(g)).astype(np.float32) for g in groups]
