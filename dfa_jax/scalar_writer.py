@@ -5,22 +5,78 @@ Its `EventFileWriter` would open files through `tf.io.gfile`, importing TensorFl
 installed; the file is opened through `etils.epath` here instead (local disks and `gs://` alike),
 so a run's logs never import TensorFlow. Scalars are `simple_value` summaries, which TensorBoard's
 scalar dashboard and `EventAccumulator.Scalars` read.
+
+A run killed after its last checkpoint logged steps it will log again when it resumes; `truncate`
+takes them (and a record torn by the kill) out of the older files first, so TensorBoard shows each
+step once, as `metrics.jsonl` does, whatever its loader (only the Python one purges such steps
+itself, and only on a `SessionLog.START` event).
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import socket
+import struct
 import time
 from typing import Mapping
 
 from etils import epath
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.summary.writer import record_writer
 
+from dfa_jax import files
+
 _FILE_COUNTER = itertools.count()  # Two writers of one process in one second get two files.
+
+
+EVENT_FILE_MARK = "tfevents"  # What TensorBoard looks for in a file's name.
+
+
+def read_records(payload: bytes) -> list[bytes]:
+    """The records of an event file's bytes (TFRecord framing: uint64 length, masked CRC-32C of
+    the length, data, masked CRC-32C of the data, little-endian), up to the first torn or damaged
+    one: a process killed mid-write leaves a partial last record."""
+    records, offset = [], 0
+    while offset + 12 <= len(payload):
+        header = payload[offset : offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", payload[offset + 8 : offset + 12])
+        end = offset + 12 + length + 4
+        if header_crc != masked_crc32c(header) or end > len(payload):
+            break
+        data = payload[offset + 12 : end - 4]
+        if struct.unpack("<I", payload[end - 4 : end])[0] != masked_crc32c(data):
+            break
+        records.append(data)
+        offset = end
+    return records
+
+
+def truncate(directory: str, step: int) -> None:
+    """Rewrites the event files directly in `directory` without the scalars of steps after
+    `step` (what a resumed run logs again) and without a torn last record; files that lose
+    nothing are left untouched. Process 0 only, as the files' writer."""
+    for name in files.listdir(directory):
+        path = epath.Path(directory) / name
+        if EVENT_FILE_MARK not in name or name.startswith(".") or not path.is_file():
+            continue
+        payload = path.read_bytes()
+        records = read_records(payload)
+        kept = []
+        for record in records:
+            event = event_pb2.Event.FromString(record)
+            if not event.HasField("summary") or event.step <= step:
+                kept.append(record)
+        if len(kept) < len(records) or sum(len(r) + 16 for r in records) < len(payload):
+            buffer = io.BytesIO()
+            framer = record_writer.RecordWriter(buffer)
+            for record in kept:
+                framer.write(record)
+            files.write_bytes_atomic(str(path), buffer.getvalue())
 
 
 class ScalarWriter:

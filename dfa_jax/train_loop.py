@@ -228,11 +228,12 @@ def run(stage: Stage, config, mesh) -> dict:
     for member in members:
         if stacked:  # A one-member stage's directory is the stage's, made above.
             files.makedirs(member.directory)
-        writers[member.name] = (
-            scalar_writer.ScalarWriter(member.directory)
-            if jax.process_index() == 0
-            else scalar_writer.NullWriter()
-        )
+        if jax.process_index() == 0:
+            # Steps after the checkpoint, logged by a run killed since, are logged again below.
+            scalar_writer.truncate(member.directory, step)
+            writers[member.name] = scalar_writer.ScalarWriter(member.directory)
+        else:
+            writers[member.name] = scalar_writer.NullWriter()
         metrics_files[member.name] = _MetricsFile(
             os.path.join(member.directory, "metrics.jsonl"), step
         )

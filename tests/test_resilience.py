@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
+from tensorboard.backend.event_processing import event_accumulator
 
 from dfa_jax import checkpointing
 from dfa_jax import config_lib
@@ -125,6 +126,53 @@ def test_a_stop_inside_a_logging_interval_resumes_to_the_same_records(
     assert [r["step"] for r in resumed[1] if "train/loss" in r][0] == 2
     assert resumed == _comparable(straight)
     jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(workdir))
+
+
+def _tensorboard_rows(directory, purge):
+    """Per tag, the (step, value) pairs TensorBoard's Python loader shows for `directory`, with
+    its purging of restarted steps on or off (the Rust loader's is not documented)."""
+    events = event_accumulator.EventAccumulator(directory, purge_orphaned_data=purge)
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def test_steps_logged_after_the_last_checkpoint_show_once_in_tensorboard_after_a_resume(
+    straight, tmp_path, monkeypatch
+):
+    """Killed after logging steps 4-6 whose checkpoint never landed (and mid-way through a
+    record): the resumed run logs them again, and TensorBoard shows every step once, with the
+    uninterrupted run's value, as metrics.jsonl does — whether or not its loader purges."""
+    real_save = checkpointing.Checkpointer.save
+
+    def killed_before_step_6_lands(self, step, state, meta):
+        if step == 6:
+            raise KeyboardInterrupt("killed")
+        real_save(self, step, state, meta)
+
+    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", killed_before_step_6_lands)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(tiny_demo(), workdir)
+    teacher_dir = os.path.join(workdir, "teacher")
+    (killed_file,) = [n for n in os.listdir(teacher_dir) if "tfevents" in n]
+    assert max(s for s, _ in _tensorboard_rows(teacher_dir, False)["train/loss"]) > 3
+    with open(os.path.join(teacher_dir, killed_file), "ab") as f:
+        f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00\x01")  # A record's first bytes.
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
+    pipeline.run(tiny_demo(), workdir)
+
+    rows = read_jsonl(os.path.join(straight, "teacher", "metrics.jsonl"))
+    expected = {
+        tag: [(r["step"], np.float32(r[tag])) for r in rows if tag in r]
+        for tag in {t for r in rows for t in r if t not in ("step", "epoch")}
+    }
+    for purge in (False, True):
+        shown = _tensorboard_rows(teacher_dir, purge)
+        assert sorted(shown) == sorted(expected)
+        for tag, pairs in expected.items():
+            assert [s for s, _ in shown[tag]] == [s for s, _ in pairs], (tag, purge)
+            if tag != "train/images_per_s":
+                assert [v for _, v in shown[tag]] == [v for _, v in pairs], (tag, purge)
 
 
 def _truncate_files(directory):
