@@ -457,15 +457,35 @@ def _teachers_fields(fields: dict | None) -> dict | None:
     }
 
 
-def _protocol_differences(entries: list[dict]) -> list[str]:
+def _affects(label: str | None, field: str) -> bool:
+    """Whether config `field` can change the result of a `label` student (None: any stage).
+
+    A student of an aggregation (DFA's variants) or the student alone reads no `baselines.*`
+    field, and no student but DFA's reads the search's (the 'start' aggregation its starting
+    logit)."""
+    if label is None or label == TEACHER:
+        return True
+    if field.startswith("baselines.") and (
+        label == "none" or method_registry.method_of(label) == "dfa"
+    ):
+        return False
+    if field.startswith("search."):
+        return label == "dfa" or (label == "start" and field == "search.init_last_logit")
+    return True
+
+
+def _protocol_differences(entries: list[dict], labels: tuple = (None,)) -> list[str]:
     """The protocol fields in which `entries` differ: the stage's `epochs` among those that
-    record it, and the config's fields among those whose workdir kept its config.json."""
+    record it, and the config's fields among those whose workdir kept its config.json — of
+    those, the ones that can change the result of a student of every one of `labels`."""
     differing = []
     epochs = {e["protocol"]["epochs"] for e in entries if e["protocol"]["epochs"] is not None}
     if len(epochs) > 1:
         differing.append("epochs")
     configs = [e["protocol"]["config"] for e in entries if e["protocol"]["config"] is not None]
     for field in sorted({field for config in configs for field in config}):
+        if not all(_affects(label, field) for label in labels):
+            continue
         values = {json.dumps(c.get(field, _ABSENT), sort_keys=True) for c in configs}
         if len(values) > 1:
             differing.append(field)
@@ -493,7 +513,7 @@ def _cell_name(key: tuple) -> str:
 def _warn_mixed_protocols(key: tuple, entries: list[dict]) -> None:
     """One warning for a cell whose runs differ in their protocol, naming the fields and the
     runs of each value."""
-    differing = _protocol_differences(entries)
+    differing = _protocol_differences(entries, (key[3],))
     if not differing:
         return
     shown = differing[:4]  # A `:tiny` run differs in many fields; a few say enough.
@@ -883,6 +903,8 @@ _T975 = (
 
 def t_quantile_975(df: int) -> float:
     """t(0.975, df): the half-width factor of a two-sided 95 % interval of a mean (df >= 1)."""
+    if df < 1:
+        raise ValueError(f"t_quantile_975: df = {df}; an interval needs two values (df >= 1)")
     if df <= len(_T975):
         return _T975[df - 1]
     z = 1.959964
@@ -907,28 +929,60 @@ def paired_difference(differences: Iterable[float]) -> dict:
     }
 
 
+def _by_pairing(entries: list[dict]) -> dict[tuple, list[dict]]:
+    """`entries` with a seed, by `_pairing` key."""
+    keyed: dict[tuple, list[dict]] = {}
+    for entry in entries:
+        if entry["seed"] is not None:
+            keyed.setdefault(_pairing(entry), []).append(entry)
+    return keyed
+
+
+def _pairing_problem(dfa: list[dict], other: list[dict], label: str) -> str | None:
+    """Why DFA's runs `dfa` and `label`'s runs `other` of one pairing key make no pair (None:
+    they do): several runs on a side (which one pairs is not known), or a protocol field that
+    can change both students' results differs (they would not differ in alpha alone)."""
+    for runs, name in ((dfa, "dfa"), (other, label)):
+        if len(runs) > 1:
+            paths = ", ".join(e["path"] for e in runs)
+            return f"{len(runs)} runs of {name} have it ({paths}); report them apart"
+    differing = _protocol_differences([dfa[0], other[0]], ("dfa", label))
+    if differing:
+        values = "; ".join(
+            f"{f}: {_protocol_value(dfa[0], f)} vs {_protocol_value(other[0], f)}"
+            for f in differing[:4]
+        )
+        return f"their runs differ in {values} ({dfa[0]['path']} vs {other[0]['path']})"
+    return None
+
+
 def paired_rows(collected: dict) -> list[dict]:
     """Per pair with DFA runs, DFA's last-epoch accuracy minus Last's, Average's and Random's of
     the same run seed and student seed (`_pairing`: they see the same batches and start from the
     same student, only alpha differs, so the paired interval is the honest one), with the paper's
-    difference."""
+    difference. A seed that several runs of one side hold, or whose two runs differ in a protocol
+    field that can change both students, is left out with a warning."""
     rows = []
     for pair in _pairs(5, collected, ["dfa"]):
-        dfa = {
-            _pairing(e): e["last"]
-            for e in collected.get((*pair, "dfa"), [])
-            if e["seed"] is not None
-        }
+        dfa = _by_pairing(collected.get((*pair, "dfa"), []))
         for other in PAIRED_AGAINST:
-            theirs = {
-                _pairing(e): e["last"]
-                for e in collected.get((*pair, other), [])
-                if e["seed"] is not None
-            }
-            keys = sorted(set(dfa) & set(theirs), key=str)
+            theirs = _by_pairing(collected.get((*pair, other), []))
+            keys = []
+            for k in sorted(set(dfa) & set(theirs), key=str):
+                problem = _pairing_problem(dfa[k], theirs[k], other)
+                if problem is None:
+                    keys.append(k)
+                else:
+                    logger.warning(
+                        "%s: DFA − %s of seed %s not paired: %s",
+                        _cell_name((*pair, "dfa")),
+                        other.capitalize(),
+                        "/".join(str(part) for part in k),
+                        problem,
+                    )
             if not keys:
                 continue
-            differences = [round(dfa[k] - theirs[k], 6) for k in keys]
+            differences = [round(dfa[k][0]["last"] - theirs[k][0]["last"], 6) for k in keys]
             # The student seeds, or 'run seed/student seed' where runs of other seeds reuse them.
             seeds = [k for _, k in keys]
             if len(set(seeds)) < len(seeds):
@@ -959,7 +1013,10 @@ def paired_table(summaries: Iterable[dict], collected: dict | None = None) -> tu
     title = "### DFA against the other aggregations (Last, Average, Random, Start), paired per seed"
     note = (
         "DFA's last-epoch test accuracy minus the other aggregation's, per seed (points): the mean"
-        " and its 95 % Student-t interval over seeds; an interval that excludes 0 separates them."
+        " and its 95 % Student-t interval over seeds, per comparison (not adjusted for the"
+        " table's several); an interval that excludes 0 separates them over what the seeds"
+        " varied: with one run's `distill.seeds`, the students' initialisation alone (one"
+        " teacher, one search, one batch order), not another search or teacher."
         " [paper x]: the paper's difference of the two (one run each, best-epoch accuracy)."
     )
     body = []

@@ -275,6 +275,8 @@ def test_t_quantiles_are_students():
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 4, 9, 30, 31, 60, 200):
         assert report.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-4)
+    with pytest.raises(ValueError, match="df >= 1"):
+        report.t_quantile_975(0)
 
 
 def test_dfa_against_last_average_random_is_paired_per_seed(tmp_path):
@@ -520,6 +522,53 @@ def test_a_cell_mixing_protocols_warns(tmp_path, caplog):
     report.collect(report.load_summaries(root))
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "baselines.kd_weight" in warning and workdir in warning and "seed" not in warning
+
+
+def test_pairs_only_runs_whose_protocols_agree_where_both_students_read_them(tmp_path, caplog):
+    """DFA of a 3-epoch run against Last of a 200-epoch run of the same seeds is no pair: left
+    out with a warning naming the field and both runs. Fields one side cannot read (the search's
+    for Last, the baselines' for either) neither stop a pair nor make a cell warn."""
+    root = str(tmp_path / "epochs")
+    short = _write(root, "dfa", PAIR3, 0, {"distill/dfa": {**_stage("d", 0.70), "epochs": 3}})
+    long = _write(root, "last", PAIR3, 0, {"distill/last": _stage("l", 0.74)})
+    assert report.paired_rows(report.collect(report.load_summaries(root))) == []
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "not paired" in warning and "epochs: 3 vs 200" in warning
+    assert short in warning and long in warning
+
+    caplog.clear()
+    root = str(tmp_path / "configs")
+    for seed in (0, 1):
+        searched = {**_config(PAIR3, seed), "search": {"beta_lr": 0.01 * (seed + 1)}}
+        searched["baselines"] = {"kd_weight": 0.5 + seed}
+        stages = {"distill/dfa": _stage("d", 0.75 + seed / 100)}
+        _write_config(_write(root, f"dfa{seed}", PAIR3, seed, stages), searched)
+        unsearched = {**_config(PAIR3, seed), "search": {"beta_lr": 0.3}}
+        stages = {"distill/last": _stage("l", 0.74)}
+        _write_config(_write(root, f"last{seed}", PAIR3, seed, stages), unsearched)
+    (row,) = report.paired_rows(report.collect(report.load_summaries(root)))
+    assert row["seeds"] == [0, 1] and row["differences"] == pytest.approx([1.0, 2.0])
+    # The DFA cell's runs differ in the search's rate (a warning) but not in a field only the
+    # baselines read; the Last cell's in neither.
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "search.beta_lr" in warning and "kd_weight" not in warning and "-> last" not in warning
+
+
+def test_a_seed_of_several_runs_is_not_paired_whatever_the_order(tmp_path, caplog):
+    """Two DFA runs of seed 0 and one Last run: which DFA pairs is not known, so none does (the
+    answer used to depend on the order the runs were passed in)."""
+    root = str(tmp_path)
+    paths = [
+        _write(root, "a", PAIR3, 0, {"distill/dfa": _stage("d", 0.10)}),
+        _write(root, "b", PAIR3, 0, {"distill/dfa": _stage("d", 0.75)}),
+        _write(root, "c", PAIR3, 0, {"distill/last": _stage("l", 0.74)}),
+    ]
+    for order in (paths, paths[::-1]):
+        caplog.clear()
+        summaries = [s for p in order for s in report.load_summaries(p)]
+        assert report.paired_rows(report.collect(summaries)) == []
+        warnings = [r.getMessage() for r in caplog.records if "not paired" in r.getMessage()]
+        assert len(warnings) == 1 and "2 runs of dfa" in warnings[0]
 
 
 def test_teachers_of_one_seed_and_other_protocols_are_kept_apart(tmp_path, caplog):
