@@ -5,6 +5,8 @@
 Teacher (or --config.teacher.checkpoint=W of a finished teacher) -> search (40 epochs per group on
 the 7:3 split of the training set) -> distill (200 epochs, the paper's recipe with Nesterov).
 Table 5 rows: the same command with --config.distill.aggregation=last|average|random.
+Table 2's KD, AT, SP and Margin as the authors' own code ran them: add
+--config.baselines.preset=authors (the default is RepDistiller's settings; README, Configs).
 Needs CIFAR-100 prepared for tfds (--config.data.data_dir=DIR). `:tiny` shrinks it to seconds.
 """
 

@@ -10,12 +10,17 @@ does (github.com/PkuDavidGuan/Distillation, the code of the paper's first author
   Under 'peers' a ShuffleNetV2's AT reads every group, stem included, and SP the last (conv5):
   RepDistiller's rule applied to a network RepDistiller does not have;
 * KD: `alpha * CE + (1 - alpha) * T^2 * soft-CE` with alpha 0.8 (`--alpha` default,
-  `framework/losses/kd_loss.py`) and T = 4 (the `scripts/cifar100.*.kd.sh` pass `--temperature 4`);
-  their soft cross-entropy differs from the KL here by the teacher's entropy, a constant;
-* AT: p = 1 (the attention map is the plain channel sum, `framework/losses/at_loss.py`) on the
-  pre-ReLU maps (`scripts/cifar100.wrn_28_4_16_2.at.sh` passes `--preReLU`), every position,
-  weight beta / 2 = 30 (`self.beta = 60`). Their `normalize` broadcasts one sample's norm over
-  the batch; here each sample's map is normalised by its own norm, the method as published;
+  `framework/losses/kd_loss.py`) and T = 4 on CIFAR-100 (the `scripts/cifar100.*.kd.sh` pass
+  `--temperature 4`), 16 elsewhere (the `scripts/cinic10.*.kd.sh` pass `--temperature 16`,
+  `train.py`'s default); their soft cross-entropy differs from the KL here by the teacher's
+  entropy, a constant;
+* AT: p = 1 (the attention map is the plain channel sum, `framework/losses/at_loss.py`), every
+  position, weight beta / 2 = 30 (`self.beta = 60`), on the maps their script gave: the pre-ReLU
+  maps (the consuming BNs' outputs) for WRN_28_4 -> WRN_16_2, whose
+  `scripts/cifar100.wrn_28_4_16_2.at.sh` alone passes `--preReLU`; the raw residual stream for
+  the other pairs (`wrn.py`'s `forward` without it; a ShuffleNetV2's two are the same maps).
+  Their `normalize` broadcasts one sample's norm over the batch; here each sample's map is
+  normalised by its own norm, the method as published;
 * SP: every position's raw output (no SP script passes `--preReLU`), gamma = 3000
   (`framework/losses/similarity_loss.py`);
 * Margin: every position pre-ReLU with the teacher's BN margins, alpha = 1e-3
@@ -53,7 +58,6 @@ class Settings:
 
 # The authors' values, by config field (see the module docstring for where each comes from).
 AUTHORS = {
-    "kd_temperature": 4.0,
     "kd_weight": 0.2,
     "kd_ce_weight": 0.8,
     "at_weight": 30.0,
@@ -61,19 +65,30 @@ AUTHORS = {
     "margin_gamma": 1e-3,
     "margin_teacher_bn": "eval",
 }
+# The one pair (teacher, student) whose AT script passes `--preReLU`.
+AUTHORS_AT_PRE_RELU = (("wrn_28_4", "wrn_16_2"),)
+
+
+def authors_values(config) -> dict:
+    """The config fields the 'authors' preset sets for `config`'s dataset."""
+    temperature = 4.0 if config.data.dataset == "cifar100" else 16.0
+    return {"kd_temperature": temperature, **AUTHORS}
 
 
 def settings(config) -> Settings:
     """What `config`'s baselines run with under its `baselines.preset`."""
     base = config.baselines
-    values = {field: base[field] for field in AUTHORS}
     authors = base.preset == "authors"
+    values = {field: base[field] for field in ("kd_temperature", *AUTHORS)}
+    at_maps = "raw"
     if authors:
-        values.update(AUTHORS)
+        values.update(authors_values(config))
+        pair = (config.teacher.model, config.student.model)
+        at_maps = "pre_relu" if pair in AUTHORS_AT_PRE_RELU else "raw"
     return Settings(
         **values,
         at_p=1 if authors else 2,
-        at_maps="pre_relu" if authors else "raw",
+        at_maps=at_maps,
         sp_every_position=authors,
         with_stem=authors,
     )
@@ -88,6 +103,6 @@ def conflicts(config, defaults) -> list[str]:
     return [
         f"baselines.{field} = {base[field]} is set, but baselines.preset = 'authors' sets it to "
         f"{value} (the DFA authors' code); drop one of the two."
-        for field, value in AUTHORS.items()
+        for field, value in authors_values(config).items()
         if base[field] != defaults.baselines[field]
     ]

@@ -112,7 +112,8 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     not shrink with T. Matches RepDistiller `DistillKL` (`kl_div(log p_s, p_t, size_average=False)
     * T**2 / B`); RepDistiller uses T = 4 and `L = 0.1 CE + 0.9 kd_loss`. The DFA authors'
     `KDLoss` uses the soft cross-entropy `-sum p_t log p_s` (= this + the constant teacher entropy,
-    same gradient) as `alpha CE + (1 - alpha) T^2 soft-CE`, alpha = 0.8, T = 16.
+    same gradient) as `alpha CE + (1 - alpha) T^2 soft-CE`, alpha = 0.8, T = 4 on CIFAR-100 and
+    16 on CINIC-10 (their scripts).
 
     Args:
       student_logits: [B, K] student logits.
