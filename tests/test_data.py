@@ -674,6 +674,31 @@ def test_random_resized_crop_draws_torchvisions_boxes():
     assert abs(used[ours[:, 3] < 32].mean() - 0.5) < 0.02
 
 
+def test_random_resized_crop_equals_torchvisions_crop_and_resize_of_a_pil_image():
+    """What torchvision's RandomResizedCrop does to a PIL image (CINIC-10's ImageFolder), given
+    the box: `img.crop(box).resize((32, 32), BILINEAR)`, equal to the pixel (a resample from
+    the whole image blended in the pixels beyond the box's edges, 20-25 levels off there)."""
+    image_module = pytest.importorskip("PIL.Image")
+    from dfa_jax.data import augment
+
+    images = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3)).astype(np.uint8)
+    key = jax.random.key(5)
+    ours = np.asarray(augment.random_resized_crop_flip(jnp.asarray(images), key, flip=False))
+    box_key, _ = jax.random.split(key)
+    boxes = augment.resized_crop_boxes(box_key, 48, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3))
+    y0, x0, h, w = (np.asarray(v).astype(int) for v in boxes)
+    assert len(set(h)) > 10 and len(set(w)) > 10
+    theirs = [
+        np.asarray(
+            image_module.fromarray(image)
+            .crop((x0[i], y0[i], x0[i] + w[i], y0[i] + h[i]))
+            .resize((32, 32), image_module.BILINEAR)
+        )
+        for i, image in enumerate(images)
+    ]
+    np.testing.assert_array_equal(ours, np.stack(theirs).astype(np.float32))
+
+
 def test_random_resized_crop_zooms_a_quarter_box_by_two():
     """On a horizontal ramp f(y, x) = 8x, a 16x16 box resampled to 32x32 has slope 8 * 16/32."""
     from dfa_jax.data import augment

@@ -113,8 +113,12 @@ def random_resized_crop_flip(
 ) -> jax.Array:
     """RandomResizedCrop to the input size, then a random horizontal flip (CINIC-10's recipe).
 
-    Per example a box as torchvision draws it (`resized_crop_boxes`), resampled bilinearly
-    (half-pixel centres, as torchvision's resize) to H x W.
+    Per example a box as torchvision draws it (`resized_crop_boxes`), cropped and resized to
+    H x W as torchvision does a PIL image: PIL's bilinear resize (half-pixel centres, clamped
+    at the crop's edges), its horizontal pass then its vertical, each rounded to whole values
+    for uint8 images as PIL's 8-bit passes are (so equal to `PIL.Image.crop(box).resize(...)`
+    up to PIL's fixed-point weights; float images stay unrounded). A box is never larger than
+    the image, so every pass enlarges or keeps its axis.
 
     Args:
         images: [B, H, W, C] uint8 or float (0..255).
@@ -124,29 +128,44 @@ def random_resized_crop_flip(
         ratio: range of the box's width / height.
 
     Returns:
-        [B, H, W, C] float32 in 0..255 (resampling makes fractional values).
+        [B, H, W, C] float32 in 0..255.
     """
-    batch, height, width, channels = images.shape
+    batch, height, width, _ = images.shape
     box_rng, flip_rng = jax.random.split(rng)
     y0, x0, box_h, box_w = resized_crop_boxes(box_rng, batch, height, width, scale, ratio)
+    whole = images.dtype == jnp.uint8
 
-    def resize(image, h, w, y, x):
-        scale_hw = jnp.stack([height / h, width / w])
-        return jax.image.scale_and_translate(
-            image,
-            (height, width, channels),
-            spatial_dims=(0, 1),
-            scale=scale_hw,
-            translation=-jnp.stack([y, x]) * scale_hw,
-            method="linear",
-            antialias=False,
-        )
+    def crop_resize(image, h, w, y, x):
+        image = _pil_bilinear_pass(image, x, w, width, axis=1, whole=whole)
+        return _pil_bilinear_pass(image, y, h, height, axis=0, whole=whole)
 
-    images = jax.vmap(resize)(images.astype(jnp.float32), box_h, box_w, y0, x0)
+    images = jax.vmap(crop_resize)(images.astype(jnp.float32), box_h, box_w, y0, x0)
     if flip:
         flipped = jax.random.bernoulli(flip_rng, 0.5, (batch,))
         images = jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images)
     return images
+
+
+def _pil_bilinear_pass(
+    image: jax.Array, start: jax.Array, length: jax.Array, size: int, axis: int, whole: bool
+) -> jax.Array:
+    """One pass of PIL's bilinear resize, enlarging `length` pixels from `start` along `axis`
+    of `image` ([H, W, C] float) to `size`: output i reads the crop at (i + 0.5) * length / size
+    - 0.5, clamped to the crop, between its two neighbours (PIL's triangle kernel of support
+    one, renormalised inside the crop). `whole`: rounded half up, as PIL's 8-bit pass."""
+    centre = (jnp.arange(size, dtype=jnp.float32) + 0.5) * (length / size) - 0.5
+    centre = jnp.clip(centre, 0.0, length - 1.0)
+    low = jnp.floor(centre)
+    frac = centre - low
+    low_index = (start + low).astype(jnp.int32)
+    high_index = (start + jnp.minimum(low + 1.0, length - 1.0)).astype(jnp.int32)
+    shape = [1, 1, 1]
+    shape[axis] = size
+    frac = frac.reshape(shape)
+    out = (1.0 - frac) * jnp.take(image, low_index, axis=axis) + frac * jnp.take(
+        image, high_index, axis=axis
+    )
+    return jnp.floor(out + 0.5) if whole else out
 
 
 def normalize(images: jax.Array, mean, std) -> jax.Array:
