@@ -4,7 +4,10 @@ First search on CIFAR-100 with the same ShuffleNetV2 teacher/student architectur
 
   python -m dfa_jax.main --config=configs/cifar100_pair1.py --workdir=runs/c100_shufflenet \
       --config.teacher.model=shufflenet_v2_2.0 --config.student.model=shufflenet_v2_1.0 \
-      --config.stages='("teacher","search")'
+      --config.teacher.optim.lr=0.01 --config.stages='("teacher","search")'
+
+(the paper does not say how; lr 0.01 is how RepDistiller and the authors' CINIC-10 scripts train
+a ShuffleNet, where the WRN recipe's 0.1 is the pair config's default),
 
 then distill on CINIC-10 with that run's alpha.json:
 
