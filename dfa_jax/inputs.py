@@ -19,6 +19,7 @@ import numpy as np
 
 from dfa_jax import data as data_lib
 from dfa_jax import errors
+from dfa_jax import workdir as workdir_lib
 from dfa_jax.data import augment, splits
 
 
@@ -74,7 +75,7 @@ def load(config, workdir: str, search: bool) -> RunData:
         if data.val_split is None:
             # The paper's protocol: 7:3 of the training set, stratified and seeded, saved for the
             # record. Every process computes the same split; the file is written atomically.
-            path = os.path.join(workdir, "search_split.json")
+            path = os.path.join(workdir, workdir_lib.SPLIT_FILE)
             train_idx, val_idx = splits.load_or_create_split(
                 path, train.labels, data.search_val_fraction, config.seed
             )

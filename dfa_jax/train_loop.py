@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from dfa_jax import checkpointing
+from dfa_jax import errors
 from dfa_jax import files
 from dfa_jax import parallel
 from dfa_jax import preemption
@@ -36,8 +37,9 @@ RESULT_FILE = "result.json"
 MAX_STEPS_IN_FLIGHT = 2
 
 
-class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN/inf; the message names the stage and the step."""
+class NonFiniteError(errors.InputError):
+    """A loss or gradient became NaN/inf; the message names the stage, the step and what to do
+    (`python -m dfa_jax.main` prints it as one line)."""
 
 
 @dataclasses.dataclass
@@ -269,11 +271,18 @@ def run(stage: Stage, config, mesh) -> dict:
             for k, member in enumerate(members):
                 mine = of_member(m, k)
                 if not bool(mine["finite"]):
+                    saved = ckpt.latest_step()
+                    where = (
+                        f"the last checkpoint before it (step {saved}) is in {ckpt.directory}"
+                        if saved is not None
+                        else "no checkpoint was saved before it"
+                    )
                     raise NonFiniteError(
                         f"stage {member.name!r}: non-finite loss or gradient at step {s} (epoch"
                         f" {(s - 1) // steps_per_epoch + 1}): loss={mine['loss']},"
-                        f" grad_norm={mine['grad_norm']}. Lower the learning rate or check the"
-                        f" input data; the last checkpoint before it is in {ckpt.directory}."
+                        f" grad_norm={mine['grad_norm']}; {where}. Lower the learning rate or"
+                        " check the input data; a changed rate is another config, so pass"
+                        " --config.restart=True (or another --workdir) with it."
                     )
         return fetched
 

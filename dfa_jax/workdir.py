@@ -5,7 +5,9 @@
   `config_hash` the hash of its result-affecting fields. A command whose config differs in any
   such field (`config_lib.changed_fields`) is refused with the changed fields listed, unless
   `--config.restart=True`: then the old run is moved aside into `previous/<UTC time>/` (deleted on
-  object stores, which cannot rename directories) and the run starts over. Fields that cannot
+  object stores, which cannot rename directories) and the run starts over. A workdir where no
+  stage has started yet (a first command refused by a later check, e.g. data not found) takes
+  the new config without either. Fields that cannot
   change results (logging and checkpoint frequency, device split, which stages or students to
   run) may differ freely, and re-running the same command resumes.
 """
@@ -33,6 +35,9 @@ HASH_FILE = "config_hash"
 PREVIOUS_DIR = "previous"
 # Kept in place when a run is moved aside: earlier runs, and logs the launcher opened already.
 _KEPT = (PREVIOUS_DIR, "logs")
+# What a command writes before its first stage starts: a workdir holding no more has no run yet.
+SPLIT_FILE = "search_split.json"
+_BEFORE_ANY_STAGE = (CONFIG_FILE, HASH_FILE, SPLIT_FILE, *_KEPT)
 
 
 def config_hash(config_dict: dict) -> str:
@@ -59,6 +64,10 @@ def check_writable(workdir: str) -> None:
 
 def prepare(config, workdir: str) -> None:
     """Checks the workdir against `config` and records the config in it (see the module doc)."""
+    if not str(workdir).strip():
+        raise errors.WorkdirError(
+            "--workdir is empty (an unset variable?); pass the directory the run should live in."
+        )
     check_writable(workdir)
     current = config.to_dict()
     config_path = os.path.join(workdir, CONFIG_FILE)
@@ -68,6 +77,19 @@ def prepare(config, workdir: str) -> None:
         except (OSError, ValueError):
             saved = None  # Unreadable: only a crash mid-write of a pre-atomic version does that.
         changed = config_lib.changed_fields(saved or {}, current)
+        if changed and _no_stage_started(workdir):
+            logging.info(
+                "workdir %s: no stage started under its earlier config; recording this one"
+                " (changed: %s)",
+                workdir,
+                ", ".join(f for f, _, _ in changed),
+            )
+            split = epath.Path(workdir) / SPLIT_FILE  # The earlier config's, unused.
+            if jax.process_index() == 0 and split.exists():
+                split.unlink()
+            changed = []
+        elif config.restart and not changed:
+            logging.info("restart: the workdir's config is this one; resuming it")
         if changed and not config.restart:
             listed = "\n".join(
                 f"  {f}: {old!r} in the workdir, {new!r} now" for f, old, new in changed
@@ -82,6 +104,11 @@ def prepare(config, workdir: str) -> None:
     parallel.sync("workdir prepared")  # Process 0 may have moved the old run away.
     files.write_json_atomic(config_path, current)
     files.write_text_atomic(os.path.join(workdir, HASH_FILE), config_hash(current) + "\n")
+
+
+def _no_stage_started(workdir: str) -> bool:
+    """Whether `workdir` holds nothing but what a command writes before its first stage."""
+    return all(name in _BEFORE_ANY_STAGE or name.startswith(".") for name in files.listdir(workdir))
 
 
 def _move_aside(workdir: str) -> None:

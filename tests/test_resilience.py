@@ -277,6 +277,31 @@ def test_workdir_of_another_config_is_refused_with_the_changed_fields(tmp_path):
     assert json.loads((epath.Path(workdir) / "config.json").read_text())["seed"] == 4
 
 
+def test_a_command_refused_before_any_stage_leaves_the_workdir_to_the_corrected_one(tmp_path):
+    """A first command that fails a check (here: too few examples for one batch) after the
+    workdir recorded its config: the corrected command is not refused as another config's run,
+    and the refused command's search split goes with its config."""
+    workdir = str(tmp_path / "run")
+    too_few = tiny_demo(**{"data.max_train_examples": 20, "stages": ("teacher", "search")})
+    with pytest.raises(errors.DataError, match="fewer than one"):
+        pipeline.run(too_few, workdir)
+    assert os.path.exists(os.path.join(workdir, workdir_lib.SPLIT_FILE))
+    fixed = tiny_demo(**{"stages": ("teacher", "search")})
+    workdir_lib.prepare(fixed, workdir)
+    saved = json.loads((epath.Path(workdir) / "config.json").read_text())
+    assert saved["data"]["max_train_examples"] == 96
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.SPLIT_FILE))
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.PREVIOUS_DIR))
+
+
+def test_an_empty_workdir_flag_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):
+        with pytest.raises(errors.WorkdirError, match="--workdir is empty"):
+            workdir_lib.prepare(tiny_demo(), empty)
+    assert os.listdir(tmp_path) == []
+
+
 def test_workdir_from_before_a_new_field_resumes_with_the_old_behaviour(tmp_path):
     """A config.json written before teacher.distill_from existed describes last-epoch teachers:
     the new default ('best') is a change, `--config.teacher.distill_from=last` resumes it."""

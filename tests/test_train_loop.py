@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from dfa_jax import bilevel
 from dfa_jax import checkpointing
 from dfa_jax import config_lib
+from dfa_jax import errors
 from dfa_jax import evaluation
 from dfa_jax import inputs
 from dfa_jax import optimizers
@@ -214,8 +215,14 @@ def test_non_finite_loss_stops_with_stage_and_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader, "train_batches", poisoned)
     config = tiny_demo(**{"log_every_steps": 100, "checkpoint_every_steps": 100})
-    with pytest.raises(train_loop.NonFiniteError, match=rf"stage 'teacher'.*step {bad_step}\b"):
+    with pytest.raises(
+        train_loop.NonFiniteError, match=rf"stage 'teacher'.*step {bad_step}\b"
+    ) as e:
         pipeline.run(config, str(tmp_path / "run"))
+    # No checkpoint yet to point to; the fix named; one `error:` line from main (an InputError).
+    assert "no checkpoint was saved before it" in str(e.value)
+    assert "--config.restart=True" in str(e.value)
+    assert isinstance(e.value, errors.InputError)
 
 
 def test_checkpoint_torn_write_leaves_previous_usable(tmp_path):
