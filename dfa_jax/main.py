@@ -49,6 +49,9 @@ _ALLOW_CPU = flags.DEFINE_bool(
     "Train on the CPU even though the machine has a GPU or TPU that JAX does not use.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
+# `--config.X=None` overrides, set after the config loads: the flag parser would read the word
+# as a string (or fail on a number field); `config_lib.validate` says where None is allowed.
+_NONE_OVERRIDES: list[str] = []
 
 
 def _explicit_processes() -> bool:
@@ -74,6 +77,7 @@ def main(argv):
         config.lock()  # Also the first attribute access: a config file that failed to load raises.
     except OSError as e:  # The config file could not be loaded; config_flags says which.
         sys.exit(f"error: {_explain(e)}")
+    _set_none_overrides(config)
     # The progress log is the project's: other libraries (orbax narrates every save, JAX lists
     # the backends it did not find) show their warnings and errors only.
     package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -104,6 +108,45 @@ def main(argv):
     except preemption.Stopped as e:
         print(f"{e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # A second Ctrl-C: out at once.
+        sys.exit("interrupted; run the same command again to resume from the last checkpoint.")
+
+
+def _set_none_overrides(config) -> None:
+    """Sets each `--config.X=None` field to None (an unknown field is an `error:` line)."""
+    for path in _NONE_OVERRIDES:
+        *parents, leaf = path.split(".")
+        node = config
+        try:
+            for name in parents:
+                node = node[name]
+            if leaf not in node:
+                raise KeyError(leaf)
+        except (KeyError, TypeError):
+            sys.exit(f"error: unknown config field config.{path} (in --config.{path}=None)")
+        with node.unlocked():
+            node[leaf] = None
+
+
+def _without_none_overrides(argv: list[str]) -> list[str]:
+    """`argv` less its `--config.X=None` arguments, whose fields go to `_NONE_OVERRIDES`."""
+    kept = []
+    for arg in argv:
+        none = re.fullmatch(r"--config\.([\w.]+)=None", arg)
+        if none:
+            _NONE_OVERRIDES.append(none.group(1))
+        else:
+            kept.append(arg)
+    return kept
+
+
+def _repeated_config_fields(argv: list[str]) -> list[str]:
+    """The `--config.X` fields given more than once (the parser would merge tuples given twice,
+    `(0,1)` then `(2,)` into `(0,1,2)`, and keep the last of anything else)."""
+    names = [
+        m.group(1) for arg in argv if (m := re.match(r"--config\.([\w.]+)(=|$)", arg)) is not None
+    ]
+    return sorted({n for n in names if names.count(n) > 1})
 
 
 def _explain(error: BaseException) -> str:
@@ -124,7 +167,16 @@ def _explain(error: BaseException) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a config mistake found while parsing (an unknown field, a bad
-    value or `:arg`) reported as one `error:` line instead of a traceback."""
+    value or `:arg`) reported as one `error:` line instead of a traceback, a field given twice
+    refused, and `--config.X=None` setting None."""
+    repeated = _repeated_config_fields(argv)
+    if repeated:
+        sys.exit(
+            "error: " + ", ".join(f"--config.{n}" for n in repeated) + " given more than once;"
+            " give each field once."
+        )
+    argv = _without_none_overrides(argv)
+    sys.argv[:] = argv  # config_flags finds its overrides in sys.argv, not in what it is given.
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

@@ -37,12 +37,20 @@ class Stopped(Exception):
         self.exit_code = 128 + getattr(signal, signal_name, signal.SIGTERM).value
 
 
+def _acknowledge(name: str) -> None:
+    """One line at once (a step, or a compile, may take a while before the stop shows)."""
+    again = "; Ctrl-C again stops at once" if name == "SIGINT" else ""
+    os.write(2, f"{name}: stopping after the step in flight, with a checkpoint{again}\n".encode())
+
+
 def _on_signal(signum, frame):
     del frame
     global _requested
     name = signal.Signals(signum).name
     if _requested is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt  # A second Ctrl-C: stop now.
+    if _requested is None:
+        _acknowledge(name)
     _requested = name
 
 
@@ -52,6 +60,7 @@ def _forward_sigint_as_sigterm(signum, frame):
     if _requested is not None:
         raise KeyboardInterrupt
     _requested = "SIGINT"
+    _acknowledge("SIGINT")
     os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service listens for SIGTERM.
 
 

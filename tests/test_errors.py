@@ -848,8 +848,29 @@ def test_unknown_field_is_named_with_a_suggestion():
         (["--config=configs/demo.py", "--config.seed=abc"], "--config.seed=abc"),
         (["--config=configs/no_such_config.py"], "configs/no_such_config.py"),
         (["--config=configs/demo.py:huge"], "'huge'"),
+        (
+            [
+                "--config=configs/demo.py",
+                "--config.distill.seeds=(0,1)",
+                "--config.distill.seeds=(2,)",
+            ],
+            "--config.distill.seeds given more than once",
+        ),
+        (["--config=configs/demo.py", "--config.seed=None"], "seed is None but needs an integer"),
+        (
+            ["--config=configs/demo.py", "--config.no.such=None"],
+            "unknown config field config.no.such",
+        ),
     ],
-    ids=["unknown_field", "bad_value", "missing_config_file", "bad_config_argument"],
+    ids=[
+        "unknown_field",
+        "bad_value",
+        "missing_config_file",
+        "bad_config_argument",
+        "field_given_twice",
+        "none_where_not_allowed",
+        "none_for_unknown_field",
+    ],
 )
 def test_command_line_mistakes_are_one_error_line(flags, named, tmp_path):
     """Mistakes found while absl parses the flags or loads the config file: no traceback."""
@@ -858,8 +879,34 @@ def test_command_line_mistakes_are_one_error_line(flags, named, tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and named in lines[0], done.stderr[-2000:]
+    assert len(lines) == 1, done.stderr[-2000:]
+    assert named in done.stderr[done.stderr.index(lines[0]) :], done.stderr[-2000:]  # Its list.
     assert not (tmp_path / "w").exists()
+
+
+def test_none_on_the_command_line_unsets_a_field_that_allows_it(tmp_path):
+    """`--config.X=None` sets None where the field allows it (a number field's parser used to
+    fail on the word; a string field took the string 'None'): only the seeds' mistake is left."""
+    command = [
+        sys.executable,
+        "-m",
+        "dfa_jax.main",
+        "--config=configs/cinic10_pair1.py",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.data.path=/nonexistent",
+        "--config.data.max_train_examples=None",
+        "--config.data.val_split=None",
+        "--config.teacher.checkpoint=None",
+        "--config.distill.seeds=(0,0)",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-2000:]
+    problems = done.stderr[done.stderr.index(lines[0]) :]
+    assert "distill.seeds" in problems, problems
+    for field in ("max_train_examples", "val_split", "checkpoint", "'None'"):
+        assert field not in problems, problems
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,23 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(
     jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(workdir))
 
 
+def test_a_stop_request_is_acknowledged_at_once(signal_handlers, capfd):
+    """The first SIGTERM or Ctrl-C says at once what will happen (the step in flight, or its
+    compile, may take a while); a second Ctrl-C interrupts."""
+    preemption.install()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.should_stop()
+    err = capfd.readouterr().err
+    assert "SIGINT: stopping after the step in flight, with a checkpoint" in err
+    assert "Ctrl-C again stops at once" in err
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    preemption.clear()
+    os.kill(os.getpid(), signal.SIGTERM)
+    err = capfd.readouterr().err
+    assert "SIGTERM: stopping after" in err and "Ctrl-C" not in err
+
+
 def test_a_stop_agreed_at_a_stages_last_step_stops_the_next_stage(monkeypatch, signal_handlers):
     """Several processes: JAX's preemption service agrees on one step; when it is a stage's last
     (which the loop finishes without stopping) every later step stops, in every process alike,
