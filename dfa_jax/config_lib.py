@@ -878,6 +878,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 # checkpoint, how the host is split into devices (results agree to float tolerance), and which
 # stages or extra students to run (each lives in its own directory). Any other difference makes
 # the workdir's checkpoints belong to another experiment.
+# Where the data lives, not what it is: a copy moved to another disk or bucket resumes.
+LOCATION_FIELDS = ("data.data_dir", "data.path")
 RESULT_NEUTRAL_FIELDS = (
     "log_every_steps",
     "checkpoint_every_steps",
@@ -896,15 +898,19 @@ RESULT_NEUTRAL_FIELDS = (
     "distill.seeds",
     "distill.max_students_per_step",
     "distill.cohort",
+    # Evaluation pads and masks its last batch: each test example counts once at any size.
+    "data.eval_batch_size",
+    *LOCATION_FIELDS,
 )
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A config as a nested dict -> `{dotted field: value}` (tuples as lists, as in JSON)."""
     flat = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, path + "."))
+            flat.update(flatten(value, path + "."))
         else:
             flat[path] = list(value) if isinstance(value, tuple) else value
     return flat
@@ -912,7 +918,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def result_fields(config_dict: dict) -> dict:
     """The config's fields that can change results, flattened to `{dotted path: value}`."""
-    return {k: v for k, v in _flatten(config_dict).items() if k not in RESULT_NEUTRAL_FIELDS}
+    return {k: v for k, v in flatten(config_dict).items() if k not in RESULT_NEUTRAL_FIELDS}
 
 
 # Result-affecting fields added after workdirs were first written, with the value that

@@ -19,8 +19,9 @@ import numpy as np
 
 from dfa_jax import data as data_lib
 from dfa_jax import errors
-from dfa_jax import workdir as workdir_lib
 from dfa_jax.data import augment, splits
+
+SPLIT_FILE = "search_split.json"  # The search's 7:3 split of the training set, in the workdir.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,7 @@ def load(config, workdir: str, search: bool) -> RunData:
         if data.val_split is None:
             # The paper's protocol: 7:3 of the training set, stratified and seeded, saved for the
             # record. Every process computes the same split; the file is written atomically.
-            path = os.path.join(workdir, workdir_lib.SPLIT_FILE)
+            path = os.path.join(workdir, SPLIT_FILE)
             train_idx, val_idx = splits.load_or_create_split(
                 path, train.labels, data.search_val_fraction, config.seed
             )

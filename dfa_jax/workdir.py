@@ -8,8 +8,9 @@
   object stores, which cannot rename directories) and the run starts over. A workdir where no
   stage has started yet (a first command refused by a later check, e.g. data not found) takes
   the new config without either. Fields that cannot
-  change results (logging and checkpoint frequency, device split, which stages or students to
-  run) may differ freely, and re-running the same command resumes.
+  change results (logging and checkpoint frequency, device split, evaluation batch, where the
+  data lives, which stages or students to run) may differ freely, and re-running the same
+  command resumes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from etils import epath
 from dfa_jax import config_lib
 from dfa_jax import errors
 from dfa_jax import files
+from dfa_jax import inputs
 from dfa_jax import parallel
 
 CONFIG_FILE = "config.json"
@@ -36,8 +38,7 @@ PREVIOUS_DIR = "previous"
 # Kept in place when a run is moved aside: earlier runs, and logs the launcher opened already.
 _KEPT = (PREVIOUS_DIR, "logs")
 # What a command writes before its first stage starts: a workdir holding no more has no run yet.
-SPLIT_FILE = "search_split.json"
-_BEFORE_ANY_STAGE = (CONFIG_FILE, HASH_FILE, SPLIT_FILE, *_KEPT)
+_BEFORE_ANY_STAGE = (CONFIG_FILE, HASH_FILE, inputs.SPLIT_FILE, *_KEPT)
 
 
 def config_hash(config_dict: dict) -> str:
@@ -84,12 +85,13 @@ def prepare(config, workdir: str) -> None:
                 workdir,
                 ", ".join(f for f, _, _ in changed),
             )
-            split = epath.Path(workdir) / SPLIT_FILE  # The earlier config's, unused.
+            split = epath.Path(workdir) / inputs.SPLIT_FILE  # The earlier config's, unused.
             if jax.process_index() == 0 and split.exists():
                 split.unlink()
             changed = []
         elif config.restart and not changed:
             logging.info("restart: the workdir's config is this one; resuming it")
+        _log_moved_data(saved or {}, current)
         if changed and not config.restart:
             listed = "\n".join(
                 f"  {f}: {old!r} in the workdir, {new!r} now" for f, old, new in changed
@@ -104,6 +106,21 @@ def prepare(config, workdir: str) -> None:
     parallel.sync("workdir prepared")  # Process 0 may have moved the old run away.
     files.write_json_atomic(config_path, current)
     files.write_text_atomic(os.path.join(workdir, HASH_FILE), config_hash(current) + "\n")
+
+
+def _log_moved_data(saved: dict, current: dict) -> None:
+    """One line per data location that differs from the workdir's (it may: a copy moved to
+    another disk or bucket resumes; the data is taken to be the same)."""
+    old, new = config_lib.flatten(saved), config_lib.flatten(current)
+    for field in config_lib.LOCATION_FIELDS:
+        if field in old and old[field] != new.get(field):
+            logging.warning(
+                "%s: %r in the workdir, %r now; resuming on the data there (it must be the same"
+                " data: the split and the results assume it)",
+                field,
+                old[field],
+                new.get(field),
+            )
 
 
 def _no_stage_started(workdir: str) -> bool:

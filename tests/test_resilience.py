@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from dfa_jax import checkpointing
 from dfa_jax import config_lib
 from dfa_jax import errors
+from dfa_jax import inputs
 from dfa_jax import pipeline
 from dfa_jax import preemption
 from dfa_jax import train_loop
@@ -187,9 +188,10 @@ def test_steps_logged_after_the_last_checkpoint_show_once_in_tensorboard_after_a
         shown = _tensorboard_rows(teacher_dir, purge)
         assert sorted(shown) == sorted(expected)
         for tag, pairs in expected.items():
+            if tag == "train/images_per_s":  # Timing: not on the row after a compile.
+                continue
             assert [s for s, _ in shown[tag]] == [s for s, _ in pairs], (tag, purge)
-            if tag != "train/images_per_s":
-                assert [v for _, v in shown[tag]] == [v for _, v in pairs], (tag, purge)
+            assert [v for _, v in shown[tag]] == [v for _, v in pairs], (tag, purge)
 
 
 def _truncate_files(directory):
@@ -294,6 +296,20 @@ def test_workdir_of_another_config_is_refused_with_the_changed_fields(tmp_path):
     assert json.loads((epath.Path(workdir) / "config.json").read_text())["seed"] == 4
 
 
+def test_data_moved_elsewhere_or_another_eval_batch_resumes(tmp_path, caplog):
+    """The data's location and the evaluation batch are not the run's protocol: a copy moved to
+    another disk resumes (with a warning naming both places), as does a smaller eval batch."""
+    workdir = str(tmp_path / "run")
+    workdir_lib.prepare(tiny_demo(**{"data.data_dir": "/disk1/tfds"}), workdir)
+    planted = epath.Path(workdir) / "teacher" / "checkpoints" / "3"
+    planted.mkdir(parents=True)
+    moved = tiny_demo(**{"data.data_dir": "/disk2/tfds", "data.eval_batch_size": 8})
+    workdir_lib.prepare(moved, workdir)
+    assert planted.exists() and not (epath.Path(workdir) / "previous").exists()
+    (warning,) = [r.getMessage() for r in caplog.records if "data.data_dir" in r.getMessage()]
+    assert "/disk1/tfds" in warning and "/disk2/tfds" in warning
+
+
 def test_a_command_refused_before_any_stage_leaves_the_workdir_to_the_corrected_one(tmp_path):
     """A first command that fails a check (here: too few examples for one batch) after the
     workdir recorded its config: the corrected command is not refused as another config's run,
@@ -302,12 +318,12 @@ def test_a_command_refused_before_any_stage_leaves_the_workdir_to_the_corrected_
     too_few = tiny_demo(**{"data.max_train_examples": 20, "stages": ("teacher", "search")})
     with pytest.raises(errors.DataError, match="fewer than one"):
         pipeline.run(too_few, workdir)
-    assert os.path.exists(os.path.join(workdir, workdir_lib.SPLIT_FILE))
+    assert os.path.exists(os.path.join(workdir, inputs.SPLIT_FILE))
     fixed = tiny_demo(**{"stages": ("teacher", "search")})
     workdir_lib.prepare(fixed, workdir)
     saved = json.loads((epath.Path(workdir) / "config.json").read_text())
     assert saved["data"]["max_train_examples"] == 96
-    assert not os.path.exists(os.path.join(workdir, workdir_lib.SPLIT_FILE))
+    assert not os.path.exists(os.path.join(workdir, inputs.SPLIT_FILE))
     assert not os.path.exists(os.path.join(workdir, workdir_lib.PREVIOUS_DIR))
 
 
@@ -328,6 +344,7 @@ def test_workdir_from_before_a_new_field_resumes_with_the_old_behaviour(tmp_path
     saved = json.loads((workdir / "config.json").read_text())
     del saved["teacher"]["distill_from"]
     (workdir / "config.json").write_text(json.dumps(saved))
+    (workdir / "teacher").mkdir()  # A run of it started.
 
     with pytest.raises(errors.WorkdirError, match="teacher.distill_from: 'last' in the workdir"):
         workdir_lib.prepare(tiny_demo(), str(workdir))
@@ -340,7 +357,7 @@ def test_config_hash_ignores_result_neutral_fields():
     b = tiny_demo(**{"log_every_steps": 3, "num_cpu_devices": 1}).to_dict()
     c = tiny_demo(**{"seed": 9}).to_dict()
     assert workdir_lib.config_hash(a) == workdir_lib.config_hash(b) != workdir_lib.config_hash(c)
-    assert set(config_lib.RESULT_NEUTRAL_FIELDS) <= set(config_lib._flatten(a))
+    assert set(config_lib.RESULT_NEUTRAL_FIELDS) <= set(config_lib.flatten(a))
 
 
 def test_unwritable_or_full_workdir_is_a_named_error_before_training(tmp_path, monkeypatch):
