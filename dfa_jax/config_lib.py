@@ -616,6 +616,24 @@ def _check_files(config) -> None:
         alpha_file.load(config.distill.alpha_file, teacher)
 
 
+def schedule_warnings(config: ml_collections.ConfigDict) -> list[str]:
+    """Learning-rate milestones a run never reaches (epochs shortened without them: the rate
+    then stays at its peak to the end), one line per schedule; valid, so warnings, not errors."""
+    optims = [("distill.optim", config.distill.optim)]
+    if config.teacher.checkpoint is None:
+        optims.insert(0, ("teacher.optim", config.teacher.optim))
+    lines = []
+    for name, optim in optims:
+        unreached = [m for m in optim.milestones if m >= optim.epochs]
+        if optim.schedule == "step" and unreached:
+            lines.append(
+                f"{name}.milestones = {tuple(optim.milestones)}: {tuple(unreached)} at or after"
+                f" its last epoch ({optim.epochs}) never apply; set milestones within the"
+                f" epochs (e.g. --config.{name}.milestones='({optim.epochs // 2},)')."
+            )
+    return lines
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
     """Raises ConfigError listing every mistake in `config`, each with its field and fix.
 

@@ -26,6 +26,8 @@ from dfa_jax import workdir as workdir_lib
 def run(config, workdir: str, config_path: str | None = None) -> dict:
     """Runs the configured stages in `workdir` and returns (and writes) the run's summary."""
     config_lib.validate(config)
+    for line in config_lib.schedule_warnings(config):
+        logging.warning("%s", line)
     workdir_lib.prepare(config, workdir)
     if "distill" in config.stages:  # Before any stage: it may refuse the seeds asked for.
         distill.prepare_seed_layout(config, workdir)

@@ -37,7 +37,9 @@ def test_shipped_configs_validate(name, arg, tmp_path):
     if config.distill.aggregation == "file":
         config.distill.alpha_file = write_alpha_file(tmp_path / "alpha.json", config.teacher.model)
     config_lib.validate(config, device_count=2)
-    if arg is None:  # The README's 8-GPU and TPU v4-32 launches run the shipped configs as they are.
+    if (
+        arg is None
+    ):  # The README's 8-GPU and TPU v4-32 launches run the shipped configs as they are.
         config_lib.validate(config, device_count=8)
         config_lib.validate(config, device_count=16)
 
@@ -308,3 +310,18 @@ def test_crd_recipe_and_pairs_are_repdistillers():
     # A pair of one's own with a light teacher: RepDistiller's `train_teacher.py` rate for it.
     assert config_lib.crd_pair("ShuffleV2", "resnet8").teacher.optim.lr == 0.01
     assert config_lib.crd_pair("resnet32x4", "ShuffleV2").teacher.optim.lr == 0.05
+
+
+def test_milestones_a_shortened_run_never_reaches_are_warned_about():
+    """30 epochs of the paper's recipe keep lr 0.1 throughout (its milestones are 60/120/160):
+    valid, but named; a teacher loaded from a checkpoint is not trained, so its are not."""
+    config = load_config("cifar100_teacher")
+    config.teacher.optim.epochs = 30
+    (line,) = config_lib.schedule_warnings(config)
+    assert "teacher.optim.milestones = (60, 120, 160)" in line and "(30)" in line
+    config.teacher.optim.milestones = (10, 20)
+    assert config_lib.schedule_warnings(config) == []
+    config.distill.optim.epochs = 100
+    config.teacher.checkpoint = "/runs/teacher"
+    (line,) = config_lib.schedule_warnings(config)
+    assert line.startswith("distill.optim.milestones") and "(120, 160)" in line
