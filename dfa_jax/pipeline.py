@@ -20,6 +20,7 @@ from dfa_jax import parallel
 from dfa_jax import reporting
 from dfa_jax import search
 from dfa_jax import teacher
+from dfa_jax import train_loop
 from dfa_jax import workdir as workdir_lib
 
 
@@ -49,6 +50,7 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
         stages["search"] = search.run(config, workdir, mesh, data, teacher_vars)
     if "distill" in config.stages:
         stages.update(distill.run_all(config, workdir, mesh, data, teacher_vars))
+    stages.update(_finished_before(workdir, stages))
 
     summary = {
         "workdir": files.absolute(workdir),
@@ -72,3 +74,21 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
             f" (view with `tensorboard --logdir {files.absolute(workdir)}`)"
         )
     return summary
+
+
+def _finished_before(workdir: str, stages: dict) -> dict:
+    """The stages and students an earlier command of this workdir finished that this one did
+    not run (fewer stages, other students), as its summary.json recorded them and as long as
+    their result is still on disk: the summary stays the whole run's."""
+    path = os.path.join(workdir, reporting.SUMMARY_FILE)
+    try:
+        earlier = files.read_json(path)["stages"] if files.exists(path) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # An unreadable summary is rewritten whole below.
+    if not isinstance(earlier, dict):
+        return {}
+    return {
+        name: result
+        for name, result in earlier.items()
+        if name not in stages and train_loop.is_done(os.path.join(workdir, name))
+    }

@@ -56,6 +56,11 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def final_params(workdir):
     config = tiny_demo()
     model = teacher.build_model(config.teacher.model, 10, "float32")
@@ -197,6 +202,25 @@ def test_finished_stage_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "run", must_not_train)
     second = pipeline.run(config, workdir)
     assert second["stages"]["teacher"] == first["stages"]["teacher"]
+
+
+def test_a_command_of_fewer_stages_keeps_what_earlier_ones_finished_in_the_summary(tmp_path):
+    """An earlier command trained a KD student; this one runs the teacher stage alone: the
+    summary (and the table printed) still holds the student, while its result is on disk."""
+    workdir = str(tmp_path / "run")
+    config = tiny_demo(**{"teacher.optim.epochs": 1})
+    first = pipeline.run(config, workdir)
+    kd = {"stage": "distill/kd", "best_accuracy": 0.5, "last_accuracy": 0.4, "epochs": 2}
+    os.makedirs(os.path.join(workdir, "distill", "kd"))
+    with open(os.path.join(workdir, "distill", "kd", train_loop.RESULT_FILE), "w") as f:
+        json.dump(kd, f)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({**first, "stages": {**first["stages"], "distill/kd": kd}}, f)
+    again = pipeline.run(config, workdir)
+    assert again["stages"]["distill/kd"] == kd
+    assert read_json(os.path.join(workdir, "summary.json"))["stages"]["distill/kd"] == kd
+    os.remove(os.path.join(workdir, "distill", "kd", train_loop.RESULT_FILE))
+    assert "distill/kd" not in pipeline.run(config, workdir)["stages"]
 
 
 def test_non_finite_loss_stops_with_stage_and_step(tmp_path, monkeypatch):
