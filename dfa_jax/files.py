@@ -54,13 +54,27 @@ def read_text(path: str) -> str:
 
 def write_bytes_atomic(path: str, payload: bytes) -> None:
     """Writes `payload` to a unique temporary file beside `path`, then renames it into place
-    (process 0 only)."""
+    (process 0 only). On a local disk the file and then the rename are flushed to the disk
+    (fsync) before returning, so that a host crash or power loss leaves the old file or the new
+    one, never an empty one under the name."""
     if jax.process_index() != 0:
         return
     target = epath.Path(path)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    tmp.write_bytes(payload)
-    tmp.replace(target)
+    if is_remote(path):  # An object store publishes a whole object on close.
+        tmp.write_bytes(payload)
+        tmp.replace(target)
+        return
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -109,7 +109,17 @@ def parameter_summary(params) -> str:
 
 
 def is_done(directory: str) -> bool:
-    return files.exists(os.path.join(directory, RESULT_FILE))
+    """Whether the stage in `directory` finished: its result.json exists and reads (one that
+    does not, e.g. emptied by a host crash on a file system that lost the write, is not done:
+    the stage resumes from its last checkpoint and writes it again)."""
+    path = os.path.join(directory, RESULT_FILE)
+    if not files.exists(path):
+        return False
+    try:
+        return isinstance(files.read_json(path), dict)
+    except (OSError, ValueError):
+        logging.warning("%s cannot be read: the stage is taken as unfinished", path)
+        return False
 
 
 def read_result(directory: str) -> dict:

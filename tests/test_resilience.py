@@ -377,3 +377,20 @@ def test_unwritable_or_full_workdir_is_a_named_error_before_training(tmp_path, m
     with pytest.raises(errors.WorkdirError, match="the disk is full"):
         pipeline.run(tiny_demo(), str(tmp_path / "full"))
     assert not (tmp_path / "full" / "teacher").exists()
+
+
+def test_atomic_writes_reach_the_disk_before_they_replace_the_old_file(tmp_path, monkeypatch):
+    """A host crash after the rename must not leave an empty file under the name: the new
+    file's bytes are flushed (fsync) before the rename, and the rename itself after it."""
+    from dfa_jax import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    path = tmp_path / "result.json"
+    path.write_text("old")
+    files.write_json_atomic(str(path), {"best_accuracy": 0.5})
+    assert events == ["fsync", "replace", "fsync"]
+    assert json.loads(path.read_text()) == {"best_accuracy": 0.5}
+    assert os.listdir(tmp_path) == ["result.json"]

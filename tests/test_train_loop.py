@@ -204,6 +204,24 @@ def test_finished_stage_is_skipped(tmp_path, monkeypatch):
     assert second["stages"]["teacher"] == first["stages"]["teacher"]
 
 
+def test_an_emptied_result_file_resumes_the_stage_from_its_last_checkpoint(tmp_path, caplog):
+    """A result.json a host crash left empty: not a finished stage (its reader would fail on
+    every rerun) but one whose last checkpoint is its last step: nothing is trained again and
+    the result is written anew, equal to the first."""
+    workdir = str(tmp_path / "run")
+    config = tiny_demo(**{"teacher.optim.epochs": 1})
+    first = pipeline.run(config, workdir)["stages"]["teacher"]
+    result_path = os.path.join(workdir, "teacher", train_loop.RESULT_FILE)
+    open(result_path, "w").close()
+    again = pipeline.run(config, workdir)["stages"]["teacher"]
+    assert any("cannot be read" in r.getMessage() for r in caplog.records)
+    drop = ("wall_time_s",)
+    assert {k: v for k, v in again.items() if k not in drop} == {
+        k: v for k, v in first.items() if k not in drop
+    }
+    assert read_json(result_path)["best_accuracy"] == first["best_accuracy"]
+
+
 def test_a_command_of_fewer_stages_keeps_what_earlier_ones_finished_in_the_summary(tmp_path):
     """An earlier command trained a KD student; this one runs the teacher stage alone: the
     summary (and the table printed) still holds the student, while its result is on disk."""
