@@ -370,7 +370,8 @@ def build_group_stage(
             f"alpha/{g}/{j}": float(a) for g, values in alpha.items() for j, a in enumerate(values)
         }
 
-    offset = (group - 1) * config.search.epochs_per_group * search.steps_per_epoch
+    group_steps = config.search.epochs_per_group * search.steps_per_epoch
+    offset = (group - 1) * group_steps
     return train_loop.Stage(
         name=f"search/{methods.group_key(group)}",
         directory=os.path.join(directory, methods.group_key(group)),
@@ -387,6 +388,7 @@ def build_group_stage(
         aux=teacher_vars,
         lr_fn=lambda s: search.schedule(s + offset),
         epoch_end_fn=alpha_scalars,
+        steps_after=(search.num_groups - group) * group_steps,  # The ETA: the whole search's.
     )
 
 

@@ -69,6 +69,9 @@ class Stage:
     # `(state, epoch) -> None` when an epoch's test accuracy beats every earlier epoch's (the
     # first of equals wins), before that epoch's checkpoint, so a resumed run never misses one.
     best_fn: Callable[[Any, int], None] | None = None
+    # Steps of the stages that follow this one in the same progress (the search's later
+    # groups): the ETA counts them at this stage's speed.
+    steps_after: int = 0
     # A cohort stage: the students of a stacked state (`cohort.py`), in the order of its student
     # axis, or of several methods' stacks (each member's hooks and `metrics_fn` pick its own).
     # Each member gets its own records and result; the stage's directory holds the one
@@ -309,7 +312,7 @@ def run(stage: Stage, config, mesh) -> dict:
         if interval_steps:
             steps_per_s = interval_steps / max(time.time() - interval_start, 1e-9)
             shared["train/images_per_s"] = steps_per_s * stage.batch_size
-            eta = (total_steps - last_step) / max(steps_per_s, 1e-9)
+            eta = (total_steps - last_step + stage.steps_after) / max(steps_per_s, 1e-9)
             speed = f"{shared['train/images_per_s']:.1f} img/s | ETA {_format_seconds(eta)}"
         else:  # Only the compiling first step since the last row: no speed to report yet.
             speed = "compiled"

@@ -166,6 +166,9 @@ def test_groups_of_one_map_train_w_without_a_beta_step(tmp_path):
             built, config, mesh, data, str(tmp_path), group, built.state
         )
         assert (stage.val_data is None) == (maps == 1), group
+        # The progress line's ETA covers the groups still to come, not this one alone.
+        group_steps = config.search.epochs_per_group * built.steps_per_epoch
+        assert group_steps > 0 and stage.steps_after == (5 - group) * group_steps
     start = search.alpha_record(built.teacher_model, built.state.beta)
     assert search.group_movement(start[0], start[0], 0.1).endswith("(nothing to search)")
 
