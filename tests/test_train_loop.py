@@ -472,3 +472,25 @@ def test_repeated_run_reuses_the_compilation_cache(tmp_path):
     assert entries() == stored
     for key in ("best_accuracy", "last_accuracy", "steps"):
         assert second["stages"]["teacher"][key] == first["stages"]["teacher"][key]
+
+
+def test_metrics_in_a_bucket_are_written_at_most_every_few_seconds(tmp_path, monkeypatch):
+    """An object store takes about one write a second per object: rows logged in quick
+    succession wait (in memory) until the interval has passed or the loop flushes them (before
+    a checkpoint, at an epoch's end, at the end); a local file gets every row at once."""
+    path = str(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(train_loop.files, "is_remote", lambda p: True)
+    remote = train_loop._MetricsFile(path, resume_step=0)  # pylint: disable=protected-access
+    remote.write({"step": 1, "train/loss": 2.0})
+    remote.write({"step": 2, "train/loss": 1.5})
+    assert [r["step"] for r in read_jsonl(path)] == [1]  # The second waits for the interval.
+    remote.flush()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+    monkeypatch.setattr(train_loop.time, "monotonic", lambda: 1e12)  # The interval has passed.
+    remote.write({"step": 3, "train/loss": 1.0})
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+    monkeypatch.undo()
+    local = train_loop._MetricsFile(str(tmp_path / "local.jsonl"), resume_step=0)
+    for step in (1, 2):
+        local.write({"step": step})
+        assert read_jsonl(str(tmp_path / "local.jsonl"))[-1]["step"] == step
