@@ -34,6 +34,7 @@ _FILE_COUNTER = itertools.count()  # Two writers of one process in one second ge
 
 
 EVENT_FILE_MARK = "tfevents"  # What TensorBoard looks for in a file's name.
+REMOTE_WRITE_INTERVAL_S = 5.0  # Least time between writes of an event file in a bucket.
 
 
 def read_records(payload: bytes) -> list[bytes]:
@@ -83,6 +84,9 @@ class ScalarWriter:
     """Writes scalars to a new `events.out.tfevents.*` file in `directory`.
 
     A resumed stage opens a new file beside the old ones; TensorBoard merges a directory's files.
+    In a bucket, where an object appears only whole, once written, the file is kept in memory and
+    written whole at a `flush` at most every `REMOTE_WRITE_INTERVAL_S` (and at `close`), so that
+    TensorBoard shows a running stage there too.
     """
 
     def __init__(self, directory: str):
@@ -92,7 +96,9 @@ class ScalarWriter:
             f"{os.getpid()}.{next(_FILE_COUNTER)}"
         )
         self.path = str(epath.Path(directory) / name)
-        self._file = epath.Path(self.path).open("wb")
+        self._remote = files.is_remote(directory)
+        self._written_at = -float("inf")
+        self._file = io.BytesIO() if self._remote else epath.Path(self.path).open("wb")
         self._records = record_writer.RecordWriter(self._file)
         # TensorBoard reads a file whose first event names the format version.
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -112,10 +118,20 @@ class ScalarWriter:
         )
 
     def flush(self) -> None:
-        self._records.flush()
+        if not self._remote:
+            self._records.flush()
+        elif time.monotonic() - self._written_at >= REMOTE_WRITE_INTERVAL_S:
+            self._upload()
 
     def close(self) -> None:
-        self._records.close()
+        if self._remote:
+            self._upload()
+        else:
+            self._records.close()
+
+    def _upload(self) -> None:
+        epath.Path(self.path).write_bytes(self._file.getvalue())
+        self._written_at = time.monotonic()
 
 
 class NullWriter:

@@ -494,3 +494,26 @@ def test_metrics_in_a_bucket_are_written_at_most_every_few_seconds(tmp_path, mon
     for step in (1, 2):
         local.write({"step": step})
         assert read_jsonl(str(tmp_path / "local.jsonl"))[-1]["step"] == step
+
+
+def test_tensorboard_in_a_bucket_shows_a_running_stage(tmp_path, monkeypatch):
+    """A bucket's object appears only once written whole: the writer keeps the file in memory
+    and writes it at a flush (at most every few seconds) and at close, so TensorBoard reads the
+    scalars of a stage still running; in between the last write stands."""
+    monkeypatch.setattr(scalar_writer.files, "is_remote", lambda p: True)
+    writer = scalar_writer.ScalarWriter(str(tmp_path))
+
+    def shown():
+        events = event_accumulator.EventAccumulator(str(tmp_path))
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        return [e.step for e in events.Scalars("train/loss")] if "train/loss" in tags else []
+
+    writer.write_scalars(1, {"train/loss": 2.0})
+    writer.flush()
+    assert shown() == [1]
+    writer.write_scalars(2, {"train/loss": 1.0})
+    writer.flush()  # Within the interval: not written yet.
+    assert shown() == [1]
+    writer.close()
+    assert shown() == [1, 2]
