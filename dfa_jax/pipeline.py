@@ -25,10 +25,16 @@ from dfa_jax import workdir as workdir_lib
 
 
 def run(config, workdir: str, config_path: str | None = None) -> dict:
-    """Runs the configured stages in `workdir` and returns (and writes) the run's summary."""
+    """Runs the configured stages in `workdir` and returns (and writes) the run's summary; a
+    workdir another run is using is refused (`workdir.locked`)."""
     config_lib.validate(config)
     for line in config_lib.schedule_warnings(config):
         logging.warning("%s", line)
+    with workdir_lib.locked(workdir):
+        return _run(config, workdir, config_path)
+
+
+def _run(config, workdir: str, config_path: str | None) -> dict:
     workdir_lib.prepare(config, workdir)
     if "distill" in config.stages:  # Before any stage: it may refuse the seeds asked for.
         distill.prepare_seed_layout(config, workdir)

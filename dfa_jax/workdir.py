@@ -15,12 +15,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
+from collections.abc import Iterator
 
 import jax
 from absl import logging
@@ -36,7 +40,8 @@ CONFIG_FILE = "config.json"
 HASH_FILE = "config_hash"
 PREVIOUS_DIR = "previous"
 # Kept in place when a run is moved aside: earlier runs, and logs the launcher opened already.
-_KEPT = (PREVIOUS_DIR, "logs")
+LOCK_FILE = ".lock"  # Held by the run using the workdir (a local disk's; see `locked`).
+_KEPT = (PREVIOUS_DIR, "logs", LOCK_FILE)
 # What a command writes before its first stage starts: a workdir holding no more has no run yet.
 _BEFORE_ANY_STAGE = (CONFIG_FILE, HASH_FILE, inputs.SPLIT_FILE, *_KEPT)
 
@@ -63,12 +68,47 @@ def check_writable(workdir: str) -> None:
         ) from None
 
 
-def prepare(config, workdir: str) -> None:
-    """Checks the workdir against `config` and records the config in it (see the module doc)."""
+def _check_named(workdir: str) -> None:
     if not str(workdir).strip():
         raise errors.WorkdirError(
             "--workdir is empty (an unset variable?); pass the directory the run should live in."
         )
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+    """Holds an exclusive lock on `workdir` while the run inside uses it, so that a second run
+    of it (a job submitted twice, a requeue while the first still runs) is refused instead of
+    writing the same checkpoints at once. The lock is the kernel's (`flock` on `LOCK_FILE`): a
+    run that dies, even by kill -9, releases it. Process 0 holds it for the run's processes; a
+    bucket has no such lock, so there the caller must not start a run twice."""
+    _check_named(workdir)
+    check_writable(workdir)
+    if files.is_remote(workdir) or jax.process_index() != 0:
+        yield
+        return
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise errors.WorkdirError(
+                f"workdir {workdir!r} is in use by another run ({holder}); wait for it to end,"
+                " or stop it (SIGTERM checkpoints it), then run the command again."
+            ) from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # Releases the lock.
+
+
+def prepare(config, workdir: str) -> None:
+    """Checks the workdir against `config` and records the config in it (see the module doc)."""
+    _check_named(workdir)
     check_writable(workdir)
     current = config.to_dict()
     config_path = os.path.join(workdir, CONFIG_FILE)

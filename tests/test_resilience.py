@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -394,3 +396,35 @@ def test_atomic_writes_reach_the_disk_before_they_replace_the_old_file(tmp_path,
     assert events == ["fsync", "replace", "fsync"]
     assert json.loads(path.read_text()) == {"best_accuracy": 0.5}
     assert os.listdir(tmp_path) == ["result.json"]
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_and_freed_when_it_ends(tmp_path):
+    """A job submitted twice (or requeued while the first still runs) must not write the same
+    checkpoints at once: while a run holds the workdir, another is refused with who holds it;
+    the lock goes with the run (the kernel's: a kill -9 frees it too)."""
+    workdir = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dfa_jax import workdir as w\n"
+            "with w.locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)",
+            workdir,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            errors.WorkdirError, match=rf"in use by another run \(pid {holder.pid} on"
+        ):
+            pipeline.run(tiny_demo(), workdir)
+        assert not os.path.exists(os.path.join(workdir, "config.json"))  # Nothing touched.
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lib.locked(workdir):  # Freed by the kill.
+        with pytest.raises(errors.WorkdirError, match=rf"pid {os.getpid()} on"):
+            with workdir_lib.locked(workdir):
+                pass
