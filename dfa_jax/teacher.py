@@ -93,6 +93,12 @@ def resolve_checkpoint(path: str, field: str = "teacher.checkpoint", best: bool 
             f"{field} = {path!r} holds training checkpoints, not the teacher's exported variables"
             f" (a teacher stage writes teacher/variables when it finishes); {fix}."
         )
+    if files.exists(os.path.join(path, "teacher", "checkpoints")):
+        raise errors.CheckpointError(
+            f"{field} = {path!r}: its teacher stage has not finished (training checkpoints, no"
+            " exported variables yet); let that run finish (or resume it with its own command),"
+            f" or unset {field} to train a teacher here."
+        )
     raise errors.CheckpointError(f"{field} = {path!r} holds no teacher variables; {fix}.")
 
 

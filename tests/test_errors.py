@@ -235,6 +235,11 @@ def _teacher_training_checkpoints(tmp_path):
     return tiny_config(**{"teacher.checkpoint": str(checkpoints)}), "training checkpoints"
 
 
+def _teacher_still_training(tmp_path):
+    (tmp_path / "run" / "teacher" / "checkpoints" / "7").mkdir(parents=True)
+    return tiny_config(**{"teacher.checkpoint": str(tmp_path / "run")}), "has not finished"
+
+
 def _train_smaller_than_a_batch(tmp_path):
     config, _ = npz_config(tmp_path / "npz", images=None, labels=None)
     write_npz(tmp_path / "npz", "train", n=10)  # No cap configured: the data itself is short.
@@ -345,6 +350,12 @@ CASES = [
         _teacher_training_checkpoints,
         errors.CheckpointError,
         "teacher/variables",
+    ),
+    Case(
+        "teacher_checkpoint_is_a_run_whose_teacher_still_trains",
+        _teacher_still_training,
+        errors.CheckpointError,
+        "let that run finish",
     ),
     Case(
         "teacher_checkpoint_missing",
@@ -515,7 +526,7 @@ def test_mistake_fails_early_with_a_named_error(case, tmp_path):
     assert not COMPILES, f"compiled {len(COMPILES)} computation(s) before failing"
     after = _snapshot(workdir)
     assert {k: after.get(k) for k in before} == before, "a file of the previous run changed"
-    assert set(after) - set(before) <= {"config_hash", "search_split.json"}, sorted(after)
+    assert set(after) - set(before) <= {"config_hash", "search_split.json", ".lock"}, sorted(after)
 
 
 def test_main_prints_one_error_line(tmp_path):
