@@ -16,10 +16,13 @@
 #                  CUDA_VISIBLE_DEVICES set to its 1/N of the GPUs (of those CUDA_VISIBLE_DEVICES
 #                  lists, if set). On a CPU-only host (no nvidia-smi, or CUDA_VISIBLE_DEVICES set
 #                  empty) each gets --config.num_cpu_devices=max(1, nproc/N) unless that flag is
-#                  given. Process 0 prints here; process i > 0 writes WORKDIR/logs/process_i.log
-#                  (TMPDIR/dfa_jax_logs/NAME/process_i.log for a gs://.../NAME workdir).
-#                  When one process fails the others are stopped and its exit status is returned;
-#                  Ctrl-C or SIGTERM sends SIGTERM to every process and waits for them.
+#                  given. Process 0 prints here; process i > 0 appends to
+#                  WORKDIR/logs/process_i.log, after a dated line (for a gs://BUCKET/PATH workdir
+#                  TMPDIR/dfa_jax_logs/BUCKET_PATH/process_i.log, every / of it an _).
+#                  When one process fails the others are stopped (SIGKILL after 10 s) and its exit
+#                  status is returned. Ctrl-C or SIGTERM sends SIGTERM to every process and waits
+#                  DFA_JAX_STOP_GRACE_S seconds (default 120) for them to save a checkpoint and
+#                  stop; those still running then get SIGKILL, and local.sh exits 137.
 #   --port P       coordinator port on 127.0.0.1 (default: one of 20000-59999 derived from the
 #                  workdir, so that runs of two workdirs on one host do not meet)
 #   --dry-run      print every command, one line each, environment as a prefix; run nothing
@@ -27,7 +30,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -75,7 +78,7 @@ fi
 python=${PYTHON:-python3}
 
 if ((processes == 1)); then
-  cmd=("$python" -m dfa_jax.main "${args[@]}")
+  cmd=("$python" -m dfa_jax.main ${args[@]+"${args[@]}"})
   if [[ $dry_run -eq 1 ]]; then
     quote_all "${cmd[@]}"
     printf '\n'
@@ -99,7 +102,8 @@ if [[ -z $port ]]; then # A port per workdir: a second run on this host gets its
   port=$((20000 + $(printf '%s' "$workdir" | cksum | cut -d' ' -f1) % 40000))
 fi
 if [[ $workdir == *://* ]]; then # A bucket: the logs stay on this host.
-  log_dir=${TMPDIR:-/tmp}/dfa_jax_logs/$(basename "$workdir")
+  # The whole path names the folder: a sweep's workdirs all end in seed<k>.
+  log_dir=${TMPDIR:-/tmp}/dfa_jax_logs/$(printf '%s' "${workdir#*://}" | tr / _)
 else
   log_dir=$workdir/logs
 fi
@@ -138,7 +142,7 @@ process_cmd() {
       echo "${share[*]}"
     )")
   fi
-  cmd=("$python" -m dfa_jax.main "${args[@]}" "--coordinator_address=127.0.0.1:$port"
+  cmd=("$python" -m dfa_jax.main ${args[@]+"${args[@]}"} "--coordinator_address=127.0.0.1:$port"
     "--num_processes=$processes" "--process_id=$i")
   if ((${#gpus[@]} == 0 && cpu_flag_given == 0)); then
     cmd+=("--config.num_cpu_devices=$cpu_devices")
@@ -148,9 +152,9 @@ process_cmd() {
 if [[ $dry_run -eq 1 ]]; then
   for ((i = 0; i < processes; i++)); do
     process_cmd "$i"
-    quote_all "${envs[@]}" "${cmd[@]}"
+    quote_all ${envs[@]+"${envs[@]}"} "${cmd[@]}"
     if ((i > 0)); then
-      printf ' >'
+      printf ' >>'
       quote "$log_dir/process_$i.log"
       printf ' 2>&1'
     fi
@@ -159,35 +163,59 @@ if [[ $dry_run -eq 1 ]]; then
   exit 0
 fi
 
+# How long a stop asked for (Ctrl-C, SIGTERM) may take: each process finishes its step, meets the
+# others at the next sync step and saves a checkpoint, which a compile or a slow disk can make
+# last minutes.
+grace=${DFA_JAX_STOP_GRACE_S:-120}
+[[ $grace =~ ^[0-9]+$ ]] ||
+  die "DFA_JAX_STOP_GRACE_S must be a whole number of seconds, got '$grace'"
+# Once one process has failed, the others only wait for it at the next sync step: no checkpoint
+# is coming, so they are not waited on long.
+failure_grace=10
+
 pids=()
-# SIGTERM every process still running, SIGKILL what is left after 10 s, and reap them all.
-# `jobs -p` adds a process started but not yet in `pids` (a signal that lands between its `&` and
-# the `pids[i]=$!` after it), which the final `wait` would otherwise wait on forever.
+killed=0
+# SIGTERM every process still running, SIGKILL what is left after $1 seconds (and say so: then
+# `killed` is 1), and reap them all. `jobs -p` adds a process started but not yet in `pids` (a
+# signal that lands between its `&` and the `pids[i]=$!` after it), which the final `wait` would
+# otherwise wait on forever.
 stop_all() {
-  local pid tries alive all
-  all=("${pids[@]}")
+  local limit=$1 pid alive all=() left=()
+  all=(${pids[@]+"${pids[@]}"})
   for pid in $(jobs -p); do all+=("$pid"); done
-  for pid in "${all[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for ((tries = 0; tries < 20; tries++)); do
+  ((${#all[@]} > 0)) || return 0
+  for pid in ${all[@]+"${all[@]}"}; do kill -TERM "$pid" 2>/dev/null || true; done
+  limit=$((SECONDS + limit))
+  while :; do
     alive=0
-    for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
+    for pid in ${all[@]+"${all[@]}"}; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive && SECONDS <= limit)) || break
     sleep 0.5
   done
-  for pid in "${all[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for pid in ${all[@]+"${all[@]}"}; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
+  if ((${#left[@]} > 0)); then
+    echo "local.sh: ${#left[@]} process(es) still running $1 s after SIGTERM;" \
+      "sending SIGKILL to pid(s) ${left[*]}" >&2
+    for pid in ${left[@]+"${left[@]}"}; do kill -KILL "$pid" 2>/dev/null || true; done
+    killed=1
+  fi
   wait 2>/dev/null || true
 }
 # Background processes ignore SIGINT (no job control here), so Ctrl-C is passed on as SIGTERM.
+# A stop that had to kill exits 137 (as a SIGKILL would), not as a clean stop.
 on_signal() {
   trap - INT TERM HUP
-  echo "local.sh: signal received, stopping all $processes processes" >&2
-  stop_all
+  echo "local.sh: signal received, stopping all $processes processes" \
+    "(SIGKILL after ${grace} s: DFA_JAX_STOP_GRACE_S)" >&2
+  stop_all "$grace"
+  trap - EXIT
+  ((killed == 0)) || exit 137
   exit $((128 + $1))
 }
 trap 'on_signal 2' INT
 trap 'on_signal 15' TERM
 trap 'on_signal 1' HUP
-trap 'stop_all' EXIT
+trap 'stop_all $failure_grace' EXIT
 
 mkdir -p "$log_dir"
 echo "local.sh: $processes processes, coordinator 127.0.0.1:$port;" \
@@ -195,9 +223,13 @@ echo "local.sh: $processes processes, coordinator 127.0.0.1:$port;" \
 for ((i = processes - 1; i >= 0; i--)); do
   process_cmd "$i"
   if ((i == 0)); then
-    env "${envs[@]}" "${cmd[@]}" &
+    env ${envs[@]+"${envs[@]}"} "${cmd[@]}" &
   else
-    env "${envs[@]}" "${cmd[@]}" >"$log_dir/process_$i.log" 2>&1 &
+    # Appended: a resumed run, or another launch on this workdir, keeps the earlier output (a
+    # crash's traceback among it).
+    printf '===== %s: local.sh, process %d of %d =====\n' "$(date '+%Y-%m-%d %H:%M:%S %z')" \
+      "$i" "$processes" >>"$log_dir/process_$i.log"
+    env ${envs[@]+"${envs[@]}"} "${cmd[@]}" >>"$log_dir/process_$i.log" 2>&1 &
   fi
   pids[i]=$!
 done
@@ -219,7 +251,7 @@ while ((running > 0)); do
       ((i == 0)) || where=" (log: $log_dir/process_$i.log)"
       echo "local.sh: process $i exited with status $rc$where; stopping the others" >&2
       trap - INT TERM HUP
-      stop_all
+      stop_all "$failure_grace"
       trap - EXIT
       exit "$rc"
     fi

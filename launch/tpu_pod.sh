@@ -9,11 +9,16 @@
 # Steps: `tpu-vm describe` (reuse the slice if it exists) or `tpu-vm create`; install on every
 # worker (a Python >= 3.11 venv ~/dfa_jax_venv with jax[tpu] and this package); then on every
 # worker `python -m dfa_jax.main ... --distributed` over `tpu-vm ssh --worker=all`. Each worker
-# writes its output to ~/dfa_jax_worker.log; worker 0's (process 0, the only one that writes logs
-# and summaries) is also streamed here. Another worker's log:
-#   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=3 --command='tail ~/dfa_jax_worker.log'
-# Ctrl-C stops the streaming, not the remote processes: delete the slice or run
+# appends its output, after a dated line, to ~/dfa_jax_logs/BUCKET_PATH/worker.log (for the
+# workdir gs://BUCKET/PATH, every / of it an _); worker 0's (process 0, the only one that writes
+# logs and summaries) is also streamed here. Another worker's log:
+#   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=3 \
+#       --command='tail ~/dfa_jax_logs/BUCKET_PATH/worker.log'
+# Ctrl-C stops the streaming, not the remote processes (worker 0 goes on writing its log): delete
+# the slice or run
 #   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command='pkill -f dfa_jax.main'
+# On a slice that exists, nothing starts while a worker still runs dfa_jax.main (the install would
+# replace its checkout and venv under it, and a second run would fight it for the TPUs).
 #
 #   --name=NAME            TPU VM name (default: dfa-jax)
 #   --zone=ZONE            zone (default: us-central2-b)
@@ -26,7 +31,8 @@
 #                          the run starts in that copy, so --config=configs/... resolves; with
 #                          --repo it starts in the home directory: configs must be there)
 #   --no-install           skip the install step (the slice already has this version)
-#   --delete-at-end        delete the slice afterwards, also when the run fails
+#   --delete-at-end        delete the slice afterwards, also when the run fails (not when it
+#                          was refused because dfa_jax.main still runs there)
 #   --dry-run              print every gcloud command, one line each, run nothing
 #   -h, --help             print this help
 # Every other flag goes to `python -m dfa_jax.main`; --config and --workdir are required and the
@@ -34,7 +40,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -123,18 +129,28 @@ py=python3.11; command -v python3.11 >/dev/null || { sudo apt-get update -qq \
 $venv/bin/pip install -q -U 'jax[tpu]' gcsfs; $venv/bin/pip install -q $package; \
 $venv/bin/pip install -q --no-deps --force-reinstall $package"
 
-# The run, as one remote shell command: every worker logs to ~/dfa_jax_worker.log, worker 0 also
-# to the ssh session (its number comes from the metadata server).
-main_cmd="$venv/bin/python -m dfa_jax.main $(quote_all "${args[@]}") --distributed"
+# The run, as one remote shell command: every worker appends to its log of this workdir, worker
+# 0 also writes to the ssh session (its number comes from the metadata server). Appended, after a
+# dated line: a resume, or the next run of a sweep, keeps what was there. Worker 0's `tee -p` goes
+# on writing the log when the session's pipe closes (Ctrl-C here, a dropped connection), as the
+# run goes on too.
+log_dir="\$HOME/dfa_jax_logs/$(quote "$(printf '%s' "${workdir#*://}" | tr / _)")"
+log="$log_dir/worker.log"
+main_cmd="$venv/bin/python -m dfa_jax.main $(quote_all ${args[@]+"${args[@]}"}) --distributed"
 # Relative paths (--config=configs/...) resolve in the copied checkout; with --repo the package
 # alone is installed, so they resolve in the home directory and must be there.
 if ((copy_checkout)); then run_dir="\$HOME/$src_dir"; else run_dir="\$HOME"; fi
 run_cmd="set -o pipefail; cd $run_dir; w=\$(curl -s -H Metadata-Flavor:Google \
 http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number); \
-if [ \"\$w\" = 0 ]; then $main_cmd 2>&1 | tee \$HOME/dfa_jax_worker.log; \
-else $main_cmd >\$HOME/dfa_jax_worker.log 2>&1; fi"
+mkdir -p $log_dir; echo \"===== \$(date '+%Y-%m-%d %H:%M:%S %z'): tpu_pod.sh, worker \$w =====\" \
+>>$log; if [ \"\$w\" = 0 ]; then $main_cmd 2>&1 | tee -a -p $log; \
+else $main_cmd >>$log 2>&1; fi"
 
 describe=("${gcloud_tpu[@]}" describe "$name" "${where[@]}" '--format=value(state)')
+# Every dfa_jax.main still running on a worker of a slice that exists, one line each (pgrep's
+# pattern does not match the remote shell's own command line, nor sed's).
+busy=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all
+  "--command=pgrep -af 'dfa_jax[.]main' | sed \"s/^/dfa_jax_running \$(hostname): /\"; true")
 create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" "--accelerator-type=$accelerator_type"
   "--version=$version")
 clean_src=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all
@@ -150,6 +166,9 @@ delete=("${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet)
 if [[ $dry_run -eq 1 ]]; then
   echo "# whether TPU VM $name exists is only known by asking gcloud; a real run first calls:"
   quote_all "${describe[@]}"
+  echo
+  echo "# when it exists, this lists any dfa_jax.main still running on it (then nothing starts):"
+  quote_all "${busy[@]}"
   echo
   echo "# and, when it does not exist:"
   quote_all "${create[@]}"
@@ -197,6 +216,14 @@ if state=$("${describe[@]}" 2>/dev/null); then
   say "reusing TPU VM $name in $zone (state ${state:-unknown})"
   [[ $state == READY ]] || die "TPU VM $name is ${state:-in an unknown state}, not READY;" \
     "delete it (gcloud compute tpus tpu-vm delete $name --zone=$zone) or start it"
+  found=$(run_logged "${busy[@]}")
+  running=$(grep '^dfa_jax_running ' <<<"$found" || true)
+  if [[ -n $running ]]; then
+    delete_at_end=0 # The slice is the running job's: not deleted under it.
+    die "dfa_jax.main is still running on $name, not starting another run there:" \
+      $'\n'"${running//dfa_jax_running /  }"$'\n'"stop it first (gcloud compute tpus tpu-vm ssh" \
+      "$name --zone=$zone --worker=all --command='pkill -f dfa_jax.main') or wait for it to end"
+  fi
 else
   run_logged "${create[@]}"
 fi
@@ -220,6 +247,6 @@ if ((do_install)); then
 fi
 
 say "running on every worker of $name; worker 0's output follows; each worker's is in" \
-  "dfa_jax_worker.log in its home directory"
+  "${log#\$HOME/} in its home directory"
 run_logged "${run[@]}"
 say "finished; summaries and checkpoints are in $workdir"

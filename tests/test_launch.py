@@ -3,6 +3,7 @@ start-up and shut-down of launch/local.sh, and shellcheck on every script."""
 
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,7 +94,13 @@ def test_sweep_gives_a_config_with_an_argument_its_own_workdirs(tmp_path):
 # PATH. `nproc` prints 8; `nvidia-smi` (GPU tests only, add_gpus) lists a few GPUs; `gcloud`,
 # `sbatch` and `srun` append their arguments to $FAKE_CALLS, so a dry run must leave that file
 # absent; PYTHON points at `fakepy`, a stand-in for the interpreter that prints its arguments and
-# exits or sleeps as FAKE_MODE says. CPU tests drop every PATH entry holding a real nvidia-smi.
+# exits or sleeps as FAKE_MODE says (and exits 5 when an argument contains FAKE_FAIL_ARG). CPU
+# tests drop every PATH entry holding a real nvidia-smi.
+#
+# A TPU worker: with FAKE_HOME set, `gcloud ... ssh` runs a --command that lists or starts
+# dfa_jax.main here, with HOME=$FAKE_HOME, its output read by FAKE_SSH_READER (a shell command,
+# default cat: the ssh client); `curl` (the metadata server) prints FAKE_WORKER (default 0) and
+# `pgrep` prints FAKE_PGREP. Otherwise `describe` prints FAKE_STATE, or fails when it is unset.
 
 LAUNCH = os.path.join(ROOT, "launch")
 
@@ -103,23 +110,54 @@ FAKE_COMMANDS = {
         """\
         printf '%s\\n' "gcloud $*" >> "$FAKE_CALLS"
         case "$*" in
-          *" describe "*) exit 1 ;;
+          *" describe "*) [ -n "${FAKE_STATE:-}" ] || exit 1; echo "$FAKE_STATE"; exit 0 ;;
           *" scp "*) for a in "$@"; do [ -d "$a" ] && ls "$a" >> "$FAKE_CALLS"; done ;;
-          *dfa_jax.main*) exit "${FAKE_RUN_STATUS:-0}" ;;
         esac
+        if [ -n "${FAKE_HOME:-}" ] && [ "$4" = ssh ]; then
+          for a in "$@"; do case "$a" in --command=*) cmd=${a#--command=} ;; esac; done
+          case "$cmd" in
+            *pgrep* | *dfa_jax.main*)
+              set -o pipefail
+              HOME=$FAKE_HOME bash -c "$cmd" | eval "${FAKE_SSH_READER:-cat}"
+              exit ;;
+          esac
+        fi
+        case "$*" in *dfa_jax.main*) exit "${FAKE_RUN_STATUS:-0}" ;; esac
         exit 0
         """
     ),
     "sbatch": 'printf \'%s\\n\' "sbatch $*" >> "$FAKE_CALLS"\n',
     "srun": 'echo "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS srun $*" >> "$FAKE_CALLS"\n',
+    "curl": 'printf %s "${FAKE_WORKER:-0}"\n',
+    "pgrep": textwrap.dedent(
+        """\
+        printf '%s\\n' "pgrep $*" >> "$FAKE_CALLS"
+        [ -n "${FAKE_PGREP:-}" ] || exit 1
+        printf '%s\\n' "$FAKE_PGREP"
+        """
+    ),
     "fakepy": textwrap.dedent(
         """\
+        id=main
         for a in "$@"; do case "$a" in --process_id=*) id=${a#*=} ;; esac; done
+        # Ignored before the pid is out: a test signals the processes once they all wrote theirs.
+        case "$FAKE_MODE" in stubborn*) trap '' TERM INT ;; esac
         echo "fakepy CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} $*"
         echo $$ > "$FAKE_PIDS/$id"
+        case " $* " in *"${FAKE_FAIL_ARG:-no such argument}"*) exit 5 ;; esac
         case "$FAKE_MODE:$id" in
           fail:1) exit 3 ;;
-          fail:0 | hang:*) exec sleep 60 ;;
+          # Once process 0 is under way (its SIGTERM ignored).
+          stubborn_fail:1) until [ -s "$FAKE_PIDS/0" ]; do sleep 0.05; done; exit 3 ;;
+          fail:0 | hang:* | stubborn:* | stubborn_fail:0) exec sleep 60 ;;
+          stream:*)
+            # Worker 0's output: the line above while the ssh session reads it, the rest after
+            # its reader (FAKE_SSH_READER, which writes its pid to FAKE_READER) has gone.
+            until [ -s "$FAKE_READER" ] && ! kill -0 "$(cat "$FAKE_READER")" 2>/dev/null; do
+              sleep 0.05
+            done
+            echo "after the session's pipe closed"
+            echo "last line" ;;
         esac
         """
     ),
@@ -321,19 +359,19 @@ def test_local_stops_the_others_when_one_fails(fake, tmp_path):
     assert not alive(int((pids / "0").read_text()))
 
 
-def _start_hanging_processes(fake, tmp_path, processes, started):
-    """`local.sh --processes N` over fake processes that hang; returns it once `started(pids)`
-    holds for the pids the fakes wrote. Limits for a loaded 2-core machine: they only bound a
-    hang, the test waits on events (pids written, the launcher's exit)."""
+def _start_hanging_processes(fake, tmp_path, processes, started, mode="hang", stderr=None):
+    """`local.sh --processes N` over fake processes that hang (FAKE_MODE `mode`); returns it once
+    `started(pids)` holds for the pids the fakes wrote. Limits for a loaded 2-core machine: they
+    only bound a hang, the test waits on events (pids written, the launcher's exit)."""
     env, _, pids_dir = fake
-    env["FAKE_MODE"] = "hang"
+    env["FAKE_MODE"] = mode
     proc = subprocess.Popen(
         ["bash", os.path.join(LAUNCH, "local.sh"), f"--processes={processes}", "--config=c.py"]
         + [f"--workdir={tmp_path}/run"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr or subprocess.DEVNULL,
     )
     deadline = time.monotonic() + EVENT_LIMIT_S
     while not started(_written_pids(pids_dir)) and time.monotonic() < deadline:
@@ -368,6 +406,83 @@ def test_local_stops_processes_a_signal_interrupts_the_start_of(fake, tmp_path, 
     assert started and not any(alive(pid) for pid in started)
 
 
+def test_local_kills_after_the_stop_grace_and_says_so(fake, tmp_path):
+    """Processes that do not stop on SIGTERM get SIGKILL after DFA_JAX_STOP_GRACE_S seconds,
+    with a line saying so, and local.sh exits 137: not the status of a clean stop."""
+    env, _, pids = fake
+    env["DFA_JAX_STOP_GRACE_S"] = "1"
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        proc = _start_hanging_processes(
+            fake, tmp_path, 2, lambda pids: len(pids) == 2, mode="stubborn", stderr=stderr
+        )
+        children = _written_pids(pids)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=EVENT_LIMIT_S) == 137
+    assert "SIGKILL" in err.read_text() and "DFA_JAX_STOP_GRACE_S" in err.read_text()
+    assert not any(alive(pid) for pid in children)
+
+
+def test_local_stop_grace_is_documented_and_checked(fake, tmp_path):
+    env, _, _ = fake
+    assert "DFA_JAX_STOP_GRACE_S" in launch("local.sh", "--help", env=env).stdout
+    env["DFA_JAX_STOP_GRACE_S"] = "soon"
+    result = launch(
+        "local.sh",
+        "--processes=2",
+        "--config=c.py",
+        f"--workdir={tmp_path}/run",
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2 and "DFA_JAX_STOP_GRACE_S" in result.stderr
+
+
+def test_local_does_not_wait_the_stop_grace_after_a_failure(fake, tmp_path):
+    """After one process failed the others are not saving anything: they are not given the
+    (long) grace of a stop asked for."""
+    env, _, pids = fake
+    env.update(FAKE_MODE="stubborn_fail", DFA_JAX_STOP_GRACE_S="3600")
+    result = launch(
+        "local.sh",
+        "--processes=2",
+        "--config=c.py",
+        f"--workdir={tmp_path}/run",
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert "SIGKILL" in result.stderr and not alive(int((pids / "0").read_text()))
+
+
+def test_local_logs_of_bucket_workdirs_are_kept_apart(fake):
+    """A sweep's workdirs all end in seed<k>: their logs are named by the whole path."""
+    env, _, _ = fake
+    env["TMPDIR"] = "/tmpdir"
+    log_paths = set()
+    for method in ("kd", "dfa"):
+        args = ["--dry-run", "--processes=2", "--config=c.py", f"--workdir=gs://b/r/{method}/seed0"]
+        line = launch("local.sh", *args, env=env).stdout.splitlines()[1]
+        log_paths.add(line.split(">>")[1].split()[0])
+    assert log_paths == {
+        "/tmpdir/dfa_jax_logs/b_r_kd_seed0/process_1.log",
+        "/tmpdir/dfa_jax_logs/b_r_dfa_seed0/process_1.log",
+    }
+
+
+def test_local_appends_to_the_logs(fake, tmp_path):
+    """A second launch (a resume) keeps the first one's log, after a dated line of its own."""
+    env, _, _ = fake
+    env["FAKE_MODE"] = "ok"
+    workdir = tmp_path / "run"
+    for _ in range(2):
+        launch("local.sh", "--processes=2", "--config=c.py", f"--workdir={workdir}", env=env)
+    log = (workdir / "logs" / "process_1.log").read_text().splitlines()
+    assert len(log) == 4
+    assert log[0].startswith("=====") and log[2].startswith("=====")
+    assert "--process_id=1" in log[1] and "--process_id=1" in log[3]
+
+
 def test_tpu_pod_dry_run_prints_every_gcloud_step_in_order(fake):
     env, calls, _ = fake
     out = launch(
@@ -388,15 +503,17 @@ def test_tpu_pod_dry_run_prints_every_gcloud_step_in_order(fake):
     assert all(line.startswith("gcloud compute tpus tpu-vm ") for line in lines)
     assert all("--zone=us-central2-b" in line and "--project=proj" in line for line in lines)
     steps = [line.split()[4] for line in lines]
-    assert steps == ["describe", "create", "ssh", "scp", "ssh", "ssh", "delete"]
-    assert "--accelerator-type=v4-32" in lines[1] and "--version=tpu-ubuntu2204-base" in lines[1]
-    assert "--worker=all" in lines[3]
-    install, run = lines[4], lines[5]
+    # describe, then either the check for a run still going (the slice exists) or create.
+    assert steps == ["describe", "ssh", "create", "ssh", "scp", "ssh", "ssh", "delete"]
+    assert "--worker=all" in lines[1] and "pgrep" in lines[1]
+    assert "--accelerator-type=v4-32" in lines[2] and "--version=tpu-ubuntu2204-base" in lines[2]
+    assert "--worker=all" in lines[4]
+    install, run = lines[5], lines[6]
     assert "--worker=all" in install and "pip install" in install and "jax[tpu]" in install
     assert "--worker=all" in run and "-m dfa_jax.main" in run and "--distributed" in run
     assert "--workdir=gs://bucket/runs/pair3" in run and "--config.seed=1" in run
-    assert "dfa_jax_worker.log" in run
-    assert "--quiet" in lines[6]
+    assert "dfa_jax_logs/bucket_runs_pair3/worker.log" in run and "tee -a -p" in run
+    assert "--quiet" in lines[7]
     assert not calls.exists()
 
 
@@ -407,9 +524,9 @@ def test_tpu_pod_installs_a_git_url_and_can_skip_install(fake):
         launch("tpu_pod.sh", *base, "--repo=https://github.com/me/dfa_jax@v1", env=env).stdout
     )
     assert not any(" scp " in line for line in lines)
-    assert "pip install -q git+https://github.com/me/dfa_jax@v1" in lines[2]
+    assert "pip install -q git+https://github.com/me/dfa_jax@v1" in lines[3]
     lines = commands(launch("tpu_pod.sh", *base, "--no-install", env=env).stdout)
-    assert [line.split()[4] for line in lines] == ["describe", "create", "ssh"]
+    assert [line.split()[4] for line in lines] == ["describe", "ssh", "create", "ssh"]
     assert not any("delete" in line for line in lines) and not calls.exists()
 
 
@@ -434,6 +551,73 @@ def test_tpu_pod_creates_copies_installs_runs_and_deletes_even_after_a_failure(f
     gcloud = [line.split()[4] for line in log if line.startswith("gcloud")]
     assert gcloud == ["describe", "create", "ssh", "scp", "ssh", "ssh", "delete"]
     assert "setup.py" in log and "launch" in log  # the staged copy of the checkout
+
+
+def _worker_home(tmp_path):
+    """A TPU worker's home directory as the run expects it: the copied checkout and the venv's
+    python (the fake interpreter)."""
+    home = tmp_path / "home"
+    (home / "dfa_jax_src").mkdir(parents=True)
+    (home / "dfa_jax_venv" / "bin").mkdir(parents=True)
+    (home / "dfa_jax_venv" / "bin" / "python").symlink_to(tmp_path / "bin" / "fakepy")
+    return home
+
+
+def test_tpu_pod_worker_logs_are_per_workdir_appended_and_outlive_the_session(fake, tmp_path):
+    """Worker 0 appends to its workdir's log, and goes on writing it when the ssh session's pipe
+    closes (Ctrl-C here): tee neither stops there nor takes the run down with it."""
+    env, _, _ = fake
+    home = _worker_home(tmp_path)
+    env["FAKE_HOME"] = str(home)
+    base = ["--no-install", "--config=c.py"]
+    launch("tpu_pod.sh", *base, "--workdir=gs://b/runs/kd/seed0", env=env)  # FAKE_MODE unset
+    env.update(
+        FAKE_MODE="stream",
+        FAKE_READER=str(tmp_path / "reader"),
+        FAKE_SSH_READER='echo "$BASHPID" > "$FAKE_READER"; head -n 1',
+    )
+    result = launch("tpu_pod.sh", *base, "--workdir=gs://b/runs/kd/seed0", env=env)
+    (shown,) = result.stdout.splitlines()  # All the session showed.
+    assert shown.startswith("fakepy ")
+    log = (home / "dfa_jax_logs" / "b_runs_kd_seed0" / "worker.log").read_text().splitlines()
+    assert [line.startswith("=====") for line in log] == [True, False, True, False, False, False]
+    assert "worker 0" in log[0] and log[1] == shown  # The first run's, kept.
+    assert log[3:] == [shown, "after the session's pipe closed", "last line"]
+    # Another workdir's run, on another worker: a log of its own, appended to as well.
+    env.update(FAKE_MODE="ok", FAKE_WORKER="1")
+    del env["FAKE_SSH_READER"]
+    launch("tpu_pod.sh", *base, "--workdir=gs://b/runs/dfa/seed0", env=env)
+    log = (home / "dfa_jax_logs" / "b_runs_dfa_seed0" / "worker.log").read_text().splitlines()
+    assert len(log) == 2 and "worker 1" in log[0] and "--workdir=gs://b/runs/dfa/seed0" in log[1]
+
+
+def test_tpu_pod_refuses_a_slice_where_dfa_jax_still_runs(fake, tmp_path):
+    """An earlier run still going on the slice (its streaming stopped with Ctrl-C): nothing is
+    removed, installed or started there, and --delete-at-end does not delete it under that run."""
+    env, calls, _ = fake
+    env.update(
+        FAKE_STATE="READY",
+        FAKE_HOME=str(_worker_home(tmp_path)),
+        FAKE_PGREP="4242 /home/me/dfa_jax_venv/bin/python -m dfa_jax.main --workdir=gs://b/r",
+    )
+    args = ["--delete-at-end", "--config=c.py", "--workdir=gs://b/r2"]
+    result = launch("tpu_pod.sh", *args, env=env, check=False)
+    assert result.returncode != 0
+    assert "still running" in result.stderr and "4242" in result.stderr
+    log = calls.read_text().splitlines()
+    gcloud = [line.split()[4] for line in log if line.startswith("gcloud")]
+    assert gcloud == ["describe", "ssh"]
+    # pgrep's pattern is not found in the command line of the shell that runs it.
+    (pgrep,) = [line for line in log if line.startswith("pgrep ")]
+    pattern = pgrep.split()[-1]
+    check = next(line for line in log if line.startswith("gcloud") and " ssh " in line)
+    assert re.search(pattern, "python3 -m dfa_jax.main") and not re.search(pattern, check)
+    # Nothing running: the run goes ahead.
+    calls.unlink()
+    del env["FAKE_PGREP"]
+    launch("tpu_pod.sh", "--no-install", *args, env=env)
+    gcloud = [line.split()[4] for line in calls.read_text().splitlines() if "gcloud" in line]
+    assert gcloud == ["describe", "ssh", "ssh", "delete"]
 
 
 def test_slurm_dry_run_outside_slurm(fake):
@@ -535,6 +719,118 @@ def test_sweep_rejects_flags_of_another_launcher(fake):
     for extra in (["--launcher=mpi"], ["--processes=2"], ["--launcher=local", "--tpu-name=x"]):
         result = launch("sweep.sh", *base, *extra, env=env, check=False)
         assert result.returncode == 2 and "sweep.sh:" in result.stderr
+
+
+def _finish(workdir):
+    workdir.mkdir(parents=True)
+    (workdir / "summary.json").write_text("{}")
+
+
+def test_sweep_skips_finished_runs_unless_forced(fake, tmp_path):
+    env, _, _ = fake
+    _finish(tmp_path / "c" / "kd" / "seed0")
+    args = [f"--runs={tmp_path}", "--configs=c.py", "--methods=kd", "--seeds=0,1", "--dry-run"]
+    result = launch("sweep.sh", *args, env=env)
+    (line,) = result.stdout.splitlines()
+    assert f"--workdir={tmp_path}/c/kd/seed1" in line
+    (message,) = result.stderr.splitlines()
+    assert f"{tmp_path}/c/kd/seed0" in message and "--force" in message
+    assert len(launch("sweep.sh", *args, "--force", env=env).stdout.splitlines()) == 2
+    # A bucket is not looked into (here a local folder named gs: holds what looks like it).
+    _finish(tmp_path / "gs:" / "b" / "c" / "kd" / "seed0")
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCH, "sweep.sh"), "--runs=gs://b", *args[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=EVENT_LIMIT_S,
+    )
+    assert len(result.stdout.splitlines()) == 2 and not result.stderr
+
+
+def test_sweep_on_slurm_skips_queued_jobs_and_logs_beside_each_run(fake, tmp_path):
+    env, calls, _ = fake
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.write_text(
+        '#!/usr/bin/env bash\nprintf \'%s\\n\' "squeue $*" >> "$FAKE_CALLS"\n'
+        "printf 'other\\nc-kd-s0\\n'\n"
+    )
+    squeue.chmod(0o755)
+    runs = tmp_path / "runs"
+    _finish(runs / "c" / "kd" / "seed2")
+    args = [f"--runs={runs}", "--configs=c.py", "--methods=kd", "--seeds=0,1,2", "--launcher=slurm"]
+    result = launch("sweep.sh", *args, env=env)
+    assert calls.read_text().splitlines() == [
+        "squeue --me -h -o %j",
+        (
+            f"sbatch --job-name=c-kd-s1 --output={runs}/c/kd/seed1/slurm-%j.out "
+            f"launch/slurm_gpu.sbatch --config=c.py --workdir={runs}/c/kd/seed1 --config.seed=1 "
+            '--config.distill.method=kd --config.stages=("teacher","distill")'
+        ),
+    ]
+    assert (runs / "c" / "kd" / "seed1").is_dir()  # Where sbatch writes the job's log.
+    assert "c-kd-s0 is queued or running" in result.stderr and "seed2: finished" in result.stderr
+    # Without squeue, no job is known to be queued.
+    calls.unlink()
+    squeue.unlink()
+    launch("sweep.sh", *args, env=env)
+    assert [line.split()[1] for line in calls.read_text().splitlines()] == [
+        "--job-name=c-kd-s0",
+        "--job-name=c-kd-s1",
+    ]
+
+
+@pytest.mark.parametrize("launcher", ["direct", "local"])
+def test_sweep_keep_going_runs_past_a_failed_run(fake, tmp_path, launcher):
+    env, _, _ = fake
+    env["FAKE_FAIL_ARG"] = "/kd/seed0 "
+    args = [f"--runs={tmp_path}", "--configs=c.py", "--methods=kd,at", f"--launcher={launcher}"]
+    # Without --keep-going the first failure ends the sweep, with its status.
+    result = launch("sweep.sh", *args, env=env, check=False)
+    assert result.returncode == 5
+    assert "/at/seed0" not in result.stdout and "stopping" in result.stderr
+    result = launch("sweep.sh", *args, "--keep-going", env=env, check=False)
+    assert result.returncode == 1
+    # The run after the failed one: its command line, then the (fake) run's own output.
+    assert result.stdout.count(f"--workdir={tmp_path}/c/at/seed0") == 2
+    failed = result.stderr.split("1 of 2 runs failed:")[1].split()
+    assert failed == [f"{tmp_path}/c/kd/seed0", "(exit", "status", "5)"]
+
+
+def test_sweep_keep_going_is_only_for_runs_it_waits_for(fake):
+    env, _, _ = fake
+    base = ["--runs=r", "--configs=c.py", "--methods=kd", "--dry-run", "--keep-going"]
+    for launcher in ("slurm", "tpu"):
+        result = launch("sweep.sh", *base, f"--launcher={launcher}", env=env, check=False)
+        assert result.returncode == 2 and "--keep-going" in result.stderr
+
+
+def test_sweep_help_examples_and_tpu_paths(fake):
+    """The help's examples paste into a shell; relative paths on TPU workers are warned of."""
+    env, _, _ = fake
+    out = launch("sweep.sh", "--help", env=env).stdout
+    assert "--config.distill.seeds='(0,1,2)'" in out
+    assert "--force" in out and "--keep-going" in out
+    assert "~/dfa_jax_src" in out and "--config.teacher.checkpoint=" in out
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("### Launching on more devices")[1].split("\n### ")[0]
+    assert "~/dfa_jax_src" in section and "--config.teacher.checkpoint=gs://" in section
+
+
+def test_launch_scripts_expand_empty_arrays_as_old_bash_allows():
+    """Before bash 4.4 (CentOS 7's 4.2, macOS's 3.2), "${a[@]}" of an empty array is an
+    'unbound variable' error under `set -u`: an array that starts empty is only expanded as
+    ${a[@]+"${a[@]}"}."""
+    for path in sorted(glob.glob(os.path.join(LAUNCH, "*"))):
+        with open(path) as f:
+            text = f.read()
+        empty = set(re.findall(r"(?:^|[\s;(])(\w+)=\(\)", text, re.MULTILINE))
+        for name in empty:
+            bare = re.findall(r'(?<!\[@\]\+)"\$\{' + name + r'\[@\]\}"', text)
+            assert not bare, f'{os.path.basename(path)}: "${{{name}[@]}}" of an empty array'
 
 
 def test_shellcheck_passes_on_every_script():
