@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -27,8 +26,10 @@ import uuid
 from collections.abc import Iterator
 
 import jax
+import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from dfa_jax import config_lib
 from dfa_jax import errors
@@ -80,30 +81,60 @@ def locked(workdir: str) -> Iterator[None]:
     """Holds an exclusive lock on `workdir` while the run inside uses it, so that a second run
     of it (a job submitted twice, a requeue while the first still runs) is refused instead of
     writing the same checkpoints at once. The lock is the kernel's (`flock` on `LOCK_FILE`): a
-    run that dies, even by kill -9, releases it. Process 0 holds it for the run's processes; a
-    bucket has no such lock, so there the caller must not start a run twice."""
+    run that dies, even by kill -9, releases it. Process 0 takes it and every process of the run
+    learns whether it did (a refused run stops on all of them). A bucket has no such lock, nor
+    does a file system that refuses `flock` (NFS without its lock service, Lustre mounted
+    `noflock`): there a warning says so and the caller must not start a run twice."""
     _check_named(workdir)
     check_writable(workdir)
-    if files.is_remote(workdir) or jax.process_index() != 0:
+    if files.is_remote(workdir):
         yield
         return
-    path = os.path.join(workdir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, refusal = None, ""
+    if jax.process_index() == 0:
+        fd, refusal = _lock(workdir)
+    if jax.process_count() > 1:  # The other processes learn process 0's outcome.
+        refused = multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))
+        if refused and not refusal:
+            refusal = f"workdir {workdir!r} is in use by another run (process 0 says which)."
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            raise errors.WorkdirError(
-                f"workdir {workdir!r} is in use by another run ({holder}); wait for it to end,"
-                " or stop it (SIGTERM checkpoints it), then run the command again."
-            ) from None
-        os.ftruncate(fd, 0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
+        if refusal:
+            raise errors.WorkdirError(refusal)
         yield
     finally:
-        os.close(fd)  # Releases the lock.
+        if fd is not None:
+            os.close(fd)  # Releases the lock.
+
+
+def _lock(workdir: str) -> tuple[int | None, str]:
+    """Takes `workdir`'s lock: `(open descriptor or None, '' or why the run is refused)`."""
+    try:
+        import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only.
+    except ImportError:
+        logging.warning("no file locks here: nothing stops a second run of %s", workdir)
+        return None, ""
+    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # Held by another open file: another run.
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return None, (
+            f"workdir {workdir!r} is in use by another run ({holder}); wait for it to end, or"
+            " stop it (SIGTERM checkpoints it), then run the command again."
+        )
+    except OSError as e:  # The file system has no working flock: run, unlocked.
+        os.close(fd)
+        logging.warning(
+            "%s cannot be locked (%s): nothing stops a second run of it at the same time",
+            workdir,
+            e,
+        )
+        return None, ""
+    os.ftruncate(fd, 0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
+    return fd, ""
 
 
 def prepare(config, workdir: str) -> None:

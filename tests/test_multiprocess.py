@@ -196,3 +196,27 @@ def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
     assert _records(os.path.join(workdir, "teacher", "metrics.jsonl")) == _records(
         os.path.join(two, "teacher", "metrics.jsonl")
     )
+
+
+def test_a_held_workdir_stops_every_process_of_a_second_run(tmp_path):
+    """Process 0 takes the workdir's lock; when another run holds it, process 1 stops with the
+    same error instead of waiting for process 0 at the next sync until a timeout kills it."""
+    from dfa_jax import workdir as workdir_lib
+
+    workdir = str(tmp_path / "held")
+    command = [
+        *TWO_PROCESSES,
+        "--port",
+        str(_free_port()),
+        *[flag if not flag.startswith("--config.stages=") else TEACHER_ONLY for flag in TINY],
+        ONE_DEVICE_EACH,
+        f"--workdir={workdir}",
+    ]
+    with workdir_lib.locked(workdir):
+        done = _run(command)
+    assert done.returncode != 0
+    assert "is in use by another run" in done.stderr, done.stderr[-3000:]
+    with open(os.path.join(workdir, "logs", "process_1.log")) as f:
+        log = f.read()
+    assert "is in use by another run" in log and "DEADLINE_EXCEEDED" not in log, log[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "config.json"))

@@ -428,3 +428,22 @@ def test_a_workdir_in_use_by_another_run_is_refused_and_freed_when_it_ends(tmp_p
         with pytest.raises(errors.WorkdirError, match=rf"pid {os.getpid()} on"):
             with workdir_lib.locked(workdir):
                 pass
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """NFS without its lock service (ENOLCK) or Lustre mounted noflock (ENOSYS): no lock to take,
+    which is no reason to refuse the run (nor to name an old run's pid from the lock file)."""
+    import fcntl
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / workdir_lib.LOCK_FILE).write_text("pid 4242 on oldhost since 2026-01-01")
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with workdir_lib.locked(str(workdir)):
+        pass
+    (warning,) = [r.getMessage() for r in caplog.records if "cannot be locked" in r.getMessage()]
+    assert "No locks available" in warning and "4242" not in warning
