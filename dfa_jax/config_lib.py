@@ -626,10 +626,15 @@ def schedule_warnings(config: ml_collections.ConfigDict) -> list[str]:
     for name, optim in optims:
         unreached = [m for m in optim.milestones if m >= optim.epochs]
         if optim.schedule == "step" and unreached:
+            fix = (
+                f"--config.{name}.milestones='({optim.epochs // 2},)'"
+                if optim.epochs > 1
+                else f"--config.{name}.schedule=constant"
+            )
             lines.append(
                 f"{name}.milestones = {tuple(optim.milestones)}: {tuple(unreached)} at or after"
                 f" its last epoch ({optim.epochs}) never apply; set milestones within the"
-                f" epochs (e.g. --config.{name}.milestones='({optim.epochs // 2},)')."
+                f" epochs (e.g. {fix})."
             )
     return lines
 

@@ -11,6 +11,7 @@ Kept short on purpose; everything testable lives in the library.
 
 import os
 import re
+import signal
 import sys
 
 # TensorFlow is only tf.data for TFDS datasets not prepared as array_record (data/sources.py).
@@ -108,8 +109,13 @@ def main(argv):
     except preemption.Stopped as e:
         print(f"{e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # A second Ctrl-C: out at once.
-        sys.exit("interrupted; run the same command again to resume from the last checkpoint.")
+    except KeyboardInterrupt:  # A second Ctrl-C: out at once, with the shell's status for it.
+        print(
+            "interrupted; run the same command again to resume from the last checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + signal.SIGINT)
 
 
 def _set_none_overrides(config) -> None:

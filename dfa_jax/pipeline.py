@@ -84,8 +84,8 @@ def _run(config, workdir: str, config_path: str | None) -> dict:
 
 def _finished_before(workdir: str, stages: dict) -> dict:
     """The stages and students an earlier command of this workdir finished that this one did
-    not run (fewer stages, other students), as its summary.json recorded them and as long as
-    their result is still on disk: the summary stays the whole run's."""
+    not run (fewer stages, other students), named by its summary.json, with the result each
+    has on disk now (none: left out): the summary stays the whole run's."""
     path = os.path.join(workdir, reporting.SUMMARY_FILE)
     try:
         earlier = files.read_json(path)["stages"] if files.exists(path) else {}
@@ -94,7 +94,7 @@ def _finished_before(workdir: str, stages: dict) -> dict:
     if not isinstance(earlier, dict):
         return {}
     return {
-        name: result
-        for name, result in earlier.items()
+        name: train_loop.read_result(os.path.join(workdir, name))
+        for name in earlier
         if name not in stages and train_loop.is_done(os.path.join(workdir, name))
     }

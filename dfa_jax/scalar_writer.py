@@ -117,10 +117,13 @@ class ScalarWriter:
             )
         )
 
-    def flush(self) -> None:
+    def flush(self, force: bool = False) -> None:
+        """To the file at once on a local disk; in a bucket, at most every
+        `REMOTE_WRITE_INTERVAL_S` unless `force` (before a checkpoint: a run killed after it
+        resumes after the steps it logged)."""
         if not self._remote:
             self._records.flush()
-        elif time.monotonic() - self._written_at >= REMOTE_WRITE_INTERVAL_S:
+        elif force or time.monotonic() - self._written_at >= REMOTE_WRITE_INTERVAL_S:
             self._upload()
 
     def close(self) -> None:
@@ -140,8 +143,8 @@ class NullWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         del step, scalars
 
-    def flush(self) -> None:
-        pass
+    def flush(self, force: bool = False) -> None:
+        del force
 
     def close(self) -> None:
         pass

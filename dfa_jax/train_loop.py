@@ -314,8 +314,10 @@ def run(stage: Stage, config, mesh) -> dict:
                         f"stage {member.name!r}: non-finite loss or gradient at step {s} (epoch"
                         f" {(s - 1) // steps_per_epoch + 1}): loss={mine['loss']},"
                         f" grad_norm={mine['grad_norm']}; {where}. Lower the learning rate or"
-                        " check the input data; a changed rate is another config, so pass"
-                        " --config.restart=True (or another --workdir) with it."
+                        " check the input data; a changed rate is another config: run it in"
+                        " another --workdir (with --config.teacher.checkpoint=<this workdir>"
+                        " to keep a finished teacher), or pass --config.restart=True to move"
+                        " this run aside."
                     )
         return fetched
 
@@ -369,6 +371,8 @@ def run(stage: Stage, config, mesh) -> dict:
             meta_now["pending"] = unlogged
         for metrics_file in metrics_files.values():
             metrics_file.flush()  # The rows up to a checkpoint are on disk with it.
+        for writer in writers.values():
+            writer.flush(force=True)  # And in TensorBoard's files (a bucket's are throttled).
         ckpt.save(step, state, meta_now)
 
     def end_epoch(epoch: int) -> None:

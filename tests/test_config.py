@@ -325,3 +325,6 @@ def test_milestones_a_shortened_run_never_reaches_are_warned_about():
     config.teacher.checkpoint = "/runs/teacher"
     (line,) = config_lib.schedule_warnings(config)
     assert line.startswith("distill.optim.milestones") and "(120, 160)" in line
+    config.distill.optim.epochs = 1  # No milestone fits: the fix is a constant rate.
+    (line,) = config_lib.schedule_warnings(config)
+    assert "--config.distill.optim.schedule=constant" in line

@@ -237,6 +237,11 @@ def test_a_command_of_fewer_stages_keeps_what_earlier_ones_finished_in_the_summa
     again = pipeline.run(config, workdir)
     assert again["stages"]["distill/kd"] == kd
     assert read_json(os.path.join(workdir, "summary.json"))["stages"]["distill/kd"] == kd
+    # Trained again since (its directory deleted, as the design notes advise): today's numbers.
+    retrained = {**kd, "last_accuracy": 0.45}
+    with open(os.path.join(workdir, "distill", "kd", train_loop.RESULT_FILE), "w") as f:
+        json.dump(retrained, f)
+    assert pipeline.run(config, workdir)["stages"]["distill/kd"] == retrained
     os.remove(os.path.join(workdir, "distill", "kd", train_loop.RESULT_FILE))
     assert "distill/kd" not in pipeline.run(config, workdir)["stages"]
 
@@ -263,7 +268,7 @@ def test_non_finite_loss_stops_with_stage_and_step(tmp_path, monkeypatch):
         pipeline.run(config, str(tmp_path / "run"))
     # No checkpoint yet to point to; the fix named; one `error:` line from main (an InputError).
     assert "no checkpoint was saved before it" in str(e.value)
-    assert "--config.restart=True" in str(e.value)
+    assert "--config.restart=True" in str(e.value) and "another --workdir" in str(e.value)
     assert isinstance(e.value, errors.InputError)
 
 
@@ -515,5 +520,8 @@ def test_tensorboard_in_a_bucket_shows_a_running_stage(tmp_path, monkeypatch):
     writer.write_scalars(2, {"train/loss": 1.0})
     writer.flush()  # Within the interval: not written yet.
     assert shown() == [1]
-    writer.close()
+    writer.flush(force=True)  # Before a checkpoint: at once.
     assert shown() == [1, 2]
+    writer.write_scalars(3, {"train/loss": 0.5})
+    writer.close()
+    assert shown() == [1, 2, 3]
