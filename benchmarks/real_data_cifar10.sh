@@ -15,12 +15,14 @@ seed=${3:-0}
 lscpu | grep -m1 "Model name" || true
 # One JAX CPU device: with two, a run here hung in XLA:CPU's in-process all-reduce (see
 # BENCHMARKS.md); on one device there is no collective.
-common=(--config.seed="$seed" --config.num_cpu_devices=1
+# The sweep sets each run's seed itself (--seeds=).
+common=(--config.num_cpu_devices=1
         --config.data.dataset=cifar10 --config.data.source=npz "--config.data.path=$data"
         --config.teacher.model=wrn_16_2 --config.student.model=wrn_10_1
         --config.distill.optim.epochs=1 --config.distill.optim.schedule=cosine
         --config.log_every_steps=100 --config.checkpoint_every_steps=1000)
-python -m dfa_jax.main --config=configs/cifar100_pair3.py --workdir="$runs/protocol" "${common[@]}" \
+python -m dfa_jax.main --config=configs/cifar100_pair3.py --workdir="$runs/protocol" \
+  --config.seed="$seed" "${common[@]}" \
   --config.teacher.optim.epochs=5 --config.teacher.optim.schedule=cosine \
   --config.search.epochs_per_group=1 --config.search.beta_lr=0.01 \
   --config.distill.compare_with='("last", "average", "none")'

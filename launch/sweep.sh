@@ -17,12 +17,16 @@
 # sharing the teacher's forward. --dry-run prints one line per run and runs nothing. Afterwards:
 #   python -m dfa_jax.report RUNS --out RUNS
 #
-# A run whose workdir already holds summary.json (finished) is skipped with a line saying so:
-# starting it again would only skip its stages (under slurm, in an allocation of its own). Only a
+# A run that finished with the same command (its workdir holds summary.json and the command the
+# sweep recorded there, .sweep_command) is skipped with a line saying so: starting it again would
+# only skip its stages (under slurm, in an allocation of its own). With other flags it starts,
+# and the run itself refuses a changed protocol (naming the fields) or trains what is new. Only a
 # local RUNS is checked, a gs://... one is not. Under slurm a run whose job name is queued or
 # running (`squeue --me`; not checked without squeue) is skipped too: a second job would share
-# its workdir. --force starts them all the same (e.g. to add students to finished runs; a job
-# name does not include RUNS, so another sweep's job of the same config, method and seed counts).
+# its workdir. --force starts them all the same (a job name does not include RUNS, so another
+# sweep's job of the same config, method and seed counts). The sweep sets each run's
+# --config.seed, --config.stages, --config.distill.method and --config.distill.aggregation:
+# passing one of them is refused (a field given twice is).
 #
 # A run that fails stops the sweep (its exit status is the sweep's) unless --keep-going is given
 # (direct and local launchers): then the other runs go on, the failed ones are listed at the end
@@ -34,8 +38,8 @@
 #   slurm   `sbatch [--sbatch=OPT ...] launch/slurm_gpu.sbatch ...`: one job per run (named
 #           <config>-<method>-s<seed>), submitted and not waited for; each --sbatch=OPT is an
 #           sbatch option (e.g. --sbatch=--nodes=2). RUNS must be on a disk every node shares.
-#           Each job's log is WORKDIR/slurm-<jobid>.out (for a local RUNS; --sbatch=--output=...
-#           overrides it).
+#           Each job's log is WORKDIR/logs/slurm-<jobid>.out (for a local RUNS;
+#           --sbatch=--output=... overrides it).
 #   tpu     launch/tpu_pod.sh, one run after another on the same slice; --tpu-X=V is passed as
 #           --X=V (--tpu-name=, --tpu-zone=, --tpu-accelerator-type=, --tpu-version=,
 #           --tpu-project=, --tpu-repo=); runs after the first skip the install; with
@@ -92,6 +96,12 @@ esac
 # for the next one.
 [[ $launcher == direct || $launcher == local || keep_going -eq 0 ]] ||
   fail "--keep-going needs --launcher=direct or local"
+for arg in ${passthrough[@]+"${passthrough[@]}"}; do
+  case "$arg" in
+    --config.seed=* | --config.stages=* | --config.distill.method=* | --config.distill.aggregation=*)
+      fail "${arg%%=*} is set by the sweep for each run (--seeds=, --methods=); drop it" ;;
+  esac
+done
 
 python=${PYTHON:-python3}
 here=$(dirname "$0")
@@ -126,8 +136,10 @@ for config in "${config_list[@]}"; do
                 "--config.seed=$seed" "${flags[@]}" ${passthrough[@]+"${passthrough[@]}"})
       count=$((count + 1))
       # A bucket is not looked into: that would need its client here.
-      if [[ $force -eq 0 && $wd != *://* && -f $wd/summary.json ]]; then
-        echo "sweep.sh: skipping $wd: finished (it has summary.json; --force runs it again)" >&2
+      recorded=$(printf '%q ' "${run_args[@]}")
+      if [[ $force -eq 0 && $wd != *://* && -f $wd/summary.json && -f $wd/.sweep_command ]] &&
+        [[ $(< "$wd/.sweep_command") == "$recorded" ]]; then
+        echo "sweep.sh: skipping $wd: finished with this command (--force runs it again)" >&2
         continue
       fi
       if [[ -n $queued ]] && grep -qxF -- "$job" <<< "$queued"; then
@@ -146,8 +158,8 @@ for config in "${config_list[@]}"; do
           # The job's log beside its run, not in the directory the sweep was started from (a
           # --sbatch=--output=... given later wins); sbatch needs the folder to exist.
           if [[ $wd != *://* ]]; then
-            cmd+=("--output=$wd/slurm-%j.out")
-            [[ $dry_run -eq 1 ]] || mkdir -p "$wd"
+            cmd+=("--output=$wd/logs/slurm-%j.out")
+            [[ $dry_run -eq 1 ]] || mkdir -p "$wd/logs"
           fi
           cmd+=(${sbatch_opts[@]+"${sbatch_opts[@]}"} "$here/slurm_gpu.sbatch")
           ;;
@@ -162,6 +174,10 @@ for config in "${config_list[@]}"; do
       printf '%q ' "${cmd[@]}"
       printf '\n'
       if [[ $dry_run -eq 0 ]]; then
+        if [[ $wd != *://* ]]; then  # What the skip above compares a later sweep's command with.
+          mkdir -p "$wd"
+          printf '%s' "$recorded" > "$wd/.sweep_command"
+        fi
         status=0
         "${cmd[@]}" || status=$?
         if ((status != 0)); then

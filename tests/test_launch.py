@@ -722,24 +722,34 @@ def test_sweep_rejects_flags_of_another_launcher(fake):
 
 
 def _finish(workdir):
-    workdir.mkdir(parents=True)
+    """As if the run that the sweep started in `workdir` (and recorded) has finished."""
     (workdir / "summary.json").write_text("{}")
 
 
-def test_sweep_skips_finished_runs_unless_forced(fake, tmp_path):
-    env, _, _ = fake
+def test_sweep_skips_runs_finished_with_the_same_command_unless_forced(fake, tmp_path):
+    """A second sweep skips what the first finished; with other flags (another protocol) a
+    finished run starts again, for the run itself to refuse the change or train what is new;
+    the fields the sweep sets per run cannot be passed."""
+    env, calls, _ = fake
+    args = [f"--runs={tmp_path}", "--configs=c.py", "--methods=kd", "--seeds=0,1"]
+    launch("sweep.sh", *args, env=env)  # The fake interpreter 'runs' both.
     _finish(tmp_path / "c" / "kd" / "seed0")
-    args = [f"--runs={tmp_path}", "--configs=c.py", "--methods=kd", "--seeds=0,1", "--dry-run"]
-    result = launch("sweep.sh", *args, env=env)
+    result = launch("sweep.sh", *args, "--dry-run", env=env)
     (line,) = result.stdout.splitlines()
     assert f"--workdir={tmp_path}/c/kd/seed1" in line
     (message,) = result.stderr.splitlines()
     assert f"{tmp_path}/c/kd/seed0" in message and "--force" in message
-    assert len(launch("sweep.sh", *args, "--force", env=env).stdout.splitlines()) == 2
+    assert len(launch("sweep.sh", *args, "--dry-run", "--force", env=env).stdout.splitlines()) == 2
+    longer = launch("sweep.sh", *args, "--dry-run", "--config.distill.optim.epochs=200", env=env)
+    assert len(longer.stdout.splitlines()) == 2 and not longer.stderr
+    refused = launch("sweep.sh", *args, "--dry-run", "--config.seed=3", env=env, check=False)
+    assert refused.returncode == 2 and "--config.seed is set by the sweep" in refused.stderr
     # A bucket is not looked into (here a local folder named gs: holds what looks like it).
-    _finish(tmp_path / "gs:" / "b" / "c" / "kd" / "seed0")
+    bucket_run = tmp_path / "gs:" / "b" / "c" / "kd" / "seed0"
+    bucket_run.mkdir(parents=True)
+    _finish(bucket_run)
     result = subprocess.run(
-        ["bash", os.path.join(LAUNCH, "sweep.sh"), "--runs=gs://b", *args[1:]],
+        ["bash", os.path.join(LAUNCH, "sweep.sh"), "--runs=gs://b", *args[1:], "--dry-run"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -759,18 +769,20 @@ def test_sweep_on_slurm_skips_queued_jobs_and_logs_beside_each_run(fake, tmp_pat
     )
     squeue.chmod(0o755)
     runs = tmp_path / "runs"
-    _finish(runs / "c" / "kd" / "seed2")
     args = [f"--runs={runs}", "--configs=c.py", "--methods=kd", "--seeds=0,1,2", "--launcher=slurm"]
+    launch("sweep.sh", *args[:3], "--seeds=2", env=env)  # Seed 2's run, finished since.
+    _finish(runs / "c" / "kd" / "seed2")
+    calls.unlink(missing_ok=True)
     result = launch("sweep.sh", *args, env=env)
     assert calls.read_text().splitlines() == [
         "squeue --me -h -o %j",
         (
-            f"sbatch --job-name=c-kd-s1 --output={runs}/c/kd/seed1/slurm-%j.out "
+            f"sbatch --job-name=c-kd-s1 --output={runs}/c/kd/seed1/logs/slurm-%j.out "
             f"launch/slurm_gpu.sbatch --config=c.py --workdir={runs}/c/kd/seed1 --config.seed=1 "
             '--config.distill.method=kd --config.stages=("teacher","distill")'
         ),
     ]
-    assert (runs / "c" / "kd" / "seed1").is_dir()  # Where sbatch writes the job's log.
+    assert (runs / "c" / "kd" / "seed1" / "logs").is_dir()  # Where sbatch writes the job's log.
     assert "c-kd-s0 is queued or running" in result.stderr and "seed2: finished" in result.stderr
     # Without squeue, no job is known to be queued.
     calls.unlink()
