@@ -405,6 +405,16 @@ def _workdir(summary: dict) -> str:
     return _normalized(os.path.dirname(_absolute(str(summary.get(PATH_KEY, SUMMARY_FILE)))))
 
 
+def _student_teacher(summary: dict) -> tuple[str, bool]:
+    """(the workdir whose teacher a run's students distil from, whether the run loaded it from
+    there): the one it loaded its teacher from, else its own."""
+    teacher = summary["stages"].get(TEACHER)
+    loaded_from = teacher.get("loaded_from") if isinstance(teacher, dict) else None
+    if isinstance(loaded_from, str):
+        return _teacher_source(loaded_from), True
+    return _workdir(summary), False
+
+
 def _teacher_source(loaded_from: str) -> str:
     """The workdir that trained a loaded teacher (`W/teacher/variables` or
     `W/teacher/best_variables` -> `W`), else the path."""
@@ -638,6 +648,8 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
                 # The run's seed sets the batches and augmentation its students share: with the
                 # student's seed, what `paired_rows` pairs by.
                 entry["run_seed"] = entry["seed"]
+                # Where its teacher came from: the workdir that trained it.
+                entry["teacher_from"], entry["teacher_loaded"] = _student_teacher(summary)
                 # A run of several seeds names each student `distill/<label>/seed<k>`; a run of
                 # one records its student's seed in its result (older runs: the run's seed).
                 seeded = re.fullmatch(r"(.+)/seed(\d+)", label)
@@ -946,7 +958,14 @@ def _pairing_problem(dfa: list[dict], other: list[dict], label: str) -> str | No
         if len(runs) > 1:
             paths = ", ".join(e["path"] for e in runs)
             return f"{len(runs)} runs of {name} have it ({paths}); report them apart"
-    differing = _protocol_differences([dfa[0], other[0]], ("dfa", label))
+    a, b = dfa[0], other[0]
+    differing = _protocol_differences([a, b], ("dfa", label))
+    if a.get("teacher_loaded") or b.get("teacher_loaded"):
+        # A run that loaded its teacher holds teacher fields it never used: compare teachers
+        # by where they were trained instead.
+        if a["teacher_from"] != b["teacher_from"]:
+            return f"they distil from other teachers ({a['teacher_from']} vs {b['teacher_from']})"
+        differing = [f for f in differing if not f.startswith("teacher.")]
     if differing:
         values = "; ".join(
             f"{f}: {_protocol_value(dfa[0], f)} vs {_protocol_value(other[0], f)}"

@@ -745,3 +745,29 @@ def test_runs_are_read_through_epath_from_an_object_store(tmp_path, monkeypatch)
     ]
     cell = report.collect(summaries)[("cifar100", *PAIR3, "dfa")]
     assert sorted(e["last"] for e in cell) == [75.0, 77.0]
+
+
+def test_runs_sharing_a_loaded_teacher_pair_and_runs_of_other_teachers_do_not(tmp_path, caplog):
+    """DFA runs that trained their teacher (5 epochs) and Random runs that loaded it pair (the
+    loading runs' own teacher fields were never used); runs that loaded another teacher do not."""
+    root = str(tmp_path)
+    for seed in (0, 1):
+        own = _write(
+            root, f"dfa{seed}", PAIR3, seed, {"distill/dfa": _stage("d", 0.75 + seed / 100)}
+        )
+        short_teacher = _config(PAIR3, seed)
+        short_teacher["teacher"]["optim"]["epochs"] = 5
+        _write_config(own, short_teacher)
+        loads = {
+            "teacher": {**_stage("teacher", 0.79), "loaded_from": f"{root}/dfa0/teacher/variables"},
+            "distill/random": _stage("r", 0.74),
+        }
+        _write_config(_write(root, f"random{seed}", PAIR3, seed, loads), _config(PAIR3, seed))
+    rows = report.paired_rows(report.collect(report.load_summaries(root)))
+    # Seed 0's pair shares dfa0's teacher; seed 1's DFA trained its own (dfa1), not the one
+    # its Random run loaded.
+    (row,) = rows
+    assert row["against"] == "random" and row["seeds"] == [0]
+    assert row["differences"] == pytest.approx([1.0])
+    (warning,) = [r.getMessage() for r in caplog.records if "not paired" in r.getMessage()]
+    assert "other teachers" in warning and "dfa1" in warning
