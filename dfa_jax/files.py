@@ -70,7 +70,10 @@ def write_bytes_atomic(path: str, payload: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
-    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        directory = os.open(target.parent, os.O_RDONLY)
+    except OSError:  # A system that cannot open a directory (Windows) has no such sync.
+        return
     try:
         os.fsync(directory)
     finally:
