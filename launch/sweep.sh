@@ -26,7 +26,8 @@
 # its workdir. --force starts them all the same (a job name does not include RUNS, so another
 # sweep's job of the same config, method and seed counts). The sweep sets each run's
 # --config.seed, --config.stages, --config.distill.method and --config.distill.aggregation:
-# passing one of them is refused (a field given twice is).
+# passing one of them is refused (a field given twice is). Each run trains its method's student
+# alone (--config.distill.compare_with='()') unless --config.distill.compare_with=... is given.
 #
 # A run that fails stops the sweep (its exit status is the sweep's) unless --keep-going is given
 # (direct and local launchers): then the other runs go on, the failed ones are listed at the end
@@ -96,10 +97,14 @@ esac
 # for the next one.
 [[ $launcher == direct || $launcher == local || keep_going -eq 0 ]] ||
   fail "--keep-going needs --launcher=direct or local"
+# One student per run, the sweep's method: a config's own distill.compare_with (the demo's trains
+# Last and the student alone beside DFA) would train its students in every run, unless given here.
+compare_with=(--config.distill.compare_with='()')
 for arg in ${passthrough[@]+"${passthrough[@]}"}; do
   case "$arg" in
     --config.seed=* | --config.stages=* | --config.distill.method=* | --config.distill.aggregation=*)
       fail "${arg%%=*} is set by the sweep for each run (--seeds=, --methods=); drop it" ;;
+    --config.distill.compare_with=*) compare_with=() ;;
   esac
 done
 
@@ -133,7 +138,8 @@ for config in "${config_list[@]}"; do
       wd=$runs/$name/$method/seed$seed
       job=$name-$method-s$seed
       run_args=("--config=$config" "--workdir=$wd"
-                "--config.seed=$seed" "${flags[@]}" ${passthrough[@]+"${passthrough[@]}"})
+                "--config.seed=$seed" "${flags[@]}" ${compare_with[@]+"${compare_with[@]}"}
+                ${passthrough[@]+"${passthrough[@]}"})
       count=$((count + 1))
       # A bucket is not looked into: that would need its client here.
       recorded=$(printf '%q ' "${run_args[@]}")

@@ -742,6 +742,12 @@ def test_sweep_skips_runs_finished_with_the_same_command_unless_forced(fake, tmp
     assert len(launch("sweep.sh", *args, "--dry-run", "--force", env=env).stdout.splitlines()) == 2
     longer = launch("sweep.sh", *args, "--dry-run", "--config.distill.optim.epochs=200", env=env)
     assert len(longer.stdout.splitlines()) == 2 and not longer.stderr
+    # One student per run unless the sweep is given students to compare with.
+    assert "--config.distill.compare_with=\\(\\)" in longer.stdout
+    compared = launch(
+        "sweep.sh", *args, "--dry-run", "--force", "--config.distill.compare_with=none", env=env
+    )
+    assert compared.stdout.count("compare_with") == 2 and "\\(\\)" not in compared.stdout
     refused = launch("sweep.sh", *args, "--dry-run", "--config.seed=3", env=env, check=False)
     assert refused.returncode == 2 and "--config.seed is set by the sweep" in refused.stderr
     # A bucket is not looked into (here a local folder named gs: holds what looks like it).
@@ -779,7 +785,8 @@ def test_sweep_on_slurm_skips_queued_jobs_and_logs_beside_each_run(fake, tmp_pat
         (
             f"sbatch --job-name=c-kd-s1 --output={runs}/c/kd/seed1/logs/slurm-%j.out "
             f"launch/slurm_gpu.sbatch --config=c.py --workdir={runs}/c/kd/seed1 --config.seed=1 "
-            '--config.distill.method=kd --config.stages=("teacher","distill")'
+            '--config.distill.method=kd --config.stages=("teacher","distill") '
+            "--config.distill.compare_with=()"
         ),
     ]
     assert (runs / "c" / "kd" / "seed1" / "logs").is_dir()  # Where sbatch writes the job's log.
