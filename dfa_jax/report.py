@@ -130,13 +130,18 @@ CSV_FIELDS = (
     "paper",
     "paper_source",  # Who published `paper`: the DFA paper, RepDistiller or mdistiller.
     "paper_epoch",  # Which accuracy `paper` is: 'best' or 'last' epoch.
+    "preset",  # KD, AT, SP, Margin: the runs' baselines.preset ('peers', 'authors', 'mixed').
 )
+# The methods whose settings `baselines.preset` chooses (`baseline_presets.py`).
+PRESET_METHODS = ("kd", "at", "sp", "margin")
 MISSING = "–"
 
 _NOTE = (
     "Each cell: median last-epoch test accuracy (%) over seeds (mean ± sample std with ddof=1,"
     f" {MISSING} for one seed; n = seeds; median best-epoch accuracy). [paper x]: the paper's"
-    f" number, one run's best-epoch accuracy. {MISSING}: no run."
+    f" number, one run's best-epoch accuracy. {MISSING}: no run. ⟨authors⟩: KD, AT, SP or Margin"
+    " run with `baselines.preset=authors` (the first author's code's settings; unmarked:"
+    " RepDistiller's)."
 )
 _TEACHER_NOTE = (
     " Teacher: every distinct teacher of that dataset and teacher model (a teacher loaded by"
@@ -716,7 +721,21 @@ def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
         **dict(
             zip(("paper_source", "paper_epoch"), paper_results.published_statistic(table, label))
         ),
+        "preset": _preset(entries) if label in PRESET_METHODS else None,
     }
+
+
+def _preset(entries: list[dict]) -> str | None:
+    """The `baselines.preset` of a cell's runs: 'peers', 'authors', 'mixed', or None (no run
+    recorded its config)."""
+    presets = {
+        e["protocol"]["config"].get("baselines.preset", "peers")
+        for e in entries
+        if e["protocol"]["config"] is not None
+    }
+    if not presets:
+        return None
+    return presets.pop() if len(presets) == 1 else "mixed"
 
 
 def format_cell(row: dict) -> str:
@@ -732,6 +751,8 @@ def format_cell(row: dict) -> str:
         if row["median_best"] is not None:
             text += f"; best {row['median_best']:.2f}"
         text += ")"
+    if row.get("preset") in ("authors", "mixed"):
+        text += " ⟨authors⟩" if row["preset"] == "authors" else " ⟨peers + authors⟩"
     if row["paper"] is not None:
         source = row.get("paper_source", "paper")
         if source == "paper":

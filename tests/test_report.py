@@ -771,3 +771,23 @@ def test_runs_sharing_a_loaded_teacher_pair_and_runs_of_other_teachers_do_not(tm
     assert row["differences"] == pytest.approx([1.0])
     (warning,) = [r.getMessage() for r in caplog.records if "not paired" in r.getMessage()]
     assert "other teachers" in warning and "dfa1" in warning
+
+
+def test_baseline_cells_say_which_preset_their_runs_used(tmp_path):
+    """Table 2's KD / AT / SP / Margin depend on `baselines.preset`: a cell of the authors'
+    settings is marked, one pooling both presets says so, the others (and DFA) are unmarked."""
+    root = str(tmp_path)
+    for seed, preset in ((0, "authors"), (1, "authors")):
+        config = {**_config(PAIR3, seed), "baselines": {"preset": preset}}
+        stages = {"distill/kd": _stage("kd", 0.74), "distill/dfa": _stage("d", 0.75)}
+        _write_config(_write(root, f"a{seed}", PAIR3, seed, stages), config)
+    rows = report.table2(report.load_summaries(root))[1]
+    assert _row(rows, PAIR3, "kd")["preset"] == "authors"
+    assert _row(rows, PAIR3, "dfa")["preset"] is None
+    assert "⟨authors⟩" in report.format_cell(_row(rows, PAIR3, "kd"))
+    assert "⟨" not in report.format_cell(_row(rows, PAIR3, "dfa"))
+    _write_config(
+        _write(root, "p2", PAIR3, 2, {"distill/kd": _stage("kd", 0.70)}), _config(PAIR3, 2)
+    )
+    mixed = _row(report.table2(report.load_summaries(root))[1], PAIR3, "kd")
+    assert mixed["preset"] == "mixed" and "⟨peers + authors⟩" in report.format_cell(mixed)
