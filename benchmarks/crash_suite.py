@@ -10,7 +10,9 @@ trial starts the command, sends SIGKILL after a uniformly drawn delay (so kills 
 compilation, any stage's steps, evaluation, checkpoint writes, exports and the final records),
 then re-runs the same command to the end and compares with the reference, bitwise: every
 accuracy of `summary.json`, `alpha.json`, the teacher's exported variables and the final student
-parameters. Prints one JSON line per trial and a final "N/N identical" line.
+parameters, and every stage's records: `metrics.jsonl` and the TensorBoard scalars, read without
+TensorBoard's purging of restarted steps (images/s aside). Prints one JSON line per trial and a
+final "N/N identical" line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ FLAGS = [
     "--config.distill.compare_with=()",
     "--config.num_cpu_devices=2",
     "--config.checkpoint_every_steps=2",
+    # A row every step: a kill between checkpoints leaves rows the resumed run logs again.
+    "--config.log_every_steps=1",
 ]
 
 
@@ -83,7 +87,40 @@ def _fingerprint(workdir: str) -> dict:
     for name, tree in (("teacher", teacher), ("student", student)):
         for path, leaf in _leaves(tree):
             arrays[f"{name}/{path}"] = np.asarray(leaf)
-    return {"accuracies": accuracies, "alpha": alpha, "arrays": arrays, "student_step": step}
+    return {
+        "accuracies": accuracies,
+        "alpha": alpha,
+        "arrays": arrays,
+        "student_step": step,
+        "records": _records(workdir),
+    }
+
+
+def _records(workdir: str) -> dict:
+    """Per stage directory: its metrics.jsonl rows and its TensorBoard scalars as (step, value)
+    per tag, images/s aside (a time), each step as often as it shows."""
+    from tensorboard.backend.event_processing import (  # pylint: disable=g-import-not-at-top
+        event_accumulator,
+    )
+
+    records = {}
+    for directory, _, names in sorted(os.walk(workdir)):
+        if "metrics.jsonl" not in names:
+            continue
+        stage = os.path.relpath(directory, workdir)
+        with open(os.path.join(directory, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        records[f"{stage}/metrics.jsonl"] = [
+            {k: v for k, v in row.items() if k != "train/images_per_s"} for row in rows
+        ]
+        events = event_accumulator.EventAccumulator(directory, purge_orphaned_data=False)
+        events.Reload()
+        records[f"{stage}/tensorboard"] = {
+            tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in sorted(events.Tags()["scalars"])
+            if tag != "train/images_per_s"
+        }
+    return records
 
 
 def _leaves(tree, prefix=""):
@@ -99,6 +136,11 @@ def _differences(a: dict, b: dict) -> list[str]:
     for key in ("accuracies", "alpha", "student_step"):
         if a[key] != b[key]:
             found.append(key)
+    found += [
+        name
+        for name in sorted(set(a["records"]) | set(b["records"]))
+        if a["records"].get(name) != b["records"].get(name)
+    ]
     if a["arrays"].keys() != b["arrays"].keys():
         found.append("array names")
     else:
