@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import uuid
 from typing import Any
 
@@ -87,3 +88,28 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_json_atomic(path: str, payload: Any) -> None:
     """Writes `payload` as indented, key-sorted JSON, atomically (process 0 only)."""
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+# Least time between two writes of one object in a bucket, which takes about one write a second
+# per object (and each write is a round trip the writer waits for).
+BUCKET_WRITE_INTERVAL_S = 5.0
+
+
+class WriteSchedule:
+    """When a file rewritten whole as it grows (metrics, TensorBoard events) is written again: at
+    every `due()` on a local disk; in a bucket at most every `BUCKET_WRITE_INTERVAL_S`, unless
+    forced (before a checkpoint, at the end)."""
+
+    def __init__(self, path: str):
+        self.remote = is_remote(path)
+        self._written_at = -float("inf")
+
+    def due(self, force: bool = False) -> bool:
+        return (
+            force
+            or not self.remote
+            or time.monotonic() - self._written_at >= BUCKET_WRITE_INTERVAL_S
+        )
+
+    def written(self) -> None:
+        self._written_at = time.monotonic()

@@ -34,7 +34,6 @@ _FILE_COUNTER = itertools.count()  # Two writers of one process in one second ge
 
 
 EVENT_FILE_MARK = "tfevents"  # What TensorBoard looks for in a file's name.
-REMOTE_WRITE_INTERVAL_S = 5.0  # Least time between writes of an event file in a bucket.
 
 
 def read_records(payload: bytes) -> list[bytes]:
@@ -85,7 +84,7 @@ class ScalarWriter:
 
     A resumed stage opens a new file beside the old ones; TensorBoard merges a directory's files.
     In a bucket, where an object appears only whole, once written, the file is kept in memory and
-    written whole at a `flush` at most every `REMOTE_WRITE_INTERVAL_S` (and at `close`), so that
+    written whole at a `flush` as `files.WriteSchedule` allows (and at `close`), so that
     TensorBoard shows a running stage there too.
     """
 
@@ -96,8 +95,8 @@ class ScalarWriter:
             f"{os.getpid()}.{next(_FILE_COUNTER)}"
         )
         self.path = str(epath.Path(directory) / name)
-        self._remote = files.is_remote(directory)
-        self._written_at = -float("inf")
+        self._schedule = files.WriteSchedule(directory)
+        self._remote = self._schedule.remote
         self._file = io.BytesIO() if self._remote else epath.Path(self.path).open("wb")
         self._records = record_writer.RecordWriter(self._file)
         # TensorBoard reads a file whose first event names the format version.
@@ -118,12 +117,12 @@ class ScalarWriter:
         )
 
     def flush(self, force: bool = False) -> None:
-        """To the file at once on a local disk; in a bucket, at most every
-        `REMOTE_WRITE_INTERVAL_S` unless `force` (before a checkpoint: a run killed after it
-        resumes after the steps it logged)."""
+        """To the file at once on a local disk; in a bucket as `files.WriteSchedule` allows, or
+        at once if `force` (before a checkpoint: a run killed after it resumes after the steps
+        it logged)."""
         if not self._remote:
             self._records.flush()
-        elif force or time.monotonic() - self._written_at >= REMOTE_WRITE_INTERVAL_S:
+        elif self._schedule.due(force):
             self._upload()
 
     def close(self) -> None:
@@ -134,7 +133,7 @@ class ScalarWriter:
 
     def _upload(self) -> None:
         epath.Path(self.path).write_bytes(self._file.getvalue())
-        self._written_at = time.monotonic()
+        self._schedule.written()
 
 
 class NullWriter:

@@ -129,28 +129,23 @@ def read_result(directory: str) -> dict:
     return files.read_json(os.path.join(directory, RESULT_FILE))
 
 
-REMOTE_WRITE_INTERVAL_S = 5.0  # Least time between rewrites of a metrics.jsonl in a bucket.
-
-
 class _MetricsFile:
     """`metrics.jsonl`, one JSON object per line; on resume, rows after the checkpoint are dropped
     so that the file reads as if the run had never been interrupted.
 
     The whole file is rewritten atomically at each write (object stores cannot append; a few
-    thousand rows per stage keep that cheap), so a killed run never leaves a torn line. On an
-    object store, which takes about one write a second per object (and each write is a round
-    trip the step loop waits for), rows are written at most every `REMOTE_WRITE_INTERVAL_S`,
-    and always before a checkpoint and at the end: a killed run loses only rows after its last
-    checkpoint, which its resumed run logs again.
+    thousand rows per stage keep that cheap), so a killed run never leaves a torn line. In a
+    bucket rows are written as `files.WriteSchedule` allows, and always before a checkpoint and
+    at the end: a killed run loses only rows after its last checkpoint, which its resumed run
+    logs again.
     """
 
     def __init__(self, path: str, resume_step: int):
         self._path = path
         self._enabled = jax.process_index() == 0
-        self._throttled = files.is_remote(path)
+        self._schedule = files.WriteSchedule(path)
         self._lines: list[str] = []
         self._unwritten = False
-        self._written_at = -math.inf
         if self._enabled and files.exists(path):
             self._lines = [
                 line + "\n"
@@ -162,16 +157,15 @@ class _MetricsFile:
         if self._enabled:
             self._lines.append(json.dumps(row, sort_keys=True) + "\n")
             self._unwritten = True
-            if time.monotonic() - self._written_at >= (
-                REMOTE_WRITE_INTERVAL_S if self._throttled else 0.0
-            ):
+            if self._schedule.due():
                 self.flush()
 
     def flush(self) -> None:
         """Writes the rows not yet on disk (before a checkpoint, and at the end)."""
         if self._enabled and self._unwritten:
             files.write_text_atomic(self._path, "".join(self._lines))
-            self._unwritten, self._written_at = False, time.monotonic()
+            self._unwritten = False
+            self._schedule.written()
 
 
 def _batches(

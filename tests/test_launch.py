@@ -343,10 +343,9 @@ def test_local_runs_every_process_and_logs_the_others(fake, tmp_path):
     assert f"{workdir}/logs" in result.stderr
 
 
-def test_local_stops_the_others_when_one_fails(fake, tmp_path):
-    env, _, pids = fake
-    env["FAKE_MODE"] = "fail"  # process 1 exits 3, process 0 would sleep a minute
-    result = launch(
+def _two_local_processes(env, tmp_path):
+    """`local.sh --processes=2` of the fake interpreter in tmp_path/run, whatever its status."""
+    return launch(
         "local.sh",
         "--processes=2",
         "--config=c.py",
@@ -354,6 +353,12 @@ def test_local_stops_the_others_when_one_fails(fake, tmp_path):
         env=env,
         check=False,
     )
+
+
+def test_local_stops_the_others_when_one_fails(fake, tmp_path):
+    env, _, pids = fake
+    env["FAKE_MODE"] = "fail"  # process 1 exits 3, process 0 would sleep a minute
+    result = _two_local_processes(env, tmp_path)
     assert result.returncode == 3
     assert "process 1 exited with status 3" in result.stderr and "process_1.log" in result.stderr
     assert not alive(int((pids / "0").read_text()))
@@ -427,14 +432,7 @@ def test_local_stop_grace_is_documented_and_checked(fake, tmp_path):
     env, _, _ = fake
     assert "DFA_JAX_STOP_GRACE_S" in launch("local.sh", "--help", env=env).stdout
     env["DFA_JAX_STOP_GRACE_S"] = "soon"
-    result = launch(
-        "local.sh",
-        "--processes=2",
-        "--config=c.py",
-        f"--workdir={tmp_path}/run",
-        env=env,
-        check=False,
-    )
+    result = _two_local_processes(env, tmp_path)
     assert result.returncode == 2 and "DFA_JAX_STOP_GRACE_S" in result.stderr
 
 
@@ -443,14 +441,7 @@ def test_local_does_not_wait_the_stop_grace_after_a_failure(fake, tmp_path):
     (long) grace of a stop asked for."""
     env, _, pids = fake
     env.update(FAKE_MODE="stubborn_fail", DFA_JAX_STOP_GRACE_S="3600")
-    result = launch(
-        "local.sh",
-        "--processes=2",
-        "--config=c.py",
-        f"--workdir={tmp_path}/run",
-        env=env,
-        check=False,
-    )
+    result = _two_local_processes(env, tmp_path)
     assert result.returncode == 3
     assert "SIGKILL" in result.stderr and not alive(int((pids / "0").read_text()))
 
