@@ -266,6 +266,55 @@ def test_failing_save_is_a_named_error_and_keeps_the_previous_checkpoint(tmp_pat
     assert meta == {"step": 3}
 
 
+def test_a_save_that_fills_the_disk_is_a_named_error(tmp_path):
+    """What the storage really raises, not a stand-in OSError: tensorstore reports a failed write
+    as a ValueError carrying the system's error number. A file-size limit stands in for a full
+    disk (same report, 'File too large' for 'No space left on device'); a subprocess holds it."""
+    directory = str(tmp_path / "ckpt")
+    script = f"""
+import resource, signal
+import numpy as np
+from dfa_jax import checkpointing, errors
+ckpt = checkpointing.Checkpointer({directory!r}, keep=2)
+weights = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
+ckpt.save(3, {{"w": weights}}, {{"step": 3}})
+ckpt.wait()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+try:
+    ckpt.save(6, {{"w": weights + 1}}, {{"step": 6}})
+    ckpt.wait()
+except errors.WorkdirError as e:
+    print("WorkdirError:", e)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert "WorkdirError: saving the checkpoint of step 6" in done.stdout, done.stderr[-2000:]
+    assert "previous checkpoint (3) is intact" in done.stdout
+    state = {"w": jax.numpy.zeros((256, 256))}
+    restored, meta = checkpointing.Checkpointer(directory, keep=2).restore(state)
+    assert meta == {"step": 3} and float(restored["w"][0, 0]) != 0
+
+
+def test_a_checkpoint_of_other_arrays_is_named_and_left_where_it_is(tmp_path):
+    """Another model's (or another code version's) checkpoint is no damage: the error names the
+    differing arrays, and the checkpoint is not moved aside (the next command would otherwise
+    start the stage over without a word)."""
+    directory = str(tmp_path / "ckpt")
+    ckpt = checkpointing.Checkpointer(directory, keep=2)
+    ckpt.save(3, {"w": jax.numpy.zeros((4, 8)), "b": jax.numpy.zeros(2)}, {"step": 3})
+    ckpt.close()
+    like = {"w": jax.numpy.zeros((4, 16)), "c": jax.numpy.zeros(2)}
+    with pytest.raises(errors.CheckpointError) as e:
+        checkpointing.Checkpointer(directory, keep=2).restore(like)
+    message = str(e.value)
+    assert "w: (4, 8) saved, (4, 16) now" in message
+    assert "c not in the checkpoint" in message and "b only in the checkpoint" in message
+    assert os.listdir(directory) == ["3"]
+    assert not os.path.exists(directory + checkpointing.UNREADABLE_SUFFIX)
+
+
 def test_workdir_of_another_config_is_refused_with_the_changed_fields(tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_demo()
