@@ -833,6 +833,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     for name in distill.compare_with:
         if name not in labels:
             problems.append(f"distill.compare_with: {name!r} is unknown; use any of {labels}.")
+    repeated = sorted({n for n in distill.compare_with if list(distill.compare_with).count(n) > 1})
+    if repeated:
+        # The same student twice would train twice in one step and write one directory twice.
+        problems.append(
+            f"distill.compare_with names {repeated} more than once: give each label once (more"
+            " seeds of one label go in distill.seeds)."
+        )
     seeds = tuple(distill.seeds)
     if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         problems.append(

@@ -107,6 +107,7 @@ CASES = [
     ("search.batch_size", 33, "search.batch_size", "multiple of the 2 devices"),
     ("distill.aggregation", "median", "distill.aggregation", "'last'"),
     ("distill.compare_with", ("last", "best"), "distill.compare_with", "'none'"),
+    ("distill.compare_with", ("kd", "last", "kd"), "distill.compare_with", "each label once"),
     ("distill.distance", "l1", "distill.distance", "partial_l2"),
     ("distill.teacher_bn", "frozen", "distill.teacher_bn", "'batch'"),
     ("distill.optim.lr", -1.0, "distill.optim.lr", "positive"),
