@@ -287,6 +287,7 @@ def run(stage: Stage, config, mesh) -> dict:
     device_batches = parallel.prefetch_to_mesh(remaining, mesh, config.data.prefetch)
     run_start = time.time()
     interval_start, interval_steps = time.time(), 0
+    epoch_end_s = 0.0  # How long the last epoch's end (evaluation, records) took, for the ETA.
     first_step = step
     trains = f" for {len(members)} students" if stacked else ""
     logging.info("[%s] %s%s", stage.name, parameter_summary(state.params), trains)
@@ -329,6 +330,9 @@ def run(stage: Stage, config, mesh) -> dict:
             steps_per_s = interval_steps / max(time.time() - interval_start, 1e-9)
             shared["train/images_per_s"] = steps_per_s * stage.batch_size
             eta = (total_steps - last_step + stage.steps_after) / max(steps_per_s, 1e-9)
+            # The epoch ends still to come (that of `last_step` included: it runs after this
+            # row) cost what the last one did.
+            eta += (stage.epochs - (last_step - 1) // steps_per_epoch) * epoch_end_s
             speed = f"{shared['train/images_per_s']:.1f} img/s | ETA {_format_seconds(eta)}"
         else:  # Only the compiling first step since the last row: no speed to report yet.
             speed = "compiled"
@@ -430,11 +434,15 @@ def run(stage: Stage, config, mesh) -> dict:
             if step % config.log_every_steps == 0 or wants_checkpoint or epoch_end:
                 flush()  # The guard runs before any save: no checkpoint holds a non-finite state.
             if epoch_end:
+                started = time.time()
                 end_epoch(step // steps_per_epoch)
+                epoch_end_s = time.time() - started
                 interval_start, interval_steps = time.time(), 0  # Keep evaluation out of images/s.
             # Saved after the epoch-end evaluation so a resumed run never skips one.
             if wants_checkpoint or step == total_steps:
                 save()
+                # Nor the save's blocking part (the interval is empty: a save follows a row).
+                interval_start = time.time()
             if preemption.should_stop() and step < total_steps:
                 # The guard runs before the save; the unlogged metrics go into the checkpoint.
                 fetched = fetch_and_guard() if pending else []

@@ -3,8 +3,10 @@ checkpoint atomicity, and 1-device == 2-device steps."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +109,54 @@ def test_tiny_teacher_learns_and_writes_outputs(tmp_path, monkeypatch):
     assert unclosed
     for writer in unclosed:
         writer._records.close()  # pylint: disable=protected-access
+
+
+def test_progress_leaves_saves_out_of_images_per_s_and_counts_evaluations_in_its_eta(
+    tmp_path, monkeypatch, caplog
+):
+    """On a clock that stands still while steps run, a checkpoint's save takes 1000 s and an
+    epoch's evaluation 100 s: no images/s row may count the save (the interval after a save
+    starts when it ends), and the ETA counts the evaluations still to come."""
+    clock = [0.0]
+    monkeypatch.setattr(train_loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    real_save = checkpointing.Checkpointer.save
+
+    def slow_save(self, *args, **kwargs):
+        clock[0] += 1000.0
+        return real_save(self, *args, **kwargs)
+
+    real_make_eval_fn = evaluation.make_model_eval_fn
+
+    def slow_make_eval_fn(*args, **kwargs):
+        eval_fn = real_make_eval_fn(*args, **kwargs)
+
+        def slow_eval(variables):
+            clock[0] += 100.0
+            return eval_fn(variables)
+
+        return slow_eval
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", slow_save)
+    monkeypatch.setattr(evaluation, "make_model_eval_fn", slow_make_eval_fn)
+    caplog.set_level("INFO")
+    workdir = str(tmp_path / "run")
+    # 3 epochs of 6 steps; a row every step, a checkpoint every second step.
+    pipeline.run(tiny_demo(log_every_steps=1, checkpoint_every_steps=2), workdir)
+    rows = read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl"))
+    speeds = [r["train/images_per_s"] for r in rows if "train/images_per_s" in r]
+    assert len(speeds) == 17 and min(speeds) > 1e6  # Only steps ran between clock readings.
+    eta = {}
+    for record in caplog.records:
+        found = re.search(r"\[teacher\] step (\d+)/18 .* ETA (\S+)", record.getMessage())
+        if found:
+            eta[int(found.group(1))] = found.group(2)
+    assert [eta[s] for s in (5, 7, 12, 13, 18)] == [
+        "0:00:00",  # No epoch has ended yet: its cost is unknown.
+        "0:03:20",  # The ends of epochs 2 and 3 to come, at 100 s each.
+        "0:03:20",  # Epoch 2's end runs after its last step's row.
+        "0:01:40",
+        "0:01:40",
+    ]
 
 
 def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatch):
