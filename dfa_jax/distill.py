@@ -442,6 +442,7 @@ def run(
     record_student(workdir, config, label, seed)
     starts = _starts(config, workdir, mesh, data, teacher_vars, students)
     stage = build_stage(config, mesh, data, workdir, teacher_vars, students, starts)
+    del starts  # The stage holds its own copy: the starting variables need not live on.
     result = train_loop.run(stage, config, mesh)
     result.pop("state")
     return result
@@ -588,4 +589,5 @@ def run_cohort(
     for label, seed in students:
         record_student(workdir, config, label, seed)
     stage = build_stage(config, mesh, data, workdir, teacher_vars, students, starts)
+    del starts  # The stage holds its own copy: the starting variables need not live on.
     return train_loop.run(stage, config, mesh)["members"]
