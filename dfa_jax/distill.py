@@ -344,20 +344,27 @@ def build_stage(
     ]
     if len(students) == 1:
         (label, seed), (params, batch_stats, beta, *_) = students[0], starts[0]
+        directory = student_directory(workdir, config, label, seed)
+
+        def variables(state) -> dict:
+            return {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
+
         return _stage(
             config,
             student_name(config, label, seed),
-            student_directory(workdir, config, label, seed),
+            directory,
             _replicate_state(mesh, params, batch_stats, tx, beta),
             _step(config, loss_fns[0], tx, data),
             optim,
             data,
             mesh,
             aux,
-            lambda s: eval_student(
-                {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
-            ),
+            lambda s: eval_student(variables(s)),
             steps_per_epoch,
+            # Its final variables, as a cohort's student has them (`dfa_jax.interop export`).
+            finalize_fn=lambda s: teacher_lib.save_variables(
+                os.path.join(directory, teacher_lib.VARIABLES_DIR), variables(s)
+            ),
         )
 
     mode = cohort_mode(config)

@@ -47,6 +47,10 @@ def test_method_distills_with_a_falling_loss(method, workdir):
         losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
     assert np.isfinite(losses).all()
     assert min(losses[len(losses) // 2 :]) < losses[0], losses
+    # Its final variables, whether it trained alone (FT, AB) or in the cohort: the student's own.
+    student = teacher_lib.build_model("wrn_10_1", 10, "float32")
+    variables = os.path.join(workdir, "distill", method, teacher_lib.VARIABLES_DIR)
+    teacher_lib.load_variables(variables, student, parallel.make_mesh())
     if method == "ft":
         assert os.path.exists(os.path.join(workdir, "distill", "ft", "paraphraser", "result.json"))
     if method == "ab":
