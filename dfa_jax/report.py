@@ -12,8 +12,9 @@ best-epoch accuracy, with the paper's number beside it where the pair is one of 
 
   76.00 (77.00±2.65, n=3; best 76.40) [paper 75.85]
 
-Both accuracies are shown because the paper reports best-epoch test accuracy (picking the epoch on
-the test set), while the last epoch is the honest number. A cell pools every run it is given: runs
+Both accuracies are shown because the paper's numbers are most likely best-epoch test accuracy
+(picking the epoch on the test set: the paper does not say, but the first author's baseline code
+prints the best epoch's), while the last epoch is the honest number. A cell pools every run it is given: runs
 of different protocols in one cell (another `epochs`, another result-affecting config field than
 the seeds, where inputs are read from and the eval batch) are warned about, naming the fields and
 the runs. The tables are printed as markdown and written to `--out` as `table<N>.md` and
@@ -139,7 +140,8 @@ MISSING = "–"
 _NOTE = (
     "Each cell: median last-epoch test accuracy (%) over seeds (mean ± sample std with ddof=1,"
     f" {MISSING} for one seed; n = seeds; median best-epoch accuracy). [paper x]: the paper's"
-    f" number, one run's best-epoch accuracy. {MISSING}: no run. ⟨authors⟩: KD, AT, SP or Margin"
+    f" number (how many runs and which epoch it does not say; the first author's code reports the"
+    f" best epoch's). {MISSING}: no run. ⟨authors⟩: KD, AT, SP or Margin"
     " run with `baselines.preset=authors` (the first author's code's settings; unmarked:"
     " RepDistiller's)."
 )
@@ -1057,7 +1059,7 @@ def paired_table(summaries: Iterable[dict], collected: dict | None = None) -> tu
         " table's several); an interval that excludes 0 separates them over what the seeds"
         " varied: with one run's `distill.seeds`, the students' initialisation alone (one"
         " teacher, one search, one batch order), not another search or teacher."
-        " [paper x]: the paper's difference of the two (one run each, best-epoch accuracy)."
+        " [paper x]: the paper's difference of the two (runs and epoch unstated, as its tables)."
     )
     body = []
     for r in rows:
