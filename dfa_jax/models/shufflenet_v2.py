@@ -2,10 +2,12 @@
 
 Differences from torchvision's ImageNet model, as in the authors' framework
 (PkuDavidGuan/Distillation, `shufflenetV2.py`); the last two are what reproduces Table 4's
-parameter counts (0.356M/1.269M/5.367M with 10 classes; torchvision's units give 1.264M/5.366M):
+parameter counts (0.356M/1.269M/5.367M with 10 classes; torchvision's units give 1.264M/5.365M):
   * stem: conv3x3 3->24 stride 1 + BN, no ReLU, no max-pool; stages run at 16^2/8^2/4^2;
-  * every unit starts with a ReLU of its whole input and its branches end in a BN, so every unit
-    output (and the stem and conv5 outputs) is a pre-ReLU map;
+  * every unit starts with a ReLU of its whole input and its branches end in a BN, so a unit's
+    branch outputs (and the stem and conv5 outputs) are pre-ReLU maps; a stride-1 unit passes
+    half of its channels through, and those are its ReLU'd input (as in the authors' model), so
+    half of such a unit's output channels are non-negative;
   * the stride-2 unit's residual branch keeps the input width until its last 1x1 conv
     (1x1 C_in->C_in, dw3x3, 1x1 C_in->C_out/2);
   * every conv has a bias (PyTorch's default), and every conv and the classifier start as
@@ -37,7 +39,10 @@ WIDTHS = {
     "1.0": (116, 232, 464, 1024),
     "2.0": (244, 488, 976, 2048),
 }
-"""Output channels of stages 2/3/4 and conv5, per width multiplier."""
+"""Output channels of stages 2/3/4 and conv5, per width multiplier: the authors' (torchvision's)
+widths. Table 3's formula (116x / 232x / 464x, conv5 1024·max(1, x)) gives other widths at 0.5
+and 2.0 (58/116/232 and 232/464/928: 0.459M and 4.952M parameters); these reproduce Table 4's
+0.356M and 5.367M."""
 
 
 def _conv(kernel_size: int, features: int, in_features: int, feature_group_count: int = 1, **kw):
