@@ -25,7 +25,8 @@ weight/bias/running_mean/running_var <-> scale/bias (params) and mean/var (batch
 ShuffleV1, ShuffleV2 and ResNet50 through `interop_mobile`). PyTorch is optional: importing
 this module never imports it; what needs it raises ImportError naming the extra
 (`pip install 'dfa_jax[torch]'`). Files are read with `weights_only=True`, so a
-checkpoint that would run arbitrary code when unpickled is refused.
+checkpoint that would run arbitrary code when unpickled is refused (beside tensors and plain
+containers only an argparse.Namespace is built: RepDistiller's `_last.pth` keeps its options).
 """
 
 from __future__ import annotations
@@ -185,11 +186,69 @@ def infer_architecture(shapes: Mapping[str, tuple], layout: str = "torch"):
     return 6 * len(blocks) + 4, width, num_classes
 
 
-def _hint(guess, depth: int, width: int, num_classes: int) -> str:
-    """A sentence naming the architecture the weights look like, when it is another one."""
+def _hint(guess, depth: int, width: int, num_classes: int, variables_shapes=None) -> str:
+    """A sentence naming the WRN that Flax variables look like, when it is another one and its
+    shapes are exactly `variables_shapes` (so a transposed or damaged leaf names no model)."""
     if guess is None or guess == (depth, width, num_classes):
         return ""
+    try:
+        entries = _layout(*guess)
+    except InteropError:
+        return ""
+    if variables_shapes is not None and variables_shapes != {
+        e.flax_key: e.flax_shape for e in entries
+    }:
+        return ""
     return f" The weights look like {model_name(*guess[:2])} with {guess[2]} classes."
+
+
+def torch_entries(name: str, num_classes: int) -> tuple[_Entry, ...]:
+    """Every tensor of model `name` (of any convertible family) in PyTorch's state_dict order."""
+    from dfa_jax import interop_layouts, interop_mobile  # pylint: disable=g-import-not-at-top
+
+    if num_classes < 1:
+        raise InteropError(f"no {name} with {num_classes} classes")
+    if name in interop_mobile.NAMES:
+        return interop_mobile._layout(name, num_classes)  # pylint: disable=protected-access
+    if name.startswith("wrn_"):
+        return _layout(*parse_model_name(name), num_classes)
+    _converter(name, 0)  # Raises the message naming what converts.
+    return tuple(_Entry(*row) for row in interop_layouts.layout(name, num_classes))
+
+
+def _guesses(shapes: Mapping[str, tuple]):
+    """(model name, num_classes) that PyTorch shapes may be: each family's own guess (the WRNs'
+    depth and width, the presets `interop_layouts.infer_name` tells apart, RepDistiller's
+    MobileNetV2 / ShuffleV1 / ShuffleV2 / ResNet50 by the keys of their heads)."""
+    from dfa_jax import interop_layouts, interop_mobile, models  # pylint: disable=g-import-not-at-top
+
+    wrn = infer_architecture(shapes)
+    if wrn is not None and models.is_valid_model_name(model_name(*wrn[:2])):
+        yield model_name(*wrn[:2]), wrn[2]
+    tabled = interop_layouts.infer_name(shapes)
+    if tabled is not None:
+        yield tabled
+    yield from interop_mobile.guesses(shapes)
+
+
+def architecture_hint(shapes: Mapping[str, tuple], name: str, num_classes: int) -> str:
+    """A sentence naming the model, of any family, whose PyTorch layout PyTorch shapes (key ->
+    shape) are exactly, when it is not `name` with `num_classes` classes; else ''.
+
+    Only an exact fit is named: weights that merely resemble a model (a transposed classifier,
+    a missing tensor) get no guess that would send the user to another wrong model.
+    """
+    shapes = dict(shapes)
+    for guess in _guesses(shapes):
+        if guess == (name, num_classes):
+            continue
+        try:
+            entries = torch_entries(*guess)
+        except (InteropError, TypeError, ValueError, KeyError):
+            continue  # A guess no model has (e.g. no classes).
+        if shapes == {e.torch_key: e.torch_shape for e in entries}:
+            return f" The weights look like {guess[0]} with {guess[1]} classes."
+    return ""
 
 
 # ------------------------------------------------------------------------------ torch -> flax
@@ -215,7 +274,9 @@ def wrn_from_torch(state_dict: Any, depth: int, width: int, num_classes: int) ->
         _layout(depth, width, num_classes),
         state_dict,
         f"{model_name(depth, width)} with {num_classes} classes (PyTorch layout)",
-        lambda shapes: _hint(infer_architecture(shapes), depth, width, num_classes),
+        functools.partial(
+            architecture_hint, name=model_name(depth, width), num_classes=num_classes
+        ),
     )
 
 
@@ -236,7 +297,9 @@ def wrn_to_torch(variables: Mapping, depth: int, width: int, num_classes: int) -
         _layout(depth, width, num_classes),
         variables,
         f"{model_name(depth, width)} with {num_classes} classes (Flax layout)",
-        lambda shapes: _hint(infer_architecture(shapes, layout="flax"), depth, width, num_classes),
+        lambda shapes: _hint(
+            infer_architecture(shapes, layout="flax"), depth, width, num_classes, shapes
+        ),
     )
 
 
@@ -255,29 +318,27 @@ def _wrn_converters():
 
 def _tabled_converters():
     """Converters of the families whose layouts `interop_layouts` lists."""
-    from dfa_jax import interop_layouts  # pylint: disable=g-import-not-at-top
-
-    def entries(name, num_classes):
-        if num_classes < 1:
-            raise InteropError(f"no {name} with {num_classes} classes")
-        return tuple(_Entry(*row) for row in interop_layouts.layout(name, num_classes))
-
-    def hint(name, num_classes, shapes):
-        guess = interop_layouts.infer_name(shapes)
-        if guess is None or guess == (name, num_classes):
-            return ""
-        return f" The weights look like {guess[0]} with {guess[1]} classes."
 
     def from_torch_tabled(state_dict, name, num_classes):
         what = f"{name} with {num_classes} classes (PyTorch layout)"
-        guess = functools.partial(hint, name, num_classes)
-        return entries_from_torch(entries(name, num_classes), state_dict, what, guess)
+        guess = functools.partial(architecture_hint, name=name, num_classes=num_classes)
+        return entries_from_torch(torch_entries(name, num_classes), state_dict, what, guess)
 
     def to_torch_tabled(variables, name, num_classes):
         what = f"{name} with {num_classes} classes (Flax layout)"
-        return entries_to_torch(entries(name, num_classes), variables, what, "")
+        return entries_to_torch(torch_entries(name, num_classes), variables, what, "")
 
     return from_torch_tabled, to_torch_tabled
+
+
+def _hinted(convert_from_torch):
+    """A `from_torch` of `interop_mobile` whose mismatch names what the weights look like."""
+
+    def from_torch_hinted(state_dict, name, num_classes):
+        hint = functools.partial(architecture_hint, name=name, num_classes=num_classes)
+        return convert_from_torch(state_dict, name, num_classes, hint=hint)
+
+    return from_torch_hinted
 
 
 def converters() -> dict:
@@ -290,7 +351,7 @@ def converters() -> dict:
         "ShuffleNetV2": tabled,  # The DFA authors' (PkuDavidGuan/Distillation).
         "ResNet": tabled,
         "VGG": tabled,
-        **interop_mobile.CONVERTERS,
+        **{n: (_hinted(f), t) for n, (f, t) in interop_mobile.CONVERTERS.items()},
     }
 
 
@@ -360,14 +421,36 @@ def _not_a_checkpoint(path: str) -> str | None:
             f"{path} is a safetensors file: give it the {SAFETENSORS_SUFFIX} suffix, under which"
             " it is read as one"
         )
-    if head.startswith((_ZIP_START, *_PICKLE_STARTS)) or zipfile.is_zipfile(path):
-        return None
+    if zipfile.is_zipfile(path):
+        return _not_torch_zip(path)
+    if head.startswith((_ZIP_START, *_PICKLE_STARTS)):
+        return None  # torch.save's (maybe truncated: torch.load says what is wrong).
     if tarfile.is_tarfile(path):
         return None  # torch.load still reads the tar archives of PyTorch before 0.1.10.
     return (
         f"{path} is not a PyTorch checkpoint (neither the zip archive torch.save writes nor its"
         f" legacy pickle; it starts with {head[:16]!r}): check that it is the right file and that"
         " its download or copy is complete"
+    )
+
+
+def _not_torch_zip(path: str) -> str | None:
+    """Why the zip archive at `path` is none torch.save wrote (which holds `<name>/data.pkl`),
+    or None when it may be one."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None  # Damaged: torch.load says how.
+    if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    npz = " (a NumPy .npz?)" if names and all(n.endswith(".npy") for n in names) else ""
+    return (
+        f"{path} is a zip archive that torch.save did not write: it holds {shown or 'nothing'}"
+        f"{npz}, and no data.pkl. Give the PyTorch checkpoint itself, or save those arrays under"
+        " the PyTorch model's state_dict keys as a .safetensors file (safetensors.numpy.save_file)"
+        " and import that"
     )
 
 
@@ -401,7 +484,8 @@ def load_torch_file(path: str) -> Any:
         raise InteropError(why)
     torch = import_torch()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _allowed_globals(torch):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _torch_reason(e)
         # weights_only's unpickler reads pickle protocols 2 and 3 only: torch.save(...,
@@ -434,6 +518,19 @@ def load_torch_file(path: str) -> Any:
         raise InteropError(
             f"{path} is not a readable PyTorch file (damaged or truncated?): {_torch_reason(e)}"
         ) from None
+
+
+# What checkpoints hold beside their tensors that weights_only may build: RepDistiller's
+# `{model}_last.pth` saves its command line's options (`'opt'`), an argparse.Namespace, which
+# only sets attributes when rebuilt (no code runs).
+_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def _allowed_globals(torch):
+    """A context in which torch.load(weights_only=True) also builds `_SAFE_GLOBALS` (torch >=
+    2.4; before, such a file is refused, with the message of any other object)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals(list(_SAFE_GLOBALS)) if safe_globals else contextlib.nullcontext()
 
 
 def _torch_reason(error: Exception) -> str:
@@ -513,6 +610,12 @@ def read_dfa_variables(path: str, teacher_epoch: str | None = None) -> tuple[dic
     checkpoints = root / "checkpoints"
     step = ocp.CheckpointManager(checkpoints).latest_step() if checkpoints.is_dir() else None
     if step is None:
+        seeds = _seed_directories(root)
+        if seeds:
+            raise FileNotFoundError(
+                f"{path} is a stage of several seeds, one student in each: export one of"
+                f" {', '.join(seeds)}"
+            )
         distill = root / "distill"
         stages = sorted(str(p) for p in distill.iterdir() if p.is_dir()) if distill.is_dir() else []
         found = f" Its distilled students: {', '.join(stages)}." if stages else ""
@@ -538,6 +641,12 @@ def read_dfa_variables(path: str, teacher_epoch: str | None = None) -> tuple[dic
             file=sys.stderr,
         )
     return {"params": params, "batch_stats": batch_stats}, where
+
+
+def _seed_directories(root) -> list[str]:
+    """The `seed<k>` directories of a multi-seed run's `distill/<label>`, by seed."""
+    found = [p for p in root.iterdir() if re.fullmatch(r"seed\d+", p.name) and p.is_dir()]
+    return [str(p) for p in sorted(found, key=lambda p: int(p.name[4:]))]
 
 
 def _teacher_variables(path: str, teacher_epoch: str | None) -> tuple[str | None, str]:
@@ -658,7 +767,11 @@ def _parser() -> argparse.ArgumentParser:
             " RepDistiller's names (resnet*, vgg*, MobileNetV2, ShuffleV1, ShuffleV2, ResNet50)",
         )
         p.add_argument("--num-classes", type=int, required=True, help="classifier outputs")
-        p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="overwrite the output if it exists (import: only a variables directory)",
+        )
 
     imp = sub.add_parser(
         "import",
@@ -705,9 +818,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _refuse_overwrite(path: str, force: bool) -> None:
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+def _check_output(command: str, out: str, force: bool) -> None:
+    """Refuses, before any file is read, an output the command cannot write or must not replace.
+
+    `import --force` replaces only a variables directory (or an empty one): OUT named by
+    mistake (a workdir, the arguments swapped) is never deleted.
+    """
+    if command == "import":
+        from dfa_jax import teacher  # pylint: disable=g-import-not-at-top
+
+        if not os.path.lexists(out):
+            return
+        if not force:
+            raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+        if os.path.isdir(out) and (teacher.is_variables_dir(out) or not os.listdir(out)):
+            return
+        if os.path.isdir(out):
+            names = sorted(os.listdir(out))
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            what = f"a directory holding {shown}"
+        else:
+            what = "a file"
+        raise InteropError(
+            f"{out} is {what}, not a variables directory (one holding"
+            f" {' or '.join(teacher.VARIABLES_MARKERS)}), and --force replaces only variables:"
+            " give another OUT, or remove it yourself if it is to go"
+        )
+    if os.path.isdir(out):
+        raise InteropError(
+            f"{out} is a directory: give the file to write, e.g."
+            f" {os.path.join(out, 'model.pth')} (or .safetensors)"
+        )
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise InteropError(f"{out}: its directory {parent} does not exist; create it first")
+    if os.path.lexists(out) and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+
+
+def _write_atomically(path: str, write) -> None:
+    """`write(tmp)` to a temporary file beside `path`, renamed to `path` once complete: a failed
+    write leaves any old file whole and no temporary file behind."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError.
+        raise InteropError(f"cannot write {path}: {_torch_reason(e)}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         _converter(args.model, 0)  # An unconvertible name fails before any file is read.
         if args.num_classes < 1:
             raise InteropError(f"--num-classes must be positive, got {args.num_classes}")
-        _refuse_overwrite(args.out, args.force)
+        _check_output(args.command, args.out, args.force)
         if args.command == "import":
             if args.source.endswith(SAFETENSORS_SUFFIX):
                 if not os.path.isfile(args.source):
@@ -742,9 +902,12 @@ def main(argv: list[str] | None = None) -> int:
             if safetensors:
                 # `safetensors.torch.save_file`'s own metadata, so PyTorch tools read it as theirs.
                 arrays = {k: np.asarray(v) for k, v in state.items()}
-                safetensors_io.save(args.out, arrays, {"format": "pt"})
+                try:
+                    safetensors_io.save(args.out, arrays, {"format": "pt"})
+                except OSError as e:
+                    raise InteropError(f"cannot write {args.out}: {e}") from None
             else:
-                torch.save(state, args.out)
+                _write_atomically(args.out, functools.partial(torch.save, state))
             print(
                 f"wrote {os.path.abspath(args.out)} ({args.model}, {args.num_classes} classes)"
                 f" from {where}"

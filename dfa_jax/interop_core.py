@@ -212,8 +212,8 @@ def entries_from_torch(entries, state_dict: Any, what: str, hint) -> dict:
     shapes = {str(k): _shape(v) for k, v in state.items()}
     expected = {e.torch_key: e.torch_shape for e in entries}
     if shapes != expected:  # Only a mismatch needs the (possibly costly) hint.
-        hint = hint(shapes) if callable(hint) else hint
-        _check(shapes, expected, what, prefix_hint(shapes, expected) or hint)
+        hint = prefix_hint(shapes, expected) or (hint(shapes) if callable(hint) else hint)
+        _check(shapes, expected, what, hint)
     variables: dict = {"params": {}, "batch_stats": {}}
     for e in entries:
         value = _to_float32(state[e.torch_key])

@@ -108,15 +108,19 @@ def _what(name: str, num_classes: int, layout: str) -> str:
     return f"{name} with {num_classes} classes ({layout} layout)"
 
 
-def convert_from_torch(state_dict: Any, name: str, num_classes: int) -> dict:
+def convert_from_torch(state_dict: Any, name: str, num_classes: int, hint="") -> dict:
     """Their state_dict (bare or nested, optionally 'module.'-prefixed) -> `{'params',
     'batch_stats'}` of `models.get_model(name, num_classes)`, as float32 numpy arrays.
+
+    `hint` (a str, or shapes -> str) ends a mismatch's message: what the weights look like
+    (`interop.architecture_hint`, which knows every family).
 
     Raises:
       InteropError: a missing, unexpected or wrongly shaped key (the first one is named).
     """
     entries = _layout(name, num_classes)
-    return core.entries_from_torch(entries, state_dict, _what(name, num_classes, "PyTorch"), "")
+    what = _what(name, num_classes, "PyTorch")
+    return core.entries_from_torch(entries, state_dict, what, hint)
 
 
 def convert_to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
@@ -129,6 +133,21 @@ def convert_to_torch(variables: Mapping, name: str, num_classes: int) -> dict:
     """
     entries = _layout(name, num_classes)
     return core.entries_to_torch(entries, variables, _what(name, num_classes, "Flax"), "")
+
+
+def guesses(shapes: Mapping[str, tuple]) -> list[tuple[str, int]]:
+    """(name, num_classes) of each of these models whose head (the modules after the feature
+    body, classifier last) PyTorch shapes (key -> shape) hold: candidates, not yet checked
+    against the whole layout."""
+    from dfa_jax.models import cifar_mobile  # pylint: disable=g-import-not-at-top
+
+    found = []
+    for name in NAMES:
+        heads = [_torch_module((head,)) for head in cifar_mobile.HEADS[name]]
+        classifier = shapes.get(f"{heads[-1]}.weight")
+        if all(f"{h}.weight" in shapes for h in heads) and classifier and len(classifier) == 2:
+            found.append((name, int(classifier[0])))
+    return found
 
 
 CONVERTERS = {name: (convert_from_torch, convert_to_torch) for name in NAMES}

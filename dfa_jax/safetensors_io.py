@@ -11,6 +11,7 @@ that library's files load here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -51,21 +52,24 @@ class SafetensorsError(errors.InputError):
 
 
 def save(path: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
-    """Writes `arrays` (name -> array) to `path`, atomically (a temporary file renamed)."""
+    """Writes `arrays` (name -> array) to `path`, atomically (a temporary file renamed; removed
+    if the write fails). Arrays of either byte order are written little-endian."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     buffers, offset = [], 0
     for name, value in arrays.items():
         array = np.asarray(value)
-        if array.dtype not in _NAMES:
+        # The names are of native-order dtypes; a big-endian array ('>f4') is the same type.
+        dtype = array.dtype.newbyteorder("=")
+        if dtype not in _NAMES:
             raise SafetensorsError(
                 f"{name}: dtype {array.dtype} has no safetensors name here; use one of"
                 f" {sorted(str(np.dtype(d)) for d in DTYPES.values())}"
             )
         data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
         header[name] = {
-            "dtype": _NAMES[array.dtype],
+            "dtype": _NAMES[dtype],
             "shape": list(array.shape),
             "data_offsets": [offset, offset + len(data)],
         }
@@ -74,12 +78,16 @@ def save(path: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for data in buffers:
-            f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for data in buffers:
+                f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -106,26 +114,54 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise bad(f"its header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad(f"its __metadata__ is not a JSON object of strings: {metadata!r:.80}")
     buffer = memoryview(blob)[8 + size :]
-    arrays = {}
+    arrays, spans = {}, []
     for name, entry in header.items():
-        try:
-            dtype_name = entry["dtype"]
-            shape = tuple(int(n) for n in entry["shape"])
-            begin, end = (int(n) for n in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
-        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        if not isinstance(entry, dict):
+            raise bad(f"tensor {name!r} is described by a {type(entry).__name__}, not an object")
+        dtype_name, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets"))
+        if not (isinstance(shape, list) and all(_is_count(n) for n in shape)):
+            raise bad(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise bad(
+                f"tensor {name!r} has data_offsets {offsets!r}, not two non-negative integers"
+            )
+        if not isinstance(dtype_name, str):
+            raise bad(f"tensor {name!r} has dtype {dtype_name!r}, not a name")
+        if dtype_name not in DTYPES:
             # A well-formed file of a dtype NumPy cannot hold (e.g. a newer float8 variant).
             raise SafetensorsError(
                 f"{path}: tensor {name!r} has dtype {dtype_name!r}, which is not supported here"
                 f" (supported: {', '.join(DTYPES)}); save it as F32, F16 or BF16"
             )
+        begin, end = offsets
         dtype = np.dtype(DTYPES[dtype_name]).newbyteorder("<")
-        if not 0 <= begin <= end <= len(buffer) or end - begin != dtype.itemsize * int(
-            np.prod(shape, dtype=np.int64)
-        ):
+        if not begin <= end <= len(buffer) or end - begin != dtype.itemsize * math.prod(shape):
             raise bad(f"tensor {name!r}'s data_offsets [{begin}, {end}] do not fit its shape")
+        spans.append((begin, end, name))
         arrays[name] = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape).copy()
+    # The format indexes the whole buffer: the tensors' bytes follow one another from its start
+    # to its end, with no gap, overlap or trailing bytes (as the reference reader checks).
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            why = "overlaps the tensor before it" if begin < covered else "leaves a gap before it"
+            raise bad(f"tensor {name!r}'s data_offsets [{begin}, {end}] {why} (at byte {covered})")
+        covered = end
+    if covered != len(buffer):
+        raise bad(
+            f"its tensors cover {covered} bytes of its {len(buffer)}-byte buffer (trailing bytes)"
+        )
     return arrays, metadata
+
+
+def _is_count(value) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float such as 2.5 or 2.0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

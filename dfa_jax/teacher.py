@@ -10,13 +10,16 @@ distillation use the one `config.teacher.distill_from` names ('best', as the aut
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from dfa_jax import bilevel
 from dfa_jax import errors
@@ -31,6 +34,11 @@ from dfa_jax.data import loader
 
 VARIABLES_DIR = "variables"  # The last epoch's.
 BEST_VARIABLES_DIR = "best_variables"  # The epoch of highest test accuracy (the first of equals).
+# What orbax writes at the top of every checkpoint directory (the second: without the first, a
+# checkpoint of an older orbax).
+VARIABLES_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA")
+# The suffixes of a file that holds a PyTorch or safetensors checkpoint, not dfa_jax variables.
+_CONVERTIBLE_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors")
 
 
 def build_model(name: str, num_classes: int, dtype: str):
@@ -76,9 +84,7 @@ def resolve_checkpoint(path: str, field: str = "teacher.checkpoint", best: bool 
         *(os.path.join(path, name) for name in names),
         *(os.path.join(path, "teacher", name) for name in names),
     ):
-        if files.exists(os.path.join(candidate, "_CHECKPOINT_METADATA")) or (
-            files.exists(os.path.join(candidate, "_METADATA"))
-        ):
+        if is_variables_dir(candidate):
             return files.absolute(candidate)
     fix = (
         "give the workdir of a finished teacher run (or its teacher/variables), or unset"
@@ -86,6 +92,17 @@ def resolve_checkpoint(path: str, field: str = "teacher.checkpoint", best: bool 
     )
     if not files.exists(path):
         raise errors.CheckpointError(f"{field} = {path!r} does not exist; {fix}.")
+    if epath.Path(path).is_file():
+        # The natural mistake with a PyTorch teacher: its checkpoint file itself.
+        what = "a file, not a directory of teacher variables"
+        if path.endswith(_CONVERTIBLE_SUFFIXES) or _starts_like_a_checkpoint(path):
+            what = "a PyTorch or safetensors checkpoint file, not dfa_jax teacher variables"
+        raise errors.CheckpointError(
+            f"{field} = {path!r} is {what}. Convert a PyTorch teacher first: python -m"
+            f" dfa_jax.interop import --model MODEL --num-classes N {path} OUT (MODEL its"
+            " architecture, e.g. wrn_40_2; N its classes), then set"
+            f" --config.{field}=OUT --config.teacher.model=MODEL."
+        )
     if os.path.basename(os.path.normpath(path)) == "checkpoints" or files.exists(
         os.path.join(path, "checkpoints")
     ):
@@ -100,6 +117,21 @@ def resolve_checkpoint(path: str, field: str = "teacher.checkpoint", best: bool 
             f" or unset {field} to train a teacher here."
         )
     raise errors.CheckpointError(f"{field} = {path!r} holds no teacher variables; {fix}.")
+
+
+def is_variables_dir(path: str) -> bool:
+    """Whether `path` is a directory of saved variables (orbax's markers at its top)."""
+    return any(files.exists(os.path.join(path, marker)) for marker in VARIABLES_MARKERS)
+
+
+def _starts_like_a_checkpoint(path: str) -> bool:
+    """Whether the file at `path` starts as torch.save's zip or pickle, or a safetensors file."""
+    try:
+        with epath.Path(path).open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return head.startswith((b"PK\x03\x04", b"\x80")) or head[8:9] == b"{"
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -186,10 +218,61 @@ def check_checkpoint(
 
 
 def save_variables(directory: str, variables) -> None:
-    """Writes `{'params', 'batch_stats'}` atomically (orbax renames a finished temp directory)."""
+    """Writes `{'params', 'batch_stats'}` to `directory`, atomically: an existing `directory`
+    is replaced only once the new variables are complete, so a failed save (a full disk, a
+    kill) leaves the old ones in place.
+
+    On a local disk the variables are written to a sibling directory, then swapped in with two
+    renames. An object store cannot rename a directory: there orbax replaces `directory` (its
+    `force`), which deletes the old variables before writing the new ones.
+    """
+    path = files.absolute(directory)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(files.absolute(directory), variables, force=True)
-    checkpointer.wait_until_finished()
+    if files.is_remote(path):
+        checkpointer.save(path, variables, force=True)
+        checkpointer.wait_until_finished()
+        return
+    # Names every process of a run agrees on (orbax writes one directory from all of them), and
+    # leftovers of a save killed before, removed first: orbax refuses an existing target.
+    parent, name = os.path.split(path)
+    new, old = os.path.join(parent, f".{name}.saving"), os.path.join(parent, f".{name}.replaced")
+    primary = jax.process_index() == 0
+    if primary:
+        if not os.path.lexists(path) and is_variables_dir(old):
+            os.rename(old, path)  # A save killed between its two renames: the old ones back.
+        _remove_leftovers(new, old)
+    parallel.sync(f"save_variables {path}: leftovers removed")
+    try:
+        checkpointer.save(new, variables)
+        checkpointer.wait_until_finished()
+    except BaseException:
+        # Orbax's background thread may still create its temporary directory after the error:
+        # wait for it before cleaning up.
+        with contextlib.suppress(Exception):
+            checkpointer.wait_until_finished()
+        if primary:
+            _remove_leftovers(new)
+        raise
+    if primary:
+        if os.path.lexists(path):
+            os.rename(path, old)
+        try:
+            os.rename(new, path)
+        except BaseException:
+            if os.path.lexists(old) and not os.path.lexists(path):
+                os.rename(old, path)  # The old variables back under their name.
+            raise
+        _remove_leftovers(old)
+    parallel.sync(f"save_variables {path}: swapped in")
+
+
+def _remove_leftovers(*paths: str) -> None:
+    """Removes each of `paths` and what orbax writes beside it (`PATH.orbax-checkpoint-tmp*`)."""
+    for path in paths:
+        parent, name = os.path.split(path)
+        for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+            if entry == name or entry.startswith(f"{name}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def load_variables(path: str, model, mesh, field: str = "teacher.checkpoint"):

@@ -2,6 +2,8 @@
 pre-ReLU features, round trips are exact, a wrong architecture or an unsafe file fails with a
 message naming the problem, and the command line writes what the pipeline loads."""
 
+import argparse
+import errno
 import functools
 import json
 import os
@@ -14,12 +16,14 @@ import jax
 import ml_dtypes
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from dfa_jax import (
     bilevel,
     checkpointing,
     config_lib,
+    errors,
     evaluation,
     files,
     inputs,
@@ -858,3 +862,390 @@ def test_keys_under_one_unknown_prefix_name_it_and_the_option(tmp_path):
     with pytest.raises(SystemExit, match=r"error: .*--prefix model\."):
         interop.main([*argv, str(tmp_path / "o")])
     assert interop.main(["import", "--prefix", "model.", *argv[1:], str(tmp_path / "o")]) == 0
+
+
+# ------------------------------------------------------------------------ outputs never lost
+
+
+def _import_argv(source, out, *flags, name="wrn_10_1"):
+    return ["import", "--model", name, "--num-classes", "10", *flags, str(source), str(out)]
+
+
+def _wrn_safetensors(path, seed):
+    """A wrn_10_1's random variables, and the .safetensors at `path` holding them."""
+    variables, state = _wrn_state(seed=seed)
+    safetensors_io.save(str(path), state)
+    return variables
+
+
+def test_import_force_replaces_variables_but_never_another_directory(tmp_path):
+    """A mistyped or swapped OUT (a workdir, a file) is refused and left whole; variables are
+    replaced, and an empty directory is used."""
+    source = tmp_path / "w.safetensors"
+    _wrn_safetensors(source, seed=41)
+    workdir_like = tmp_path / "run"
+    (workdir_like / "teacher").mkdir(parents=True)
+    (workdir_like / "config.json").write_text("{}")
+    (workdir_like / "teacher" / "metrics.jsonl").write_text("x\n")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for out, what in (
+        (workdir_like, "a directory holding config.json, teacher"),
+        (a_file, "a file"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            interop.main(_import_argv(source, out, "--force"))
+        message = str(info.value.code)
+        assert message.startswith(f"error: {out} is {what}, not a variables directory"), message
+        assert "_CHECKPOINT_METADATA" in message
+    assert (workdir_like / "config.json").read_text() == "{}"
+    assert (workdir_like / "teacher" / "metrics.jsonl").exists()
+    assert a_file.read_text() == "keep me"
+
+    model, mesh = teacher.build_model("wrn_10_1", 10, "float32"), parallel.make_mesh()
+    out = tmp_path / "variables"
+    out.mkdir()  # Empty: nothing to lose.
+    assert interop.main(_import_argv(source, out, "--force")) == 0
+    newer = _wrn_safetensors(source, seed=42)
+    assert interop.main(_import_argv(source, out, "--force")) == 0
+    _assert_same(jax.tree.map(np.asarray, teacher.load_variables(str(out), model, mesh)), newer)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "run", "variables", "w.safetensors"]
+
+
+_FAILING_WRITES = """
+import resource, signal, sys
+import numpy as np
+from dfa_jax import interop, teacher
+directory, pth = sys.argv[1], sys.argv[2]
+# Every write beyond 64 KiB fails (EFBIG), as on a full disk.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+# Random: orbax compresses, and ones would fit.
+w = np.random.default_rng(0).random((512, 512), np.float32)
+big = {"params": {"w": w}, "batch_stats": {}}
+try:
+    teacher.save_variables(directory, big)
+    print("save_variables: saved")
+except Exception as e:
+    print("save_variables: failed", type(e).__name__)
+argv = ["export", "--model", "wrn_10_1", "--num-classes", "10", "--force", directory, pth]
+try:
+    interop.main(argv)
+except SystemExit as e:
+    print("export:", e.code)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a file size limit (RLIMIT_FSIZE) is POSIX")
+def test_a_failed_overwrite_keeps_the_old_variables_and_the_old_export(tmp_path):
+    """save_variables over existing variables, and an export over an existing .pth, failing
+    midway (under a file size limit, the error a full disk gives) leave the old ones whole and
+    no temporary files."""
+    pytest.importorskip("torch")
+    directory, pth = tmp_path / "vars", tmp_path / "student.pth"
+    old = random_flax_variables(10, 1, 10, seed=43)  # About 300 KB, saved without the limit.
+    teacher.save_variables(str(directory), old)
+    pth.write_bytes(b"the old export")
+    run = subprocess.run(
+        [sys.executable, "-c", _FAILING_WRITES, str(directory), str(pth)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "save_variables: failed" in run.stdout, run.stdout
+    assert f"export: error: cannot write {pth}: " in run.stdout, run.stdout
+    _assert_same(interop.read_dfa_variables(str(directory))[0], old)
+    assert sorted(os.listdir(tmp_path)) == ["student.pth", "vars"]
+    assert pth.read_bytes() == b"the old export"
+
+
+def test_a_save_killed_between_its_renames_gets_the_old_variables_back(tmp_path, monkeypatch):
+    """Killed after moving the old variables aside and before moving the new ones in: the next
+    save starts by putting the old ones back under their name, not by deleting them (here that
+    save fails too, so they must still be there)."""
+    old = random_flax_variables(10, 1, 10, seed=43)
+    teacher.save_variables(str(tmp_path / "vars"), old)
+    os.rename(tmp_path / "vars", tmp_path / ".vars.replaced")
+    (tmp_path / ".vars.saving").mkdir()  # The new ones, half written.
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", disk_full)
+    with pytest.raises(OSError):
+        teacher.save_variables(str(tmp_path / "vars"), random_flax_variables(10, 1, 10, seed=44))
+    _assert_same(interop.read_dfa_variables(str(tmp_path / "vars"))[0], old)
+    assert sorted(os.listdir(tmp_path)) == ["vars"]
+
+
+def test_a_failed_pth_export_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """torch.save failing midway (it reports a failed write as RuntimeError) writes to a
+    temporary file only: the old export stays, the temporary file goes, one `error:` line."""
+    torch = pytest.importorskip("torch")
+    source = tmp_path / "vars"
+    teacher.save_variables(str(source), random_flax_variables(10, 1, 10))
+    out = tmp_path / "student.pth"
+    out.write_bytes(b"the old export")
+
+    def failing_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    argv = ["export", "--model", "wrn_10_1", "--num-classes", "10", "--force", str(source)]
+    with pytest.raises(SystemExit, match=rf"^error: cannot write {re.escape(str(out))}: "):
+        interop.main([*argv, str(out)])
+    assert out.read_bytes() == b"the old export"
+    assert sorted(os.listdir(tmp_path)) == ["student.pth", "vars"]
+
+
+def test_export_to_a_directory_or_a_missing_directory_is_refused_before_any_work(tmp_path):
+    """The source does not even exist: the output is checked first."""
+    missing_source = str(tmp_path / "no-such-run")
+    argv = ["export", "--model", "wrn_10_1", "--num-classes", "10"]
+    for flags in ([], ["--force"]):
+        with pytest.raises(SystemExit) as info:
+            interop.main([*argv, *flags, missing_source, str(tmp_path)])
+        assert str(info.value.code).startswith(f"error: {tmp_path} is a directory: give the file")
+    out = tmp_path / "nodir" / "s.pth"
+    with pytest.raises(SystemExit) as info:
+        interop.main([*argv, missing_source, str(out)])
+    assert str(info.value.code) == (
+        f"error: {out}: its directory {tmp_path / 'nodir'} does not exist; create it first"
+    )
+    assert os.listdir(tmp_path) == []
+
+
+def test_safetensors_save_removes_its_temporary_file_when_it_fails(tmp_path):
+    target = tmp_path / "taken"
+    (target / "inside").mkdir(parents=True)  # The rename onto a non-empty directory fails.
+    with pytest.raises(OSError):
+        safetensors_io.save(str(target), {"w": np.zeros(3, np.float32)})
+    assert os.listdir(tmp_path) == ["taken"]
+
+
+def _export_argv(source, out, *flags):
+    return ["export", "--model", "wrn_10_1", "--num-classes", "10", *flags, str(source), str(out)]
+
+
+def test_export_of_a_multi_seed_stage_lists_its_seeds(tmp_path):
+    stage = tmp_path / "run" / "distill" / "dfa"
+    for seed in (10, 2):
+        teacher.save_variables(str(stage / f"seed{seed}" / teacher.VARIABLES_DIR), _wrn_state()[0])
+    with pytest.raises(SystemExit) as info:
+        interop.main(_export_argv(stage, tmp_path / "s.safetensors"))
+    assert str(info.value.code) == (
+        f"error: {stage} is a stage of several seeds, one student in each: export one of"
+        f" {stage / 'seed2'}, {stage / 'seed10'}"
+    )
+    _assert_same(_export_to_arrays(tmp_path, stage / "seed2"), _wrn_state()[0])
+
+
+# ------------------------------------------------------------------------- what a file holds
+
+
+def test_repdistillers_last_checkpoint_with_its_options_imports(tmp_path):
+    """RepDistiller's `{model}_last.pth`: {'opt': the argparse.Namespace of its command line,
+    'model': ..., 'optimizer': ...} (train_teacher.py; train_student.py without 'optimizer')."""
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch.serialization, "safe_globals"):
+        pytest.skip("torch < 2.4 cannot allow argparse.Namespace in weights_only loading")
+    net = torch_wrn(10, 1, 10, seed=12)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    logits, _ = net(torch.zeros(2, 3, 32, 32))
+    logits.sum().backward()
+    optimizer.step()  # Momentum buffers in its state, as after training.
+    opt = argparse.Namespace(
+        model="wrn_10_1",
+        learning_rate=0.05,
+        lr_decay_epochs=[150, 180, 210],
+        trial="0",
+        path_t=None,
+        save_folder="./save/models/wrn_10_1_cifar100_lr_0.05_decay_0.0005_trial_0",
+    )
+    path = str(tmp_path / "wrn_10_1_last.pth")
+    torch.save({"opt": opt, "model": net.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    assert interop.load_torch_file(path)["opt"] == opt
+    out = tmp_path / "teacher"
+    assert interop.main(_import_argv(path, out)) == 0
+    restored = teacher.load_variables(
+        str(out), teacher.build_model("wrn_10_1", 10, "float32"), parallel.make_mesh()
+    )
+    _assert_same(
+        jax.tree.map(np.asarray, restored), interop.from_torch(net.state_dict(), "wrn_10_1", 10)
+    )
+
+
+def test_an_npz_given_to_import_is_named_as_not_a_torch_save_file(tmp_path):
+    path = tmp_path / "weights.npz"
+    np.savez(path, a=np.zeros(3), b=np.ones(2))
+    with pytest.raises(SystemExit) as info:
+        interop.main(_import_argv(path, tmp_path / "o"))
+    message = str(info.value.code)
+    assert message.startswith(f"error: {path} is a zip archive that torch.save did not write")
+    assert "a.npy, b.npy (a NumPy .npz?)" in message and ".safetensors" in message
+    assert "damaged" not in message and "inline_container" not in message
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("name", ["teacher.pth", "model.safetensors", "best"])
+def test_a_teacher_checkpoint_naming_a_pytorch_file_says_to_convert_it(tmp_path, name):
+    """`--config.teacher.checkpoint=teacher.pth`: the command that converts it, with its flags
+    (a file without a known suffix is recognised by its first bytes)."""
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04" + bytes(60))
+    model = teacher.build_model("wrn_10_1", 10, "float32")
+    with pytest.raises(errors.CheckpointError) as info:
+        teacher.check_checkpoint(str(path), model)
+    message = str(info.value)
+    assert "is a PyTorch or safetensors checkpoint file, not dfa_jax teacher variables" in message
+    assert f"python -m dfa_jax.interop import --model MODEL --num-classes N {path} OUT" in message
+    assert "--config.teacher.checkpoint=OUT --config.teacher.model=MODEL" in message
+
+
+# ------------------------------------------------------------------- hints across families
+
+
+def random_variables(name, num_classes, seed=0):
+    """Random variables (every leaf) of any model, in the project's tree."""
+    leaves, tree = jax.tree.flatten(abstract_variables(models.get_model(name, num_classes)))
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(
+        tree, [rng.uniform(0.5, 1.5, x.shape).astype(np.float32) for x in leaves]
+    )
+
+
+@pytest.mark.parametrize(
+    "weights, model",
+    [
+        ("resnet8", "wrn_16_2"),  # RepDistiller's CIFAR ResNet given as a WRN.
+        ("wrn_16_2", "resnet8"),
+        ("ShuffleV2", "shufflenet_v2_1.0"),  # RepDistiller's ShuffleV2 vs the DFA authors'.
+        ("shufflenet_v2_0.5", "ShuffleV2"),
+        ("vgg8", "MobileNetV2"),
+    ],
+)
+def test_a_mismatch_names_the_model_of_another_family_the_weights_are(weights, model):
+    state = numpy_state_dict(interop.to_torch(random_variables(weights, 10), weights, 10))
+    with pytest.raises(interop.InteropError) as info:
+        interop.from_torch(state, model, 10)
+    assert str(info.value).endswith(f" The weights look like {weights} with 10 classes.")
+
+
+def test_weights_that_fit_no_model_exactly_get_no_guess():
+    """A transposed classifier of resnet8 (64 features, 10 classes) is no resnet8 of 64
+    classes; the first bad tensor, with both shapes, is the message."""
+    state = numpy_state_dict(interop.to_torch(random_variables("resnet8", 10), "resnet8", 10))
+    state["fc.weight"] = state["fc.weight"].T.copy()
+    with pytest.raises(interop.InteropError) as info:
+        interop.from_torch(state, "resnet8", 10)
+    message = str(info.value)
+    assert "key 'fc.weight' has shape (64, 10), expected (10, 64)" in message
+    assert "look like" not in message
+    variables = random_flax_variables(10, 1, 10)
+    variables["params"]["fc"]["kernel"] = variables["params"]["fc"]["kernel"].T
+    with pytest.raises(interop.InteropError) as info:
+        interop.wrn_to_torch(variables, 10, 1, 10)
+    assert "look like" not in str(info.value)
+
+
+# ------------------------------------------------------------------- safetensors, strictly
+
+
+_F32 = {"dtype": "F32", "shape": [1]}
+
+
+@pytest.mark.parametrize(
+    "header, data, expected",
+    [
+        (
+            {"a": {**_F32, "data_offsets": [0, 4]}, "b": {**_F32, "data_offsets": [8, 12]}},
+            bytes(12),
+            r"tensor 'b''s data_offsets \[8, 12\] leaves a gap before it \(at byte 4\)",
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {**_F32, "data_offsets": [4, 8]},
+            },
+            bytes(8),
+            r"tensor 'b''s data_offsets \[4, 8\] overlaps the tensor before it",
+        ),
+        (
+            {"a": {**_F32, "data_offsets": [0, 4]}},
+            bytes(8),
+            r"its tensors cover 4 bytes of its 8-byte buffer \(trailing bytes\)",
+        ),
+        (
+            {"__metadata__": {"epoch": 3}, "a": {**_F32, "data_offsets": [0, 4]}},
+            bytes(4),
+            r"its __metadata__ is not a JSON object of strings",
+        ),
+        (
+            {"__metadata__": ["x"], "a": {**_F32, "data_offsets": [0, 4]}},
+            bytes(4),
+            r"its __metadata__ is not a JSON object of strings",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}},
+            bytes(8),
+            r"tensor 'a' has shape \[2\.5\], not a list of non-negative integers",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
+            bytes(4),
+            r"tensor 'a' has shape \[-1\], not a list",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4]}},
+            bytes(4),
+            r"tensor 'a' has data_offsets \[0\.0, 4\], not two non-negative integers",
+        ),
+        (
+            {"a": {"dtype": "F16", "shape": [1], "data_offsets": [0, 4]}},
+            bytes(4),
+            r"tensor 'a''s data_offsets \[0, 4\] do not fit its shape",
+        ),
+    ],
+    ids=[
+        "hole",
+        "overlap",
+        "trailing",
+        "metadata-int",
+        "metadata-list",
+        "shape-float",
+        "shape-negative",
+        "offsets-float",
+        "offsets-vs-dtype",
+    ],
+)
+def test_a_safetensors_file_the_format_forbids_is_refused(tmp_path, header, data, expected):
+    """The reference reader's checks: the tensors index the whole buffer, no hole, no overlap,
+    no trailing bytes; metadata of strings; integer shapes and offsets."""
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_safetensors_bytes(header, data))
+    with pytest.raises(safetensors_io.SafetensorsError) as info:
+        safetensors_io.load(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path} is not a safetensors file: "), message
+    assert re.search(expected, message), message
+    try:
+        import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return
+    with pytest.raises(safetensors.SafetensorError):  # The reference reader refuses it too.
+        safetensors.numpy.load_file(str(path))
+
+
+def test_big_endian_arrays_are_saved_little_endian(tmp_path):
+    path = str(tmp_path / "be.safetensors")
+    arrays = {"w": np.arange(6, dtype=">f4").reshape(2, 3), "n": np.arange(3, dtype=">i8")}
+    safetensors_io.save(path, arrays)
+    back, _ = safetensors_io.load(path)
+    for name, value in arrays.items():
+        assert back[name].dtype == value.dtype.newbyteorder("<")
+        np.testing.assert_array_equal(back[name], value)
