@@ -3,14 +3,16 @@
     python -m benchmarks.search_dynamics RUNS/lambda* --out RUNS
 
 For every workdir (its `search/g{i}/metrics.jsonl`) and group: alpha at the start (softmax of the
-initial beta) and after every epoch, how far beta moved (from `alpha.json`) against the most
-Adam can move it (about lr per step), and, averaged over the logged steps, the two forces on beta
-that the search logs: |dL_val/dbeta_j| (`train/beta_grad/j`, the bridge loss's gradient) and
+initial beta) and after every epoch, how far beta moved (from `alpha.json`) against lr x steps
+(Adam's move under a steady one-signed gradient; no bound: a gradient that grows after a quieter
+stretch moves beta further), and, averaged over the steps (each metrics.jsonl row, the mean of
+the steps since the previous one, weighted by their number), the two forces on beta that the
+search logs: |dL_val/dbeta_j| (`train/beta_grad/j`, the bridge loss's gradient) and
 |lambda * beta_j| (`train/val/beta_l2_pull/j`, the coupled L2's pull toward beta = 0, i.e.
 uniform alpha), with the net push (the loss's gradient averaged with its sign, where the run
 logged it) and the ST path's share of the loss gradient. Writes `search_dynamics.md` (the
 table), `search_dynamics.jsonl` (one line per workdir and group), `alpha_trajectories.png` and
-`beta_forces.png` into --out.
+`beta_forces.png` into --out. A search still running, or killed, is read up to its last row.
 """
 
 from __future__ import annotations
@@ -34,8 +36,19 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def _row_weights(train_rows: list[dict]) -> np.ndarray:
+    """How many steps each train row of a stage's metrics.jsonl averages: the training loop logs,
+    at step s, the mean of the steps since its previous train row (the first, since the stage's
+    step 0). Epoch ends and checkpoints cut intervals short, so rows cover unequal step counts."""
+    steps = np.array([r["step"] for r in train_rows])
+    return np.diff(steps, prepend=0)
+
+
 def group_dynamics(workdir: str) -> list[dict]:
-    """Per group of one search workdir: steps, alpha start / per epoch / end, mean forces."""
+    """Per group of one search workdir: steps, alpha start / per epoch / end, mean forces.
+
+    A group without its result.json (its search still running, or killed) counts the steps of
+    its last row, has `finished` False and no `beta_end`."""
     config = files.read_json(os.path.join(workdir, "config.json"))
     search = config["search"]
     alpha_file = os.path.join(workdir, "alpha.json")
@@ -43,24 +56,36 @@ def group_dynamics(workdir: str) -> list[dict]:
     out, group = [], 1
     while os.path.exists(path := os.path.join(workdir, "search", f"g{group}", "metrics.jsonl")):
         rows = _rows(path)
-        steps = [r for r in rows if "train/beta_grad/0" in r]
-        if not steps:  # A group of one map: alpha = 1, its beta is not searched.
+        train = [r for r in rows if "epoch" not in r]
+        if not train or "train/beta_grad/0" not in train[0]:
+            # A group of one map (alpha = 1, its beta is not searched), or one with no row yet.
             group += 1
             continue
         epochs = [r for r in rows if "epoch" in r]
-        n = sum(1 for k in steps[0] if k.startswith("train/beta_grad/"))
+        n = sum(1 for k in train[0] if k.startswith("train/beta_grad/"))
         beta0 = np.zeros(n)
         beta0[-1] = search["init_last_logit"]
+        weights = _row_weights(train)
+        result_path = os.path.join(os.path.dirname(path), "result.json")
+        finished = os.path.exists(result_path)
+        if finished:
+            steps = files.read_json(result_path)["steps"]
+        else:
+            steps = train[-1]["step"]
+            print(
+                f"{workdir}: search group {group} has no result.json (running or killed):"
+                f" read up to its step {steps}"
+            )
 
         def mean(key):
-            return float(np.mean([r[key] for r in steps]))
+            return float(np.average([r[key] for r in train], weights=weights))
 
         grad = [mean(f"train/beta_grad/{j}") for j in range(n)]
         pull = [mean(f"train/val/beta_l2_pull/{j}") for j in range(n)]
         # The net push (mean signed gradient) where the run logged it.
         signed = (
             [mean(f"train/beta_grad_signed/{j}") for j in range(n)]
-            if "train/beta_grad_signed/0" in steps[0]
+            if "train/beta_grad_signed/0" in train[0]
             else None
         )
         out.append(
@@ -70,9 +95,8 @@ def group_dynamics(workdir: str) -> list[dict]:
                 "beta_lr": search["beta_lr"],
                 "lambda": search["beta_weight_decay"],
                 "w_schedule": search.get("w_schedule", "global"),
-                "steps": files.read_json(os.path.join(os.path.dirname(path), "result.json"))[
-                    "steps"
-                ],
+                "steps": steps,
+                "finished": finished,
                 "alpha_start": _softmax(beta0).tolist(),
                 "alpha_epochs": [[r[f"alpha/g{group}/{j}"] for j in range(n)] for r in epochs],
                 "beta_grad": grad,
@@ -80,7 +104,7 @@ def group_dynamics(workdir: str) -> list[dict]:
                 "beta_grad_signed": signed,
                 "share_st": mean("train/beta_share_st"),
                 "beta_start": beta0.tolist(),
-                "beta_end": final[group - 1]["beta"] if len(final) >= group else None,
+                "beta_end": final[group - 1]["beta"] if finished and len(final) >= group else None,
             }
         )
         group += 1
@@ -90,8 +114,8 @@ def group_dynamics(workdir: str) -> list[dict]:
 def table(records: list[dict]) -> str:
     """A markdown table: one row per workdir and group."""
     lines = [
-        "| run | group | steps | alpha start | alpha end | beta moved (first / last map) | Adam's "
-        "bound lr*steps | mean abs dL/dbeta (last map) | mean abs lambda*beta (last map) "
+        "| run | group | steps | alpha start | alpha end | beta moved (first / last map) | lr*steps "
+        "(a steady push's move) | mean abs dL/dbeta (last map) | mean abs lambda*beta (last map) "
         "| pull / grad | mean dL/dbeta, signed (first / last map) | ST share of the gradient |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -113,10 +137,13 @@ def table(records: list[dict]) -> str:
         # The net push (the loss's gradient averaged with its sign): runs that logged it.
         signed = r.get("beta_grad_signed")
         push = "–" if signed is None else fmt(f"{g:+.2e}" for g in (signed[0], signed[-1]))
+        # A search still running or killed: its steps so far, alpha after its last epoch, if any.
+        steps = f"{r['steps']}" if r.get("finished", True) else f"{r['steps']} (unfinished)"
+        end = fmt(f"{a:.3f}" for a in r["alpha_epochs"][-1]) if r["alpha_epochs"] else "–"
         lines.append(
-            f"| {r['workdir']} | {r['group']} | {r['steps']} "
+            f"| {r['workdir']} | {r['group']} | {steps} "
             f"| {fmt(f'{a:.3f}' for a in r['alpha_start'])} "
-            f"| {fmt(f'{a:.3f}' for a in r['alpha_epochs'][-1])} "
+            f"| {end} "
             f"| {moved} | {r['beta_lr'] * r['steps']:.3f} "
             f"| {grad:.3g} | {pull:.3g} | {ratio} | {push} | {r['share_st']:.3f} |"
         )

@@ -8,7 +8,7 @@
 #       [TEACHER_EPOCHS] [BETA_LR]
 # TRAIN_IMAGES (default 10000) caps the training images the search splits 7:3 into its w and beta
 # halves; the teacher (TEACHER_EPOCHS, default 5) trains on all of them. BETA_LR (default the
-# paper's 1e-3) bounds how far Adam can move beta (about BETA_LR per step); another rate's
+# paper's 1e-3) sets how far Adam moves beta (about BETA_LR per step under a steady push); another rate's
 # searches get workdirs of their own (`..._lr0.01`). Re-running resumes.
 set -euo pipefail
 data=${1:?usage: search_dynamics.sh CIFAR10_NPZ_DIR [RUNS_DIR] [TRAIN_IMAGES] [EPOCHS_PER_GROUP]}

@@ -4,12 +4,15 @@ anything trains, and the distillation reads it to freeze its alpha."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
+from absl import logging
 
 from dfa_jax import errors
 from dfa_jax import files
+from dfa_jax import models
 
 AlphaFileError = errors.AlphaFileError
 
@@ -21,6 +24,8 @@ def load(path: str, teacher_model) -> list[np.ndarray]:
 
     Raises `AlphaFileError` naming the file and what is wrong: unreadable or not JSON, keys
     missing, another group layout, or an alpha that is not non-negative weights summing to 1.
+    A file whose `teacher` names another architecture with this teacher's layout (another width,
+    say) loads with a warning naming both: reusing an alpha across teachers may be the intent.
     """
     fix = "use the alpha.json a search with this teacher architecture wrote (WORKDIR/alpha.json)"
     try:
@@ -72,4 +77,37 @@ def load(path: str, teacher_model) -> list[np.ndarray]:
                 f" softmax of the group's beta); {fix}."
             )
         alphas.append(alpha.astype(np.float32))
+    searched_with = record.get("teacher")
+    if isinstance(searched_with, str) and not _is_architecture(teacher_model, searched_with):
+        logging.warning(
+            "alpha file %s was searched with teacher %r, but this run's teacher is %s: its"
+            " alpha is used as it is (fine if meant, e.g. DFA-T with another teacher).",
+            path,
+            searched_with,
+            _describe(teacher_model),
+        )
     return alphas
+
+
+def _is_architecture(model, name: str) -> bool:
+    """Whether model `name` would be built as `model` (class and architecture fields alike)."""
+    family = models.family_of(name)
+    return (
+        family is not None
+        and isinstance(model, family.module)
+        and all(getattr(model, k, None) == v for k, v in family.parse(name).items())
+    )
+
+
+def _describe(model) -> str:
+    """A model's name where a preset matches it, else its class and architecture fields."""
+    family = models.family_of(model)
+    for name in family.presets if family is not None else ():
+        if _is_architecture(model, name):
+            return repr(name)
+    fields = ", ".join(
+        f"{f.name}={getattr(model, f.name)!r}"
+        for f in dataclasses.fields(model)
+        if f.name not in ("num_classes", "dtype", "parent", "name")
+    )
+    return f"{type(model).__name__}({fields})"

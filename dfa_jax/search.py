@@ -13,7 +13,7 @@ group is a sub-stage of the shared loop (`WORKDIR/search/g{i}`), so the search r
 like any stage. A group of one map (ShuffleNetV2's stem and conv5) has alpha = 1 whatever beta
 is: it runs its w steps only, with no beta half and no validation batches. Each group's end logs
 one line (`group_movement`): alpha and its entropy from start to end, beta's move against
-Adam's bound.
+lr x steps (Adam's move under a steady one-signed gradient).
 Outputs: `WORKDIR/alpha.json`, `WORKDIR/search/alpha_history.json` and the PNG plots.
 """
 
@@ -218,12 +218,15 @@ def alpha_record(teacher_model, beta) -> list[dict]:
     ]
 
 
-def group_movement(start: dict, end: dict, adam_bound: float) -> str:
+def group_movement(start: dict, end: dict, steady_move: float) -> str:
     """One line on how far a group's search moved: alpha and its normalised entropy (1 =
-    'Average', 0 = one map) from start to end, and each beta's move against `adam_bound`, about
-    the most Adam can move one in the group's steps (lr per step, give or take its bias
-    correction): a move near the bound is a push in one direction all along; a small one,
-    forces that cancelled or changed sign."""
+    'Average', 0 = one map) from start to end, and each beta's move against `steady_move` =
+    lr x steps, Adam's move under a gradient of one sign and steady size (lr per step).
+
+    It is no bound: a gradient that grows after a quieter stretch moves beta further (one step
+    after a quiet stretch, up to (1 - b1) / sqrt(1 - b2) ~ 16 lr at b1 = 0.5, b2 = 0.999). A move
+    near lr x steps is a steady push in one direction; a much smaller one, forces that cancelled
+    or changed sign."""
 
     def entropy(alpha) -> str:
         return f"{float(bilevel.normalised_entropy(jnp.asarray(alpha))):.3f}"
@@ -237,7 +240,7 @@ def group_movement(start: dict, end: dict, adam_bound: float) -> str:
     return (
         f"g{end['group']}: alpha {joined(start['alpha'], '.3f')} -> {joined(end['alpha'], '.3f')}"
         f" (entropy {entropy(start['alpha'])} -> {entropy(end['alpha'])}); beta moved"
-        f" {joined(moved, '+.3f')} (Adam's bound, about lr x steps: {adam_bound:.3f})"
+        f" {joined(moved, '+.3f')} (lr x steps, a steady push's move: {steady_move:.3f})"
     )
 
 
@@ -393,7 +396,11 @@ def build_group_stage(
 
 
 def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
-    """Searches the aggregation weights of every group; returns the result with `alpha`."""
+    """Searches the aggregation weights of every group; returns the result with `alpha`.
+
+    The result's `student_best_accuracy` / `student_last_accuracy` are the last group's search
+    student's; `student_accuracy_by_group` has every group's (`best_accuracy`, `best_epoch`,
+    `last_accuracy`, keyed 'g1', 'g2', ...)."""
     directory = os.path.join(workdir, "search")
     if train_loop.is_done(directory):
         return train_loop.read_result(directory)
@@ -406,11 +413,14 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
     )
 
     start = alpha_record(teacher_model, state.beta)
-    result = {}
+    result, by_group = {}, {}
     for group in range(1, num_groups + 1):
         stage = build_group_stage(search, config, mesh, data, directory, group, state, teacher_vars)
         result = train_loop.run(stage, config, mesh)
         state = result.pop("state")
+        by_group[methods.group_key(group)] = {
+            k: result[k] for k in ("best_accuracy", "best_epoch", "last_accuracy")
+        }
         logging.info(
             "[search] %s",
             group_movement(
@@ -437,8 +447,11 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         "groups": num_groups,
         "epochs_per_group": config.search.epochs_per_group,
         "alpha": {methods.group_key(r["group"]): r["alpha"] for r in record},
+        # The last group's search student (w carries over, so the search's final student): its
+        # best epoch within that group, and its last. Every group's are below.
         "student_best_accuracy": result["best_accuracy"],
         "student_last_accuracy": result["last_accuracy"],
+        "student_accuracy_by_group": by_group,
     }
     files.write_json_atomic(os.path.join(directory, train_loop.RESULT_FILE), summary)
     parallel.sync("search: alpha.json written")  # Every process's distillation reads it next.

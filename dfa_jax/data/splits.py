@@ -98,7 +98,7 @@ def load_or_create_split(
     any path `etils.epath` understands (local or gs://).
 
     Args:
-        path: where the split lives, e.g. `{workdir}/search/split.json`.
+        path: where the split lives, e.g. `{workdir}/search_split.json` (`inputs.SPLIT_FILE`).
         labels: int [N] class of each example of the split being divided.
         val_fraction: as in `stratified_split`.
         seed: as in `stratified_split`.
