@@ -282,6 +282,16 @@ def test_feature_loss_gradients_finite(name):
     assert np.all(np.isfinite(zero_grad))
 
 
+def test_ft_l1_leaves_factors_that_already_match_alone():
+    """|x|'s gradient at 0 is torch's 0: a student factor equal to the teacher's is not pushed
+    (JAX's own is 1, which pushed every matching entry)."""
+    t = _normal(32)
+    s = np.where(np.arange(SHAPE[-1]) % 2 == 0, t, _normal(33))  # Half the channels match.
+    grad = np.asarray(jax.grad(lambda z: losses.ft_loss(z, t))(s))
+    np.testing.assert_array_equal(jax.grad(lambda z: losses.ft_loss(z, t))(t), 0.0)
+    assert np.any(grad != 0)
+
+
 def test_kd_gradient_finite():
     s, t = _normal(30, (5, 10), 50.0), _normal(31, (5, 10), 50.0)  # p_t underflows to 0 in places
     grad = jax.grad(losses.kd_loss)(s, t, 1.0)

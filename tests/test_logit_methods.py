@@ -215,6 +215,19 @@ def test_gradients_are_finite(name, s, t, labels):
         assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all(), method
 
 
+@pytest.mark.parametrize("rows", [[0], [1, 1]], ids=["one", "twins"])
+def test_dist_gradients_equal_torchs_where_a_centred_row_is_zero(rows):
+    """A batch of one, or a class equally likely for every sample, centres a row of DIST's
+    intra-class term to zero: torch's norm has gradient 0 there, and so must ours (not NaN)."""
+    torch, *_, dist = _torch_refs()
+    logits = np.random.default_rng(7).normal(scale=3.0, size=(2, 2, 10)).astype(np.float32)
+    s, t = logits[0][rows], logits[1][rows]  # [B, 10] each.
+    grad = jax.grad(lambda z: losses.dist_loss(z, t, 2.0, 2.0, 4.0))(jnp.asarray(s))
+    ts = torch.from_numpy(s).requires_grad_()
+    dist(ts, torch.from_numpy(t), 2.0, 2.0, 4.0).backward()
+    np.testing.assert_allclose(np.asarray(grad), ts.grad.numpy(), atol=1e-6)
+
+
 def test_loss_inputs_are_checked():
     s = np.zeros((4, 5), np.float32)
     with pytest.raises(ValueError, match="must both be"):

@@ -60,7 +60,7 @@ def adaptive_avg_pool(x: jax.Array, hw) -> jax.Array:
 
     Where a teacher's group ends larger than the student's, DFA, Margin and the search pool the
     teacher's maps to the student's size with it, as mdistiller's OFD does; AT and FT pool the
-    larger of their two maps (`_match_spatial`).
+    larger of their two maps (`_match_spatial`). Unlike the losses, it keeps `x`'s dtype.
     """
     return _adaptive_avg_pool_axis(_adaptive_avg_pool_axis(x, 1, hw[0]), 2, hw[1])
 
@@ -258,7 +258,10 @@ def ft_loss(
         raise ValueError(f"batch mismatch: {student_factor.shape} vs {teacher_factor.shape}")
     s, t = _match_spatial(student_factor.astype(jnp.float32), teacher_factor.astype(jnp.float32))
     diff = attention_map(s, p1) - attention_map(t, p1)
-    return jnp.mean(jnp.abs(diff)) if p2 == 1 else jnp.mean(diff * diff)
+    if p2 == 2:
+        return jnp.mean(diff * diff)
+    # |x|'s gradient at 0: torch's 0, not JAX's 1, so entries that already match are left alone.
+    return jnp.mean(jnp.where(diff == 0, 0.0, jnp.abs(diff)))
 
 
 def ab_loss(student_pre: jax.Array, teacher_pre: jax.Array, margin: float = 1.0) -> jax.Array:
@@ -328,14 +331,16 @@ def target_logit_input_grad(
     """Input gradient of the true-class logit: `d(sum_b z_b[y_b]) / d images`, one `jax.grad`.
 
     The raw logit, not its log-softmax, as Knowledge-Distillation-Zoo `Sobolev` (`grad` of
-    `gather(out, 1, target)` with `grad_outputs=ones`). Samples do not interact in inference-mode
-    models, so row b of the result is sample b's own gradient. The result is differentiable
+    `gather(out, 1, target)` with `grad_outputs=ones`). In an inference-mode model samples do not
+    interact, so row b of the result is sample b's own gradient; the Jacobian method passes the
+    student in training mode, as that reference does, where BatchNorm's batch statistics couple
+    the samples. The result is differentiable
     w.r.t. `variables` (the `create_graph=True` of the reference): `jax.grad` of a loss on it
     gives the second-order parameter gradient.
 
     Args:
       apply_fn: `apply_fn(variables, images) -> [B, K]` logits; bind train flags and discard
-        mutable state (e.g. BN in eval mode) before passing it.
+        mutable state (the new BN statistics of a training-mode model) before passing it.
       variables: the model's variables (a pytree).
       images: [B, H, W, C] float inputs.
       labels: [B] integer class labels in [0, K).

@@ -84,7 +84,9 @@ def st_loss(student: jax.Array, aggregated: jax.Array) -> jax.Array:
     """Student-to-teacher loss, paper Eq. 11: `mean_b || u(s_b) - u(a_b) ||^2`.
 
     `u(x_b) = vec(x_b) / sqrt(||vec(x_b)||^2 + 1e-12)` normalises each sample's flattened map, so
-    the loss is scale invariant per sample and lies in [0, 4].
+    the loss is scale invariant per sample and lies in [0, 4]. Per sample is our reading: Eq. 11
+    normalises "vec of the tensor", which could also be the whole batch's (another value, and
+    another scale for γ_ST).
 
     Args:
       student: [B, H, W, C] ST-connector output `F_s(S_i)` (student map in teacher channels).

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from jax.scipy.stats import norm
 
 GAMMA_FD = 1e-3
-"""Weight of the feature distillation loss in `L = CE + GAMMA_FD * L_fd` (paper Eq. 4, WRN)."""
+"""Weight of the feature distillation loss in `L = CE + GAMMA_FD * L_fd` (paper Eq. 4's γ_fd,
+which the paper gives no number for): overhaul's `/ batch_size / 1000` and the DFA authors'
+`MarginReLULoss` weight 1e-3, our reading for the WRN pairs."""
 
 DISTANCES = ("partial_l2", "l2")
 """Valid `distance` names of `feature_distillation_loss` (config `distill.distance`)."""
@@ -46,7 +48,8 @@ def bn_margin(gamma: jax.Array, beta: jax.Array) -> jax.Array:
     """
     beta = jnp.asarray(beta, jnp.float32)
     # A zero gamma is clamped to the smallest normal float: the limit gives beta for beta < 0 and
-    # ~0 otherwise, instead of 0/0.
+    # ~0 otherwise, instead of 0/0 (the value only: the gradient w.r.t. gamma at 0 is NaN, and
+    # nothing differentiates margins; overhaul divides by zero there).
     s = jnp.maximum(jnp.abs(jnp.asarray(gamma, jnp.float32)), jnp.finfo(jnp.float32).tiny)
     z = beta / s
     tail = norm.cdf(-z)
@@ -128,8 +131,8 @@ def feature_distillation_loss(
 ) -> jax.Array:
     """Feature distillation loss, paper Eq. 3 as we read it: `L_fd = sum_i w_i D(F_s(S_i), A_i)`.
 
-    The student objective `L = CE + GAMMA_FD * L_fd` (Eq. 4, GAMMA_FD = 1e-3) is assembled by the
-    caller. Targets are used as given: the caller freezes alpha and keeps teacher gradients out.
+    The student objective `L = CE + GAMMA_FD * L_fd` (Eq. 4; GAMMA_FD = 1e-3 is our reading, see
+    its note) is assembled by the caller. Targets are used as given: the caller freezes alpha and keeps teacher gradients out.
 
     Args:
       student_feats: G arrays [B, H_i, W_i, C_i], the student maps already passed through the

@@ -57,8 +57,8 @@ def standardize(logits: jax.Array) -> jax.Array:
     z = logits.astype(jnp.float32)
     mean = jnp.mean(z, axis=-1, keepdims=True)
     var = jnp.sum((z - mean) ** 2, axis=-1, keepdims=True) / (z.shape[-1] - 1)
-    # sqrt's gradient at 0 is infinite: a constant row (std 0) gets the reference's value and a
-    # finite gradient (torch's is NaN there) by taking sqrt of positive variances only.
+    # sqrt's gradient at 0 is infinite: a constant row (std 0) gets the reference's value and
+    # torch's finite gradient by taking sqrt of positive variances only.
     positive = var > 0
     std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
     return (z - mean) / (STANDARDIZE_EPS + std)
@@ -137,8 +137,17 @@ def _pearson_rows(a: jax.Array, b: jax.Array) -> jax.Array:
     """Per row, DIST_KD's `pearson_correlation`: the cosine (eps 1e-8) of the centred rows."""
     a = a - jnp.mean(a, axis=1, keepdims=True)
     b = b - jnp.mean(b, axis=1, keepdims=True)
-    norms = jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1)
+    norms = _norm_rows(a) * _norm_rows(b)
     return jnp.sum(a * b, axis=1) / (norms + DIST_EPS)
+
+
+def _norm_rows(x: jax.Array) -> jax.Array:
+    """Each row's L2 norm, with torch's gradient 0 (not JAX's NaN) at a zero row: a centred row
+    is zero for a batch of one (the intra-class term's columns) or a class equally likely for
+    every sample, and one NaN gradient would ruin the student."""
+    squares = jnp.sum(x * x, axis=1)
+    positive = squares > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
 
 
 def dist_loss(
