@@ -30,8 +30,18 @@ FLOPs: `gflop_per_step` is the compiled step's own count (XLA's cost analysis, a
 `achieved_tflop_s` that at the measured pace, and on a chip of `PEAK_TFLOPS`
 `peak_fraction_{bf16,tf32,fp32}` its share of the chip's dense peaks.
 
+FLOPs are XLA's count: it skips a convolution's taps on the zero padding and counts elementwise
+work too, so a WRN step at 32x32 counts ~6-8 % under the usual dense conv + matmul count.
+
 Memory: `peak_mem_mb` is the process's peak resident set while the case ran (Linux's VmHWM, reset
 before each case; the process maximum elsewhere), or the device's `peak_bytes_in_use` on a GPU.
+On a CPU that peak includes the process's baseline (Python, the libraries, JAX's state while the
+PyTorch twins run), so the sides compare by what each adds to what was in use before it was built:
+`added_mem_mb`, `torch_added_mem_mb`, `torch_compile_added_mem_mb`.
+
+Load: each case is timed `--repeats` times (3), JAX and PyTorch alternating, each side keeping its
+fastest; `step_ms_spread` / `torch_step_ms_spread` (slowest over fastest) and the load average
+show how quiet the machine was.
 """
 
 from __future__ import annotations
@@ -114,13 +124,25 @@ KEYS = (
 
 
 def cpu_model() -> str:
-    """lscpu's "Model name" (the platform's processor string where lscpu is missing)."""
+    """lscpu's "Model name" (the platform's processor string where lscpu is missing), with the
+    CPU family and model numbers where Linux gives them: parts of one name differ in speed (two
+    2-core "AMD EPYC" machines time the same step 2.4x apart)."""
+    name = platform.processor() or "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
             if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+                name = line.split(":", 1)[1].strip()
+    fields = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                break  # The first processor's block.
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def _reset_peak_rss() -> bool:
@@ -139,6 +161,24 @@ def _peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    """The process's resident set now (Linux's VmRSS; 0 elsewhere)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _in_use_mb() -> float:
+    """Memory in use now, where `_peak_mem_mb` counts it: the device's bytes on a GPU, else the
+    resident set."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return (device.memory_stats() or {}).get("bytes_in_use", 0) / 2**20
+    return _rss_mb()
 
 
 def _peak_mem_mb() -> float:
@@ -395,8 +435,9 @@ def step_flops(compiled, devices: int) -> float | None:
 
 # Dense peak TFLOP/s of the chips the benchmark has met (NVIDIA's datasheets, SXM parts unless
 # named): bf16 and TF32 on the tensor cores, fp32 on the CUDA cores. Matched against
-# `device_kind` in order, the first hit wins.
+# `device_kind` in order, the first hit wins; an NVL part (another clock and power) has no entry.
 PEAK_TFLOPS = (
+    ("NVL", None),
     ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
     ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
     ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
@@ -405,7 +446,11 @@ PEAK_TFLOPS = (
 
 
 def peak_tflops(device_kind: str) -> dict[str, float] | None:
-    """The chip's peaks (`PEAK_TFLOPS`), or None for a chip (or CPU) not listed."""
+    """The chip's peaks (`PEAK_TFLOPS`), or None for a chip (or CPU) not listed.
+
+    >>> peak_tflops("NVIDIA H100 80GB HBM3")["bf16"], peak_tflops("NVIDIA H100 NVL")
+    (989.4, None)
+    """
     return next((peaks for name, peaks in PEAK_TFLOPS if name in device_kind), None)
 
 
@@ -548,6 +593,14 @@ def _reset_torch_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _torch_in_use_mb() -> float:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    return _rss_mb()
+
+
 def _torch_peak_mb() -> float:
     """PyTorch's peak since `_reset_torch_peak`: the GPU's allocated bytes, else the RSS."""
     import torch  # pylint: disable=g-import-not-at-top
@@ -564,6 +617,12 @@ def _significant(x: float, digits: int = 4) -> float:
 def _best(timings: list[Timing]) -> Timing:
     """The least disturbed of repeated timings (the fastest): other load only slows a step."""
     return min(timings, key=lambda t: t.step_s)
+
+
+def _spread(timings: list[Timing]) -> float:
+    """Slowest over fastest of repeated timings: near 1 on a quiet machine."""
+    steps = [t.step_s for t in timings]
+    return round(max(steps) / min(steps), 3)
 
 
 def run_case(
@@ -592,6 +651,9 @@ def run_case(
     with_torch = with_torch or torch_compile is not None
     gc.collect()
     _reset_peak_rss()
+    # On the CPU the peak resident set holds the process's baseline (Python, the libraries, what
+    # earlier cases left): what each side adds to what was in use before it was built compares.
+    base_mb = _in_use_mb()
     runners = build_case(case, mesh, batch_size, dtype, cohort_mode)
     devices = len(mesh.devices.flat)
     jax_runs = {name: [time_jax(r, steps, min_time_s, devices)] for name, r in runners.items()}
@@ -606,6 +668,7 @@ def run_case(
 
         torch.manual_seed(0)
         _reset_torch_peak()
+        torch_base_mb = _torch_in_use_mb()
         torch_steps = build_torch_case(case, dtype)
         args = _torch_args(case, batch_size)
     for rep in range(repeats):
@@ -624,6 +687,7 @@ def run_case(
                 torch_steps = None  # Its memory out of the compiled twin's peak.
                 gc.collect()
                 _reset_torch_peak()
+                compiled_base_mb = _torch_in_use_mb()
                 torch.manual_seed(0)
                 compiled_steps = build_torch_case(case, dtype, torch_compile, torch_compile_mode)
             for name, fn in compiled_steps.items():
@@ -649,11 +713,13 @@ def run_case(
         "trace_s": round(first.trace_s, 2),
         "first_call_s": round(first.first_call_s, 2),
         "peak_mem_mb": round(peak_mem_mb, 1),
+        "added_mem_mb": round(peak_mem_mb - base_mb, 1),
         "torch_img_per_s": None,
         "ratio": None,
         "step_ms": round(main.step_s * 1e3, 1),
         "steps": main.steps,
         "repeats": repeats,
+        "step_ms_spread": _spread(jax_runs["step"]),
         "traces": len(runners["step"].traces),
         "page_faults_per_step": round(main.faults_per_step),
     }
@@ -707,6 +773,8 @@ def run_case(
         record["torch_img_per_s"] = round(batch_size / t_timings["step"].step_s, 2)
         record["ratio"] = round(record["img_per_s"] / record["torch_img_per_s"], 3)
         record["torch_peak_mem_mb"] = round(torch_peak_mb, 1)
+        record["torch_added_mem_mb"] = round(torch_peak_mb - torch_base_mb, 1)
+        record["torch_step_ms_spread"] = _spread(torch_runs["step"])
         if "w_step" in t_timings:
             parts_s = t_timings["w_step"].step_s + t_timings["beta_step"].step_s
             record["torch_overhead_ratio"] = round(t_timings["step"].step_s / parts_s, 3)
@@ -721,6 +789,7 @@ def run_case(
         record["torch_compile_s"] = round(compiled_runs["step"][0].compile_s, 2)
         record["torch_compile_first_call_s"] = round(compiled_runs["step"][0].first_call_s, 2)
         record["torch_compile_peak_mem_mb"] = round(compiled_peak_mb, 1)
+        record["torch_compile_added_mem_mb"] = round(compiled_peak_mb - compiled_base_mb, 1)
         del compiled_steps
     del runners
     gc.collect()
@@ -740,8 +809,12 @@ def markdown_table(records: list[dict]) -> str:
         ("compile_s", "compile (s)"),
         ("achieved_tflop_s", "TFLOP/s"),
         ("peak_fraction_bf16", "of bf16 peak"),
+        ("peak_fraction_tf32", "of TF32 peak"),
         ("peak_fraction_fp32", "of fp32 peak"),
         ("peak_mem_mb", "peak RSS (MiB)"),
+        ("added_mem_mb", "JAX adds (MiB)"),
+        ("torch_added_mem_mb", "PyTorch adds (MiB)"),
+        ("step_ms_spread", "spread"),
         ("overhead_ratio", "step/(w+beta)"),
         ("input_share", "host batch / step"),
         ("speedup", "cohort speedup"),
@@ -783,8 +856,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=1,
-        help="alternate JAX and PyTorch timings this many times, keep each side's fastest",
+        default=3,
+        help="alternate JAX and PyTorch timings this many times, keep each side's fastest (one"
+        " timing is at the mercy of other load: a busy 2-core machine swung a ratio 6x)",
     )
     parser.add_argument(
         "--pipeline", action="store_true", help="also time the steps fed by the prefetching loader"
@@ -825,12 +899,20 @@ def main(argv=None) -> list[dict]:
     print(f"# cpu: {cpu_model()} ({os.cpu_count()} cores)")
     if jax.default_backend() != "cpu":
         print(f"# accelerator: {jax.devices()[0].device_kind}")
+    load = os.getloadavg()[0]
     print(
         f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices),"
         f" torch {torch_version}, malloc tuned: {malloc_tuned},"
-        f" load average at start: {os.getloadavg()[0]:.2f}",
+        f" load average at start: {load:.2f}, repeats: {args.repeats}",
         flush=True,
     )
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"# warning: the machine is busy (load {load:.2f} on {os.cpu_count()} cores): other"
+            " work slows PyTorch's threads and XLA's unequally, so ratios measured now are not"
+            " the machine's; see each case's step_ms_spread",
+            flush=True,
+        )
     host_ms = host_batch_ms(args.batch, mesh)
     records = []
     for case in cases:

@@ -33,6 +33,10 @@ CIFAR_STD = (63.0, 62.1, 66.7)
 CHANNELS_LAST = torch.channels_last
 # Where the twins run: the benchmark compares like with like (JAX on the GPU against PyTorch on it).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# cuDNN picks each convolution's algorithm by timing them, as XLA autotunes its own: without it
+# the twin would run cuDNN's heuristic choices against tuned JAX convolutions. The warm-up calls
+# before timing take the tuning.
+torch.backends.cudnn.benchmark = DEVICE.type == "cuda"
 
 
 def synchronize() -> None:

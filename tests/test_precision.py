@@ -164,8 +164,13 @@ def _check_record(record, with_torch):
     assert record["achieved_tflop_s"] == pytest.approx(achieved, rel=0.01, abs=1e-4)
     assert not any(key.startswith("peak_fraction") for key in record)
     assert record["devices"] == len(jax.devices())
+    # What the step added to the memory in use before it: part of the process's peak.
+    assert 0 <= record["added_mem_mb"] <= record["peak_mem_mb"]
+    assert record["step_ms_spread"] >= 1.0
     if with_torch:
         assert record["torch_img_per_s"] > 0
+        assert 0 <= record["torch_added_mem_mb"] <= record["torch_peak_mem_mb"]
+        assert record["torch_step_ms_spread"] >= 1.0
         assert record["ratio"] == pytest.approx(
             record["img_per_s"] / record["torch_img_per_s"], 0.01
         )
@@ -260,6 +265,9 @@ def test_step_flops_count_every_devices_share_and_peaks_are_the_datasheets():
     assert throughput.peak_tflops("NVIDIA H200")["bf16"] == 989.4
     assert throughput.peak_tflops("NVIDIA H100 PCIe")["fp32"] == 51.2
     assert throughput.peak_tflops("cpu") is None
+    # An NVL part runs at other clocks: no SXM peak stands in for its own.
+    assert throughput.peak_tflops("NVIDIA H100 NVL") is None
+    assert throughput.peak_tflops("NVIDIA H200 NVL") is None
 
 
 # A scheduled entry of 256 KiB arrays: `a` is read by `b` and `c`, so a, b and c are live together
