@@ -25,13 +25,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from dfa_jax import errors
 from dfa_jax import files
+from dfa_jax import parallel
 
 
 # Unreadable checkpoints go to `<checkpoints directory>` + this, out of the manager's sight.
 UNREADABLE_SUFFIX = "-unreadable"
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, out of JAX's preemption agreement, which `preemption.should_stop` alone
+    drives: the service keeps only the last step number any caller gave it, and orbax gives the
+    checkpoint's (another count after a resume, or in a later stage), so a notice could set a
+    stop step the loop never reaches, and a SIGTERM would go unheeded."""
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False  # The loop saves and stops on its own agreed step.
 
 
 class Checkpointer:
@@ -40,7 +53,7 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int):
         self.directory = files.absolute(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = _Manager(self.directory, options=options)
         self._saving: int | None = None  # Step of the save in flight, for error messages.
 
     def latest_step(self) -> int | None:
@@ -69,6 +82,7 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         tried = []
         for step in sorted(self._manager.all_steps(), reverse=True):
+            error = None
             try:
                 restored = self._manager.restore(
                     step,
@@ -76,28 +90,33 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
                     ),
                 )
-                return restored.state, restored.meta
             except Exception as e:  # pylint: disable=broad-except
                 # Orbax/tensorstore raise many types for damaged files; all mean "unreadable",
                 # unless the checkpoint's own record of its arrays says they are not this state's.
-                differences = self._differences(step, like)
-                if differences:
-                    raise errors.CheckpointError(
-                        f"checkpoint step {step} in {self.directory} holds other arrays than this"
-                        f" run's state ({'; '.join(differences)}): another model or another"
-                        " version of dfa_jax wrote it. Resume it with the code and config that"
-                        " wrote it, or delete that directory to start this stage over."
-                    ) from e
-                tried.append(step)
-                logging.warning(
-                    "checkpoint step %d in %s is unreadable (%s: %s); %s and trying the previous"
-                    " one",
-                    step,
-                    self.directory,
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "",
-                    self._set_aside(step),
-                )
+                error = e
+            # Every process takes the same way: one that went on alone (to the next step's
+            # restore, or moving this one aside) would meet the others in another collective.
+            if not _failed_anywhere(error is not None):
+                return restored.state, restored.meta
+            if error is None:
+                error = RuntimeError("another process could not read it")
+            differences = self._differences(step, like)
+            if differences:
+                raise errors.CheckpointError(
+                    f"checkpoint step {step} in {self.directory} holds other arrays than this"
+                    f" run's state ({'; '.join(differences)}): another model or another"
+                    " version of dfa_jax wrote it. Resume it with the code and config that"
+                    " wrote it, or delete that directory to start this stage over."
+                ) from error
+            tried.append(step)
+            logging.warning(
+                "checkpoint step %d in %s is unreadable (%s: %s); %s and trying the previous one",
+                step,
+                self.directory,
+                type(error).__name__,
+                str(error).splitlines()[0][:200] if str(error) else "",
+                self._set_aside(step),
+            )
         raise errors.CheckpointError(
             f"no readable checkpoint in {self.directory} (unreadable steps: {tried}); delete that"
             " directory to start this stage over."
@@ -132,17 +151,26 @@ class Checkpointer:
         """Moves unreadable checkpoint `step` out of the manager's sight, into
         `<directory>-unreadable/`, and says where: an error that is no damage (a failed read of a
         network disk, a device out of memory) must not cost the checkpoint. An object store
-        cannot rename a directory: there it is deleted."""
+        cannot rename a directory: there it is deleted.
+
+        Called by every process together: process 0 moves it, the others wait, and all read the
+        directory again."""
         source = epath.Path(self.directory) / str(step)
-        if files.is_remote(self.directory) or not source.exists():
-            self._manager.delete(step)
+        if files.is_remote(self.directory):
+            self._manager.delete(step)  # Orbax's collective: every process is here.
             return "deleted it"
-        target = epath.Path(self.directory + UNREADABLE_SUFFIX) / f"{step}-{uuid.uuid4().hex[:8]}"
-        if jax.process_index() == 0:
+        moved = ""
+        if jax.process_index() == 0 and source.exists():
+            target = (
+                epath.Path(self.directory + UNREADABLE_SUFFIX) / f"{step}-{uuid.uuid4().hex[:8]}"
+            )
             target.parent.mkdir(parents=True, exist_ok=True)
             source.rename(target)
+            moved = str(target)
+        moved = _from_process_0(moved)  # Every process's message names the same place.
+        parallel.sync(f"checkpoint {source} set aside")
         self._manager.reload()
-        return f"moved it to {target}"
+        return f"moved it to {moved}" if moved else "its directory is gone"
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk (call before reading them or exiting)."""
@@ -175,6 +203,21 @@ class Checkpointer:
 # carries the system's error number ("... No space left on device [os_error_code='28']") or its
 # status code.
 _STORAGE_FAILURE = re.compile(r"os_error_code=|RESOURCE_EXHAUSTED|PERMISSION_DENIED")
+
+
+def _failed_anywhere(failed: bool) -> bool:
+    """Whether any process's `failed` is True (every process calls it; one process: `failed`)."""
+    if jax.process_count() == 1:
+        return failed
+    return bool(np.max(multihost_utils.process_allgather(np.int32(failed))))
+
+
+def _from_process_0(text: str) -> str:
+    """Process 0's `text`, on every process (each calls it)."""
+    if jax.process_count() == 1:
+        return text
+    data = np.frombuffer(text.encode().ljust(1024, b"\0")[:1024], np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode()
 
 
 def _is_storage_error(error: BaseException | None) -> bool:

@@ -147,6 +147,43 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path, caplog):
     assert_within_layout_tolerance(layout_agreement.compare(resumed, two))
 
 
+def test_two_processes_set_a_damaged_checkpoint_aside_together(runs, tmp_path):
+    """The newest checkpoint's files cut short: both processes find it unreadable, process 0
+    alone moves it aside, and both resume from the one before (not one process moving on alone,
+    which cost the intact checkpoint too or hung the run)."""
+    _, two = runs
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(two, workdir)
+    shutil.rmtree(os.path.join(workdir, "search"))
+    os.remove(os.path.join(workdir, "teacher", "result.json"))
+    os.remove(os.path.join(workdir, "summary.json"))
+    checkpoints = os.path.join(workdir, "teacher", "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    for root, _, names in os.walk(os.path.join(checkpoints, str(steps[-1]))):
+        for name in names:
+            if os.sep + "d" in root:  # The arrays' data files.
+                path = os.path.join(root, name)
+                os.truncate(path, os.path.getsize(path) // 2)
+    command = [
+        *TWO_PROCESSES,
+        "--port",
+        str(_free_port()),
+        *[flag if not flag.startswith("--config.stages=") else TEACHER_ONLY for flag in TINY],
+        ONE_DEVICE_EACH,
+        f"--workdir={workdir}",
+    ]
+    out = _run(command)
+    with open(os.path.join(workdir, "logs", "process_1.log")) as f:
+        log_1 = f.read()
+    assert out.returncode == 0, out.stderr[-3000:] + log_1[-2000:]
+    (aside,) = os.listdir(checkpoints + "-unreadable")
+    assert aside.startswith(f"{steps[-1]}-")
+    for output in (out.stdout + out.stderr, log_1):
+        assert f"moved it to {checkpoints}-unreadable/{aside}" in output
+        assert f"[teacher] resuming from step {steps[-2]}" in output
+    assert _stages(workdir)["teacher"]["steps"] == _stages(two)["teacher"]["steps"]
+
+
 def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
     """A preemption notice (SIGTERM to the launcher, forwarded to every process): JAX's
     preemption service makes both processes checkpoint the same step and exit 143; the same

@@ -315,6 +315,25 @@ def test_a_checkpoint_of_other_arrays_is_named_and_left_where_it_is(tmp_path):
     assert not os.path.exists(directory + checkpointing.UNREADABLE_SUFFIX)
 
 
+def test_checkpoints_leave_the_preemption_agreement_to_the_loop(tmp_path, monkeypatch):
+    """JAX's preemption service keeps the last step number any caller gave it: orbax's saves
+    gave it the checkpoint's step (another count than the loop's after a resume), so a stop
+    notice could agree on a step the loop never reached. Saving and restoring ask it nothing."""
+    from jax.experimental import multihost_utils
+
+    asked = []
+    monkeypatch.setattr(
+        multihost_utils, "reached_preemption_sync_point", lambda step: asked.append(step)
+    )
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), keep=2)
+    state = {"w": jax.numpy.arange(4.0)}
+    for step in (36, 37):
+        ckpt.save(step, state, {"step": step})
+    ckpt.close()
+    checkpointing.Checkpointer(str(tmp_path / "ckpt"), keep=2).restore(state)
+    assert asked == []
+
+
 def test_workdir_of_another_config_is_refused_with_the_changed_fields(tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_demo()
