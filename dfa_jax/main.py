@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 
 # TensorFlow is only tf.data for TFDS datasets not prepared as array_record (data/sources.py).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -105,6 +106,7 @@ def main(argv):
         pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
     except errors.InputError as e:
         # A user's mistake, already explained: the message, not a traceback.
+        _exit_now_if_several_processes(f"error: {e}")
         sys.exit(f"error: {e}")
     except preemption.Stopped as e:
         print(f"{e}", file=sys.stderr, flush=True)
@@ -116,6 +118,21 @@ def main(argv):
             flush=True,
         )
         sys.exit(128 + signal.SIGINT)
+    except Exception:  # pylint: disable=broad-except
+        _exit_now_if_several_processes(traceback.format_exc().rstrip())
+        raise
+
+
+def _exit_now_if_several_processes(message: str) -> None:
+    """With several processes, prints `message` and leaves at once (status 1): JAX's exit-time
+    shutdown would wait minutes for the other processes, which wait for this one in the step's
+    collectives, with no word on the console; leaving makes theirs fail at once."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if jax.process_count() > 1:
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # pylint: disable=protected-access
 
 
 def _set_none_overrides(config) -> None:

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -94,6 +95,16 @@ def initialize_distributed(
     explicit form is how `launch/local.sh --processes N` starts N processes on one host. CPU
     processes reach each other through gloo collectives (JAX's default on CPU).
     """
+    if coordinator_address is not None:
+        # JAX waits minutes for every process to join and then names neither: say what it waits
+        # for, so a wrong address or a process that never started shows on the console.
+        logging.info(
+            "joining a run of %s processes through %s as process %s (JAX waits up to 5 min for"
+            " them all)",
+            num_processes,
+            coordinator_address,
+            process_id,
+        )
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

@@ -182,7 +182,9 @@ killed=0
 stop_all() {
   local limit=$1 pid alive all=() left=()
   all=(${pids[@]+"${pids[@]}"})
-  for pid in $(jobs -p); do all+=("$pid"); done
+  for pid in $(jobs -p); do
+    [[ " ${all[*]-} " == *" $pid "* ]] || all+=("$pid")  # Each once, in messages too.
+  done
   ((${#all[@]} > 0)) || return 0
   for pid in ${all[@]+"${all[@]}"}; do kill -TERM "$pid" 2>/dev/null || true; done
   limit=$((SECONDS + limit))

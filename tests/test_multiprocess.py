@@ -184,6 +184,82 @@ def test_two_processes_set_a_damaged_checkpoint_aside_together(runs, tmp_path):
     assert _stages(workdir)["teacher"]["steps"] == _stages(two)["teacher"]["steps"]
 
 
+# Process 1's read of its 6th training batch fails (a local read error on one host): the hook
+# replaces `loader.train_batches` as the module is first imported.
+_FAILING_READ = """
+import importlib.abc, importlib.machinery, sys
+
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "dfa_jax.data.loader":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            batches, read = module.train_batches, []
+
+            def failing(*args, **kwargs):
+                for batch in batches(*args, **kwargs):
+                    read.append(1)
+                    if len(read) == 6:
+                        raise OSError(5, "Input/output error (on process 1 only)")
+                    yield batch
+
+            module.train_batches = failing
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _Hook())
+"""
+
+
+def test_an_error_in_one_process_ends_both_at_once(tmp_path):
+    """Process 1 alone fails mid-training: it leaves at once, where JAX's exit-time shutdown
+    kept it waiting (five minutes, silent) for process 0, which waited for it in the step's
+    collective; process 0 then fails in that collective. The limit, far above their start-up
+    and a few steps, is far below the five minutes."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAILING_READ)
+    port = str(_free_port())
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dfa_jax.main",
+                *[
+                    flag if not flag.startswith("--config.stages=") else TEACHER_ONLY
+                    for flag in TINY
+                ],
+                ONE_DEVICE_EACH,
+                f"--workdir={tmp_path / 'run'}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=dict(_env(), **({"PYTHONPATH": str(hook)} if i == 1 else {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert processes[1].returncode == 1, outputs[1][-3000:]
+    assert "Input/output error (on process 1 only)" in outputs[1]
+    assert processes[0].returncode != 0, outputs[0][-3000:]
+
+
 def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
     """A preemption notice (SIGTERM to the launcher, forwarded to every process): JAX's
     preemption service makes both processes checkpoint the same step and exit 143; the same

@@ -10,6 +10,7 @@ import hashlib
 import json
 import uuid
 
+import jax
 import numpy as np
 from etils import epath
 
@@ -93,8 +94,8 @@ def load_or_create_split(
 
     The JSON file holds the indices, seed, fraction, number of examples and a digest of the
     labels; a file made for another seed, fraction or dataset raises instead of being silently
-    reused or overwritten. The write is atomic (unique temp file + replace), so concurrent hosts
-    computing the same split, or a run killed mid-write, never leave a torn file. `path` may be
+    reused or overwritten. Process 0 alone writes it (every process computes the same split), and
+    atomically (unique temp file + replace), so a run killed mid-write never leaves a torn file. `path` may be
     any path `etils.epath` understands (local or gs://).
 
     Args:
@@ -127,6 +128,8 @@ def load_or_create_split(
             )
         return (np.asarray(saved["train"], np.int64), np.asarray(saved["val"], np.int64))
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    if jax.process_index() != 0:
+        return train_idx, val_idx  # The same split; process 0 alone writes the run's records.
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.parent / f".{file.name}.tmp-{uuid.uuid4().hex}"
     tmp.write_text(json.dumps({**expected, "train": train_idx.tolist(), "val": val_idx.tolist()}))
