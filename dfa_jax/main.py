@@ -104,6 +104,14 @@ def main(argv):
     try:
         parallel.check_accelerators_used(_ALLOW_CPU.value)
         pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
+        if preemption.pending():
+            # It came during the last step or the records after it: there is nothing to stop.
+            print(
+                f"{preemption.pending()} came as the run finished: it is complete (status 0),"
+                " nothing to resume.",
+                file=sys.stderr,
+                flush=True,
+            )
     except errors.InputError as e:
         # A user's mistake, already explained: the message, not a traceback.
         _exit_now_if_several_processes(f"error: {e}")

@@ -76,7 +76,7 @@ def _run(config, workdir: str, config_path: str | None) -> dict:
             record = search.alpha_record_from_file(os.path.join(workdir, search.ALPHA_FILE))
             print("searched alpha:\n" + reporting.alpha_table(record))
         print(
-            f"summary: {path}\nTensorBoard logs: {files.absolute(workdir)}"
+            f"summary: {files.absolute(path)}\nTensorBoard logs: {files.absolute(workdir)}"
             f" (view with `tensorboard --logdir {files.absolute(workdir)}`)"
         )
     return summary

@@ -98,5 +98,10 @@ def should_stop() -> bool:
     return _requested is not None
 
 
+def pending() -> str | None:
+    """The signal that asked for a stop not yet taken (None: none asked)."""
+    return _requested
+
+
 def requested_by() -> str:
     return _requested or "SIGTERM"

@@ -463,10 +463,13 @@ def run(stage: Stage, config, mesh) -> dict:
         for metrics_file in metrics_files.values():
             metrics_file.flush()
 
-    results = {}
     for member in members:
         if member.finalize_fn is not None:
             member.finalize_fn(state)
+    # One wall time for the stage: a cohort's students all took it (each export counted).
+    wall_time_s = wall_before + time.time() - run_start
+    results = {}
+    for member in members:
         history = histories[member.name]
         result = {"stage": member.name}
         if member.eval_fn is not None:
@@ -479,7 +482,7 @@ def run(stage: Stage, config, mesh) -> dict:
         result |= {
             "epochs": stage.epochs,
             "steps": total_steps,
-            "wall_time_s": wall_before + time.time() - run_start,
+            "wall_time_s": wall_time_s,
         }
         files.write_json_atomic(os.path.join(member.directory, RESULT_FILE), result)
         results[member.name] = result

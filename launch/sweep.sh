@@ -129,7 +129,9 @@ for config in "${config_list[@]}"; do
   [[ $config != *:* ]] || name+="_${config#*:}"
   for method in "${method_list[@]}"; do
     case "$method" in
-      dfa) flags=(--config.distill.method=dfa --config.distill.aggregation=dfa) ;;
+      # The whole pipeline: a config of the teacher alone (its own stages) still gets its search.
+      dfa) flags=(--config.distill.method=dfa --config.distill.aggregation=dfa
+                  '--config.stages=("teacher","search","distill")') ;;
       last|average|random|file|start) flags=(--config.distill.method=dfa "--config.distill.aggregation=$method"
                                   '--config.stages=("teacher","distill")') ;;
       *) flags=("--config.distill.method=$method" '--config.stages=("teacher","distill")') ;;

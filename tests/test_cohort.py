@@ -292,6 +292,8 @@ def test_several_seeds_keep_every_students_records_apart(cohort_run, tmp_path):
         assert ("train/kd_loss" in keys) == kd and ("train/fd_loss" in keys) != kd, (name, keys)
         # Its final variables, for `dfa_jax.interop export` (the checkpoint is the cohort's).
         assert os.path.isdir(os.path.join(directory, "variables"))
+    # One stage's time for the six of them (the results table shows it for each).
+    assert len({summary["stages"][name]["wall_time_s"] for name in names}) == 1
     # One checkpoint for the six of them.
     cohorts = os.listdir(os.path.join(workdir, "distill", "cohorts"))
     assert len(cohorts) == 1

@@ -951,3 +951,25 @@ def test_accelerator_unused_by_jax_is_an_error_naming_the_install(
     monkeypatch.setattr(parallel, "ACCELERATOR_DEVICE_FILES", {kind: (str(tmp_path / "none*"),)})
     monkeypatch.delenv("JAX_PLATFORMS")
     parallel.check_accelerators_used(allow_cpu=False)
+
+
+def test_a_stop_that_comes_as_the_run_finishes_says_the_run_is_complete(tmp_path):
+    """A SIGTERM during the last stage's last step (or the records after it) was acknowledged
+    ("stopping after the step in flight") and then the command ended 0 without a word: the run
+    says it is complete, so a script or scheduler log reads right."""
+    script = (
+        "import sys\n"
+        "from absl import app\n"
+        "from dfa_jax import main, pipeline, preemption\n"
+        "def finished(*args, **kwargs):\n"
+        "    preemption.request('SIGTERM')  # As if it came during the last step.\n"
+        "    return {}\n"
+        "pipeline.run = finished\n"
+        f"sys.argv = ['main', '--config=configs/demo.py:tiny', '--workdir={tmp_path / 'w'}']\n"
+        "app.run(main.main, flags_parser=main.parse_flags)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SIGTERM came as the run finished: it is complete (status 0)" in done.stderr

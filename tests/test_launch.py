@@ -66,7 +66,9 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
     assert all("--config.teacher.checkpoint=/t" in line for line in out)
     assert f"--workdir={tmp_path}/cifar100_pair3/kd/seed1" in out[1]
     assert "--config.distill.aggregation=last" in out[2] and "distill" in out[2]
-    assert "--config.distill.aggregation=dfa" in out[4] and "stages" not in out[4]
+    # The whole pipeline for DFA, whatever stages the config lists (the teacher config's are one).
+    assert "--config.distill.aggregation=dfa" in out[4]
+    assert "--config.stages=" in out[4] and "search" in out[4].split("--config.stages=")[1]
     # An alpha file of another run (DFA-T): DFA's distillation without a search of its own.
     assert "--config.distill.method=dfa --config.distill.aggregation=file" in out[6]
     assert "stages" in out[6]
