@@ -235,10 +235,13 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
     """Assembles per-process numpy batches (`process_rows` of each array) into global arrays
     sharded along 'data'."""
     sharding = batch_sharded(mesh)
-    processes = len({d.process_index for d in mesh.devices.flat})
+    # Each device holds as many rows, so a process's share is its devices' share of the mesh
+    # (processes may hold different numbers of devices).
+    devices = mesh.devices.size
+    mine = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(
-            sharding, x, (x.shape[0] * processes, *x.shape[1:])
+            sharding, x, (x.shape[0] * devices // mine, *x.shape[1:])
         ),
         batch,
     )

@@ -260,6 +260,48 @@ def test_an_error_in_one_process_ends_both_at_once(tmp_path):
     assert processes[0].returncode != 0, outputs[0][-3000:]
 
 
+# One process of a run: its rows of a global batch of 12 (rows i hold the value i), made global
+# and gathered back.
+_UNEVEN = """
+import sys
+import numpy as np
+from dfa_jax import parallel
+parallel.configure_cpu_devices(int(sys.argv[1]))
+parallel.initialize_distributed(sys.argv[2], 2, int(sys.argv[3]))
+from jax.experimental import multihost_utils
+mesh = parallel.make_mesh()
+rows = parallel.process_rows(mesh, 12)
+batch = parallel.to_global({"x": np.arange(12, dtype=np.float32)[rows]}, mesh)
+print("gathered", multihost_utils.process_allgather(batch["x"], tiled=True).tolist())
+"""
+
+
+def test_processes_of_different_device_counts_assemble_the_global_batch():
+    """Process 0 with two devices, process 1 with one: each holds its devices' share of the rows
+    (8 and 4 of 12), and the global batch is the 12 rows in order (its size was taken as the
+    local rows times the process count: 16, refused by JAX)."""
+    address = f"127.0.0.1:{_free_port()}"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UNEVEN, str(devices), address, str(i)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i, devices in ((0, 2), (1, 1))
+    ]
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+        assert f"gathered {[float(i) for i in range(12)]}" in output
+
+
 def test_sigterm_stops_both_processes_at_one_step_and_resumes(runs, tmp_path):
     """A preemption notice (SIGTERM to the launcher, forwarded to every process): JAX's
     preemption service makes both processes checkpoint the same step and exit 143; the same
