@@ -176,6 +176,7 @@ def prepare_seed_layout(config, workdir: str) -> None:
             files.makedirs(os.path.join(root, moving.group(1)))
             os.rename(os.path.join(root, name), os.path.join(root, *moving.groups()))
     parallel.sync("distill seed layout: finished moves")
+    moves = []  # (label, directory, seed): every process reads the layout before any moves.
     for label in config_lib.distill_labels(config):
         directory = os.path.join(root, label)
         if not files.exists(directory):
@@ -216,6 +217,10 @@ def prepare_seed_layout(config, workdir: str) -> None:
                 f" seeds: copy it to {os.path.join(directory, f'seed{recorded}')}, delete the"
                 " original, and run again."
             )
+        moves.append((label, directory, recorded))
+    # Every process has read the directories process 0 is about to rename.
+    parallel.sync("distill seed layout: read")
+    for label, directory, recorded in moves:
         if jax.process_index() == 0:
             moving = os.path.join(root, f".{label}.seed{recorded}.moving")
             os.rename(directory, moving)
