@@ -188,7 +188,7 @@ class Checkpointer:
         try:
             yield
         except Exception as e:  # pylint: disable=broad-except
-            if not _is_storage_error(e):
+            if not is_storage_error(e):
                 raise
             intact = [s for s in self._manager.all_steps() if s != self._saving]
             raise errors.WorkdirError(
@@ -220,7 +220,7 @@ def _from_process_0(text: str) -> str:
     return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode()
 
 
-def _is_storage_error(error: BaseException | None) -> bool:
+def is_storage_error(error: BaseException | None) -> bool:
     """Whether `error` is, or was caused by, a failure of the storage (orbax wraps them in its
     own errors)."""
     while error is not None:

@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from dfa_jax import bilevel
+from dfa_jax import checkpointing
 from dfa_jax import errors
 from dfa_jax import evaluation
 from dfa_jax import files
@@ -245,13 +246,20 @@ def save_variables(directory: str, variables) -> None:
     try:
         checkpointer.save(new, variables)
         checkpointer.wait_until_finished()
-    except BaseException:
+    except BaseException as e:
         # Orbax's background thread may still create its temporary directory after the error:
         # wait for it before cleaning up.
         with contextlib.suppress(Exception):
             checkpointer.wait_until_finished()
         if primary:
             _remove_leftovers(new)
+        if isinstance(e, Exception) and checkpointing.is_storage_error(e):
+            reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise errors.WorkdirError(
+                f"writing the variables {path} failed ({reason}); the ones there before, if"
+                " any, are kept. Free disk space or fix the permissions, then run the same"
+                " command again."
+            ) from e
         raise
     if primary:
         if os.path.lexists(path):
