@@ -66,6 +66,23 @@ def test_the_documented_model_keeps_the_contract_and_validates(my_models):
         models.register_family(models.family_of("small_cnn_1"))
 
 
+def test_the_documented_model_stops_and_resumes_at_its_boundaries(my_models):
+    """What the contract's shape check cannot see, checked by value as the page advises: a
+    forward stopped at group g returns the boundary map the full forward sowed, and one resumed
+    from it gives the full forward's logits."""
+    import jax
+
+    model = my_models.SmallCNN(2)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), images)
+    logits, sown = model.apply(variables, images, mutable=[models.FEATURES])
+    for g, names in enumerate(model.feature_groups(), start=1):
+        boundary = model.apply(variables, images, stop_group=g)
+        np.testing.assert_allclose(boundary, sown[models.FEATURES][names[-1]][0], atol=1e-6)
+        resumed = model.apply(variables, boundary, start_group=g)
+        np.testing.assert_allclose(resumed, logits, atol=1e-5)
+
+
 def test_a_model_that_breaks_the_contract_is_refused_naming_what_it_lacks(my_models):
     class NeverSowsItsRawEnds(my_models.SmallCNN):
         def raw_group_ends(self):
@@ -82,6 +99,8 @@ def test_a_model_that_breaks_the_contract_is_refused_naming_what_it_lacks(my_mod
 
     (problem,) = contract.problems(NeverSowsItsRawEnds(2))
     assert "names the map 'g2_end' but never sows it" in problem
+    # The fix it names passes the next check (`self.sow` would sow at init too).
+    assert "models.sow_feature(self, 'g2_end', x)" in problem
     (problem,) = contract.problems(StopsAtTheWrongMap(2))
     assert "__call__(x, stop_group=2) returns shape (2, 16, 16, 32), not group 2's" in problem
     assert any("num_groups" in p for p in contract.problems(NoGroups()))
@@ -175,3 +194,13 @@ def test_a_model_on_group_names_keeps_the_contract_with_the_built_in_names(my_mo
     # The contract check catches a naming that the forward does not keep: this forward sows no
     # stem.
     assert any("'stem'" in p for p in contract.problems(WithStem(2)))
+
+
+def test_a_loss_asking_for_an_unknown_map_kind_is_told_so():
+    """`step.student_maps('pre-relu')` (a typo) read the raw maps without a word."""
+    from dfa_jax.methods import common
+
+    model = models.get_model("wrn_10_1", 10)
+    assert common.positions(model, "pre_relu") == [g[-1] for g in model.feature_groups()]
+    with pytest.raises(ValueError, match="map kind 'pre-relu': use 'pre_relu' or 'raw'"):
+        common.positions(model, "pre-relu")

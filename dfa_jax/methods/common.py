@@ -150,6 +150,8 @@ STEM = "stem"
 def positions(model, kind: str, with_stem: bool = False) -> list[str]:
     """Sown names of the maps a method reads: every group end, 'pre_relu' (the consumer BN's
     output) or 'raw' (before it), after the model's stem when `with_stem` and it has one."""
+    if kind not in ("pre_relu", "raw"):  # A typo would read the raw maps without a word.
+        raise ValueError(f"map kind {kind!r}: use 'pre_relu' or 'raw'")
     if kind == "pre_relu":
         names = [group[-1] for group in model.feature_groups()]
     else:
@@ -267,6 +269,11 @@ class Step:
     def teacher_maps(self, kind: str, with_stem: bool = False) -> list[jax.Array]:
         """The teacher's maps at `positions(teacher, kind, with_stem)`, under stop_gradient."""
         _, mutated = self.teacher()
+        if models.FEATURES not in mutated:
+            raise ValueError(
+                "teacher_maps: this loss's teacher forward sows no maps; build it with"
+                " common.student_loss(..., teacher_features=True)"
+            )
         names = positions(self.pair.teacher, kind, with_stem)
         return [jax.lax.stop_gradient(m) for m in group_end_maps(mutated, names)]
 

@@ -141,8 +141,8 @@ def problems(model, image_size: int = 32) -> list[str]:
     for name in dict.fromkeys(named):
         if name not in sown:
             found.append(
-                f"{kind} names the map {name!r} but never sows it: self.sow({FEATURES!r}, {name!r},"
-                f" x) where it is computed (sown: {sorted(sown)})."
+                f"{kind} names the map {name!r} but never sows it: models.sow_feature(self,"
+                f" {name!r}, x) where it is computed (sown: {sorted(sown)})."
             )
         elif sown[name][0] != 1:
             found.append(f"{kind} sows {name!r} {sown[name][0]} times per forward; sow it once.")
