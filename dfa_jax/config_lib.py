@@ -583,7 +583,17 @@ def _contract_problems(model_name: str) -> tuple[str, ...]:
     if key not in _CONTRACT_PROBLEMS:
         from dfa_jax.models import contract  # pylint: disable=g-import-not-at-top
 
-        _CONTRACT_PROBLEMS[key] = tuple(contract.problems(models.get_model(model_name, 10)))
+        model = models.get_model(model_name, 10)
+        found = contract.problems(model)
+        # What the family declares of its models, against the model itself: a declared stem
+        # that is not there failed only in the distillation, after the teacher and the search.
+        if not found and family.has_stem != (model.stem_features() is not None):
+            found.append(
+                f"{family.name} is registered with has_stem={family.has_stem}, but"
+                f" {type(model).__name__}.stem_features() returns {model.stem_features()!r}:"
+                " make the two agree."
+            )
+        _CONTRACT_PROBLEMS[key] = tuple(found)
     return _CONTRACT_PROBLEMS[key]
 
 

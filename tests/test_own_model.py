@@ -2,6 +2,7 @@
 example, read from that page, keeps the feature contract, is accepted by `validate` and trains a
 student; a model that breaks the contract is refused by `validate`, naming what it lacks."""
 
+import dataclasses
 import os
 import re
 import sys
@@ -124,6 +125,22 @@ def test_a_model_that_breaks_the_contract_is_refused_naming_what_it_lacks(my_mod
     assert "student.model = 'broken_cnn': NeverSowsItsRawEnds names the map 'g2_end'" in str(
         raised.value
     )
+
+    # A family that declares a stem its models do not have: refused at once, not in the
+    # distillation after the teacher and the search.
+    models.register_family(
+        dataclasses.replace(
+            models.family_of("small_cnn_1"),
+            name="StemlessWithStem",
+            module=type("StemlessWithStem", (my_models.SmallCNN,), {}),
+            parse=lambda name: {"blocks": 1} if name == "stemless_cnn" else None,
+            presets=("stemless_cnn",),
+            pattern=None,
+            has_stem=True,
+        )
+    )
+    with pytest.raises(errors.ConfigError, match=r"has_stem=True, but .*stem_features\(\) returns"):
+        config_lib.validate(_config(student="stemless_cnn"), device_count=2)
 
 
 def test_a_student_of_the_documented_model_distills_from_its_teacher(my_models):
