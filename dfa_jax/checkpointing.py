@@ -101,7 +101,9 @@ class Checkpointer:
             if error is None:
                 error = RuntimeError("another process could not read it")
             differences = self._differences(step, like)
-            if differences:
+            # Agreed too: a process that read the record and one that could not would part.
+            if _failed_anywhere(bool(differences)):
+                differences = differences or ["another process read other arrays there"]
                 raise errors.CheckpointError(
                     f"checkpoint step {step} in {self.directory} holds other arrays than this"
                     f" run's state ({'; '.join(differences)}): another model or another"
@@ -202,7 +204,8 @@ class Checkpointer:
 # Tensorstore, which writes orbax's arrays, reports a failed write as a ValueError whose message
 # carries the system's error number ("... No space left on device [os_error_code='28']") or its
 # status code.
-_STORAGE_FAILURE = re.compile(r"os_error_code=|RESOURCE_EXHAUSTED|PERMISSION_DENIED")
+# (Not RESOURCE_EXHAUSTED alone: a device out of memory reports it too.)
+_STORAGE_FAILURE = re.compile(r"os_error_code=|PERMISSION_DENIED")
 
 
 def _failed_anywhere(failed: bool) -> bool:
@@ -217,7 +220,7 @@ def _from_process_0(text: str) -> str:
     if jax.process_count() == 1:
         return text
     data = np.frombuffer(text.encode().ljust(1024, b"\0")[:1024], np.uint8)
-    return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode()
+    return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode(errors="replace")
 
 
 def is_storage_error(error: BaseException | None) -> bool:

@@ -220,7 +220,8 @@ def _guesses(shapes: Mapping[str, tuple]):
     """(model name, num_classes) that PyTorch shapes may be: each family's own guess (the WRNs'
     depth and width, the presets `interop_layouts.infer_name` tells apart, RepDistiller's
     MobileNetV2 / ShuffleV1 / ShuffleV2 / ResNet50 by the keys of their heads)."""
-    from dfa_jax import interop_layouts, interop_mobile, models  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from dfa_jax import interop_layouts, interop_mobile, models
 
     wrn = infer_architecture(shapes)
     if wrn is not None and models.is_valid_model_name(model_name(*wrn[:2])):

@@ -137,7 +137,8 @@ def _exit_now_if_several_processes(message: str) -> None:
     collectives, with no word on the console; leaving makes theirs fail at once."""
     import jax  # pylint: disable=g-import-not-at-top
 
-    if jax.process_count() > 1:
+    # Asked without starting a backend: the error may be that one failed to start.
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # pylint: disable=protected-access

@@ -14,7 +14,8 @@ best-epoch accuracy, with the paper's number beside it where the pair is one of 
 
 Both accuracies are shown because the paper's numbers are most likely best-epoch test accuracy
 (picking the epoch on the test set: the paper does not say, but the first author's baseline code
-prints the best epoch's), while the last epoch is the honest number. A cell pools every run it is given: runs
+prints the best epoch's), while the last epoch is the honest number. A cell pools every run it
+is given: runs
 of different protocols in one cell (another `epochs`, another result-affecting config field than
 the seeds, where inputs are read from and the eval batch) are warned about, naming the fields and
 the runs. The tables are printed as markdown and written to `--out` as `table<N>.md` and

@@ -221,7 +221,8 @@ def check_checkpoint(
 def save_variables(directory: str, variables) -> None:
     """Writes `{'params', 'batch_stats'}` to `directory`, atomically: an existing `directory`
     is replaced only once the new variables are complete, so a failed save (a full disk, a
-    kill) leaves the old ones in place.
+    kill while writing) leaves the old ones in place; a kill between the two renames leaves
+    them at `.NAME.replaced`, where the next save to `directory` takes them back first.
 
     On a local disk the variables are written to a sibling directory, then swapped in with two
     renames. An object store cannot rename a directory: there orbax replaces `directory` (its

@@ -95,7 +95,8 @@ def load_or_create_split(
     The JSON file holds the indices, seed, fraction, number of examples and a digest of the
     labels; a file made for another seed, fraction or dataset raises instead of being silently
     reused or overwritten. Process 0 alone writes it (every process computes the same split), and
-    atomically (unique temp file + replace), so a run killed mid-write never leaves a torn file. `path` may be
+    atomically (unique temp file + replace), so a run killed mid-write never leaves a torn file.
+    `path` may be
     any path `etils.epath` understands (local or gs://).
 
     Args:

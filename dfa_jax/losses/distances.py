@@ -132,7 +132,8 @@ def feature_distillation_loss(
     """Feature distillation loss, paper Eq. 3 as we read it: `L_fd = sum_i w_i D(F_s(S_i), A_i)`.
 
     The student objective `L = CE + GAMMA_FD * L_fd` (Eq. 4; GAMMA_FD = 1e-3 is our reading, see
-    its note) is assembled by the caller. Targets are used as given: the caller freezes alpha and keeps teacher gradients out.
+    its note) is assembled by the caller. Targets are used as given: the caller freezes alpha
+    and keeps teacher gradients out.
 
     Args:
       student_feats: G arrays [B, H_i, W_i, C_i], the student maps already passed through the
