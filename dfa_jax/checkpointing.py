@@ -130,10 +130,10 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step), "state")
         try:
             with ocp.StandardCheckpointer() as reader:
-                saved = _shapes(reader.metadata(path).item_metadata.tree)
+                saved = flat_shapes(reader.metadata(path).item_metadata.tree)
         except Exception:  # pylint: disable=broad-except
             return []  # No readable record of the arrays: damage, as the caller assumes.
-        wanted = _shapes(like)
+        wanted = flat_shapes(like)
         differences = [
             f"{name}: {saved[name]} saved, {wanted[name]} now"
             for name in sorted(saved.keys() & wanted.keys())
@@ -233,7 +233,7 @@ def is_storage_error(error: BaseException | None) -> bool:
     return False
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """`tree`'s leaves as {'params/conv/kernel': shape}, for arrays and orbax's records of
     them alike."""
     names = {}

@@ -135,15 +135,6 @@ def _starts_like_a_checkpoint(path: str) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80")) or head[8:9] == b"{"
 
 
-def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-    """`{'params/block1/conv/kernel': shape}` for every array of a nested dict of arrays."""
-    flat = {}
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
-        flat[name] = tuple(leaf.shape)
-    return flat
-
-
 def check_checkpoint(
     path: str,
     model,
@@ -164,7 +155,7 @@ def check_checkpoint(
     try:
         metadata = ocp.StandardCheckpointer().metadata(directory)
         tree = getattr(metadata, "item_metadata", metadata)
-        saved = _flat_shapes(getattr(tree, "tree", tree))
+        saved = checkpointing.flat_shapes(getattr(tree, "tree", tree))
     except Exception as e:  # noqa: BLE001  # Orbax raises many kinds for a foreign dir.
         raise errors.CheckpointError(
             f"{field} = {path!r}: cannot read the saved variables in {directory} ({e}); give the"
@@ -181,7 +172,7 @@ def check_checkpoint(
         variables = model.init(jax.random.key(0), x, train=False)
         return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
-    expected = _flat_shapes(jax.eval_shape(init))
+    expected = checkpointing.flat_shapes(jax.eval_shape(init))
     order = sorted(expected, key=lambda n: (not n.startswith("params/"), n))  # params first.
     differ = [n for n in order if n in saved and saved[n] != expected[n]]
     missing = [n for n in order if n not in saved]
