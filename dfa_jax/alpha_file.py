@@ -94,7 +94,7 @@ def _is_architecture(model, name: str) -> bool:
     family = models.family_of(name)
     return (
         family is not None
-        and isinstance(model, family.module)
+        and models.family_of(model) is family
         and all(getattr(model, k, None) == v for k, v in family.parse(name).items())
     )
 

@@ -153,7 +153,8 @@ def check_checkpoint(
     """
     directory = resolve_checkpoint(path, field)
     try:
-        metadata = ocp.StandardCheckpointer().metadata(directory)
+        with ocp.StandardCheckpointer() as reader:
+            metadata = reader.metadata(directory)
         tree = getattr(metadata, "item_metadata", metadata)
         saved = checkpointing.flat_shapes(getattr(tree, "tree", tree))
     except Exception as e:  # noqa: BLE001  # Orbax raises many kinds for a foreign dir.
@@ -220,7 +221,13 @@ def save_variables(directory: str, variables) -> None:
     `force`), which deletes the old variables before writing the new ones.
     """
     path = files.absolute(directory)
-    checkpointer = ocp.StandardCheckpointer()
+    # Closed on the way out: an open checkpointer keeps its background threads.
+    with ocp.StandardCheckpointer() as checkpointer:
+        _write_variables(checkpointer, path, variables)
+
+
+def _write_variables(checkpointer, path: str, variables) -> None:
+    """`save_variables`' writes and renames, with `checkpointer` and the absolute `path`."""
     if files.is_remote(path):
         checkpointer.save(path, variables, force=True)
         checkpointer.wait_until_finished()
@@ -287,7 +294,8 @@ def load_variables(path: str, model, mesh, field: str = "teacher.checkpoint"):
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like
     )
-    return ocp.StandardCheckpointer().restore(directory, abstract)
+    with ocp.StandardCheckpointer() as reader:
+        return reader.restore(directory, abstract)
 
 
 def build_stage(

@@ -139,6 +139,10 @@ def test_a_model_that_breaks_the_contract_is_refused_naming_what_it_lacks(my_mod
             has_stem=True,
         )
     )
+    # A module of a subclass belongs to its own family, not to its base class's.
+    stemless = models.family_of("stemless_cnn").module(blocks=1)
+    assert models.family_of(stemless).name == "StemlessWithStem"
+    assert models.family_of(my_models.SmallCNN(blocks=1)).name != "StemlessWithStem"
     with pytest.raises(errors.ConfigError, match=r"has_stem=True, but .*stem_features\(\) returns"):
         config_lib.validate(_config(student="stemless_cnn"), device_count=2)
 

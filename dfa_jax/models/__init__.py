@@ -232,12 +232,16 @@ def register_family(family: Family) -> Family:
 
 
 def family_of(model_or_name) -> Family | None:
-    """The family of a model (a Linen module) or of a model name; None if it has none."""
-    for family in FAMILIES:
-        if isinstance(model_or_name, str):
-            if family.parse(model_or_name) is not None:
-                return family
-        elif isinstance(model_or_name, family.module):
+    """The family of a model (a Linen module) or of a model name; None if it has none.
+
+    A module belongs to the family of its nearest class in the hierarchy: a registered family
+    whose module subclasses a built-in one's is that family, not the built-in.
+    """
+    if isinstance(model_or_name, str):
+        return next((f for f in FAMILIES if f.parse(model_or_name) is not None), None)
+    for cls in type(model_or_name).__mro__:
+        family = next((f for f in FAMILIES if f.module is cls), None)
+        if family is not None:
             return family
     return None
 
