@@ -1,6 +1,6 @@
 """The paper's results tables (Tables 2, 4 and 5) over many runs, from their `summary.json` files.
 
-  python -m dfa_jax.report RUN_DIR... [--out DIR] [--table 2|4|5|crd|logits|all]
+  python -m dfa_jax.report RUN_DIR... [--out DIR] [--table 2|4|5|crd|logits|alpha|all]
 
 Each RUN_DIR is a workdir, a `summary.json` itself, or a parent directory searched recursively,
 on a local disk or in a bucket (`gs://...`). A workdir without `summary.json` (a run stopped, or
@@ -19,8 +19,11 @@ is given: runs
 of different protocols in one cell (another `epochs`, another result-affecting config field than
 the seeds, where inputs are read from and the eval batch) are warned about, naming the fields and
 the runs. The tables are printed as markdown and written to `--out` as `table<N>.md` and
-`table<N>.csv`; beside Table 5, DFA's accuracy minus Last's, Average's, Random's and (where a run
-trained it) Start's of the same seed, with its mean and 95 % interval (`paired.md`, `paired.csv`).
+`table<N>.csv`, a cell's seeds in a `seeds` column and under each table; beside Table 5, DFA's
+accuracy minus Last's, Average's, Random's and (where a run trained it) Start's of the same seed,
+with its mean and 95 % interval (`paired.md`, `paired.csv`), and the alpha each run's search found
+(its `alpha.json`; the paper's Fig. 4, left), per group with its distance from Last, 1 - alpha of
+the group's last map (`alpha.md`, `alpha.csv`).
 The later logit baselines (DKD, DIST, KD+LS, DKD+LS), which the paper does not have, get a table
 of their own beside the student alone and KD (`logits.md`, `logits.csv`), so Table 2 keeps the
 paper's columns. Pure Python, numpy, ml_collections and `etils.epath`: it starts instantly and
@@ -63,6 +66,7 @@ HASH_FILE = "config_hash"
 RESULT_FILE = "result.json"
 STUDENT_FILE = "student.json"
 COHORTS_DIR = "cohorts"
+ALPHA_FILE = "alpha.json"  # A search's alpha (search.py's ALPHA_FILE).
 VARIABLES_DIR = "variables"
 BEST_VARIABLES_DIR = "best_variables"
 TEACHER = "teacher"
@@ -125,6 +129,7 @@ CSV_FIELDS = (
     "student",
     "method",
     "n",
+    "seeds",  # The n runs' seeds, ';'-joined as paired.csv's (`_seed_labels`).
     "median_last",
     "mean_last",
     "std_last",
@@ -556,6 +561,45 @@ def _pairing(entry: dict) -> tuple:
     return (entry.get("run_seed"), entry["seed"])
 
 
+def _shared_student_seed(keys: list[tuple]) -> bool:
+    """Whether one student seed of `_pairing` keys comes from runs of several run seeds."""
+    runs_of = collections.defaultdict(set)
+    for run_seed, seed in keys:
+        runs_of[seed].add(run_seed)
+    return any(len(runs) > 1 for runs in runs_of.values())
+
+
+def _seed_labels(keys: list[tuple]) -> list:
+    """`_pairing` keys as the tables name them, in their order: the student seeds, or
+    'run seed/student seed' where one student seed comes from runs of several run seeds (their
+    students saw other batches); '?' for a seed not recorded."""
+    if _shared_student_seed(keys):
+        return [f"{_seed_name(r)}/{_seed_name(k)}" for r, k in keys]
+    return [_seed_name(k) for _, k in keys]
+
+
+def _seed_name(seed):
+    return "?" if seed is None else seed
+
+
+def _seed_order(seed) -> tuple:
+    # Numbers in order, then seeds recorded as strings, then none.
+    if isinstance(seed, int):
+        return (0, seed, "")
+    return (1, 0, str(seed)) if seed is not None else (2, 0, "")
+
+
+def _cell_seeds(entries: list[dict]) -> list:
+    """The seeds of a cell's n runs (those with a last-epoch accuracy) by `_seed_labels`, in
+    student-seed order (run-seed order where they read 'run/student')."""
+    keys = [_pairing(e) for e in entries if e["last"] is not None]
+    if _shared_student_seed(keys):
+        keys.sort(key=lambda k: (_seed_order(k[0]), _seed_order(k[1])))
+    else:
+        keys.sort(key=lambda k: (_seed_order(k[1]), _seed_order(k[0])))
+    return _seed_labels(keys)
+
+
 def _warn_duplicate_seeds(key: tuple, entries: list[dict]) -> None:
     """One warning per seed that more than one run of this cell used."""
     dataset, teacher, student, label = key
@@ -709,6 +753,8 @@ def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
     entries = collected.get(key, [])
     stats = cell_stats(e["last"] for e in entries if e["last"] is not None)
     best = cell_stats(e["best"] for e in entries if e["best"] is not None)
+    paper = paper_results.paper_value(table, dataset, teacher, student, label)
+    source, epoch = paper_results.published_statistic(table, label)
     return {
         "table": table,
         "dataset": dataset,
@@ -716,14 +762,15 @@ def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
         "student": student,
         "method": label,
         "n": stats["n"],
+        "seeds": _cell_seeds(entries),
         "median_last": stats["median"],
         "mean_last": stats["mean"],
         "std_last": stats["std"],
         "median_best": best["median"],
-        "paper": paper_results.paper_value(table, dataset, teacher, student, label),
-        **dict(
-            zip(("paper_source", "paper_epoch"), paper_results.published_statistic(table, label))
-        ),
+        "paper": paper,
+        # Who published the number and which epoch's it is: nothing where there is no number.
+        "paper_source": None if paper is None else source,
+        "paper_epoch": None if paper is None else epoch,
         "preset": _preset(entries) if label in PRESET_METHODS else None,
     }
 
@@ -800,14 +847,49 @@ def _pair_name(table: int, pair: tuple) -> str:
     return name if number is None else f"({number}) {name}"
 
 
-def _markdown(title: str, header: list[str], body: list[list[str]], note: str = _NOTE) -> str:
+def _pair_heading(table, pair: tuple) -> str:
+    """`dataset: teacher → student` (with the paper's pair number where it is one of its)."""
+    return f"{pair[0]}: {_pair_name(table, pair)}"
+
+
+def _markdown(
+    title: str,
+    header: list[str],
+    body: list[list[str]],
+    note: str = _NOTE,
+    footer: list[str] = (),
+) -> str:
     if not body:
         return f"{title}\n\nNo runs for this table.\n"
     lines = [title, "", note, ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     lines.extend("| " + " | ".join(cells) + " |" for cells in body)
+    if footer:
+        lines += ["", *footer]
     return "\n".join(lines) + "\n"
+
+
+_SEEDS_LEGEND = (
+    "Seeds of each cell's n runs (student seeds; run seed/student seed where runs of several run"
+    " seeds share a student seed; ? not recorded):"
+)
+
+
+def _seeds_footer(table, cells: list[tuple[tuple, list[tuple[str, dict]]]]) -> list[str]:
+    """The markdown lines under a table that name its cells' seeds: per pair, each set of seeds
+    with the columns (or rows) that have it, in the table's order: `cells` is
+    `[(pair, [(header, row), ...]), ...]`."""
+    lines = []
+    for pair, named in cells:
+        by_seeds: dict[str, list[str]] = {}
+        for name, row in named:
+            if row["seeds"]:
+                by_seeds.setdefault(", ".join(str(s) for s in row["seeds"]), []).append(name)
+        if by_seeds:
+            sets = "; ".join(f"{seeds} ({', '.join(names)})" for seeds, names in by_seeds.items())
+            lines.append(f"- {_pair_heading(table, pair)}: {sets}")
+    return [_SEEDS_LEGEND, *lines] if lines else []
 
 
 _CRD_NOTE = (
@@ -825,14 +907,16 @@ def _pairs_by_methods(
     """Tables 2 and 4 (and the logit table): a row per pair, a column per method; a pair has a
     row when it has a run of one of `pair_labels` (None: of the columns)."""
     collected = collect(summaries) if collected is None else collected
-    rows, body = [], []
+    rows, body, named = [], [], []
     labels = [label for label, _ in columns] if pair_labels is None else pair_labels
     for pair in _pairs(table, collected, labels):
         cells = [_cell_row(table, collected, pair, label) for label, _ in columns]
         rows.extend(cells)
         body.append([pair[0], _pair_name(table, pair)] + [format_cell(c) for c in cells])
+        named.append((pair, [(name, cell) for (_, name), cell in zip(columns, cells)]))
     header = ["Dataset", "Pair"] + [name for _, name in columns]
-    return _markdown(title, header, body, note + _TEACHER_NOTE), rows
+    footer = _seeds_footer(table, named)
+    return _markdown(title, header, body, note + _TEACHER_NOTE, footer), rows
 
 
 def table2(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
@@ -899,17 +983,19 @@ def table5(summaries: Iterable[dict], collected: dict | None = None) -> tuple[st
     ]
     cells = {pair: [_cell_row(5, collected, pair, label) for label, _ in shown] for pair in pairs}
     rows = [cells[pair][i] for i in range(len(shown)) for pair in pairs]
-    # The paper heads its columns by student alone; that is ambiguous once pairs differ otherwise.
-    if len({pair[:2] for pair in pairs}) == 1:
-        header = ["Method"] + [pair[2] for pair in pairs]
-    else:
-        header = ["Method"] + [f"{pair[0]}: {_pair_name(5, pair)}" for pair in pairs]
+    # The paper heads its columns by student alone (its one dataset and teacher); ours name the
+    # runs' dataset and teacher too, as Table 2's rows do.
+    header = ["Method"] + [_pair_heading(5, pair) for pair in pairs]
     body = [
         [name] + [format_cell(cells[pair][i]) for pair in pairs]
         for i, (_, name) in enumerate(shown)
     ]
+    named = [
+        (pair, [(name, cells[pair][i]) for i, (_, name) in enumerate(shown)]) for pair in pairs
+    ]
     title = "### Table 5: aggregation schemes (CIFAR-100, teacher wrn_28_4 in the paper)"
-    return _markdown(title, header, body if pairs else []), rows
+    footer = _seeds_footer(5, named)
+    return _markdown(title, header, body if pairs else [], footer=footer), rows
 
 
 # --- DFA against the other aggregations, paired per seed --------------------------------------
@@ -1027,9 +1113,7 @@ def paired_rows(collected: dict) -> list[dict]:
                 continue
             differences = [round(dfa[k][0]["last"] - theirs[k][0]["last"], 6) for k in keys]
             # The student seeds, or 'run seed/student seed' where runs of other seeds reuse them.
-            seeds = [k for _, k in keys]
-            if len(set(seeds)) < len(seeds):
-                seeds = [f"{r}/{k}" for r, k in keys]
+            seeds = _seed_labels(keys)
             paper_dfa = paper_results.paper_value(5, *pair, "dfa")
             paper_other = paper_results.paper_value(5, *pair, other)
             paper = None if None in (paper_dfa, paper_other) else round(paper_dfa - paper_other, 6)
@@ -1103,22 +1187,192 @@ def write_paired_csv(rows: list[dict], path: str) -> None:
     _write_csv_rows(path, PAIRED_FIELDS, flat)
 
 
+# --- the searched alpha (the paper's Fig. 4, left) -------------------------------------------
+
+ALPHA = "alpha"
+ALPHA_FIELDS = (
+    "dataset",
+    "teacher",
+    "student",
+    "run",  # The run's directory (where its alpha.json is).
+    "seed",  # The run's seed (its search's), where its summary or config records it.
+    "group",
+    "layers",  # The group's teacher maps, shallow to deep, ';'-joined: the last is Last's one.
+    "alpha",  # The searched alpha, ';'-joined in the maps' order.
+    "beta",
+    "one_minus_alpha_last",  # 1 - alpha of the last map: how far from Last (0 = Last).
+    "start_one_minus_alpha_last",  # The same at the search's start ('start' aggregation).
+)
+
+
+def _run_directory(summary: dict) -> str | None:
+    """The directory of a run's files: that of its summary.json (or config.json), else the
+    workdir its summary names (a summary copied elsewhere under its own name)."""
+    path = str(summary.get(PATH_KEY, ""))
+    if posixpath.basename(path) in (SUMMARY_FILE, CONFIG_FILE):
+        return str(epath.Path(path).parent)
+    workdir = summary.get("workdir")
+    return workdir if isinstance(workdir, str) else None
+
+
+def _alpha_problem(record) -> str | None:
+    """Why `record` (an alpha.json's content) is not one search.py writes, or None."""
+    groups = record.get("groups") if isinstance(record, dict) else None
+    if not isinstance(groups, list) or not groups:
+        return "no 'groups' list"
+    for i, group in enumerate(groups):
+        if not isinstance(group, dict):
+            return f"group {i + 1} is not a JSON object"
+        layers, alpha = group.get("layers"), group.get("alpha")
+        if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+            return f"group {i + 1} has no 'layers' list of names"
+        if not isinstance(alpha, list) or not alpha or any(_number(a) is None for a in alpha):
+            return f"group {i + 1} has no 'alpha' list of numbers"
+        if len(alpha) != len(layers):
+            return f"group {i + 1} has {len(alpha)} alpha for {len(layers)} layers"
+    return None
+
+
+def _start_distance(config, maps: int) -> float | None:
+    """1 - alpha of the last map at the search's start, softmax of `search.init_last_logit` on
+    the last map's logit and 0 on the others' (`methods.dfa.init_beta`), or None unrecorded."""
+    logit = _number(_config_value(config, "search.init_last_logit")) if config else None
+    if logit is None:
+        return None
+    return round((maps - 1) / (math.exp(logit) + maps - 1), 6)
+
+
+def _table_of(pair: tuple) -> int:
+    # The table of the paper's that numbers a pair's aggregations: 4 for CINIC-10's, else 5.
+    return 4 if pair[0] == CINIC10 else 5
+
+
+def alpha_rows(summaries: Iterable[dict]) -> list[dict]:
+    """Per run with a search (its `alpha.json` beside its summary), per teacher group, an
+    ALPHA_FIELDS row (lists where the CSV joins by ';'): pairs in the paper's order (Tables 5
+    and 4), then runs by seed and directory. An unreadable or malformed alpha.json is warned
+    about and skipped."""
+    found = []
+    for summary in summaries:
+        if _problem(summary) is not None:
+            continue
+        directory = _run_directory(summary)
+        path = None if directory is None else str(epath.Path(directory) / ALPHA_FILE)
+        if path is None or not epath.Path(path).exists():
+            continue
+        try:
+            record = _read_json(path)
+        except (OSError, ValueError) as error:
+            logger.warning("skipped %s: unreadable alpha (%s)", path, error)
+            continue
+        problem = _alpha_problem(record)
+        if problem is not None:
+            logger.warning("skipped %s: not a search's alpha.json (%s)", path, problem)
+            continue
+        pair = (summary["dataset"], summary["teacher_model"], summary["student_model"])
+        seed = summary.get("seed")
+        seed = seed if isinstance(seed, (int, str)) and not isinstance(seed, bool) else None
+        found.append((pair, seed, directory, record, summary.get(CONFIG_KEY)))
+
+    def order(run):
+        pair, seed, directory = run[:3]
+        number = paper_results.pair_number(_table_of(pair), *pair)
+        return (pair[0] == CINIC10, number is None, number or 0, pair, _seed_order(seed), directory)
+
+    rows = []
+    for pair, seed, directory, record, config in sorted(found, key=order):
+        for i, group in enumerate(record["groups"]):
+            alpha = [round(float(a), 6) for a in group["alpha"]]
+            beta = group.get("beta")  # Only the CSV shows it; a file without it is still read.
+            if not isinstance(beta, list) or any(_number(b) is None for b in beta):
+                beta = None
+            rows.append(
+                {
+                    "dataset": pair[0],
+                    "teacher": pair[1],
+                    "student": pair[2],
+                    "run": directory,
+                    "seed": seed,
+                    "group": group.get("group", i + 1),
+                    "layers": list(group["layers"]),
+                    "alpha": alpha,
+                    "beta": None if beta is None else [round(float(b), 6) for b in beta],
+                    "one_minus_alpha_last": round(1.0 - float(group["alpha"][-1]), 6),
+                    "start_one_minus_alpha_last": _start_distance(config, len(alpha)),
+                }
+            )
+    return rows
+
+
+def alpha_table(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list]:
+    """The searched alpha per run and group (the paper's Fig. 4, left): `(markdown, rows)`;
+    `collected` is not read (the alpha is no cell), only taken as the other tables take it."""
+    del collected
+    rows = alpha_rows(summaries)
+    title = "### Searched alpha (the paper's Fig. 4, left): per group, the weight on each map"
+    note = (
+        "Per run with a search (its alpha.json), per teacher group: its maps, shallow to deep"
+        " (the last is the group's output, Last's only map), the searched alpha on each, and"
+        " 1 − α_last, how far the search left Last (0: Last itself). At start: the same at the"
+        " search's start (softmax of `search.init_last_logit` on the last map: the 'start'"
+        f" aggregation), {MISSING} where the run's config does not record it. Seed: the run's"
+        " (its search's)."
+    )
+    body = []
+    for r in rows:
+        pair = (r["dataset"], r["teacher"], r["student"])
+        start = r["start_one_minus_alpha_last"]
+        body.append(
+            [
+                _pair_heading(_table_of(pair), pair),
+                r["run"],
+                MISSING if r["seed"] is None else str(r["seed"]),
+                str(r["group"]),
+                ", ".join(r["layers"]),
+                ", ".join(f"{a:.3f}" for a in r["alpha"]),
+                f"{r['one_minus_alpha_last']:.3f}",
+                MISSING if start is None else f"{start:.3f}",
+            ]
+        )
+    header = ["Pair", "Run", "Seed", "Group", "Maps", "α", "1 − α_last", "at start"]
+    return _markdown(title, header, body, note=note), rows
+
+
+def write_alpha_csv(rows: list[dict], path: str) -> None:
+    """`rows` of `alpha_rows` as CSV (layers, alpha and beta joined by ';')."""
+    flat = []
+    for row in rows:
+        values = {k: row[k] for k in ALPHA_FIELDS}
+        for field in ("layers", "alpha", "beta"):
+            if values[field] is not None:
+                values[field] = ";".join(str(v) for v in values[field])
+        flat.append({k: "" if v is None else v for k, v in values.items()})
+    _write_csv_rows(path, ALPHA_FIELDS, flat)
+
+
 TABLES = {"2": table2, "5": table5, "4": table4, "crd": table_crd, LOGITS: logit_table}
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    """`rows` as CSV with the CSV_FIELDS columns; None becomes an empty field."""
-    flat = [{k: "" if row[k] is None else row[k] for k in CSV_FIELDS} for row in rows]
+    """`rows` as CSV with the CSV_FIELDS columns; None becomes an empty field, the seeds are
+    joined by ';' (as paired.csv's)."""
+    flat = []
+    for row in rows:
+        values = {k: row[k] for k in CSV_FIELDS}
+        values["seeds"] = ";".join(str(k) for k in row["seeds"])
+        flat.append({k: "" if v is None else v for k, v in values.items()})
     _write_csv_rows(path, CSV_FIELDS, flat)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI: prints the tables and writes `table<N>.md`/`.csv` into --out; returns the status."""
+    """The CLI: prints the tables and writes `table<N>.md`/`.csv` (and `paired`, `logits` and
+    `alpha`'s) into --out; returns the status."""
     parser = argparse.ArgumentParser(
         prog="python -m dfa_jax.report",
         description=(
-            "The paper's Tables 2, 4 and 5, and the CRD suite's table, over runs' summary.json"
-            " files."
+            "The paper's Tables 2, 4 and 5, the CRD suite's table, DFA against the other"
+            " aggregations paired per seed, and the searched alpha (alpha.md), over runs'"
+            " summary.json and alpha.json files."
         ),
     )
     parser.add_argument(
@@ -1129,14 +1383,16 @@ def main(argv: list[str] | None = None) -> int:
         " or gs://); a workdir without summary.json is a run not finished: its finished stages",
     )
     parser.add_argument(
-        "--out", default=".", help="where table<N>.md/.csv go, local or gs:// (default: .)"
+        "--out",
+        default=".",
+        help="where table<N>.md/.csv (paired, logits, alpha) go, local or gs:// (default: .)",
     )
     parser.add_argument(
         "--table",
-        choices=(*TABLES, "all"),
+        choices=(*TABLES, ALPHA, "all"),
         default="all",
-        help="which table ('crd': RepDistiller's CIFAR-100 pairs); 'all' (default) writes those"
-        " that have runs",
+        help="which table ('crd': RepDistiller's CIFAR-100 pairs; 'alpha': the runs' searched"
+        " alpha); 'all' (default) writes those that have runs",
     )
     args = parser.parse_args(argv)
 
@@ -1154,7 +1410,8 @@ def main(argv: list[str] | None = None) -> int:
     collected = collect(summaries)
     epath.Path(args.out).mkdir(parents=True, exist_ok=True)
     written = []
-    for number in TABLES if args.table == "all" else (args.table,):
+    numbers = list(TABLES) if args.table == "all" else [args.table] if args.table in TABLES else []
+    for number in numbers:
         markdown, rows = TABLES[number](summaries, collected=collected)
         if not rows and args.table == "all":
             continue  # E.g. no CINIC-10 run: no Table 4.
@@ -1170,6 +1427,14 @@ def main(argv: list[str] | None = None) -> int:
             stem = os.path.join(args.out, "paired")
             epath.Path(stem + ".md").write_text(markdown)
             write_paired_csv(rows, stem + ".csv")
+            written += [stem + ".md", stem + ".csv"]
+    if args.table in (ALPHA, "all"):
+        markdown, rows = alpha_table(summaries)
+        if rows or args.table == ALPHA:
+            print(markdown)
+            stem = os.path.join(args.out, ALPHA)
+            epath.Path(stem + ".md").write_text(markdown)
+            write_alpha_csv(rows, stem + ".csv")
             written += [stem + ".md", stem + ".csv"]
     if not written:
         print("error: no student run (distill/<method> stage) to tabulate", file=sys.stderr)

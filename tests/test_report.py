@@ -167,7 +167,10 @@ def test_table5_rows_schemes_columns_students(runs):
     last = _row(rows, PAIR3, "last")
     assert (last["n"], last["median_last"], last["paper"]) == (1, 75.51, 75.51)
     assert _row(rows, PAIR1, "random")["paper"] == 78.92
-    assert "| Method | wrn_16_4 | wrn_16_2 |" in markdown
+    assert (
+        "| Method | cifar100: (1) wrn_28_4 → wrn_16_4 | cifar100: (3) wrn_28_4 → wrn_16_2 |"
+        in markdown.splitlines()
+    )
     random_line = next(line for line in markdown.splitlines() if line.startswith("| Random"))
     assert random_line == "| Random | – [paper 78.92] | – [paper 74.25] |"
     # The paper's rows always; 'start' (not the paper's) only where a run trained it.
@@ -239,6 +242,8 @@ def test_cli_writes_tables_and_csv_round_trips(runs, tmp_path, capsys):
             value = want[field]
             if value is None:
                 assert got[field] == ""
+            elif isinstance(value, list):  # The seeds.
+                assert got[field] == ";".join(str(v) for v in value)
             elif isinstance(value, str):
                 assert got[field] == value
             else:
@@ -445,6 +450,7 @@ def _write_config(workdir, config):
 def test_workdir_file_names_are_the_pipelines():
     """The report names a workdir's files itself (their modules import JAX): the same names."""
     # pylint: disable=g-import-not-at-top
+    from dfa_jax import alpha_file
     from dfa_jax import distill
     from dfa_jax import reporting
     from dfa_jax import teacher
@@ -457,6 +463,7 @@ def test_workdir_file_names_are_the_pipelines():
     assert report.RESULT_FILE == train_loop.RESULT_FILE
     assert (report.STUDENT_FILE, report.COHORTS_DIR) == (distill.STUDENT_FILE, distill.COHORTS_DIR)
     assert report.SUMMARY_FILE == reporting.SUMMARY_FILE
+    assert report.ALPHA_FILE == alpha_file.NAME  # search.ALPHA_FILE, where a search writes it.
 
 
 def test_report_imports_without_jax():
@@ -792,3 +799,192 @@ def test_baseline_cells_say_which_preset_their_runs_used(tmp_path):
     )
     mixed = _row(report.table2(report.load_summaries(root))[1], PAIR3, "kd")
     assert mixed["preset"] == "mixed" and "⟨peers + authors⟩" in report.format_cell(mixed)
+
+
+DIGITS = ("wrn_16_2", "wrn_10_1")  # The offline demo's pair: in none of the paper's tables.
+
+
+def _lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table5_columns_name_dataset_and_teacher_even_when_all_pairs_share_them(tmp_path):
+    """One dataset and teacher for every pair (the demo's digits, wrn_16_2): each column still
+    says `dataset: teacher → student`, as Table 2's rows and paired.md do."""
+    root = str(tmp_path)
+    stages = {"distill/dfa": _stage("d", 0.944), "distill/last": _stage("l", 0.944)}
+    _write(root, "demo", DIGITS, 0, stages, dataset="digits")
+    _write(root, "other", ("wrn_16_2", "wrn_16_1"), 0, stages, dataset="digits")
+    markdown, _ = report.table5(report.load_summaries(root))
+    header = next(line for line in markdown.splitlines() if line.startswith("| Method"))
+    assert header == "| Method | digits: wrn_16_2 → wrn_10_1 | digits: wrn_16_2 → wrn_16_1 |"
+
+
+def test_paper_source_and_epoch_are_empty_where_there_is_no_paper_number(tmp_path):
+    """A cell without a published number says nobody published it; one with the paper's number
+    keeps 'paper', 'best'."""
+    root = str(tmp_path)
+    _write(root, "demo", DIGITS, 0, {"distill/dfa": _stage("d", 0.944)}, dataset="digits")
+    _write(root, "pair3", PAIR3, 0, {"distill/dfa": _stage("d", 0.75)})
+    out = str(tmp_path / "out")
+    assert report.main([root, "--out", out]) == 0
+    for table in ("table2", "table5"):
+        read = _csv(os.path.join(out, f"{table}.csv"))
+        digits = [r for r in read if r["dataset"] == "digits"]
+        assert digits and all(r["paper"] == "" for r in digits), table
+        assert all((r["paper_source"], r["paper_epoch"]) == ("", "") for r in digits), table
+        (dfa,) = [r for r in read if r["student"] == PAIR3[1] and r["method"] == "dfa"]
+        assert (dfa["paper"], dfa["paper_source"], dfa["paper_epoch"]) == (
+            "75.85",
+            "paper",
+            "best",
+        )
+
+
+def test_tables_name_each_cells_seeds_in_the_csv_and_under_the_table(runs, tmp_path):
+    """`seeds` (paired.csv's format, ';'-joined) in table2/table5.csv, and per pair the cells'
+    seeds under each markdown table, the columns (rows) of one set of seeds together."""
+    out = str(tmp_path / "out")
+    assert report.main([runs, "--out", out]) == 0
+    table2 = _csv(os.path.join(out, "table2.csv"))
+    seeds = {(r["student"], r["method"]): r["seeds"] for r in table2}
+    assert seeds[(PAIR3[1], "dfa")] == "0;1;2"
+    assert seeds[(PAIR3[1], "kd")] == "0;1"
+    assert seeds[(PAIR3[1], "fitnets")] == ""  # No run.
+    # Pair 3's three teachers and pair 2's (seed 5); pair 1's loaded copy is seed 0's.
+    assert seeds[(PAIR3[1], "teacher")] == "0;1;2;5"
+    assert seeds[(PAIR1[1], "dfa")] == "0"
+    table5 = _csv(os.path.join(out, "table5.csv"))
+    assert [r["seeds"] for r in table5 if r["student"] == PAIR3[1]] == [
+        "0;1;2",  # Student
+        "",  # Random
+        "0",  # Last
+        "",  # Average
+        "0;1;2",  # DFA
+    ]
+    legend = report._SEEDS_LEGEND
+    assert legend.startswith("Seeds of each cell's n runs (student seeds; run seed/student seed")
+    lines = _lines(os.path.join(out, "table2.md"))
+    assert lines[lines.index(legend) :] == [
+        legend,
+        "- cifar100: (1) wrn_28_4 → wrn_16_4: 0, 1, 2, 5 (Teacher); 0 (DFA)",
+        "- cifar100: (3) wrn_28_4 → wrn_16_2: 0, 1, 2, 5 (Teacher); 0, 1, 2 (Student, DFA);"
+        " 0, 1 (KD)",
+    ]
+    lines = _lines(os.path.join(out, "table5.md"))
+    assert lines[lines.index(legend) :] == [
+        legend,
+        "- cifar100: (1) wrn_28_4 → wrn_16_4: 0 (DFA)",
+        "- cifar100: (3) wrn_28_4 → wrn_16_2: 0, 1, 2 (Student, DFA); 0 (Last)",
+    ]
+    assert lines[lines.index(legend) - 1] == ""  # Not a row of the table above.
+
+
+def test_seeds_of_runs_of_other_run_seeds_read_run_slash_student(tmp_path):
+    """Students of seed 0 from runs of run seeds 0 and 7 (other batches): `run/student`, as in
+    paired.csv, in run-seed order; a teacher loaded from a run not given has no seed: '?'."""
+    root = str(tmp_path)
+    loaded = {"stage": "teacher", "loaded_from": "/elsewhere/t/variables", "last_accuracy": 0.8}
+    for run_seed in (7, 0):
+        stages = {f"distill/dfa/seed{k}": _stage("d", 0.75) for k in (0, 1)}
+        _write(root, f"run{run_seed}", PAIR3, run_seed, {"teacher": dict(loaded), **stages})
+    rows = report.table2(report.load_summaries(root))[1]
+    assert _row(rows, PAIR3, "dfa")["seeds"] == ["0/0", "0/1", "7/0", "7/1"]
+    assert _row(rows, PAIR3, "teacher")["seeds"] == ["?"]
+
+
+def _alpha_json(workdir, groups, teacher="wrn_16_2"):
+    record = {
+        "teacher": teacher,
+        "groups": [
+            {"group": i + 1, "layers": layers, "beta": [0.0] * len(alpha), "alpha": alpha}
+            for i, (layers, alpha) in enumerate(groups)
+        ],
+    }
+    with open(os.path.join(workdir, report.ALPHA_FILE), "w") as f:
+        json.dump(record, f)
+
+
+def test_alpha_table_lists_each_runs_searched_alpha_per_group(tmp_path, caplog):
+    """alpha.md / alpha.csv: per run with an alpha.json, per group, the maps, alpha, 1 - alpha
+    of the last map and its value at the search's start, the run's seed; one row per run where
+    several seeds searched; a malformed alpha.json is skipped with a warning."""
+    root = str(tmp_path / "runs")
+    config = {**_config(DIGITS, 0), "search": {"init_last_logit": 4.0}}
+    config["data"]["dataset"] = "digits"
+    groups = {
+        0: [(["g1_b1", "g1_b2"], [0.25, 0.75]), (["g2_b1", "g2_b2", "g2_b3"], [0.1, 0.2, 0.7])],
+        1: [(["g1_b1", "g1_b2"], [0.5, 0.5]), (["g2_b1", "g2_b2", "g2_b3"], [0.0, 0.0, 1.0])],
+    }
+    for seed in (1, 0):
+        stages = {"distill/dfa": _stage("d", 0.94)}
+        workdir = _write(root, f"s{seed}", DIGITS, seed, stages, dataset="digits")
+        _alpha_json(workdir, groups[seed])
+        if seed == 0:
+            _write_config(workdir, config)
+    bad = _write(root, "bad", DIGITS, 2, {"distill/dfa": _stage("d", 0.9)}, dataset="digits")
+    _alpha_json(bad, [(["g1_b1", "g1_b2"], [1.0])])  # One alpha for two maps.
+    _write(root, "none", DIGITS, 3, {"distill/last": _stage("d", 0.9)}, dataset="digits")
+
+    out = str(tmp_path / "out")
+    assert report.main([root, "--out", out]) == 0
+    lines = _lines(os.path.join(out, "alpha.md"))
+    s0, s1 = os.path.join(root, "s0"), os.path.join(root, "s1")
+    assert lines[0] == (
+        "### Searched alpha (the paper's Fig. 4, left): per group, the weight on each map"
+    )
+    header = "| Pair | Run | Seed | Group | Maps | α | 1 − α_last | at start |"
+    # 1 - alpha_last at the start: 1 - e^4 / (e^4 + N - 1), N = 2 and 3 maps.
+    assert lines[lines.index(header) + 2 :] == [
+        f"| digits: wrn_16_2 → wrn_10_1 | {s0} | 0 | 1 | g1_b1, g1_b2 | 0.250, 0.750 | 0.250"
+        " | 0.018 |",
+        f"| digits: wrn_16_2 → wrn_10_1 | {s0} | 0 | 2 | g2_b1, g2_b2, g2_b3 | 0.100, 0.200,"
+        " 0.700 | 0.300 | 0.035 |",
+        f"| digits: wrn_16_2 → wrn_10_1 | {s1} | 1 | 1 | g1_b1, g1_b2 | 0.500, 0.500 | 0.500 | – |",
+        f"| digits: wrn_16_2 → wrn_10_1 | {s1} | 1 | 2 | g2_b1, g2_b2, g2_b3 | 0.000, 0.000,"
+        " 1.000 | 0.000 | – |",
+    ]
+    read = _csv(os.path.join(out, "alpha.csv"))
+    assert list(read[0]) == list(report.ALPHA_FIELDS)
+    assert read[1] == {
+        "dataset": "digits",
+        "teacher": "wrn_16_2",
+        "student": "wrn_10_1",
+        "run": s0,
+        "seed": "0",
+        "group": "2",
+        "layers": "g2_b1;g2_b2;g2_b3",
+        "alpha": "0.1;0.2;0.7",
+        "beta": "0.0;0.0;0.0",
+        "one_minus_alpha_last": "0.3",
+        "start_one_minus_alpha_last": str(round(2 / (math.exp(4.0) + 2), 6)),
+    }
+    assert [(r["seed"], r["start_one_minus_alpha_last"]) for r in read[2:]] == [("1", "")] * 2
+    warnings = [r.getMessage() for r in caplog.records if "alpha" in r.getMessage()]
+    assert len(warnings) == 1 and bad in warnings[0] and "1 alpha for 2 layers" in warnings[0]
+
+
+def test_no_search_no_alpha_file_and_the_alpha_table_alone(runs, tmp_path):
+    """Runs without an alpha.json write no alpha.md under 'all'; `--table alpha` writes it
+    alone."""
+    out = str(tmp_path / "out")
+    assert report.main([runs, "--out", out]) == 0
+    assert "alpha.md" not in os.listdir(out)
+    workdir = os.path.join(runs, "pair3", "s0")
+    _alpha_json(workdir, [(["a", "b"], [0.2, 0.8])], teacher=PAIR3[0])
+    out = str(tmp_path / "alpha_only")
+    assert report.main([runs, "--out", out, "--table", "alpha"]) == 0
+    assert sorted(os.listdir(out)) == ["alpha.csv", "alpha.md"]
+    (row,) = _csv(os.path.join(out, "alpha.csv"))
+    assert (row["student"], row["seed"], row["alpha"], row["one_minus_alpha_last"]) == (
+        PAIR3[1],
+        "0",
+        "0.2;0.8",
+        "0.2",
+    )
