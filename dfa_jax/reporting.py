@@ -26,6 +26,18 @@ def results_table(stages: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, result in stages.items():
+        if name == "search" and "ts_path_best_accuracy" in result:
+            # The search trains no network of its own to score: its row is the last group's
+            # teacher-to-student path (the student's later groups reading the aggregation).
+            last = result["by_group"][f"g{result['groups']}"]
+            epochs = f"{result['groups']} x {result['epochs_per_group']}"
+            lines.append(
+                f"| search (last group's teacher-to-student path) |"
+                f" {100 * result['ts_path_best_accuracy']:.2f} | {last['best_epoch']} |"
+                f" {100 * result['ts_path_last_accuracy']:.2f} | {epochs} |"
+                f" {result['wall_time_s']:.0f} |"
+            )
+            continue
         if "best_accuracy" not in result:
             continue
         stage, _, seed = name.partition("/seed")
@@ -70,22 +82,28 @@ def _save_png(fig, path: str) -> None:
     files.write_bytes_atomic(path, buffer.getvalue())
 
 
-def plot_alpha_heatmap(record: list[dict], path: str) -> None:
-    """Groups x teacher layers heatmap of alpha (the paper's Fig. 4, left); blank = no layer."""
+def plot_alpha_heatmap(record: list[dict], path: str, start: list[dict] | None = None) -> None:
+    """Groups x teacher maps heatmap of alpha (the paper's Fig. 4, left); blank = no map. With
+    `start` (the search's starting `alpha_record`), each cell also gives its starting alpha: on
+    a scale of 0 to 1 a search that moved alpha by hundredths looks like its start."""
     plt = _pyplot()
     width = max(len(r["alpha"]) for r in record)
     grid = np.full((len(record), width), np.nan)
     for i, r in enumerate(record):
         grid[i, : len(r["alpha"])] = r["alpha"]
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * width, 1.2 + 0.7 * len(record)))
+    fig, ax = plt.subplots(figsize=(2.8 + 1.0 * width, 1.5 + 0.7 * len(record)))
     image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for i, r in enumerate(record):
         for j, a in enumerate(r["alpha"]):
-            ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="w" if a < 0.6 else "k")
+            text = f"{a:.3f}" if start is None else f"{a:.3f}\n({start[i]['alpha'][j]:.3f})"
+            color = "w" if a < 0.6 else "k"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
     ax.set_yticks(range(len(record)), [f"group {r['group']}" for r in record])
-    ax.set_xticks(range(width), [f"layer {j + 1}" for j in range(width)])
-    ax.set_title("aggregation weights alpha")
-    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(width), [f"map {j + 1}" for j in range(width)])
+    ax.set_xlabel("teacher map of the group, first to last")
+    title = "aggregation weights alpha"
+    ax.set_title(title if start is None else f"{title}\n(in brackets: at the search's start)")
+    fig.colorbar(image, ax=ax, label="alpha")
     fig.tight_layout()
     _save_png(fig, path)
 
@@ -97,28 +115,33 @@ def change_axis_limit(changes) -> float:
 
 
 def plot_alpha_trajectories(history: list[dict], record: list[dict], path: str) -> None:
-    """How far the search moved each teacher layer's alpha from its start, against the search
-    epoch (0 = the start; `history` has a row for it), one panel per group, each on an axis
-    fitted to its changes (`change_axis_limit`); the legend gives each layer's starting alpha,
-    and the heatmap the final ones."""
+    """How far the search moved each teacher map's alpha from its start, against the search
+    epoch (0 = the start; `history` has a row for it), one panel per group, all on one axis
+    fitted to the largest change (`change_axis_limit`), so panels compare; the legend gives each
+    map's starting alpha, the heatmap the final ones. A group of two maps draws its first: the
+    last's change is its mirror image."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(record), figsize=(4 * len(record), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(record), figsize=(4 * len(record), 3.2), squeeze=False, sharey=True
+    )
+    drawn = []
     for ax, r in zip(axes[0], record):
         rows = sorted((h for h in history if h["group"] == r["group"]), key=lambda h: h["epoch"])
         epochs = [h["epoch"] for h in rows]
-        drawn = []
-        for j, name in enumerate(r["layers"]):
+        names = r["layers"][:1] if len(r["layers"]) == 2 else r["layers"]
+        for j, name in enumerate(names):
             values = [h[f"alpha/g{r['group']}/{j}"] for h in rows]
             changes = [v - values[0] for v in values] if values else []
             start = f" (start {values[0]:.3f})" if values else ""
-            ax.plot(epochs, changes, marker="o", label=f"{name}{start}")
+            mirror = f"; {r['layers'][1]}'s is minus this" if len(r["layers"]) == 2 else ""
+            ax.plot(epochs, changes, marker="o", label=f"{name}{start}{mirror}")
             drawn += changes
         ax.axhline(0.0, color="0.7", linewidth=0.8)
         ax.set_title(f"group {r['group']}")
         ax.set_xlabel("search epoch")
-        limit = change_axis_limit(drawn)
-        ax.set_ylim(-limit, limit)
         ax.legend(fontsize=7)
+    limit = change_axis_limit(drawn)
+    axes[0][0].set_ylim(-limit, limit)  # Shared by every panel.
     axes[0][0].set_ylabel("alpha - alpha at the start")
     fig.tight_layout()
     _save_png(fig, path)

@@ -12,8 +12,10 @@ leave the other groups' connectors exactly as they are); w carries over from gro
 group is a sub-stage of the shared loop (`WORKDIR/search/g{i}`), so the search resumes mid-group
 like any stage. A group of one map (ShuffleNetV2's stem and conv5) has alpha = 1 whatever beta
 is: it runs its w steps only, with no beta half and no validation batches. Each group's end logs
-one line (`group_movement`): alpha and its entropy from start to end, beta's move against
-lr x steps (Adam's move under a steady one-signed gradient).
+one line (`group_movement`): alpha and its entropy from start to end, the last map's lead
+(what sets alpha), the mean pushes of the bridge loss and of the L2 on it, and whether alpha
+settled (`group_dynamics`, also in `search/result.json`). Each epoch evaluates the group's
+teacher-to-student path on the test split (`BridgeLogits`).
 Outputs: `WORKDIR/alpha.json`, `WORKDIR/search/alpha_history.json` and the PNG plots.
 """
 
@@ -69,6 +71,36 @@ def teacher_group_maps(teacher_model, teacher_vars, images, group: int, clamp_mi
     )
     maps = features.read(mutated, teacher_model.feature_groups()[group - 1])
     return [jax.lax.stop_gradient(features.clamp(m.astype(jnp.float32), clamp_min)) for m in maps]
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeLogits:
+    """Group `group`'s teacher-to-student path in eval mode, `(variables, images) -> logits`:
+    the teacher's maps of the group aggregated with softmax(beta), the TS connector, then the
+    student from the group's boundary to its head. `variables`: {'teacher', 'ts' (the group's
+    connector's params and batch_stats), 'student', 'beta' (the group's)}.
+
+    The search's test accuracy: what the bridge loss's TS term trains. (The student's own
+    forward is no measure of the search: its groups up to i learn only the ST term's mimicry,
+    its later ones to read the connector's output, so it scores about chance.)"""
+
+    teacher_model: Any
+    student_model: Any
+    group: int
+    clamp_min: float | None
+
+    def __call__(self, variables, images):
+        maps = teacher_group_maps(
+            self.teacher_model, variables["teacher"], images, self.group, self.clamp_min, False
+        )
+        s_shape = features.group_shapes(self.student_model)[self.group - 1]
+        maps = [losses.adaptive_avg_pool(m, s_shape[1:3]) for m in maps]
+        aggregated = losses.aggregate(maps, jax.nn.softmax(variables["beta"]))
+        connector = models.Connector(s_shape[-1], dtype=self.student_model.dtype)
+        ts_in = connector.apply(variables["ts"], aggregated, train=False)
+        return self.student_model.apply(
+            variables["student"], ts_in, train=False, start_group=self.group
+        )
 
 
 def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
@@ -147,6 +179,8 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
             )(beta_fixed)
             for j, b in enumerate(beta_fixed):
                 metrics[f"beta_l2_pull/{j}"] = config.search.beta_weight_decay * jnp.abs(b)
+                # With its sign, as `beta_grad_signed`: positive lowers beta_j.
+                metrics[f"beta_l2_grad/{j}"] = config.search.beta_weight_decay * b
         return loss, (new_batch_stats, metrics)
 
     def beta_loss_fn(beta, params, batch_stats, batch, rng, aux):
@@ -218,15 +252,61 @@ def alpha_record(teacher_model, beta) -> list[dict]:
     ]
 
 
-def group_movement(start: dict, end: dict, steady_move: float) -> str:
-    """One line on how far a group's search moved: alpha and its normalised entropy (1 =
-    'Average', 0 = one map) from start to end, and each beta's move against `steady_move` =
-    lr x steps, Adam's move under a gradient of one sign and steady size (lr per step).
+def group_dynamics(start: dict, end: dict, rows: list[dict]) -> dict:
+    """How a group's search moved alpha and what moved it; {} for a group of one map.
 
-    It is no bound: a gradient that grows after a quieter stretch moves beta further (one step
-    after a quiet stretch, up to (1 - b1) / sqrt(1 - b2) ~ 16 lr at b1 = 0.5, b2 = 0.999). A move
-    near lr x steps is a steady push in one direction; a much smaller one, forces that cancelled
-    or changed sign."""
+    `start` and `end` are the group's `alpha_record` entries, `rows` its metrics.jsonl (train
+    rows and epoch rows). Softmax ignores a shift shared by all betas, so what sets alpha is the
+    *last map's lead*, beta_last - mean(other betas) (for two maps, the logit gap). Returns:
+    - `alpha_start`, `alpha_end`; `last_map_lead`: [start, end];
+    - `lead_push_loss` / `lead_push_l2`: the mean over the group's steps of the descent direction
+      on the lead of the bridge loss's gradient (`train/beta_grad_signed/j`) and of the L2's
+      (`train/val/beta_l2_grad/j`): positive raises the lead (toward 'Last'); the L2's always
+      points toward 0, uniform alpha ('Average'). Adam rescales their sum per beta, so they
+      say which force is the larger and where each points, not the step's size;
+    - `alpha_change`: the largest |alpha_j change| from start to end; `last_epoch_alpha_change`:
+      the same over the last epoch; `settled`: the last epoch moved alpha no more than an
+      epoch's share of the whole change (a search still moving, or zig-zagging, is not)."""
+    if len(start["alpha"]) < 2:
+        return {}
+    beta0, beta1 = np.asarray(start["beta"]), np.asarray(end["beta"])
+    alpha0, alpha1 = np.asarray(start["alpha"]), np.asarray(end["alpha"])
+
+    def lead(x: np.ndarray) -> float:
+        return float(x[-1] - x[:-1].mean())
+
+    out = {
+        "alpha_start": alpha0.tolist(),
+        "alpha_end": alpha1.tolist(),
+        "last_map_lead": [lead(beta0), lead(beta1)],
+        "alpha_change": float(np.abs(alpha1 - alpha0).max()),
+    }
+    n, prefix = len(alpha0), f"alpha/g{end['group']}/"
+    train = [r for r in rows if "epoch" not in r and "train/beta_grad_signed/0" in r]
+    if train and f"train/val/beta_l2_grad/{n - 1}" in train[0]:
+        # A row holds the mean of the steps since the previous one (the first: since step 0).
+        weights = np.diff([r["step"] for r in train], prepend=0)
+
+        def mean(name: str) -> np.ndarray:
+            return np.array(
+                [np.average([r[f"{name}/{j}"] for r in train], weights=weights) for j in range(n)]
+            )
+
+        out["lead_push_loss"] = -lead(mean("train/beta_grad_signed"))
+        out["lead_push_l2"] = -lead(mean("train/val/beta_l2_grad"))
+    epochs = [r for r in rows if "epoch" in r and f"{prefix}0" in r]
+    if epochs:
+        before = [epochs[-2][f"{prefix}{j}"] for j in range(n)] if len(epochs) > 1 else alpha0
+        last = float(np.abs(alpha1 - np.asarray(before)).max())
+        out["last_epoch_alpha_change"] = last
+        out["settled"] = last <= out["alpha_change"] / len(epochs)
+    return out
+
+
+def group_movement(start: dict, end: dict, dynamics: dict) -> str:
+    """One line on a group's search: alpha and its normalised entropy (1 = 'Average', 0 = one
+    map) from start to end, the last map's lead, the forces on it and whether alpha settled
+    (`group_dynamics`)."""
 
     def entropy(alpha) -> str:
         return f"{float(bilevel.normalised_entropy(jnp.asarray(alpha))):.3f}"
@@ -236,32 +316,58 @@ def group_movement(start: dict, end: dict, steady_move: float) -> str:
 
     if len(start["alpha"]) < 2:
         return f"g{end['group']}: one map, alpha = 1 (nothing to search)"
-    moved = np.asarray(end["beta"]) - np.asarray(start["beta"])
-    return (
+    d = dynamics
+    line = (
         f"g{end['group']}: alpha {joined(start['alpha'], '.3f')} -> {joined(end['alpha'], '.3f')}"
-        f" (entropy {entropy(start['alpha'])} -> {entropy(end['alpha'])}); beta moved"
-        f" {joined(moved, '+.3f')} (lr x steps, a steady push's move: {steady_move:.3f})"
+        f" (entropy {entropy(start['alpha'])} -> {entropy(end['alpha'])}); the last map's lead"
+        f" beta_last - mean(others) {d['last_map_lead'][0]:.3f} -> {d['last_map_lead'][1]:.3f}"
     )
+    if "lead_push_loss" in d:
+        loss, l2 = d["lead_push_loss"], d["lead_push_l2"]
+        larger = "the bridge loss" if abs(loss) > abs(l2) else "the L2"
+        line += (
+            f"; mean push on the lead: bridge loss {loss:+.2e} (toward"
+            f" {'the last map' if loss > 0 else 'the others'}), L2 {l2:+.2e} (toward"
+            f" 'Average'): {larger} the larger"
+        )
+    if "settled" in d:
+        line += (
+            f"; the last epoch moved alpha by {d['last_epoch_alpha_change']:.4f}, the whole"
+            f" group by {d['alpha_change']:.4f}: {'settled' if d['settled'] else 'still moving'}"
+        )
+    return line
 
 
 def alpha_record_from_file(path: str) -> list[dict]:
     return files.read_json(path)["groups"]
 
 
+def _metrics_rows(directory: str) -> list[dict]:
+    """A sub-stage's metrics.jsonl rows; none where this process has no such file (only process
+    0 writes it)."""
+    path = os.path.join(directory, "metrics.jsonl")
+    if not files.exists(path):
+        return []
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
+
+
 def _alpha_history(directory: str, start: list[dict]) -> list[dict]:
-    """Per group, alpha at the start (epoch 0, `start` = `alpha_record` of the initial beta) and
-    after every searched epoch, from the sub-stages' metrics.jsonl."""
+    """Per group, its alpha and beta at the start (epoch 0, `start` = `alpha_record` of the
+    initial beta) and after every searched epoch, from the sub-stages' metrics.jsonl: every row
+    `{'group', 'epoch', 'alpha/g<i>/<j>'..., 'beta/g<i>/<j>'...}`."""
     history = []
     for i, first in enumerate(start, start=1):
+        keys = [
+            f"{kind}/g{i}/{j}" for kind in ("alpha", "beta") for j in range(len(first["alpha"]))
+        ]
         history.append(
-            {"group": i, "epoch": 0, **{f"alpha/g{i}/{j}": a for j, a in enumerate(first["alpha"])}}
+            {"group": i, "epoch": 0, **dict(zip(keys, [*first["alpha"], *first["beta"]]))}
         )
-        metrics = files.read_text(os.path.join(directory, methods.group_key(i), "metrics.jsonl"))
-        for line in metrics.splitlines():
-            row = json.loads(line)
+        for row in _metrics_rows(os.path.join(directory, methods.group_key(i))):
             if "epoch" in row:
-                alpha = {k: v for k, v in row.items() if k.startswith("alpha/")}
-                history.append({"group": i, "epoch": row["epoch"], **alpha})
+                history.append(
+                    {"group": i, "epoch": row["epoch"], **{k: row[k] for k in keys if k in row}}
+                )
     return history
 
 
@@ -288,7 +394,7 @@ def init_search_variables(teacher_model, student_model, config, mesh) -> tuple[d
 @dataclasses.dataclass
 class Search:
     """What every group's search shares: the models, the w and beta optimizers and w's schedule,
-    the step-0 state (student, every group's connectors, beta) and the student's evaluation."""
+    and the step-0 state (student, every group's connectors, beta)."""
 
     teacher_model: Any
     student_model: Any
@@ -299,7 +405,6 @@ class Search:
     steps_per_epoch: int
     batch_size: int
     state: bilevel.TrainState  # Step 0, replicated on the mesh.
-    eval_fn: Callable[[dict], dict]  # Student variables -> test accuracy and loss.
 
 
 def build(config, mesh, data: inputs.RunData) -> Search:
@@ -330,7 +435,6 @@ def build(config, mesh, data: inputs.RunData) -> Search:
         steps_per_epoch=steps_per_epoch,
         batch_size=optim.batch_size,
         state=state,
-        eval_fn=evaluation.make_model_eval_fn(student_model, config, data, mesh),
     )
 
 
@@ -346,7 +450,8 @@ def build_group_stage(
 ) -> train_loop.Stage:
     """Group `group`'s search as the loop runs it, from `state` (the previous group's end, or
     `search.state`): its bilevel step (beta_group on val batches, the student and this group's
-    connectors on train batches), built without reading or writing a file."""
+    connectors on train batches) and, given `teacher_vars`, the test accuracy of its
+    teacher-to-student path (`BridgeLogits`), built without reading or writing a file."""
     loss_fn, beta_loss_fn = make_bridge_loss_fn(
         search.teacher_model, search.student_model, group, config
     )
@@ -366,12 +471,36 @@ def build_group_stage(
         w_trainable=w_trainable(search.state.params, group),
     )
 
+    key = methods.group_key(group)
+
     def alpha_scalars(state, epoch):
+        # This group's alone: the others' stay as they are while it is searched.
         del epoch
-        alpha = jax.device_get(alpha_of(state.beta))
+        beta, alpha = jax.device_get((state.beta[key], alpha_of(state.beta)[key]))
         return {
-            f"alpha/{g}/{j}": float(a) for g, values in alpha.items() for j, a in enumerate(values)
+            **{f"alpha/{key}/{j}": float(a) for j, a in enumerate(alpha)},
+            **{f"beta/{key}/{j}": float(b) for j, b in enumerate(beta)},
         }
+
+    eval_fn = None
+    if teacher_vars is not None:
+        bridge = BridgeLogits(
+            search.teacher_model, search.student_model, group, config.features.clamp_min
+        )
+        evaluate = evaluation.make_eval_fn(bridge, config, data, mesh)
+
+        def eval_fn(s):
+            return evaluate(
+                {
+                    "teacher": teacher_vars,
+                    "ts": {"params": s.params["ts"][key], "batch_stats": s.batch_stats["ts"][key]},
+                    "student": {
+                        "params": s.params["student"],
+                        "batch_stats": s.batch_stats["student"],
+                    },
+                    "beta": s.beta[key],
+                }
+            )
 
     group_steps = config.search.epochs_per_group * search.steps_per_epoch
     offset = (group - 1) * group_steps
@@ -380,9 +509,7 @@ def build_group_stage(
         directory=os.path.join(directory, methods.group_key(group)),
         state=state,
         step_fn=parallel.jit_step(step, mesh),
-        eval_fn=lambda s: search.eval_fn(
-            {"params": s.params["student"], "batch_stats": s.batch_stats["student"]}
-        ),
+        eval_fn=eval_fn,
         train_data=data.search_train,
         val_data=data.search_val if searched else None,
         epochs=config.search.epochs_per_group,
@@ -391,7 +518,10 @@ def build_group_stage(
         aux=teacher_vars,
         lr_fn=lambda s: search.schedule(s + offset),
         epoch_end_fn=alpha_scalars,
-        steps_after=(search.num_groups - group) * group_steps,  # The ETA: the whole search's.
+        # The ETA: the whole search's, the later groups at this one's speed (they run more of
+        # the teacher: it reads low until the last group).
+        steps_after=(search.num_groups - group) * group_steps,
+        eval_label="teacher-to-student path test accuracy",
     )
 
 
@@ -418,17 +548,15 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
         stage = build_group_stage(search, config, mesh, data, directory, group, state, teacher_vars)
         result = train_loop.run(stage, config, mesh)
         state = result.pop("state")
+        end = alpha_record(teacher_model, state.beta)[group - 1]
+        dynamics = group_dynamics(start[group - 1], end, _metrics_rows(stage.directory))
         by_group[methods.group_key(group)] = {
-            k: result[k] for k in ("best_accuracy", "best_epoch", "last_accuracy")
+            **{k: result[k] for k in ("steps", "wall_time_s", "best_epoch")},
+            "ts_path_best_accuracy": result["best_accuracy"],
+            "ts_path_last_accuracy": result["last_accuracy"],
+            **dynamics,
         }
-        logging.info(
-            "[search] %s",
-            group_movement(
-                start[group - 1],
-                alpha_record(teacher_model, state.beta)[group - 1],
-                config.search.beta_lr * result["steps"],
-            ),
-        )
+        logging.info("[search] %s", group_movement(start[group - 1], end, dynamics))
 
     record = alpha_record(teacher_model, state.beta)
     logging.info("[search] alpha at the end:\n%s", reporting.alpha_table(record))
@@ -438,20 +566,24 @@ def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
     if jax.process_index() == 0:  # Only process 0 writes metrics.jsonl, the history's source.
         history = _alpha_history(directory, start)
         files.write_json_atomic(os.path.join(directory, "alpha_history.json"), history)
-        reporting.plot_alpha_heatmap(record, os.path.join(workdir, "alpha_heatmap.png"))
+        reporting.plot_alpha_heatmap(record, os.path.join(workdir, "alpha_heatmap.png"), start)
         reporting.plot_alpha_trajectories(
             history, record, os.path.join(directory, "alpha_trajectories.png")
         )
     summary = {
         "stage": "search",
+        "seed": config.seed,
         "groups": num_groups,
         "epochs_per_group": config.search.epochs_per_group,
+        "steps": sum(g["steps"] for g in by_group.values()),
+        "wall_time_s": sum(g["wall_time_s"] for g in by_group.values()),
         "alpha": {methods.group_key(r["group"]): r["alpha"] for r in record},
-        # The last group's search student (w carries over, so the search's final student): its
-        # best epoch within that group, and its last. Every group's are below.
-        "student_best_accuracy": result["best_accuracy"],
-        "student_last_accuracy": result["last_accuracy"],
-        "student_accuracy_by_group": by_group,
+        # The test accuracy of the last group's teacher-to-student path (`BridgeLogits`): its
+        # best epoch within that group, and its last. Every group's, with how alpha moved and
+        # what moved it (`group_dynamics`), are in `by_group`.
+        "ts_path_best_accuracy": result["best_accuracy"],
+        "ts_path_last_accuracy": result["last_accuracy"],
+        "by_group": by_group,
     }
     files.write_json_atomic(os.path.join(directory, train_loop.RESULT_FILE), summary)
     parallel.sync("search: alpha.json written")  # Every process's distillation reads it next.

@@ -72,6 +72,8 @@ class Stage:
     # Steps of the stages that follow this one in the same progress (the search's later
     # groups): the ETA counts them at this stage's speed.
     steps_after: int = 0
+    # What `eval_fn` measures, in the progress lines ('test accuracy of ...').
+    eval_label: str = "test accuracy"
     # A cohort stage: the students of a stacked state (`cohort.py`), in the order of its student
     # axis, or of several methods' stacks (each member's hooks and `metrics_fn` pick its own).
     # Each member gets its own records and result; the stage's directory holds the one
@@ -406,10 +408,11 @@ def run(stage: Stage, config, mesh) -> dict:
             metrics_files[member.name].flush()  # Epoch rows are read back (the search's alpha).
             if "accuracy" in evaluation:
                 logging.info(
-                    "[%s] epoch %d/%d test accuracy %.4f (best %.4f)",
+                    "[%s] epoch %d/%d %s %.4f (best %.4f)",
                     member.name,
                     epoch,
                     stage.epochs,
+                    stage.eval_label,
                     evaluation["accuracy"],
                     max(h["test/accuracy"] for h in history),
                 )

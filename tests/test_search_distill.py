@@ -4,6 +4,7 @@ single tracing, resume exactness across the search, and a whole tiny pipeline on
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 
@@ -17,13 +18,18 @@ from dfa_jax import alpha_file
 from dfa_jax import bilevel
 from dfa_jax import checkpointing
 from dfa_jax import config_lib
+from dfa_jax import features
 from dfa_jax import inputs
 from dfa_jax import methods
+from dfa_jax import models
 from dfa_jax import parallel
 from dfa_jax import pipeline
+from dfa_jax import reporting
 from dfa_jax import search
 from dfa_jax import teacher as teacher_lib
 from dfa_jax import train_loop
+from dfa_jax.data import augment
+from dfa_jax.data import loader
 
 from test_config import load_config
 
@@ -171,7 +177,61 @@ def test_groups_of_one_map_train_w_without_a_beta_step(tmp_path):
         group_steps = config.search.epochs_per_group * built.steps_per_epoch
         assert group_steps > 0 and stage.steps_after == (5 - group) * group_steps
     start = search.alpha_record(built.teacher_model, built.state.beta)
-    assert search.group_movement(start[0], start[0], 0.1).endswith("(nothing to search)")
+    assert search.group_dynamics(start[0], start[0], []) == {}
+    assert search.group_movement(start[0], start[0], {}).endswith("(nothing to search)")
+
+
+def test_search_evaluates_the_groups_teacher_to_student_path(tmp_path):
+    """Each epoch's test accuracy of a group's search is its teacher-to-student path (the
+    teacher's maps aggregated with the group's alpha, its TS connector, the student from the
+    boundary on), from the state's own parts, not the student's own forward."""
+    config = load_config("demo", "tiny")
+    mesh = parallel.make_mesh()
+    data = inputs.load(config, str(tmp_path), search=True)
+    built = search.build(config, mesh, data)
+    teacher_vars = teacher_lib.init_variables(built.teacher_model, 7, mesh)
+    # Not the initial state: another beta per group, statistics off their initial 0 and 1.
+    state = built.state.replace(
+        beta={
+            k: v + 0.9 * jnp.arange(v.size) - 0.5 * int(k[1:]) for k, v in built.state.beta.items()
+        },
+        batch_stats=jax.tree.map(lambda x: 1.3 * x + 0.05, built.state.batch_stats),
+    )
+    group, key = 2, "g2"
+    stage = search.build_group_stage(
+        built, config, mesh, data, str(tmp_path), group, state, teacher_vars
+    )
+    got = stage.eval_fn(state)
+
+    t_model, s_model = built.teacher_model, built.student_model
+    alpha = np.exp(np.asarray(state.beta[key])) / np.exp(np.asarray(state.beta[key])).sum()
+    student = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
+    connector = {"params": state.params["ts"][key], "batch_stats": state.batch_stats["ts"][key]}
+    correct = count = loss = own_loss = 0.0
+    for batch in loader.eval_batches(data.test, 64):
+        keep = np.asarray(batch["mask"], bool)
+        images = augment.normalize(batch["image"][keep], data.info.mean, data.info.std)
+        labels = np.asarray(batch["label"])[keep]
+        _, sown = t_model.apply(
+            teacher_vars, images, train=False, stop_group=group, mutable=[models.FEATURES]
+        )
+        maps = [
+            np.maximum(np.asarray(sown[models.FEATURES][n][0]), config.features.clamp_min)
+            for n in t_model.feature_groups()[group - 1]
+        ]
+        aggregated = sum(a * m for a, m in zip(alpha, maps))
+        channels = features.group_shapes(s_model)[group - 1][-1]
+        ts_in = models.Connector(channels).apply(connector, jnp.asarray(aggregated), train=False)
+        logits = np.asarray(s_model.apply(student, ts_in, train=False, start_group=group))
+        correct += (logits.argmax(-1) == labels).sum()
+        loss += -(jax.nn.log_softmax(logits)[np.arange(len(labels)), labels]).sum()
+        own = s_model.apply(student, images, train=False)
+        own_loss += -(jax.nn.log_softmax(own)[np.arange(len(labels)), labels]).sum()
+        count += len(labels)
+    assert got["accuracy"] == pytest.approx(correct / count, abs=1e-9)
+    assert got["loss"] == pytest.approx(float(loss) / count, rel=1e-4)
+    assert abs(got["loss"] - float(own_loss) / count) > 1e-2  # Not the student's own forward.
+    assert stage.eval_label == "teacher-to-student path test accuracy"
 
 
 def test_alpha_file_of_another_layout_is_refused(tmp_path):
@@ -348,15 +408,35 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
     assert summary["stages"]["search"]["alpha"] == {
         f"g{g['group']}": g["alpha"] for g in record["groups"]
     }
-    # Every group's search-student accuracy; the unqualified keys are the last group's.
+    # Every group's teacher-to-student path accuracy, steps and time; the unqualified keys are
+    # the last group's, the steps and time the whole search's.
     searched = on_disk["stages"]["search"]
-    for g in (1, 2, 3):
-        result = json.load(open(os.path.join(workdir, "search", f"g{g}", "result.json")))
-        assert searched["student_accuracy_by_group"][f"g{g}"] == {
-            k: result[k] for k in ("best_accuracy", "best_epoch", "last_accuracy")
+    groups = [
+        json.load(open(os.path.join(workdir, "search", f"g{g}", "result.json"))) for g in (1, 2, 3)
+    ]
+    for g, result in zip((1, 2, 3), groups):
+        by_group = searched["by_group"][f"g{g}"]
+        assert by_group["ts_path_best_accuracy"] == result["best_accuracy"]
+        assert by_group["ts_path_last_accuracy"] == result["last_accuracy"]
+        assert {k: by_group[k] for k in ("steps", "wall_time_s", "best_epoch")} == {
+            k: result[k] for k in ("steps", "wall_time_s", "best_epoch")
         }
-    assert searched["student_best_accuracy"] == result["best_accuracy"]
-    assert searched["student_last_accuracy"] == result["last_accuracy"]
+    assert searched["ts_path_best_accuracy"] == groups[-1]["best_accuracy"]
+    assert searched["steps"] == sum(r["steps"] for r in groups)
+    assert searched["wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in groups))
+    assert searched["seed"] == config.seed
+    # The printed results table has a row for the search: that accuracy, its time.
+    (row,) = [r for r in reporting.results_table(on_disk["stages"]).splitlines() if "search" in r]
+    last = 100 * groups[-1]["last_accuracy"]
+    assert row.startswith("| search (last group's teacher-to-student path) |")
+    assert f"| {last:.2f} | 3 x 1 | {searched['wall_time_s']:.0f} |" in row
+    # The history's rows: the group's own alpha and beta, the start's beta [0, 4].
+    for h in history:
+        keys = {f"{k}/g{h['group']}/{j}" for k in ("alpha", "beta") for j in (0, 1)}
+        assert set(h) == {"group", "epoch"} | keys, h
+    assert [history[0]["beta/g1/0"], history[0]["beta/g1/1"]] == [0.0, 4.0]
+    for h, g in zip(history[1::2], record["groups"]):
+        assert [h[f"beta/g{g['group']}/{j}"] for j in (0, 1)] == pytest.approx(g["beta"], rel=1e-6)
     # benchmarks/search_dynamics reads the same alpha, and the forces on beta, from the records.
     dynamics = search_dynamics.group_dynamics(workdir)
     assert [d["group"] for d in dynamics] == [1, 2, 3]
@@ -371,6 +451,18 @@ def test_whole_tiny_pipeline_on_mock_cifar(tmp_path, monkeypatch):
         # Two maps: the loss's gradients on the two logits are opposite (softmax's), signed.
         np.testing.assert_allclose(d["beta_grad_signed"][0], -d["beta_grad_signed"][1], rtol=1e-4)
     assert "mean dL/dbeta, signed" in search_dynamics.table(dynamics)
+    # The group-end account (`search.group_dynamics`) agrees with the benchmark's own reading
+    # of the records: the loss's mean push on the last map's lead is minus its gradient's.
+    for d, g in zip(dynamics, record["groups"]):
+        explained = searched["by_group"][f"g{d['group']}"]
+        signed = d["beta_grad_signed"]
+        assert explained["lead_push_loss"] == pytest.approx(-(signed[1] - signed[0]), rel=1e-6)
+        # The L2 pulls the lead (4 at the start) toward 0, uniform alpha.
+        assert explained["lead_push_l2"] < 0
+        assert explained["last_map_lead"] == pytest.approx([4.0, g["beta"][1] - g["beta"][0]])
+        np.testing.assert_allclose(explained["alpha_end"], g["alpha"])
+        # One epoch per group: its move is the whole move.
+        assert explained["last_epoch_alpha_change"] == pytest.approx(explained["alpha_change"])
 
 
 def _logged_alpha_table(messages, heading):
@@ -426,13 +518,14 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
             assert start[name] == pytest.approx(a0, abs=5e-4), name
             assert end[name] == pytest.approx(a, abs=5e-4), name
     assert start != end  # The search moved alpha.
-    for group in record:  # One line per group on how far it moved, beta against lr x steps.
+    for group in record:  # One line per group: alpha, the last map's lead, forces, settling.
         (line,) = [m for m in messages if m.startswith(f"[search] g{group['group']}: alpha ")]
-        logits = np.zeros(len(group["layers"]))
-        logits[-1] = config.search.init_last_logit
-        moved = "/".join(f"{m:+.3f}" for m in np.asarray(group["beta"]) - logits)
+        beta = np.asarray(group["beta"])
+        lead = f"{config.search.init_last_logit:.3f} -> {beta[-1] - beta[:-1].mean():.3f}"
         assert "/".join(f"{a:.3f}" for a in group["alpha"]) in line.split(" -> ")[1], line
-        assert f"beta moved {moved} (lr x steps, a steady push's move: " in line, line
+        assert f"the last map's lead beta_last - mean(others) {lead};" in line, line
+        assert re.search(r"mean push on the lead: bridge loss [-+]\d\.\d\de-\d\d", line), line
+        assert re.search(r"; the last epoch moved .*: (settled|still moving)$", line), line
     init = states["init"]
     for searched, untouched in (("g1", ("g2", "g3")), ("g2", ("g3",))):
         params, stats = states[f"search/{searched}"]
