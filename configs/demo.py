@@ -11,7 +11,7 @@ alpha at its start and its end, and the run prints the searched alpha. `:tiny` s
 The search's beta learning rate is 0.05, not the paper's 1e-3: under a steady one-signed
 gradient Adam moves each beta by about its learning rate per step (more only where the gradient
 grows after a quieter stretch), and the paper's rate is sized for ~11k beta steps per group,
-where the demo has 75 (5 epochs of 1006 images in batches of 64). At 1e-3 a steady push would
+where the demo has 75 (5 epochs of 1004 images in batches of 64). At 1e-3 a steady push would
 move beta by 0.075 and alpha would stay near where it starts (0.982 on the last map); at 0.05
 one moves it by ~3.75, the size of the starting gap. Tested in tests/test_search_distill.py.
 """

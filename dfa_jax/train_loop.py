@@ -131,6 +131,19 @@ def read_result(directory: str) -> dict:
     return files.read_json(os.path.join(directory, RESULT_FILE))
 
 
+def rate_fields(stage_name: str) -> str:
+    """The config fields whose values a non-finite loss in stage `stage_name` points at."""
+    if stage_name == "teacher":
+        return "teacher.optim.lr"
+    if stage_name.startswith("search/"):
+        return "search.w_lr or search.beta_lr (or search.gamma_st / gamma_ts)"
+    if stage_name == "distill/ft/paraphraser":
+        return "baselines.ft_pretrain_lr"
+    if stage_name == "distill/ab/init":
+        return "baselines.ab_init_lr"
+    return "distill.optim.lr or the method's loss weight (distill.gamma_fd, baselines.*_weight)"
+
+
 class _MetricsFile:
     """`metrics.jsonl`, one JSON object per line; on resume, rows after the checkpoint are dropped
     so that the file reads as if the run had never been interrupted.
@@ -310,8 +323,9 @@ def run(stage: Stage, config, mesh) -> dict:
                     raise NonFiniteError(
                         f"stage {member.name!r}: non-finite loss or gradient at step {s} (epoch"
                         f" {(s - 1) // steps_per_epoch + 1}): loss={mine['loss']},"
-                        f" grad_norm={mine['grad_norm']}; {where}. Lower the learning rate or"
-                        " check the input data; a changed rate is another config: run it in"
+                        f" grad_norm={mine['grad_norm']}; {where}. Lower"
+                        f" {rate_fields(member.name)} or check the input data; a changed rate or"
+                        " weight is another config: run it in"
                         " another --workdir (with --config.teacher.checkpoint=<this workdir>"
                         " to keep a finished teacher), or pass --config.restart=True to move"
                         " this run aside."

@@ -319,7 +319,12 @@ def test_non_finite_loss_stops_with_stage_and_step(tmp_path, monkeypatch):
     # No checkpoint yet to point to; the fix named; one `error:` line from main (an InputError).
     assert "no checkpoint was saved before it" in str(e.value)
     assert "--config.restart=True" in str(e.value) and "another --workdir" in str(e.value)
+    assert "Lower teacher.optim.lr or check the input data" in str(e.value)
     assert isinstance(e.value, errors.InputError)
+    # Each stage names its own fields.
+    assert train_loop.rate_fields("search/g2").startswith("search.w_lr or search.beta_lr")
+    assert train_loop.rate_fields("distill/ab/init") == "baselines.ab_init_lr"
+    assert train_loop.rate_fields("distill/kd/seed1").startswith("distill.optim.lr")
 
 
 def test_checkpoint_torn_write_leaves_previous_usable(tmp_path):
