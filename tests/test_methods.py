@@ -4,6 +4,7 @@ loss falls, its helper stages run, and it lands in summary.json."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,3 +84,33 @@ def test_margin_of_a_shufflenet_teacher_is_the_constant_minus_one():
         assert [m.shape[0] for m in margins] == [s[-1] for s in pair.t_shapes()]
         constant = all(bool(jnp.all(m == -1.0)) for m in margins)
         assert constant == expect_constant, name
+
+
+def test_margin_under_the_authors_preset_reads_the_stem_of_a_shufflev2_teacher():
+    """The 'authors' preset distils the stem too; RepDistiller's ShuffleV2 has one outside its
+    groups but no BN producing its group ends: its margins are -1 at the stem and at every
+    group, and the whole loss traces (it failed with '3 margins for 4 groups' after the teacher
+    had trained)."""
+    config = load_config("demo")
+    config.teacher.model = config.student.model = "ShuffleV2"
+    config.distill.method = "margin"
+    config.baselines.preset = "authors"
+    config_lib.validate(config, device_count=1)
+    mesh = parallel.make_mesh()
+    model = teacher_lib.build_model("ShuffleV2", 10, "float32")
+    pair = methods.Pair(model, model)
+    teacher_vars = teacher_lib.init_variables(model, 0, mesh)
+    margins = methods.teacher_margins(pair, teacher_vars, with_stem=True)
+    stem = model.stem_features()
+    assert stem is not None
+    positions = methods.positions(model, "pre_relu", with_stem=True)
+    assert len(margins) == len(positions) == len(pair.t_shapes()) + 1
+    assert all(bool(jnp.all(m == -1.0)) for m in margins)
+    helpers, helper_stats = methods.init_helpers("margin", pair, config, 5, mesh)
+    student = teacher_lib.init_variables(model, 1, mesh)
+    params = {"student": student["params"], **helpers}
+    stats = {"student": student["batch_stats"], **helper_stats}
+    batch = {"image": jnp.zeros((2, 32, 32, 3)), "label": jnp.zeros((2,), jnp.int32)}
+    loss_fn = methods.make_loss_fn("margin", pair, config, margins)
+    loss, _ = jax.eval_shape(lambda: loss_fn(params, stats, {}, batch, None, teacher_vars))
+    assert loss.shape == ()

@@ -169,14 +169,20 @@ def teacher_margins(pair: common.Pair, teacher_vars, with_stem: bool = False) ->
     BN that produces it ([C] each).
 
     A teacher whose family has no BatchNorm producing each group end (ShuffleNetV2: a unit ends
-    in a concatenation and a channel shuffle) gets the constant margin -1 on every channel, as
+    in a concatenation and a channel shuffle) gets the constant margin -1 on every channel of
+    every position (its stem's too, where it has one outside its groups), as
     the DFA authors' Margin runs had it (their ShuffleNetV2's `get_margin()` returns None, which
     their `MarginReLU` turns into -1; github.com/PkuDavidGuan/Distillation,
     `framework/modeling/kd/margin_ReLU.py`).
     """
     group_end_bns = models.family_of(pair.teacher).group_end_bns
     if group_end_bns is None:
-        return [jnp.full((shape[-1],), -1.0, jnp.float32) for shape in pair.t_shapes()]
+        # Every position the loss reads (RepDistiller's ShuffleV1 / V2 have a stem outside
+        # their groups), each on its channels.
+        shapes = list(pair.t_shapes())
+        if with_stem:
+            shapes[:0] = features.shapes_of(pair.teacher, pair.teacher.stem_features()[:1])
+        return [jnp.full((shape[-1],), -1.0, jnp.float32) for shape in shapes]
     bns = group_end_bns(pair.teacher, teacher_vars["params"], with_stem)
     return [losses.bn_margin(bn["scale"], bn["bias"]) for bn in bns]
 
