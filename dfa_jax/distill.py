@@ -4,7 +4,8 @@ Training uses the bilevel step of the search with beta frozen: the state carries
 frozen log(alpha), `methods.dfa`) and no beta optimizer. A student starts from its method's
 `start` (a first stage of its own for FT and AB, run here by `_run_helper_stage`); the students
 of the methods that need none share one step and the teacher's forward (`cohort.py`), each
-method's stacked.
+method's stacked. A student that trains with a frozen alpha (DFA's aggregations) records it in its
+result: `alpha` (softmax of its final state's beta) and `aggregation` (where it came from).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from dfa_jax import bilevel
@@ -31,6 +33,7 @@ from dfa_jax import parallel
 from dfa_jax import teacher as teacher_lib
 from dfa_jax import train_loop
 from dfa_jax.data import loader
+from dfa_jax.methods import dfa
 
 # WORKDIR/distill/<COHORTS_DIR>/<id>/: a cohort's checkpoints and its students (MEMBERS_FILE).
 COHORTS_DIR = "cohorts"
@@ -261,8 +264,9 @@ def _seeded(config, seed: int):
 
 
 def student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, eval_student):
-    """(params, batch_stats, beta, aux, constants) at the start of (label, seed)'s training, after
-    its method's `start` (a first stage of its own, frozen alpha, the teacher's margins)."""
+    """(params, batch_stats, beta, aux, constants, record) at the start of (label, seed)'s
+    training, after its method's `start` (a first stage of its own, frozen alpha, the teacher's
+    margins); `record`: the fields its result gets from the start (`methods.Start.record`)."""
     implementation = methods.implementation(label)
     seeded = _seeded(config, seed)
     directory = student_directory(workdir, config, label, seed)
@@ -309,7 +313,37 @@ def student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, 
     helper_params, helper_stats = start.helpers
     params = {"student": start.student["params"], **helper_params}
     batch_stats = {"student": start.student["batch_stats"], **helper_stats}
-    return params, batch_stats, start.beta, start.aux, start.constants
+    return params, batch_stats, start.beta, start.aux, start.constants, start.record
+
+
+def trained_alpha(beta: dict) -> dict[str, list[float]]:
+    """Per group key, alpha = softmax(beta) of a student's frozen `beta` (one student's, no
+    cohort axis), computed as its step computes it."""
+    alpha = jax.device_get({key: dfa.group_alpha(beta, key) for key in beta})
+    return {key: [float(a) for a in np.asarray(alpha[key])] for key in alpha}
+
+
+def _alpha_fields(beta: dict, start_beta: dict | None, record: dict) -> dict:
+    """What the result of a student whose final state has `beta` gets: `alpha` (nothing where it
+    has no beta) and its start's `record`. A record made for another alpha than the one trained
+    (a resume from a checkpoint after the alpha.json read changed) is left out, with a warning."""
+    if not beta:
+        return {}
+    alpha = trained_alpha(beta)
+    started = trained_alpha(start_beta) if start_beta else {}
+    if record and not (
+        alpha.keys() == started.keys()
+        and all(np.allclose(alpha[k], started[k], rtol=0, atol=1e-6) for k in alpha)
+    ):
+        logging.warning(
+            "[distill] a student trained with alpha %s (its checkpoint's), but this run's start"
+            " read %s (%s): its result records the alpha alone",
+            alpha,
+            started,
+            record,
+        )
+        record = {}
+    return {"alpha": alpha, **record}
 
 
 def build_stage(
@@ -348,11 +382,19 @@ def build_stage(
         methods.make_loss_fn(students[ks[0]][0], pair, config, starts[ks[0]][4]) for ks in groups
     ]
     if len(students) == 1:
-        (label, seed), (params, batch_stats, beta, *_) = students[0], starts[0]
+        (label, seed), (params, batch_stats, beta, *_, record) = students[0], starts[0]
         directory = student_directory(workdir, config, label, seed)
 
         def variables(state) -> dict:
             return {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
+
+        def finalize(state):
+            """Its final variables, as a cohort's student has them (`dfa_jax.interop export`),
+            and the alpha its state trained with."""
+            teacher_lib.save_variables(
+                os.path.join(directory, teacher_lib.VARIABLES_DIR), variables(state)
+            )
+            return _alpha_fields(state.beta, beta, record)
 
         return _stage(
             config,
@@ -366,10 +408,7 @@ def build_stage(
             aux,
             lambda s: eval_student(variables(s)),
             steps_per_epoch,
-            # Its final variables, as a cohort's student has them (`dfa_jax.interop export`).
-            finalize_fn=lambda s: teacher_lib.save_variables(
-                os.path.join(directory, teacher_lib.VARIABLES_DIR), variables(s)
-            ),
+            finalize_fn=finalize,
         )
 
     mode = cohort_mode(config)
@@ -391,21 +430,25 @@ def build_stage(
         [[starts[k][:3] for k in ks] for ks in groups]
     )
 
-    def member(g: int, i: int, label: str, seed: int) -> train_loop.Member:
-        """Student i of method g."""
+    def member(k: int, g: int, i: int, label: str, seed: int) -> train_loop.Member:
+        """Student i of method g, `students[k]`."""
 
         def variables(state) -> dict:
             """The student's variables out of the cohort's state."""
             return cohort.student_variables(state.groups[g] if mixed else state, i)
 
         directory = student_directory(workdir, config, label, seed)
+        start_beta, record = starts[k][2], starts[k][5]  # Not the whole start: it need not live.
 
         def export(state):
             """The student's final variables, as a teacher stage exports its own: the cohort's
-            checkpoint is elsewhere, and `dfa_jax.interop export` reads them here."""
+            checkpoint is elsewhere, and `dfa_jax.interop export` reads them here; and the alpha
+            its slice of the state trained with."""
             teacher_lib.save_variables(
                 os.path.join(directory, teacher_lib.VARIABLES_DIR), variables(state)
             )
+            beta = (state.groups[g] if mixed else state).beta
+            return _alpha_fields(jax.tree.map(lambda b: b[i], beta), start_beta, record)
 
         return train_loop.Member(
             name=student_name(config, label, seed),
@@ -428,7 +471,7 @@ def build_stage(
         aux,
         None,
         steps_per_epoch,
-        members=tuple(member(*where[k], *student) for k, student in enumerate(students)),
+        members=tuple(member(k, *where[k], *student) for k, student in enumerate(students)),
     )
 
 

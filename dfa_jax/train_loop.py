@@ -63,9 +63,9 @@ class Stage:
     lr_fn: Callable[[int], Any] | None = None  # For the 'lr' scalar.
     # `(state, epoch) -> scalars` logged with the epoch's evaluation, e.g. alpha.
     epoch_end_fn: Callable[[Any, int], dict] | None = None
-    # `state -> None` after the last step, before result.json marks the stage done (exports that
-    # a done stage must have).
-    finalize_fn: Callable[[Any], None] | None = None
+    # `state -> fields | None` after the last step, before result.json marks the stage done
+    # (exports that a done stage must have); the fields it returns join its result.json.
+    finalize_fn: Callable[[Any], dict | None] | None = None
     # `(state, epoch) -> None` when an epoch's test accuracy beats every earlier epoch's (the
     # first of equals wins), before that epoch's checkpoint, so a resumed run never misses one.
     best_fn: Callable[[Any, int], None] | None = None
@@ -92,7 +92,7 @@ class Member:
     eval_fn: Callable[[Any], dict] | None = None
     best_fn: Callable[[Any, int], None] | None = None
     epoch_end_fn: Callable[[Any, int], dict] | None = None
-    finalize_fn: Callable[[Any], None] | None = None
+    finalize_fn: Callable[[Any], dict | None] | None = None
     # Its scalars out of one step's metrics (on device or fetched); None: entry k of each metric,
     # k its place among the members (one method's stacked [K] metrics).
     metrics_fn: Callable[[Any], dict] | None = None
@@ -480,9 +480,9 @@ def run(stage: Stage, config, mesh) -> dict:
         for metrics_file in metrics_files.values():
             metrics_file.flush()
 
-    for member in members:
-        if member.finalize_fn is not None:
-            member.finalize_fn(state)
+    # What each member's finalize returns joins its result (a rerun after a kill before the
+    # result was written restores the final checkpoint and finalizes again).
+    extra = {m.name: (m.finalize_fn(state) if m.finalize_fn else None) or {} for m in members}
     # One wall time for the stage: a cohort's students all took it (each export counted).
     wall_time_s = wall_before + time.time() - run_start
     results = {}
@@ -500,6 +500,7 @@ def run(stage: Stage, config, mesh) -> dict:
             "epochs": stage.epochs,
             "steps": total_steps,
             "wall_time_s": wall_time_s,
+            **extra[member.name],
         }
         files.write_json_atomic(os.path.join(member.directory, RESULT_FILE), result)
         results[member.name] = result

@@ -96,6 +96,8 @@ class Start:
     aux: Any  # The step's aux: the teacher's variables (and FT's paraphraser).
     beta: dict | None = None  # Frozen beta (DFA), per group key.
     constants: Any = None  # What the loss closes over (Margin's margins); shared by a cohort.
+    # Fields its result.json gets (DFA: `aggregation`, where its alpha came from).
+    record: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,11 +14,13 @@ what the search found from the softened 'Last' it starts at.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from dfa_jax import alpha_file
 from dfa_jax import config_lib
@@ -68,6 +70,30 @@ def aggregation_alpha(name: str, teacher_model, config, workdir: str) -> list[np
     )
 
 
+def aggregation_source(name: str, config, workdir: str) -> dict:
+    """Where aggregation `name`'s alpha comes from, as its students' results record it
+    (`aggregation`): the alpha.json read ('dfa', 'file') with its sha256, the seed of 'random'
+    (`config.seed`: the student's), the initial logit of 'start'."""
+    if name in ("dfa", "file"):
+        path = (
+            os.path.join(workdir, alpha_file.NAME) if name == "dfa" else config.distill.alpha_file
+        )
+        # The file's bytes, as `sha256sum` gives them (text reads may translate newlines).
+        digest = hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
+        return {"kind": name, "file": files.absolute(path), "sha256": digest}
+    if name == "random":
+        return {"kind": name, "seed": int(config.seed)}
+    if name == "start":
+        return {"kind": name, "init_last_logit": float(config.search.init_last_logit)}
+    return {"kind": name}
+
+
+def group_alpha(beta: dict, key: str) -> jax.Array:
+    """Group `key`'s alpha = softmax(beta): what the step aggregates with, and what a student's
+    result records (`distill`), one computation for both."""
+    return jax.nn.softmax(beta[key])
+
+
 def frozen_beta(alpha: list[np.ndarray]) -> dict:
     """beta = log(alpha), so that softmax(beta) == alpha exactly (zeros -> -inf logits)."""
     return {common.group_key(i + 1): jnp.log(jnp.asarray(a)) for i, a in enumerate(alpha)}
@@ -83,7 +109,9 @@ def _helpers(pair, config, seed, mesh):
 
 def _start(setup: common.Setup, start: common.Start) -> common.Start:
     alpha = aggregation_alpha(setup.label, setup.pair.teacher, setup.config, setup.workdir)
-    return dataclasses.replace(start, beta=frozen_beta(alpha))
+    # After the alpha: a missing or malformed alpha.json is reported by its checks.
+    source = aggregation_source(setup.label, setup.config, setup.workdir)
+    return dataclasses.replace(start, beta=frozen_beta(alpha), record={"aggregation": source})
 
 
 def _loss(pair, config, constants):
@@ -103,7 +131,7 @@ def _loss(pair, config, constants):
                 jax.lax.stop_gradient(features.clamp(m, clamp_min))
                 for m in common.group_end_maps(t_mut, names)
             ]
-            alpha = jax.nn.softmax(step.beta[common.group_key(i + 1)])
+            alpha = group_alpha(step.beta, common.group_key(i + 1))
             aggregated = losses.aggregate(candidates, alpha)
             # At the student's size where the teacher's group ends larger (`connected_maps`).
             targets.append(losses.adaptive_avg_pool(aggregated, mapped[len(targets)].shape[1:3]))
