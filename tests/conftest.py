@@ -42,9 +42,18 @@ def _accepted_speed_flags() -> str:
 SUBPROCESS_XLA_FLAGS = _accepted_speed_flags()
 # Two simulated devices on a shared CI core pair: let their collectives wait out a busy moment
 # instead of aborting the process (see parallel.configure_cpu_devices).
-os.environ.setdefault(
-    "XLA_FLAGS",
-    f"{SUBPROCESS_XLA_FLAGS} --xla_cpu_collective_call_terminate_timeout_seconds=3600",
+# Added to flags the environment already sets (a dump flag, say), not replaced by them.
+_OWN_XLA_FLAGS = (
+    f"{SUBPROCESS_XLA_FLAGS} --xla_cpu_collective_call_terminate_timeout_seconds=3600".split()
+)
+_GIVEN_XLA_FLAGS = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(
+    _GIVEN_XLA_FLAGS
+    + [
+        f
+        for f in _OWN_XLA_FLAGS
+        if f.split("=")[0] not in {g.split("=")[0] for g in _GIVEN_XLA_FLAGS}
+    ]
 )
 
 # One persistent compilation cache per test run, shared by the xdist workers and the
@@ -77,8 +86,10 @@ SLOWEST_FILES = (
     "test_search_distill.py",
     "test_train_loop.py",
     "test_methods.py",
+    "test_distilled_alpha.py",
     "test_logit_methods.py",
     "test_precision.py",
+    "test_cross_architecture.py",
     "test_methods_against_peers.py",
     "test_models.py",
     "test_cifar_mobile_models.py",

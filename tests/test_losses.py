@@ -186,7 +186,9 @@ def test_bn_margin_matches_scipy_truncnorm(jit):
     out = _maybe_jit(losses.bn_margin, jit)(jnp.asarray(GAMMA), jnp.asarray(BETA))
     assert out.shape == GAMMA.shape and out.dtype == jnp.float32
     out = np.asarray(out)
-    np.testing.assert_allclose(out, _scipy_margin(GAMMA, BETA), rtol=RTOL, atol=1e-6)
+    # 3e-5: at beta/|gamma| = 3.05 the tail's mean divides by a CDF of ~1e-3, where float32's
+    # erfc / log reach ~9e-6 relative.
+    np.testing.assert_allclose(out, _scipy_margin(GAMMA, BETA), rtol=3e-5, atol=1e-6)
     np.testing.assert_allclose(out[NO_TAIL], -3 * np.abs(GAMMA[NO_TAIL]), rtol=RTOL)
     assert out[6] > -1.0  # just above the threshold: still the truncated mean
     assert np.all(out <= 0)

@@ -327,6 +327,7 @@ def test_chunked_weight_gradient_matches_xla():
     xla = jax.jit(jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1)))
     (value, (dx, dw)), (value_ref, (dx_ref, dw_ref)) = ours(x, w), xla(x, w)
     # Two different programs (XLA may fuse and order them differently): float tolerance.
-    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+    # A sum of 262,144 float32 terms that cancel: its order alone moves it by up to ~1.5e-5.
+    np.testing.assert_allclose(value, value_ref, rtol=2e-5)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6 * float(jnp.abs(dx_ref).max()))
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw_ref).max()))

@@ -489,7 +489,9 @@ def test_freed_host_memory_is_reused_without_page_faults():
         )
         return int(out.stdout.split()[-1])
 
-    assert faults("default") >= 16_000
+    default = faults("default")
+    if default < 16_000:  # Larger pages (multi-size THP, a hugetlb malloc): nothing to save.
+        pytest.skip(f"this host faults a fresh 64 MiB in {default} faults, not in 4 KiB pages")
     assert faults("kept") < 1_000
 
 
@@ -540,6 +542,8 @@ def test_metrics_in_a_bucket_are_written_at_most_every_few_seconds(tmp_path, mon
     a checkpoint, at an epoch's end, at the end); a local file gets every row at once."""
     path = str(tmp_path / "metrics.jsonl")
     monkeypatch.setattr(train_loop.files, "is_remote", lambda p: True)
+    # A stopped clock: a loaded host's pause between two lines is no passed interval.
+    monkeypatch.setattr(train_loop.files.time, "monotonic", lambda: 1000.0)
     remote = train_loop._MetricsFile(path, resume_step=0)  # pylint: disable=protected-access
     remote.write({"step": 1, "train/loss": 2.0})
     remote.write({"step": 2, "train/loss": 1.5})
@@ -561,6 +565,7 @@ def test_tensorboard_in_a_bucket_shows_a_running_stage(tmp_path, monkeypatch):
     and writes it at a flush (at most every few seconds) and at close, so TensorBoard reads the
     scalars of a stage still running; in between the last write stands."""
     monkeypatch.setattr(scalar_writer.files, "is_remote", lambda p: True)
+    monkeypatch.setattr(scalar_writer.files.time, "monotonic", lambda: 1000.0)  # A stopped clock.
     writer = scalar_writer.ScalarWriter(str(tmp_path))
 
     def shown():
