@@ -95,8 +95,9 @@ def settings(config) -> Settings:
 
 
 def conflicts(config, defaults) -> list[str]:
-    """Config problems: a field the 'authors' preset sets, given another value than its default
-    (`defaults` is `base_config()`), would be silently overridden."""
+    """Config problems: a field the 'authors' preset sets, given a value other than its default
+    (`defaults` is `base_config()`) and other than the preset's, would be silently overridden.
+    The preset's own value (the authors' numbers copied beside it) agrees with it."""
     base = config.baselines
     if base.preset != "authors":
         return []
@@ -104,5 +105,5 @@ def conflicts(config, defaults) -> list[str]:
         f"baselines.{field} = {base[field]} is set, but baselines.preset = 'authors' sets it to "
         f"{value} (the DFA authors' code); drop one of the two."
         for field, value in authors_values(config).items()
-        if base[field] != defaults.baselines[field]
+        if base[field] != defaults.baselines[field] and base[field] != value
     ]

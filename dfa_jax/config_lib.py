@@ -10,6 +10,7 @@ the field and the fix: its own checks, and those each component owns (every meth
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -391,6 +392,14 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.teacher.model = "wrn_16_1"  # Two maps per group: something for the search to weigh.
     config.student.model = "wrn_10_1"
     config.data.max_train_examples = 64
+    if "search" in config.stages:
+        from dfa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+        info = data_lib.DATASETS.get(config.data.dataset)
+        if info is not None:
+            # Two examples of each class, so that the search's 7:3 split of every class leaves
+            # one on each side (CIFAR-100: 200; one each would leave the val split empty).
+            config.data.max_train_examples = max(64, 2 * info.num_classes)
     config.data.max_test_examples = 32
     config.data.eval_batch_size = 16
     config.teacher.optim.epochs = 2
@@ -494,6 +503,10 @@ def _check_types(config, reference, prefix: str, problems: list[str]) -> None:
             )
 
 
+def _devices(count: int) -> str:
+    return f"{count} device" if count == 1 else f"{count} devices"
+
+
 def _check_optim(prefix: str, optim, device_count: int, problems: list[str]) -> None:
     if not optim.epochs > 0:
         problems.append(f"{prefix}.epochs = {optim.epochs}: must be a positive number of epochs.")
@@ -503,8 +516,8 @@ def _check_optim(prefix: str, optim, device_count: int, problems: list[str]) -> 
         problems.append(f"{prefix}.batch_size = {optim.batch_size}: must be positive.")
     elif optim.batch_size % device_count:
         problems.append(
-            f"{prefix}.batch_size = {optim.batch_size} is not divisible by the {device_count} devices;"
-            f" use a multiple of {device_count}."
+            f"{prefix}.batch_size = {optim.batch_size} is not divisible by the"
+            f" {_devices(device_count)}; use a multiple of {device_count}."
         )
     if not 0 <= optim.momentum < 1:
         problems.append(f"{prefix}.momentum = {optim.momentum}: must lie in [0, 1) (paper: 0.9).")
@@ -529,19 +542,92 @@ def _is_remote(path: str) -> bool:
     return bool(re.match(r"^[a-z0-9]+://", path))
 
 
-# Model name -> group spatial sizes: an abstract trace each (~0.3 s), asked for on every validate.
-_GROUP_SIZES: dict[str, tuple[int, ...]] = {}
+# Model name -> group shapes: an abstract trace each (~0.3 s), asked for on every validate.
+_GROUP_SHAPES: dict[str, tuple[tuple[int, ...], ...]] = {}
+
+
+def _group_shapes(model_name: str) -> tuple[tuple[int, ...], ...]:
+    """Per group, the shape [1, H, W, C] of `model_name`'s maps (no compile), cached per name."""
+    from dfa_jax import features  # pylint: disable=g-import-not-at-top
+    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+
+    if model_name not in _GROUP_SHAPES:
+        # The class count does not change the feature maps.
+        shapes = features.group_shapes(models.get_model(model_name, 10))
+        _GROUP_SHAPES[model_name] = tuple(tuple(shape) for shape in shapes)
+    return _GROUP_SHAPES[model_name]
 
 
 def group_sizes(model_name: str) -> tuple[int, ...]:
     """Per group, the spatial size H of `model_name`'s maps (no compile), cached per name."""
-    from dfa_jax import features  # pylint: disable=g-import-not-at-top
-    from dfa_jax import models  # pylint: disable=g-import-not-at-top
+    return tuple(shape[1] for shape in _group_shapes(model_name))
 
-    if model_name not in _GROUP_SIZES:
-        # The class count does not change the feature maps.
-        _GROUP_SIZES[model_name] = features.group_spatial_sizes(models.get_model(model_name, 10))
-    return _GROUP_SIZES[model_name]
+
+def group_channels(model_name: str) -> tuple[int, ...]:
+    """Per group, the channel count C of `model_name`'s maps (no compile), cached per name."""
+    return tuple(shape[-1] for shape in _group_shapes(model_name))
+
+
+def _ft_problems(config) -> list[str]:
+    """FT's paraphraser factor of the teacher's last group, `int(C * baselines.ft_rate)` channels
+    (`methods/feature_maps.py`: `Paraphraser`, `_ft_helpers`), must have at least one channel: a
+    factor of none failed at FT's helper init, after the teacher had trained."""
+    rate = config.baselines.ft_rate
+    channels = group_channels(config.teacher.model)[-1]
+    if not rate > 0 or int(channels * rate) >= 1:
+        return []  # A non-positive rate is FT's own check's.
+    # The smallest rate of 3 significant digits that keeps a channel (1 / C rounded up).
+    step = 10.0 ** (math.floor(math.log10(1 / channels)) - 2)
+    minimum = math.ceil(1 / channels / step) * step
+    while int(channels * minimum) < 1:
+        minimum += step
+    return [
+        f"baselines.ft_rate = {rate} gives FT int({channels} * {rate}) = 0 factor channels for"
+        f" teacher.model = {config.teacher.model!r} (its last group has {channels} channels);"
+        f" use baselines.ft_rate >= {minimum:.3g} (RepDistiller: 0.5)."
+    ]
+
+
+def search_split_sizes(config) -> tuple[int, int] | None:
+    """(train, val) example counts of the search's split of a `data.max_train_examples` cap
+    (`splits.stratified_split` of `data.search_val_fraction` of each class, the cap spread over
+    the classes as `splits.stratified_subset` spreads it); None without a cap or a carved split.
+    A dataset smaller than the cap gives fewer (`inputs.check_batch_sizes` sees those)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from dfa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+    data = config.data
+    cap, fraction = data.max_train_examples, data.search_val_fraction
+    info = data_lib.DATASETS.get(data.dataset)
+    if data.val_split is not None or cap is None or cap <= 0 or info is None:
+        return None
+    if not 0.0 < fraction < 1.0:
+        return None
+    classes = info.num_classes
+    # Classes take turns in stratified_subset: counts differ by at most one.
+    counts = [cap // classes + (c < cap % classes) for c in range(classes)]
+    labels = np.repeat(np.arange(classes), counts)
+    train, val = data_lib.stratified_split(labels, fraction, seed=0)  # Sizes: any seed.
+    return len(train), len(val)
+
+
+def _tuple_syntax_hint(path: str, values) -> str:
+    """For a tuple-of-strings field given as a comma list (`--config.stages=teacher,search` is
+    the one name 'teacher,search'), how to give it as a tuple; '' otherwise."""
+    values = [v for v in values if isinstance(v, str)]
+    if not any("," in v or v.lstrip().startswith("(") for v in values):
+        return ""
+    items = [
+        item.strip().strip("'\"")
+        for value in values
+        for item in value.strip().strip("()").split(",")
+    ]
+    items = [item for item in items if item]
+    listed = ",".join(f'"{item}"' for item in items) + ("," if len(items) == 1 else "")
+    return (
+        f"; give a tuple: --config.{path}='({listed})' (a comma list without the quotes is one"
+        " name)"
+    )
 
 
 def _pair_size_problems(teacher: str, student: str) -> list[str]:
@@ -675,7 +761,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.append(f"seed = {config.seed}: use an integer in [0, 2**32).")
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown or not config.stages:
-        problems.append(f"stages = {tuple(config.stages)}: use a non-empty subset of {STAGES}.")
+        hint = _tuple_syntax_hint("stages", config.stages)
+        problems.append(
+            f"stages = {tuple(config.stages)}: use a non-empty subset of {STAGES}{hint}."
+        )
     elif len(set(config.stages)) != len(config.stages):
         # ml_collections appends when a tuple field is overridden twice on one command line.
         problems.append(
@@ -700,7 +789,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             problems.append(f"data.{field} = '': give the key of the npz files' array.")
     # The search trains beta on val_split and w on train_split, and the reported accuracy is
     # test_split's: one name twice would train on what it measures (overlapping slices of one
-    # TFDS split are not detected).
+    # TFDS split: `TfdsSource.check`).
     if data.val_split is not None and data.val_split in (data.train_split, data.test_split):
         problems.append(
             f"data.val_split = {data.val_split!r} is also data."
@@ -779,6 +868,23 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                     f"data.max_train_examples = {cap} cannot fill one batch of {field} = {batch};"
                     " raise the cap or lower the batch size."
                 )
+        batch = config.search.batch_size
+        sizes = search_split_sizes(config) if "search" in config.stages and batch <= cap else None
+        short = [(side, size) for side, size in zip(("train", "val"), sizes or ()) if size < batch]
+        if short:
+            splits = " and ".join(f"{side} split {size}" for side, size in short)
+            fixes = ["raise data.max_train_examples"]
+            if len(short) == 1:  # The fraction moves examples to the short side.
+                fixes.append(
+                    f"{'lower' if short[0][0] == 'train' else 'raise'} data.search_val_fraction"
+                )
+            fixes = ", ".join(fixes) + ("," if len(fixes) > 1 else "")
+            problems.append(
+                f"data.max_train_examples = {cap} with data.search_val_fraction ="
+                f" {data.search_val_fraction} leaves the search's {splits} examples, fewer"
+                f" than one batch of search.batch_size = {batch}; {fixes} or lower"
+                " search.batch_size."
+            )
 
     model_ok = {}  # Role -> a known model that keeps the feature contract.
     for role in ("teacher", "student"):
@@ -805,10 +911,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             f"search.epochs_per_group = {search.epochs_per_group}: must be a positive number of"
             " epochs (the paper uses 40 on CIFAR-100, 5 on CINIC-10)."
         )
-    if search.batch_size <= 0 or search.batch_size % device_count:
+    if not search.batch_size > 0:
+        problems.append(f"search.batch_size = {search.batch_size}: must be positive.")
+    elif search.batch_size % device_count:
         problems.append(
-            f"search.batch_size = {search.batch_size}: must be a positive multiple of the"
-            f" {device_count} devices."
+            f"search.batch_size = {search.batch_size} is not divisible by the"
+            f" {_devices(device_count)}; use a multiple of {device_count}."
         )
     for field in ("w_lr", "beta_lr"):
         if not search[field] > 0:
@@ -842,7 +950,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     labels = method_registry.labels()
     for name in distill.compare_with:
         if name not in labels:
-            problems.append(f"distill.compare_with: {name!r} is unknown; use any of {labels}.")
+            hint = _tuple_syntax_hint("distill.compare_with", distill.compare_with)
+            problems.append(
+                f"distill.compare_with: {name!r} is unknown; use any of {labels}{hint}."
+            )
     repeated = sorted({n for n in distill.compare_with if list(distill.compare_with).count(n) > 1})
     if repeated:
         # The same student twice would train twice in one step and write one directory twice.
@@ -851,9 +962,17 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             " seeds of one label go in distill.seeds)."
         )
     seeds = tuple(distill.seeds)
-    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+    outside = [s for s in seeds if not 0 <= s < 2**32]
+    if outside:
+        # As `seed`: jax.random.key keeps 32 bits of it (seeds 2**32 apart are one student) and
+        # refuses 2**63 and more, at the student's init.
         problems.append(
-            f"distill.seeds = {seeds}: give distinct non-negative integers, e.g. '(0,1,2)' (or"
+            f"distill.seeds = {seeds}: {outside[0]} is outside [0, 2**32); give integers in"
+            " [0, 2**32), as for seed, e.g. '(0,1,2)'."
+        )
+    elif len(set(seeds)) != len(seeds):
+        problems.append(
+            f"distill.seeds = {seeds}: give distinct integers in [0, 2**32), e.g. '(0,1,2)' (or"
             " '()' for the run's seed alone)."
         )
     if distill.max_students_per_step < 0:
@@ -865,6 +984,17 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.append(
             f"distill.cohort = {distill.cohort!r}: use 'auto', 'loop' (the students one after the"
             " other in the step) or 'vmap' (mapped over a student axis)."
+        )
+    if (
+        distill.alpha_file is not None
+        and "distill" in config.stages
+        and "file" not in distill_labels(config)
+    ):
+        with_dfa = "" if distill.method == "dfa" else " with --config.distill.method=dfa"
+        problems.append(
+            f"distill.alpha_file = {distill.alpha_file!r} is set but no student reads it; add"
+            f" --config.distill.aggregation=file{with_dfa} (or 'file' to distill.compare_with),"
+            " or unset it."
         )
     needs_teacher = any(stage in config.stages for stage in ("search", "distill"))
     if needs_teacher and "teacher" not in config.stages and config.teacher.checkpoint is None:
@@ -904,6 +1034,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
     if teacher_ok and student_ok and data.dataset in data_lib.DATASETS:
         problems += _pair_size_problems(config.teacher.model, config.student.model)
+    if teacher_ok and "distill" in config.stages and "ft" in distill_labels(config):
+        problems += _ft_problems(config)
 
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -104,7 +104,13 @@ CASES = [
     ("search.order", 3, "search.order", "second order"),
     ("search.epochs_per_group", 0, "search.epochs_per_group", "positive"),
     ("search.beta_lr", 0.0, "search.beta_lr", "positive"),
-    ("search.batch_size", 33, "search.batch_size", "multiple of the 2 devices"),
+    (
+        "search.batch_size",
+        33,
+        "search.batch_size",
+        "divisible by the 2 devices; use a multiple of 2",
+    ),
+    ("search.batch_size", 0, "search.batch_size", "must be positive"),
     ("distill.aggregation", "median", "distill.aggregation", "'last'"),
     ("distill.compare_with", ("last", "best"), "distill.compare_with", "'none'"),
     ("distill.compare_with", ("kd", "last", "kd"), "distill.compare_with", "each label once"),
@@ -115,6 +121,10 @@ CASES = [
     ("data.pad_mode", "wrap", "data.pad_mode", "reflect"),
     # Ranges and types ml_collections lets through (None, NaN, bools, tuple elements).
     ("seed", -1, "seed", "[0, 2**32)"),
+    # Seeds 2**32 apart gave one student twice; 2**63 failed at the student's init.
+    ("distill.seeds", (0, 2**32), "distill.seeds", "4294967296 is outside [0, 2**32)"),
+    ("distill.seeds", (2**63,), "distill.seeds", "give integers in [0, 2**32)"),
+    ("distill.seeds", (-1,), "distill.seeds", "give integers in [0, 2**32)"),
     ("teacher.optim.epochs", None, "teacher.optim.epochs", "drop the override"),
     ("teacher.optim.lr", float("nan"), "teacher.optim.lr", "finite number"),
     ("teacher.optim.momentum", 1.0, "teacher.optim.momentum", "[0, 1)"),
@@ -127,6 +137,8 @@ CASES = [
     ("data.npz_label_key", "images", "data.npz_label_key", "own npz keys"),
     ("data.train_split", "", "data.train_split", "name a split"),
     ("data.val_split", "valid", "data.val_split", "'train' and 'test'"),
+    ("data.val_split", "test[:50%]", "data.test_split = 'test'", "disjoint slices"),
+    ("data.test_split", "train[:10%]", "data.train_split = 'train'", "disjoint slices"),
     ("data.source", "bundled", "data.source", "'digits'"),
     ("data.dataset", "cinic10", "data.dataset", "image_folder"),
     ("data.max_train_examples", 100, "data.max_train_examples", "lower the batch size"),
@@ -329,3 +341,160 @@ def test_milestones_a_shortened_run_never_reaches_are_warned_about():
     config.distill.optim.epochs = 1  # No milestone fits: the fix is a constant rate.
     (line,) = config_lib.schedule_warnings(config)
     assert "--config.distill.optim.schedule=constant" in line
+
+
+def test_ft_rate_that_leaves_the_factor_no_channel_is_refused():
+    """FT's factor has int(C * ft_rate) channels of the teacher's last group (256 for wrn_28_4):
+    0 failed at FT's helper init after the teacher trained; now the rate and its minimum are
+    named, for FT as the method or among compare_with, whenever a distill stage runs."""
+    config = load_config("cifar100_pair1")
+    config.distill.method = "ft"
+    config.baselines.ft_rate = 0.001
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, device_count=1)
+    message = str(e.value)
+    assert "baselines.ft_rate = 0.001" in message and "int(256 * 0.001) = 0" in message
+    assert "teacher.model = 'wrn_28_4'" in message and ">= 0.00391" in message, message
+    config.distill.method, config.distill.compare_with = "dfa", ("kd", "ft")
+    with pytest.raises(config_lib.ConfigError, match=r"ft_rate >= 0\.00391"):
+        config_lib.validate(config, device_count=1)
+    config.baselines.ft_rate = 0.00391  # The named minimum keeps one channel.
+    config_lib.validate(config, device_count=1)
+    config.baselines.ft_rate = 0.001
+    config.stages = ("teacher", "search")  # No student trains: nothing to refuse.
+    config_lib.validate(config, device_count=1)
+    config.stages, config.distill.compare_with = ("teacher", "search", "distill"), ("kd",)
+    config_lib.validate(config, device_count=1)  # No FT student.
+
+
+def test_an_alpha_file_no_student_reads_is_refused(tmp_path):
+    """Setting distill.alpha_file alone looks like DFA-T but distils with this run's search."""
+    config = load_config("cifar100_pair1")
+    config.distill.alpha_file = write_alpha_file(tmp_path / "alpha.json", config.teacher.model)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, device_count=1)
+    assert (
+        f"distill.alpha_file = {config.distill.alpha_file!r} is set but no student reads it; add"
+        " --config.distill.aggregation=file (or 'file' to distill.compare_with), or unset it."
+    ) in str(e.value)
+    config.distill.method = "kd"  # The aggregation is DFA's: a KD student reads no alpha.
+    config.distill.aggregation = "file"
+    with pytest.raises(config_lib.ConfigError, match="with --config.distill.method=dfa"):
+        config_lib.validate(config, device_count=1)
+    config.distill.method = "dfa"
+    config_lib.validate(config, device_count=1)
+    config.distill.aggregation, config.distill.compare_with = "dfa", ("file",)
+    config_lib.validate(config, device_count=1)
+    config.distill.compare_with = ()
+    config.stages = ("teacher", "search")  # No distill stage: nothing reads or misses it.
+    config_lib.validate(config, device_count=1)
+
+
+def test_the_authors_preset_accepts_its_own_values():
+    """A field the 'authors' preset sets may repeat the preset's value; another is refused."""
+    config = load_config("cifar100_teacher")
+    config.data.dataset = "cifar10"  # The authors' KD temperature is 16 off CIFAR-100.
+    config.baselines.preset = "authors"
+    config.baselines.kd_temperature, config.baselines.kd_weight = 16.0, 0.2
+    config_lib.validate(config, device_count=1)
+    config.baselines.kd_temperature = 8.0
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, device_count=1)
+    message = str(e.value)
+    assert "baselines.kd_temperature = 8.0 is set" in message and "sets it to 16.0" in message
+    assert "drop one of the two" in message and message.count("\n  - ") == 1, message
+
+
+@pytest.mark.parametrize(
+    "path, value, fix",
+    [
+        ("stages", ("teacher,search",), """--config.stages='("teacher","search")'"""),
+        ("stages", ("(teacher,search)",), """--config.stages='("teacher","search")'"""),
+        (
+            "distill.compare_with",
+            ("last,none",),
+            """--config.distill.compare_with='("last","none")'""",
+        ),
+        ("distill.compare_with", ("(kd)",), """--config.distill.compare_with='("kd",)'"""),
+    ],
+)
+def test_a_comma_list_for_a_tuple_field_says_how_to_give_a_tuple(path, value, fix):
+    """`--config.stages=teacher,search` is the one name 'teacher,search' (and the shell eats the
+    quotes of `--config.stages=(teacher,search)`): the message shows the tuple syntax."""
+    config = load_config("cifar100_pair1")
+    _mutate(path, value)(config)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, device_count=1)
+    message = str(e.value)
+    assert f"{path}" in message and f"give a tuple: {fix}" in message, message
+    _mutate(path, ("teacher", "nope") if path == "stages" else ("nope",))(config)
+    with pytest.raises(config_lib.ConfigError) as e:  # A plain typo gets no tuple advice.
+        config_lib.validate(config, device_count=1)
+    assert "give a tuple" not in str(e.value)
+
+
+def test_a_train_cap_whose_search_split_cannot_fill_a_batch_is_refused():
+    """The cap's 7:3 split (as `splits.stratified_split` makes it) must fill search.batch_size on
+    both sides; the message names the three fields a user controls."""
+    config = load_config("demo")  # Digits, 10 classes, search.batch_size 64.
+    config.data.max_train_examples = 100  # 7:3 -> 70 / 30.
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, device_count=1)
+    message = str(e.value)
+    assert "data.max_train_examples = 100 with data.search_val_fraction = 0.3" in message
+    assert "search's val split 30 examples" in message and "search.batch_size = 64" in message
+    assert "raise data.search_val_fraction" in message and message.count("\n  - ") == 1
+    config.data.search_val_fraction = 0.7  # 30 / 70: now the train side is short.
+    with pytest.raises(config_lib.ConfigError, match="train split 30 .* lower data.search_val"):
+        config_lib.validate(config, device_count=1)
+    config.data.max_train_examples, config.data.search_val_fraction = 220, 0.3  # 150 / 70.
+    config_lib.validate(config, device_count=1)
+    config.data.max_train_examples = 100
+    config.stages = ("teacher", "distill")  # No search: the 7:3 split is never made.
+    config.distill.aggregation, config.distill.compare_with = "last", ()
+    config_lib.validate(config, device_count=1)
+
+
+def test_the_batch_messages_count_devices_in_words():
+    config = load_config("cifar100_pair1")
+    config.search.batch_size = 0
+    config.teacher.optim.batch_size = 3
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, device_count=2)
+    message = str(e.value)
+    assert "search.batch_size = 0: must be positive." in message
+    assert "teacher.optim.batch_size = 3 is not divisible by the 2 devices" in message
+    assert config_lib._devices(1) == "1 device"  # pylint: disable=protected-access
+
+
+def test_a_teacher_whose_group_maps_differ_in_shape_is_refused_for_aggregation():
+    """RepDistiller's MobileNetV2 widens channels inside a group: no weighted sum of a group's
+    maps exists, so the search (and every DFA aggregation) is refused before the teacher trains
+    (it failed at the search's first step); as a KD teacher it is fine."""
+    config = load_config("demo")
+    config.teacher.model = config.student.model = "MobileNetV2"
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"teacher.model = 'MobileNetV2' cannot be aggregated: its group 1's maps are"
+        r" 16x16x8 and 16x16x12 \(H x W x C\)",
+    ):
+        config_lib.validate(config, device_count=1)
+    config.stages, config.distill.method, config.distill.compare_with = (
+        ("teacher", "distill"),
+        "kd",
+        (),
+    )
+    config_lib.validate(config, device_count=1)
+
+
+def test_a_dfa_t_config_trains_its_teacher_before_any_alpha_file_exists(tmp_path):
+    """The 'file' aggregation's alpha.json is read by the distillation: a teacher-only command
+    of a DFA-T config (its alpha.json still being searched elsewhere) is not refused for it."""
+    config = load_config("cinic10_dfa_t")
+    config.data.path = str(tmp_path)
+    config.distill.alpha_file = None
+    config.stages = ("teacher",)
+    config_lib.validate(config, device_count=1)
+    config.stages = ("teacher", "distill")
+    with pytest.raises(config_lib.ConfigError, match="distill.alpha_file is unset"):
+        config_lib.validate(config, device_count=1)

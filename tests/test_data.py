@@ -103,6 +103,41 @@ def test_load_or_create_split_round_trip_and_mismatch(tmp_path):
             data.load_or_create_split(path, labels, fraction, seed)
 
 
+@pytest.mark.parametrize(
+    "splits, overlapping",
+    [
+        # (train, test, val): slices of one TFDS split that may share examples are refused.
+        (("train", "test", "test[:50%]"), ("data.val_split", "data.test_split")),
+        (("train", "train[:10%]", None), ("data.test_split", "data.train_split")),
+        (("train", "test+train", None), ("data.test_split", "data.train_split")),
+        (("train", "test", "train[70%:]"), ("data.val_split", "data.train_split")),
+        (("train[:80%]", "test", "train[70%:]"), ("data.val_split", "data.train_split")),
+        (("train[:70%]", "test", "train[35000:]"), ("data.val_split", "data.train_split")),
+        (("train[:-10]", "test", "train[-10:]"), ("data.val_split", "data.train_split")),
+        # Disjoint percent or index ranges of one split, or no shared split, are accepted.
+        (("train[:70%]", "test", "train[70%:]"), None),
+        (("train[:-30%]", "test", "train[-30%:]"), None),
+        (("train[:35000]", "test[50%:]", "train[35000:]"), None),
+        (("train[:90%]", "test", "train[90%:]+test[:0%]"), None),
+        (("train", "test[:50%]", "test[50%:]"), None),
+    ],
+)
+def test_tfds_splits_sharing_examples_are_refused(splits, overlapping):
+    """The search would tune beta on test or training images, or the test accuracy be measured
+    on training images: refused before anything loads, naming both fields and the fix."""
+    train, test, val = splits
+    cfg = data_cfg(train_split=train, test_split=test, val_split=val)
+    problems = sources.TfdsSource.check(cfg)
+    if overlapping is None:
+        assert problems == []
+        return
+    (message,) = problems
+    assert all(field in message for field in overlapping), message
+    assert "give each its own split or disjoint slices" in message, message
+    if overlapping[0] == "data.val_split":
+        assert "leave data.val_split unset" in message, message
+
+
 def test_stratified_subset_keeps_every_class():
     picked = data.stratified_subset(UNEVEN_LABELS, 10, seed=0)
     assert len(picked) == 10 and np.all(np.diff(picked) > 0)

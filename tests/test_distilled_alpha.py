@@ -160,7 +160,7 @@ def test_a_resumed_cohorts_results_record_the_alpha_of_its_state(
     KD's results record no alpha."""
     workdir = _copy(teacher_workdir, tmp_path)
     config = _config(
-        str(tmp_path / "unused.json"),
+        None,  # No 'file' student: no alpha file.
         **{
             "distill.aggregation": "random",
             "distill.compare_with": ("kd",),

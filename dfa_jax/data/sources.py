@@ -28,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import glob
 import importlib.util
+import math
 import os
 import re
 import socket
@@ -256,6 +257,52 @@ def _random_access(builder) -> bool:
     return file_adapters.FileFormat.ARRAY_RECORD in builder.info.available_file_formats()
 
 
+_TFDS_SLICE = re.compile(r"^\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\]$")
+
+
+def _tfds_parts(split: str) -> list[tuple[str, tuple | None]]:
+    """(base split, slice) of each '+' part of a TFDS split name; a slice is (unit, start, end)
+    with unit '%' or '' (indices), or None for the whole split or a form not parsed here."""
+    parts = []
+    for part in split.split("+"):
+        part = part.strip()
+        base = re.sub(r"\[.*\]$", "", part).strip()
+        parts.append((base, _tfds_slice(part[len(base) :].strip())))
+    return parts
+
+
+def _tfds_slice(text: str) -> tuple | None:
+    match = _TFDS_SLICE.match(text)
+    if not text or not match or not any(match.groups()):
+        return None
+    bounds = match.groups()
+    units = {b.endswith("%") for b in bounds if b}
+    if len(units) != 1:
+        return None  # '[10%:500]': percent against an index needs the split's size.
+    percent = units.pop()
+    values = [int(b.rstrip("%")) if b else None for b in bounds]
+    if percent:  # Negative percents count from the end; tfds rounds both sides alike.
+        start, end = (
+            min(max(v + 100 if v < 0 else v, 0), 100) if v is not None else d
+            for v, d in zip(values, (0, 100))
+        )
+        return ("%", start, end)
+    if any(v is not None and v < 0 for v in values):
+        return None  # Counted from an end whose index needs the split's size.
+    return ("", values[0] or 0, math.inf if values[1] is None else values[1])
+
+
+def _slices_overlap(a: tuple | None, b: tuple | None) -> bool:
+    """Whether two slices of one split may share an example (None: the whole split)."""
+    if any(s is not None and s[1] >= s[2] for s in (a, b)):
+        return False  # An empty slice shares nothing (and fails as an empty split).
+    if a is None or b is None:
+        return True
+    if a[0] != b[0]:
+        return True  # Percents against indices: not decided without the split's size.
+    return max(a[1], b[1]) < min(a[2], b[2])
+
+
 class TfdsSource(Source):
     """CIFAR-10/100 from TensorFlow Datasets; a split is loaded whole on first use.
 
@@ -271,7 +318,53 @@ class TfdsSource(Source):
                 f"data.source = 'tfds' has {sorted(TFDS_NAMES)}, not data.dataset ="
                 f" {data_cfg.dataset!r}; use data.source='image_folder' or 'npz' with data.path."
             )
-        return problems + super().check(data_cfg)
+        names = super().check(data_cfg)
+        return problems + (names or cls._overlap_problems(data_cfg))
+
+    # What reading two overlapping splits would do, per pair of fields.
+    _OVERLAP_HARM = {
+        ("train_split", "test_split"): "the test accuracy would be measured on training images",
+        ("train_split", "val_split"): "the search would train beta on images it trains w on",
+        ("test_split", "val_split"): (
+            "the search would tune beta on the images the test accuracy is measured on"
+        ),
+    }
+
+    @classmethod
+    def _overlap_problems(cls, data_cfg) -> list[str]:
+        """Two of the splits in use that may share examples: slices of one TFDS split that are
+        not disjoint percent or index ranges (`_slices_overlap`). Equal names are
+        `config_lib.validate`'s to report, for every source."""
+        fields = ["train_split", "test_split"]
+        fields += ["val_split"] if data_cfg.val_split is not None else []
+        problems = []
+        for i, first in enumerate(fields):
+            for second in fields[i + 1 :]:
+                a, b = data_cfg[first], data_cfg[second]
+                if a == b:
+                    continue
+                shared = sorted(
+                    base
+                    for base, slice_a in _tfds_parts(a)
+                    for other, slice_b in _tfds_parts(b)
+                    if base == other and _slices_overlap(slice_a, slice_b)
+                )
+                if not shared:
+                    continue
+                base = shared[0]
+                unset_val = (
+                    ", or leave data.val_split unset to carve the search's val split out of"
+                    " data.train_split"
+                    if second == "val_split"
+                    else ""
+                )
+                problems.append(
+                    f"data.{second} = {b!r} overlaps data.{first} = {a!r} (both read TFDS split"
+                    f" {base!r}): {cls._OVERLAP_HARM[(first, second)]}; give each its own split"
+                    f" or disjoint slices of one (e.g. '{base}[:90%]' and '{base}[90%:]')"
+                    f"{unset_val}."
+                )
+        return problems
 
     @classmethod
     def _split_problems(cls, field: str, split: str) -> list[str]:

@@ -144,6 +144,26 @@ def _loss(pair, config, constants):
     return common.student_loss(pair, config, term)
 
 
+def _unweighable_groups(name: str) -> list[str]:
+    """Why teacher `name`'s maps cannot be weighed into one sum per group (the search's and DFA's
+    aggregation, Eq. 2), or nothing: the first group whose maps differ in shape
+    (RepDistiller's MobileNetV2 widens its channels inside a group)."""
+    if not models.is_valid_model_name(name):
+        return []  # The model check names it.
+    model = models.get_model(name, 10)  # The class count does not change the maps.
+    for group, names in enumerate(model.feature_groups(), start=1):
+        shapes = sorted({tuple(s[1:]) for s in features.shapes_of(model, names)})
+        if len(shapes) > 1:
+            listed = " and ".join("x".join(map(str, s)) for s in shapes)
+            return [
+                f"teacher.model = {name!r} cannot be aggregated: its group {group}'s maps are"
+                f" {listed} (H x W x C), and alpha weighs a group's maps into one sum (the"
+                " search's and every DFA aggregation's). Use it as a student, or with a method"
+                f" other than {config_lib.AGGREGATIONS} and without 'search' in stages."
+            ]
+    return []
+
+
 def _check(config) -> list[str]:
     """The `distill` fields of DFA and its aggregations; the 'file' and 'dfa' aggregations'
     inputs where a student uses them."""
@@ -154,7 +174,11 @@ def _check(config) -> list[str]:
             f" {config_lib.AGGREGATIONS}."
         )
     uses = tuple(config_lib.distill_labels(config))
-    if "file" in uses:
+    aggregates = "distill" in config.stages and any(u in config_lib.AGGREGATIONS for u in uses)
+    if aggregates or "search" in config.stages:
+        problems.extend(_unweighable_groups(config.teacher.model))
+    # Read by a distillation only: a teacher-only run of a DFA-T config need not have it yet.
+    if "distill" in config.stages and "file" in uses:
         if distill.alpha_file is None:
             problems.append(
                 "distill.alpha_file is unset but the 'file' aggregation (distill.aggregation or"
