@@ -36,6 +36,7 @@ import threading
 import zipfile
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from dfa_jax import files
@@ -558,6 +559,18 @@ class ImageFolderSource(Source):
                     f"{os.path.join(self._root, self._train_split)} has {len(names)} class folders"
                     f" but data.dataset = {self._dataset!r} has {self.info.num_classes} classes;"
                     " set data.dataset to the data's dataset or fix data.path"
+                )
+            if len(names) < self.info.num_classes:
+                # Trainable (those classes' outputs go unused), but most likely a dataset
+                # extracted in part, or the wrong folder.
+                logging.warning(
+                    "%s has %d class folders but data.dataset = %r has %d classes: %d outputs"
+                    " of the model will never be a label; check data.path if that is not meant",
+                    os.path.join(self._root, self._train_split),
+                    len(names),
+                    self._dataset,
+                    self.info.num_classes,
+                    self.info.num_classes - len(names),
                 )
             self._class_names = names
         return self._class_names
