@@ -273,9 +273,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- compute, logging, checkpoints ---------------------------------------------------------
     config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
-    config.num_cpu_devices = (
-        0  # CPU-only hosts: JAX devices to split the CPU into; 0 = one per core.
-    )
+    # CPU-only hosts: JAX devices to split the CPU into; 0 = one per usable core (affinity,
+    # container quota), or the most below that which divides every batch size.
+    config.num_cpu_devices = 0
     # glibc keeps freed memory mapped (parallel.keep_freed_host_memory): +17 % for CPU steps, and
     # the process's resident memory stays at its peak. False: glibc's own behaviour.
     config.keep_freed_host_memory = True
@@ -288,7 +288,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.checkpoints_to_keep = 2  # Newest checkpoints kept per stage.
     # A workdir holding a run of another config is an error; True moves that run aside into
-    # WORKDIR/previous/<time>/ (deleted on object stores) and starts over.
+    # WORKDIR/previous/<time>/ and starts over (refused on object stores, which cannot move it).
     config.restart = False
     return config
 
@@ -735,6 +735,55 @@ def schedule_warnings(config: ml_collections.ConfigDict) -> list[str]:
     return lines
 
 
+def teacher_data_warnings(config: ml_collections.ConfigDict) -> list[str]:
+    """A `teacher.checkpoint` of a dfa_jax run (its workdir, teacher/ or variables directory,
+    beside the run's config.json) trained on other inputs than this run's: another dataset, or
+    other normalisation statistics. Shapes match (validate checks them), so it would run."""
+    from dfa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from dfa_jax import files  # pylint: disable=g-import-not-at-top
+
+    path = config.teacher.checkpoint
+    if path is None:
+        return []
+    candidates = [path, os.path.dirname(os.path.normpath(path))]
+    candidates.append(os.path.dirname(candidates[-1]))
+    for c in candidates:
+        if c and files.exists(os.path.join(c, "config.json")):
+            found = os.path.join(c, "config.json")
+            break
+    else:
+        return []
+    try:
+        theirs = files.read_json(found)["data"]
+        dataset = theirs["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+    def statistics(data) -> tuple:
+        info = data_lib.DATASETS.get(data["dataset"])
+        defaults = (info.mean, info.std) if info is not None else (None, None)
+        given = (data.get("mean"), data.get("std"))
+        return tuple(
+            tuple(round(float(v), 6) for v in (g if g is not None else d)) if (g or d) else None
+            for g, d in zip(given, defaults)
+        )
+
+    ours = config.data.to_dict()
+    if dataset != ours["dataset"]:
+        return [
+            f"teacher.checkpoint = {path!r} was trained on data.dataset = {dataset!r} (its run's"
+            f" {found}); this run's is {ours['dataset']!r}: its features and logits describe"
+            " other images. Train a teacher on this data, or set data.dataset to the teacher's."
+        ]
+    if statistics(theirs) != statistics(ours):
+        return [
+            f"teacher.checkpoint = {path!r} saw inputs normalised by mean / std"
+            f" {statistics(theirs)} (its run's {found}); this run's are {statistics(ours)}: set"
+            " data.mean and data.std to the teacher's."
+        ]
+    return []
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
     """Raises ConfigError listing every mistake in `config`, each with its field and fix.
 
@@ -1019,7 +1068,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.append(f"dtype = {config.dtype!r}: use 'float32' or 'bfloat16'.")
     if config.num_cpu_devices < 0:
         problems.append(
-            f"num_cpu_devices = {config.num_cpu_devices}: must be >= 0 (0 = one per core)."
+            f"num_cpu_devices = {config.num_cpu_devices}: must be >= 0 (0 = one per usable core"
+            " or the most below that which divides every batch size)."
         )
     if config.log_every_steps <= 0:
         problems.append(f"log_every_steps = {config.log_every_steps}: must be positive.")

@@ -88,21 +88,28 @@ def main(argv):
             record.pathname.startswith(package_dir) or record.levelno >= std_logging.WARNING
         )
     )
+    import jax  # pylint: disable=g-import-not-at-top
+
     from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
 
     if config.keep_freed_host_memory:
         parallel.keep_freed_host_memory()  # Before JAX starts its threads.
-    parallel.configure_cpu_devices(config.num_cpu_devices)
     parallel.use_compilation_cache(config.compilation_cache_dir)
     if _explicit_processes():
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _DISTRIBUTED.value:
         parallel.initialize_distributed()
+    # After joining (the count fits the batches over all processes), before any backend starts.
+    cpu_devices_note = parallel.configure_cpu_devices(
+        config.num_cpu_devices, parallel.global_batch_sizes(config), parallel.joined_processes()
+    )
     from dfa_jax import errors, pipeline, preemption  # pylint: disable=g-import-not-at-top
 
     preemption.install()  # SIGTERM / Ctrl-C: checkpoint after the current step, then exit.
     try:
         parallel.check_accelerators_used(_ALLOW_CPU.value)
+        if cpu_devices_note and jax.default_backend() == "cpu":
+            logging.info("%s", cpu_devices_note)
         pipeline.run(config, _WORKDIR.value, config_path=flags.FLAGS["config"].config_filename)
         if preemption.pending():
             # It came during the last step or the records after it: there is nothing to stop.

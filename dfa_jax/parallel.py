@@ -54,13 +54,109 @@ def keep_freed_host_memory() -> bool:
     return bool(ok)
 
 
-def configure_cpu_devices(num_cpu_devices: int) -> None:
-    """Splits a CPU-only host into several JAX devices (call before JAX initialises a backend).
+# The global batch sizes that must divide by the device count (validate checks each of them,
+# whichever stages run; evaluation pads its last batch, so data.eval_batch_size is free).
+BATCH_SIZE_FIELDS = ("teacher.optim.batch_size", "distill.optim.batch_size", "search.batch_size")
+
+
+def global_batch_sizes(config) -> dict[str, int]:
+    """`{field: value}` of `BATCH_SIZE_FIELDS` in `config`."""
+    sizes = {}
+    for field in BATCH_SIZE_FIELDS:
+        node = config
+        for name in field.split("."):
+            node = node[name]
+        sizes[field] = node
+    return sizes
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity (what taskset, a cgroup cpuset or SLURM's
+    --cpus-per-task leave it; `os.cpu_count()` counts the machine's), capped by a container's
+    CPU quota (`docker --cpus=2`, a Kubernetes CPU limit) where the cgroup sets one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # Not Linux.
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+# Where a container's CPU quota is read: (quota file, period file or None if the quota file
+# holds both). cgroup v2: "QUOTA PERIOD" or "max PERIOD"; v1: a quota of -1 is none.
+CGROUP_CPU_FILES = (
+    ("/sys/fs/cgroup/cpu.max", None),
+    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+)
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """The CPUs a cgroup's quota allows, rounded up (None: no quota, or no cgroup files)."""
+    for quota_file, period_file in CGROUP_CPU_FILES:
+        try:
+            with open(quota_file) as f:
+                fields = f.read().split()
+            if period_file is not None:
+                with open(period_file) as f:
+                    fields += f.read().split()
+            quota, period = int(fields[0]), int(fields[1])
+        except (OSError, ValueError, IndexError):  # Absent, or "max": no quota.
+            continue
+        if quota > 0 and period > 0:
+            return -(-quota // period)
+        return None
+    return None
+
+
+def cpu_device_count(
+    num_cpu_devices: int,
+    batch_sizes: dict[str, int],
+    processes: int = 1,
+    cores: int | None = None,
+) -> tuple[int, str]:
+    """The JAX devices to split this process's CPU into, and a line to log ('' if none).
+
+    A positive `num_cpu_devices` is taken as given. 0 means one device per usable core
+    (`usable_cores()`, or `cores`), unless a batch size does not divide by that many devices
+    over the `processes` of the run: then the largest count below it that divides every batch
+    size, with a line saying why (a 12-core host gets 8 devices for batches of 64). When no
+    count does (the process count alone does not divide a batch), 1: validate then names the
+    batch size and the process count.
+    """
+    if isinstance(num_cpu_devices, int) and num_cpu_devices > 0:
+        return num_cpu_devices, ""  # (Another value is validate's to refuse: the default here.)
+    cores = usable_cores() if cores is None else max(1, cores)
+    sizes = {f: b for f, b in batch_sizes.items() if isinstance(b, int) and b > 0}
+    fitting = (
+        c for c in range(cores, 0, -1) if all(b % (c * processes) == 0 for b in sizes.values())
+    )
+    count = next(fitting, None)
+    if count is None:
+        return 1, ""
+    if count == cores:
+        return count, ""
+    listed = ", ".join(f"{f} = {b}" for f, b in sizes.items())
+    times = f" x {processes} processes" if processes > 1 else ""
+    return count, (
+        f"num_cpu_devices = 0: using {count} CPU devices, not one per usable core ({cores}):"
+        f" {count}{times} is the most that divides every batch size ({listed})."
+        f" --config.num_cpu_devices=N sets another count (every batch size must divide by"
+        f" N{times})."
+    )
+
+
+def configure_cpu_devices(
+    num_cpu_devices: int, batch_sizes: dict[str, int] | None = None, processes: int = 1
+) -> str:
+    """Splits a CPU-only host into several JAX devices (call before JAX initialises a backend,
+    after `initialize_distributed`): `cpu_device_count(num_cpu_devices, batch_sizes,
+    processes)` of them. Returns that function's line to log ('' if none); log it only where
+    JAX runs on the CPU.
 
     One device per core measured 1.2-1.6x faster than one device for WRN steps on a 2-core host:
     XLA:CPU keeps only ~1.5 cores busy on a single device. No effect on GPU/TPU hosts.
     """
-    count = num_cpu_devices or os.cpu_count() or 1
+    count, note = cpu_device_count(num_cpu_devices, batch_sizes or {}, processes)
     jax.config.update("jax_num_cpu_devices", count)
     # The CPU devices meet in in-process collectives (the global BatchNorm statistics, the gradient
     # sum). XLA aborts the process when one of them waits more than 40 s for the others, which an
@@ -70,6 +166,58 @@ def configure_cpu_devices(num_cpu_devices: int) -> None:
             os.environ.get("XLA_FLAGS", "")
             + " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
         ).strip()
+    return note
+
+
+def device_count_hint(num_cpu_devices: int, batch_sizes: dict[str, int]) -> str:
+    """Where JAX runs on the CPU and a batch size does not divide by the device count: a line
+    saying how `num_cpu_devices` set that count and what to pass instead ('' otherwise)."""
+    if not isinstance(num_cpu_devices, int) or jax.default_backend() != "cpu":
+        return ""
+    devices, processes = jax.device_count(), jax.process_count()
+    sizes = {f: b for f, b in batch_sizes.items() if isinstance(b, int) and b > 0}
+    if all(b % devices == 0 for b in sizes.values()):
+        return ""
+    if processes == 1:
+        if num_cpu_devices <= 0:
+            return ""  # Not set up by `configure_cpu_devices` (a library caller's devices).
+        cores = usable_cores()
+        fits, _ = cpu_device_count(0, sizes, cores=cores)
+        return (
+            f"num_cpu_devices = {num_cpu_devices} splits this host into these {devices} devices:"
+            f" pass --config.num_cpu_devices={fits} (the most devices, up to its {cores} usable"
+            " cores, that divide every batch size; 0 picks it) rather than changing the batch"
+            " sizes, which changes the recipe."
+        )
+    per_process = num_cpu_devices if num_cpu_devices > 0 else jax.local_device_count()
+    made = (
+        f"num_cpu_devices = {num_cpu_devices} gives each of the {processes} processes"
+        f" {per_process} of these {devices} devices"
+    )
+    if any(b % processes for b in sizes.values()):
+        return (
+            f"{made}; no count fits: with {processes} processes every batch size must be a"
+            f" multiple of {processes} (or run fewer processes)."
+        )
+    # Several processes may share a host's cores: the most that fit up to the count given.
+    fits, _ = cpu_device_count(0, sizes, processes, cores=per_process)
+    return (
+        f"{made}: pass --config.num_cpu_devices={fits} ({processes} x {fits} devices divide every"
+        " batch size) rather than changing the batch sizes, which changes the recipe."
+    )
+
+
+def joined_processes() -> int:
+    """The processes of the run `initialize_distributed` joined (1 if none), known before any
+    backend starts (`jax.process_count()` would start one, fixing the CPU device count)."""
+    if not jax.distributed.is_initialized():
+        return 1
+    try:  # JAX's own record of the run it joined (not public API: 1 if it moves).
+        from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return 1
+    state = getattr(distributed, "global_state", None)
+    return int(getattr(state, "num_processes", None) or 1)
 
 
 def use_compilation_cache(directory: str) -> None:

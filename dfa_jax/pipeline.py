@@ -14,6 +14,7 @@ from absl import logging
 
 from dfa_jax import config_lib
 from dfa_jax import distill
+from dfa_jax import errors
 from dfa_jax import files
 from dfa_jax import inputs
 from dfa_jax import parallel
@@ -27,8 +28,17 @@ from dfa_jax import workdir as workdir_lib
 def run(config, workdir: str, config_path: str | None = None) -> dict:
     """Runs the configured stages in `workdir` and returns (and writes) the run's summary; a
     workdir another run is using is refused (`workdir.locked`)."""
-    config_lib.validate(config)
-    for line in config_lib.schedule_warnings(config):
+    try:
+        config_lib.validate(config)
+    except errors.ConfigError as e:
+        # A batch size the device count does not divide: say where that count came from.
+        hint = parallel.device_count_hint(
+            config.num_cpu_devices, parallel.global_batch_sizes(config)
+        )
+        if not hint or not any(field in str(e) for field in parallel.BATCH_SIZE_FIELDS):
+            raise
+        raise errors.ConfigError(f"{e}\n  - {hint}") from None
+    for line in config_lib.schedule_warnings(config) + config_lib.teacher_data_warnings(config):
         logging.warning("%s", line)
     with workdir_lib.locked(workdir):
         return _run(config, workdir, config_path)

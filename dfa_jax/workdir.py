@@ -3,11 +3,14 @@
 - It must be writable, with room to write (a probe file is written and removed).
 - It holds the runs of one experiment: `config.json` keeps the config it was started with and
   `config_hash` the hash of its result-affecting fields. A command whose config differs in any
-  such field (`config_lib.changed_fields`) is refused with the changed fields listed, unless
-  `--config.restart=True`: then the old run is moved aside into `previous/<UTC time>/` (deleted on
-  object stores, which cannot rename directories) and the run starts over. A workdir where no
-  stage has started yet (a first command refused by a later check, e.g. data not found) takes
-  the new config without either. Fields that cannot
+  such field (`config_lib.changed_fields`) is refused with the changed fields listed (and how to
+  reuse the teacher and alpha it finished from another workdir), unless `--config.restart=True`:
+  then the old run is moved aside into `previous/<UTC time>/` and the run starts over. An
+  object store cannot rename directories, and restart there would have to delete the run: it is
+  refused instead, and the user deletes the old run (or picks another workdir). So is a restart
+  that would move aside a `teacher.checkpoint` or `distill.alpha_file` the command itself reads.
+  A workdir where no stage has started yet (a first command refused by a later check, e.g. data
+  not found) takes the new config without either. Fields that cannot
   change results (logging and checkpoint frequency, device split, evaluation batch, where the
   data lives, which stages or students to run) may differ freely, and re-running the same
   command resumes.
@@ -20,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import shlex
 import socket
 import time
 import uuid
@@ -31,11 +35,13 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from dfa_jax import alpha_file
 from dfa_jax import config_lib
 from dfa_jax import errors
 from dfa_jax import files
 from dfa_jax import inputs
 from dfa_jax import parallel
+from dfa_jax import train_loop
 
 CONFIG_FILE = "config.json"
 HASH_FILE = "config_hash"
@@ -163,16 +169,10 @@ def prepare(config, workdir: str) -> None:
         elif config.restart and not changed:
             logging.info("restart: the workdir's config is this one; resuming it")
         _log_moved_data(saved or {}, current)
-        if changed and not config.restart:
-            listed = "\n".join(
-                f"  {f}: {old!r} in the workdir, {new!r} now" for f, old, new in changed
-            )
-            raise errors.WorkdirError(
-                f"workdir {workdir!r} holds a run of another config; changed fields:\n{listed}\n"
-                "Use another --workdir, restore those values to resume it, or pass"
-                " --config.restart=True to move that run aside and start over."
-            )
+        if changed and (not config.restart or files.is_remote(workdir)):
+            raise errors.WorkdirError(_refusal(workdir, changed, config.restart))
         if changed:
+            _check_nothing_read_is_moved(config, workdir, changed)
             _move_aside(workdir)
     parallel.sync("workdir prepared")  # Process 0 may have moved the old run away.
     files.write_json_atomic(config_path, current)
@@ -199,16 +199,122 @@ def _no_stage_started(workdir: str) -> bool:
     return all(name in _BEFORE_ANY_STAGE or name.startswith(".") for name in files.listdir(workdir))
 
 
+# What a trained teacher, and a searched alpha, are made of: a changed field among them (exactly,
+# or a field under it) makes the workdir's teacher (alpha) another experiment's. A finished
+# teacher exports both its best and last epoch's variables, so `teacher.distill_from` is free.
+_TEACHER_INPUTS = ("seed", "dtype", "data", "teacher")
+_TEACHER_FREE = ("teacher.distill_from",)
+_ALPHA_INPUTS = (*_TEACHER_INPUTS, "student", "features", "search")
+
+
+def _under(field: str, inputs: tuple[str, ...]) -> bool:
+    return any(field == name or field.startswith(name + ".") for name in inputs)
+
+
+def _reusable(workdir: str, changed: list) -> list[str]:
+    """Lines naming the flags that reuse, from another workdir, what `workdir` finished and
+    `changed` leaves as it was: its trained teacher (teacher/result.json) and its searched
+    alpha (alpha.json)."""
+    fields = [f for f, _, _ in changed]
+    where = files.absolute(workdir)
+    reuse = []
+    teacher_same = not any(_under(f, _TEACHER_INPUTS) and f not in _TEACHER_FREE for f in fields)
+    if teacher_same and train_loop.is_done(os.path.join(workdir, "teacher")):
+        reuse.append(f"  its trained teacher: --config.teacher.checkpoint={shlex.quote(where)}")
+    alpha = os.path.join(where, alpha_file.NAME)
+    if not any(_under(f, _ALPHA_INPUTS) for f in fields) and files.exists(alpha):
+        reuse.append(
+            "  its searched alpha: --config.distill.aggregation=file"
+            f" --config.distill.alpha_file={shlex.quote(alpha)}"
+        )
+    return reuse
+
+
+def _delete_command(workdir: str) -> str:
+    if str(workdir).startswith("gs://"):
+        return f"`gcloud storage rm --recursive {shlex.quote(str(workdir))}`"
+    return "your object store's own tool"
+
+
+def _refusal(workdir: str, changed: list, restart: bool) -> str:
+    """The changed-config refusal: the changed fields, the ways on, and what can be reused."""
+    listed = "\n".join(f"  {f}: {old!r} in the workdir, {new!r} now" for f, old, new in changed)
+    message = f"workdir {workdir!r} holds a run of another config; changed fields:\n{listed}\n"
+    if files.is_remote(workdir):
+        # An object store renames nothing: moving the run aside would delete it.
+        if restart:
+            message += (
+                "--config.restart=True cannot move a run aside in an object store (it would have"
+                " to DELETE it there), so nothing was changed. "
+            )
+        message += (
+            "Use another --workdir, restore those values to resume it, or delete that run"
+            f" yourself (with {_delete_command(workdir)}; it is then gone) and run the command"
+            " again."
+        )
+    else:
+        message += (
+            "Use another --workdir, restore those values to resume it, or pass"
+            f" --config.restart=True to move that run aside (into"
+            f" {os.path.join(workdir, PREVIOUS_DIR)}/<UTC time>/) and start over."
+        )
+    reuse = _reusable(workdir, changed)
+    if reuse:
+        message += "\nWhat it finished can be reused with another --workdir:\n" + "\n".join(reuse)
+    return message
+
+
+def _read_from_the_run(config, workdir: str) -> list[tuple[str, str]]:
+    """`(field, path)` of `teacher.checkpoint` and `distill.alpha_file` where they lie inside
+    `workdir` and outside what a restart keeps there (`previous/`, `logs/`)."""
+    root = os.path.realpath(workdir)
+    inside = []
+    for field, path in (
+        ("teacher.checkpoint", config.teacher.checkpoint),
+        ("distill.alpha_file", config.distill.alpha_file),
+    ):
+        if not path or files.is_remote(path):
+            continue
+        resolved = os.path.realpath(path)
+        if os.path.commonpath([root, resolved]) != root:
+            continue
+        first = os.path.relpath(resolved, root).split(os.sep)[0]
+        if first not in _KEPT:  # '.' (the workdir itself) is moved whole.
+            inside.append((field, path))
+    return inside
+
+
+def _check_nothing_read_is_moved(config, workdir: str, changed: list) -> None:
+    """Refuses a restart that would move aside a file the same command reads from the run."""
+    inside = _read_from_the_run(config, workdir)
+    if not inside:
+        return
+    listed = "\n".join(f"  {field} = {path!r}" for field, path in inside)
+    copies = []
+    for field, path in inside:
+        source = path
+        if os.path.realpath(path) == os.path.realpath(workdir):  # A whole workdir: its teacher.
+            source = os.path.join(path, "teacher")
+        suffix = "-teacher" if field == "teacher.checkpoint" else "-" + os.path.basename(path)
+        copy = shlex.quote(os.path.normpath(workdir) + suffix)
+        copies.append(f"  cp -r {shlex.quote(source)} {copy}, then --config.{field}={copy}")
+    raise errors.WorkdirError(
+        f"workdir {workdir!r} holds a run of another config (changed:"
+        f" {', '.join(f for f, _, _ in changed)}), and --config.restart=True would move it"
+        f" aside into {os.path.join(workdir, PREVIOUS_DIR)}/<UTC time>/ with what this command"
+        f" reads from it:\n{listed}\nNothing was moved. Leave that run where it is and give this"
+        " command another --workdir (those fields can stay as they are), or copy what they"
+        " name out of the workdir first:\n" + "\n".join(copies)
+    )
+
+
 def _move_aside(workdir: str) -> None:
+    """Moves the run in a local `workdir` into `previous/<UTC time>/` (`prepare` refuses a
+    restart on an object store, which cannot rename directories)."""
     if jax.process_index() != 0:
         return
     root = epath.Path(workdir)
     entries = [p for p in root.iterdir() if p.name not in _KEPT]
-    if files.is_remote(workdir):
-        for entry in entries:
-            entry.rmtree() if entry.is_dir() else entry.unlink()
-        logging.warning("restart: deleted the previous run in %s", workdir)
-        return
     target = root / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target.mkdir(parents=True, exist_ok=False)
     for entry in entries:

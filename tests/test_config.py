@@ -149,7 +149,7 @@ CASES = [
     ("baselines.kd_temperature", 0.0, "baselines.kd_temperature", "positive"),
     ("baselines.ab_init_epochs", 0, "baselines.ab_init_epochs", "positive"),
     ("checkpoints_to_keep", 0, "checkpoints_to_keep", "at least 1"),
-    ("num_cpu_devices", -2, "num_cpu_devices", "one per core"),
+    ("num_cpu_devices", -2, "num_cpu_devices", "one per usable core"),
     ("teacher.distill_from", "middle", "teacher.distill_from", "'best'"),
     ("data.mean", (125.3, 123.0, 113.9), "data.mean", "(0.4914, 0.4824, 0.4467)"),
     ("data.std", (0.2, 0.2), "data.std", "three numbers"),
@@ -498,3 +498,27 @@ def test_a_dfa_t_config_trains_its_teacher_before_any_alpha_file_exists(tmp_path
     config.stages = ("teacher", "distill")
     with pytest.raises(config_lib.ConfigError, match="distill.alpha_file is unset"):
         config_lib.validate(config, device_count=1)
+
+
+def test_a_teacher_of_a_run_on_other_inputs_is_warned_about(tmp_path):
+    """A teacher.checkpoint beside its run's config.json that trained on another dataset (of the
+    same class count: shapes fit) or other normalisation statistics gets a warning."""
+    run = tmp_path / "digits_run"
+    (run / "teacher" / "best_variables").mkdir(parents=True)
+    theirs = load_config("demo")  # digits, 10 classes.
+    (run / "config.json").write_text(json.dumps(theirs.to_dict()))
+    config = load_config("demo")
+    for given in (run, run / "teacher", run / "teacher" / "best_variables"):
+        config.teacher.checkpoint = str(given)
+        assert config_lib.teacher_data_warnings(config) == []
+    config.data.dataset = "cifar10"
+    (warning,) = config_lib.teacher_data_warnings(config)
+    assert (
+        "was trained on data.dataset = 'digits'" in warning and "this run's is 'cifar10'" in warning
+    )
+    config.data.dataset = "digits"
+    config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    (warning,) = config_lib.teacher_data_warnings(config)
+    assert "set data.mean and data.std to the teacher's" in warning
+    config.teacher.checkpoint = str(tmp_path / "elsewhere" / "variables")  # No run beside it.
+    assert config_lib.teacher_data_warnings(config) == []

@@ -1,5 +1,6 @@
 """The launch scripts: what each runs (--dry-run prints it and runs nothing), multi-process
-start-up and shut-down of launch/local.sh, and shellcheck on every script."""
+start-up and shut-down of launch/local.sh, and shellcheck on every script; how many CPU devices
+`dfa_jax.main` splits a host into."""
 
 import glob
 import os
@@ -863,3 +864,134 @@ def test_shellcheck_passes_on_every_script():
     assert result.returncode == 0 and not result.stdout + result.stderr, result.stdout
     commands = [path for path in scripts if not path.endswith("common.sh")]  # common.sh: sourced.
     assert all(os.access(path, os.X_OK) for path in commands)
+
+
+# ------------------------------------------------------------- CPU devices (dfa_jax.main)
+
+_TWELVE_CORES = """
+import os, runpy, sys
+os.sched_getaffinity = lambda pid: set(range(12))  # A 12-core host (or a 12-core cpuset).
+from dfa_jax import parallel
+parallel._cgroup_cpu_quota = lambda: None
+sys.argv[0] = "dfa_jax.main"
+runpy.run_module("dfa_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _batches(teacher, distill, search):
+    return {
+        "teacher.optim.batch_size": teacher,
+        "distill.optim.batch_size": distill,
+        "search.batch_size": search,
+    }
+
+
+def test_default_cpu_devices_divide_the_batches(monkeypatch):
+    """num_cpu_devices = 0 on a 12-core host with the demo's batches of 64: 8 devices (the most
+    up to 12 that divide 64), with a line saying why, and the config validates; one per core
+    where that divides (2 cores: 2, the measured fastest); a given count is kept."""
+    from dfa_jax import config_lib, parallel  # pylint: disable=g-import-not-at-top
+    from test_config import load_config  # pylint: disable=g-import-not-at-top
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setattr(parallel, "_cgroup_cpu_quota", lambda: None)
+    assert parallel.usable_cores() == 12
+    config = load_config("demo")
+    sizes = parallel.global_batch_sizes(config)
+    assert sizes == _batches(64, 64, 64)
+    count, note = parallel.cpu_device_count(config.num_cpu_devices, sizes)
+    assert count == 8
+    assert "using 8 CPU devices, not one per usable core (12)" in note
+    assert "--config.num_cpu_devices=N" in note
+    config_lib.validate(config, device_count=count)
+
+    assert parallel.cpu_device_count(0, _batches(96, 64, 64))[0] == 8  # gcd 32
+    assert parallel.cpu_device_count(0, _batches(96, 96, 96))[0] == 12
+    assert parallel.cpu_device_count(0, _batches(64, 64, 64), cores=2) == (2, "")
+    assert parallel.cpu_device_count(0, _batches(128, 128, 128), cores=16) == (16, "")
+    assert parallel.cpu_device_count(12, sizes) == (12, "")  # Given: validate judges it.
+    # Several processes: the devices of all of them divide each batch.
+    assert parallel.cpu_device_count(0, sizes, processes=2)[0] == 8
+    assert parallel.cpu_device_count(0, _batches(96, 96, 96), processes=2)[0] == 12
+    assert parallel.cpu_device_count(0, sizes, processes=3) == (1, "")  # None fits.
+
+
+def test_usable_cores_follow_the_affinity_and_a_container_quota(monkeypatch, tmp_path):
+    from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    v2, v1_quota, v1_period = tmp_path / "cpu.max", tmp_path / "quota", tmp_path / "period"
+    files = ((str(v2), None), (str(v1_quota), str(v1_period)))
+    monkeypatch.setattr(parallel, "CGROUP_CPU_FILES", files)
+    assert parallel.usable_cores() == 4  # No cgroup files: the affinity's 4, not the 64.
+    v2.write_text("max 100000\n")
+    assert parallel.usable_cores() == 4
+    v2.write_text("150000 100000\n")  # docker --cpus=1.5
+    assert parallel.usable_cores() == 2
+    v2.unlink()
+    v1_quota.write_text("-1\n")
+    v1_period.write_text("100000\n")
+    assert parallel.usable_cores() == 4
+    v1_quota.write_text("100000\n")
+    assert parallel.usable_cores() == 1
+
+
+def test_main_picks_cpu_devices_that_fit_and_names_num_cpu_devices_when_given(tmp_path):
+    """The demo's command on a 12-core host: no batch-size error (8 devices, logged); with
+    --config.num_cpu_devices=12 the batch errors say that field set the count and what fits.
+    (teacher.optim.epochs=0 stops both at validation, before any workdir or compile.)"""
+    command = [
+        sys.executable,
+        "-c",
+        _TWELVE_CORES,
+        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.teacher.optim.epochs=0",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    default = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert default.returncode == 1, default.stderr[-3000:]
+    assert "using 8 CPU devices, not one per usable core (12)" in default.stderr
+    assert "teacher.optim.epochs = 0" in default.stderr
+    assert "divisible" not in default.stderr, default.stderr[-3000:]
+
+    given = subprocess.run(
+        [*command, "--config.num_cpu_devices=12"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert given.returncode == 1, given.stderr[-3000:]
+    assert "teacher.optim.batch_size = 64 is not divisible by the 12 devices" in given.stderr
+    assert (
+        "num_cpu_devices = 12 splits this host into these 12 devices: pass"
+        " --config.num_cpu_devices=8"
+    ) in given.stderr, given.stderr[-3000:]
+    assert "using 8 CPU devices" not in given.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_the_given_cpu_devices_do_not_divide_names_num_cpu_devices(tmp_path):
+    """In this process (2 CPU devices): num_cpu_devices = 2 with batches of 15 is refused with
+    the batch errors and a line naming num_cpu_devices and the count that fits; left at 0 (the
+    devices are the caller's, not main's), only the batch errors."""
+    from dfa_jax import errors, pipeline  # pylint: disable=g-import-not-at-top
+    from test_train_loop import tiny_demo  # pylint: disable=g-import-not-at-top
+
+    batches = {"teacher.optim.batch_size": 15, "num_cpu_devices": 2}
+    with pytest.raises(errors.ConfigError) as e:
+        pipeline.run(tiny_demo(**batches), str(tmp_path / "run"))
+    message = str(e.value)
+    assert "teacher.optim.batch_size = 15 is not divisible by the 2 devices" in message
+    assert "  - num_cpu_devices = 2 splits this host into these 2 devices: pass" in message
+    assert "--config.num_cpu_devices=1 (the most devices" in message
+    with pytest.raises(errors.ConfigError) as e:
+        pipeline.run(tiny_demo(**{**batches, "num_cpu_devices": 0}), str(tmp_path / "run"))
+    assert "num_cpu_devices" not in str(e.value)
+    assert not (tmp_path / "run").exists()

@@ -380,14 +380,23 @@ def test_data_moved_elsewhere_or_another_eval_batch_resumes(tmp_path, caplog):
     assert "/disk1/tfds" in warning and "/disk2/tfds" in warning
 
 
-def test_a_command_refused_before_any_stage_leaves_the_workdir_to_the_corrected_one(tmp_path):
-    """A first command that fails a check (here: too few examples for one batch) after the
-    workdir recorded its config: the corrected command is not refused as another config's run,
-    and the refused command's search split goes with its config."""
+def test_a_command_refused_before_any_stage_leaves_the_workdir_to_the_corrected_one(
+    tmp_path, monkeypatch
+):
+    """A first command that fails a check after the workdir recorded its config (here: the
+    data's check that a split fills one batch, which a dataset smaller than configured fails;
+    validate catches what a cap alone makes too small): the corrected command is not refused as
+    another config's run, and the refused command's search split goes with its config."""
     workdir = str(tmp_path / "run")
-    too_few = tiny_demo(**{"data.max_train_examples": 20, "stages": ("teacher", "search")})
+    refused = tiny_demo(**{"data.max_train_examples": 90, "stages": ("teacher", "search")})
+
+    def too_few(config, data):
+        raise errors.DataError("the train split has 90 examples, fewer than one batch")
+
+    monkeypatch.setattr(inputs, "check_batch_sizes", too_few)
     with pytest.raises(errors.DataError, match="fewer than one"):
-        pipeline.run(too_few, workdir)
+        pipeline.run(refused, workdir)
+    monkeypatch.undo()
     assert os.path.exists(os.path.join(workdir, inputs.SPLIT_FILE))
     fixed = tiny_demo(**{"stages": ("teacher", "search")})
     workdir_lib.prepare(fixed, workdir)
