@@ -713,8 +713,9 @@ def _check_files(config) -> None:
 
 
 def schedule_warnings(config: ml_collections.ConfigDict) -> list[str]:
-    """Learning-rate milestones a run never reaches (epochs shortened without them: the rate
-    then stays at its peak to the end), one line per schedule; valid, so warnings, not errors."""
+    """Valid but most likely unmeant, so warnings, not errors: learning-rate milestones a run
+    never reaches (epochs shortened without them: the rate then stays at its peak to the end), a
+    step decay that raises the rate, a search no student of the command reads; a line each."""
     optims = [("distill.optim", config.distill.optim)]
     if config.teacher.checkpoint is None:
         optims.insert(0, ("teacher.optim", config.teacher.optim))
@@ -732,6 +733,21 @@ def schedule_warnings(config: ml_collections.ConfigDict) -> list[str]:
                 f" its last epoch ({optim.epochs}) never apply; set milestones within the"
                 f" epochs (e.g. {fix})."
             )
+        if optim.schedule == "step" and optim.decay > 1:
+            lines.append(
+                f"{name}.decay = {optim.decay} multiplies the learning rate at each milestone:"
+                " it grows; a step schedule decays by a factor below 1 (the paper: 0.2)."
+            )
+    if (
+        "search" in config.stages
+        and "distill" in config.stages
+        and "dfa" not in distill_labels(config)
+    ):
+        lines.append(
+            f"stages = {tuple(config.stages)} runs the search, but no student of this command"
+            f" reads its alpha (students: {tuple(distill_labels(config))}); its alpha.json stays"
+            " for a later 'dfa' student. Drop 'search' from stages if that is not meant."
+        )
     return lines
 
 

@@ -343,6 +343,21 @@ def test_milestones_a_shortened_run_never_reaches_are_warned_about():
     assert "--config.distill.optim.schedule=constant" in line
 
 
+def test_a_rising_step_decay_and_a_search_no_student_reads_are_warned_about():
+    config = load_config("cifar100_pair1")
+    assert config_lib.schedule_warnings(config) == []
+    config.distill.optim.decay = 5.0  # A typo for 0.5 (or 5e-1).
+    (line,) = config_lib.schedule_warnings(config)
+    assert line.startswith("distill.optim.decay = 5.0 multiplies the learning rate")
+    config.distill.optim.decay = 0.2
+    config.distill.method, config.distill.compare_with = "kd", ("none",)
+    (line,) = config_lib.schedule_warnings(config)
+    assert "runs the search, but no student of this command reads its alpha" in line
+    assert "('kd', 'none')" in line
+    config.stages = ("teacher", "distill")
+    assert config_lib.schedule_warnings(config) == []
+
+
 def test_ft_rate_that_leaves_the_factor_no_channel_is_refused():
     """FT's factor has int(C * ft_rate) channels of the teacher's last group (256 for wrn_28_4):
     0 failed at FT's helper init after the teacher trained; now the rate and its minimum are
