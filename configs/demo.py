@@ -3,8 +3,9 @@
   python -m dfa_jax.main --config=configs/demo.py --workdir=runs/demo
 
 No network, no dataset download: the images ship inside scikit-learn (1438 train / 359 test).
-Trains a WRN_16_2 teacher for 10 epochs (220 steps of batch 64): measured 186 s and 95.8% test
-accuracy on a 2-core AMD EPYC (67-85 s on a 2-core Intel Xeon). The search logs every group's
+Trains a WRN_16_2 teacher for 10 epochs (220 steps of batch 64): 69-110 s and 96.94 % test
+accuracy on a 2-core AMD EPYC of family 25 model 17 (59-85 s on 2-core Intel Xeons, which
+compile other programs and train to other numbers). The search logs every group's
 alpha at its start and its end, and the run prints the searched alpha. `:tiny` shrinks it to seconds
 (tests).
 
