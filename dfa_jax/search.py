@@ -528,9 +528,10 @@ def build_group_stage(
 def run(config, workdir: str, mesh, data: inputs.RunData, teacher_vars) -> dict:
     """Searches the aggregation weights of every group; returns the result with `alpha`.
 
-    The result's `student_best_accuracy` / `student_last_accuracy` are the last group's search
-    student's; `student_accuracy_by_group` has every group's (`best_accuracy`, `best_epoch`,
-    `last_accuracy`, keyed 'g1', 'g2', ...)."""
+    The result's `ts_path_best_accuracy` / `ts_path_last_accuracy` are the last group's
+    teacher-to-student path's (`BridgeLogits`); `by_group` has every group's, with its steps,
+    time and `group_dynamics`, keyed 'g1', 'g2', ...; `steps` and `wall_time_s` are the whole
+    search's."""
     directory = os.path.join(workdir, "search")
     if train_loop.is_done(directory):
         return train_loop.read_result(directory)
