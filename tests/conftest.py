@@ -100,6 +100,25 @@ SLOWEST_FILES = (
 )
 
 
+@pytest.fixture(scope="session")
+def tiny_demo_teacher(tmp_path_factory):
+    """The tiny demo's finished teacher (`test_train_loop.tiny_demo()`'s teacher stage: 3
+    epochs of 6 steps, an end-of-stage checkpoint only), trained once per pytest process (each
+    xdist worker) for the modules whose runs start from it. Copy it (`shutil.copytree`) without
+    its config.json, config_hash and summary.json: the copy then records its own config, the
+    teacher stage finished; never write into it. Only a config whose teacher is tiny_demo()'s in
+    every field that changes the teacher's numbers (`workdir._TEACHER_INPUTS`: seed, dtype,
+    data, teacher) may start from it."""
+    from dfa_jax import pipeline  # pylint: disable=g-import-not-at-top
+    from test_train_loop import tiny_demo  # pylint: disable=g-import-not-at-top
+
+    workdir = str(tmp_path_factory.mktemp("tiny_demo_teacher") / "run")
+    # Only the end-of-stage checkpoint (each save costs time); its rows are not tiny_demo()'s,
+    # whose checkpoint steps also log.
+    pipeline.run(tiny_demo(checkpoint_every_steps=1000), workdir)
+    return workdir
+
+
 def _cpu_model() -> str:
     """The CPU's model as `lscpu` names it, with its family and model numbers where Linux gives
     them (Intel and AMD parts of one name differ in speed: BENCHMARKS.md, "Test suite")."""

@@ -275,9 +275,12 @@ def _record_training(monkeypatch) -> list:
 
 
 @pytest.fixture(scope="module")
-def cohort_run(tmp_path_factory):
-    """Last, Average and KD, seeds 0 and 1: six students of two methods in one step."""
+def cohort_run(tmp_path_factory, tiny_demo_teacher):
+    """Last, Average and KD, seeds 0 and 1: six students of two methods in one step, from a copy
+    of conftest's finished tiny demo teacher (this config's teacher), its config left out."""
     workdir = str(tmp_path_factory.mktemp("cohort") / "run")
+    ignore = shutil.ignore_patterns("summary.json", "config.json", "config_hash")
+    shutil.copytree(tiny_demo_teacher, workdir, ignore=ignore)
     summary = pipeline.run(_cohort_config((0, 1)), workdir)
     return workdir, summary
 
@@ -365,24 +368,25 @@ def test_a_stopped_cohort_resumes_to_the_same_records(cohort_run, tmp_path, monk
 
 def test_stopped_cohorts_resume_as_they_started(cohort_run, tmp_path, monkeypatch, caplog):
     """A cohort resumes with its own students in its own order (its `members.json`), not as
-    what is left regrouped: a split cohort stopped in its second step (regrouped, KD's students
+    what is left regrouped: a split cohort stopped in its second step (regrouped, KD's student
     would come first: another program, from step 0), and a finished cohort stopped between two
     of its students' results (regrouped, the student without one would train again alone)."""
     workdir = str(tmp_path / "run")
     # The finished teacher alone: these students train one epoch, another config than the run's.
     ignore = shutil.ignore_patterns("distill", "summary.json", "config.json", "config_hash")
     shutil.copytree(cohort_run[0], workdir, ignore=ignore)
-    # Last, KD, Average over seeds 0 and 1 in steps of three: [last0, last1, average0], then
-    # [average1, kd0, kd1] (a method's students side by side, methods in order of appearance).
+    # Last, KD, Average and Random (one seed) in steps of two: [last, average], then
+    # [random, kd] (DFA's aggregations side by side, methods in order of appearance; what is
+    # left of the second, regrouped, would be [kd, random]).
     config = _cohort_config(
-        (0, 1),
+        (0,),
         **{
-            "distill.compare_with": ("kd", "average"),
-            "distill.max_students_per_step": 3,
+            "distill.compare_with": ("kd", "average", "random"),
+            "distill.max_students_per_step": 2,
             "distill.optim.epochs": 1,
         },
     )
-    second = [("average", 1), ("kd", 0), ("kd", 1)]
+    second = [("random", 0), ("kd", 0)]
     steps_per_stage = 6  # 96 images in batches of 16, one epoch.
     calls = []
     real_should_stop = preemption.should_stop
@@ -397,14 +401,14 @@ def test_stopped_cohorts_resume_as_they_started(cohort_run, tmp_path, monkeypatc
     caplog.set_level(logging.INFO, logger="absl")
     pipeline.run(config, workdir)
     assert trained == [second]
-    assert re.search(r"cohort of 3\] resuming from step 3/", caplog.text)
+    assert re.search(r"cohort of 2\] resuming from step 3/", caplog.text)
 
     # Stopped after the first of its results was written: the same cohort, from its final
-    # checkpoint, writes the others; nothing trains again and the records stay as they were.
-    records = {s: _records(os.path.join(workdir, f"distill/{s[0]}/seed{s[1]}")) for s in second}
+    # checkpoint, writes the other; nothing trains again and the records stay as they were.
+    records = {s: _records(os.path.join(workdir, f"distill/{s[0]}")) for s in second}
     results = {}
     for label, seed in second[1:]:
-        path = os.path.join(workdir, f"distill/{label}/seed{seed}", "result.json")
+        path = os.path.join(workdir, f"distill/{label}", "result.json")
         with open(path) as f:
             results[label, seed] = json.load(f)
         os.remove(path)
@@ -412,9 +416,9 @@ def test_stopped_cohorts_resume_as_they_started(cohort_run, tmp_path, monkeypatc
     caplog.clear()
     pipeline.run(config, workdir)
     assert trained == [second]
-    assert re.search(r"cohort of 3\] resuming from step 6/6", caplog.text)
+    assert re.search(r"cohort of 2\] resuming from step 6/6", caplog.text)
     for label, seed in second:
-        directory = os.path.join(workdir, f"distill/{label}/seed{seed}")
+        directory = os.path.join(workdir, f"distill/{label}")
         assert _records(directory) == records[label, seed]
         if (label, seed) in results:
             with open(os.path.join(directory, "result.json")) as f:

@@ -64,20 +64,16 @@ def _assert_alpha(recorded: dict, expected: dict):
 
 
 @pytest.fixture(scope="module")
-def teacher_workdir(tmp_path_factory):
-    """A finished tiny teacher, its config left out: each test records its own."""
-    root = tmp_path_factory.mktemp("alpha")
-    path = _write_alpha_file(root / "file_alpha.json", FILE_ALPHA)
-    workdir = str(root / "teacher")
-    pipeline.run(_config(path, stages=("teacher",)), workdir)
-    os.remove(os.path.join(workdir, "config.json"))
-    os.remove(os.path.join(workdir, "config_hash"))
-    return workdir
+def teacher_workdir(tiny_demo_teacher):
+    """A finished tiny teacher (the tiny demo's, these configs' teacher: conftest's), which each
+    test copies without its config: each records its own."""
+    return tiny_demo_teacher
 
 
 def _copy(teacher_workdir, tmp_path) -> str:
     workdir = str(tmp_path / "run")
-    shutil.copytree(teacher_workdir, workdir, ignore=shutil.ignore_patterns("summary.json"))
+    ignore = shutil.ignore_patterns("summary.json", "config.json", "config_hash")
+    shutil.copytree(teacher_workdir, workdir, ignore=ignore)
     return workdir
 
 

@@ -92,7 +92,9 @@ def test_beta_gets_gradient_through_both_st_and_ts_paths():
         config = load_config("demo", "tiny")
         config.search.gamma_st, config.search.gamma_ts = gamma_st, gamma_ts
         _, beta_loss = search.make_bridge_loss_fn(t_model, s_model, 2, config)
-        grads = jax.grad(lambda b: beta_loss(b, params, stats, batch, None, t_vars)[0])(beta)
+        # Jitted: one compile instead of an eager dispatch (and compile) per op of the backward.
+        grad = jax.jit(jax.grad(lambda b: beta_loss(b, params, stats, batch, None, t_vars)[0]))
+        grads = grad(beta)
         assert np.abs(grads["g2"]).sum() > 0, (gamma_st, gamma_ts)
         np.testing.assert_array_equal(grads["g1"], 0.0)  # Only the searched group is in the loss.
         np.testing.assert_array_equal(grads["g3"], 0.0)
@@ -106,10 +108,12 @@ def test_beta_diagnostics_are_the_st_gradient_and_the_l2_pull():
     config = load_config("demo", "tiny")
     config.search.gamma_st = 0.5
     _, beta_loss = search.make_bridge_loss_fn(t_model, s_model, 2, config)
-    _, metrics = beta_loss(beta, params, stats, batch, None, t_vars)
+    # Jitted, as the search's step runs them (an eager backward dispatches op by op).
+    _, metrics = jax.jit(beta_loss)(beta, params, stats, batch, None, t_vars)
     config.search.gamma_ts = 0.0
     _, st_only = search.make_bridge_loss_fn(t_model, s_model, 2, config)
-    grad_st = jax.grad(lambda b: st_only(b, params, stats, batch, None, t_vars)[0])(beta)["g2"]
+    st_grad = jax.jit(jax.grad(lambda b: st_only(b, params, stats, batch, None, t_vars)[0]))
+    grad_st = st_grad(beta)["g2"]
     assert np.abs(grad_st).sum() > 0
     np.testing.assert_allclose(metrics[bilevel.BETA_GRAD_ST], grad_st, rtol=1e-5, atol=1e-9)
     for j, b in enumerate([0.0, 1.5]):
