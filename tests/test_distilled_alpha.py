@@ -204,7 +204,8 @@ def test_a_resumed_cohorts_results_record_the_alpha_of_its_state(
 def test_a_student_resumed_after_its_alpha_file_changed_records_what_it_trained_with(
     teacher_workdir, tmp_path, monkeypatch, caplog
 ):
-    """File, alone: stopped, its alpha.json rewritten, resumed. It trains on with its
+    """File (in a cohort with the demo's Last and student alone): stopped, its alpha.json
+    rewritten, resumed. It trains on with its
     checkpoint's alpha, which its result records; the file's source, now another alpha's, is
     left out, with a warning."""
     workdir = _copy(teacher_workdir, tmp_path)
