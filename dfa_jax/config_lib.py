@@ -603,11 +603,13 @@ def search_split_sizes(config) -> tuple[int, int] | None:
         return None
     if not 0.0 < fraction < 1.0:
         return None
-    classes = info.num_classes
-    # Classes take turns in stratified_subset: counts differ by at most one.
-    counts = [cap // classes + (c < cap % classes) for c in range(classes)]
-    labels = np.repeat(np.arange(classes), counts)
-    train, val = data_lib.stratified_split(labels, fraction, seed=0)  # Sizes: any seed.
+    from dfa_jax.data import sources  # pylint: disable=g-import-not-at-top
+
+    # The cap's pick itself (`stratified_subset`, as the source makes it) of labels where every
+    # class could give all of it, then the split's sizes (any seed gives them).
+    labels = np.repeat(np.arange(info.num_classes), cap)
+    labels = labels[data_lib.stratified_subset(labels, cap, sources.SUBSET_SEED)]
+    train, val = data_lib.stratified_split(labels, fraction, seed=0)
     return len(train), len(val)
 
 
