@@ -44,21 +44,27 @@ def clamp(x: jax.Array, clamp_min: float | None) -> jax.Array:
 
 def shapes_of(model, names: Sequence[str], image_size: int = 32) -> list[tuple[int, ...]]:
     """The shapes [1, H, W, C] of the sown maps `names` (no compile, no FLOPs)."""
-    return list(_shapes_of(model, tuple(names), image_size))
+    sown = _sown_shapes(model, image_size)
+    # `read`'s checks (a name not sown, or sown more than once), on the shapes.
+    read({models.FEATURES: {name: (None,) * len(entry) for name, entry in sown.items()}}, names)
+    return [sown[name][0] for name in names]
 
 
-# Every stage asks for the same models' shapes several times; each answer traces the whole
-# model (seconds on a small CPU). Models are frozen dataclasses: hashable, equal by fields.
+# Every stage and validate() ask for the same models' shapes many times, for different names;
+# each trace runs the whole model in Python (seconds for a deep network on a small CPU), so one
+# trace per model records every map. Models are frozen dataclasses: hashable, equal by fields.
 @functools.lru_cache(maxsize=64)
-def _shapes_of(model, names: tuple[str, ...], image_size: int) -> tuple[tuple[int, ...], ...]:
+def _sown_shapes(model, image_size: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """{sown name: the shape of each time it was sown} of one forward at batch 1."""
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
 
     def forward(x):
         variables = model.init(jax.random.key(0), x)
         _, mutated = model.apply(variables, x, mutable=[models.FEATURES])
-        return read(mutated, names)
+        return mutated[models.FEATURES]
 
-    return tuple(tuple(s.shape) for s in jax.eval_shape(forward, x))
+    sown = jax.eval_shape(forward, x)
+    return {name: tuple(tuple(s.shape) for s in entry) for name, entry in sown.items()}
 
 
 def group_shapes(model, image_size: int = 32) -> list[tuple[int, ...]]:
