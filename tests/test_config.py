@@ -195,6 +195,32 @@ def test_missing_data_path():
         config_lib.validate(config, device_count=1)
 
 
+@pytest.mark.parametrize(
+    "config_name, source, field, reads",
+    [
+        ("cifar100_pair1", "tfds", "path", "tfds reads data.data_dir"),
+        ("cinic10_pair1", "image_folder", "data_dir", "image_folder reads data.path"),
+        ("cinic10_pair1", "npz", "data_dir", "npz reads data.path"),
+        ("demo", "bundled", "path", "the digits ship inside scikit-learn"),
+    ],
+)
+def test_a_location_the_source_does_not_read_is_refused(config_name, source, field, reads):
+    """A TFDS run given data.path (the npz/image_folder field) read tfds' default directory,
+    whatever the path held; the field the source ignores is named with the one it reads."""
+    config = load_config(config_name)
+    config.data.source = source
+    if source in ("image_folder", "npz"):
+        config.data.path = os.path.dirname(__file__)
+    config.data[field] = "/data/cifar"
+    with pytest.raises(config_lib.ConfigError) as caught:
+        config_lib.validate(config, device_count=1)
+    message = str(caught.value)
+    assert f"data.{field} = '/data/cifar' is not read by data.source = {source!r}" in message
+    assert reads in message
+    config.data[field] = None
+    config_lib.validate(config, device_count=1)
+
+
 def test_teacher_student_groups_must_pair_up():
     """As many groups, each teacher map the student's size or a whole multiple of it (pooled to
     the student's); anything else is refused before a model is built, naming the fix."""

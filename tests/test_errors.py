@@ -682,7 +682,8 @@ SPEC = {
     "data.dataset": (st.sampled_from(["cifar10", "cifar100"]), _TEXT | st.just("cinic10")),
     "data.source": (st.just("tfds"), st.sampled_from(["bundled", "npz", "image_folder", "s3"])),
     "data.data_dir": (st.none() | _TEXT.filter(str.strip), st.sampled_from(["", "  "])),
-    "data.path": (st.none() | _TEXT.filter(str.strip), st.just("")),
+    # base_config() reads TFDS, which reads data.data_dir: any data.path is refused there.
+    "data.path": (st.none(), st.just("") | _TEXT.filter(str.strip)),
     "data.npz_image_key": (st.sampled_from(["x", "images"]), st.sampled_from(["", "labels"])),
     "data.npz_label_key": (st.sampled_from(["y", "labels"]), st.sampled_from(["", "images"])),
     # Against the other splits' defaults (train 'train', test 'test', val None): a split read

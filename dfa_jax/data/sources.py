@@ -97,6 +97,13 @@ class Source(abc.ABC):
         # split -> (rows of the full split that are kept, their int32 labels)
         self._kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
+    # The location field this source reads (data.path or data.data_dir), or None: the other is
+    # refused when set, since it would be ignored (a TFDS run given data.path reads tfds' default
+    # directory, whatever the path holds).
+    LOCATION_FIELD: str | None = None
+    # How a user gives this source the data, for that message.
+    LOCATION_HINT = ""
+
     @classmethod
     def check(cls, data_cfg) -> list[str]:
         """Problems with the `config.data` fields this source reads, each naming the field and
@@ -104,6 +111,14 @@ class Source(abc.ABC):
         fields = ["train_split", "test_split"]
         fields += ["val_split"] if data_cfg.val_split is not None else []
         problems = []
+        for field in ("path", "data_dir"):
+            if field != cls.LOCATION_FIELD and data_cfg.get(field) is not None:
+                problems.append(
+                    f"data.{field} = {data_cfg[field]!r} is not read by data.source ="
+                    f" {data_cfg.source!r}, which would ignore it: {cls.LOCATION_HINT}; or set"
+                    f" data.source to the source that reads data.{field}"
+                    f" ({'npz or image_folder' if field == 'path' else 'tfds'})."
+                )
         for field in fields:
             split = data_cfg[field]
             if not split.strip():
@@ -310,6 +325,9 @@ class TfdsSource(Source):
     Prepared as array_record, a split is read with `tfds.data_source` (no TensorFlow); prepared as
     tfrecord (tfds' default), with tf.data, which the `[tfds]` extra installs.
     """
+
+    LOCATION_FIELD = "data_dir"
+    LOCATION_HINT = "tfds reads data.data_dir (unset: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
 
     @classmethod
     def check(cls, data_cfg) -> list[str]:
@@ -534,6 +552,9 @@ class ImageFolderSource(Source):
     request, in a thread pool (decoding releases the GIL), and cached per row.
     """
 
+    LOCATION_FIELD = "path"
+    LOCATION_HINT = "image_folder reads data.path (the root holding split folders)"
+
     @classmethod
     def check(cls, data_cfg) -> list[str]:
         return _path_problems(data_cfg, globs=False) + super().check(data_cfg)
@@ -720,6 +741,9 @@ class NpzSource(Source):
     rows (a host reading a contiguous shard typically opens one or two files), and cached.
     """
 
+    LOCATION_FIELD = "path"
+    LOCATION_HINT = "npz reads data.path (a directory or a glob of .npz files)"
+
     @classmethod
     def check(cls, data_cfg) -> list[str]:
         return _path_problems(data_cfg, globs=True) + super().check(data_cfg)
@@ -883,6 +907,7 @@ class BundledDigitsSource(Source):
 
     TEST_FRACTION = 0.2
     SPLIT_SEED = 0
+    LOCATION_HINT = "the digits ship inside scikit-learn; unset it"
 
     @classmethod
     def check(cls, data_cfg) -> list[str]:
