@@ -905,6 +905,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             problems.append(f"data.mean = {values!r}: every value must lie in [0, 1].")
         elif field == "std" and any(v <= 0.0 for v in values):
             problems.append(f"data.std = {values!r}: every value must be > 0.")
+    if (data.mean is None) != (data.std is None):
+        given, missing = ("mean", "std") if data.std is None else ("std", "mean")
+        problems.append(
+            f"data.{given} is set but data.{missing} is not: a normalisation is a pair (the"
+            f" dataset's {missing} with another {given} matches neither); give both, e.g. the"
+            " ones the teacher was trained with, or neither for the dataset's."
+        )
     if data.pad_mode not in ("reflect", "constant"):
         problems.append(f"data.pad_mode = {data.pad_mode!r}: use 'reflect' or 'constant'.")
     size = data_lib.DATASETS[data.dataset].image_size if data.dataset in data_lib.DATASETS else 32

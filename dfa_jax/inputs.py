@@ -65,12 +65,8 @@ def load(config, workdir: str, search: bool) -> RunData:
     # Sources apply data.max_*_examples themselves (a seeded class-stratified subset).
     train = SourceExamples.of(source, data.train_split)
     info = source.info
-    if data.mean is not None or data.std is not None:  # E.g. an imported teacher's statistics.
-        info = dataclasses.replace(
-            info,
-            mean=tuple(data.mean) if data.mean is not None else info.mean,
-            std=tuple(data.std) if data.std is not None else info.std,
-        )
+    if data.mean is not None:  # E.g. an imported teacher's statistics (validate: with a std).
+        info = dataclasses.replace(info, mean=tuple(data.mean), std=tuple(data.std))
     run = RunData(info=info, train=train, test=SourceExamples.of(source, data.test_split))
     if search:
         if data.val_split is None:

@@ -161,12 +161,28 @@ CASES = [
 @pytest.mark.parametrize("path,value,field,fix", CASES)
 def test_each_mistake_names_field_and_fix(path, value, field, fix):
     config = load_config("cifar100_teacher")
+    if path in ("data.mean", "data.std"):  # A normalisation is given as a pair.
+        config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     _mutate(path, value)(config)
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(config, device_count=2)
     message = str(e.value)
     assert field in message and fix in message, message
     assert message.count("\n  - ") == 1, f"one mistake should give one line: {message}"
+
+
+@pytest.mark.parametrize("given, missing", [("mean", "std"), ("std", "mean")])
+def test_a_normalisation_is_given_whole(given, missing):
+    """An imported teacher's mean with the dataset's std (or the reverse) matches neither
+    normalisation: refused, naming both fields."""
+    config = load_config("cifar100_teacher")
+    config.data[given] = (0.5, 0.5, 0.5)
+    with pytest.raises(
+        config_lib.ConfigError, match=f"data.{given} is set but data.{missing} is not.*give both"
+    ):
+        config_lib.validate(config, device_count=2)
+    config.data[missing] = (0.25, 0.25, 0.25)
+    config_lib.validate(config, device_count=2)
 
 
 def test_stage_dependencies():

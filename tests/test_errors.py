@@ -757,13 +757,17 @@ SPEC = {
     "baselines.ft_pretrain_epochs": _positive_int(),
     "baselines.ab_init_epochs": _positive_int(),
     "dtype": _enum(["float32", "bfloat16"]),
+    # Alone (base_config() sets neither): a mean without a std, or the reverse, is refused.
     "data.mean": (
-        st.none() | st.tuples(*[st.floats(0.0, 1.0)] * 3),
-        st.tuples(*[st.floats(1.01, 300.0)] * 3) | st.tuples(*[st.floats(0.0, 1.0)] * 2),
+        st.none(),
+        st.tuples(*[st.floats(1.01, 300.0)] * 3)
+        | st.tuples(*[st.floats(0.0, 1.0)] * 2)
+        | st.tuples(*[st.floats(0.0, 1.0)] * 3),
     ),
     "data.std": (
-        st.none() | st.tuples(*[st.floats(0.01, 1.0)] * 3),
-        st.tuples(st.floats(-1.0, 0.0), st.floats(0.01, 1.0), st.floats(0.01, 1.0)),
+        st.none(),
+        st.tuples(st.floats(-1.0, 0.0), st.floats(0.01, 1.0), st.floats(0.01, 1.0))
+        | st.tuples(*[st.floats(0.01, 1.0)] * 3),
     ),
     "teacher.distill_from": _enum(["best", "last"]),
     "num_cpu_devices": (st.integers(0, 64), st.integers(-64, -1)),
