@@ -279,8 +279,9 @@ def test_teachers_count_once_per_seed_and_per_source(tmp_path):
 
 def test_t_quantiles_are_students():
     stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 4, 9, 30, 31, 60, 200):
-        assert report.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-4)
+    # Every entry of the table (3 decimals: 4 seeds read df = 3) and the expansion past it.
+    for df in (*range(1, 61), 100, 200, 1000):
+        assert report.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=5e-4), df
     with pytest.raises(ValueError, match="df >= 1"):
         report.t_quantile_975(0)
 
@@ -293,9 +294,10 @@ def test_dfa_against_last_average_random_is_paired_per_seed(tmp_path):
     last = {0: 0.755, 1: 0.762, 2: 0.749}  # No seed 3: that DFA run has no partner.
     average = {1: 0.760}
     for seed, acc in dfa.items():
-        stages = {"distill/dfa": _stage("distill/dfa", acc)}
+        # Best epochs above the last ones by other amounts: the pairs are of last accuracies.
+        stages = {"distill/dfa": _stage("distill/dfa", acc, best=acc + 0.02)}
         if seed in last:
-            stages["distill/last"] = _stage("distill/last", last[seed])
+            stages["distill/last"] = _stage("distill/last", last[seed], best=last[seed] + 0.005)
         if seed in average:
             stages["distill/average"] = _stage("distill/average", average[seed])
         _write(root, f"s{seed}", PAIR1, seed, stages)
