@@ -1,11 +1,22 @@
 """Evaluation counts every test example exactly once on 1, 2 and 3 devices (odd-sized test set,
 last batch padded and masked): its accuracy and loss equal a direct full-batch computation."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
 from conftest import SUBPROCESS_XLA_FLAGS
+from dfa_jax import evaluation
+from dfa_jax import inputs
+from dfa_jax import parallel
+from dfa_jax.data import DATASETS
+from dfa_jax.data import ArrayExamples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,3 +70,30 @@ def test_evaluation_counts_each_example_once_on_1_2_3_devices():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("ok")
+
+
+@dataclasses.dataclass(frozen=True)
+class _AlwaysClassZero:
+    """Logits [B, 10] that predict class 0 for every image (the padding rows' label)."""
+
+    def __call__(self, variables, images):
+        del variables
+        return jnp.zeros((images.shape[0], 10)).at[:, 0].set(1.0)
+
+
+def test_padding_rows_are_never_counted_correct():
+    """The last batch's padding (zero images, label 0) is masked out of the accuracy, not only
+    out of the loss: a model that always says class 0 scores 0 on examples of other classes
+    whatever the padding (5 examples in batches of 4 on 2 devices: 3 padded rows)."""
+    images = np.zeros((5, 32, 32, 3), np.uint8)
+    labels = np.array([1, 2, 3, 4, 5], np.int32)
+    data = inputs.RunData(info=DATASETS["digits"], train=None, test=ArrayExamples(images, labels))
+    config = ml_collections.ConfigDict({"data": {"eval_batch_size": 4, "prefetch": 2}})
+    got = evaluation.make_eval_fn(_AlwaysClassZero(), config, data, parallel.make_mesh())({})
+    assert got["accuracy"] == 0.0, got
+    # And a correct answer on a real row still counts: one of five.
+    data = inputs.RunData(
+        info=DATASETS["digits"], train=None, test=ArrayExamples(images, np.array([0, 2, 3, 4, 5]))
+    )
+    got = evaluation.make_eval_fn(_AlwaysClassZero(), config, data, parallel.make_mesh())({})
+    assert got["accuracy"] == pytest.approx(0.2), got
