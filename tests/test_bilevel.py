@@ -64,6 +64,67 @@ def test_beta_step_leaves_w_and_w_step_leaves_beta():
     assert not np.allclose(new.params["W"], state.params["W"])
 
 
+def test_one_step_moves_beta_on_the_validation_batch_then_w_with_the_new_beta():
+    """Algorithm 1's order, by hand: beta takes the first-order gradient of the loss on the
+    validation batch at the current w, then w the gradient of the training batch's loss at the
+    updated beta (not the beta the step started from)."""
+    # A validation batch of other images (VAL's rows are BATCH's reversed: the same mean loss).
+    val = {"x": BATCH["x"][:4] * 2.0 + 1.0, "y": BATCH["y"][4:]}
+    state = toy_state(optax.sgd(0.1), optax.sgd(1.0))
+    step = bilevel.make_bilevel_step(
+        toy_w_loss,
+        optax.sgd(0.1),
+        seed=0,
+        beta_loss_fn=toy_beta_loss,
+        beta_tx=optax.sgd(1.0),
+        beta_key="g1",
+    )
+    new, _ = jax.jit(step)(state, BATCH, val, None)
+    grad_beta = jax.grad(
+        lambda b: toy_w_loss(state.params, {}, {**state.beta, "g1": b}, val, None, None)[0]
+    )(state.beta["g1"])
+    np.testing.assert_allclose(new.beta["g1"], state.beta["g1"] - grad_beta, rtol=1e-5)
+    np.testing.assert_array_equal(new.beta["g2"], state.beta["g2"])
+    # Not the training batch's gradient (the two batches pull beta apart here).
+    on_train = jax.grad(
+        lambda b: toy_w_loss(state.params, {}, {**state.beta, "g1": b}, BATCH, None, None)[0]
+    )(state.beta["g1"])
+    assert not np.allclose(grad_beta, on_train, rtol=1e-3)
+
+    def w_after(beta):
+        grad = jax.grad(lambda p: toy_w_loss(p, {}, beta, BATCH, None, None)[0])(state.params)
+        return state.params["W"] - 0.1 * grad["W"]
+
+    np.testing.assert_allclose(new.params["W"], w_after(new.beta), rtol=1e-5, atol=1e-7)
+    # The beta the step started from would have given another w.
+    assert not np.allclose(w_after(state.beta), w_after(new.beta), rtol=1e-4, atol=1e-6)
+
+
+def test_the_searchs_beta_optimizer_is_adam_with_coupled_l2():
+    """`search.beta_optimizer` (what the search runs), against Adam in NumPy on g + lambda*beta
+    (the paper's lambda R(beta) as DARTS' architect couples it): two steps, so that swapped
+    b1 and b2 show (Adam's first step is +-lr whatever they are)."""
+    from dfa_jax import search  # pylint: disable=g-import-not-at-top
+    import ml_collections  # pylint: disable=g-import-not-at-top
+
+    cfg = ml_collections.ConfigDict(
+        {"beta_lr": 0.02, "beta_b1": 0.6, "beta_b2": 0.95, "beta_weight_decay": 0.3}
+    )
+    tx = search.beta_optimizer(cfg)
+    beta = np.array([0.5, -1.0, 2.0], np.float32)
+    grads = [np.array([0.3, -0.1, 0.05], np.float32), np.array([-0.2, 0.4, 0.1], np.float32)]
+    got, opt = jnp.asarray(beta), tx.init(jnp.asarray(beta))
+    want, m, v = beta.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        updates, opt = tx.update(jnp.asarray(g), opt, got)
+        got = optax.apply_updates(got, updates)
+        coupled = g + 0.3 * want
+        m = 0.6 * m + 0.4 * coupled
+        v = 0.95 * v + 0.05 * coupled**2
+        want = want - 0.02 * (m / (1 - 0.6**t)) / (np.sqrt(v / (1 - 0.95**t)) + 1e-8)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_frozen_beta_is_a_plain_w_step():
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     state = toy_state(tx)

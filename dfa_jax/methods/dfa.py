@@ -198,7 +198,10 @@ def _check(config) -> list[str]:
     if distill.distance not in ("partial_l2", "l2"):
         problems.append(f"distill.distance = {distill.distance!r}: use 'partial_l2' or 'l2'.")
     if distill.gamma_fd < 0:
-        problems.append(f"distill.gamma_fd = {distill.gamma_fd}: must be >= 0 (paper: 1e-3).")
+        problems.append(
+            f"distill.gamma_fd = {distill.gamma_fd}: must be >= 0 (default 1e-3: the paper"
+            " gives none; overhaul's and the authors' MarginReLU weight)."
+        )
     if distill.positions not in ("groups", "stem_and_groups"):
         problems.append(
             f"distill.positions = {distill.positions!r}: use 'groups' or 'stem_and_groups'."
