@@ -4,6 +4,7 @@ is a named error that leaves the last checkpoint intact."""
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -58,7 +59,7 @@ def signal_handlers():
 
 
 def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(
-    straight, tmp_path, monkeypatch, signal_handlers
+    straight, tmp_path, monkeypatch, signal_handlers, caplog
 ):
     preemption.install()
     real_batches = loader.train_batches
@@ -84,7 +85,9 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(
 
     monkeypatch.setattr(loader, "train_batches", real_batches)
     preemption.clear()
+    caplog.set_level(logging.INFO, logger="absl")
     pipeline.run(tiny_demo(), workdir)
+    assert f"[teacher] resuming from step {step}/" in caplog.text  # Not retrained from 0.
     assert _comparable(workdir) == _comparable(straight)
     jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(workdir))
 
@@ -120,7 +123,7 @@ def test_a_stop_agreed_at_a_stages_last_step_stops_the_next_stage(monkeypatch, s
 
 
 def test_a_stop_inside_a_logging_interval_resumes_to_the_same_records(
-    straight, tmp_path, monkeypatch, signal_handlers
+    straight, tmp_path, monkeypatch, signal_handlers, caplog
 ):
     """Stopped after step 1 of a 2-step logging interval: the first row after the resume averages
     a step kept in the checkpoint and one computed after it, and equals the uninterrupted run's
@@ -140,7 +143,9 @@ def test_a_stop_inside_a_logging_interval_resumes_to_the_same_records(
     assert len(calls) == 1
     assert not os.path.exists(os.path.join(workdir, "teacher", "metrics.jsonl"))  # Nothing logged.
     monkeypatch.setattr(preemption, "should_stop", real_should_stop)
+    caplog.set_level(logging.INFO, logger="absl")
     pipeline.run(tiny_demo(), workdir)
+    assert "[teacher] resuming from step 1/" in caplog.text  # Not retrained from 0.
 
     resumed = _comparable(workdir)
     assert [r["step"] for r in resumed[1] if "train/loss" in r][0] == 2

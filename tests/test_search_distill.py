@@ -564,7 +564,11 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
         pipeline.run(config, resumed)
     monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
     assert not os.path.exists(os.path.join(resumed, "alpha.json"))
+    del messages[:]
     pipeline.run(config, resumed)
+    # Group 2 resumed from its checkpoint at step 3 of 4; group 1 was read back at its end.
+    resumes = [m.split(" (")[0] for m in messages if "resuming" in m]
+    assert resumes == ["[search/g1] resuming from step 4/4", "[search/g2] resuming from step 3/4"]
 
     def read(workdir, name):
         with open(os.path.join(workdir, name)) as f:

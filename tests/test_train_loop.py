@@ -2,6 +2,7 @@
 checkpoint atomicity, and 1-device == 2-device steps."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -203,7 +204,7 @@ def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatc
         )
 
 
-def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch, caplog):
     config = tiny_demo()
     straight = str(tmp_path / "straight")
     pipeline.run(config, straight)
@@ -226,7 +227,10 @@ def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch):
     ).latest_step()
     assert saved == config.checkpoint_every_steps
     assert not train_loop.is_done(os.path.join(resumed, "teacher"))
+    caplog.set_level(logging.INFO, logger="absl")
     pipeline.run(config, resumed)
+    # Resumed from the checkpoint, not retrained from step 0 (which would equal it as well).
+    assert f"[teacher] resuming from step {saved}/" in caplog.text
 
     def comparable(workdir):
         result = train_loop.read_result(os.path.join(workdir, "teacher"))
