@@ -169,6 +169,12 @@ CASES = [
     ("data.std", (0.2, 0.2), "data.std", "three numbers"),
     ("data.std", (0.2, 0.0, 0.2), "data.std", "> 0"),
     ("data.mean", (-0.1, 0.5, 0.5), "data.mean", "[0, 1]"),
+    # The bounds of ranges (the property tests in test_errors.py draw inside and outside them).
+    ("search.w_momentum", 1.0, "search.w_momentum", "[0, 1)"),
+    ("search.beta_b1", 1.0, "search.beta_b1", "[0, 1)"),
+    ("search.beta_b2", -1e-9, "search.beta_b2", "[0, 1)"),
+    ("distill.max_students_per_step", -1, "distill.max_students_per_step", "use 0"),
+    ("distill.cohort", "vmapp", "distill.cohort", "'auto', 'loop'"),
 ]
 
 
@@ -196,6 +202,15 @@ def test_a_normalisation_is_given_whole(given, missing):
     ):
         config_lib.validate(config, device_count=2)
     config.data[missing] = (0.25, 0.25, 0.25)
+    config_lib.validate(config, device_count=2)
+
+
+def test_a_bridge_loss_of_no_terms_is_refused():
+    config = load_config("cifar100_pair1")
+    config.search.gamma_st = config.search.gamma_ts = 0.0
+    with pytest.raises(config_lib.ConfigError, match="leaves beta no loss; set search.gamma_ts"):
+        config_lib.validate(config, device_count=2)
+    config.search.gamma_ts = 1.0  # The TS term alone is a bridge loss (the ST term's weight 0).
     config_lib.validate(config, device_count=2)
 
 

@@ -864,7 +864,23 @@ def _check(config, path, value, valid):
 @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
 @hypothesis.given(field_values())
 def test_every_field_wrong_value_is_named(case):
-    path, value, valid = case
+    _judge(*case)
+
+
+# 60 draws over every field reach about 40 of them: each field of SPEC is also drawn on its own,
+# half valid and half invalid values, so no range check goes untried.
+@pytest.mark.parametrize("path", sorted(SPEC))
+@hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
+@hypothesis.given(data=st.data())
+def test_each_fields_valid_and_invalid_values_are_judged(path, data):
+    valid, invalid = SPEC[path]
+    if invalid.is_empty or data.draw(st.booleans(), label="valid"):
+        _judge(path, data.draw(valid, label="value"), True)
+    else:
+        _judge(path, data.draw(invalid, label="value"), False)
+
+
+def _judge(path, value, valid):
     # What the command line and config files give: ml_collections refuses some types itself,
     # and converts others (an int or a bool to a float field's float), judged by the loose check.
     config = config_lib.base_config()
