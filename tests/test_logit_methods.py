@@ -128,6 +128,8 @@ def test_losses_equal_numpy_references(name, s, t, labels):
         )
     _close(losses.dist_loss(s, t, 2.0, 2.0, 4.0), _np_dist(s, t, 2.0, 2.0, 4.0))
     _close(losses.dist_loss(s, t, 1.0, 1.0, 1.0), _np_dist(s, t, 1.0, 1.0, 1.0))
+    # beta (inter-class) and gamma (intra-class) apart, so that swapped weights show.
+    _close(losses.dist_loss(s, t, 1.0, 3.0, 4.0), _np_dist(s, t, 1.0, 3.0, 4.0))
     # Logit standardisation as its reference applies it: both logits, then the temperature.
     ls_s, ls_t = _np_standardize(s), _np_standardize(t)
     _close(losses.kd_loss(losses.standardize(s), losses.standardize(t), 2.0), _np_kd(ls_s, ls_t, 2))
@@ -191,6 +193,7 @@ def test_losses_equal_torch_transcriptions(name, s, t, labels):
     np.testing.assert_allclose(losses.standardize(s), normalize(ts).numpy(), rtol=1e-5, atol=1e-5)
     _close(losses.dkd_loss(s, t, labels, 1.0, 8.0, 4.0), dkd(ts, tt, tl, 1.0, 8.0, 4.0))
     _close(losses.dist_loss(s, t, 2.0, 2.0, 4.0), dist(ts, tt, 2.0, 2.0, 4.0))
+    _close(losses.dist_loss(s, t, 1.0, 3.0, 4.0), dist(ts, tt, 1.0, 3.0, 4.0))
     ls_s, ls_t = losses.standardize(s), losses.standardize(t)
     _close(losses.kd_loss(ls_s, ls_t, 2.0), kd(normalize(ts), normalize(tt), 2.0))
     _close(
@@ -346,6 +349,78 @@ def test_dkd_loss_applies_the_warmup_of_its_clock():
     s_logits = pair.student.apply(student, images, train=True, mutable=["batch_stats"])[0]
     expected = losses.dkd_loss(s_logits, t_logits, batch["label"], 1.0, 8.0, 4.0)
     _close(parts["dkd_loss"], expected, 1e-5)
+
+
+def _np_ce(logits, labels):
+    z = logits - logits.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return -log_p[np.arange(len(labels)), labels].mean()
+
+
+# Each method's loss from images, against its paper's formula in NumPy on the networks' logits:
+# the weights set apart from each other and from their defaults, so a dropped or swapped one
+# shows. (DKD+LS past its warm-up: the clock at 200 epochs of 10 steps.)
+_COMPOSED = {
+    "kd_ls": (
+        {"ls_kd_ce_weight": 0.7, "ls_kd_weight": 5.0, "ls_kd_temperature": 3.0},
+        lambda s, t, y, b: (
+            b.ls_kd_ce_weight * _np_ce(s, y)
+            + b.ls_kd_weight * _np_kd(_np_standardize(s), _np_standardize(t), b.ls_kd_temperature)
+        ),
+    ),
+    "dist": (
+        {"dist_ce_weight": 0.7, "dist_beta": 1.0, "dist_gamma": 3.0, "dist_temperature": 3.0},
+        lambda s, t, y, b: (
+            b.dist_ce_weight * _np_ce(s, y)
+            + _np_dist(s, t, b.dist_beta, b.dist_gamma, b.dist_temperature)
+        ),
+    ),
+    "dkd_ls": (
+        {"dkd_ce_weight": 0.7, "ls_dkd_alpha": 2.0, "ls_dkd_beta": 5.0, "dkd_temperature": 3.0},
+        lambda s, t, y, b: (
+            b.dkd_ce_weight * _np_ce(s, y)
+            + _np_dkd(
+                _np_standardize(s),
+                _np_standardize(t),
+                y,
+                b.ls_dkd_alpha,
+                b.ls_dkd_beta,
+                b.dkd_temperature,
+            )
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_COMPOSED))
+def test_method_loss_from_images_is_its_formula(method):
+    fields, formula = _COMPOSED[method]
+    config = _tiny_config(**{"distill.method": method})
+    config.data.dataset = "cifar10"
+    with config.unlocked():
+        for field, value in fields.items():
+            config.baselines[field] = value
+    mesh, data = parallel.make_mesh(), _data()
+    pair = distill.pair_of(config, data)
+    teacher_vars = teacher_lib.init_variables(pair.teacher, 1, mesh)
+    student = teacher_lib.init_variables(pair.student, 0, mesh)
+    images = jnp.asarray(data.train.images[:8], jnp.float32) / 255
+    labels = np.asarray(data.train.labels[:8])
+    batch = {"image": images, "label": jnp.asarray(labels)}
+    stats = {"student": student["batch_stats"]}
+    if method == "dkd_ls":
+        stats[logit_targets.CLOCK] = {"steps": jnp.int32(2000)}
+    loss_fn = jax.jit(methods.make_loss_fn(method, pair, config, 10))
+    loss, _ = loss_fn({"student": student["params"]}, stats, None, batch, None, teacher_vars)
+    s_logits = pair.student.apply(student, images, train=True, mutable=["batch_stats"])[0]
+    t_logits = pair.teacher.apply(teacher_vars, images, train=False)
+    want = formula(
+        np.asarray(s_logits, np.float64),
+        np.asarray(t_logits, np.float64),
+        labels,
+        config.baselines,
+    )
+    _close(loss, want, 1e-5)
 
 
 @pytest.mark.parametrize(
