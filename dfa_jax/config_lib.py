@@ -227,7 +227,9 @@ def base_config() -> ml_collections.ConfigDict:
     distill.distance = "partial_l2"  # 'partial_l2' (overhaul's, with `margin`) or 'l2'.
     distill.margin = -1.0  # partial_l2's margin: the paper keeps teacher values >= -1.
     distill.gamma_fd = 1e-3  # gamma_fd of L = CE + gamma_fd * L_fd (Eq. 4).
-    distill.teacher_bn = "eval"  # Teacher BatchNorm: 'eval' (running stats) or 'batch' (overhaul).
+    # Teacher BatchNorm: 'eval' (running stats) or 'batch' (overhaul). Margin has its own
+    # (baselines.margin_teacher_bn); Jacobian and FT's and AB's first stages always use 'eval'.
+    distill.teacher_bn = "eval"
     distill.optim = optim_recipe("paper")  # Student recipe (the paper's, with Nesterov).
 
     # --- baselines of Table 2 (weights: RepDistiller's CIFAR-100 commands unless noted) --------
@@ -254,7 +256,9 @@ def base_config() -> ml_collections.ConfigDict:
     base.ab_init_epochs = 30  # AB: initialisation epochs before CE training (RepDistiller).
     # AB: the initialisation's lr (plain SGD, momentum, weight decay, constant): RepDistiller's
     # `helper/pretrain.py` uses the student's, 0.05 under its recipe (0.01 for light students;
-    # `crd_pair`, `cinic10_pair`). 0.05 under the paper's recipe too, whose student lr is 0.1.
+    # `crd_pair`, `cinic10_pair`). 0.05 under the paper's recipe too, whose student lr is 0.1: the
+    # rate AB's initialisation ran at in RepDistiller's results (it never ran one at 0.1), kept
+    # as FT's 0.01 above is.
     base.ab_init_lr = 0.05
     # Jacobian: weight of the Sobolev term, as Knowledge-Distillation-Zoo's own
     # `example_train_script.sh` runs it (`--lambda_kd 20.0`; its argparse default 1.0 leaves the

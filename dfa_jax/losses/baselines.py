@@ -180,8 +180,8 @@ def at_loss(student_feat: jax.Array, teacher_feat: jax.Array, p: float = 2) -> j
     adaptive-average-pooled to the smaller H x W first, as RepDistiller `Attention.at_loss` does;
     channel counts may differ. Matches RepDistiller `Attention.at_loss` (`.pow(2).mean()` over
     B*H*W). RepDistiller sums it over the inner group outputs with weight `AT_BETA` = 1000
-    (`L = CE + 1000 * sum_i at_loss_i`). The DFA authors' `ATLoss` instead uses pre-ReLU maps,
-    the signed channel sum (here p = 1) and `CE + (beta / 2) * sum_i at_loss_i` with beta = 60 over
+    (`L = CE + 1000 * sum_i at_loss_i`). The DFA authors' `ATLoss` instead uses (pre-ReLU maps
+    in their WRN_28_4 -> WRN_16_2 script alone, the one with `--preReLU`) the signed channel sum (here p = 1) and `CE + (beta / 2) * sum_i at_loss_i` with beta = 60 over
     4 WRN positions.
 
     Args:
@@ -273,7 +273,8 @@ def ab_loss(student_pre: jax.Array, teacher_pre: jax.Array, margin: float = 1.0)
     (`torch.abs(loss).sum()`, batch included). The caller normalises as `ABLoss.forward` does:
     over G positions, `sum_i w_i * ab_loss_i / B * AB_GAMMA` with `w_i = 2^(i - G)`, i = 1..G
     (`distances.group_weights`), `AB_GAMMA` = 3/1000. RepDistiller uses this only in its 30-epoch
-    initialisation stage (student body + connector), then trains with CE + KD alone.
+    initialisation stage (student body + connector), then trains with CE alone (its script's
+    `-a 0`: no KL term).
 
     Args:
       student_pre: [B, H, W, C] pre-ReLU student map after the connector, in teacher shape.

@@ -2,8 +2,8 @@
 
 They read the *raw* group outputs, the residual stream before the BN that consumes it, as
 RepDistiller's `train_student.py` hands them `model(x, is_feat=True, preact=False)`'s features
-(`models.raw_group_ends`); under the 'authors' preset AT reads the pre-ReLU maps and AT and SP
-also a WRN's stem (`baseline_presets.py`). Helpers are built as RepDistiller's `models/util.py`
+(`models.raw_group_ends`); under the 'authors' preset AT reads the pre-ReLU maps for WRN_28_4 ->
+WRN_16_2 (their one AT script with `--preReLU`) and AT and SP also a WRN's stem (`baseline_presets.py`). Helpers are built as RepDistiller's `models/util.py`
 builds them.
 """
 
