@@ -310,6 +310,8 @@ def test_method_trains_through_build_stage(method):
     pair = distill.pair_of(config, data)
     teacher_vars = teacher_lib.init_variables(pair.teacher, 1, mesh)
     stage = distill.build_stage(config, mesh, data, "unused", teacher_vars, [(method, 0)])
+    # §4.1: the student distils on the whole training set (the search's 7:3 parts together).
+    assert stage.train_data is data.train and stage.val_data is None
     batch = {
         "image": jnp.asarray(data.train.images[:8]),
         "label": jnp.asarray(data.train.labels[:8]),

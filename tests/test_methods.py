@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dfa_jax import config_lib
+from dfa_jax import distill
 from dfa_jax import methods
 from dfa_jax import parallel
 from dfa_jax import pipeline
@@ -47,8 +48,59 @@ def workdir(tmp_path_factory):
     config.distill.optim.schedule = "constant"
     config.distill.optim.lr = 0.05
     config.checkpoint_every_steps = 1000  # End-of-stage checkpoints only (each save costs time).
-    pipeline.run(config, workdir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distill, "_run_helper_stage", _recording(distill._run_helper_stage))
+        pipeline.run(config, workdir)
     return workdir
+
+
+# FT's and AB's first stages as run: {stage name: (optim, params before, params after)}.
+FIRST_STAGES = {}
+
+
+def _recording(run_helper_stage):
+    def run(config, name, directory, optim, params, *args, **kwargs):
+        before = jax.device_get(params)  # Before the stage's step donates them.
+        final = run_helper_stage(config, name, directory, optim, params, *args, **kwargs)
+        FIRST_STAGES[name] = (optim, before, jax.device_get(final.params))
+        return final
+
+    return run
+
+
+def test_first_stages_run_as_repdistillers_pretrain(workdir):
+    """FT's paraphraser and AB's initialisation (`helper/pretrain.py`): plain SGD with momentum,
+    no Nesterov, a constant rate of their own, the student's batch size and weight decay; AB's
+    moves the student's body but not its classifier or final BN (`init_modules` alone train)."""
+    del workdir  # Its run filled FIRST_STAGES.
+    config = load_config("demo", "tiny")
+    assert set(FIRST_STAGES) == {"distill/ft/paraphraser", "distill/ab/init"}, FIRST_STAGES
+    for name, lr, epochs in (
+        (
+            "distill/ft/paraphraser",
+            config.baselines.ft_pretrain_lr,
+            config.baselines.ft_pretrain_epochs,
+        ),
+        ("distill/ab/init", config.baselines.ab_init_lr, config.baselines.ab_init_epochs),
+    ):
+        optim = FIRST_STAGES[name][0]
+        assert (optim.lr, optim.epochs, optim.schedule, optim.nesterov) == (
+            lr,
+            epochs,
+            "constant",
+            False,
+        ), name
+        assert optim.momentum == config.distill.optim.momentum
+        assert optim.weight_decay == config.distill.optim.weight_decay
+        assert optim.batch_size == config.distill.optim.batch_size
+    _, before, after = FIRST_STAGES["distill/ab/init"]
+    for frozen in ("fc", "bn1"):
+        jax.tree.map(
+            np.testing.assert_array_equal, after["student"][frozen], before["student"][frozen]
+        )
+    assert not np.array_equal(
+        after["student"]["conv1"]["kernel"], before["student"]["conv1"]["kernel"]
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -178,6 +178,9 @@ def test_groups_of_one_map_train_w_without_a_beta_step(tmp_path):
             built, config, mesh, data, str(tmp_path), group, built.state
         )
         assert (stage.val_data is None) == (maps == 1), group
+        # §3.4: w trains on the training part of the 7:3 split, beta on the held-out part.
+        assert stage.train_data is data.search_train, group
+        assert maps == 1 or stage.val_data is data.search_val, group
         # The progress line's ETA covers the groups still to come, not this one alone.
         group_steps = config.search.epochs_per_group * built.steps_per_epoch
         assert group_steps > 0 and stage.steps_after == (5 - group) * group_steps
