@@ -4,7 +4,8 @@ architectures with random weights and BN statistics, imported with `dfa_jax.inte
 
 Each loss is computed from the same images through their models and the peers' helpers:
 FitNets' and AB's regressors resize by RepDistiller's `ConvReg` rule (`models/util.py`: 3x3
-stride-2 conv, 4x4 stride-2 transposed conv, or a valid conv); Margin, DFA's distillation and
+stride-2 conv, 4x4 stride-2 transposed conv, or a valid conv); AT and FT pool the larger map (or
+factor) to the smaller, as RepDistiller's losses do; Margin, DFA's distillation and
 the search's bridge loss average-pool the teacher's maps to the student's size, as mdistiller's
 OFD does (`distillers/OFD.py`: `F.adaptive_avg_pool2d(feature_teacher[i], student's size)`).
 """
@@ -20,11 +21,15 @@ from test_cifar_mobile_models import torch_net
 from test_cifar_models import torch_model
 from test_methods_against_peers import (
     _nchw,
+    _paraphraser,
     _set_bn,
     _set_conv,
     ab_losses,
+    attention_loss,
+    factor_loss,
     overhaul_distillation_loss,
     overhaul_margin,
+    peer_translator,
 )
 
 from dfa_jax import config_lib, features, interop, losses, methods, models, parallel, search
@@ -179,6 +184,47 @@ def test_fitnets_regresses_the_student_up_to_the_teachers_hint(pair):
     hint = F.mse_loss(regressor(feats[1]), raw_t[1])
     want = F.cross_entropy(logit_s, pair["labels"]) + config.baselines.fitnets_weight * hint
     _close(_loss(pair, "fitnets", config, helpers), want)
+
+
+def test_at_pools_the_larger_map_as_repdistiller(pair):
+    """`--distill attention -a 0 -b 1000`: CE + 1000 sum of at_loss over every group's raw
+    output, the teacher's 32/16/8 maps average-pooled to the student's 16/8/4 inside at_loss."""
+    config = config_lib.base_config()
+    feats, _, logit_s, _ = student_net(pair)(pair["images"])
+    _, raw_t, _ = teacher_forward(pair)
+    assert [f.shape[2] for f in feats] == [t.shape[2] // 2 for t in raw_t]
+    at = sum(attention_loss(s, t) for s, t in zip(feats, raw_t))
+    want = F.cross_entropy(logit_s, pair["labels"]) + config.baselines.at_weight * at
+    _close(_loss(pair, "at", config, _helpers(pair, "at", config)), want)
+
+
+def test_ft_translates_at_the_students_size_and_pools_the_teachers_factor(pair):
+    """`--distill factor -a 0 -b 200`: the translator on the student's last 4x4 map, the
+    paraphraser (eval mode) on the teacher's last 8x8 map, its factor pooled to 4x4 by
+    FactorTransfer; CE + 200 L1 of the normalised factors."""
+    config = config_lib.base_config()
+    setting = {**pair, "config": config}
+    paraphraser, peer = _paraphraser(setting)
+    helpers = _helpers(pair, "ft", config)
+    feats, _, logit_s, _ = student_net(pair)(pair["images"])
+    _, raw_t, _ = teacher_forward(pair)
+    translator = peer_translator(feats[-1].shape[1], raw_t[-1].shape[1]).train()
+    p, b = helpers[0]["translator"], helpers[1]["translator"]
+    for i, (conv, bn) in enumerate(zip(translator[0::3], translator[1::3])):
+        _set_conv(conv, p[f"_ConvAct_{i}"]["conv"]["kernel"])
+        _set_bn(bn, p[f"_ConvAct_{i}"]["bn"], b[f"_ConvAct_{i}"]["bn"])
+    with torch.no_grad():
+        factor_t = peer.eval()(raw_t[-1], is_factor=True)
+    factor_s = translator(feats[-1])
+    assert (factor_s.shape[2], factor_t.shape[2]) == (4, 8)
+    ft = factor_loss(factor_s, factor_t)
+    want = F.cross_entropy(logit_s, pair["labels"]) + config.baselines.ft_weight * ft
+    params = {"student": pair["s_vars"]["params"], **helpers[0]}
+    stats = {"student": pair["s_vars"]["batch_stats"], **helpers[1]}
+    aux = {**pair["t_vars"], "paraphraser": paraphraser}
+    loss_fn = methods.make_loss_fn("ft", pair["pair"], config, None)
+    loss, _ = jax.jit(loss_fn)(params, stats, {}, pair["batch"], None, aux)
+    _close(loss, want)
 
 
 def test_ab_initialisation_resizes_every_group(pair):
