@@ -149,10 +149,12 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
             start_group=group,
             mutable=["batch_stats"],
         )
-        logits = logits.astype(jnp.float32)
-        st = losses.st_loss(st_out.astype(jnp.float32), aggregated)
-        ts = losses.ts_loss(logits, labels)
-        loss = config.search.gamma_st * st + config.search.gamma_ts * ts
+        logits, st_out = logits.astype(jnp.float32), st_out.astype(jnp.float32)
+        loss = losses.bridge_loss(
+            st_out, aggregated, logits, labels, config.search.gamma_st, config.search.gamma_ts
+        )
+        # Its terms for the records (the compiler computes each once).
+        st, ts = losses.st_loss(st_out, aggregated), losses.ts_loss(logits, labels)
         new_batch_stats = {
             "student": s_mut["batch_stats"],
             "st": {**batch_stats["st"], key: st_mut["batch_stats"]},
@@ -169,7 +171,7 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
             # coupled L2 toward beta = 0, i.e. uniform alpha ('Average'), per map.
             # Every input under stop_gradient: the beta step's own differentiation then sees
             # constants here and does not trace this gradient's derivative.
-            st_out_fixed = jax.lax.stop_gradient(st_out.astype(jnp.float32))
+            st_out_fixed = jax.lax.stop_gradient(st_out)
             beta_fixed = jax.lax.stop_gradient(beta[key])
             metrics[bilevel.BETA_GRAD_ST] = jax.grad(
                 lambda b: (
