@@ -60,17 +60,24 @@ def alpha_of(beta) -> dict:
 init_beta = methods.init_beta  # The search's start (the 'start' aggregation's beta).
 
 
-def teacher_group_maps(teacher_model, teacher_vars, images, group: int, clamp_min, train: bool):
-    """The clamped, gradient-free candidate maps of teacher group `group`: N x [B, H, W, C]."""
+def teacher_group_maps(teacher_model, teacher_vars, images, group: int, clamp_min):
+    """The clamped, gradient-free candidate maps of teacher group `group` (the teacher on its
+    running BN statistics): N x [B, H, W, C]."""
     _, mutated = teacher_model.apply(
-        teacher_vars,
-        images,
-        train=train,
-        stop_group=group,
-        mutable=[models.FEATURES] + (["batch_stats"] if train else []),
+        teacher_vars, images, train=False, stop_group=group, mutable=[models.FEATURES]
     )
     maps = features.read(mutated, teacher_model.feature_groups()[group - 1])
     return [jax.lax.stop_gradient(features.clamp(m.astype(jnp.float32), clamp_min)) for m in maps]
+
+
+def group_aggregation(teacher_model, teacher_vars, images, group, clamp_min, size, beta):
+    """A_i [B, h, w, C] of the bridge loss: teacher group `group`'s maps (`teacher_group_maps`),
+    average-pooled to the student's `size` (h, w) where they end larger, weighted by
+    softmax(`beta` [N]). Also its maps, N x [B, h, w, C]. (Pooling and aggregating commute, so
+    both connectors work at the student's size.)"""
+    maps = teacher_group_maps(teacher_model, teacher_vars, images, group, clamp_min)
+    maps = [losses.adaptive_avg_pool(m, size) for m in maps]
+    return losses.aggregate(maps, jax.nn.softmax(beta)), maps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +97,16 @@ class BridgeLogits:
     clamp_min: float | None
 
     def __call__(self, variables, images):
-        maps = teacher_group_maps(
-            self.teacher_model, variables["teacher"], images, self.group, self.clamp_min, False
-        )
         s_shape = features.group_shapes(self.student_model)[self.group - 1]
-        maps = [losses.adaptive_avg_pool(m, s_shape[1:3]) for m in maps]
-        aggregated = losses.aggregate(maps, jax.nn.softmax(variables["beta"]))
+        aggregated, _ = group_aggregation(
+            self.teacher_model,
+            variables["teacher"],
+            images,
+            self.group,
+            self.clamp_min,
+            s_shape[1:3],
+            variables["beta"],
+        )
         connector = models.Connector(s_shape[-1], dtype=self.student_model.dtype)
         ts_in = connector.apply(variables["ts"], aggregated, train=False)
         return self.student_model.apply(
@@ -116,13 +127,9 @@ def make_bridge_loss_fn(teacher_model, student_model, group: int, config):
     def loss_fn(params, batch_stats, beta, batch, rng, aux, beta_diagnostics=False):
         del rng
         images, labels = batch["image"], batch["label"]
-        maps = teacher_group_maps(
-            teacher_model, aux, images, group, config.features.clamp_min, train=False
+        aggregated, maps = group_aggregation(
+            teacher_model, aux, images, group, config.features.clamp_min, s_hw, beta[key]
         )
-        # A teacher group that ends at a larger size than the student's is pooled to it (both
-        # connectors then work at the student's size; pooling and aggregating commute).
-        maps = [losses.adaptive_avg_pool(m, s_hw) for m in maps]
-        aggregated = losses.aggregate(maps, jax.nn.softmax(beta[key]))
 
         # ST path: student groups 1..i, then the student transform to the teacher's channels.
         student_vars = {"params": params["student"], "batch_stats": batch_stats["student"]}
