@@ -569,6 +569,35 @@ def group_channels(model_name: str) -> tuple[int, ...]:
     return tuple(shape[-1] for shape in _group_shapes(model_name))
 
 
+def cpu_device_problems(config) -> list[str]:
+    """num_cpu_devices' checks, cheap and without JAX: `main` runs them before JAX starts, where
+    a count in the tens of thousands kept the start busy for minutes without a word."""
+    count = config.num_cpu_devices
+    if not isinstance(count, int) or isinstance(count, bool):
+        return []  # The type check names it.
+    if count < 0:
+        return [
+            f"num_cpu_devices = {count}: must be >= 0 (0 = one per usable core or the most below"
+            " that which divides every batch size)."
+        ]
+    # (Importing JAX starts no backend: the device count can still be set after this.)
+    from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    sizes = {
+        field: size
+        for field, size in parallel.global_batch_sizes(config).items()
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0
+    }
+    if sizes and count > max(sizes.values()):
+        largest = max(sizes, key=sizes.get)
+        return [
+            f"num_cpu_devices = {count}: more CPU devices than the largest batch ({largest} ="
+            f" {sizes[largest]}) has examples, so no batch could be split over them; use 0 (one"
+            " per usable core, fitted to the batch sizes) or a count that divides every batch size."
+        ]
+    return []
+
+
 def _ft_problems(config) -> list[str]:
     """FT's paraphraser factor of the teacher's last group, `int(C * baselines.ft_rate)` channels
     (`methods/feature_maps.py`: `Paraphraser`, `_ft_helpers`), must have at least one channel: a
@@ -1092,11 +1121,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.extend(method.load().check(config))
     if config.dtype not in ("float32", "bfloat16"):
         problems.append(f"dtype = {config.dtype!r}: use 'float32' or 'bfloat16'.")
-    if config.num_cpu_devices < 0:
-        problems.append(
-            f"num_cpu_devices = {config.num_cpu_devices}: must be >= 0 (0 = one per usable core"
-            " or the most below that which divides every batch size)."
-        )
+    problems.extend(cpu_device_problems(config))
     if config.log_every_steps <= 0:
         problems.append(f"log_every_steps = {config.log_every_steps}: must be positive.")
     if config.checkpoint_every_steps <= 0:

@@ -88,6 +88,12 @@ def main(argv):
             record.pathname.startswith(package_dir) or record.levelno >= std_logging.WARNING
         )
     )
+    from dfa_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+    # Before JAX starts: it would first make every device asked for.
+    cpu_problems = config_lib.cpu_device_problems(config)
+    if cpu_problems:
+        sys.exit(f"error: invalid config:\n  - {cpu_problems[0]}")
     import jax  # pylint: disable=g-import-not-at-top
 
     from dfa_jax import parallel  # pylint: disable=g-import-not-at-top

@@ -164,6 +164,7 @@ CASES = [
     ("baselines.ab_init_epochs", 0, "baselines.ab_init_epochs", "positive"),
     ("checkpoints_to_keep", 0, "checkpoints_to_keep", "at least 1"),
     ("num_cpu_devices", -2, "num_cpu_devices", "one per usable core"),
+    ("num_cpu_devices", 100000, "num_cpu_devices", "more CPU devices than the largest batch"),
     ("teacher.distill_from", "middle", "teacher.distill_from", "'best'"),
     ("data.mean", (125.3, 123.0, 113.9), "data.mean", "(0.4914, 0.4824, 0.4467)"),
     ("data.std", (0.2, 0.2), "data.std", "three numbers"),

@@ -592,6 +592,27 @@ def test_main_prints_one_error_line(tmp_path):
     assert not os.path.exists(tmp_path / "workdir" / "teacher")
 
 
+def test_main_refuses_a_cpu_device_count_no_batch_fits_before_jax_starts(tmp_path):
+    """--config.num_cpu_devices=100000 kept JAX's start busy for many minutes making the
+    devices (4096 took 12 s); more devices than the largest batch has examples is refused before
+    any backend starts (the time limit: a start that made them would not end within it)."""
+    command = [
+        sys.executable,
+        "-m",
+        "dfa_jax.main",
+        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny",
+        f"--workdir={tmp_path / 'workdir'}",
+        "--config.num_cpu_devices=100000",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if "num_cpu_devices = 100000" in line]
+    assert "more CPU devices than the largest batch (teacher.optim.batch_size = 16)" in line
+    assert not os.path.exists(tmp_path / "workdir")
+
+
 def test_checkpoint_check_accepts_a_matching_teacher(tmp_path):
     """The shape check passes a checkpoint of the right architecture and class count."""
     directory = save_fake_variables(tmp_path / "teacher" / "variables", "wrn_16_1", 10)
