@@ -530,6 +530,7 @@ def build_group_stage(
         # The ETA: the whole search's, the later groups at this one's speed (they run more of
         # the teacher: it reads low until the last group).
         steps_after=(search.num_groups - group) * group_steps,
+        data_steps_before=offset,
         eval_label="teacher-to-student path test accuracy",
     )
 

@@ -72,6 +72,10 @@ class Stage:
     # Steps of the stages that follow this one in the same progress (the search's later
     # groups): the ETA counts them at this stage's speed.
     steps_after: int = 0
+    # Steps of the same data stream the stages before this one drew (the search's earlier
+    # groups): its batches continue that stream, new shuffles as one data loader's over the
+    # whole search would be, not the first group's again.
+    data_steps_before: int = 0
     # What `eval_fn` measures, in the progress lines ('test accuracy of ...').
     eval_label: str = "test accuracy"
     # A cohort stage: the students of a stacked state (`cohort.py`), in the order of its student
@@ -291,9 +295,10 @@ def run(stage: Stage, config, mesh) -> dict:
         return {key: v[k] for key, v in metrics.items()}
 
     rows = parallel.process_rows(mesh, stage.batch_size)
-    train_iter = _batches(stage.train_data, stage.batch_size, stage.seed, step, rows)
+    data_step = stage.data_steps_before + step
+    train_iter = _batches(stage.train_data, stage.batch_size, stage.seed, data_step, rows)
     if stage.val_data is not None:
-        val_iter = _batches(stage.val_data, stage.batch_size, stage.seed + 1, step, rows)
+        val_iter = _batches(stage.val_data, stage.batch_size, stage.seed + 1, data_step, rows)
         pairs = ({"train": t, "val": v} for t, v in zip(train_iter, val_iter))
     else:
         pairs = ({"train": t} for t in train_iter)

@@ -516,8 +516,24 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(train_loop, "run", keeping_states)
+    # Which epochs of each split's shuffled stream the stages read.
+    streams, real_batches = {}, loader.train_batches
+
+    def recording(examples, batch_size, seed, epoch, start_batch=0, rows=None):
+        streams.setdefault((len(examples.labels), seed), []).append(epoch)
+        return real_batches(examples, batch_size, seed, epoch, start_batch, rows)
+
+    monkeypatch.setattr(loader, "train_batches", recording)
     pipeline.run(config, straight)
     monkeypatch.setattr(train_loop, "run", real_run)
+    monkeypatch.setattr(loader, "train_batches", real_batches)
+    # The three groups read one stream of the search's training part (epochs 0-5, two each) and
+    # one of its held-out part (for beta; smaller, so more of its epochs), each epoch once, as
+    # one data loader over the search would; not the first group's epochs three times over.
+    data = inputs.load(config, straight, search=True)
+    assert streams[(len(data.search_train.labels), config.seed)] == list(range(6)), streams
+    val_epochs = streams[(len(data.search_val.labels), config.seed + 1)]
+    assert val_epochs == list(range(len(val_epochs))), streams
     start = _logged_alpha_table(messages, "[search] alpha at the start")
     end = _logged_alpha_table(messages, "[search] alpha at the end")
     record = search.alpha_record_from_file(os.path.join(straight, search.ALPHA_FILE))
