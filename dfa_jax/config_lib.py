@@ -47,10 +47,11 @@ def optim_recipe(name: str) -> ml_collections.ConfigDict:
         wd 5e-4, x0.2 at epochs 60/120/160 of 200, batch 128), 'overhaul' (Heo et al.: /10 at 100
         and /100 at 150 of 200; their script builds a new optimizer at each, zeroing the
         momentum, which this recipe keeps) or 'cinic' (the paper's CINIC-10 recipe: lr 0.01, x0.1 at
-        100/120 of 140, batch 96). All with Nesterov momentum, for teachers and students alike:
-        the paper does not say, and the authors' teachers (github.com/PkuDavidGuan/Distillation,
-        `simple_train.py`: `SGD(..., momentum=0.9, nesterov=True, weight_decay=0.0005)`), their
-        students and overhaul-distillation's all use it.
+        100/120 of 140, batch 96), these three with Nesterov momentum, for teachers and students
+        alike: the paper does not say, and the authors' teachers (github.com/PkuDavidGuan/
+        Distillation, `simple_train.py`: `SGD(..., momentum=0.9, nesterov=True,
+        weight_decay=0.0005)`), their students and overhaul-distillation's all use it; or 'crd'
+        (RepDistiller's CIFAR-100 recipe: plain momentum, no Nesterov).
     """
     c = ml_collections.ConfigDict()
     c.epochs = 200  # Training epochs.

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from dfa_jax import baseline_presets
@@ -83,6 +84,64 @@ def test_pair_configs_follow_the_paper():
         # and CINIC-10 alike, the Margin baseline's, so Table 4 and 5 compare targets alone.
         margin = baseline_presets.settings(config).margin_gamma
         assert config.distill.gamma_fd == margin == 1e-3, name
+        # The search's w: SGD, momentum 0.9, no Nesterov, coupled weight decay 5e-4 (§3.4).
+        assert (search.w_momentum, search.w_weight_decay) == (0.9, 5e-4), name
+
+
+def _recipe(optim):
+    fields = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule")
+    return {f: optim[f] for f in fields} | {
+        "milestones": tuple(optim.milestones),
+        "decay": optim.decay,
+    }
+
+
+def test_recipes_are_the_papers_and_the_peers():
+    """§4.1's CIFAR recipe (the WRN recipe: SGD 0.1 Nesterov, wd 5e-4, x0.2 at 60/120/160 of
+    200, batch 128), §4.2's CINIC-10 one (0.01, x0.1 at 100/120 of 140, batch 96) for teachers
+    and students, and each dataset's augmentation: CIFAR pads 4 by reflection, CINIC-10 takes
+    the authors' RandomResizedCrop."""
+    paper = {
+        "epochs": 200,
+        "batch_size": 128,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "schedule": "step",
+        "milestones": (60, 120, 160),
+        "decay": 0.2,
+    }
+    cinic = paper | {
+        "epochs": 140,
+        "batch_size": 96,
+        "lr": 0.01,
+        "milestones": (100, 120),
+        "decay": 0.1,
+    }
+    crd = paper | {
+        "epochs": 240,
+        "batch_size": 64,
+        "lr": 0.05,
+        "nesterov": False,
+        "milestones": (150, 180, 210),
+        "decay": 0.1,
+    }
+    for name, recipe in (
+        ("cifar100_pair1", paper),
+        ("cinic10_pair1", cinic),
+        ("crd/resnet56_to_resnet20", crd),
+    ):
+        config = load_config(name)
+        assert _recipe(config.teacher.optim) == _recipe(config.distill.optim) == recipe, name
+    config = load_config("cifar100_pair1")
+    assert (config.data.augment, config.data.pad, config.data.pad_mode, config.data.flip) == (
+        "pad_crop",
+        4,
+        "reflect",
+        True,
+    )
+    assert load_config("cinic10_pair1").data.augment == "random_resized_crop"
 
 
 def test_unknown_config_argument():
@@ -609,3 +668,20 @@ def test_a_teacher_of_a_run_on_other_inputs_is_warned_about(tmp_path):
     assert "set data.mean and data.std to the teacher's" in warning
     config.teacher.checkpoint = str(tmp_path / "elsewhere" / "variables")  # No run beside it.
     assert config_lib.teacher_data_warnings(config) == []
+
+
+def test_normalisation_is_the_peers():
+    """CIFAR's per-channel statistics as overhaul-distillation and the authors normalise
+    (`transforms.Normalize(np.array([125.3, 123.0, 113.9]) / 255, np.array([63.0, 62.1, 66.7]) /
+    255)`), CINIC-10's as its authors publish them (BayesWatch/cinic-10's README)."""
+    from dfa_jax.data import DATASETS  # pylint: disable=g-import-not-at-top
+
+    for name in ("cifar100", "cifar10"):
+        np.testing.assert_allclose(DATASETS[name].mean, (0.49137, 0.48235, 0.44667), atol=1e-5)
+        np.testing.assert_allclose(DATASETS[name].std, (0.24706, 0.24353, 0.26157), atol=1e-5)
+    np.testing.assert_allclose(
+        DATASETS["cinic10"].mean, (0.47889522, 0.47227842, 0.43047404), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        DATASETS["cinic10"].std, (0.24205776, 0.23828046, 0.25874835), atol=1e-4
+    )

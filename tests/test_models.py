@@ -189,3 +189,20 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
     assert all(v[0].dtype == jnp.bfloat16 for v in mutated[models.FEATURES].values())
+
+
+def test_batchnorm_keeps_pytorchs_running_average_and_epsilon():
+    """PyTorch's BatchNorm2d as every peer trains it (momentum 0.1, eps 1e-5): a train-mode
+    batch moves the running mean and variance 0.1 of the way to the batch's (the variance the
+    biased one, where PyTorch takes the unbiased: docs/design.md), and the output divides by
+    sqrt(var + 1e-5)."""
+    from dfa_jax.models import layers  # pylint: disable=g-import-not-at-top
+
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, size=(8, 4, 4, 5)), jnp.float32)
+    bn = layers.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+    y, updated = bn.apply(variables, x, mutable=["batch_stats"])
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    np.testing.assert_allclose(updated["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(updated["batch_stats"]["var"], 0.9 + 0.1 * var, rtol=1e-5)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
