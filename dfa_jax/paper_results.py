@@ -1,9 +1,10 @@
 """Published test accuracies (%) as data, for `dfa_jax.report` to print beside ours.
 
 The paper's: Guan et al., "Differentiable Feature Aggregation Search for Knowledge Distillation",
-ECCV 2020 (shared/paper/dfa_eccv2020.md): Tables 1, 2, 4 and 5; best-epoch test accuracy of one
-run per cell. The field's CIFAR-100 benchmark (`CRD_SUITE`): RepDistiller's README (Tian et al.,
-CRD, ICLR 2020) and mdistiller's README (Zhao et al., DKD, CVPR 2022). Keys use this
+ECCV 2020 (shared/paper/dfa_eccv2020.md): Tables 1, 2, 4 and 5; test accuracy, of how many runs
+and of which epoch the paper does not say. The field's CIFAR-100 benchmark (`CRD_SUITE`):
+RepDistiller's README (Tian et al., CRD, ICLR 2020), its last epoch's, and mdistiller's README
+(Zhao et al., DKD, CVPR 2022), its trainer's best epoch's (`published_statistic`). Keys use this
 repository's names: model names as in `dfa_jax.models.MODEL_NAMES`, and methods as the labels of
 the `distill/<label>` stages ('none' = the student alone, 'file' = DFA-T), plus 'teacher'.
 """
@@ -288,14 +289,19 @@ def pair_number(table, dataset: str, teacher: str, student: str) -> int | None:
     return None
 
 
+UNSTATED = "unstated"
+"""The epoch of the DFA paper's numbers: its text names none (the first author's code prints the
+best epoch's, which is no statement of what the tables hold)."""
+
+
 def published_statistic(table, label: str) -> tuple[str, str]:
-    """(who published a cell's number, which epoch's accuracy it is): the DFA paper's tables
-    report the best epoch; RepDistiller's its last (its `train_student.py`: "The results reported
-    in the paper/README is from the last epoch"); mdistiller's DKD numbers its trainer's best
-    epoch (averaged over its runs)."""
+    """(who published a cell's number, which epoch's accuracy it is): the DFA paper's tables do
+    not say (UNSTATED); RepDistiller's are its last (its `train_student.py`: "The results
+    reported in the paper/README is from the last epoch"); mdistiller's DKD numbers its trainer's
+    best epoch (its `BaseTrainer` reports the best test accuracy)."""
     if table == CRD:
         return ("mdistiller", "best") if label == "dkd" else ("RepDistiller", "last")
-    return ("paper", "best")
+    return ("paper", UNSTATED)
 
 
 def paper_value(table, dataset: str, teacher: str, student: str, label: str) -> float | None:

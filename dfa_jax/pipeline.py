@@ -103,8 +103,24 @@ def _finished_before(workdir: str, stages: dict) -> dict:
         return {}  # An unreadable summary is rewritten whole below.
     if not isinstance(earlier, dict):
         return {}
+
+    def result(name: str) -> dict:
+        directory = os.path.join(workdir, name)
+        found = train_loop.read_result(directory)
+        if not name.startswith("distill/"):
+            return found
+        # With its student's seed, as `distill.run_all` gives it: the one-seed layout's name
+        # does not say it, and the report pairs students by it.
+        path = os.path.join(directory, distill.STUDENT_FILE)
+        try:
+            seed = files.read_json(path)["seed"] if files.exists(path) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            seed = None
+        # None: a student from before students recorded their seed (the report takes the run's).
+        return found if not isinstance(seed, int) else {**found, "seed": seed}
+
     return {
-        name: train_loop.read_result(os.path.join(workdir, name))
+        name: result(name)
         for name in earlier
         if name not in stages and train_loop.is_done(os.path.join(workdir, name))
     }

@@ -15,19 +15,23 @@ best-epoch accuracy, with the paper's number beside it where the pair is one of 
 Both accuracies are shown because the paper's numbers are most likely best-epoch test accuracy
 (picking the epoch on the test set: the paper does not say, but the first author's baseline code
 prints the best epoch's), while the last epoch is the honest number. A cell pools every run it
-is given: runs
-of different protocols in one cell (another `epochs`, another result-affecting config field than
-the seeds, where inputs are read from and the eval batch) are warned about, naming the fields and
-the runs. The tables are printed as markdown and written to `--out` as `table<N>.md` and
+is given: runs of different protocols in one cell (another `epochs`, another result-affecting
+config field than the seeds, where inputs are read from and the eval batch) are warned about,
+naming the fields and the runs, and the cell names the fields (`⟨protocols differ: …⟩`, the
+CSV's `protocols_differ`). A run is read once however often it is given, and a seed that several
+runs hold counts once, as their mean (`⟨seed k ×m⟩`, the CSV's `repeated_seeds`): n is the
+number of seeds. The tables are printed as markdown and written to `--out` as `table<N>.md` and
 `table<N>.csv`, a cell's seeds in a `seeds` column and under each table; beside Table 5, DFA's
 accuracy minus Last's, Average's, Random's and (where a run trained it) Start's of the same seed,
-with its mean and 95 % interval (`paired.md`, `paired.csv`), and the alpha each run's search found
-(its `alpha.json`; the paper's Fig. 4, left), per group with its distance from Last, 1 - alpha of
-the group's last map (`alpha.md`, `alpha.csv`).
+CIFAR-100's and CINIC-10's (whose aggregations Table 5 also shows), with its mean and 95 %
+interval (`paired.md`, `paired.csv`), and the alpha each run's search found (its `alpha.json`;
+the paper's Fig. 4, left), per group with its distance from Last, 1 - alpha of the group's last
+map (`alpha.md`, `alpha.csv`).
 The later logit baselines (DKD, DIST, KD+LS, DKD+LS), which the paper does not have, get a table
 of their own beside the student alone and KD (`logits.md`, `logits.csv`), so Table 2 keeps the
-paper's columns. Pure Python, numpy, ml_collections and `etils.epath`: it starts instantly and
-runs where the runs' files are, without JAX.
+paper's columns. A result no table has a place for (KD on CINIC-10, say) is named in a warning.
+Pure Python, numpy, ml_collections and `etils.epath`: it starts instantly and runs where the
+runs' files are, without JAX.
 """
 
 from __future__ import annotations
@@ -136,25 +140,41 @@ CSV_FIELDS = (
     "median_best",
     "paper",
     "paper_source",  # Who published `paper`: the DFA paper, RepDistiller or mdistiller.
-    "paper_epoch",  # Which accuracy `paper` is: 'best' or 'last' epoch.
+    # Which accuracy `paper` is: its 'best' or 'last' epoch's, or 'unstated' (the DFA paper's).
+    "paper_epoch",
     "preset",  # KD, AT, SP, Margin: the runs' baselines.preset ('peers', 'authors', 'mixed').
+    # The protocol fields in which the cell's runs differ, ';'-joined (`_protocol_differences`):
+    # empty when its runs share one protocol.
+    "protocols_differ",
+    # Seeds that several runs hold, each `<seed>x<runs>`, ';'-joined: each such seed counts once,
+    # as its runs' mean.
+    "repeated_seeds",
 )
 # The methods whose settings `baselines.preset` chooses (`baseline_presets.py`).
 PRESET_METHODS = ("kd", "at", "sp", "margin")
 MISSING = "–"
 
-_NOTE = (
+_SEEDS_NOTE = (
     "Each cell: median last-epoch test accuracy (%) over seeds (mean ± sample std with ddof=1,"
-    f" {MISSING} for one seed; n = seeds; median best-epoch accuracy). [paper x]: the paper's"
-    f" number (how many runs and which epoch it does not say; the first author's code reports the"
-    f" best epoch's). {MISSING}: no run. ⟨authors⟩: KD, AT, SP or Margin"
-    " run with `baselines.preset=authors` (the first author's code's settings; unmarked:"
-    " RepDistiller's)."
+    f" {MISSING} for one seed; n = seeds, a seed of several runs counting once, as their mean;"
+    " median best-epoch accuracy)."
+)
+_MARKS_NOTE = (
+    " ⟨seed k ×m⟩: m runs of seed k, counted as one seed, their mean (paired.md does the same)."
+    " ⟨protocols differ: …⟩: the cell pools runs that differ in those fields (all of them in the"
+    " CSV's `protocols_differ`): give such runs to separate reports."
+)
+_NOTE = (
+    _SEEDS_NOTE + " [paper x]: the paper's number (how many runs and which epoch it does not say;"
+    f" the first author's code reports the best epoch's). {MISSING}: no run. ⟨authors⟩: KD, AT,"
+    " SP or Margin run with `baselines.preset=authors` (the first author's code's settings;"
+    " unmarked: RepDistiller's)." + _MARKS_NOTE
 )
 _TEACHER_NOTE = (
-    " Teacher: every distinct teacher of that dataset and teacher model (a teacher loaded by"
-    " several runs counts once; one per seed and protocol; one loaded from the best-epoch"
-    " variables of a run not given counts in best only)."
+    " Teacher: the teachers of that dataset and teacher model, one per seed (a teacher loaded by"
+    " several runs, or trained again with its seed and protocol, counts once; one seed's teachers"
+    " of other protocols count as their mean; one loaded from the best-epoch variables of a run"
+    " not given counts in best only)."
 )
 
 
@@ -238,11 +258,12 @@ def _read_summary(path: str) -> dict | None:
     config = _read_json_if_there(str(epath.Path(path).parent / CONFIG_FILE))
     if not isinstance(config, dict):
         return {**summary, PATH_KEY: path, CONFIG_KEY: None}
+    workdir = epath.Path(path).parent
+    summary = {**summary, "stages": _with_recorded_seeds(summary["stages"], workdir)}
     # A finished run extended in place (another seed or label) that stopped before its end left
     # its old summary: the students it finished since are on disk.
-    later = _students_missing_from(
-        summary["stages"], _finished_students(epath.Path(path).parent, config)
-    )
+    run_seed = summary.get("seed", config.get("seed"))
+    later = _students_missing_from(summary["stages"], _finished_students(workdir, config), run_seed)
     if later:
         logger.warning(
             "%s: %d students finished after its %s (a later invocation that did not end):"
@@ -256,11 +277,31 @@ def _read_summary(path: str) -> dict | None:
     return {**summary, PATH_KEY: path, CONFIG_KEY: config}
 
 
-def _students_missing_from(stages: dict, on_disk: dict) -> dict:
+def _with_recorded_seeds(stages: dict, workdir: epath.Path) -> dict:
+    """`stages` with the seed each student of the one-seed layout (`distill/<label>`) recorded in
+    its `student.json` where the summary has none: a later command that did not train it used to
+    carry it into its summary without it."""
+    filled = {}
+    for name, stage in stages.items():
+        if (
+            isinstance(stage, dict)
+            and re.fullmatch(r"distill/[^/]+", name)
+            and not isinstance(stage.get("seed"), int)
+        ):
+            recorded = _read_json_if_there(str(workdir / name / STUDENT_FILE))
+            seed = recorded.get("seed") if isinstance(recorded, dict) else None
+            if isinstance(seed, int):
+                stage = {**stage, "seed": seed}
+        filled[name] = stage
+    return filled
+
+
+def _students_missing_from(stages: dict, on_disk: dict, run_seed=None) -> dict:
     """The students of `on_disk` (`_finished_students`) that `stages` (a summary's) does not
     hold, a student being its label and seed: a summary of the one-seed layout names
     `distill/<label>` what a later invocation of several seeds moved to `distill/<label>/seed<k>`
-    (a summary's student without a recorded seed matches its label's only student)."""
+    (a summary's student without a recorded seed, from before students recorded theirs, is the
+    run's seed's: it matches that seed's student alone)."""
     held = collections.defaultdict(list)
     for name, stage in stages.items():
         if name.startswith("distill/") and isinstance(stage, dict):
@@ -270,7 +311,7 @@ def _students_missing_from(stages: dict, on_disk: dict) -> dict:
         if name in stages:
             continue
         seeds = held.get(name.split("/")[1], [])
-        if stage.get("seed") in seeds or (seeds == [None]):
+        if stage.get("seed") in seeds or (None in seeds and stage.get("seed") == run_seed):
             continue
         missing[name] = stage
     return missing
@@ -332,6 +373,10 @@ def _read_unfinished_run(config_path: str) -> dict | None:
         logger.warning("skipped %s: not a run's config (not a JSON object)", config_path)
         return None
     workdir = epath.Path(config_path).parent
+    try:  # Absent where a config.json was given by hand: the run is then known by its workdir.
+        config_hash = (workdir / HASH_FILE).read_text().strip() or None
+    except OSError:
+        config_hash = None
     stages = {}
     teacher = _stage_result(workdir / TEACHER)  # A loaded teacher leaves none: it was no stage.
     if teacher is not None:
@@ -340,6 +385,7 @@ def _read_unfinished_run(config_path: str) -> dict | None:
     summary = {
         "workdir": _absolute(str(workdir)),
         "config_path": None,
+        "config_hash": config_hash,
         "seed": config.get("seed"),
         "dataset": _config_value(config, "data.dataset"),
         "teacher_model": _config_value(config, "teacher.model"),
@@ -367,6 +413,7 @@ def load_summaries(paths: str | Iterable[str]) -> list[dict]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     summaries, seen = [], set()
+    runs: dict[tuple, str] = {}  # `_run_identity` -> the file it was read from.
     for path in paths:
         path = str(path)
         if not epath.Path(path).exists():
@@ -376,24 +423,47 @@ def load_summaries(paths: str | Iterable[str]) -> list[dict]:
         if not files:
             logger.warning("no %s found under %s", SUMMARY_FILE, path)
         for file in files:
-            # A run reached through two arguments (a workdir and its parent) counts once.
+            # A workdir's config.json stands for the run: its summary when it has one. Any
+            # other file is a summary, whatever its name (copied off a cluster run by run).
+            unfinished = posixpath.basename(file) == CONFIG_FILE
+            if unfinished:
+                beside = str(epath.Path(file).parent / SUMMARY_FILE)
+                if epath.Path(beside).exists():
+                    file, unfinished = beside, False
+            # A file reached through two arguments (a workdir and its parent, or its
+            # config.json) is read once.
             real = _normalized(file) if _is_remote(file) else os.path.realpath(file)
             if real in seen:
                 continue
             seen.add(real)
-            # A workdir's config.json stands for the run (its summary when it has one); any
-            # other file is a summary, whatever its name (copied off a cluster run by run).
-            if posixpath.basename(file) == CONFIG_FILE:
-                beside = str(epath.Path(file).parent / SUMMARY_FILE)
-                if epath.Path(beside).exists():
-                    summary = _read_summary(beside)
-                else:
-                    summary = _read_unfinished_run(file)
-            else:
-                summary = _read_summary(file)
-            if summary is not None:
-                summaries.append(summary)
+            summary = _read_unfinished_run(file) if unfinished else _read_summary(file)
+            if summary is None:
+                continue
+            # A run's summary.json beside a copy of it (under another name or path) is one run.
+            run = _run_identity(summary)
+            if run is not None and run in runs:
+                logger.warning(
+                    "skipped %s: the run %s (config_hash %s) was read already, from %s; pass"
+                    " one copy of each run's summary",
+                    file,
+                    *run,
+                    runs[run],
+                )
+                continue
+            if run is not None:
+                runs[run] = file
+            summaries.append(summary)
     return summaries
+
+
+def _run_identity(summary: dict) -> tuple | None:
+    """(workdir, config hash) that a run's summary records, wherever the file was copied; None
+    for a summary that records no workdir."""
+    workdir = summary.get("workdir")
+    if not isinstance(workdir, str):
+        return None
+    config_hash = summary.get("config_hash")
+    return (_normalized(workdir), config_hash if isinstance(config_hash, str) else None)
 
 
 # --- grouping --------------------------------------------------------------------------------
@@ -589,35 +659,60 @@ def _seed_order(seed) -> tuple:
     return (1, 0, str(seed)) if seed is not None else (2, 0, "")
 
 
-def _cell_seeds(entries: list[dict]) -> list:
-    """The seeds of a cell's n runs (those with a last-epoch accuracy) by `_seed_labels`, in
-    student-seed order (run-seed order where they read 'run/student')."""
-    keys = [_pairing(e) for e in entries if e["last"] is not None]
+def _sorted_keys(keys: Iterable[tuple]) -> list[tuple]:
+    """`_pairing` keys in the tables' order: by student seed, numbers in order (by run seed, then
+    student seed, where they read 'run/student': `_seed_labels`)."""
+    keys = list(keys)
     if _shared_student_seed(keys):
-        keys.sort(key=lambda k: (_seed_order(k[0]), _seed_order(k[1])))
-    else:
-        keys.sort(key=lambda k: (_seed_order(k[1]), _seed_order(k[0])))
+        return sorted(keys, key=lambda k: (_seed_order(k[0]), _seed_order(k[1])))
+    return sorted(keys, key=lambda k: (_seed_order(k[1]), _seed_order(k[0])))
+
+
+def _seed_groups(entries: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """A cell's runs per seed, `[(pairing key, runs), ...]` in `_sorted_keys` order: the runs of
+    one `_pairing` key together (a seed run again), each run of an unrecorded seed alone."""
+    groups: dict[tuple, list[dict]] = {}
+    alone = []
+    for entry in entries:
+        if entry["seed"] is None:
+            alone.append((_pairing(entry), [entry]))
+        else:
+            groups.setdefault(_pairing(entry), []).append(entry)
+    order = {key: i for i, key in enumerate(_sorted_keys([*groups, *(k for k, _ in alone)]))}
+    return sorted([*groups.items(), *alone], key=lambda group: order[group[0]])
+
+
+def _seed_value(runs: list[dict], field: str) -> float | None:
+    """One seed's `field` ('last' or 'best'): the mean over its runs that have it, so that a seed
+    run twice counts once; None where none has it."""
+    values = [e[field] for e in runs if e[field] is not None]
+    return round(float(np.mean(values)), 6) if values else None
+
+
+def _cell_seeds(entries: list[dict]) -> list:
+    """The seeds of a cell's n (those with a last-epoch accuracy) by `_seed_labels`, in
+    student-seed order (run-seed order where they read 'run/student'), each once."""
+    keys = [key for key, runs in _seed_groups(entries) if _seed_value(runs, "last") is not None]
     return _seed_labels(keys)
+
+
+def _repeated_seeds(groups: list[tuple[tuple, list[dict]]]) -> list[str]:
+    """`<seed>x<runs>` for each seed of `_seed_groups` that several runs hold (`_seed_labels`)."""
+    labels = _seed_labels([key for key, _ in groups])
+    return [f"{label}x{len(runs)}" for label, (_, runs) in zip(labels, groups) if len(runs) > 1]
 
 
 def _warn_duplicate_seeds(key: tuple, entries: list[dict]) -> None:
     """One warning per seed that more than one run of this cell used."""
-    dataset, teacher, student, label = key
-    counts = collections.Counter(_pairing(e) for e in entries if e["seed"] is not None)
-    for key, count in counts.items():
-        if count > 1:
-            seed = key[1]
-            paths = ", ".join(e["path"] for e in entries if _pairing(e) == key)
+    for (_, seed), runs in _seed_groups(entries):
+        if len(runs) > 1:
             logger.warning(
-                "%s %s -> %s %s: seed %s appears in %d summaries (%s); all kept, probably a"
-                " duplicate run",
-                dataset,
-                teacher,
-                student,
-                label,
+                "%s: seed %s is in %d runs (%s): counted once, as their mean (probably a"
+                " duplicate run: pass one of them, or train reruns with seeds of their own)",
+                _cell_name(key),
                 seed,
-                count,
-                paths,
+                len(runs),
+                ", ".join(e["path"] for e in runs),
             )
 
 
@@ -633,8 +728,9 @@ def collect(summaries: Iterable[dict]) -> dict[tuple, list[dict]]:
     among `summaries` (else, loaded from best-epoch variables, with that accuracy as its 'best'
     and no 'last'), and teachers trained with the same seed and protocol (each pair's run trains
     its own by default) count once. Same-seed runs of a student cell are all kept, with a
-    warning; so are runs of different protocols in one cell (a stage's `epochs`, the config's
-    result-affecting fields but the seeds and where inputs are read from).
+    warning (the tables count them as one seed, their mean: `_seed_groups`); so are runs of
+    different protocols in one cell (a stage's `epochs`, the config's result-affecting fields but
+    the seeds and where inputs are read from), which the tables mark.
     """
     cells: dict[tuple, list[dict]] = {}
     # (dataset, teacher_model) -> {teacher's workdir: (loaded, entry)}
@@ -751,8 +847,12 @@ def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
     dataset, teacher, student = pair
     key = (dataset, teacher, None, TEACHER) if label == TEACHER else (*pair, label)
     entries = collected.get(key, [])
-    stats = cell_stats(e["last"] for e in entries if e["last"] is not None)
-    best = cell_stats(e["best"] for e in entries if e["best"] is not None)
+    # Per seed, not per run: a seed that several runs hold is one value, their mean.
+    groups = _seed_groups(entries)
+    stats = cell_stats(
+        v for v in (_seed_value(runs, "last") for _, runs in groups) if v is not None
+    )
+    best = cell_stats(v for v in (_seed_value(runs, "best") for _, runs in groups) if v is not None)
     paper = paper_results.paper_value(table, dataset, teacher, student, label)
     source, epoch = paper_results.published_statistic(table, label)
     return {
@@ -772,6 +872,8 @@ def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
         "paper_source": None if paper is None else source,
         "paper_epoch": None if paper is None else epoch,
         "preset": _preset(entries) if label in PRESET_METHODS else None,
+        "protocols_differ": _protocol_differences(entries, (label,)),
+        "repeated_seeds": _repeated_seeds(groups),
     }
 
 
@@ -786,6 +888,30 @@ def _preset(entries: list[dict]) -> str | None:
     if not presets:
         return None
     return presets.pop() if len(presets) == 1 else "mixed"
+
+
+def _repeats_text(repeated: list[str]) -> str:
+    """`['0x2', '3x3']` (`_repeated_seeds`) as `seeds 0 ×2, 3 ×3`."""
+    counts = [item.rpartition("x") for item in repeated]
+    word = "seed" if len(counts) == 1 else "seeds"
+    return f"{word} " + ", ".join(f"{seed} ×{count}" for seed, _, count in counts)
+
+
+def _protocols_mark(fields: list[str]) -> str:
+    """` ⟨protocols differ: epochs, …⟩` for runs pooled across those fields, or ''."""
+    if not fields:
+        return ""
+    shown = ", ".join(fields[:3])  # A `:tiny` run differs in many: the CSV lists them all.
+    more = f" and {len(fields) - 3} more" if len(fields) > 3 else ""
+    return f" ⟨protocols differ: {shown}{more}⟩"
+
+
+def _marks(row: dict) -> str:
+    """What a cell pools beyond one run per seed of one protocol: ` ⟨seed 0 ×2⟩ ⟨protocols
+    differ: epochs⟩`, or ''."""
+    repeated = row.get("repeated_seeds")
+    text = f" ⟨{_repeats_text(repeated)}⟩" if repeated else ""
+    return text + _protocols_mark(row.get("protocols_differ"))
 
 
 def format_cell(row: dict) -> str:
@@ -803,6 +929,7 @@ def format_cell(row: dict) -> str:
         text += ")"
     if row.get("preset") in ("authors", "mixed"):
         text += " ⟨authors⟩" if row["preset"] == "authors" else " ⟨peers + authors⟩"
+    text += _marks(row)
     if row["paper"] is not None:
         source = row.get("paper_source", "paper")
         if source == "paper":
@@ -815,23 +942,27 @@ def format_cell(row: dict) -> str:
 def _pairs(table: int, collected: dict, labels: Iterable[str]) -> list[tuple]:
     """(dataset, teacher, student) with a run of one of the table's student `labels`.
 
-    CINIC-10 pairs belong to Table 4, all others to Tables 2 and 5; the logit table takes every
-    dataset's. The paper's pairs come first,
-    in its order. Teacher-only runs make no row: they only fill their dataset's Teacher cells.
+    CINIC-10 pairs belong to Table 4, all others to Tables 2 and 5; a CINIC-10 pair joins Table 5
+    too where it has a run of an aggregation Table 4 has no column for (Last, Average, Random,
+    Start); the logit table takes every dataset's. The paper's pairs come first, in its order.
+    Teacher-only runs make no row: they only fill their dataset's Teacher cells.
     """
     labels = set(labels) - {TEACHER}
+    table4_labels = {label for label, _ in TABLE4_COLUMNS}
 
-    def belongs(pair) -> bool:
+    def belongs(pair, label) -> bool:
         if table == paper_results.CRD:  # The CRD suite's pairs alone (they are Table 2's too).
             return paper_results.pair_number(table, *pair) is not None
         if table == LOGITS:  # Any dataset's pairs.
             return True
-        return (pair[0] == CINIC10) == (table == 4)
+        if pair[0] == CINIC10:
+            return table == 4 or (table == 5 and label not in table4_labels)
+        return table != 4
 
     pairs = {
         key[:3]
         for key, entries in collected.items()
-        if key[3] in labels and entries and belongs(key[:3])
+        if key[3] in labels and entries and belongs(key[:3], key[3])
     }
 
     def order(pair):
@@ -871,7 +1002,7 @@ def _markdown(
 
 
 _SEEDS_LEGEND = (
-    "Seeds of each cell's n runs (student seeds; run seed/student seed where runs of several run"
+    "Seeds of each cell's n (student seeds; run seed/student seed where runs of several run"
     " seeds share a student seed; ? not recorded):"
 )
 
@@ -893,11 +1024,10 @@ def _seeds_footer(table, cells: list[tuple[tuple, list[tuple[str, dict]]]]) -> l
 
 
 _CRD_NOTE = (
-    "Each cell: median last-epoch test accuracy (%) over seeds (mean ± sample std with ddof=1,"
-    f" {MISSING} for one seed; n = seeds; median best-epoch accuracy). [RepDistiller, last epoch"
-    " x]: its README's number, its last epoch's accuracy: set it beside the cell's first number."
-    " [mdistiller, best epoch x] (DKD): its README's number, its trainer's best epoch averaged"
-    f" over its runs: set it beside the cell's best. {MISSING}: no run."
+    _SEEDS_NOTE + " [RepDistiller, last epoch x]: its README's number, its last epoch's accuracy:"
+    " set it beside the cell's first number. [mdistiller, best epoch x] (DKD): its README's"
+    " number, its trainer's best epoch averaged over its runs: set it beside the cell's best."
+    f" {MISSING}: no run." + _MARKS_NOTE
 )
 
 
@@ -973,7 +1103,8 @@ def table_crd(summaries: Iterable[dict], collected: dict | None = None) -> tuple
 
 
 def table5(summaries: Iterable[dict], collected: dict | None = None) -> tuple[str, list[dict]]:
-    """Table 5 (aggregation schemes): a row per scheme, a column per pair; `(markdown, rows)`."""
+    """Table 5 (aggregation schemes): a row per scheme, a column per pair (CINIC-10's too where it
+    has a run of an aggregation Table 4 has no column for); `(markdown, rows)`."""
     collected = collect(summaries) if collected is None else collected
     pairs = _pairs(5, collected, (label for label, _ in TABLE5_ROWS))
     shown = [
@@ -1014,6 +1145,12 @@ PAIRED_FIELDS = (
     "ci95_low",
     "ci95_high",
     "paper",
+    # The protocol fields in which the row's runs differ across its seeds, within DFA's or the
+    # other's, ';'-joined: empty when each side's runs share one protocol.
+    "protocols_differ",
+    # Seeds that several runs of a side hold, each `<seed>x<DFA's runs>/<the other's runs>`,
+    # ';'-joined: each side's runs of that seed count as their mean (as the tables' cells).
+    "repeated_seeds",
 )
 # Student's t quantile t(0.975, df) for df = 1..30; beyond, its expansion around the normal's.
 _T975 = (
@@ -1060,15 +1197,10 @@ def _by_pairing(entries: list[dict]) -> dict[tuple, list[dict]]:
     return keyed
 
 
-def _pairing_problem(dfa: list[dict], other: list[dict], label: str) -> str | None:
-    """Why DFA's runs `dfa` and `label`'s runs `other` of one pairing key make no pair (None:
-    they do): several runs on a side (which one pairs is not known), or a protocol field that
-    can change both students' results differs (they would not differ in alpha alone)."""
-    for runs, name in ((dfa, "dfa"), (other, label)):
-        if len(runs) > 1:
-            paths = ", ".join(e["path"] for e in runs)
-            return f"{len(runs)} runs of {name} have it ({paths}); report them apart"
-    a, b = dfa[0], other[0]
+def _pair_problem(a: dict, b: dict, label: str) -> str | None:
+    """Why DFA's run `a` and `label`'s run `b` of one pairing key make no pair (None: they do): a
+    protocol field that can change both students' results differs (they would not differ in
+    alpha alone), or they distil from other teachers."""
     differing = _protocol_differences([a, b], ("dfa", label))
     if a.get("teacher_loaded") or b.get("teacher_loaded"):
         # A run that loaded its teacher holds teacher fields it never used: compare teachers
@@ -1078,26 +1210,45 @@ def _pairing_problem(dfa: list[dict], other: list[dict], label: str) -> str | No
         differing = [f for f in differing if not f.startswith("teacher.")]
     if differing:
         values = "; ".join(
-            f"{f}: {_protocol_value(dfa[0], f)} vs {_protocol_value(other[0], f)}"
-            for f in differing[:4]
+            f"{f}: {_protocol_value(a, f)} vs {_protocol_value(b, f)}" for f in differing[:4]
         )
-        return f"their runs differ in {values} ({dfa[0]['path']} vs {other[0]['path']})"
+        return f"their runs differ in {values} ({a['path']} vs {b['path']})"
     return None
 
 
+def _pairing_problem(dfa: list[dict], other: list[dict], label: str) -> str | None:
+    """Why DFA's runs `dfa` and `label`'s runs `other` of one pairing key make no pair (None:
+    they do): `_pair_problem` of any DFA run and any of the other's (a seed run again on a side
+    pairs as its runs' mean, so each of them must pair)."""
+    for a in dfa:
+        for b in other:
+            problem = _pair_problem(a, b, label)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _union(*lists: list[str]) -> list[str]:
+    """The items of `lists`, each once, in their first list's order."""
+    return list(dict.fromkeys(item for items in lists for item in items))
+
+
 def paired_rows(collected: dict) -> list[dict]:
-    """Per pair with DFA runs, DFA's last-epoch accuracy minus Last's, Average's and Random's of
-    the same run seed and student seed (`_pairing`: they see the same batches and start from the
-    same student, only alpha differs, so the paired interval is the honest one), with the paper's
-    difference. A seed that several runs of one side hold, or whose two runs differ in a protocol
-    field that can change both students, is left out with a warning."""
+    """Per pair with DFA runs (Table 5's, then CINIC-10's), DFA's last-epoch accuracy minus Last's,
+    Average's, Random's and Start's of the same run seed and student seed (`_pairing`: they see
+    the same batches and start from the same student, only alpha differs, so the paired interval
+    is the honest one), with the paper's difference where it has both numbers. A seed that
+    several runs of one side hold pairs as that side's mean over them, as in the tables' cells
+    (marked); a seed whose runs differ from the other side's in a protocol field that can change
+    both students is left out with a warning; a row whose seeds' runs differ in protocol within
+    a side is marked."""
     rows = []
-    for pair in _pairs(5, collected, ["dfa"]):
+    for pair in _pairs(5, collected, ["dfa"]) + _pairs(4, collected, ["dfa"]):
         dfa = _by_pairing(collected.get((*pair, "dfa"), []))
         for other in PAIRED_AGAINST:
             theirs = _by_pairing(collected.get((*pair, other), []))
             keys = []
-            for k in sorted(set(dfa) & set(theirs), key=str):
+            for k in _sorted_keys(set(dfa) & set(theirs)):
                 problem = _pairing_problem(dfa[k], theirs[k], other)
                 if problem is None:
                     keys.append(k)
@@ -1111,9 +1262,21 @@ def paired_rows(collected: dict) -> list[dict]:
                     )
             if not keys:
                 continue
-            differences = [round(dfa[k][0]["last"] - theirs[k][0]["last"], 6) for k in keys]
+            differences = [
+                round(_seed_value(dfa[k], "last") - _seed_value(theirs[k], "last"), 6) for k in keys
+            ]
             # The student seeds, or 'run seed/student seed' where runs of other seeds reuse them.
             seeds = _seed_labels(keys)
+            repeated = [
+                f"{seed}x{len(dfa[k])}/{len(theirs[k])}"
+                for seed, k in zip(seeds, keys)
+                if len(dfa[k]) > 1 or len(theirs[k]) > 1
+            ]
+            # Across the row's seeds: each side's runs, by the fields its students read.
+            differing = _union(
+                _protocol_differences([e for k in keys for e in dfa[k]], ("dfa",)),
+                _protocol_differences([e for k in keys for e in theirs[k]], (other,)),
+            )
             paper_dfa = paper_results.paper_value(5, *pair, "dfa")
             paper_other = paper_results.paper_value(5, *pair, other)
             paper = None if None in (paper_dfa, paper_other) else round(paper_dfa - paper_other, 6)
@@ -1127,6 +1290,8 @@ def paired_rows(collected: dict) -> list[dict]:
                     "differences": differences,
                     "paper": paper,
                     **paired_difference(differences),
+                    "protocols_differ": differing,
+                    "repeated_seeds": repeated,
                 }
             )
     return rows
@@ -1145,6 +1310,10 @@ def paired_table(summaries: Iterable[dict], collected: dict | None = None) -> tu
         " varied: with one run's `distill.seeds`, the students' initialisation alone (one"
         " teacher, one search, one batch order), not another search or teacher."
         " [paper x]: the paper's difference of the two (runs and epoch unstated, as its tables)."
+        " A seed that several runs of a side hold counts once, as their mean, as in the tables'"
+        " cells: `0 (DFA ×2)`. ⟨protocols differ: …⟩: the row's runs differ in those fields across"
+        " its seeds, within DFA's or the other's (all of them in the CSV's `protocols_differ`):"
+        " give such runs to separate reports."
     )
     body = []
     for r in rows:
@@ -1152,14 +1321,23 @@ def paired_table(summaries: Iterable[dict], collected: dict | None = None) -> tu
             MISSING if r["ci95_low"] is None else f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
         )
         paper = "" if r["paper"] is None else f" [paper {r['paper']:+.2f}]"
-        per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in zip(r["seeds"], r["differences"]))
+        against = r["against"].capitalize()
+        repeats = {}  # Seed label -> its runs on each side, where a side has several.
+        for item in r["repeated_seeds"]:
+            seed, _, counts = item.rpartition("x")
+            ours, theirs = counts.split("/")
+            named = [f"DFA ×{ours}"] * (ours != "1") + [f"{against} ×{theirs}"] * (theirs != "1")
+            repeats[seed] = f" ({', '.join(named)})"
+        per_seed = ", ".join(
+            f"{k}{repeats.get(str(k), '')}: {d:+.2f}" for k, d in zip(r["seeds"], r["differences"])
+        )
         body.append(
             [
                 f"{r['dataset']}: {r['teacher']} → {r['student']}",
-                f"DFA − {r['against'].capitalize()}",
+                f"DFA − {against}",
                 str(r["n"]),
                 per_seed,
-                f"{r['mean']:+.2f}{paper}",
+                f"{r['mean']:+.2f}{paper}{_protocols_mark(r['protocols_differ'])}",
                 interval,
             ]
         )
@@ -1177,14 +1355,17 @@ def _write_csv_rows(path: str, fields: tuple, rows: Iterable[dict]) -> None:
 
 
 def write_paired_csv(rows: list[dict], path: str) -> None:
-    """`rows` of `paired_rows` as CSV (seeds and differences joined by ';')."""
-    flat = []
-    for row in rows:
-        values = {k: row[k] for k in PAIRED_FIELDS}
-        values["seeds"] = ";".join(str(k) for k in row["seeds"])
-        values["differences"] = ";".join(str(d) for d in row["differences"])
-        flat.append({k: "" if v is None else v for k, v in values.items()})
-    _write_csv_rows(path, PAIRED_FIELDS, flat)
+    """`rows` of `paired_rows` as CSV (seeds, differences and the other lists joined by ';')."""
+    _write_csv_rows(path, PAIRED_FIELDS, [_flat(row, PAIRED_FIELDS) for row in rows])
+
+
+def _flat(row: dict, fields: tuple) -> dict:
+    """`row`'s `fields` as CSV values: lists joined by ';', None an empty field."""
+    values = {k: row[k] for k in fields}
+    for k, v in values.items():
+        if isinstance(v, list):
+            values[k] = ";".join(str(item) for item in v)
+    return {k: "" if v is None else v for k, v in values.items()}
 
 
 # --- the searched alpha (the paper's Fig. 4, left) -------------------------------------------
@@ -1353,15 +1534,46 @@ def write_alpha_csv(rows: list[dict], path: str) -> None:
 TABLES = {"2": table2, "5": table5, "4": table4, "crd": table_crd, LOGITS: logit_table}
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    """`rows` as CSV with the CSV_FIELDS columns; None becomes an empty field, the seeds are
-    joined by ';' (as paired.csv's)."""
-    flat = []
+def unshown_cells(collected: dict, rows: Iterable[dict]) -> list[tuple]:
+    """The keys of `collected` (`collect`) with a result that none of the tables' `rows` (cells)
+    shows: a method on a dataset whose table has no column for it, a teacher without a student."""
+    shown = set()
     for row in rows:
-        values = {k: row[k] for k in CSV_FIELDS}
-        values["seeds"] = ";".join(str(k) for k in row["seeds"])
-        flat.append({k: "" if v is None else v for k, v in values.items()})
-    _write_csv_rows(path, CSV_FIELDS, flat)
+        if row["n"] or row["median_best"] is not None:
+            label = row["method"]
+            student = None if label == TEACHER else row["student"]
+            shown.add((row["dataset"], row["teacher"], student, label))
+    return [key for key, entries in collected.items() if entries and key not in shown]
+
+
+def _warn_unshown(collected: dict, rows: list[dict]) -> None:
+    """One warning per result no table shows, with its numbers: nothing is left out silently."""
+    for key in unshown_cells(collected, rows):
+        dataset, label = key[0], key[3]
+        if label == TEACHER:
+            why = "no table row: no student of this teacher model on this dataset among the runs"
+        elif dataset == CINIC10:
+            why = (
+                "Table 4 has columns for the paper's CINIC-10 methods only, and Table 5 for the"
+                " aggregations"
+            )
+        else:
+            why = "no table has a column for it"
+        groups = _seed_groups(collected[key])
+        lasts = [v for v in (_seed_value(runs, "last") for _, runs in groups) if v is not None]
+        stats = cell_stats(lasts)
+        numbers = (
+            f"n={stats['n']}, median last-epoch accuracy {stats['median']:.2f} %"
+            if stats["n"]
+            else "no last-epoch accuracy"
+        )
+        logger.warning("%s: in no table (%s): %s", _cell_name(key), why, numbers)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """`rows` as CSV with the CSV_FIELDS columns; None becomes an empty field, the seeds and the
+    other lists are joined by ';' (as paired.csv's)."""
+    _write_csv_rows(path, CSV_FIELDS, [_flat(row, CSV_FIELDS) for row in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1411,8 +1623,10 @@ def main(argv: list[str] | None = None) -> int:
     epath.Path(args.out).mkdir(parents=True, exist_ok=True)
     written = []
     numbers = list(TABLES) if args.table == "all" else [args.table] if args.table in TABLES else []
+    shown = []
     for number in numbers:
         markdown, rows = TABLES[number](summaries, collected=collected)
+        shown += rows
         if not rows and args.table == "all":
             continue  # E.g. no CINIC-10 run: no Table 4.
         print(markdown)
@@ -1436,6 +1650,8 @@ def main(argv: list[str] | None = None) -> int:
             epath.Path(stem + ".md").write_text(markdown)
             write_alpha_csv(rows, stem + ".csv")
             written += [stem + ".md", stem + ".csv"]
+    if args.table == "all":
+        _warn_unshown(collected, shown)
     if not written:
         print("error: no student run (distill/<method> stage) to tabulate", file=sys.stderr)
         return 1

@@ -423,7 +423,7 @@ def test_crd_table_holds_the_suites_pairs_with_the_published_numbers(tmp_path):
     kd, dkd = _row(rows, pair, "kd"), _row(rows, pair, "dkd")
     assert (kd["paper_source"], kd["paper_epoch"]) == ("RepDistiller", "last")
     assert (dkd["paper_source"], dkd["paper_epoch"]) == ("mdistiller", "best")
-    # The paper's own tables keep their label: its numbers are best-epoch ones.
+    # The paper's own tables keep their label; which epoch its numbers are it does not say.
     assert _row(report.table2(summaries)[1], PAIR3, "dfa")["paper_source"] == "paper"
     # Table 2 still holds every CIFAR-100 pair, the suite's among them.
     assert {(r["teacher"], r["student"]) for r in report.table2(summaries)[1]} >= {pair, PAIR3}
@@ -564,21 +564,25 @@ def test_pairs_only_runs_whose_protocols_agree_where_both_students_read_them(tmp
     assert "search.beta_lr" in warning and "kd_weight" not in warning and "-> last" not in warning
 
 
-def test_a_seed_of_several_runs_is_not_paired_whatever_the_order(tmp_path, caplog):
-    """Two DFA runs of seed 0 and one Last run: which DFA pairs is not known, so none does (the
-    answer used to depend on the order the runs were passed in)."""
+def test_a_seed_of_several_runs_pairs_as_their_mean_whatever_the_order(tmp_path, caplog):
+    """Two DFA runs of seed 0 and one Last run: DFA's seed 0 is the mean of its two runs, as in
+    Table 5's cell, whatever the order the runs are passed in (it used to depend on it), and the
+    row says so; the duplicate is warned about."""
     root = str(tmp_path)
     paths = [
-        _write(root, "a", PAIR3, 0, {"distill/dfa": _stage("d", 0.10)}),
+        _write(root, "a", PAIR3, 0, {"distill/dfa": _stage("d", 0.70)}),
         _write(root, "b", PAIR3, 0, {"distill/dfa": _stage("d", 0.75)}),
         _write(root, "c", PAIR3, 0, {"distill/last": _stage("l", 0.74)}),
     ]
     for order in (paths, paths[::-1]):
         caplog.clear()
         summaries = [s for p in order for s in report.load_summaries(p)]
-        assert report.paired_rows(report.collect(summaries)) == []
-        warnings = [r.getMessage() for r in caplog.records if "not paired" in r.getMessage()]
-        assert len(warnings) == 1 and "2 runs of dfa" in warnings[0]
+        (row,) = report.paired_rows(report.collect(summaries))
+        assert row["seeds"] == [0] and row["differences"] == pytest.approx([72.5 - 74.0])
+        assert row["repeated_seeds"] == ["0x2/1"]
+        assert not [r for r in caplog.records if "not paired" in r.getMessage()]
+        (warning,) = [r.getMessage() for r in caplog.records]
+        assert "seed 0 is in 2 runs" in warning and "mean" in warning
 
 
 def test_teachers_of_one_seed_and_other_protocols_are_kept_apart(tmp_path, caplog):
@@ -830,7 +834,7 @@ def test_table5_columns_name_dataset_and_teacher_even_when_all_pairs_share_them(
 
 def test_paper_source_and_epoch_are_empty_where_there_is_no_paper_number(tmp_path):
     """A cell without a published number says nobody published it; one with the paper's number
-    keeps 'paper', 'best'."""
+    says 'paper', of an epoch it does not state."""
     root = str(tmp_path)
     _write(root, "demo", DIGITS, 0, {"distill/dfa": _stage("d", 0.944)}, dataset="digits")
     _write(root, "pair3", PAIR3, 0, {"distill/dfa": _stage("d", 0.75)})
@@ -845,7 +849,7 @@ def test_paper_source_and_epoch_are_empty_where_there_is_no_paper_number(tmp_pat
         assert (dfa["paper"], dfa["paper_source"], dfa["paper_epoch"]) == (
             "75.85",
             "paper",
-            "best",
+            "unstated",
         )
 
 
@@ -871,7 +875,7 @@ def test_tables_name_each_cells_seeds_in_the_csv_and_under_the_table(runs, tmp_p
         "0;1;2",  # DFA
     ]
     legend = report._SEEDS_LEGEND
-    assert legend.startswith("Seeds of each cell's n runs (student seeds; run seed/student seed")
+    assert legend.startswith("Seeds of each cell's n (student seeds; run seed/student seed")
     lines = _lines(os.path.join(out, "table2.md"))
     assert lines[lines.index(legend) :] == [
         legend,
@@ -990,3 +994,318 @@ def test_no_search_no_alpha_file_and_the_alpha_table_alone(runs, tmp_path):
         "0.2;0.8",
         "0.2",
     )
+
+
+def test_cells_and_paired_rows_pooling_protocols_say_so_in_the_files(tmp_path):
+    """Seeds 0 and 1 at 200 epochs, seed 2 a 2-epoch smoke run, for DFA and Last: each seed's
+    two runs agree, but each cell and the paired row pool both protocols, and table5.md/.csv and
+    paired.md/.csv say so; a cell of one protocol (the student alone) is unmarked."""
+    root = str(tmp_path / "runs")
+    for seed, epochs in ((0, 200), (1, 200), (2, 2)):
+        stages = {
+            name: {**_stage(name, accuracy), "epochs": epochs}
+            for name, accuracy in (("distill/dfa", 0.76), ("distill/last", 0.75 - seed / 100))
+        }
+        workdir = _write(root, f"s{seed}", PAIR1, seed, stages)
+        _write_config(workdir, _config(PAIR1, seed, epochs))
+        if seed < 2:
+            none = _write(root, f"none{seed}", PAIR1, seed, {"distill/none": _stage("n", 0.7)})
+            _write_config(none, _config(PAIR1, seed))
+    out = str(tmp_path / "out")
+    assert report.main([root, "--out", out, "--table", "5"]) == 0
+    differing = "epochs;distill.optim.epochs;teacher.optim.epochs"
+    table5 = {r["method"]: r for r in _csv(os.path.join(out, "table5.csv"))}
+    assert table5["dfa"]["protocols_differ"] == differing
+    assert table5["last"]["protocols_differ"] == differing
+    assert table5["none"]["protocols_differ"] == ""
+    lines = _lines(os.path.join(out, "table5.md"))
+    mark = "⟨protocols differ: epochs, distill.optim.epochs, teacher.optim.epochs⟩"
+    (dfa,) = [line for line in lines if line.startswith("| DFA |")]
+    assert mark in dfa
+    (none,) = [line for line in lines if line.startswith("| Student |")]
+    assert "⟨" not in none
+    (row,) = _csv(os.path.join(out, "paired.csv"))
+    assert row["seeds"] == "0;1;2" and row["protocols_differ"] == differing
+    (line,) = [line for line in _lines(os.path.join(out, "paired.md")) if "DFA − Last" in line]
+    assert mark in line
+
+
+def test_the_same_run_given_twice_counts_once(tmp_path, caplog):
+    """A workdir and its own config.json, or a workdir and a copy of its summary.json under
+    another name, are one run: read once, the copy skipped with a warning naming both."""
+    root = str(tmp_path / "runs")
+    workdir = _write(root, "s1", PAIR3, 1, {"distill/dfa": _stage("d", 0.75)})
+    _write_config(workdir, _config(PAIR3, 1))
+    copy = str(tmp_path / "s1_summary.json")
+    shutil.copy(os.path.join(workdir, report.SUMMARY_FILE), copy)
+    (summary,) = report.load_summaries([workdir, os.path.join(workdir, report.CONFIG_FILE)])
+    assert summary[report.PATH_KEY] == os.path.join(workdir, report.SUMMARY_FILE)
+    assert not caplog.records
+    summaries = report.load_summaries([workdir, copy])
+    assert len(summaries) == 1
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert copy in warning and os.path.join(workdir, report.SUMMARY_FILE) in warning
+    assert _row(report.table5(summaries)[1], PAIR3, "dfa")["n"] == 1
+
+
+def test_a_seed_of_several_runs_counts_once_in_cells_and_pairs_alike(tmp_path):
+    """Seed 0 run twice (two workdirs), seed 1 once: DFA's cell has n=2 over seeds 0 and 1, seed
+    0 the mean of its runs, marked in the markdown and the CSV; the paired row uses the same
+    value for seed 0."""
+    root = str(tmp_path / "runs")
+    runs = (("a", 0, 0.75, 0.74), ("rerun", 0, 0.79, None), ("b", 1, 0.80, 0.78))
+    for name, seed, dfa, last in runs:
+        stages = {"distill/dfa": _stage("d", dfa)}
+        if last is not None:
+            stages["distill/last"] = _stage("l", last)
+        _write(root, name, PAIR3, seed, stages)
+    out = str(tmp_path / "out")
+    assert report.main([root, "--out", out, "--table", "5"]) == 0
+    table5 = {r["method"]: r for r in _csv(os.path.join(out, "table5.csv"))}
+    dfa = table5["dfa"]
+    assert (dfa["n"], dfa["seeds"], dfa["repeated_seeds"]) == ("2", "0;1", "0x2")
+    assert float(dfa["mean_last"]) == pytest.approx(78.5)  # (77 + 80) / 2, not (75 + 79 + 80) / 3.
+    assert float(dfa["std_last"]) == pytest.approx(math.sqrt(4.5))
+    assert table5["last"]["repeated_seeds"] == ""
+    (line,) = [line for line in _lines(os.path.join(out, "table5.md")) if line.startswith("| DFA")]
+    assert "n=2" in line and "⟨seed 0 ×2⟩" in line
+    (row,) = _csv(os.path.join(out, "paired.csv"))
+    assert (row["seeds"], row["repeated_seeds"]) == ("0;1", "0x2/1")
+    assert [float(d) for d in row["differences"].split(";")] == pytest.approx([3.0, 2.0])
+    (line,) = [line for line in _lines(os.path.join(out, "paired.md")) if "DFA − Last" in line]
+    assert "0 (DFA ×2): +3.00, 1: +2.00" in line
+
+
+def test_cinic_results_outside_table4_are_shown_paired_or_named(tmp_path, caplog):
+    """CINIC-10 runs of DFA, Last and KD: Table 4 has DFA, Table 5 gets a CINIC-10 column for
+    Last (Table 4 has none), the paired table DFA − Last (no paper number), and KD, which no
+    table has a column for, is named in a warning with its numbers."""
+    root = str(tmp_path / "runs")
+    for seed in (0, 1):
+        stages = {
+            "distill/dfa": _stage("d", 0.85 + seed / 100),
+            "distill/last": _stage("l", 0.84),
+            "distill/kd": _stage("k", 0.83),
+        }
+        _write(root, f"s{seed}", CINIC1, seed, stages, dataset="cinic10")
+    out = str(tmp_path / "out")
+    assert report.main([root, "--out", out]) == 0
+    assert _row(_csv(os.path.join(out, "table4.csv")), CINIC1, "dfa")["n"] == "2"
+    last = _row(_csv(os.path.join(out, "table5.csv")), CINIC1, "last")
+    assert (last["dataset"], last["n"], last["paper"]) == ("cinic10", "2", "")
+    (row,) = _csv(os.path.join(out, "paired.csv"))
+    assert (row["dataset"], row["against"], row["seeds"], row["paper"]) == (
+        "cinic10",
+        "last",
+        "0;1",
+        "",
+    )
+    assert [float(d) for d in row["differences"].split(";")] == pytest.approx([1.0, 2.0])
+    warnings = [r.getMessage() for r in caplog.records if "in no table" in r.getMessage()]
+    (warning,) = warnings
+    assert "cinic10 shufflenet_v2_2.0 -> shufflenet_v2_1.0 kd" in warning
+    assert "n=2" in warning and "83.00" in warning
+
+
+def test_a_student_carried_over_by_a_later_command_keeps_its_seed(tmp_path):
+    """`distill.seeds=(5,)`, run seed 0: a first command trained DFA and Last; a second trains
+    DFA alone. The summary it writes carries Last over with its seed 5 (from its student.json),
+    so the report pairs the two; a summary written before without it is read with it too."""
+    from dfa_jax import pipeline  # pylint: disable=g-import-not-at-top
+
+    root = str(tmp_path / "runs")
+    last = _stage("distill/last", 0.75)
+    workdir = _write(root, "w", PAIR1, 0, {"distill/dfa": _stage("d", 0.76), "distill/last": last})
+    _write_config(workdir, {**_config(PAIR1, 0), "distill": {"seeds": [5]}})
+    for label, accuracy in (("dfa", 0.76), ("last", 0.75)):
+        directory = os.path.join(workdir, "distill", label)
+        _result_file(directory, _stage(f"distill/{label}", accuracy), {"label": label, "seed": 5})
+    _result_file(os.path.join(workdir, "distill", "old"), _stage("distill/old", 0.7))
+    with open(os.path.join(workdir, report.SUMMARY_FILE)) as f:
+        summary = json.load(f)
+    summary["stages"]["distill/old"] = _stage("distill/old", 0.7)
+    with open(os.path.join(workdir, report.SUMMARY_FILE), "w") as f:
+        json.dump(summary, f)
+    this_command = {"distill/dfa": {**_stage("distill/dfa", 0.76), "seed": 5}}
+    carried = pipeline._finished_before(workdir, this_command)
+    assert carried["distill/last"] == {**last, "seed": 5}
+    assert "seed" not in carried["distill/old"]  # No student.json: a student of before them.
+
+    (row,) = report.paired_rows(report.collect(report.load_summaries(root)))
+    assert row["seeds"] == [5] and row["differences"] == pytest.approx([1.0])
+
+
+def test_a_legacy_seedless_student_absorbs_only_the_run_seeds(tmp_path, caplog):
+    """A summary from before students recorded their seed holds `distill/dfa` (the run seed 0's
+    student); a later `distill.seeds=(0, 1, 2)` invocation finished seeds 0-2 and stopped before
+    its summary: seeds 1 and 2 count, seed 0 once."""
+    root = str(tmp_path / "runs")
+    stage = _stage("distill/dfa", 0.76)
+    workdir = _write(root, "w", PAIR3, 0, {"distill/dfa": stage})
+    _write_config(workdir, {**_config(PAIR3, 0), "distill": {"seeds": [0, 1, 2]}})
+    for seed, accuracy in ((0, 0.76), (1, 0.74), (2, 0.78)):
+        directory = os.path.join(workdir, "distill", "dfa", f"seed{seed}")
+        _result_file(directory, _stage(f"distill/dfa/seed{seed}", accuracy))
+    (summary,) = report.load_summaries(root)
+    assert set(summary["stages"]) == {"distill/dfa", "distill/dfa/seed1", "distill/dfa/seed2"}
+    dfa = _row(report.table2([summary])[1], PAIR3, "dfa")
+    assert (dfa["n"], dfa["seeds"], dfa["repeated_seeds"]) == (3, [0, 1, 2], [])
+    assert "2 students finished after its summary.json" in caplog.records[0].getMessage()
+
+
+def test_seeds_are_in_numeric_order_in_the_paired_table_and_the_cells(tmp_path):
+    """Seeds 1, 2 and 10, their runs given in another order: 1, 2, 10 in paired.md, paired.csv
+    and the cells (not 1, 10, 2); students of seed 0 of run seeds 10 and 2 read '2/0', '10/0'."""
+    root = str(tmp_path / "runs")
+    for seed in (10, 1, 2):
+        stages = {"distill/dfa": _stage("d", 0.76), "distill/last": _stage("l", 0.75 - seed / 1e3)}
+        _write(root, f"s{seed}", PAIR1, seed, stages)
+    summaries = [
+        s for seed in (10, 2, 1) for s in report.load_summaries(os.path.join(root, f"s{seed}"))
+    ]
+    (row,) = report.paired_rows(report.collect(summaries))
+    assert row["seeds"] == [1, 2, 10]
+    assert row["differences"] == pytest.approx([1.1, 1.2, 2.0])
+    assert _row(report.table5(summaries)[1], PAIR1, "dfa")["seeds"] == [1, 2, 10]
+    markdown, _ = report.paired_table(summaries)
+    assert "1: +1.10, 2: +1.20, 10: +2.00" in markdown
+    out = str(tmp_path / "out")
+    assert report.main([root, "--out", out]) == 0
+    assert _csv(os.path.join(out, "paired.csv"))[0]["seeds"] == "1;2;10"
+
+    shared = str(tmp_path / "shared")
+    for run_seed in (10, 2):
+        stages = {f"distill/{label}/seed0": _stage(label, 0.75) for label in ("dfa", "last")}
+        _write(shared, f"run{run_seed}", PAIR1, run_seed, stages)
+    summaries = [s for r in (10, 2) for s in report.load_summaries(os.path.join(shared, f"run{r}"))]
+    (row,) = report.paired_rows(report.collect(summaries))
+    assert row["seeds"] == ["2/0", "10/0"]
+    assert _row(report.table5(summaries)[1], PAIR1, "dfa")["seeds"] == ["2/0", "10/0"]
+
+
+def test_an_interval_of_two_seeds():
+    """n = 2: mean ± t(0.975, 1) · s / √2, t = 12.706 (df = 1)."""
+    got = report.paired_difference([1.0, 3.0])
+    half = 12.706 * math.sqrt(2.0) / math.sqrt(2.0)
+    assert got["n"] == 2 and got["mean"] == pytest.approx(2.0)
+    assert (got["ci95_low"], got["ci95_high"]) == pytest.approx((2.0 - half, 2.0 + half))
+
+
+def test_accuracies_keep_more_than_two_decimals_and_non_finite_ones_are_dropped(tmp_path):
+    """75.5123 % stays 75.5123 in the CSV (only the markdown rounds); a NaN last-epoch accuracy
+    is no result, an infinite best-epoch one no best."""
+    root = str(tmp_path / "runs")
+    _write(root, "s0", PAIR3, 0, {"distill/dfa": _stage("d", 0.755123, best=0.761234)})
+    _write(root, "s1", PAIR3, 1, {"distill/dfa": _stage("d", float("nan"))})
+    _write(root, "s2", PAIR3, 2, {"distill/dfa": _stage("d", 0.75, best=float("inf"))})
+    with open(os.path.join(root, "s1", report.SUMMARY_FILE)) as f:
+        assert "NaN" in f.read()  # As JSON writes it; Python reads it back as a float.
+    out = str(tmp_path / "out")
+    assert report.main([root, "--out", out, "--table", "2"]) == 0
+    dfa = _row(_csv(os.path.join(out, "table2.csv")), PAIR3, "dfa")
+    assert (dfa["n"], dfa["seeds"]) == ("2", "0;2")  # Seed 1's NaN: no run.
+    assert float(dfa["median_last"]) == pytest.approx(75.25615, abs=1e-9)
+    assert float(dfa["median_best"]) == pytest.approx(76.1234, abs=1e-9)  # Seed 2's inf: none.
+    (entry,) = [
+        e
+        for e in report.collect(report.load_summaries(root))[("cifar100", *PAIR3, "dfa")]
+        if e["seed"] == 0
+    ]
+    assert (entry["last"], entry["best"]) == (75.5123, 76.1234)
+
+
+def test_start_reads_the_searchs_starting_logit_alone(tmp_path, caplog):
+    """The 'start' student reads `search.init_last_logit` and no other search field: DFA and Start
+    runs that differ in the search's rate pair and leave Start's cell unmarked; runs whose
+    starting logit differs do not pair, and Start's cell says so."""
+    root = str(tmp_path / "rate")
+    for seed in (0, 1):
+        for label, rate in (("dfa", 0.01), ("start", 0.3 + seed)):
+            config = {**_config(PAIR3, seed), "search": {"beta_lr": rate, "init_last_logit": 4.0}}
+            stages = {f"distill/{label}": _stage(label, 0.76 if label == "dfa" else 0.75)}
+            _write_config(_write(root, f"{label}{seed}", PAIR3, seed, stages), config)
+    summaries = report.load_summaries(root)
+    (row,) = report.paired_rows(report.collect(summaries))
+    assert row["against"] == "start" and row["seeds"] == [0, 1]
+    assert row["protocols_differ"] == []
+    assert _row(report.table5(summaries)[1], PAIR3, "start")["protocols_differ"] == []
+    assert not caplog.records
+
+    root = str(tmp_path / "logit")
+    for seed in (0, 1):
+        for label, logit in (("dfa", 4.0), ("start", 4.0 + seed)):
+            config = {**_config(PAIR3, seed), "search": {"init_last_logit": logit}}
+            stages = {f"distill/{label}": _stage(label, 0.76 if label == "dfa" else 0.75)}
+            _write_config(_write(root, f"{label}{seed}", PAIR3, seed, stages), config)
+    summaries = report.load_summaries(root)
+    (row,) = report.paired_rows(report.collect(summaries))
+    assert row["seeds"] == [0]  # Seed 1's two runs started the search elsewhere.
+    start = _row(report.table5(summaries)[1], PAIR3, "start")
+    assert start["protocols_differ"] == ["search.init_last_logit"]
+    warnings = [r.getMessage() for r in caplog.records if "not paired" in r.getMessage()]
+    assert len(warnings) == 1 and "search.init_last_logit: 4.0 vs 5.0" in warnings[0]
+
+
+def test_published_statistics_say_what_their_sources_say():
+    """The DFA paper states neither its runs nor its epoch; RepDistiller's README is its last
+    epoch's, mdistiller's DKD its trainer's best's."""
+    assert paper_results.published_statistic(2, "dfa") == ("paper", "unstated")
+    assert paper_results.published_statistic(4, "file") == ("paper", "unstated")
+    assert paper_results.published_statistic(5, "last") == ("paper", "unstated")
+    assert paper_results.published_statistic("crd", "kd") == ("RepDistiller", "last")
+    assert paper_results.published_statistic("crd", "dkd") == ("mdistiller", "best")
+
+
+# Tables 2, 4 and 5 of shared/paper/dfa_eccv2020.md, row by row as printed there.
+PAPER_TABLE2 = {  # Teacher, Student, KD, FitNets, AT, Jacobian, FT, AB, SP, Margin, DFA.
+    1: (79.17, 77.24, 78.4, 78.17, 77.49, 77.84, 78.26, 78.65, 78.7, 79.11, 79.74),
+    2: (79.17, 75.78, 76.61, 76.14, 75.54, 76.24, 76.51, 76.81, 77.41, 77.84, 78.18),
+    3: (79.17, 73.42, 73.35, 73.65, 73.3, 73.28, 74.17, 73.9, 74.09, 75.51, 75.85),
+}
+PAPER_TABLE4 = {  # Teacher Acc, Student Acc, AT, SP, Margin, DFA, DFA-T.
+    1: (86.14, 83.28, 84.71, 85.32, 85.29, 85.38, 85.41),
+    2: (86.14, 77.34, 79.06, 79.15, 78.79, 79.51, 79.45),
+    3: (83.28, 77.34, 78.42, 79.02, 79.69, 79.97, 79.38),
+}
+PAPER_TABLE5 = {  # Rows Student, Random, Last, Average, DFA; columns WRN_16_2, WRN_16_4, WRN_28_2.
+    "none": (73.42, 77.24, 75.78),
+    "random": (74.25, 78.92, 77.07),
+    "last": (75.51, 79.11, 77.86),
+    "average": (74.11, 78.81, 76.99),
+    "dfa": (75.85, 79.74, 78.18),
+}
+
+
+def test_paper_tables_equal_the_papers_whole():
+    """Every number of Tables 2, 4 and 5 under its pair and method, and nothing else."""
+    table2 = ("teacher", "none", "kd", "fitnets", "at", "jacobian", "ft", "ab", "sp", "margin")
+    table2 += ("dfa",)
+    assert paper_results.TABLE2 == {
+        number: dict(zip(table2, values)) for number, values in PAPER_TABLE2.items()
+    }
+    table4 = ("teacher", "none", "at", "sp", "margin", "dfa", "file")
+    assert paper_results.TABLE4 == {
+        number: dict(zip(table4, values)) for number, values in PAPER_TABLE4.items()
+    }
+    students = ("wrn_16_2", "wrn_16_4", "wrn_28_2")
+    assert paper_results.TABLE5 == {
+        student: {label: values[i] for label, values in PAPER_TABLE5.items()}
+        for i, student in enumerate(students)
+    }
+    # Table 1's and Table 4's pairs, as the tables number them.
+    assert paper_results.TABLE2_PAIRS == {1: PAIR1, 2: PAIR2, 3: PAIR3}
+    assert paper_results.TABLE4_PAIRS == {
+        1: ("shufflenet_v2_2.0", "shufflenet_v2_1.0"),
+        2: ("shufflenet_v2_2.0", "shufflenet_v2_0.5"),
+        3: ("shufflenet_v2_1.0", "shufflenet_v2_0.5"),
+    }
+    # Read through the lookup the report uses, every cell lands where the paper prints it.
+    for number, (teacher, student) in paper_results.TABLE2_PAIRS.items():
+        for label, value in zip(table2, PAPER_TABLE2[number]):
+            assert paper_results.paper_value(2, "cifar100", teacher, student, label) == value
+    for number, (teacher, student) in paper_results.TABLE4_PAIRS.items():
+        for label, value in zip(table4, PAPER_TABLE4[number]):
+            assert paper_results.paper_value(4, "cinic10", teacher, student, label) == value
+    for i, student in enumerate(students):
+        for label, values in PAPER_TABLE5.items():
+            assert paper_results.paper_value(5, "cifar100", "wrn_28_4", student, label) == values[i]
