@@ -845,6 +845,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--batch", type=int, default=128, help="global batch size")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--matmul-precision",
+        default="tensorfloat32",
+        choices=config_lib.MATMUL_PRECISIONS,
+        help="float32 convolutions' precision, as config.matmul_precision (a run's default)",
+    )
     parser.add_argument("--cases", default=None, help=f"comma-separated subset of {CASES}")
     parser.add_argument(
         "--devices", type=int, default=0, help="JAX CPU devices (0: one per core, as main.py)"
@@ -916,21 +922,22 @@ def main(argv=None) -> list[dict]:
     host_ms = host_batch_ms(args.batch, mesh)
     records = []
     for case in cases:
-        record = run_case(
-            case,
-            mesh,
-            args.batch,
-            args.dtype,
-            steps=args.steps,
-            min_time_s=min_time_s,
-            with_torch=args.torch,
-            pipeline=args.pipeline,
-            host_ms=host_ms,
-            repeats=args.repeats,
-            cohort_mode=args.cohort_mode,
-            torch_compile="inductor" if args.torch_compile else None,
-            torch_compile_mode=args.torch_compile_mode,
-        )
+        with parallel.matmul_precision(args.matmul_precision):  # As a run's steps compute.
+            record = run_case(
+                case,
+                mesh,
+                args.batch,
+                args.dtype,
+                steps=args.steps,
+                min_time_s=min_time_s,
+                with_torch=args.torch,
+                pipeline=args.pipeline,
+                host_ms=host_ms,
+                repeats=args.repeats,
+                cohort_mode=args.cohort_mode,
+                torch_compile="inductor" if args.torch_compile else None,
+                torch_compile_mode=args.torch_compile_mode,
+            )
         record["load_avg_1m"] = round(os.getloadavg()[0], 2)
         records.append(record)
         print(json.dumps(record), flush=True)

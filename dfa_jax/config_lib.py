@@ -39,6 +39,10 @@ def __getattr__(name: str):
 ConfigError = errors.ConfigError  # Re-exported: config files and callers catch it here.
 
 
+# `config.matmul_precision`'s values, as `jax.default_matmul_precision` names them.
+MATMUL_PRECISIONS = ("tensorfloat32", "float32", "default")
+
+
 def optim_recipe(name: str) -> ml_collections.ConfigDict:
     """The optimiser recipes of the paper and its peers, as a ConfigDict to assign to `*.optim`.
 
@@ -278,6 +282,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- compute, logging, checkpoints ---------------------------------------------------------
     config.dtype = "float32"  # Compute dtype of convolutions and matmuls ('float32' | 'bfloat16').
+    # How float32 convolutions and matmuls are computed where the hardware has a faster way:
+    # 'tensorfloat32' (TF32 on a GPU, as PyTorch's convolutions run by default there; three
+    # bfloat16 passes on a TPU, of like precision), 'float32' (full float32 everywhere) or
+    # 'default' (the backend's fastest: TF32 on a GPU, one bfloat16 pass on a TPU, ~3 significant
+    # digits). The CPU computes float32 whatever this says.
+    config.matmul_precision = "tensorfloat32"
     # CPU-only hosts: JAX devices to split the CPU into; 0 = one per usable core (affinity,
     # container quota), or the most below that which divides every batch size.
     config.num_cpu_devices = 0
@@ -1122,6 +1132,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         problems.extend(method.load().check(config))
     if config.dtype not in ("float32", "bfloat16"):
         problems.append(f"dtype = {config.dtype!r}: use 'float32' or 'bfloat16'.")
+    if config.matmul_precision not in MATMUL_PRECISIONS:
+        problems.append(
+            f"matmul_precision = {config.matmul_precision!r}: use one of {MATMUL_PRECISIONS}"
+            " ('tensorfloat32': TF32 on a GPU, three bfloat16 passes on a TPU)."
+        )
     problems.extend(cpu_device_problems(config))
     if config.log_every_steps <= 0:
         problems.append(f"log_every_steps = {config.log_every_steps}: must be positive.")
@@ -1210,6 +1225,8 @@ VALUES_BEFORE_THE_FIELD = {
     "baselines.ft_pretrain_lr": 0.01,
     "baselines.ab_init_lr": 0.05,
     "baselines.margin_teacher_bn": "batch",
+    # Runs before it computed at the backend's default (the same numbers on a CPU or a GPU).
+    "matmul_precision": "default",
 }
 
 

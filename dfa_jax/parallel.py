@@ -14,6 +14,7 @@ each process feeds its rows of every global batch (`process_rows`) and
 from __future__ import annotations
 
 import ctypes
+import contextlib
 import functools
 import glob
 import os
@@ -325,6 +326,14 @@ def make_mesh(devices=None) -> Mesh:
     """
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def matmul_precision(name: str):
+    """A context in which traced float32 convolutions and matmuls take `name`'s precision
+    (`config.matmul_precision`: 'tensorfloat32', 'float32', or 'default', the backend's own)."""
+    if name == "default":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(name)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -40,7 +40,8 @@ def run(config, workdir: str, config_path: str | None = None) -> dict:
         raise errors.ConfigError(f"{e}\n  - {hint}") from None
     for line in config_lib.schedule_warnings(config) + config_lib.teacher_data_warnings(config):
         logging.warning("%s", line)
-    with workdir_lib.locked(workdir):
+    # Every step, evaluation and helper the run traces computes at the asked precision.
+    with workdir_lib.locked(workdir), parallel.matmul_precision(config.matmul_precision):
         return _run(config, workdir, config_path)
 
 

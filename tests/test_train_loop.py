@@ -589,3 +589,28 @@ def test_tensorboard_in_a_bucket_shows_a_running_stage(tmp_path, monkeypatch):
     writer.write_scalars(3, {"train/loss": 0.5})
     writer.close()
     assert shown() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name, lowered", [("tensorfloat32", "HIGH"), ("float32", "HIGHEST")])
+def test_a_run_traces_at_its_matmul_precision(name, lowered, tmp_path, monkeypatch):
+    """`config.matmul_precision` holds for everything a run traces (its steps, evaluations and
+    helpers: the whole of `pipeline._run`): float32 convolutions lower with that precision, which
+    a GPU computes as TF32 or full float32 and a TPU as three or six bfloat16 passes."""
+    seen = []
+
+    def traced(config, workdir, config_path):
+        conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        text = jax.jit(conv).lower(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 5))).as_text()
+        seen.append(re.findall(r"precision (\w+)>", text))
+        return {}
+
+    monkeypatch.setattr(pipeline, "_run", traced)
+    config = tiny_demo()
+    config.matmul_precision = name
+    pipeline.run(config, str(tmp_path / "run"))
+    assert seen == [[lowered, lowered]]
+    config.matmul_precision = "bfloat16"
+    with pytest.raises(errors.ConfigError, match="matmul_precision = 'bfloat16': use one of"):
+        pipeline.run(config, str(tmp_path / "run"))
