@@ -15,8 +15,11 @@
 #                  --process_id=i. On a GPU host (nvidia-smi lists GPUs) process i gets
 #                  CUDA_VISIBLE_DEVICES set to its 1/N of the GPUs (of those CUDA_VISIBLE_DEVICES
 #                  lists, if set). On a CPU-only host (no nvidia-smi, or CUDA_VISIBLE_DEVICES set
-#                  empty) each gets --config.num_cpu_devices=max(1, nproc/N) unless that flag is
-#                  given. Process 0 prints here; process i > 0 appends to
+#                  empty), unless --config.num_cpu_devices is given, each is pinned with taskset
+#                  to its 1/N of the CPUs this shell may use and picks its own device count
+#                  (the most, up to its cores, that divides every batch over all processes);
+#                  without taskset each gets --config.num_cpu_devices=max(1, nproc/N).
+#                  Process 0 prints here; process i > 0 appends to
 #                  WORKDIR/logs/process_i.log, after a dated line (for a gs://BUCKET/PATH workdir
 #                  TMPDIR/dfa_jax_logs/BUCKET_PATH/process_i.log, every / of it an _).
 #                  When one process fails the others are stopped (SIGKILL after 10 s) and its exit
@@ -30,7 +33,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -129,6 +132,32 @@ else
     getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
   cpu_devices=$((cores / processes))
   ((cpu_devices >= 1)) || cpu_devices=1
+  # With several processes and taskset, each process is pinned to its share of the CPUs this
+  # shell may use and left to pick its device count (num_cpu_devices = 0 fits the count to its
+  # cores and to every batch size over all processes: 12 cores, 2 processes and batches of 64
+  # give 4 devices each, where 12/2 = 6 made 12 devices, which no batch of 64 divides).
+  cpu_sets=()
+  if ((processes > 1)) && command -v taskset >/dev/null 2>&1; then
+    allowed=$(taskset -pc $$ 2>/dev/null | sed 's/.*: *//') || allowed=""
+    ids=()
+    IFS=, read -r -a ranges <<<"$allowed"
+    for range in ${ranges[@]+"${ranges[@]}"}; do
+      if [[ $range =~ ^([0-9]+)-([0-9]+)$ ]]; then
+        for ((c = BASH_REMATCH[1]; c <= BASH_REMATCH[2]; c++)); do ids+=("$c"); done
+      elif [[ $range =~ ^[0-9]+$ ]]; then
+        ids+=("$range")
+      fi
+    done
+    share=$((${#ids[@]} / processes))
+    if ((share >= 1)); then
+      for ((i = 0; i < processes; i++)); do
+        cpu_sets+=("$(
+          IFS=,
+          echo "${ids[*]:i*share:share}"
+        )")
+      done
+    fi
+  fi
 fi
 
 # Sets `envs` and `cmd` to process $1's environment and command.
@@ -145,7 +174,11 @@ process_cmd() {
   cmd=("$python" -m dfa_jax.main ${args[@]+"${args[@]}"} "--coordinator_address=127.0.0.1:$port"
     "--num_processes=$processes" "--process_id=$i")
   if ((${#gpus[@]} == 0 && cpu_flag_given == 0)); then
-    cmd+=("--config.num_cpu_devices=$cpu_devices")
+    if ((${#cpu_sets[@]} > 0)); then
+      cmd=(taskset -c "${cpu_sets[i]}" "${cmd[@]}")
+    else
+      cmd+=("--config.num_cpu_devices=$cpu_devices")
+    fi
   fi
 }
 

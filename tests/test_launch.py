@@ -109,6 +109,14 @@ LAUNCH = os.path.join(ROOT, "launch")
 
 FAKE_COMMANDS = {
     "nproc": "echo 8\n",
+    # The CPUs this shell may use (FAKE_AFFINITY, default 0-7), and `taskset -c LIST command`.
+    "taskset": textwrap.dedent(
+        """\
+        if [ "$1" = -pc ]; then echo "pid $2's current affinity list: ${FAKE_AFFINITY:-0-7}"; exit 0; fi
+        if [ "$1" = -c ]; then shift 2; exec "$@"; fi
+        exit 1
+        """
+    ),
     "gcloud": textwrap.dedent(
         """\
         printf '%s\\n' "gcloud $*" >> "$FAKE_CALLS"
@@ -267,10 +275,41 @@ def test_local_processes_dry_run_on_a_cpu_host(fake, tmp_path):
         assert "-m dfa_jax.main --config=configs/demo.py" in line
         assert "--coordinator_address=127.0.0.1:23456 --num_processes=2" in line
         assert f"--process_id={i}" in line
-        assert "--config.num_cpu_devices=4" in line  # 8 cores / 2 processes
+        # Pinned to its half of the 8 CPUs; it picks its device count itself (main: 0).
+        assert line.startswith(f"taskset -c {('0,1,2,3', '4,5,6,7')[i]} "), line
+        assert "num_cpu_devices" not in line
         assert "CUDA_VISIBLE_DEVICES" not in line
     assert lines[1].endswith(f">{workdir}/logs/process_1.log 2>&1")
     assert not workdir.exists() and not any(pids.iterdir())
+
+
+@pytest.mark.parametrize(
+    "affinity, processes, expected",
+    [
+        ("0-11", 2, ["taskset -c 0,1,2,3,4,5 ", "taskset -c 6,7,8,9,10,11 "]),
+        ("0,2,4-6,9", 2, ["taskset -c 0,2,4 ", "taskset -c 5,6,9 "]),
+        # Fewer CPUs than processes: no pinning, nproc's share as the device count.
+        ("3", 2, ["--config.num_cpu_devices=4"] * 2),
+    ],
+)
+def test_local_pins_each_process_to_its_share_of_the_cpus(
+    fake, tmp_path, affinity, processes, expected
+):
+    """12 cores and 2 processes gave each --config.num_cpu_devices=6: 12 devices, which no
+    batch of 64 divides (refused). Pinned to its 6 cores, each process fits its own count to
+    the batches over both processes (4 each, `parallel.cpu_device_count`)."""
+    env, _, _ = fake
+    env["FAKE_AFFINITY"] = affinity
+    args = [f"--processes={processes}", "--config=c.py", f"--workdir={tmp_path / 'run'}"]
+    lines = launch("local.sh", "--dry-run", *args, env=env).stdout.splitlines()
+    for line, want in zip(lines, expected, strict=True):
+        assert want in line, line
+        assert line.startswith("taskset") != ("num_cpu_devices" in line), line
+    from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
+    from test_config import load_config  # pylint: disable=g-import-not-at-top
+
+    sizes = parallel.global_batch_sizes(load_config("demo"))
+    assert parallel.cpu_device_count(0, sizes, processes=2, cores=6)[0] == 4
 
 
 def test_local_keeps_the_users_cpu_device_count(fake, tmp_path):
