@@ -755,10 +755,16 @@ def _check_files(config) -> None:
         alpha_file.load(config.distill.alpha_file, teacher)
 
 
+# Above this, a weight decay is most likely a typo: the recipes here and the peers' run 1e-4 to
+# 5e-4 (the largest common setting for CIFAR-size networks is 1e-3).
+_LARGEST_USUAL_WEIGHT_DECAY = 1e-2
+
+
 def schedule_warnings(config: ml_collections.ConfigDict) -> list[str]:
     """Valid but most likely unmeant, so warnings, not errors: learning-rate milestones a run
     never reaches (epochs shortened without them: the rate then stays at its peak to the end), a
-    step decay that raises the rate, a search no student of the command reads; a line each."""
+    step decay that raises the rate, a weight decay far above every recipe's, a clamp that cuts
+    positive values, a search no student of the command reads; a line each."""
     optims = [("distill.optim", config.distill.optim)]
     if config.teacher.checkpoint is None:
         optims.insert(0, ("teacher.optim", config.teacher.optim))
@@ -781,6 +787,19 @@ def schedule_warnings(config: ml_collections.ConfigDict) -> list[str]:
                 f"{name}.decay = {optim.decay} multiplies the learning rate at each milestone:"
                 " it grows; a step schedule decays by a factor below 1 (the paper: 0.2)."
             )
+        if optim.weight_decay > _LARGEST_USUAL_WEIGHT_DECAY:
+            lines.append(
+                f"{name}.weight_decay = {optim.weight_decay}: {optim.weight_decay / 5e-4:.0f}x the"
+                " recipes' 5e-4 (coupled L2: it shrinks every weight by lr x weight_decay a"
+                " step); a typo of 5e-4?"
+            )
+    clamp = config.features.clamp_min
+    if clamp is not None and isinstance(clamp, (int, float)) and clamp > 0:
+        lines.append(
+            f"features.clamp_min = {clamp} raises every teacher value below {clamp} to it,"
+            " positive activations included; the paper keeps values no smaller than -1"
+            " (clamp_min = -1.0; None: no clamp)."
+        )
     if (
         "search" in config.stages
         and "distill" in config.stages

@@ -494,6 +494,21 @@ def test_a_rising_step_decay_and_a_search_no_student_reads_are_warned_about():
     assert config_lib.schedule_warnings(config) == []
 
 
+def test_a_weight_decay_far_above_the_recipes_and_a_positive_clamp_are_warned_about():
+    config = load_config("cifar100_pair1")
+    config.teacher.optim.weight_decay = 5.0  # A typo for 5e-4.
+    (line,) = config_lib.schedule_warnings(config)
+    assert line.startswith("teacher.optim.weight_decay = 5.0: 10000x the recipes' 5e-4")
+    config.teacher.optim.weight_decay = 1e-3  # Large, but some recipes' setting: no warning.
+    assert config_lib.schedule_warnings(config) == []
+    config.features.clamp_min = 1.0  # A sign slip for -1.
+    (line,) = config_lib.schedule_warnings(config)
+    assert "features.clamp_min = 1.0 raises every teacher value below 1.0" in line
+    assert "(clamp_min = -1.0; None: no clamp)" in line
+    config.features.clamp_min = None
+    assert config_lib.schedule_warnings(config) == []
+
+
 def test_ft_rate_that_leaves_the_factor_no_channel_is_refused():
     """FT's factor has int(C * ft_rate) channels of the teacher's last group (256 for wrn_28_4):
     0 failed at FT's helper init after the teacher trained; now the rate and its minimum are
