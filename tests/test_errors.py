@@ -565,22 +565,24 @@ def test_mistake_fails_early_with_a_named_error(case, tmp_path):
     assert set(after) - set(before) <= {"config_hash", "search_split.json", ".lock"}, sorted(after)
 
 
+def _tiny_demo_command(workdir, *flags) -> list[str]:
+    """`python -m dfa_jax.main` of the tiny demo in `workdir`, with `flags` after the config."""
+    config = f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny"
+    return [sys.executable, "-m", "dfa_jax.main", config, f"--workdir={workdir}", *flags]
+
+
 def test_main_prints_one_error_line(tmp_path):
     """The command line turns the error into `error: ...` on stderr, no traceback."""
     write_npz(tmp_path, "train", images=np.zeros((20, 32, 32, 3), np.float32))
     write_npz(tmp_path, "test", n=8)
-    command = [
-        sys.executable,
-        "-m",
-        "dfa_jax.main",
-        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny",
-        f"--workdir={tmp_path / 'workdir'}",
+    command = _tiny_demo_command(
+        tmp_path / "workdir",
         "--config.stages=('teacher',)",
         "--config.data.dataset=cifar10",
         "--config.data.source=npz",
         f"--config.data.path={tmp_path}",
         "--config.num_cpu_devices=1",
-    ]
+    )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
@@ -596,14 +598,7 @@ def test_main_refuses_a_cpu_device_count_no_batch_fits_before_jax_starts(tmp_pat
     """--config.num_cpu_devices=100000 kept JAX's start busy for many minutes making the
     devices (4096 took 12 s); more devices than the largest batch has examples is refused before
     any backend starts (the time limit: a start that made them would not end within it)."""
-    command = [
-        sys.executable,
-        "-m",
-        "dfa_jax.main",
-        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny",
-        f"--workdir={tmp_path / 'workdir'}",
-        "--config.num_cpu_devices=100000",
-    ]
+    command = _tiny_demo_command(tmp_path / "workdir", "--config.num_cpu_devices=100000")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 1, done.stderr[-2000:]
