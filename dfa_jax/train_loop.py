@@ -509,6 +509,10 @@ def run(stage: Stage, config, mesh) -> dict:
         }
         files.write_json_atomic(os.path.join(member.directory, RESULT_FILE), result)
         results[member.name] = result
+    # Process 0 alone writes them, and every process reads them next (the distillation's
+    # students, a later stage's `is_done`): none may go on before they are there (on a bucket
+    # a write takes seconds; the others failed with FileNotFoundError after a finished run).
+    parallel.sync(f"{stage.name}: results written")
     ckpt.close()
     if stacked:
         return {"members": results, "state": state}

@@ -76,6 +76,15 @@ def test_tiny_teacher_learns_and_writes_outputs(tmp_path, monkeypatch):
     # so what they hold is what the loop flushed as it went.
     unclosed = []
     monkeypatch.setattr(scalar_writer.ScalarWriter, "close", lambda writer: unclosed.append(writer))
+    # Where the processes meet, and whether the stage's result.json was on disk by then: with
+    # several processes only process 0 writes it, and the others read it next.
+    meetings, real_sync = [], parallel.sync
+
+    def recording_sync(tag):
+        meetings.append((tag, os.path.exists(os.path.join(workdir, "teacher", "result.json"))))
+        real_sync(tag)
+
+    monkeypatch.setattr(parallel, "sync", recording_sync)
     config = tiny_demo(
         **{
             "teacher.optim.epochs": 6,
@@ -86,6 +95,7 @@ def test_tiny_teacher_learns_and_writes_outputs(tmp_path, monkeypatch):
         }
     )
     summary = pipeline.run(config, workdir)
+    assert ("teacher: results written", True) in meetings, meetings
     rows = read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl"))
     train = [r["train/loss"] for r in rows if "train/loss" in r]
     assert train[-1] < 0.8 * train[0], train
