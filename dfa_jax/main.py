@@ -148,10 +148,11 @@ def _exit_now_if_several_processes(message: str) -> None:
     """With several processes, prints `message` and leaves at once (status 1): JAX's exit-time
     shutdown would wait minutes for the other processes, which wait for this one in the step's
     collectives, with no word on the console; leaving makes theirs fail at once."""
-    import jax  # pylint: disable=g-import-not-at-top
+    from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
 
-    # Asked without starting a backend: the error may be that one failed to start.
-    if jax.distributed.is_initialized() and jax.process_count() > 1:
+    # Asked without starting a backend: the error may be that one failed to start
+    # (`jax.process_count()` would start it, and raise again here).
+    if parallel.joined_processes() > 1:
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # pylint: disable=protected-access

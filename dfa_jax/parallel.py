@@ -258,6 +258,10 @@ def initialize_distributed(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        # Given explicitly, the run is the one named: inside a SLURM allocation (`srun --pty
+        # bash`, then local.sh) JAX's detection would still read SLURM's variables and keep
+        # each process to one local GPU, whatever CUDA_VISIBLE_DEVICES gave it.
+        **({"cluster_detection_method": "deactivate"} if coordinator_address else {}),
     )
 
 

@@ -1034,3 +1034,36 @@ def test_a_batch_the_given_cpu_devices_do_not_divide_names_num_cpu_devices(tmp_p
         pipeline.run(tiny_demo(**{**batches, "num_cpu_devices": 0}), str(tmp_path / "run"))
     assert "num_cpu_devices" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_explicit_processes_are_not_rediscovered_from_slurm(monkeypatch):
+    """With an explicit coordinator, JAX's cluster detection still read SLURM's variables inside
+    an allocation (`srun --pty bash`, then local.sh) and kept each process to local GPU 0; the
+    explicit run is taken as given. Without one, JAX detects the cluster (TPU pods, sbatch)."""
+    from dfa_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    calls = []
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    parallel.initialize_distributed("127.0.0.1:1234", 2, 1)
+    parallel.initialize_distributed()
+    assert calls[0]["cluster_detection_method"] == "deactivate"
+    assert (calls[0]["num_processes"], calls[0]["process_id"]) == (2, 1)
+    assert "cluster_detection_method" not in calls[1]
+
+
+def test_a_failed_process_leaves_at_once_without_starting_a_backend(monkeypatch, capsys):
+    """The failure may be a backend that would not start: asking `jax.process_count()` started
+    it again and raised inside the handler, and the process then waited minutes in JAX's
+    shutdown. The joined run's size is read without a backend."""
+    from dfa_jax import main, parallel  # pylint: disable=g-import-not-at-top
+
+    exits = []
+    monkeypatch.setattr(parallel, "joined_processes", lambda: 2)
+    monkeypatch.setattr(parallel.jax, "process_count", lambda: 1 / 0)  # Must not be asked.
+    monkeypatch.setattr(main.os, "_exit", exits.append)
+    main._exit_now_if_several_processes("error: the backend did not start")
+    assert exits == [1]
+    assert "error: the backend did not start" in capsys.readouterr().err
+    monkeypatch.setattr(parallel, "joined_processes", lambda: 1)
+    main._exit_now_if_several_processes("error: alone")
+    assert exits == [1]  # One process: it exits the ordinary way.
