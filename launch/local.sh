@@ -196,6 +196,14 @@ if [[ $dry_run -eq 1 ]]; then
   exit 0
 fi
 
+# A coordinator already listening there: another run of this workdir (the port is the
+# workdir's), whose coordinator a second launch would join before any lock could refuse it,
+# aborting the first run; or another program. Nothing starts.
+if (: </dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
+  die "port $port on 127.0.0.1 is in use: another run of $workdir is going (a second launch would" \
+    "join it and abort it), or another program holds it; wait for that run, or pass --port P"
+fi
+
 # How long a stop asked for (Ctrl-C, SIGTERM) may take: each process finishes its step, meets the
 # others at the next sync step and saves a checkpoint, which a compile or a slow disk can make
 # last minutes.

@@ -397,6 +397,33 @@ def _two_local_processes(env, tmp_path):
     )
 
 
+def test_local_refuses_a_port_a_coordinator_already_listens_on(fake, tmp_path):
+    """The same workdir launched twice: the second launch's processes joined the first run's
+    coordinator (the port is the workdir's) before the workdir lock could refuse them, and the
+    first run aborted without a checkpoint. Now nothing starts while the port is taken."""
+    import socket  # pylint: disable=g-import-not-at-top
+
+    env, _, pids = fake
+    env["FAKE_MODE"] = "ok"
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        result = launch(
+            "local.sh",
+            "--processes=2",
+            f"--port={port}",
+            "--config=c.py",
+            f"--workdir={tmp_path}/run",
+            env=env,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"port {port} on 127.0.0.1 is in use: another run of {tmp_path}/run" in result.stderr
+    assert "pass --port P" in result.stderr
+    assert not any(pids.iterdir())  # No process started.
+
+
 def test_local_stops_the_others_when_one_fails(fake, tmp_path):
     env, _, pids = fake
     env["FAKE_MODE"] = "fail"  # process 1 exits 3, process 0 would sleep a minute
