@@ -212,14 +212,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The deletion is armed only once the slice is known to be this run's: one it created, or an
+# idle READY one. A `describe` that failed for another reason than a missing slice (an expired
+# token, a network error) led to `create`, which failed on the existing slice, and the exit
+# then deleted that slice, perhaps under another run.
+delete_requested=$delete_at_end
+delete_at_end=0
 if state=$("${describe[@]}" 2>/dev/null); then
   say "reusing TPU VM $name in $zone (state ${state:-unknown})"
   [[ $state == READY ]] || die "TPU VM $name is ${state:-in an unknown state}, not READY;" \
     "delete it (gcloud compute tpus tpu-vm delete $name --zone=$zone) or start it"
   found=$(run_logged "${busy[@]}")
   running=$(grep '^dfa_jax_running ' <<<"$found" || true)
-  if [[ -n $running ]]; then
-    delete_at_end=0 # The slice is the running job's: not deleted under it.
+  if [[ -n $running ]]; then # The slice is the running job's: not deleted under it.
     die "dfa_jax.main is still running on $name, not starting another run there:" \
       $'\n'"${running//dfa_jax_running /  }"$'\n'"stop it first (gcloud compute tpus tpu-vm ssh" \
       "$name --zone=$zone --worker=all --command='pkill -f dfa_jax.main') or wait for it to end"
@@ -227,6 +232,7 @@ if state=$("${describe[@]}" 2>/dev/null); then
 else
   run_logged "${create[@]}"
 fi
+delete_at_end=$delete_requested
 
 if ((do_install)); then
   if ((copy_checkout)); then

@@ -122,6 +122,7 @@ FAKE_COMMANDS = {
         printf '%s\\n' "gcloud $*" >> "$FAKE_CALLS"
         case "$*" in
           *" describe "*) [ -n "${FAKE_STATE:-}" ] || exit 1; echo "$FAKE_STATE"; exit 0 ;;
+          *" create "*) exit "${FAKE_CREATE_STATUS:-0}" ;;
           *" scp "*) for a in "$@"; do [ -d "$a" ] && ls "$a" >> "$FAKE_CALLS"; done ;;
         esac
         if [ -n "${FAKE_HOME:-}" ] && [ "$4" = ssh ]; then
@@ -611,6 +612,24 @@ def test_tpu_pod_creates_copies_installs_runs_and_deletes_even_after_a_failure(f
     gcloud = [line.split()[4] for line in log if line.startswith("gcloud")]
     assert gcloud == ["describe", "create", "ssh", "scp", "ssh", "ssh", "delete"]
     assert "setup.py" in log and "launch" in log  # the staged copy of the checkout
+
+
+def test_tpu_pod_deletes_no_slice_it_did_not_create_or_check(fake):
+    """`describe` failing for another reason than a missing slice (an expired token): `create`
+    then fails on the existing slice, and --delete-at-end deleted it, perhaps under another
+    run. A slice is deleted only once this run created it or found it idle."""
+    env, calls, _ = fake
+    env["FAKE_CREATE_STATUS"] = "1"  # ALREADY_EXISTS, say.
+    args = ["--delete-at-end", "--config=c.py", "--workdir=gs://b/r"]
+    result = launch("tpu_pod.sh", *args, env=env, check=False)
+    assert result.returncode == 1
+    gcloud = [line.split()[4] for line in calls.read_text().splitlines() if "gcloud" in line]
+    assert gcloud == ["describe", "create"] and "deleting" not in result.stderr
+    env["FAKE_STATE"] = "CREATING"  # Found, but not READY: not this run's to delete either.
+    calls.write_text("")
+    result = launch("tpu_pod.sh", *args, env=env, check=False)
+    assert result.returncode != 0 and "not READY" in result.stderr
+    assert "delete" not in calls.read_text()
 
 
 def _worker_home(tmp_path):
