@@ -216,6 +216,8 @@ failure_grace=10
 
 pids=()
 killed=0
+stop_failures=() # "process i ... exited with status s" for each that failed while stopping.
+stop_status=0
 # SIGTERM every process still running, SIGKILL what is left after $1 seconds (and say so: then
 # `killed` is 1), and reap them all. `jobs -p` adds a process started but not yet in `pids` (a
 # signal that lands between its `&` and the `pids[i]=$!` after it), which the final `wait` would
@@ -242,6 +244,26 @@ stop_all() {
     for pid in ${left[@]+"${left[@]}"}; do kill -KILL "$pid" 2>/dev/null || true; done
     killed=1
   fi
+  # Each one's status: one that failed while stopping (its checkpoint not saved) must not pass
+  # for a clean stop. 130 and 143: stopped as asked; 137: killed above; 127: reaped before.
+  local status i which
+  for pid in ${all[@]+"${all[@]}"}; do
+    status=0
+    wait "$pid" 2>/dev/null || status=$?
+    case $status in
+      0 | 127 | 130 | 137 | 143) ;;
+      *)
+        which="pid $pid"
+        for ((i = 0; i < ${#pids[@]}; i++)); do
+          [[ ${pids[i]:-} != "$pid" ]] && continue
+          which="process $i"
+          ((i == 0)) || which+=" (log: $log_dir/process_$i.log)"
+        done
+        stop_failures+=("$which exited with status $status")
+        ((stop_status)) || stop_status=$status
+        ;;
+    esac
+  done
   wait 2>/dev/null || true
 }
 # Background processes ignore SIGINT (no job control here), so Ctrl-C is passed on as SIGTERM.
@@ -252,6 +274,12 @@ on_signal() {
     "(SIGKILL after ${grace} s: DFA_JAX_STOP_GRACE_S)" >&2
   stop_all "$grace"
   trap - EXIT
+  if ((${#stop_failures[@]} > 0)); then
+    for failure in "${stop_failures[@]}"; do
+      echo "local.sh: $failure while stopping: its checkpoint may not have been saved" >&2
+    done
+    exit "$stop_status"
+  fi
   ((killed == 0)) || exit 137
   exit $((128 + $1))
 }

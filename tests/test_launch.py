@@ -162,6 +162,9 @@ FAKE_COMMANDS = {
           # Once process 0 is under way (its SIGTERM ignored).
           stubborn_fail:1) until [ -s "$FAKE_PIDS/0" ]; do sleep 0.05; done; exit 3 ;;
           fail:0 | hang:* | stubborn:* | stubborn_fail:0) exec sleep 60 ;;
+          # Stops as asked (143), but process 1's stop fails (its save did, say).
+          stop_fails:0) trap 'kill $!; exit 143' TERM; sleep 60 >/dev/null 2>&1 & wait ;;
+          stop_fails:1) trap 'kill $!; exit 1' TERM; sleep 60 >/dev/null 2>&1 & wait ;;
           stream:*)
             # Worker 0's output: the line above while the ssh session reads it, the rest after
             # its reader (FAKE_SSH_READER, which writes its pid to FAKE_READER) has gone.
@@ -468,6 +471,22 @@ def test_local_passes_ctrl_c_and_sigterm_on(fake, tmp_path, sig, status):
     proc.send_signal(sig)
     assert proc.wait(timeout=EVENT_LIMIT_S) == status
     assert not any(alive(pid) for pid in children)
+
+
+def test_local_reports_a_process_whose_stop_failed(fake, tmp_path):
+    """SIGTERM to the launcher: process 0 stops as asked (143), process 1 fails while stopping
+    (a checkpoint it could not save). The launcher exited 143, a clean stop to a scheduler; now
+    it names process 1 and its log and exits with its status."""
+    proc = _start_hanging_processes(
+        fake, tmp_path, 2, lambda pids: len(pids) == 2, mode="stop_fails", stderr=subprocess.PIPE
+    )
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=EVENT_LIMIT_S)
+    assert proc.returncode == 1, err
+    assert (
+        f"process 1 (log: {tmp_path}/run/logs/process_1.log) exited with status 1 while"
+        " stopping: its checkpoint may not have been saved"
+    ) in err.decode()
 
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
