@@ -275,7 +275,7 @@ on_signal() {
   stop_all "$grace"
   trap - EXIT
   if ((${#stop_failures[@]} > 0)); then
-    for failure in "${stop_failures[@]}"; do
+    for failure in ${stop_failures[@]+"${stop_failures[@]}"}; do
       echo "local.sh: $failure while stopping: its checkpoint may not have been saved" >&2
     done
     exit "$stop_status"
