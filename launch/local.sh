@@ -25,15 +25,16 @@
 #                  When one process fails the others are stopped (SIGKILL after 10 s) and its exit
 #                  status is returned. Ctrl-C or SIGTERM sends SIGTERM to every process and waits
 #                  DFA_JAX_STOP_GRACE_S seconds (default 120) for them to save a checkpoint and
-#                  stop; those still running then get SIGKILL, and local.sh exits 137.
+#                  stop; those still running then get SIGKILL, and local.sh exits 137; one that
+#                  failed while stopping is named and its status is local.sh's.
 #   --port P       coordinator port on 127.0.0.1 (default: one of 20000-59999 derived from the
-#                  workdir, so that runs of two workdirs on one host do not meet)
+#                  workdir, so that runs of two workdirs do not meet; a port in use is refused)
 #   --dry-run      print every command, one line each, environment as a prefix; run nothing
 #   -h, --help     print this help
 set -euo pipefail
 
 usage() {
-  sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
