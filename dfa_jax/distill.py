@@ -149,7 +149,9 @@ def record_student(workdir: str, config, label: str, seed: int) -> None:
     files.write_json_atomic(os.path.join(directory, STUDENT_FILE), {"label": label, "seed": seed})
 
 
-def _recorded_seed(directory: str) -> int | None:
+def recorded_seed(directory: str) -> int | None:
+    """The seed a student's directory recorded as its training started (`record_student`), or
+    None where it has no record (a student from before students recorded their seed)."""
     path = os.path.join(directory, STUDENT_FILE)
     return int(files.read_json(path)["seed"]) if files.exists(path) else None
 
@@ -184,7 +186,7 @@ def prepare_seed_layout(config, workdir: str) -> None:
         directory = os.path.join(root, label)
         if not files.exists(directory):
             continue
-        recorded = _recorded_seed(directory)
+        recorded = recorded_seed(directory)
         holds_one = (
             recorded is not None
             or files.exists(os.path.join(directory, train_loop.RESULT_FILE))

@@ -111,14 +111,13 @@ def _finished_before(workdir: str, stages: dict) -> dict:
         if not name.startswith("distill/"):
             return found
         # With its student's seed, as `distill.run_all` gives it: the one-seed layout's name
-        # does not say it, and the report pairs students by it.
-        path = os.path.join(directory, distill.STUDENT_FILE)
+        # does not say it, and the report pairs students by it. None (no record, or one that
+        # cannot be read): the report takes the run's seed.
         try:
-            seed = files.read_json(path)["seed"] if files.exists(path) else None
+            seed = distill.recorded_seed(directory)
         except (OSError, ValueError, KeyError, TypeError):
             seed = None
-        # None: a student from before students recorded their seed (the report takes the run's).
-        return found if not isinstance(seed, int) else {**found, "seed": seed}
+        return found if seed is None else {**found, "seed": seed}
 
     return {
         name: result(name)
