@@ -794,7 +794,7 @@ def schedule_warnings(config: ml_collections.ConfigDict) -> list[str]:
                 " step); a typo of 5e-4?"
             )
     clamp = config.features.clamp_min
-    if clamp is not None and isinstance(clamp, (int, float)) and clamp > 0:
+    if isinstance(clamp, (int, float)) and clamp > 0:
         lines.append(
             f"features.clamp_min = {clamp} raises every teacher value below {clamp} to it,"
             " positive activations included; the paper keeps values no smaller than -1"

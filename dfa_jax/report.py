@@ -689,6 +689,13 @@ def _seed_value(runs: list[dict], field: str) -> float | None:
     return round(float(np.mean(values)), 6) if values else None
 
 
+def _seed_stats(groups: list[tuple[tuple, list[dict]]], field: str) -> dict:
+    """`cell_stats` over `_seed_groups`' seeds of their `field` ('last' or 'best'), one value
+    per seed (`_seed_value`)."""
+    values = (_seed_value(runs, field) for _, runs in groups)
+    return cell_stats(v for v in values if v is not None)
+
+
 def _cell_seeds(entries: list[dict]) -> list:
     """The seeds of a cell's n (those with a last-epoch accuracy) by `_seed_labels`, in
     student-seed order (run-seed order where they read 'run/student'), each once."""
@@ -849,10 +856,7 @@ def _cell_row(table: int, collected: dict, pair: tuple, label: str) -> dict:
     entries = collected.get(key, [])
     # Per seed, not per run: a seed that several runs hold is one value, their mean.
     groups = _seed_groups(entries)
-    stats = cell_stats(
-        v for v in (_seed_value(runs, "last") for _, runs in groups) if v is not None
-    )
-    best = cell_stats(v for v in (_seed_value(runs, "best") for _, runs in groups) if v is not None)
+    stats, best = _seed_stats(groups, "last"), _seed_stats(groups, "best")
     paper = paper_results.paper_value(table, dataset, teacher, student, label)
     source, epoch = paper_results.published_statistic(table, label)
     return {
@@ -1559,9 +1563,7 @@ def _warn_unshown(collected: dict, rows: list[dict]) -> None:
             )
         else:
             why = "no table has a column for it"
-        groups = _seed_groups(collected[key])
-        lasts = [v for v in (_seed_value(runs, "last") for _, runs in groups) if v is not None]
-        stats = cell_stats(lasts)
+        stats = _seed_stats(_seed_groups(collected[key]), "last")
         numbers = (
             f"n={stats['n']}, median last-epoch accuracy {stats['median']:.2f} %"
             if stats["n"]
