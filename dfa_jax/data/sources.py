@@ -113,11 +113,11 @@ class Source(abc.ABC):
         problems = []
         for field in ("path", "data_dir"):
             if field != cls.LOCATION_FIELD and data_cfg.get(field) is not None:
+                readers = [n for n, c in SOURCE_CLASSES.items() if c.LOCATION_FIELD == field]
                 problems.append(
                     f"data.{field} = {data_cfg[field]!r} is not read by data.source ="
                     f" {data_cfg.source!r}, which would ignore it: {cls.LOCATION_HINT}; or set"
-                    f" data.source to the source that reads data.{field}"
-                    f" ({'npz or image_folder' if field == 'path' else 'tfds'})."
+                    f" data.source to a source that reads data.{field} ({' or '.join(readers)})."
                 )
         for field in fields:
             split = data_cfg[field]
