@@ -245,22 +245,22 @@ stop_all() {
     for pid in ${left[@]+"${left[@]}"}; do kill -KILL "$pid" 2>/dev/null || true; done
     killed=1
   fi
-  # Each one's status: one that failed while stopping (its checkpoint not saved) must not pass
-  # for a clean stop. 130 and 143: stopped as asked; 137: killed above; 127: reaped before.
-  local status i which
-  for pid in ${all[@]+"${all[@]}"}; do
+  # Each process's status: one that failed while stopping (its checkpoint not saved) must not
+  # pass for a clean stop. 130 and 143: stopped as asked; 137: killed above; 127: reaped before.
+  # (Only the processes: `jobs -p` also lists the main loop's `sleep`, whose status says nothing.)
+  local status i
+  for ((i = 0; i < ${#pids[@]}; i++)); do
+    [[ -n ${pids[i]:-} ]] || continue
     status=0
-    wait "$pid" 2>/dev/null || status=$?
+    wait "${pids[i]}" 2>/dev/null || status=$?
     case $status in
       0 | 127 | 130 | 137 | 143) ;;
       *)
-        which="pid $pid"
-        for ((i = 0; i < ${#pids[@]}; i++)); do
-          [[ ${pids[i]:-} != "$pid" ]] && continue
-          which="process $i"
-          ((i == 0)) || which+=" (log: $log_dir/process_$i.log)"
-        done
-        stop_failures+=("$which exited with status $status")
+        if ((i == 0)); then
+          stop_failures+=("process 0 exited with status $status")
+        else
+          stop_failures+=("process $i (log: $log_dir/process_$i.log) exited with status $status")
+        fi
         ((stop_status)) || stop_status=$status
         ;;
     esac
