@@ -19,6 +19,7 @@ import numpy as np
 
 from dfa_jax import data as data_lib
 from dfa_jax import errors
+from dfa_jax import parallel
 from dfa_jax.data import augment, splits
 
 SPLIT_FILE = "search_split.json"  # The search's 7:3 split of the training set, in the workdir.
@@ -62,6 +63,12 @@ def load(config, workdir: str, search: bool) -> RunData:
     """Indexes the train and test splits (and the search splits if `search`)."""
     data = config.data
     source = data_lib.make_source(data)
+    # Processes sharing a data directory (a gs:// TFDS data_dir on a pod) must not download and
+    # prepare it at once: process 0 does, the others read what it wrote. (A process whose own
+    # directory still lacks the data prepares it when it reads, as a single process would.)
+    if jax.process_index() == 0:
+        source.prepare()
+    parallel.sync("data prepared")
     # Sources apply data.max_*_examples themselves (a seeded class-stratified subset).
     train = SourceExamples.of(source, data.train_split)
     info = source.info

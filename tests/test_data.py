@@ -338,6 +338,50 @@ def test_tfds_source_under_mock_data(tmp_path, monkeypatch, dataset, num_classes
     assert readers == (["data_source"] if random_access else [])
 
 
+def test_tfds_prepare_reads_the_train_split_once(tmp_path):
+    """`prepare` (process 0's, before the others read) goes through the read path, which
+    prepares an unprepared dataset, and keeps what it read: the run's own read is not a second
+    one."""
+    reads = []
+    with tfds.testing.mock_data(num_examples=12):
+        source = data.make_source(data_cfg(dataset="cifar10", data_dir=str(tmp_path)))
+        real_read = source._read
+        source._read = lambda tfds_module, split: (
+            reads.append(split) or real_read(tfds_module, split)
+        )
+        source.prepare()
+        assert reads == ["train"]
+        assert source.labels("train").shape == (12,)
+    assert reads == ["train"]
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_only_process_0_prepares_the_data_and_the_others_wait_for_it(monkeypatch, process):
+    """Processes sharing a data directory (a gs:// TFDS data_dir on a pod) must not download
+    and prepare it at once: process 0 prepares before the barrier, every process reads after."""
+    from test_config import load_config
+
+    from dfa_jax import inputs, parallel
+
+    events = []
+    real_make_source = data.make_source
+
+    def make_source(data_cfg):
+        source = real_make_source(data_cfg)
+        source.prepare = lambda: events.append("prepare")
+        real_labels = source.labels
+        source.labels = lambda split: events.append("read") or real_labels(split)
+        return source
+
+    monkeypatch.setattr(data, "make_source", make_source)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    monkeypatch.setattr(parallel, "sync", lambda tag: events.append("sync"))
+    inputs.load(load_config("demo", "tiny"), workdir="", search=False)
+    first_read = events.index("read")
+    assert events[:first_read] == (["prepare", "sync"] if process == 0 else ["sync"])
+    assert "prepare" not in events[first_read:] and events.count("sync") == 1
+
+
 # Runs the tfds source in a process where `import tensorflow` fails, as after `pip install -e .`.
 # `tfds.testing` itself needs TensorFlow, so a stand-in builder holds the prepared dataset.
 _WITHOUT_TENSORFLOW = """

@@ -135,6 +135,12 @@ class Source(abc.ABC):
         del field, split
         return []
 
+    def prepare(self) -> None:
+        """Makes the data readable where that writes files (a TFDS download and preparation);
+        nothing for sources that only read. A run of several processes calls it on process 0
+        alone before any process reads (`inputs.load`), so that processes sharing one data
+        directory do not write it at once."""
+
     def labels(self, split: str) -> np.ndarray:
         """int32 [N] (read-only) labels of `split` after the max_*_examples cap."""
         return self._subset(split)[1]
@@ -409,6 +415,11 @@ class TfdsSource(Source):
         self._name = TFDS_NAMES[data_cfg.dataset]
         self._data_dir = data_cfg.data_dir
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def prepare(self) -> None:
+        # Reading a split prepares the dataset where it is not (all its splits at once), by the
+        # one path the reads take; what it read stays loaded for this process.
+        self.labels(self._train_split)
 
     def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in self._arrays:
