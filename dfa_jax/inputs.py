@@ -93,7 +93,8 @@ def load(config, workdir: str, search: bool) -> RunData:
 
 def check_batch_sizes(config, run: RunData) -> None:
     """Raises a `DataError` when a split the run trains on cannot fill one global batch (a
-    dataset smaller than configured, or a small `data.max_train_examples`), before any compile."""
+    dataset smaller than configured, or a small `data.max_train_examples`), or the test split is
+    empty, before any compile."""
     needs = []
     if config.teacher.checkpoint is None:
         needs.append(
@@ -107,6 +108,12 @@ def check_batch_sizes(config, run: RunData) -> None:
     if "distill" in config.stages:
         needs.append(
             ("train", run.train, "distill.optim.batch_size", config.distill.optim.batch_size)
+        )
+    if not len(run.test.labels):  # Evaluated every epoch: empty, a division by zero there.
+        raise errors.DataError(
+            f"data.test_split = {config.data.test_split!r} has no examples"
+            f" ({config.data.dataset} from data.source = {config.data.source!r}); point it at a"
+            " split with images, or fix the data's location"
         )
     for split, examples, field, batch_size in needs:
         if len(examples.labels) < batch_size:

@@ -570,6 +570,51 @@ def test_image_folder_errors_name_the_path(tmp_path):
         source.images("valid", np.arange(len(source.labels("valid"))))
 
 
+def test_image_folder_reads_torchvisions_formats_and_refuses_an_empty_class(tmp_path):
+    """The authors read CINIC-10 with torchvision's ImageFolder: the formats it reads are read
+    (lossless ones exactly), and a class folder with none of them is refused, as it refuses it,
+    instead of the split silently losing that class (or all its images)."""
+    pixels = _write_tree(tmp_path)
+    for k, image_format in enumerate(["bmp", "tiff", "webp"]):  # webp: lossless below
+        folder = tmp_path / "test" / ["ant", "cat", "dog"][k]
+        png = folder / "img0.png"
+        Image.open(png).save(folder / f"img0.{image_format}", lossless=True)
+        png.unlink()
+    source = data.make_source(data_cfg(source="image_folder", path=str(tmp_path)))
+    np.testing.assert_array_equal(source.labels("test"), [0, 1, 2])
+    images = source.images("test", np.arange(3))
+    for k, name in enumerate(["ant", "cat", "dog"]):
+        np.testing.assert_array_equal(images[k], pixels[("test", name, 0)])
+
+    for f in (tmp_path / "valid" / "cat").iterdir():
+        f.rename(f.with_suffix(".gif"))  # A format ImageFolder does not read either.
+    with pytest.raises(data.DataError, match=r"no image file in class folder\(s\) cat of"):
+        source.labels("valid")
+
+
+def test_an_empty_test_split_is_refused_before_training(tmp_path):
+    """Evaluated after every epoch: an empty test split used to train a whole epoch first and
+    then die dividing by zero."""
+    from test_config import load_config
+
+    from dfa_jax import inputs
+
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "train.npz",
+        images=rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
+        labels=np.arange(64) % 10,
+    )
+    np.savez(
+        tmp_path / "test.npz", images=np.zeros((0, 32, 32, 3), np.uint8), labels=np.zeros(0, int)
+    )
+    config = load_config("demo", "tiny")
+    config.data.source, config.data.path, config.data.dataset = "npz", str(tmp_path), "cifar10"
+    run = inputs.load(config, workdir="", search=False)
+    with pytest.raises(data.DataError, match="data.test_split = 'test' has no examples"):
+        inputs.check_batch_sizes(config, run)
+
+
 # -------------------------------------------------------------------------------------------- npz
 
 

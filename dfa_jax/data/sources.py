@@ -10,8 +10,8 @@ Four kinds (`data.source`):
 - `tfds`: CIFAR-10/100 through TensorFlow Datasets. Offline with nothing prepared it fails within
   seconds with a `DataError` saying how to provide the data, instead of letting tfds retry its
   downloads for minutes.
-- `image_folder`: `data.path/{split}/{class_name}/*.png|jpg|jpeg`, classes sorted by name (the
-  layout CINIC-10 ships in).
+- `image_folder`: `data.path/{split}/{class_name}/*.png|jpg|...` (torchvision ImageFolder's
+  extensions), classes sorted by name (the layout CINIC-10 ships in).
 - `npz`: `{split}.npz` or `{split}_*.npz` files holding uint8 images [N, 32, 32, 3] and integer
   labels [N] under configurable keys.
 - `bundled`: scikit-learn's 8x8 `digits` (no download), the offline demo.
@@ -511,7 +511,8 @@ class TfdsSource(Source):
 
 # ---------------------------------------------------------------------------------- image_folder
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# torchvision's ImageFolder's (the DFA authors' CINIC-10 reader): every one of them PIL decodes.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _DECODE_THREADS = min(32, (os.cpu_count() or 1) + 4)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # The empty IEND chunk and its CRC.
@@ -557,7 +558,7 @@ def _path_problems(data_cfg, globs: bool) -> list[str]:
 
 
 class ImageFolderSource(Source):
-    """`root/{split}/{class_name}/*.png|jpg|jpeg`; the class list is the train split's folders.
+    """`root/{split}/{class_name}/*.png|jpg|...`; the class list is the train split's folders.
 
     Labels come from file paths alone (no decoding). Images are decoded with PIL on first
     request, in a thread pool (decoding releases the GIL), and cached per row.
@@ -612,7 +613,7 @@ class ImageFolderSource(Source):
         if not os.path.isdir(path):
             raise DataError(
                 f"image_folder {self._split_name(split)}: no folder {path} (expected "
-                f"{self._root}/{split}/<class_name>/*.png|jpg|jpeg); fix data.path or set "
+                f"{self._root}/{split}/<class_name>/*.png|jpg|...); fix data.path or set "
                 "data.train_split/test_split/val_split to the split folders' names"
             )
         return path
@@ -625,7 +626,7 @@ class ImageFolderSource(Source):
         if split not in self._files:
             label_of = {name: i for i, name in enumerate(self.class_names)}
             split_dir = self._split_dir(split)
-            paths, labels = [], []
+            paths, labels, empty = [], [], []
             for name in self._class_folders(split):
                 if name not in label_of:
                     raise DataError(
@@ -636,8 +637,17 @@ class ImageFolderSource(Source):
                 files = sorted(
                     f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)
                 )
+                empty += [] if files else [name]
                 paths += [os.path.join(class_dir, f) for f in files]
                 labels += [label_of[name]] * len(files)
+            if empty:
+                # As torchvision's ImageFolder: a class folder without images is a dataset
+                # extracted in part or in another format, not a class with no examples.
+                raise DataError(
+                    f"image_folder {self._split_name(split)}: no image file in class folder(s)"
+                    f" {', '.join(empty)} of {split_dir} (read: {' '.join(IMAGE_EXTENSIONS)});"
+                    " complete the data or fix data.path"
+                )
             self._files[split] = (paths, np.asarray(labels, np.int64))
             self._decoded[split] = {}
         return self._files[split]
