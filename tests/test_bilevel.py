@@ -288,3 +288,40 @@ def test_beta_gradient_diagnostics():
     assert float(metrics["beta_share_st"]) == pytest.approx(st / (st + ts), rel=1e-6)
     assert float(metrics["beta_share_ts"]) == pytest.approx(ts / (st + ts), rel=1e-6)
     assert bilevel.BETA_GRAD_ST not in metrics and f"val/{bilevel.BETA_GRAD_ST}" not in metrics
+
+
+def test_each_step_augments_with_fresh_draws_the_same_for_the_same_step():
+    """The augmentation key is the seed folded with the step: every step (and the training and
+    validation batch of one step) draws anew, and a step taken again (a resumed run) draws
+    the same."""
+
+    def preprocess(batch, rng):  # Records the step's draw in the batch it augments.
+        return {**batch, "draw": jax.random.uniform(rng, ())}
+
+    def w_loss(params, batch_stats, beta, batch, rng, aux):
+        loss, (batch_stats, metrics) = toy_w_loss(params, batch_stats, beta, batch, rng, aux)
+        return loss, (batch_stats, {**metrics, "draw": batch["draw"]})
+
+    def beta_loss(beta, params, batch_stats, batch, rng, aux):
+        loss, (_, metrics) = w_loss(params, batch_stats, beta, batch, rng, aux)
+        return loss, metrics
+
+    def draws(seed, state):
+        step = bilevel.make_bilevel_step(
+            w_loss,
+            optax.sgd(0.1),
+            seed=seed,
+            beta_loss_fn=beta_loss,
+            beta_tx=optax.sgd(0.1),
+            beta_key="g1",
+            preprocess_fn=preprocess,
+        )
+        new, metrics = jax.jit(step)(state, BATCH, VAL, None)
+        return new, (float(metrics["draw"]), float(metrics["val/draw"]))
+
+    start = toy_state(optax.sgd(0.1), optax.sgd(0.1))
+    after_one, first = draws(0, start)
+    _, second = draws(0, after_one)
+    assert len(set(first + second)) == 4  # per step, per batch
+    assert draws(0, start)[1] == first  # the same step, the same draws
+    assert draws(1, start)[1] != first  # another seed, others

@@ -191,6 +191,22 @@ def test_augment_outputs_are_windows_of_the_padded_input(pad_mode):
     assert has_zero if pad_mode == "constant" else not has_zero
 
 
+def test_augment_offsets_are_uniform_over_every_shift():
+    """Each axis's shift is uniform over all 2*pad+1 positions (torchvision's RandomCrop on the
+    padded image), the right and bottom ends included."""
+    size, pad, n = 12, 4, 9000
+    # Pixel (y, x) holds y*size + x: the output's pixel (pad, pad) is the input's (dy, dx).
+    coords = np.arange(size * size, dtype=np.int32).reshape(size, size)
+    images = jnp.broadcast_to(jnp.asarray(coords)[None, :, :, None], (n, size, size, 1))
+    out = data.random_crop_flip(images, jax.random.key(11), pad, "constant", False)
+    at = np.asarray(out[:, pad, pad, 0])
+    for shifts in (at // size, at % size):
+        counts = np.bincount(shifts, minlength=2 * pad + 1)
+        assert len(counts) == 2 * pad + 1
+        # n / 9 = 1000 each; 5 standard deviations ~ 150.
+        assert counts.min() > 850 and counts.max() < 1150, counts
+
+
 def test_augment_flip_rate_is_one_half():
     images = jnp.broadcast_to(jnp.arange(4, dtype=jnp.uint8)[None, None, :, None], (4000, 4, 4, 1))
     out = data.random_crop_flip(images, jax.random.key(2), 0, "reflect", True)
