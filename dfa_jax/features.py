@@ -70,8 +70,3 @@ def _sown_shapes(model, image_size: int) -> dict[str, tuple[tuple[int, ...], ...
 def group_shapes(model, image_size: int = 32) -> list[tuple[int, ...]]:
     """Per group, the shape [1, H, W, C] shared by all its candidate maps."""
     return shapes_of(model, [names[-1] for names in model.feature_groups()], image_size)
-
-
-def group_spatial_sizes(model, image_size: int = 32) -> tuple[int, ...]:
-    """Per group, the spatial size H of its maps: teacher and student must agree on these."""
-    return tuple(shape[1] for shape in group_shapes(model, image_size))

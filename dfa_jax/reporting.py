@@ -54,10 +54,6 @@ def results_table(stages: dict) -> str:
     return "\n".join(lines)
 
 
-def load_summary(workdir: str) -> dict:
-    return files.read_json(os.path.join(workdir, SUMMARY_FILE))
-
-
 def alpha_table(record: list[dict]) -> str:
     """The searched alpha per group, one line each: `g1: g1_b1 0.12, g1_b2 0.88`."""
     return "\n".join(

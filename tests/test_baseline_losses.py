@@ -430,3 +430,20 @@ def test_constants_are_the_reference_weights():
     assert losses.FT_BETA == 200.0
     assert losses.FITNETS_BETA == 100.0
     assert losses.AB_GAMMA == pytest.approx(3 / 1000)
+
+
+def test_the_runs_default_weights_are_the_losses_constants():
+    """A run reads its weights from the config: its defaults are the constants the losses
+    publish (and the tests above pin), not literals that could drift from them."""
+    from dfa_jax import config_lib
+
+    config = config_lib.base_config()
+    base = config.baselines
+    assert (base.at_weight, base.sp_weight, base.ft_weight, base.fitnets_weight) == (
+        losses.AT_BETA,
+        losses.SP_GAMMA,
+        losses.FT_BETA,
+        losses.FITNETS_BETA,
+    )
+    assert config.distill.gamma_fd == losses.GAMMA_FD
+    assert (config.search.gamma_st, config.search.gamma_ts) == (losses.GAMMA_ST, losses.GAMMA_TS)

@@ -180,8 +180,3 @@ class ShuffleNetV2(GroupNames, nn.Module):
             return x
 
         return layers.classifier_head(x, self.num_classes, torch_bias=True)
-
-
-SHUFFLENET_V2_0_5 = functools.partial(ShuffleNetV2, widths=WIDTHS["0.5"])
-SHUFFLENET_V2_1_0 = functools.partial(ShuffleNetV2, widths=WIDTHS["1.0"])
-SHUFFLENET_V2_2_0 = functools.partial(ShuffleNetV2, widths=WIDTHS["2.0"])
