@@ -4,7 +4,7 @@
 
 No network, no dataset download: the images ship inside scikit-learn (1438 train / 359 test).
 Trains a WRN_16_2 teacher for 10 epochs (220 steps of batch 64): 69-110 s and 96.94 % test
-accuracy on a 2-core AMD EPYC of family 25 model 17 (59-85 s on 2-core Intel Xeons, which
+accuracy on a 2-core AMD EPYC of family 25 model 17 (59-76 s on 2-core Intel Xeons, which
 compile other programs and train to other numbers). The search logs every group's
 alpha at its start and its end, and the run prints the searched alpha. `:tiny` shrinks it to seconds
 (tests).

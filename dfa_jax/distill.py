@@ -511,7 +511,8 @@ def methods_of(students: list[tuple[str, int]]) -> list[str]:
 
 
 def cohort_mode(config) -> str:
-    """'vmap' or 'loop' (`distill.cohort`; 'auto': the faster one measured on this backend).
+    """'vmap' or 'loop' (`distill.cohort`; 'auto': 'loop' on a CPU, where it measured faster,
+    'vmap' elsewhere, unmeasured there).
 
     On a CPU a vmapped convolution with per-student weights becomes a grouped convolution, which
     XLA:CPU runs several times slower than K ordinary ones (BENCHMARKS.md, "Students that share
