@@ -1309,3 +1309,18 @@ def test_paper_tables_equal_the_papers_whole():
     for i, student in enumerate(students):
         for label, values in PAPER_TABLE5.items():
             assert paper_results.paper_value(5, "cifar100", "wrn_28_4", student, label) == values[i]
+
+
+def test_every_record_the_docs_cite_exists():
+    """The results the README, BENCHMARKS.md and the design notes quote name their records under
+    benchmarks/results/: each named file or folder is there."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cited = set()
+    for doc in ("README.md", "BENCHMARKS.md", os.path.join("docs", "design.md")):
+        with open(os.path.join(root, doc), encoding="utf-8") as f:
+            cited |= set(re.findall(r"benchmarks/results/[\w.\-/]*\w/?", f.read()))
+    assert len(cited) > 10
+    missing = sorted(p for p in cited if not os.path.exists(os.path.join(root, p)))
+    assert not missing, missing
