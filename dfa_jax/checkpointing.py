@@ -76,11 +76,13 @@ class Checkpointer:
     def restore(self, like: Any) -> tuple[Any, dict]:
         """Restores the newest readable checkpoint with the shapes/shardings of `like`.
 
-        An unreadable one is reported, moved aside (`_set_aside`) and the previous one tried; if
-        none is readable, a `CheckpointError` names the directory.
+        An unreadable one is reported and the previous one tried; once one restores, the newer
+        unreadable ones are moved aside (`_set_aside`: the run will save those steps again). If
+        none restores, nothing is moved (the cause may pass: a device out of memory, a failed
+        read of a network disk) and a `CheckpointError` names the directory and the error.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        tried = []
+        failed: list[tuple[int, BaseException]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             error = None
             try:
@@ -97,6 +99,14 @@ class Checkpointer:
             # Every process takes the same way: one that went on alone (to the next step's
             # restore, or moving this one aside) would meet the others in another collective.
             if not _failed_anywhere(error is not None):
+                for bad_step, _ in failed:
+                    logging.warning(
+                        "checkpoint step %d in %s was unreadable; resumed from step %d, %s",
+                        bad_step,
+                        self.directory,
+                        step,
+                        self._set_aside(bad_step),
+                    )
                 return restored.state, restored.meta
             if error is None:
                 error = RuntimeError("another process could not read it")
@@ -110,18 +120,20 @@ class Checkpointer:
                     " version of dfa_jax wrote it. Resume it with the code and config that"
                     " wrote it, or delete that directory to start this stage over."
                 ) from error
-            tried.append(step)
+            failed.append((step, error))
             logging.warning(
-                "checkpoint step %d in %s is unreadable (%s: %s); %s and trying the previous one",
+                "checkpoint step %d in %s is unreadable (%s); trying the previous one",
                 step,
                 self.directory,
-                type(error).__name__,
-                str(error).splitlines()[0][:200] if str(error) else "",
-                self._set_aside(step),
+                _first_line(error),
             )
+        newest_error = _first_line(failed[0][1]) if failed else "none saved"
         raise errors.CheckpointError(
-            f"no readable checkpoint in {self.directory} (unreadable steps: {tried}); delete that"
-            " directory to start this stage over."
+            f"no readable checkpoint in {self.directory} (unreadable steps:"
+            f" {[s for s, _ in failed]}; the newest's error: {newest_error}). Nothing was moved:"
+            " if that error passes (a device out of memory, a failed read of a network disk),"
+            " run the same command again; if the checkpoints are damaged, delete that directory"
+            " to start this stage over."
         )
 
     def _differences(self, step: int, like: Any) -> list[str]:
@@ -206,6 +218,12 @@ class Checkpointer:
 # status code.
 # (Not RESOURCE_EXHAUSTED alone: a device out of memory reports it too.)
 _STORAGE_FAILURE = re.compile(r"os_error_code=|PERMISSION_DENIED")
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters), for one-line reports."""
+    message = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {message}"
 
 
 def _failed_anywhere(failed: bool) -> bool:

@@ -251,6 +251,32 @@ def test_no_readable_checkpoint_is_a_named_error(tmp_path):
         checkpointing.Checkpointer(directory, keep=2).restore(state)
 
 
+def test_a_restore_failing_everywhere_moves_nothing_and_a_later_run_resumes(tmp_path, monkeypatch):
+    """A failure that is no damage (a device out of memory) on every checkpoint: nothing is set
+    aside, the error is named, and the same command run again resumes from the newest (it
+    used to move them all aside, and the next run retrained the stage from step 0)."""
+    directory = str(tmp_path / "ckpt")
+    ckpt = checkpointing.Checkpointer(directory, keep=2)
+    for step in (3, 6):
+        ckpt.save(step, {"w": jax.numpy.full(4, float(step))}, {"step": step})
+    ckpt.close()
+    like = {"w": jax.numpy.zeros(4)}
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.5GiB.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp.CheckpointManager, "restore", out_of_memory)
+        with pytest.raises(errors.CheckpointError) as error:
+            checkpointing.Checkpointer(directory, keep=2).restore(like)
+    assert "unreadable steps: [6, 3]" in str(error.value)
+    assert "RESOURCE_EXHAUSTED" in str(error.value) and "Nothing was moved" in str(error.value)
+    assert sorted(os.listdir(directory)) == ["3", "6"]
+    assert not os.path.exists(directory + checkpointing.UNREADABLE_SUFFIX)
+    state, meta = checkpointing.Checkpointer(directory, keep=2).restore(like)
+    assert meta["step"] == 6 and float(state["w"][0]) == 6.0
+
+
 def test_failing_save_is_a_named_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     directory = str(tmp_path / "ckpt")
     ckpt = checkpointing.Checkpointer(directory, keep=2)
