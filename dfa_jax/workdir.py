@@ -10,7 +10,8 @@
   refused instead, and the user deletes the old run (or picks another workdir). So is a restart
   that would move aside a `teacher.checkpoint` or `distill.alpha_file` the command itself reads.
   A workdir where no stage has started yet (a first command refused by a later check, e.g. data
-  not found) takes the new config without either. Fields that cannot
+  not found) takes the new config without either; one holding stages but no `config.json` (a
+  run of unknown config) is refused. Fields that cannot
   change results (logging and checkpoint frequency, device split, evaluation batch, where the
   data lives, which stages or students to run) may differ freely, and re-running the same
   command resumes.
@@ -51,6 +52,8 @@ LOCK_FILE = ".lock"  # Held by the run using the workdir (a local disk's; see `l
 _KEPT = (PREVIOUS_DIR, "logs", LOCK_FILE)
 # What a command writes before its first stage starts: a workdir holding no more has no run yet.
 _BEFORE_ANY_STAGE = (CONFIG_FILE, HASH_FILE, inputs.SPLIT_FILE, *_KEPT)
+# What the stages write at the top of a workdir: a run's, whatever else a directory holds.
+_RUN_ENTRIES = ("teacher", "search", "distill", "summary.json", "alpha.json")
 
 
 def config_hash(config_dict: dict) -> str:
@@ -149,7 +152,9 @@ def prepare(config, workdir: str) -> None:
     check_writable(workdir)
     current = config.to_dict()
     config_path = os.path.join(workdir, CONFIG_FILE)
-    if files.exists(config_path):
+    if not files.exists(config_path):
+        _check_no_unknown_run(workdir)
+    else:
         try:
             saved = files.read_json(config_path)
         except (OSError, ValueError):
@@ -192,6 +197,21 @@ def _log_moved_data(saved: dict, current: dict) -> None:
                 old[field],
                 new.get(field),
             )
+
+
+def _check_no_unknown_run(workdir: str) -> None:
+    """Refuses a workdir holding a run but no config.json: a run of an unknown config, whose
+    stages this command would take as its own (a restart stopped while moving the previous run
+    aside, a run copied in without its config)."""
+    found = sorted(set(files.listdir(workdir)) & set(_RUN_ENTRIES))
+    if found:
+        raise errors.WorkdirError(
+            f"workdir {workdir!r} holds a run ({', '.join(found)}) but no {CONFIG_FILE}: its"
+            " config is unknown (a --config.restart=True stopped while moving the previous run"
+            " aside, or a run copied in without it), so its stages cannot be taken as this"
+            f" command's. Move them into {os.path.join(workdir, PREVIOUS_DIR)}/ or delete them,"
+            " or give this command another --workdir."
+        )
 
 
 def _no_stage_started(workdir: str) -> bool:
@@ -314,8 +334,18 @@ def _move_aside(workdir: str) -> None:
     if jax.process_index() != 0:
         return
     root = epath.Path(workdir)
-    entries = [p for p in root.iterdir() if p.name not in _KEPT]
-    target = root / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    # The config last: a restart stopped midway leaves the run's config with what is left of
+    # it (resumed, or refused as another config's), never stages without it (refused whole).
+    entries = sorted(
+        (p for p in root.iterdir() if p.name not in _KEPT),
+        key=lambda p: p.name in (CONFIG_FILE, HASH_FILE),
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = root / PREVIOUS_DIR / stamp
+    for n in range(2, 1000):  # Another restart in the same second (one stopped midway, say).
+        if not target.exists():
+            break
+        target = root / PREVIOUS_DIR / f"{stamp}-{n}"
     target.mkdir(parents=True, exist_ok=False)
     for entry in entries:
         entry.rename(target / entry.name)

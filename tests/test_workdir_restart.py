@@ -166,3 +166,43 @@ def test_the_refusal_says_how_to_reuse_the_finished_teacher_and_alpha(teacher_ru
     with pytest.raises(errors.WorkdirError) as e:  # Another student: the teacher, not the alpha.
         workdir_lib.prepare(_one_epoch(**{"student.model": "wrn_16_1"}), teacher_run)
     assert "teacher.checkpoint=" in str(e.value) and "alpha_file" not in str(e.value)
+
+
+def test_a_restart_stopped_midway_never_leaves_stages_without_their_config(tmp_path, monkeypatch):
+    """The run is moved aside entry by entry: its config goes last, so a restart killed midway
+    leaves the old config with what is left of its run (a directory may list config.json
+    first); stages with no config.json are refused, not taken as the next command's."""
+    workdir = _planted(tmp_path)
+    gpath = type(epath.Path(workdir))
+    real_iterdir, real_rename = gpath.iterdir, gpath.rename
+    moved = []
+
+    def config_first(self):  # A directory order that lists the config before the stages.
+        return iter(sorted(real_iterdir(self), key=lambda p: p.name != workdir_lib.CONFIG_FILE))
+
+    def killed_at_the_second_move(self, target):
+        moved.append(self.name)
+        if len(moved) == 2:
+            raise KeyboardInterrupt("killed mid-move")  # kill -9, or a second Ctrl-C
+        return real_rename(self, target)
+
+    monkeypatch.setattr(gpath, "iterdir", config_first)
+    monkeypatch.setattr(gpath, "rename", killed_at_the_second_move)
+    restart = tiny_demo(**{"teacher.optim.lr": 0.2, "restart": True})
+    with pytest.raises(KeyboardInterrupt):
+        workdir_lib.prepare(restart, workdir)
+    monkeypatch.undo()
+    assert workdir_lib.CONFIG_FILE in os.listdir(workdir) and "teacher" in os.listdir(workdir)
+    # Without restart the old run's config refuses the new one; with it, the rest moves aside.
+    with pytest.raises(errors.WorkdirError, match="teacher.optim.lr"):
+        workdir_lib.prepare(tiny_demo(**{"teacher.optim.lr": 0.2}), workdir)
+    workdir_lib.prepare(restart, workdir)  # In the same second too: a folder of its own.
+    assert "teacher" not in os.listdir(workdir)
+    assert len(os.listdir(os.path.join(workdir, workdir_lib.PREVIOUS_DIR))) == 2
+
+    # Stages whose config is gone (an older version's interrupted restart, a copied-in run).
+    stray = _planted(tmp_path / "stray")
+    os.remove(os.path.join(stray, workdir_lib.CONFIG_FILE))
+    with pytest.raises(errors.WorkdirError, match=r"holds a run \(alpha.json, teacher\) but no"):
+        workdir_lib.prepare(tiny_demo(), stray)
+    assert "teacher" in os.listdir(stray)  # Nothing moved or deleted.
