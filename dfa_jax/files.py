@@ -62,15 +62,23 @@ def write_bytes_atomic(path: str, payload: bytes) -> None:
         return
     target = epath.Path(path)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    if is_remote(path):  # An object store publishes a whole object on close.
-        tmp.write_bytes(payload)
-        tmp.replace(target)
-        return
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        if is_remote(path):  # An object store publishes a whole object on close.
+            tmp.write_bytes(payload)
+            tmp.replace(target)
+            return
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        # A full disk (or a stop) mid-write: the partial copy goes, not one more per attempt.
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     try:
         directory = os.open(target.parent, os.O_RDONLY)
     except OSError:  # A system that cannot open a directory (Windows) has no such sync.

@@ -87,6 +87,19 @@ def test_load_or_create_split_round_trip_and_mismatch(tmp_path):
     assert (saved["seed"], saved["val_fraction"], saved["num_examples"]) == (3, 0.3, 90)
     assert os.listdir(tmp_path / "search") == ["split.json"]  # no temp file left behind
 
+    # What a host crash can leave of a file that was not flushed to the disk: a named error.
+    (tmp_path / "search" / "split.json").write_text("")
+    with pytest.raises(data.DataError, match="split.json cannot be read.*delete it to re-split"):
+        data.load_or_create_split(path, UNEVEN_LABELS, 0.3, seed=3)
+    (tmp_path / "search" / "split.json").unlink()
+    synced = []
+    real_fsync = os.fsync
+    with pytest.MonkeyPatch.context() as patch:  # Written as every record is: flushed first.
+        patch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+        data.load_or_create_split(path, UNEVEN_LABELS, 0.3, seed=3)
+    assert synced
+    assert json.loads((tmp_path / "search" / "split.json").read_text()) == saved
+
     # A different split of the same labels must come back as the saved one, not a new one.
     (tmp_path / "search" / "split.json").write_text(
         json.dumps({**saved, "train": saved["train"][::-1]})

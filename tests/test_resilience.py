@@ -506,6 +506,23 @@ def test_atomic_writes_reach_the_disk_before_they_replace_the_old_file(tmp_path,
     assert os.listdir(tmp_path) == ["result.json"]
 
 
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_partial_copy(tmp_path, monkeypatch):
+    """A full disk mid-write: the error reaches the caller, the old file stays, and the partial
+    temporary copy goes (each failing retry left one more on the full disk)."""
+    from dfa_jax import files
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    for _ in range(2):
+        with pytest.raises(OSError, match="No space left"):
+            files.write_text_atomic(str(path), "new" * 1000)
+    assert os.listdir(tmp_path) == ["metrics.jsonl"] and path.read_text() == "old"
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_and_freed_when_it_ends(tmp_path):
     """A job submitted twice (or requeued while the first still runs) must not write the same
     checkpoints at once: while a run holds the workdir, another is refused with who holds it;

@@ -8,13 +8,13 @@ a resumed or re-run search sees exactly the examples it started with.
 
 import hashlib
 import json
-import uuid
 
 import jax
 import numpy as np
 from etils import epath
 
 from dfa_jax import errors
+from dfa_jax import files
 
 
 DataError = errors.DataError  # Re-exported: `dfa_jax.data.DataError`.
@@ -95,7 +95,7 @@ def load_or_create_split(
     The JSON file holds the indices, seed, fraction, number of examples and a digest of the
     labels; a file made for another seed, fraction or dataset raises instead of being silently
     reused or overwritten. Process 0 alone writes it (every process computes the same split), and
-    atomically (unique temp file + replace), so a run killed mid-write never leaves a torn file.
+    atomically (`files.write_text_atomic`), so a run killed mid-write never leaves a torn file.
     `path` may be
     any path `etils.epath` understands (local or gs://).
 
@@ -117,7 +117,13 @@ def load_or_create_split(
         "labels_sha256": _labels_digest(labels),
     }
     if file.exists():
-        saved = json.loads(file.read_text())
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(
+                f"split file {path} cannot be read ({type(e).__name__}: {e}); delete it to"
+                " re-split (it is computed again from the seed and the labels)"
+            ) from e
         mismatched = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
         if mismatched:
             details = ", ".join(
@@ -132,7 +138,6 @@ def load_or_create_split(
     if jax.process_index() != 0:
         return train_idx, val_idx  # The same split; process 0 alone writes the run's records.
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.parent / f".{file.name}.tmp-{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps({**expected, "train": train_idx.tolist(), "val": val_idx.tolist()}))
-    tmp.replace(file)
+    record = {**expected, "train": train_idx.tolist(), "val": val_idx.tolist()}
+    files.write_text_atomic(path, json.dumps(record))
     return train_idx, val_idx
