@@ -7,6 +7,7 @@ and the fix, that JAX compiled nothing, and that the workdir's files are untouch
 test then sets every field of `base_config()` to wrong values and checks that `validate` names it.
 """
 
+import errno
 import dataclasses
 import importlib.util
 import json
@@ -1055,3 +1056,34 @@ def test_a_stop_that_comes_as_the_run_finishes_says_the_run_is_complete(tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "SIGTERM came as the run finished: it is complete (status 0)" in done.stderr
+
+
+def test_a_disk_that_fills_during_the_run_is_an_error_saying_what_to_do(tmp_path):
+    """A record written when the disk is full (an OSError, not a checkpoint's WorkdirError):
+    one error line saying to free space and run the same command again, no traceback; any
+    other OSError keeps its traceback."""
+    script = (
+        "import errno, sys\n"
+        "from absl import app\n"
+        "from dfa_jax import main, pipeline\n"
+        "code = int(sys.argv[1])\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(code, 'No space left on device', 'w/teacher/metrics.jsonl')\n"
+        "pipeline.run = full\n"
+        f"sys.argv = ['main', '--config=configs/demo.py:tiny', '--workdir={tmp_path / 'w'}']\n"
+        "app.run(main.main, flags_parser=main.parse_flags)\n"
+    )
+    for code, full in ((errno.ENOSPC, True), (errno.EACCES, False)):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(code)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert ("Traceback" in done.stderr) != full, done.stderr[-2000:]
+        assert (
+            "error: the disk is full (No space left on device writing w/teacher/metrics.jsonl);"
+            " free space, then run the same command again" in done.stderr
+        ) == full
