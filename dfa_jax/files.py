@@ -72,12 +72,15 @@ def write_bytes_atomic(path: str, payload: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         # A full disk (or a stop) mid-write: the partial copy goes, not one more per attempt.
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            # A failed write or fsync names no file: say which (and so which disk) it was.
+            raise OSError(e.errno, e.strerror, str(target)) from e
         raise
     try:
         directory = os.open(target.parent, os.O_RDONLY)

@@ -10,8 +10,8 @@
   refused instead, and the user deletes the old run (or picks another workdir). So is a restart
   that would move aside a `teacher.checkpoint` or `distill.alpha_file` the command itself reads.
   A workdir where no stage has started yet (a first command refused by a later check, e.g. data
-  not found) takes the new config without either; one holding stages but no `config.json` (a
-  run of unknown config) is refused. Fields that cannot
+  not found) takes the new config without either; one holding stages but no `config.json`
+  beside `previous/` (a restart stopped midway) is refused. Fields that cannot
   change results (logging and checkpoint frequency, device split, evaluation batch, where the
   data lives, which stages or students to run) may differ freely, and re-running the same
   command resumes.
@@ -200,17 +200,19 @@ def _log_moved_data(saved: dict, current: dict) -> None:
 
 
 def _check_no_unknown_run(workdir: str) -> None:
-    """Refuses a workdir holding a run but no config.json: a run of an unknown config, whose
-    stages this command would take as its own (a restart stopped while moving the previous run
-    aside, a run copied in without its config)."""
+    """Refuses a workdir holding stages but no config.json beside an earlier run moved into
+    previous/: a restart stopped while moving that run aside (by a version that did not move
+    the config last), whose stages this command would take as its own. (A teacher copied by
+    hand into a fresh workdir, with no previous/, is taken as this config's.)"""
     found = sorted(set(files.listdir(workdir)) & set(_RUN_ENTRIES))
-    if found:
+    if found and PREVIOUS_DIR in files.listdir(workdir):
         raise errors.WorkdirError(
-            f"workdir {workdir!r} holds a run ({', '.join(found)}) but no {CONFIG_FILE}: its"
-            " config is unknown (a --config.restart=True stopped while moving the previous run"
-            " aside, or a run copied in without it), so its stages cannot be taken as this"
-            f" command's. Move them into {os.path.join(workdir, PREVIOUS_DIR)}/ or delete them,"
-            " or give this command another --workdir."
+            f"workdir {workdir!r} holds a run ({', '.join(found)}) but no {CONFIG_FILE}, beside"
+            f" runs moved into {os.path.join(workdir, PREVIOUS_DIR)}/: most likely a"
+            " --config.restart=True stopped while moving it aside. Its config is unknown, so"
+            " its stages cannot be taken as this command's: move them into the newest folder"
+            f" of {PREVIOUS_DIR}/ (where its config.json went) or delete them, or give this"
+            " command another --workdir."
         )
 
 

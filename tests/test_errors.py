@@ -1065,10 +1065,16 @@ def test_a_disk_that_fills_during_the_run_is_an_error_saying_what_to_do(tmp_path
     script = (
         "import errno, sys\n"
         "from absl import app\n"
-        "from dfa_jax import main, pipeline\n"
+        "import os\n"
+        "from dfa_jax import files, main, pipeline\n"
         "code = int(sys.argv[1])\n"
-        "def full(*args, **kwargs):\n"
-        "    raise OSError(code, 'No space left on device', 'w/teacher/metrics.jsonl')\n"
+        f"record = {str(tmp_path / 'w' / 'teacher' / 'metrics.jsonl')!r}\n"
+        "def full(*args, **kwargs):  # A record's write, as a full disk fails it: no file named.\n"
+        "    def failing_fsync(fd):\n"
+        "        raise OSError(code, os.strerror(code))\n"
+        "    os.makedirs(os.path.dirname(record), exist_ok=True)\n"
+        "    os.fsync = failing_fsync\n"
+        "    files.write_text_atomic(record, 'rows')\n"
         "pipeline.run = full\n"
         f"sys.argv = ['main', '--config=configs/demo.py:tiny', '--workdir={tmp_path / 'w'}']\n"
         "app.run(main.main, flags_parser=main.parse_flags)\n"
@@ -1083,7 +1089,10 @@ def test_a_disk_that_fills_during_the_run_is_an_error_saying_what_to_do(tmp_path
         )
         assert done.returncode == 1, done.stderr[-2000:]
         assert ("Traceback" in done.stderr) != full, done.stderr[-2000:]
+        record = tmp_path / "w" / "teacher" / "metrics.jsonl"
         assert (
-            "error: the disk is full (No space left on device writing w/teacher/metrics.jsonl);"
-            " free space, then run the same command again" in done.stderr
+            f"error: the disk is full (No space left on device writing {record}); free space,"
+            " then run the same command again" in done.stderr
         ) == full
+        assert str(record) in done.stderr  # Which file, and so which disk.
+        assert os.listdir(record.parent) == []  # No partial copy left.

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import shutil
+import time
 
 import pytest
 from etils import epath
@@ -188,21 +189,36 @@ def test_a_restart_stopped_midway_never_leaves_stages_without_their_config(tmp_p
 
     monkeypatch.setattr(gpath, "iterdir", config_first)
     monkeypatch.setattr(gpath, "rename", killed_at_the_second_move)
+    # Both restarts in one second (previous/ folders are named by it).
+    epoch = time.gmtime(0)
+    monkeypatch.setattr(workdir_lib.time, "gmtime", lambda *args: epoch)
     restart = tiny_demo(**{"teacher.optim.lr": 0.2, "restart": True})
     with pytest.raises(KeyboardInterrupt):
         workdir_lib.prepare(restart, workdir)
-    monkeypatch.undo()
+    monkeypatch.setattr(gpath, "iterdir", real_iterdir)
+    monkeypatch.setattr(gpath, "rename", real_rename)
     assert workdir_lib.CONFIG_FILE in os.listdir(workdir) and "teacher" in os.listdir(workdir)
     # Without restart the old run's config refuses the new one; with it, the rest moves aside.
     with pytest.raises(errors.WorkdirError, match="teacher.optim.lr"):
         workdir_lib.prepare(tiny_demo(**{"teacher.optim.lr": 0.2}), workdir)
-    workdir_lib.prepare(restart, workdir)  # In the same second too: a folder of its own.
+    workdir_lib.prepare(restart, workdir)  # In the same second: a folder of its own.
     assert "teacher" not in os.listdir(workdir)
-    assert len(os.listdir(os.path.join(workdir, workdir_lib.PREVIOUS_DIR))) == 2
+    assert sorted(os.listdir(os.path.join(workdir, workdir_lib.PREVIOUS_DIR))) == [
+        "19700101-000000",
+        "19700101-000000-2",
+    ]
+    monkeypatch.undo()
 
-    # Stages whose config is gone (an older version's interrupted restart, a copied-in run).
+    # Stages without their config beside previous/: an interrupted restart of a version that
+    # did not move the config last. Refused, nothing moved; a teacher copied by hand into a
+    # fresh workdir (no previous/) is the new config's.
     stray = _planted(tmp_path / "stray")
     os.remove(os.path.join(stray, workdir_lib.CONFIG_FILE))
+    os.makedirs(os.path.join(stray, workdir_lib.PREVIOUS_DIR, "19700101-000000"))
     with pytest.raises(errors.WorkdirError, match=r"holds a run \(alpha.json, teacher\) but no"):
         workdir_lib.prepare(tiny_demo(), stray)
-    assert "teacher" in os.listdir(stray)  # Nothing moved or deleted.
+    assert "teacher" in os.listdir(stray)
+    os.rmdir(os.path.join(stray, workdir_lib.PREVIOUS_DIR, "19700101-000000"))
+    os.rmdir(os.path.join(stray, workdir_lib.PREVIOUS_DIR))
+    workdir_lib.prepare(tiny_demo(), stray)
+    assert workdir_lib.CONFIG_FILE in os.listdir(stray) and "teacher" in os.listdir(stray)
