@@ -138,6 +138,22 @@ def _cpu_model() -> str:
     return name
 
 
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own, registered after this file.
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU this process may run on (logical CPUs, within the affinity
+    a container or `taskset` sets). xdist's own count asks psutil for the whole host's physical
+    cores: one worker on a 2-vCPU VM whose vCPUs share a core (the suite then takes up to twice
+    as long), and a big host's count inside a container limited to two CPUs. xdist's
+    PYTEST_XDIST_AUTO_NUM_WORKERS still decides where it is set."""
+    del config
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # No affinity on this system (macOS).
+        return os.cpu_count() or 1
+
+
 @pytest.hookimpl(trylast=True)  # After the slowest durations, just above the result line.
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """One line just above the result, also under `-q`: which machine the suite's time was

@@ -245,10 +245,10 @@ def test_untrained_parameters_and_their_optimizer_state_stay_exactly_as_they_are
     assert not np.array_equal(moved.params["unused"], params["unused"])  # What it guards against.
     np.testing.assert_array_equal(new.params["unused"], params["unused"])
     np.testing.assert_array_equal(new.opt_state[1][0].trace["unused"], 0.5)
-    # The trained parameter gets exactly the unmasked step's update.
+    # The trained parameter gets the unmasked step's update (another program: to rounding).
     ref, _ = jax.jit(plain)(state, BATCH, None, None)
     ref, _ = jax.jit(plain)(ref, BATCH, None, None)
-    np.testing.assert_array_equal(new.params["W"], ref.params["W"])
+    np.testing.assert_allclose(new.params["W"], ref.params["W"], rtol=1e-6, atol=1e-7)
 
 
 def test_beta_gradient_diagnostics():

@@ -154,6 +154,12 @@ FAKE_COMMANDS = {
         for a in "$@"; do case "$a" in --process_id=*) id=${a#*=} ;; esac; done
         # Ignored before the pid is out: a test signals the processes once they all wrote theirs.
         case "$FAKE_MODE" in stubborn*) trap '' TERM INT ;; esac
+        # Stops as asked (143), but process 1's stop fails (its save did, say): set before the
+        # pid is out too.
+        case "$FAKE_MODE:$id" in
+          stop_fails:0) trap 'kill $! 2>/dev/null; exit 143' TERM ;;
+          stop_fails:1) trap 'kill $! 2>/dev/null; exit 1' TERM ;;
+        esac
         echo "fakepy CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} $*"
         echo $$ > "$FAKE_PIDS/$id"
         case " $* " in *"${FAKE_FAIL_ARG:-no such argument}"*) exit 5 ;; esac
@@ -162,9 +168,7 @@ FAKE_COMMANDS = {
           # Once process 0 is under way (its SIGTERM ignored).
           stubborn_fail:1) until [ -s "$FAKE_PIDS/0" ]; do sleep 0.05; done; exit 3 ;;
           fail:0 | hang:* | stubborn:* | stubborn_fail:0) exec sleep 60 ;;
-          # Stops as asked (143), but process 1's stop fails (its save did, say).
-          stop_fails:0) trap 'kill $!; exit 143' TERM; sleep 60 >/dev/null 2>&1 & wait ;;
-          stop_fails:1) trap 'kill $!; exit 1' TERM; sleep 60 >/dev/null 2>&1 & wait ;;
+          stop_fails:*) sleep 60 >/dev/null 2>&1 & wait ;;
           stream:*)
             # Worker 0's output: the line above while the ssh session reads it, the rest after
             # its reader (FAKE_SSH_READER, which writes its pid to FAKE_READER) has gone.
