@@ -381,6 +381,13 @@ def test_tfds_prepare_reads_the_train_split_once(tmp_path):
         source.prepare()
         assert reads == ["train"]
         assert source.labels("train").shape == (12,)
+        assert reads == ["train"]
+        # Prepared already: nothing to do, and the other processes do not wait for a read.
+        prepared = data.make_source(data_cfg(dataset="cifar10", data_dir=str(tmp_path)))
+        prepared._read = lambda tfds_module, split: reads.append(split)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+            prepared.prepare()
     assert reads == ["train"]
 
 

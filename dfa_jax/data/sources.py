@@ -417,8 +417,11 @@ class TfdsSource(Source):
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def prepare(self) -> None:
-        # Reading a split prepares the dataset where it is not (all its splits at once), by the
-        # one path the reads take; what it read stays loaded for this process.
+        # Prepared already (the usual case): nothing to write, and the other processes need not
+        # wait for this one's read. Otherwise reading a split prepares the dataset (all its
+        # splits at once) by the one path the reads take; what it read stays loaded.
+        if _import_tfds().builder(self._name, data_dir=self._data_dir).is_prepared():
+            return
         self.labels(self._train_split)
 
     def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
