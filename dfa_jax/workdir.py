@@ -336,11 +336,13 @@ def _move_aside(workdir: str) -> None:
     if jax.process_index() != 0:
         return
     root = epath.Path(workdir)
-    # The config last: a restart stopped midway leaves the run's config with what is left of
-    # it (resumed, or refused as another config's), never stages without it (refused whole).
+    # Later stages' outputs first, then the search's, the teacher, and the config last: a
+    # restart stopped midway leaves the run's config with a consistent start of its run (its
+    # teacher, say, without the search and students it fed), never stages without a config.
+    order = {"search": 1, inputs.SPLIT_FILE: 1, "alpha.json": 1, "alpha_heatmap.png": 1}
+    order.update({"teacher": 2, CONFIG_FILE: 3, HASH_FILE: 3})
     entries = sorted(
-        (p for p in root.iterdir() if p.name not in _KEPT),
-        key=lambda p: p.name in (CONFIG_FILE, HASH_FILE),
+        (p for p in root.iterdir() if p.name not in _KEPT), key=lambda p: order.get(p.name, 0)
     )
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = root / PREVIOUS_DIR / stamp

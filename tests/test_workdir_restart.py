@@ -197,6 +197,8 @@ def test_a_restart_stopped_midway_never_leaves_stages_without_their_config(tmp_p
         workdir_lib.prepare(restart, workdir)
     monkeypatch.setattr(gpath, "iterdir", real_iterdir)
     monkeypatch.setattr(gpath, "rename", real_rename)
+    # The search's alpha went before the teacher it came from; the config is still there.
+    assert moved == ["alpha.json", "teacher"]
     assert workdir_lib.CONFIG_FILE in os.listdir(workdir) and "teacher" in os.listdir(workdir)
     # Without restart the old run's config refuses the new one; with it, the rest moves aside.
     with pytest.raises(errors.WorkdirError, match="teacher.optim.lr"):
