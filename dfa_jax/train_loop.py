@@ -325,6 +325,14 @@ def run(stage: Stage, config, mesh) -> dict:
                         if saved is not None
                         else "no checkpoint was saved before it"
                     )
+                    others = [m.name for m in members if m is not member]
+                    together = (
+                        f" The students trained in its step ({', '.join(others)}) stopped with"
+                        " it: to train them, leave it out of this command (distill.method and"
+                        " distill.compare_with may change in a workdir)."
+                        if others
+                        else ""
+                    )
                     raise NonFiniteError(
                         f"stage {member.name!r}: non-finite loss or gradient at step {s} (epoch"
                         f" {(s - 1) // steps_per_epoch + 1}): loss={mine['loss']},"
@@ -333,7 +341,7 @@ def run(stage: Stage, config, mesh) -> dict:
                         " weight is another config: run it in"
                         " another --workdir (with --config.teacher.checkpoint=<this workdir>"
                         " to keep a finished teacher), or pass --config.restart=True to move"
-                        " this run aside."
+                        f" this run aside.{together}"
                     )
         return fetched
 

@@ -502,5 +502,10 @@ def test_the_non_finite_guard_names_the_student(cohort_run, tmp_path, monkeypatc
     monkeypatch.setattr(distill, "student_start", poisoned)
     with pytest.raises(
         train_loop.NonFiniteError, match=r"stage 'distill/kd/seed1': non-finite .* step 1\b"
-    ):
+    ) as error:
         pipeline.run(_cohort_config((0, 1)), workdir)
+    # The students of its step stopped with it: named, with how to train them without it.
+    _, together = str(error.value).split("The students trained in its step (")
+    stopped, advice = together.split(") stopped with it")
+    assert "distill/kd/seed0" in stopped.split(", ") and "distill/kd/seed1" not in stopped
+    assert "leave it out of this command" in advice
