@@ -378,6 +378,18 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
     used = os.path.join(directory, BEST_VARIABLES_DIR if best else VARIABLES_DIR)
     if train_loop.is_done(directory):
         result = train_loop.read_result(directory) | {"distill_from": config.teacher.distill_from}
+        if best and not is_variables_dir(used):
+            # A teacher stage of an older version (one copied into this workdir): as for the
+            # same teacher given as teacher.checkpoint, its last epoch, said and recorded.
+            used = os.path.join(directory, VARIABLES_DIR)
+            logging.warning(
+                "the finished teacher stage in %s has no %s (a teacher stage of an older"
+                " version): using its last epoch's variables, %s",
+                directory,
+                BEST_VARIABLES_DIR,
+                used,
+            )
+            result["distill_from"] = "last"
         return result, load_variables(used, model, mesh)
 
     stage = build_stage(config, mesh, data, directory, model, eval_fn)

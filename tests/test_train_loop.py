@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -170,7 +171,7 @@ def test_progress_leaves_saves_out_of_images_per_s_and_counts_evaluations_in_its
     ]
 
 
-def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatch):
+def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatch, caplog):
     """teacher.distill_from: 'best' hands the later stages the variables of the epoch of highest
     test accuracy (first of equals), exported when that epoch ended; 'last' the final ones."""
     accuracies = iter([0.5, 0.9, 0.9])  # Epoch 2 is the best; epoch 3 only equals it.
@@ -212,6 +213,15 @@ def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatc
         jax.tree.map(
             np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), evaluated[epoch - 1]
         )
+
+    # A finished stage of an older version (no best_variables/), copied into a workdir: its last
+    # epoch, said and recorded, as for the same teacher given as teacher.checkpoint.
+    shutil.rmtree(os.path.join(workdir, "teacher", teacher.BEST_VARIABLES_DIR))
+    config.teacher.distill_from = "best"
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        older, done = teacher.run(config, workdir, mesh, data)
+    assert older["distill_from"] == "last" and "has no best_variables" in caplog.text
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, done), evaluated[2])
 
 
 def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch, caplog):
