@@ -51,14 +51,17 @@ def load(path: str, teacher_model) -> list[np.ndarray]:
     found = [tuple(g["layers"]) for g in record["groups"]]
     if len(found) != len(groups):
         raise AlphaFileError(
-            f"{path} has {len(found)} groups but the teacher ({record.get('teacher')!r} there)"
-            f" has {len(groups)}; use an alpha.json searched with this teacher architecture."
+            f"{path} (searched with teacher {record.get('teacher')!r}) has {len(found)} groups"
+            f" but this run's teacher ({_describe(teacher_model)}) has {len(groups)}; use an"
+            " alpha.json searched with this teacher architecture."
         )
     for i, (want, got) in enumerate(zip(groups, found)):
         if tuple(want) != got:
             raise AlphaFileError(
-                f"{path}: group {i + 1} aggregates layers {list(got)} but this teacher's group"
-                f" {i + 1} has {list(want)}; use an alpha.json searched with this teacher."
+                f"{path} (searched with teacher {record.get('teacher')!r}): group {i + 1}"
+                f" aggregates layers {list(got)} but this run's teacher"
+                f" ({_describe(teacher_model)}) has {list(want)} in group {i + 1}; use an"
+                " alpha.json searched with this teacher."
             )
     alphas = []
     for i, group in enumerate(record["groups"]):

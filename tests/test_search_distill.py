@@ -255,10 +255,19 @@ def test_alpha_file_of_another_layout_is_refused(tmp_path):
     bad_layers = json.loads(json.dumps(good))
     bad_layers[1]["layers"] = ["g2_b1", "g2_b2", "g2_b3"]
     path.write_text(json.dumps({"teacher": "wrn_22_1", "groups": bad_layers}))
-    with pytest.raises(alpha_file.AlphaFileError, match="group 2 aggregates layers"):
+    with pytest.raises(
+        alpha_file.AlphaFileError,
+        match=r"searched with teacher 'wrn_22_1'\): group 2 aggregates layers .* this run's"
+        r" teacher \(WideResNet\(depth=16, width=1\)\)",
+    ):
         alpha_file.load(str(path), t_model)
     path.write_text(json.dumps({"teacher": "shufflenet_v2_1.0", "groups": good[:2]}))
-    with pytest.raises(alpha_file.AlphaFileError, match="has 2 groups but the teacher"):
+    # Each teacher named as what it is: the file's, and this run's with its own group count.
+    with pytest.raises(
+        alpha_file.AlphaFileError,
+        match=r"searched with teacher 'shufflenet_v2_1.0'\) has 2 groups but this run's teacher"
+        r" \(WideResNet\(depth=16, width=1\)\) has 3",
+    ):
         alpha_file.load(str(path), t_model)
 
 
