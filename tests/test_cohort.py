@@ -146,6 +146,30 @@ def test_cohort_step_trains_each_student_as_alone_and_the_teacher_once():
         assert two < 2 * one, (mode, one, two)
 
 
+def test_students_of_one_step_each_distill_toward_their_own_alpha():
+    """Last and Average students of the same seed in one step (their aggregations share a
+    method): each one's loss is its own alpha's, as alone, and the two differ."""
+    step, batch, teacher_vars, last_state = _tiny_step("last")
+    _, _, _, average_state = _tiny_step("average")
+    compiled, _, _ = _compiled(step, last_state(0), batch, teacher_vars)
+    mesh = parallel.make_mesh()
+    alone = []
+    for state in (last_state(0), average_state(0)):
+        _, metrics = compiled(
+            jax.device_put(state, parallel.replicated(mesh)), batch, None, teacher_vars
+        )
+        alone.append(float(metrics["loss"]))
+    assert abs(alone[0] - alone[1]) > 100 * STEP_TOLERANCE * abs(alone[0])  # Tells them apart.
+    together, stacked, _ = _compiled(
+        cohort.make_cohort_step(step, 2, "loop"),
+        cohort.stack([last_state(0), average_state(0)]),
+        batch,
+        teacher_vars,
+    )
+    _, metrics = together(stacked, batch, None, teacher_vars)
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), alone, rtol=STEP_TOLERANCE)
+
+
 def test_loop_mode_traces_the_students_step_once_and_reads_out_each_student():
     """'loop' calls one traced student step K times (tracing a model per student would cost
     seconds each), and `student_variables` gives student k's own params and BN statistics."""
