@@ -1096,3 +1096,11 @@ def test_a_disk_that_fills_during_the_run_is_an_error_saying_what_to_do(tmp_path
         ) == full
         assert str(record) in done.stderr  # Which file, and so which disk.
         assert os.listdir(record.parent) == []  # No partial copy left.
+
+
+def test_checkpoint_check_refuses_a_deeper_teacher_of_the_same_width(tmp_path):
+    """wrn_22_1's variables hold every wrn_16_1 array at its shape, and more blocks: those are
+    named before anything starts, not left to orbax's tree-structure error at the restore."""
+    directory = save_fake_variables(tmp_path / "variables", "wrn_22_1", 10)
+    with pytest.raises(errors.CheckpointError, match="not in the model"):
+        teacher.check_checkpoint(directory, models.get_model("wrn_16_1", 10))

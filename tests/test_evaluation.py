@@ -97,3 +97,29 @@ def test_padding_rows_are_never_counted_correct():
     )
     got = evaluation.make_eval_fn(_AlwaysClassZero(), config, data, parallel.make_mesh())({})
     assert got["accuracy"] == pytest.approx(0.2), got
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bfloat16Logits:
+    """Logits [B, 10] in bfloat16, as an own model with a bfloat16 head returns them."""
+
+    def __call__(self, variables, images):
+        del variables
+        rows = jnp.arange(images.shape[0], dtype=jnp.float32)[:, None]
+        return (3.0 * jnp.sin(1.3 * rows + jnp.arange(10.0))).astype(jnp.bfloat16)
+
+
+def test_bfloat16_logits_are_scored_in_float32():
+    """The cross-entropy of bfloat16 logits is computed and summed in float32: in bfloat16 a
+    batch's summed loss keeps 3 digits."""
+    n = 64
+    images = np.zeros((n, 32, 32, 3), np.uint8)
+    labels = (np.arange(n) * 7 % 10).astype(np.int32)
+    data = inputs.RunData(info=DATASETS["digits"], train=None, test=ArrayExamples(images, labels))
+    config = ml_collections.ConfigDict({"data": {"eval_batch_size": n, "prefetch": 2}})
+    got = evaluation.make_eval_fn(_Bfloat16Logits(), config, data, parallel.make_mesh())({})
+    logits = np.asarray(_Bfloat16Logits()(None, np.zeros((n, 1, 1, 3))), np.float64)
+    log_softmax = logits - logits.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    want = float(-log_softmax[np.arange(n), labels].mean())
+    assert got["loss"] == pytest.approx(want, rel=1e-5), (got, want)

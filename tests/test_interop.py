@@ -1250,3 +1250,51 @@ def test_big_endian_arrays_are_saved_little_endian(tmp_path):
     for name, value in arrays.items():
         assert back[name].dtype == value.dtype.newbyteorder("<")
         np.testing.assert_array_equal(back[name], value)
+
+
+def test_safetensors_header_is_padded_to_8_bytes_and_any_memory_layout_keeps_its_values(tmp_path):
+    """The header is padded to a multiple of 8 (the reference writer's alignment of the buffer),
+    and an array that is a transposed or strided view is written in row-major order."""
+    path = str(tmp_path / "layout.safetensors")
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    arrays = {"fortran": base.T, "strided": base[:, ::2], "odd": np.arange(3, dtype=np.int16)}
+    assert base.T.flags.f_contiguous and not base.T.flags.c_contiguous
+    safetensors_io.save(path, arrays)
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+    assert size % 8 == 0, size
+    back, _ = safetensors_io.load(path)
+    for name, value in arrays.items():
+        assert back[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def test_safetensors_dtype_names_are_pytorchs(tmp_path):
+    """Each PyTorch dtype saved by the reference library loads as its own NumPy type: int16 is
+    I16 (not U16), F8_E4M3 is float8_e4m3fn (448 finite, as PyTorch's), F8_E5M2 float8_e5m2."""
+    torch = pytest.importorskip("torch")
+    st_torch = pytest.importorskip("safetensors.torch")
+    values = [0.0, 1.0, 100.0]
+    state = {
+        str(t).split(".")[-1]: torch.tensor(values).to(t)
+        for t in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+        + (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
+    }
+    state["float8_e4m3fn"] = torch.tensor([448.0, -2.0, 0.5]).to(torch.float8_e4m3fn)
+    state["float8_e5m2"] = torch.tensor([57344.0, -2.0, 0.5]).to(torch.float8_e5m2)
+    path = str(tmp_path / "dtypes.safetensors")
+    st_torch.save_file(state, path)
+    back, _ = safetensors_io.load(path)
+    for name, tensor in state.items():
+        assert back[name].dtype.name == name, (name, back[name].dtype)
+        np.testing.assert_array_equal(back[name].astype(np.float64), tensor.double().numpy())
+
+
+def test_a_save_over_variables_leaves_no_copy_of_the_old_ones(tmp_path):
+    """The old variables are set aside only until the new ones are in (a teacher exports its
+    best epoch's at every new best): no hidden copy of them stays behind."""
+    teacher.save_variables(str(tmp_path / "vars"), random_flax_variables(10, 1, 10, seed=43))
+    new = random_flax_variables(10, 1, 10, seed=44)
+    teacher.save_variables(str(tmp_path / "vars"), new)
+    assert sorted(os.listdir(tmp_path)) == ["vars"]
+    _assert_same(interop.read_dfa_variables(str(tmp_path / "vars"))[0], new)

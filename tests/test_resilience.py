@@ -572,3 +572,37 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
         pass
     (warning,) = [r.getMessage() for r in caplog.records if "cannot be locked" in r.getMessage()]
     assert "No locks available" in warning and "4242" not in warning
+
+
+def test_a_repeated_sigterm_does_not_interrupt_the_stop(signal_handlers):
+    """A scheduler (or a user's second `kill`) may repeat SIGTERM within the grace period: only
+    a second Ctrl-C interrupts at once; a second SIGTERM keeps the stop and its checkpoint."""
+    preemption.install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    except KeyboardInterrupt:
+        pytest.fail("a second SIGTERM interrupted the run at once")
+    assert preemption.should_stop() and preemption.requested_by() == "SIGTERM"
+
+
+def test_a_ctrl_c_stop_exits_130():
+    """A shell reads 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
+    for name, status in (("SIGINT", 130), ("SIGTERM", 143)):
+        assert preemption.Stopped(name, "teacher", 3, 18, "/w/teacher/checkpoints").exit_code == (
+            status
+        )
+
+
+def test_an_agreed_stop_is_pending_until_cleared(monkeypatch, signal_handlers):
+    """Several processes: a stop agreed by JAX's service is pending (main.py's 'came as the run
+    finished' line reads it), and `clear` forgets the agreement as well as the request."""
+    monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+    agreed = preemption._steps_seen + 1  # pylint: disable=protected-access
+    monkeypatch.setattr(
+        preemption.multihost_utils, "reached_preemption_sync_point", lambda step: step == agreed
+    )
+    assert preemption.should_stop()
+    assert preemption.pending() == "SIGTERM"
+    preemption.clear()
+    assert preemption.pending() is None and not preemption.should_stop()

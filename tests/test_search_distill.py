@@ -608,3 +608,82 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
 
     assert read(straight, "alpha.json") == read(resumed, "alpha.json")
     assert read(straight, "search/alpha_history.json") == read(resumed, "search/alpha_history.json")
+
+
+@pytest.mark.parametrize(
+    "alpha, why",
+    [
+        ([float("nan"), 1.0], "summing to 1"),
+        ([0.5, 0.55], "summing to 1"),
+        ([0.2, 0.3, 0.5], "one number per layer"),
+    ],
+)
+def test_alpha_file_of_unusable_weights_is_refused(tmp_path, alpha, why):
+    """NaN (json writes and reads it), a sum off by 5%, a number more than the group's maps."""
+    t_model, _ = tiny_models()
+    groups = search.alpha_record(t_model, search.init_beta(t_model, 1.0))
+    groups[1]["alpha"] = alpha
+    path = tmp_path / "alpha.json"
+    path.write_text(json.dumps({"teacher": "wrn_16_1", "groups": groups}))
+    with pytest.raises(alpha_file.AlphaFileError, match=f"group 2's alpha .*{why}"):
+        alpha_file.load(str(path), t_model)
+
+
+def test_results_table_gives_best_then_last_and_each_seed():
+    stages = {
+        "teacher": {
+            "best_accuracy": 0.9,
+            "best_epoch": 7,
+            "last_accuracy": 0.8,
+            "epochs": 10,
+            "wall_time_s": 12.4,
+        },
+        "search": {
+            "ts_path_best_accuracy": 0.5,
+            "ts_path_last_accuracy": 0.4,
+            "groups": 3,
+            "epochs_per_group": 2,
+            "wall_time_s": 30.0,
+            "by_group": {"g3": {"best_epoch": 1}},
+        },
+        "distill/dfa/seed1": {
+            "best_accuracy": 0.7,
+            "best_epoch": 3,
+            "last_accuracy": 0.6,
+            "epochs": 5,
+        },
+    }
+    assert reporting.results_table(stages).splitlines()[2:] == [
+        "| teacher | 90.00 | 7 | 80.00 | 10 | 12 |",
+        "| search (last group's teacher-to-student path) | 50.00 | 1 | 40.00 | 3 x 2 | 30 |",
+        "| student + DFA (seed 1) | 70.00 | 3 | 60.00 | 5 | - |",
+    ]
+
+
+def test_alpha_plots_draw_each_groups_alpha_and_its_change(tmp_path, monkeypatch):
+    """The heatmap's cells are each group's alpha in the teacher's map order (blank past a
+    group's maps); the trajectories are the change from the start, epochs in order, on an axis
+    fitted to the largest change."""
+    figures = []
+    monkeypatch.setattr(reporting, "_save_png", lambda fig, path: figures.append(fig))
+    record = [
+        {"group": 1, "layers": ["g1_b1", "g1_b2"], "alpha": [0.2, 0.8]},
+        {"group": 2, "layers": ["g2_b1", "g2_b2", "g2_b3"], "alpha": [0.1, 0.3, 0.6]},
+    ]
+    reporting.plot_alpha_heatmap(record, str(tmp_path / "heatmap.png"))
+    grid = np.ma.filled(figures[0].axes[0].images[0].get_array().astype(float), np.nan)
+    np.testing.assert_allclose(grid, [[0.2, 0.8, np.nan], [0.1, 0.3, 0.6]])
+    history = [
+        {"group": 1, "epoch": 1, "alpha/g1/0": 0.25, "alpha/g1/1": 0.75},
+        {"group": 1, "epoch": 0, "alpha/g1/0": 0.3, "alpha/g1/1": 0.7},
+        {"group": 2, "epoch": 0, "alpha/g2/0": 0.2, "alpha/g2/1": 0.3, "alpha/g2/2": 0.5},
+        {"group": 2, "epoch": 1, "alpha/g2/0": 0.1, "alpha/g2/1": 0.3, "alpha/g2/2": 0.6},
+    ]
+    reporting.plot_alpha_trajectories(history, record, str(tmp_path / "trajectories.png"))
+    first, second = figures[1].axes
+    np.testing.assert_allclose(first.lines[0].get_ydata(), [0.0, -0.05])
+    np.testing.assert_allclose(
+        [l.get_ydata() for l in second.lines[:3]], [[0, -0.1], [0, 0], [0, 0.1]], atol=1e-12
+    )
+    np.testing.assert_allclose(first.get_ylim(), (-0.11, 0.11))
+    assert reporting.change_axis_limit([]) == 1e-3

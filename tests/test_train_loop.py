@@ -213,6 +213,19 @@ def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatc
         jax.tree.map(
             np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), evaluated[epoch - 1]
         )
+    # A run given that workdir as teacher.checkpoint distils from the same teacher as it would.
+    monkeypatch.setattr(evaluation, "make_model_eval_fn", real_make)
+    config.teacher.checkpoint = workdir
+    for distill_from, epoch in (("best", 2), ("last", 3)):
+        config.teacher.distill_from = distill_from
+        result, reused = teacher.run(config, str(tmp_path / "reuse"), mesh, data)
+        assert os.path.basename(result["loaded_from"]) == (
+            teacher.BEST_VARIABLES_DIR if distill_from == "best" else teacher.VARIABLES_DIR
+        )
+        jax.tree.map(
+            np.testing.assert_array_equal, jax.tree.map(np.asarray, reused), evaluated[epoch - 1]
+        )
+    config.teacher.checkpoint = None
 
     # A finished stage of an older version (no best_variables/), copied into a workdir: its last
     # epoch, said and recorded, as for the same teacher given as teacher.checkpoint.
@@ -634,3 +647,35 @@ def test_a_run_traces_at_its_matmul_precision(name, lowered, tmp_path, monkeypat
     config.matmul_precision = "bfloat16"
     with pytest.raises(errors.ConfigError, match="matmul_precision = 'bfloat16': use one of"):
         pipeline.run(config, str(tmp_path / "run"))
+
+
+def test_two_writers_of_one_directory_in_one_second_keep_both_files(tmp_path, monkeypatch):
+    """A stage stopped and run again in the same process within a second (a notebook, embedding
+    code) opens a second writer in its directory: its file must not truncate the first's."""
+    with monkeypatch.context() as patched:
+        patched.setattr(scalar_writer.time, "time", lambda: 1000.0)  # One second for both.
+        first = scalar_writer.ScalarWriter(str(tmp_path))
+        first.write_scalars(1, {"train/loss": 2.0})
+        first.close()
+        second = scalar_writer.ScalarWriter(str(tmp_path))
+        second.write_scalars(2, {"train/loss": 1.0})
+        second.close()
+    assert first.path != second.path
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_a_torn_last_record_is_cut_even_when_no_step_is_dropped(tmp_path):
+    """Killed mid-record right after its last checkpoint: nothing to drop but the torn bytes,
+    which `truncate` removes as its docstring says (the file is then its whole records)."""
+    writer = scalar_writer.ScalarWriter(str(tmp_path))
+    writer.write_scalars(1, {"train/loss": 2.0})
+    writer.close()
+    with open(writer.path, "rb") as f:
+        whole = f.read()
+    with open(writer.path, "ab") as f:
+        f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00\x01")  # A record's first bytes.
+    scalar_writer.truncate(str(tmp_path), 1)
+    with open(writer.path, "rb") as f:
+        assert f.read() == whole
