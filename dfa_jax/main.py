@@ -133,19 +133,6 @@ def main(argv):
     except preemption.Stopped as e:
         print(f"{e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            _exit_now_if_several_processes(traceback.format_exc().rstrip())
-            raise
-        # The disk filled during the run (checkpoints say so themselves; a record may meet it
-        # first): what to do, not a traceback. Nothing finished is lost.
-        where = f" writing {e.filename}" if e.filename else ""
-        message = (
-            f"error: the disk is full ({e.strerror}{where}); free space, then run the same"
-            " command again: it resumes from the last checkpoint."
-        )
-        _exit_now_if_several_processes(message)
-        sys.exit(message)
     except KeyboardInterrupt:  # A second Ctrl-C: out at once, with the shell's status for it.
         print(
             "interrupted; run the same command again to resume from the last checkpoint.",
@@ -153,7 +140,17 @@ def main(argv):
             flush=True,
         )
         sys.exit(128 + signal.SIGINT)
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The disk filled during the run (checkpoints say so themselves; a record may meet
+            # it first): what to do, not a traceback. Nothing finished is lost.
+            where = f" writing {e.filename}" if e.filename else ""
+            message = (
+                f"error: the disk is full ({e.strerror}{where}); free space, then run the same"
+                " command again: it resumes from the last checkpoint."
+            )
+            _exit_now_if_several_processes(message)
+            sys.exit(message)
         _exit_now_if_several_processes(traceback.format_exc().rstrip())
         raise
 

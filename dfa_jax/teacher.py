@@ -120,6 +120,22 @@ def resolve_checkpoint(path: str, field: str = "teacher.checkpoint", best: bool 
     raise errors.CheckpointError(f"{field} = {path!r} holds no teacher variables; {fix}.")
 
 
+def _handed_on(path: str, best: bool, named: str) -> str:
+    """The variables of the teacher at `path` that the later stages get (`resolve_checkpoint`),
+    warning where `best` found no best epoch's (a teacher stage of an older version): its last
+    epoch's. `named` says what `path` is, for the warning."""
+    source = resolve_checkpoint(path, best=best)
+    if best and os.path.basename(source) == VARIABLES_DIR and source != files.absolute(path):
+        logging.warning(
+            "%s has no %s (a teacher stage of an older version): using its last epoch's"
+            " variables, %s",
+            named,
+            BEST_VARIABLES_DIR,
+            source,
+        )
+    return source
+
+
 def is_variables_dir(path: str) -> bool:
     """Whether `path` is a directory of saved variables (orbax's markers at its top)."""
     return any(files.exists(os.path.join(path, marker)) for marker in VARIABLES_MARKERS)
@@ -352,19 +368,9 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
 
     best = config.teacher.distill_from == "best"
     if config.teacher.checkpoint is not None:
-        source = resolve_checkpoint(config.teacher.checkpoint, best=best)
-        if (
-            best
-            and os.path.basename(source) == VARIABLES_DIR
-            and source != files.absolute(config.teacher.checkpoint)
-        ):
-            logging.warning(
-                "teacher.checkpoint = %r has no %s (a teacher stage of an older version):"
-                " using its last epoch's variables, %s",
-                config.teacher.checkpoint,
-                BEST_VARIABLES_DIR,
-                source,
-            )
+        source = _handed_on(
+            config.teacher.checkpoint, best, f"teacher.checkpoint = {config.teacher.checkpoint!r}"
+        )
         variables = load_variables(source, model, mesh)
         evaluation_result = eval_fn(variables)
         result = {
@@ -377,19 +383,11 @@ def run(config, workdir: str, mesh, data: inputs.RunData) -> tuple[dict, dict]:
 
     used = os.path.join(directory, BEST_VARIABLES_DIR if best else VARIABLES_DIR)
     if train_loop.is_done(directory):
-        result = train_loop.read_result(directory) | {"distill_from": config.teacher.distill_from}
-        if best and not is_variables_dir(used):
-            # A teacher stage of an older version (one copied into this workdir): as for the
-            # same teacher given as teacher.checkpoint, its last epoch, said and recorded.
-            used = os.path.join(directory, VARIABLES_DIR)
-            logging.warning(
-                "the finished teacher stage in %s has no %s (a teacher stage of an older"
-                " version): using its last epoch's variables, %s",
-                directory,
-                BEST_VARIABLES_DIR,
-                used,
-            )
-            result["distill_from"] = "last"
+        # As for the same teacher given as teacher.checkpoint (a stage of an older version,
+        # copied in, may have no best epoch's variables: its last epoch's, recorded as such).
+        used = _handed_on(directory, best, f"the finished teacher stage in {directory}")
+        handed_on = "best" if os.path.basename(used) == BEST_VARIABLES_DIR else "last"
+        result = train_loop.read_result(directory) | {"distill_from": handed_on}
         return result, load_variables(used, model, mesh)
 
     stage = build_stage(config, mesh, data, directory, model, eval_fn)

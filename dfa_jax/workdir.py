@@ -204,8 +204,9 @@ def _check_no_unknown_run(workdir: str) -> None:
     previous/: a restart stopped while moving that run aside (by a version that did not move
     the config last), whose stages this command would take as its own. (A teacher copied by
     hand into a fresh workdir, with no previous/, is taken as this config's.)"""
-    found = sorted(set(files.listdir(workdir)) & set(_RUN_ENTRIES))
-    if found and PREVIOUS_DIR in files.listdir(workdir):
+    entries = files.listdir(workdir)
+    found = sorted(set(entries) & set(_RUN_ENTRIES))
+    if found and PREVIOUS_DIR in entries:
         raise errors.WorkdirError(
             f"workdir {workdir!r} holds a run ({', '.join(found)}) but no {CONFIG_FILE}, beside"
             f" runs moved into {os.path.join(workdir, PREVIOUS_DIR)}/: most likely a"
