@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from dfa_jax import errors, safetensors_io
+from dfa_jax import interop_core as core
 from dfa_jax.interop_core import (  # noqa: F401 (re-exported: interop's public names)
     DATA_PARALLEL_PREFIX,
     NESTED_KEYS,
@@ -90,27 +91,13 @@ def parse_model_name(name: str) -> tuple[int, int]:
 def _layout(depth: int, width: int, num_classes: int) -> tuple[_Entry, ...]:
     """Every tensor of WRN-depth-width in PyTorch's state_dict order (module registration order:
     conv1, block1.layer.0.{bn1, conv1, bn2, conv2, convShortcut}, ..., bn1, fc)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
     from dfa_jax import models  # pylint: disable=g-import-not-at-top
 
     name = model_name(depth, width)
     if not models.is_valid_model_name(name) or num_classes < 1:
         raise InteropError(f"no WideResNet {name} with {num_classes} classes: check depth/width")
     model = models.get_model(name, num_classes)
-    # Shapes only: the Flax model is the authority on what exists, nothing is computed.
-    abstract = jax.eval_shape(
-        functools.partial(model.init, train=False),
-        jax.random.key(0),
-        jnp.zeros((1, 32, 32, 3), jnp.float32),
-    )
-    leaves = {
-        tuple(k.key for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(
-            {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
-        )
-    }
+    leaves = core.abstract_leaf_shapes(model)
 
     entries = []
 
@@ -152,13 +139,7 @@ def _layout(depth: int, width: int, num_classes: int) -> tuple[_Entry, ...]:
         _Entry("fc.bias", ("params", "fc", "bias"), "vector", leaves[("params", "fc", "bias")])
     )
 
-    # Guards the table above against a change of the Flax model: every leaf mapped exactly once.
-    mapped = [e.flax_path for e in entries]
-    if sorted(mapped) != sorted(leaves):
-        raise RuntimeError(
-            f"interop's layout of {name} is out of date with dfa_jax.models.WideResNet: unmapped"
-            f" {sorted(set(leaves) - set(mapped))}, unknown {sorted(set(mapped) - set(leaves))}"
-        )
+    core.check_layout_covers([e.flax_path for e in entries], leaves, f"interop's layout of {name}")
     return tuple(entries)
 
 

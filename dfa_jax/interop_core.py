@@ -73,6 +73,35 @@ class _Entry:
         return "/".join(self.flax_path)
 
 
+def abstract_leaf_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every variable leaf of a Flax `model` for [1, 32, 32, 3] inputs, (collection, *modules,
+    leaf) -> shape. Shapes only: the Flax model is the authority on what exists, nothing runs."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    abstract = jax.eval_shape(
+        lambda key, x: model.init(key, x, train=False),
+        jax.random.key(0),
+        jnp.zeros((1, 32, 32, 3), jnp.float32),
+    )
+    return {
+        tuple(k.key for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
+        )
+    }
+
+
+def check_layout_covers(mapped, leaves, what: str) -> None:
+    """Every Flax leaf mapped exactly once: guards a hand-written layout table against a change
+    of the model it describes (a RuntimeError, the project's fault, not the user's)."""
+    if sorted(mapped) != sorted(leaves):
+        raise RuntimeError(
+            f"{what} is out of date with its Flax model: unmapped"
+            f" {sorted(set(leaves) - set(mapped))}, unknown {sorted(set(mapped) - set(leaves))}"
+        )
+
+
 def _check(given: Mapping[str, tuple], expected: Mapping[str, tuple], what: str, hint: str):
     """Raises InteropError naming the first key of `given` (then the first missing key of
     `expected`) that is unexpected or wrongly shaped. Both map names to shapes, in order."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import re
 
+from dfa_jax import interop_core as core
+
 _BN_LEAVES = (
     ("weight", ("params", "scale")),
     ("bias", ("params", "bias")),
@@ -81,23 +83,10 @@ def _modules(model) -> list[tuple[str, tuple[str, ...], str]]:
 def layout(name: str, num_classes: int) -> tuple[tuple, ...]:
     """Every tensor of model `name` in PyTorch's state_dict order, as (PyTorch key, Flax path
     (collection first), kind: 'conv' / 'dense' / 'vector', Flax shape): what the Flax model has."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
     from dfa_jax import models  # pylint: disable=g-import-not-at-top
 
     model = models.get_model(name, num_classes)
-    abstract = jax.eval_shape(
-        functools.partial(model.init, train=False),
-        jax.random.key(0),
-        jnp.zeros((1, 32, 32, 3), jnp.float32),
-    )
-    leaves = {
-        tuple(k.key for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(
-            {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
-        )
-    }
+    leaves = core.abstract_leaf_shapes(model)
     entries = []
     for torch_module, flax_module, kind in _modules(model):
         if kind == "bn":
@@ -113,13 +102,7 @@ def layout(name: str, num_classes: int) -> tuple[tuple, ...]:
             continue
         for (torch_leaf, path), leaf_kind in zip(pairs, kinds):
             entries.append((f"{torch_module}.{torch_leaf}", path, leaf_kind, leaves[path]))
-    # Every Flax leaf mapped exactly once: guards the table against a change of the model.
-    mapped = [e[1] for e in entries]
-    if sorted(mapped) != sorted(leaves):
-        raise RuntimeError(
-            f"the PyTorch layout of {name} is out of date with its Flax model: unmapped"
-            f" {sorted(set(leaves) - set(mapped))}, unknown {sorted(set(mapped) - set(leaves))}"
-        )
+    core.check_layout_covers([e[1] for e in entries], leaves, f"the PyTorch layout of {name}")
     return tuple(entries)
 
 

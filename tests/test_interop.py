@@ -1298,3 +1298,18 @@ def test_a_save_over_variables_leaves_no_copy_of_the_old_ones(tmp_path):
     teacher.save_variables(str(tmp_path / "vars"), new)
     assert sorted(os.listdir(tmp_path)) == ["vars"]
     _assert_same(interop.read_dfa_variables(str(tmp_path / "vars"))[0], new)
+
+
+def test_a_layout_table_out_of_date_with_its_model_is_refused():
+    """Each hand-written PyTorch layout covers every Flax leaf exactly once; a table that misses
+    one (a model grown a module the table does not know) is refused, naming the leaf."""
+    from dfa_jax import interop_core, interop_layouts, models
+
+    leaves = interop_core.abstract_leaf_shapes(models.get_model("resnet8x4", 100))
+    mapped = [row[1] for row in interop_layouts.layout("resnet8x4", 100)]
+    assert sorted(mapped) == sorted(leaves) and leaves[("params", "fc", "kernel")] == (256, 100)
+    interop_core.check_layout_covers(mapped, leaves, "resnet8x4's table")
+    with pytest.raises(RuntimeError, match=r"resnet8x4's table is out of date.*'fc', 'bias'"):
+        interop_core.check_layout_covers(
+            [p for p in mapped if p != ("params", "fc", "bias")], leaves, "resnet8x4's table"
+        )
