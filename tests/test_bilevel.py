@@ -325,3 +325,29 @@ def test_each_step_augments_with_fresh_draws_the_same_for_the_same_step():
     assert len(set(first + second)) == 4  # per step, per batch
     assert draws(0, start)[1] == first  # the same step, the same draws
     assert draws(1, start)[1] != first  # another seed, others
+
+
+def test_untrained_parameters_leave_the_schedules_step_count_running():
+    """With `w_trainable`, the optimizer's step count still advances: the second step takes the
+    schedule's second rate (the search's cosine must decay though each group leaves the other
+    groups' connectors untrained). By hand: plain SGD at 0.1, then 0.05 from step 1 on."""
+    tx = optax.sgd(optax.piecewise_constant_schedule(0.1, {1: 0.5}))
+    params = {
+        "W": jnp.asarray(np.random.default_rng(2).normal(size=(5, 3)), jnp.float32),
+        "unused": jnp.ones((4,), jnp.float32),
+    }
+    state = bilevel.create_state(params, {}, tx, {"g1": jnp.zeros(3), "g2": jnp.zeros(3)})
+    step = jax.jit(
+        bilevel.make_bilevel_step(toy_w_loss, tx, seed=0, w_trainable={"W": True, "unused": False})
+    )
+    rates = []
+    for _ in range(2):
+        grad = jax.grad(lambda p: toy_w_loss(p, {}, state.beta, BATCH, None, None)[0])(
+            state.params
+        )["W"]
+        new, _ = step(state, BATCH, None, None)
+        moved = np.asarray(state.params["W"] - new.params["W"])
+        rates.append(float(np.sum(moved * grad) / np.sum(grad * grad)))
+        np.testing.assert_allclose(moved, rates[-1] * np.asarray(grad), rtol=1e-4, atol=1e-7)
+        state = new
+    assert rates == pytest.approx([0.1, 0.05], rel=1e-4)

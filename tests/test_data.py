@@ -884,3 +884,30 @@ def test_random_resized_crop_zooms_a_quarter_box_by_two():
         jnp.asarray(ramp), jax.random.key(3), flip=False, scale=(0.25, 0.25), ratio=(1.0, 1.0)
     )
     np.testing.assert_array_equal(np.asarray(again), y)
+
+
+def test_random_resized_crop_flips_half_of_the_examples_horizontally():
+    """CINIC-10's recipe (RandomResizedCrop + RandomHorizontalFlip): with the full box the crop is
+    the image itself, so each output is its input or its left-right mirror, about half each."""
+    from dfa_jax.data import augment
+
+    row = jnp.arange(4, dtype=jnp.uint8)[None, None, :, None]
+    images = jnp.broadcast_to(row, (4000, 4, 4, 1))
+    out = np.asarray(
+        augment.random_resized_crop_flip(
+            images, jax.random.key(3), flip=True, scale=(1.0, 1.0), ratio=(1.0, 1.0)
+        )
+    )
+    mirrored = np.all(out == np.arange(4)[::-1][None, None, :, None], axis=(1, 2, 3))
+    kept = np.all(out == np.arange(4)[None, None, :, None], axis=(1, 2, 3))
+    assert np.all(mirrored | kept)
+    assert 0.45 < mirrored.mean() < 0.55
+
+
+def test_stratified_split_rounds_half_a_class_up():
+    """floor(n_c * f + 0.5), as the docstring states: 15 examples at 0.3 (4.5) give 5 to val,
+    5 at 0.5 (2.5) give 3; NumPy's round-half-to-even would give 4 and 2."""
+    labels = np.repeat([0, 1], [15, 5])
+    for fraction, want in ((0.3, (5, 2)), (0.5, (8, 3))):
+        _, val = data.stratified_split(labels, fraction, seed=0)
+        assert tuple(np.bincount(labels[val], minlength=2)) == want, fraction

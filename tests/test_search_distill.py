@@ -687,3 +687,113 @@ def test_alpha_plots_draw_each_groups_alpha_and_its_change(tmp_path, monkeypatch
     )
     np.testing.assert_allclose(first.get_ylim(), (-0.11, 0.11))
     assert reporting.change_axis_limit([]) == 1e-3
+
+
+@pytest.mark.parametrize("w_schedule", ["global", "per_group"])
+def test_the_searchs_w_rate_is_the_cosine_over_the_search_splits_steps(tmp_path, w_schedule):
+    """The rate w's optimizer applies, and each group's logged 'lr', at each group's first and
+    last step: the cosine over the steps of the search's training part (7/10 of the training
+    set, not all of it), over the whole search or restarted per group (NumPy); each group's
+    batches continue the earlier groups' stream."""
+    config = load_config("demo", "tiny")
+    config.search.w_schedule = w_schedule
+    mesh = parallel.make_mesh()
+    data = inputs.load(config, str(tmp_path), search=True)
+    built = search.build(config, mesh, data)
+    steps_per_epoch = len(data.search_train.labels) // config.search.batch_size
+    assert built.steps_per_epoch == steps_per_epoch < len(data.train.labels) // 16
+    per_group = config.search.epochs_per_group * steps_per_epoch
+    total = built.num_groups * per_group
+    w = {"w": jnp.zeros(3)}
+    for group in range(1, built.num_groups + 1):
+        stage = search.build_group_stage(
+            built, config, mesh, data, str(tmp_path), group, built.state
+        )
+        assert stage.data_steps_before == (group - 1) * per_group
+        for s in (0, per_group - 1):
+            count = (group - 1) * per_group + s  # The optimizer's count runs over the search.
+            t, n = (s, per_group) if w_schedule == "per_group" else (count, total)
+            expected = config.search.w_lr * 0.5 * (1 + np.cos(np.pi * t / n))
+            assert float(stage.lr_fn(s)) == pytest.approx(expected, rel=1e-5, abs=1e-8)
+            # w's optimizer at that count: fresh momentum, zero weights (no decay), gradient 1.
+            opt = jax.tree.map(
+                lambda x: jnp.full_like(x, count) if jnp.issubdtype(x.dtype, jnp.integer) else x,
+                built.w_tx.init(w),
+            )
+            update, _ = built.w_tx.update({"w": jnp.ones(3)}, opt, w)
+            assert -float(update["w"][0]) == pytest.approx(expected, rel=1e-5, abs=1e-8)
+
+
+def test_a_students_rate_decays_at_its_milestone_epochs(tmp_path, monkeypatch):
+    """The rate the distillation's optimizer applies (and logs) falls by `decay` at each
+    milestone epoch of the training set's batches: x0.2 at epochs 2 and 3 (NumPy)."""
+    from dfa_jax import distill  # pylint: disable=g-import-not-at-top
+    from dfa_jax import optimizers  # pylint: disable=g-import-not-at-top
+
+    config = load_config("demo", "tiny")
+    optim = config.distill.optim
+    optim.schedule, optim.milestones, optim.decay, optim.epochs = "step", (2, 3), 0.2, 4
+    optim.nesterov = False  # A fresh momentum's first update is then -rate * gradient.
+    made, real_sgd = [], optimizers.sgd
+    monkeypatch.setattr(
+        optimizers, "sgd", lambda *a, **k: made.append(real_sgd(*a, **k)) or made[-1]
+    )
+    mesh = parallel.make_mesh()
+    data = inputs.load(config, str(tmp_path), search=False)
+    teacher_vars = teacher_lib.init_variables(distill.pair_of(config, data).teacher, 0, mesh)
+    stage = distill.build_stage(
+        config, mesh, data, str(tmp_path), teacher_vars, [("none", config.seed)]
+    )
+    (tx,) = made
+    steps_per_epoch = len(data.train.labels) // optim.batch_size
+    w = {"w": jnp.zeros(3)}
+    for count, rate in (
+        (2 * steps_per_epoch - 1, optim.lr),
+        (2 * steps_per_epoch, 0.2 * optim.lr),
+        (3 * steps_per_epoch, 0.04 * optim.lr),
+    ):
+        assert float(stage.lr_fn(count)) == pytest.approx(rate, rel=1e-6)
+        opt = jax.tree.map(
+            lambda x: jnp.full_like(x, count) if jnp.issubdtype(x.dtype, jnp.integer) else x,
+            tx.init(w),
+        )
+        update, _ = tx.update({"w": jnp.ones(3)}, opt, w)
+        assert -float(update["w"][0]) == pytest.approx(rate, rel=1e-6), count
+
+
+def test_group_dynamics_weights_rows_by_their_steps_and_reads_the_last_epochs_move():
+    """`search.group_dynamics` (search/result.json's by_group): rows at steps 2, 3, 4 average 2,
+    1 and 1 steps, so the mean push is over steps, not rows; the last epoch's move is from the
+    previous epoch's alpha (not the start's), and decides 'settled' (NumPy)."""
+
+    def softmax(b):
+        e = np.exp(np.asarray(b, np.float64))
+        return (e / e.sum()).tolist()
+
+    start = {"group": 1, "beta": [0.0, 4.0], "alpha": softmax([0.0, 4.0])}
+    end = {"group": 1, "beta": [0.5, 3.0], "alpha": softmax([0.5, 3.0])}
+
+    def train(step, g, l2):
+        return {
+            "step": step,
+            **{f"train/beta_grad_signed/{j}": (-g, g)[j] for j in (0, 1)},
+            **{f"train/val/beta_l2_grad/{j}": (0.0, l2)[j] for j in (0, 1)},
+        }
+
+    middle = [0.07, 0.93]
+    rows = [
+        train(2, 1.0, 0.1),
+        {"epoch": 1, "step": 2, "alpha/g1/0": middle[0], "alpha/g1/1": middle[1]},
+        train(3, 4.0, 0.4),
+        train(4, 4.0, 0.4),
+        {"epoch": 2, "step": 4, "alpha/g1/0": end["alpha"][0], "alpha/g1/1": end["alpha"][1]},
+    ]
+    d = search.group_dynamics(start, end, rows)
+    signed = (2 * 1.0 + 4.0 + 4.0) / 4  # The step-weighted mean of the last map's gradient.
+    assert d["lead_push_loss"] == pytest.approx(-2 * signed)  # lead = g_1 - g_0 = 2 g.
+    assert d["lead_push_l2"] == pytest.approx(-(2 * 0.1 + 0.4 + 0.4) / 4)
+    whole = np.abs(np.subtract(end["alpha"], start["alpha"])).max()
+    last = np.abs(np.subtract(end["alpha"], middle)).max()
+    assert d["alpha_change"] == pytest.approx(whole)
+    assert d["last_epoch_alpha_change"] == pytest.approx(last)
+    assert d["settled"] == (last <= whole / 2) and d["settled"]

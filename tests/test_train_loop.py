@@ -679,3 +679,69 @@ def test_a_torn_last_record_is_cut_even_when_no_step_is_dropped(tmp_path):
     scalar_writer.truncate(str(tmp_path), 1)
     with open(writer.path, "rb") as f:
         assert f.read() == whole
+
+
+def _counting_stage(directory, epochs=2, accuracies=None, best=None):
+    """A stage of 16 examples in batches of 4 (4 steps per epoch) whose step's loss is the step's
+    number (1, 2, ...): each logged row's mean is known by hand. Its 'lr' scalar is the step's
+    0-based index, and its test accuracies are scripted."""
+
+    def step(state, batch, val_batch, aux):
+        del batch, val_batch, aux
+        loss = (state.step + 1).astype(jnp.float32)
+        return state.replace(step=state.step + 1), {
+            "loss": loss,
+            "grad_norm": loss,
+            "finite": jnp.bool_(True),
+        }
+
+    mesh = parallel.make_mesh()
+    examples = loader.ArrayExamples(np.zeros((16, 2, 2, 1), np.uint8), np.arange(16) % 2)
+    state = jax.device_put(
+        bilevel.create_state({"w": jnp.zeros(2)}, {}, optax.sgd(0.1)), parallel.replicated(mesh)
+    )
+    scripted = iter(accuracies or [])
+    return train_loop.Stage(
+        name="teacher",
+        directory=directory,
+        state=state,
+        step_fn=parallel.jit_step(step, mesh),
+        eval_fn=(lambda s: {"accuracy": next(scripted), "loss": 0.0}) if accuracies else None,
+        best_fn=best,
+        train_data=examples,
+        epochs=epochs,
+        batch_size=4,
+        seed=0,
+        lr_fn=lambda s: float(s),
+    ), mesh
+
+
+def test_each_row_is_the_mean_of_its_steps_and_the_rate_of_its_last_step(tmp_path):
+    """Rows every 3 steps and at each epoch's end (4 steps): steps 1-3, 4, 5-6, 7-8, each row
+    the mean of its steps' losses (by hand), its 'lr' that of its last step (0-based index)."""
+    config = tiny_demo(log_every_steps=3, checkpoint_every_steps=1000)
+    stage, mesh = _counting_stage(str(tmp_path / "stage"))
+    train_loop.run(stage, config, mesh)
+    rows = [r for r in read_jsonl(str(tmp_path / "stage" / "metrics.jsonl")) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [3, 4, 6, 8]
+    assert [r["train/loss"] for r in rows] == [2.0, 4.0, 5.5, 7.5]
+    assert [r["train/lr"] for r in rows] == [2.0, 3.0, 5.0, 7.0]
+    # The last step is checkpointed though 8 is no multiple of checkpoint_every_steps: a run
+    # killed before its result.json is written retrains nothing.
+    saved = checkpointing.Checkpointer(str(tmp_path / "stage" / "checkpoints"), 2)
+    assert saved.latest_step() == 8
+    saved.close()
+
+
+def test_the_best_epoch_is_the_first_of_equal_accuracies(tmp_path):
+    """Accuracies 0.3, 0.7, 0.7, 0.2: the best epoch is 2 (the first of equals), exported once,
+    and the last accuracy is epoch 4's."""
+    config = tiny_demo(checkpoint_every_steps=1000)
+    exported = []
+    stage, mesh = _counting_stage(
+        str(tmp_path / "stage"), 4, [0.3, 0.7, 0.7, 0.2], lambda s, epoch: exported.append(epoch)
+    )
+    result = train_loop.run(stage, config, mesh)
+    assert exported == [1, 2]
+    best = (result["best_epoch"], result["best_accuracy"], result["last_accuracy"])
+    assert best == (2, 0.7, 0.2)
