@@ -257,7 +257,8 @@ def pair_of(config, data) -> methods.Pair:
 
 def _seeded(config, seed: int):
     """The config a student of `seed` is built with: its initialisation (and a 'random'
-    aggregation's alpha) from `seed`; batches and augmentation stay the run's (`config.seed`)."""
+    aggregation's alpha) from `seed`; batches and augmentation stay the run's (`config.seed`), in
+    a method's own first stage (FT's paraphraser, AB's initialisation) as in the distillation."""
     if seed == config.seed:
         return config
     seeded = ml_collections.ConfigDict(config.to_dict())
@@ -283,8 +284,9 @@ def student_start(config, workdir, mesh, data, teacher_vars, pair, label, seed, 
             name, where, epochs, lr, params, batch_stats, loss_fn, eval_fn=None, w_trainable=None
         ):
             optim = helper_stage_optim(seeded, epochs, lr)
+            # The run's config: its batches and augmentation, as every student's (`_seeded`).
             return _run_helper_stage(
-                seeded,
+                config,
                 name,
                 where,
                 optim,

@@ -797,3 +797,42 @@ def test_group_dynamics_weights_rows_by_their_steps_and_reads_the_last_epochs_mo
     assert d["alpha_change"] == pytest.approx(whole)
     assert d["last_epoch_alpha_change"] == pytest.approx(last)
     assert d["settled"] == (last <= whole / 2) and d["settled"]
+
+
+@pytest.mark.parametrize("method", ["ft", "ab"])
+def test_a_methods_first_stage_sees_the_runs_batches_whatever_the_students_seed(
+    tmp_path, monkeypatch, method
+):
+    """A student of seed 4 in a run of seed 0: its FT paraphraser / AB initialisation stage draws
+    the batches and augmentation of the run's seed, as the distillation does, so students of
+    several seeds differ in their initialisation alone."""
+    from dfa_jax import bilevel, distill, train_loop  # pylint: disable=g-import-not-at-top
+
+    config = load_config("demo", "tiny")
+    config.distill.method = method
+    assert config.seed == 0
+    step_seeds, stage_seeds = [], []
+    real_step = bilevel.make_bilevel_step
+
+    def recording_step(*args, **kwargs):
+        step_seeds.append(kwargs["seed"])
+        return real_step(*args, **kwargs)
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, *args, **kwargs):
+        stage_seeds.append(stage.seed)
+        raise Stop
+
+    monkeypatch.setattr(bilevel, "make_bilevel_step", recording_step)
+    monkeypatch.setattr(train_loop, "run", stop)
+    mesh = parallel.make_mesh()
+    data = inputs.load(config, str(tmp_path), search=False)
+    pair = distill.pair_of(config, data)
+    teacher_vars = teacher_lib.init_variables(pair.teacher, 0, mesh)
+    with pytest.raises(Stop):
+        distill.student_start(
+            config, str(tmp_path), mesh, data, teacher_vars, pair, method, 4, None
+        )
+    assert stage_seeds == [0] and step_seeds == [0]
