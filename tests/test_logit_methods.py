@@ -9,6 +9,7 @@ per-pair beta are as mdistiller's, and the report keeps the paper's Table 2.
 
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -361,7 +362,7 @@ def _np_ce(logits, labels):
 
 # Each method's loss from images, against its paper's formula in NumPy on the networks' logits:
 # the weights set apart from each other and from their defaults, so a dropped or swapped one
-# shows. (DKD+LS past its warm-up: the clock at 200 epochs of 10 steps.)
+# shows. (DKD and DKD+LS past their warm-up: the clock at 200 epochs of 10 steps.)
 _COMPOSED = {
     "kd_ls": (
         {"ls_kd_ce_weight": 0.7, "ls_kd_weight": 5.0, "ls_kd_temperature": 3.0},
@@ -375,6 +376,13 @@ _COMPOSED = {
         lambda s, t, y, b: (
             b.dist_ce_weight * _np_ce(s, y)
             + _np_dist(s, t, b.dist_beta, b.dist_gamma, b.dist_temperature)
+        ),
+    ),
+    "dkd": (
+        {"dkd_ce_weight": 0.7, "dkd_alpha": 2.0, "dkd_beta": 5.0, "dkd_temperature": 3.0},
+        lambda s, t, y, b: (
+            b.dkd_ce_weight * _np_ce(s, y)
+            + _np_dkd(s, t, y, b.dkd_alpha, b.dkd_beta, b.dkd_temperature)
         ),
     ),
     "dkd_ls": (
@@ -410,7 +418,7 @@ def test_method_loss_from_images_is_its_formula(method):
     labels = np.asarray(data.train.labels[:8])
     batch = {"image": images, "label": jnp.asarray(labels)}
     stats = {"student": student["batch_stats"]}
-    if method == "dkd_ls":
+    if method in ("dkd", "dkd_ls"):
         stats[logit_targets.CLOCK] = {"steps": jnp.int32(2000)}
     loss_fn = jax.jit(methods.make_loss_fn(method, pair, config, 10))
     loss, _ = loss_fn({"student": student["params"]}, stats, None, batch, None, teacher_vars)
@@ -423,6 +431,20 @@ def test_method_loss_from_images_is_its_formula(method):
         config.baselines,
     )
     _close(loss, want, 1e-5)
+
+
+@pytest.mark.parametrize("method", ["dkd", "dkd_ls"])
+def test_dkd_warmup_counts_the_distill_stages_steps_per_epoch(method):
+    """The warm-up's epoch length is the distill stage's (`distill.optim.batch_size`), not the
+    teacher's or the search's: 100 examples, 16 a batch -> 6 steps an epoch."""
+    config = _tiny_config(**{"distill.method": method})
+    config.distill.optim.batch_size = 16
+    config.teacher.optim.batch_size = config.search.batch_size = 32
+    setup = types.SimpleNamespace(
+        config=config, data=types.SimpleNamespace(train=types.SimpleNamespace(labels=[0] * 100))
+    )
+    start = methods.Start(student={}, helpers=({}, {}), aux=None)
+    assert methods.implementation(method).start(setup, start).constants == 6
 
 
 @pytest.mark.parametrize(

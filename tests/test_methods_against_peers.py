@@ -524,6 +524,21 @@ def test_jacobian_is_knowledge_distillation_zoos(setting):
     _close(loss, want)
 
 
+def test_jacobian_term_is_sobolevs_at_its_weight(setting):
+    """The Jacobian term alone: at the default weight it is about 1 % of the loss above, under
+    that test's 1e-4 tolerance, so there a student input gradient taken in eval mode (or a
+    weight that ignores `jacobian_weight`) would pass."""
+    config = config_lib.base_config()
+    config.baselines.jacobian_weight = 3.0
+    student, teacher = _torch_models(setting)
+    img = setting["images"].clone().requires_grad_(True)
+    out_s, out_t = student(img), teacher(img)
+    term = sobolev(out_s, out_t, img, setting["labels"])
+    loss, metrics = _jax_loss({**setting, "config": config}, "jacobian")
+    _close(float(metrics["jacobian_loss"]), term)
+    _close(loss, F.cross_entropy(out_s, setting["labels"]) + 3.0 * term)
+
+
 def test_margin_is_overhauls(setting):
     """overhaul's `Distiller` and `train_with_distillation.py`: teacher and student in train mode,
     pre-ReLU features, connectors conv1x1 + BN, margins from the teacher's BNs; CE +
