@@ -4,6 +4,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -705,3 +706,43 @@ def test_normalisation_is_the_peers():
     np.testing.assert_allclose(
         DATASETS["cinic10"].std, (0.24205776, 0.23828046, 0.25874835), atol=1e-4
     )
+
+
+@pytest.mark.parametrize(
+    "field, refused, accepted",
+    [("seed", 2**32, 2**32 - 1), ("data.pad", 32, 31), ("teacher.optim.weight_decay", -1e-4, 0.0)],
+)
+def test_validation_bounds_are_exact(field, refused, accepted):
+    """The edge of each range: a seed must fit 32 bits, a pad must leave part of a 32-pixel image,
+    weight decay may be 0 (no decay) but not negative."""
+
+    def with_value(value):
+        config = load_config("cifar100_teacher")
+        *parents, leaf = field.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+        return config
+
+    with pytest.raises(config_lib.ConfigError, match=re.escape(f"{field} = {refused}")):
+        config_lib.validate(with_value(refused), device_count=2)
+    config_lib.validate(with_value(accepted), device_count=2)
+
+
+def test_baseline_settings_are_repdistillers_and_beta_starts_on_the_last_map():
+    """The defaults every baseline row runs with, as RepDistiller's `train_student.py` and
+    README run them (KD: --kd_T 4 -r 0.1 -a 0.9; --init_epochs 30 for FT and AB; AB's margin 1.0,
+    FT's paraphraser rate k 0.5), overhaul's teacher in train mode for Margin, DFA's own
+    aggregation by default, and beta's start giving the last map the alpha the comment promises."""
+    config = config_lib.base_config()
+    base = config.baselines
+    assert (base.kd_temperature, base.kd_ce_weight, base.kd_weight) == (4.0, 0.1, 0.9)
+    assert (base.ft_pretrain_epochs, base.ab_init_epochs) == (30, 30)
+    assert (base.ab_margin, base.ft_rate, base.margin_teacher_bn) == (1.0, 0.5, "batch")
+    assert config.distill.aggregation == "dfa"
+    for maps, alpha_last in ((2, 0.982), (4, 0.948), (8, 0.886)):
+        logits = np.zeros(maps)
+        logits[-1] = config.search.init_last_logit
+        alpha = np.exp(logits) / np.exp(logits).sum()
+        assert round(float(alpha[-1]), 3) == alpha_last, maps

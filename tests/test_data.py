@@ -911,3 +911,24 @@ def test_stratified_split_rounds_half_a_class_up():
     for fraction, want in ((0.3, (5, 2)), (0.5, (8, 3))):
         _, val = data.stratified_split(labels, fraction, seed=0)
         assert tuple(np.bincount(labels[val], minlength=2)) == want, fraction
+
+
+def test_the_searchs_splits_partition_the_training_split(tmp_path):
+    """With no data.val_split, beta's validation part and w's training part of the search are
+    disjoint rows of the training split that together cover it, in data.search_val_fraction
+    (3/10) per class, with the training split's labels."""
+    from test_config import load_config
+
+    from dfa_jax import inputs
+
+    config = load_config("demo", "tiny")
+    assert config.data.val_split is None
+    run = inputs.load(config, str(tmp_path), search=True)
+    train, val = run.search_train, run.search_val
+    assert train.split == val.split == config.data.train_split
+    assert not set(train.rows) & set(val.rows)
+    assert sorted([*train.rows, *val.rows]) == list(range(len(run.train.labels)))
+    np.testing.assert_array_equal(val.labels, np.asarray(run.train.labels)[val.rows])
+    for c in np.unique(run.train.labels):
+        n = int(np.sum(run.train.labels == c))
+        assert int(np.sum(val.labels == c)) == math.floor(n * 0.3 + 0.5), c
