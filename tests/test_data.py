@@ -932,3 +932,16 @@ def test_the_searchs_splits_partition_the_training_split(tmp_path):
     for c in np.unique(run.train.labels):
         n = int(np.sum(run.train.labels == c))
         assert int(np.sum(val.labels == c)) == math.floor(n * 0.3 + 0.5), c
+
+
+def test_an_epoch_that_divides_into_batches_reads_every_example_once():
+    """100 examples in batches of 10: 10 full batches, every example exactly once, for one
+    process and for each process's rows together."""
+    examples = _indexed_examples(100)
+    whole = list(data.train_batches(examples, 10, seed=1, epoch=0))
+    assert [len(b["label"]) for b in whole] == [10] * 10
+    assert sorted(_ids(whole)) == list(range(100))
+    parts = [
+        list(data.train_batches(examples, 10, 1, 0, rows=slice(p * 5, p * 5 + 5))) for p in (0, 1)
+    ]
+    assert sorted(np.concatenate([_ids(part) for part in parts])) == list(range(100))
