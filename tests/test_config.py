@@ -746,3 +746,16 @@ def test_baseline_settings_are_repdistillers_and_beta_starts_on_the_last_map():
         logits[-1] = config.search.init_last_logit
         alpha = np.exp(logits) / np.exp(logits).sum()
         assert round(float(alpha[-1]), 3) == alpha_last, maps
+
+
+def test_a_teacher_map_must_pool_to_the_students_size_by_a_whole_factor(monkeypatch):
+    """A teacher with group ends at (32, 16, 8) teaches students at (32, 16, 8) and (16, 8, 4)
+    (pooled by 2); its map at 16 pools to neither 12 nor 32 by a whole factor: refused."""
+    sizes = {"t": (32, 16, 8), "same": (32, 16, 8), "half": (16, 8, 4), "odd": (32, 12, 8)}
+    sizes["big"] = (32, 32, 8)
+    monkeypatch.setattr(config_lib, "group_sizes", lambda name: sizes[name])
+    assert config_lib._pair_size_problems("t", "same") == []
+    assert config_lib._pair_size_problems("t", "half") == []
+    for student in ("odd", "big"):
+        (problem,) = config_lib._pair_size_problems("t", student)
+        assert "whole multiple" in problem, student
