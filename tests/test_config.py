@@ -469,6 +469,9 @@ def test_milestones_a_shortened_run_never_reaches_are_warned_about():
     config.teacher.optim.epochs = 30
     (line,) = config_lib.schedule_warnings(config)
     assert "teacher.optim.milestones = (60, 120, 160)" in line and "(30)" in line
+    config.teacher.optim.milestones = (10, 30)  # A decay after the last epoch: none.
+    (line,) = config_lib.schedule_warnings(config)
+    assert "(30,) at or after its last epoch (30)" in line
     config.teacher.optim.milestones = (10, 20)
     assert config_lib.schedule_warnings(config) == []
     config.distill.optim.epochs = 100
