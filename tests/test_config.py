@@ -72,6 +72,10 @@ def test_pair_configs_follow_the_paper():
         )
         assert config.search.epochs_per_group == 5 and config.data.val_split == "valid"
         assert (config.distill.optim.epochs, config.distill.optim.batch_size) == (140, 96)
+        # §4.3: batch size 96 throughout (the search too); AB's initialisation at the student's
+        # rate 0.01, as RepDistiller's `helper/pretrain.py` runs it.
+        assert config.search.batch_size == 96, i
+        assert config.baselines.ab_init_lr == config.distill.optim.lr == 0.01, i
     for name in ("cifar100_pair1", "cifar100_pair2", "cifar100_pair3", "cinic10_pair1"):
         config = load_config(name)
         search = config.search
