@@ -606,3 +606,21 @@ def test_an_agreed_stop_is_pending_until_cleared(monkeypatch, signal_handlers):
     assert preemption.pending() == "SIGTERM"
     preemption.clear()
     assert preemption.pending() is None and not preemption.should_stop()
+
+
+def test_saving_a_step_already_saved_keeps_the_first(tmp_path):
+    """The loop saves at every checkpoint interval and at a stage's last step, which may be the
+    same step (and a resumed run saves again what it restored): the second save is no error and
+    leaves the checkpoint on disk as it was."""
+    directory = str(tmp_path / "ckpt")
+    ckpt = checkpointing.Checkpointer(directory, keep=2)
+    ckpt.save(3, {"w": jax.numpy.full(4, 3.0)}, {"step": 3})
+    ckpt.wait()
+    ckpt.save(3, {"w": jax.numpy.full(4, -1.0)}, {"step": 3, "again": True})
+    ckpt.close()
+    reopened = checkpointing.Checkpointer(directory, keep=2)
+    reopened.save(3, {"w": jax.numpy.full(4, -2.0)}, {"step": 3, "again": True})
+    state, meta = reopened.restore({"w": jax.numpy.zeros(4)})
+    reopened.close()
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full(4, 3.0))
+    assert meta == {"step": 3} and sorted(os.listdir(directory)) == ["3"]
