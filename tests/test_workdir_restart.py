@@ -167,6 +167,12 @@ def test_the_refusal_says_how_to_reuse_the_finished_teacher_and_alpha(teacher_ru
     with pytest.raises(errors.WorkdirError) as e:  # Another student: the teacher, not the alpha.
         workdir_lib.prepare(_one_epoch(**{"student.model": "wrn_16_1"}), teacher_run)
     assert "teacher.checkpoint=" in str(e.value) and "alpha_file" not in str(e.value)
+    # The feature clamp and the epoch a student distils from shape the alpha a search finds,
+    # not the trained teacher (it exports both its best and its last epoch).
+    for changed in ({"features.clamp_min": -2.0}, {"teacher.distill_from": "last"}):
+        with pytest.raises(errors.WorkdirError) as e:
+            workdir_lib.prepare(_one_epoch(**changed), teacher_run)
+        assert "teacher.checkpoint=" in str(e.value) and "alpha_file" not in str(e.value), changed
 
 
 def test_a_restart_stopped_midway_never_leaves_stages_without_their_config(tmp_path, monkeypatch):
