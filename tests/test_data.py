@@ -945,3 +945,48 @@ def test_an_epoch_that_divides_into_batches_reads_every_example_once():
         list(data.train_batches(examples, 10, 1, 0, rows=slice(p * 5, p * 5 + 5))) for p in (0, 1)
     ]
     assert sorted(np.concatenate([_ids(part) for part in parts])) == list(range(100))
+
+
+@pytest.mark.parametrize(
+    "field, size, split",
+    [
+        ("teacher.optim.batch_size", 41, "train"),
+        ("distill.optim.batch_size", 41, "train"),
+        ("search.batch_size", 13, "search val"),
+        ("search.batch_size", 29, "search train"),
+    ],
+)
+def test_a_split_smaller_than_one_batch_names_its_batch_size(field, size, split):
+    """40 training examples split 28 / 12 for the search: a batch one larger than the split a
+    stage trains on is refused before any compile, naming the split and the field; a batch of
+    the split's size is not. A teacher loaded from a checkpoint trains nothing: no check."""
+    from test_config import load_config
+
+    from dfa_jax import inputs
+
+    def examples(n):
+        return types.SimpleNamespace(labels=np.zeros(n, np.int32))
+
+    val = 12 if split != "search train" else 40  # (so that a batch of 28 fits it)
+    run = types.SimpleNamespace(
+        train=examples(40), search_train=examples(28), search_val=examples(val), test=examples(8)
+    )
+    config = load_config("demo", "tiny")
+    for name in ("teacher.optim", "distill.optim", "search"):
+        node = config
+        for part in name.split("."):
+            node = node[part]
+        node.batch_size = 8
+    *parents, leaf = field.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = size
+    with pytest.raises(data.DataError, match=f"the {split} split has .* {field} = {size}"):
+        inputs.check_batch_sizes(config, run)
+    node[leaf] = size - 1
+    inputs.check_batch_sizes(config, run)
+    if field.startswith("teacher"):
+        node[leaf] = size
+        config.teacher.checkpoint = "/runs/teacher"
+        inputs.check_batch_sizes(config, run)
