@@ -990,3 +990,25 @@ def test_a_split_smaller_than_one_batch_names_its_batch_size(field, size, split)
         node[leaf] = size
         config.teacher.checkpoint = "/runs/teacher"
         inputs.check_batch_sizes(config, run)
+
+
+def test_a_given_val_split_trains_beta_and_the_whole_train_split_trains_w(tmp_path):
+    """CINIC-10's protocol (data.val_split = 'valid'): the search trains w on the whole training
+    split and beta on the named split, nothing held out of the training split."""
+    from test_config import load_config
+
+    from dfa_jax import inputs
+
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 40), ("valid", 20), ("test", 10)):
+        np.savez(
+            tmp_path / f"{name}.npz",
+            images=rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
+            labels=np.arange(n) % 10,
+        )
+    config = load_config("demo", "tiny")
+    config.data.source, config.data.path, config.data.dataset = "npz", str(tmp_path), "cifar10"
+    config.data.val_split = "valid"
+    run = inputs.load(config, str(tmp_path / "run"), search=True)
+    assert run.search_train.split == "train" and len(run.search_train.labels) == 40
+    assert run.search_val.split == "valid" and len(run.search_val.labels) == 20
