@@ -766,3 +766,40 @@ def test_a_teacher_map_must_pool_to_the_students_size_by_a_whole_factor(monkeypa
     for student in ("odd", "big"):
         (problem,) = config_lib._pair_size_problems("t", student)
         assert "whole multiple" in problem, student
+
+
+def test_every_pair_distills_dfa_from_its_own_search():
+    """Each shipped pair (Tables 2 and 4, RepDistiller's benchmark) trains a DFA student on the
+    aggregation its own search finds (cinic10_pair sets it itself, beside base_config's)."""
+    pairs = [f"cifar100_pair{i}" for i in (1, 2, 3)] + [f"cinic10_pair{i}" for i in (1, 2, 3)]
+    for name in pairs + [name for name in SHIPPED if name.startswith("crd" + os.sep)]:
+        config = load_config(name)
+        assert (config.distill.method, config.distill.aggregation) == ("dfa", "dfa"), name
+        assert config.stages == ("teacher", "search", "distill"), name
+
+
+def test_the_default_keeps_a_checkpoint_to_fall_back_on():
+    """A damaged newest checkpoint falls back to the one before it (checkpointing.py): the
+    default must keep two, or a corrupted save restarts the stage from step 0."""
+    assert config_lib.base_config().checkpoints_to_keep == 2
+
+
+def test_a_cap_one_example_short_of_a_batch_is_refused():
+    """A cap of exactly one teacher batch (128) trains; 127 cannot fill one."""
+    config = load_config("cifar100_teacher")
+    config.data.max_train_examples = 128
+    config_lib.validate(config, device_count=2)
+    config.data.max_train_examples = 127
+    with pytest.raises(config_lib.ConfigError, match="cannot fill one batch of teacher.optim"):
+        config_lib.validate(config, device_count=2)
+
+
+def test_a_search_split_one_example_short_of_a_batch_is_refused():
+    """100 digits capped 7:3 give 70 / 30: a search batch of 30 fits both sides, 31 does not."""
+    config = load_config("demo")
+    config.data.max_train_examples = 100
+    config.search.batch_size = 30
+    config_lib.validate(config, device_count=1)
+    config.search.batch_size = 31
+    with pytest.raises(config_lib.ConfigError, match="search's val split 30 examples"):
+        config_lib.validate(config, device_count=1)

@@ -1012,3 +1012,17 @@ def test_a_given_val_split_trains_beta_and_the_whole_train_split_trains_w(tmp_pa
     run = inputs.load(config, str(tmp_path / "run"), search=True)
     assert run.search_train.split == "train" and len(run.search_train.labels) == 40
     assert run.search_val.split == "valid" and len(run.search_val.labels) == 20
+
+
+def test_a_label_equal_to_num_classes_is_refused_by_the_sources_own_check():
+    """Labels 1..10 for 10 classes (a 1-based export): label 10 has no output. The npz read
+    refuses them (test_errors.py); the check of every source behind it does too, for a source
+    without one of its own."""
+
+    class OneBased(sources.BundledDigitsSource):
+        def _load_labels(self, split):
+            return super()._load_labels(split) + 1
+
+    one_based = OneBased(data_cfg(source="bundled", dataset="digits"))
+    with pytest.raises(data.DataError, match=r"has labels in \[1, 10\] but .* 10 classes"):
+        one_based.labels("train")

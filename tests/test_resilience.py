@@ -624,3 +624,77 @@ def test_saving_a_step_already_saved_keeps_the_first(tmp_path):
     reopened.close()
     np.testing.assert_array_equal(np.asarray(state["w"]), np.full(4, 3.0))
     assert meta == {"step": 3} and sorted(os.listdir(directory)) == ["3"]
+
+
+def test_a_step_set_aside_as_unreadable_is_saved_again_when_the_run_reaches_it(tmp_path):
+    """After the fallback past a damaged step 6, the resumed run saves step 6 anew: it lands on
+    disk and is what the next restore reads (the manager forgets the step it set aside; else
+    `save` takes step 6 for saved and skips it)."""
+    directory = str(tmp_path / "ckpt")
+    ckpt = checkpointing.Checkpointer(directory, keep=2)
+    for step in (3, 6):
+        ckpt.save(step, {"w": jax.numpy.full(4, float(step))}, {"step": step})
+    ckpt.close()
+    _truncate_files(os.path.join(directory, "6"))
+    like = {"w": jax.numpy.zeros(4)}
+    resumed = checkpointing.Checkpointer(directory, keep=2)
+    _, meta = resumed.restore(like)
+    assert meta["step"] == 3
+    resumed.save(6, {"w": jax.numpy.full(4, 60.0)}, {"step": 6})
+    resumed.close()
+    state, meta = checkpointing.Checkpointer(directory, keep=2).restore(like)
+    assert meta["step"] == 6 and float(state["w"][0]) == 60.0
+
+
+def test_a_storage_error_raised_while_handling_another_is_one():
+    """`is_storage_error` follows the chain an `except` block leaves (`__context__`), not only
+    `raise ... from`."""
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("commit failed")  # pylint: disable=raise-missing-from
+    except RuntimeError as e:
+        assert checkpointing.is_storage_error(e)
+    assert not checkpointing.is_storage_error(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+
+
+def test_a_leftover_temporary_file_is_no_started_stage(tmp_path):
+    """A first command killed while writing its config leaves `.config.json.tmp-*` beside it:
+    the corrected command still takes the workdir as unstarted."""
+    workdir = str(tmp_path / "run")
+    workdir_lib.prepare(tiny_demo(), workdir)
+    (epath.Path(workdir) / ".config.json.tmp-0123abcd").write_text("{")
+    workdir_lib.prepare(tiny_demo(seed=4), workdir)
+    assert json.loads((epath.Path(workdir) / "config.json").read_text())["seed"] == 4
+    assert not (epath.Path(workdir) / workdir_lib.PREVIOUS_DIR).exists()
+
+
+def test_a_restart_leaves_the_launchers_logs_in_place(tmp_path):
+    """`launch/local.sh` opens WORKDIR/logs/process_i.log before the run starts: a restart moves
+    the old run aside but not the logs the new run is writing."""
+    workdir = str(tmp_path / "run")
+    workdir_lib.prepare(tiny_demo(), workdir)
+    (epath.Path(workdir) / "teacher").mkdir()
+    logs = epath.Path(workdir) / "logs"
+    logs.mkdir()
+    (logs / "process_1.log").write_text("started\n")
+    workdir_lib.prepare(tiny_demo(seed=4, restart=True), workdir)
+    assert (logs / "process_1.log").read_text() == "started\n"
+    (previous,) = (epath.Path(workdir) / workdir_lib.PREVIOUS_DIR).iterdir()
+    assert (previous / "teacher").exists() and not (previous / "logs").exists()
+
+
+def test_workdir_from_before_matmul_precision_resumes_at_the_backends_default(tmp_path):
+    """Runs before `matmul_precision` computed at the backend's default: such a workdir is
+    refused for the new 'tensorfloat32' and resumed with --config.matmul_precision=default."""
+    workdir = tmp_path / "run"
+    workdir_lib.prepare(tiny_demo(), str(workdir))
+    saved = json.loads((workdir / "config.json").read_text())
+    del saved["matmul_precision"]
+    (workdir / "config.json").write_text(json.dumps(saved))
+    (workdir / "teacher").mkdir()
+    with pytest.raises(errors.WorkdirError, match="matmul_precision: 'default' in the workdir"):
+        workdir_lib.prepare(tiny_demo(), str(workdir))
+    workdir_lib.prepare(tiny_demo(matmul_precision="default"), str(workdir))
+    assert not (workdir / "previous").exists()
