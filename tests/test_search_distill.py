@@ -102,9 +102,11 @@ def test_beta_gets_gradient_through_both_st_and_ts_paths():
 
 def test_beta_diagnostics_are_the_st_gradient_and_the_l2_pull():
     """The ST part's gradient the search reports (computed without the student's backward) equals
-    the gradient of the bridge loss with the TS part switched off; the L2 pull is lambda |beta|."""
+    the gradient of the bridge loss with the TS part switched off; the L2 pull is lambda |beta|
+    and the L2's gradient lambda beta, with its sign (a negative beta_j is pulled up)."""
     t_model, s_model, t_vars, params, stats, batch = bridge_inputs()
     beta = search.init_beta(t_model, 1.5)
+    beta["g2"] = jnp.array([-0.7, 1.5], jnp.float32)
     config = load_config("demo", "tiny")
     config.search.gamma_st = 0.5
     _, beta_loss = search.make_bridge_loss_fn(t_model, s_model, 2, config)
@@ -116,9 +118,11 @@ def test_beta_diagnostics_are_the_st_gradient_and_the_l2_pull():
     grad_st = st_grad(beta)["g2"]
     assert np.abs(grad_st).sum() > 0
     np.testing.assert_allclose(metrics[bilevel.BETA_GRAD_ST], grad_st, rtol=1e-5, atol=1e-9)
-    for j, b in enumerate([0.0, 1.5]):
-        l2 = config.search.beta_weight_decay * b
-        assert float(metrics[f"beta_l2_pull/{j}"]) == pytest.approx(l2, rel=1e-6, abs=1e-12)
+    decay = config.search.beta_weight_decay
+    assert decay > 0
+    for j, b in enumerate([-0.7, 1.5]):
+        assert float(metrics[f"beta_l2_pull/{j}"]) == pytest.approx(decay * abs(b), rel=1e-6)
+        assert float(metrics[f"beta_l2_grad/{j}"]) == pytest.approx(decay * b, rel=1e-6)
 
 
 @pytest.mark.parametrize("w_schedule", ["global", "per_group"])
