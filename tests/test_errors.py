@@ -1004,6 +1004,33 @@ def test_none_on_the_command_line_unsets_a_field_that_allows_it(tmp_path):
         assert field not in problems, problems
 
 
+def test_none_on_the_command_line_clears_a_value_the_config_file_sets(monkeypatch):
+    """`--config.X=None` is taken out of what the flag parser reads and sets the field to None
+    even where the config file gave it a value (a teacher.checkpoint to train from scratch
+    instead); the other overrides stay for the parser."""
+    from dfa_jax import main  # pylint: disable=g-import-not-at-top
+    from test_config import load_config  # pylint: disable=g-import-not-at-top
+
+    monkeypatch.setattr(main, "_NONE_OVERRIDES", [])
+    argv = [
+        "prog",
+        "--config=configs/demo.py",
+        "--config.teacher.checkpoint=None",
+        "--config.seed=3",
+    ]
+    assert main._without_none_overrides(argv) == [
+        "prog",
+        "--config=configs/demo.py",
+        "--config.seed=3",
+    ]
+    config = load_config("demo")
+    config.teacher.checkpoint = "/runs/earlier/teacher"
+    config.lock()
+    main._set_none_overrides(config)
+    assert config.teacher.checkpoint is None
+    assert config.seed == load_config("demo").seed
+
+
 @pytest.mark.parametrize(
     "kind, device_file, extras",
     [

@@ -270,8 +270,11 @@ def test_flax_variables_of_another_model_are_named_in_model_order():
         lambda sd: {"net": sd},
         lambda sd: {f"module.{k}": v for k, v in sd.items()},
         lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        # A trainer's checkpoint with its model's options beside the weights: 'state_dict' is
+        # tried before 'model' (NESTED_KEYS' order).
+        lambda sd: {"model": {"arch": "wrn_10_1", "depth": 10}, "state_dict": sd},
     ],
-    ids=["state_dict", "model", "net", "module.", "state_dict+module."],
+    ids=["state_dict", "model", "net", "module.", "state_dict+module.", "state_dict+model_options"],
 )
 def test_nested_and_data_parallel_state_dicts_load(wrap):
     variables = random_flax_variables(10, 1, 10)
@@ -704,6 +707,26 @@ def test_torch_bf16_weights_import_from_safetensors(tmp_path):
         )
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             assert np.array_equal(np.asarray(a), b)
+
+
+def test_a_bf16_or_half_pytorch_state_dict_imports_as_its_float32_values():
+    """A state_dict of a network cast with .bfloat16() or .half() in PyTorch (numpy has no
+    bfloat16) imports as float32 arrays equal to the tensors' values, each leaf as NumPy
+    computes it from the float32 copy (conv OIHW -> HWIO)."""
+    torch = pytest.importorskip("torch")
+    net = torch_wrn(10, 1, 10, seed=12)
+    for dtype in (torch.bfloat16, torch.float16):
+        state = {
+            k: v.to(dtype) if v.is_floating_point() else v for k, v in net.state_dict().items()
+        }
+        got = interop.from_torch(state, "wrn_10_1", 10)
+        conv = got["params"]["block2_layer0"]["conv1"]["kernel"]
+        assert conv.dtype == np.float32
+        want = state["block2.layer.0.conv1.weight"].float().numpy().transpose(2, 3, 1, 0)
+        np.testing.assert_array_equal(conv, want)
+        np.testing.assert_array_equal(
+            got["batch_stats"]["bn1"]["var"], state["bn1.running_var"].float().numpy()
+        )
 
 
 # ------------------------------------------------------------------- which teacher is exported

@@ -1085,6 +1085,64 @@ def test_main_picks_cpu_devices_that_fit_and_names_num_cpu_devices_when_given(tm
     assert not (tmp_path / "run").exists()
 
 
+def test_main_fits_the_default_cpu_devices_to_the_batches_over_every_process(tmp_path):
+    """A 12-core host in a run of 2 processes, batches of 36: each process gets 9 devices (2 x 9
+    divide 36; 12 would, in one process, but 2 x 12 = 24 devices do not), logged with the process
+    count. (teacher.optim.epochs=0 stops it at validation, before joining any run matters.)"""
+    script = _TWELVE_CORES.replace(
+        "parallel._cgroup_cpu_quota = lambda: None",
+        "parallel._cgroup_cpu_quota = lambda: None\nparallel.joined_processes = lambda: 2",
+    )
+    command = [
+        sys.executable,
+        "-c",
+        script,
+        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.teacher.optim.epochs=0",
+        *[f"--config.{field}=36" for field in _batches(0, 0, 0)],
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "using 9 CPU devices, not one per usable core (12): 9 x 2 processes" in done.stderr, (
+        done.stderr[-3000:]
+    )
+    assert "teacher.optim.epochs = 0" in done.stderr
+
+
+def test_a_process_id_outside_the_run_is_refused_before_joining(tmp_path):
+    """--process_id must lie in [0, --num_processes): process 2 of 2 is a usage error at once,
+    not a process that joins (JAX would wait minutes for a run it does not belong to)."""
+    command = [
+        sys.executable,
+        "-m",
+        "dfa_jax.main",
+        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
+        f"--workdir={tmp_path / 'run'}",
+        f"--coordinator_address=127.0.0.1:{_unused_port()}",
+        "--num_processes=2",
+        "--process_id=2",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode != 0
+    assert "--process_id=2 must lie in [0, --num_processes=2)" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def _unused_port() -> int:
+    import socket  # pylint: disable=g-import-not-at-top
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_a_batch_the_given_cpu_devices_do_not_divide_names_num_cpu_devices(tmp_path):
     """In this process (2 CPU devices): num_cpu_devices = 2 with batches of 15 is refused with
     the batch errors and a line naming num_cpu_devices and the count that fits; left at 0 (the

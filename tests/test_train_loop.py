@@ -237,6 +237,66 @@ def test_search_and_distillation_get_the_best_epoch_teacher(tmp_path, monkeypatc
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, done), evaluated[2])
 
 
+@pytest.mark.parametrize(
+    "stages, ran",
+    [
+        (("teacher", "search", "distill"), ["search", "distill"]),
+        (("teacher", "search"), ["search"]),
+    ],
+)
+def test_the_search_then_the_distillation_get_the_teacher_stages_variables(
+    stages, ran, tmp_path, monkeypatch
+):
+    """pipeline.run hands the variables the teacher stage returns, unchanged, to the search and
+    then to the distillation (in that order: the distillation reads the alpha the search wrote),
+    each stage once and only the stages asked for. (The stages themselves are stand-ins here:
+    only the hand-over is under test.)"""
+    from dfa_jax import distill, reporting, search  # pylint: disable=g-import-not-at-top
+
+    rng = np.random.default_rng(0)
+    handed = {"params": {"w": rng.normal(size=(3, 4)).astype(np.float32)}, "batch_stats": {}}
+    done = {"best_accuracy": 0.5, "last_accuracy": 0.5, "epochs": 1}
+    calls = []
+
+    def stage(name, result):
+        def run(config, workdir, mesh, data, teacher_vars):
+            calls.append((name, jax.tree.map(np.asarray, teacher_vars)))
+            return result
+
+        return run
+
+    monkeypatch.setattr(teacher, "run", lambda *a: ({"stage": "teacher", **done}, handed))
+    monkeypatch.setattr(search, "run", stage("search", {"stage": "search", **done}))
+    monkeypatch.setattr(distill, "run_all", stage("distill", {"distill/dfa": done}))
+    monkeypatch.setattr(search, "alpha_record_from_file", lambda path: [])
+    monkeypatch.setattr(reporting, "alpha_table", lambda record: "")
+    summary = pipeline.run(tiny_demo(stages=stages), str(tmp_path / "run"))
+    assert [name for name, _ in calls] == ran
+    for _, received in calls:
+        jax.tree.map(np.testing.assert_array_equal, received, handed)
+    expected = {"teacher", "search"} | ({"distill/dfa"} if "distill" in ran else set())
+    assert set(summary["stages"]) == expected
+
+
+def test_an_input_error_in_the_prefetching_thread_reaches_the_consumer():
+    """A read error while the background thread gathers the next batch is raised where the
+    batches are consumed, after the batches before it: never a stream that silently ends early,
+    which a training loop would take for the end of its epochs."""
+    mesh = parallel.make_mesh()
+
+    def batches():
+        yield {"x": np.arange(4, dtype=np.float32)}
+        raise OSError("read failed")
+
+    for size in (0, 2):
+        got = []
+        with pytest.raises(OSError, match="read failed"):
+            for batch in parallel.prefetch_to_mesh(batches(), mesh, size):
+                got.append(np.asarray(batch["x"]))
+        assert len(got) == 1
+        np.testing.assert_array_equal(got[0], np.arange(4, dtype=np.float32))
+
+
 def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch, caplog):
     config = tiny_demo()
     straight = str(tmp_path / "straight")
