@@ -563,3 +563,15 @@ def test_dkd_cohort_keeps_a_clock_per_student(mode):
     np.testing.assert_array_equal(state.batch_stats[logit_targets.CLOCK]["steps"], [3, 3])
     # 16 examples, batches of 16: one step an epoch, so the third step is epoch 3 of 20.
     np.testing.assert_allclose(metrics["dkd_warmup"], 3 / 20, rtol=1e-6)
+
+
+def test_dist_defaults_are_the_dist_papers_cifar100_setting():
+    """DIST's defaults: the label cross-entropy at weight 1 beside beta = gamma = 2 and T = 4
+    (the DIST paper's CIFAR-100 setting, which `methods.logit_targets` cites)."""
+    base = config_lib.base_config().baselines
+    assert (base.dist_ce_weight, base.dist_beta, base.dist_gamma, base.dist_temperature) == (
+        1.0,
+        2.0,
+        2.0,
+        4.0,
+    )

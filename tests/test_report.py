@@ -1324,3 +1324,87 @@ def test_every_record_the_docs_cite_exists():
     assert len(cited) > 10
     missing = sorted(p for p in cited if not os.path.exists(os.path.join(root, p)))
     assert not missing, missing
+
+
+# RepDistiller's README, "Benchmark Results on CIFAR-100" (github.com/HobbitLong/RepDistiller),
+# its rows as printed there (columns in its order), and mdistiller's README "Main Benchmark
+# Results" DKD row (github.com/megvii-research/mdistiller; 77.07 is under ResNet32x4 ->
+# ShuffleNet-V2, paper_results says why). None: mdistiller has no DKD for that pair.
+REPDISTILLER_PAIRS = (
+    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"),
+    ("resnet110", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
+    ("vgg13", "vgg8"), ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"),
+    ("ResNet50", "vgg8"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+    ("wrn_40_2", "ShuffleV1"),
+)  # fmt: skip
+REPDISTILLER_README = {
+    "teacher": "75.61 75.61 72.34 74.31 74.31 79.42 74.64 74.64 79.34 79.34 79.42 79.42 75.61",
+    "none": "73.26 71.98 69.06 69.06 71.14 72.50 70.36 64.60 64.60 70.36 70.50 71.82 70.50",
+    "kd": "74.92 73.54 70.66 70.67 73.08 73.33 72.98 67.37 67.35 73.81 74.07 74.45 74.83",
+    "fitnets": "73.58 72.24 69.21 68.99 71.06 73.50 71.02 64.14 63.16 70.69 73.59 73.54 73.73",
+    "at": "74.08 72.77 70.55 70.22 72.31 73.44 71.43 59.40 58.58 71.84 71.73 72.73 73.32",
+    "sp": "73.83 72.43 69.67 70.04 72.69 72.94 72.68 66.30 68.08 73.34 73.48 74.56 74.52",
+    "ab": "72.50 72.38 69.47 69.53 70.98 73.17 70.94 66.06 67.20 70.65 73.55 74.31 73.34",
+    "ft": "73.25 71.59 69.84 70.22 72.37 72.86 70.58 61.78 60.99 70.29 71.75 72.50 72.03",
+    "crd": "75.48 74.14 71.16 71.46 73.48 75.51 73.94 69.73 69.11 74.30 75.11 75.65 76.05",
+    "dkd": "76.23 74.81 71.97 None 74.11 76.32 74.68 69.71 70.35 None 76.45 77.07 76.70",
+}
+
+
+def test_crd_suite_numbers_equal_repdistillers_and_mdistillers_readmes_whole():
+    """Every published number of the CRD suite under its pair and method, as RepDistiller's
+    README (teacher, student, KD, FitNet, AT, SP, AB, FT, CRD) and mdistiller's (DKD) print it."""
+    want = {
+        pair: {
+            label: None if row.split()[i] == "None" else float(row.split()[i])
+            for label, row in REPDISTILLER_README.items()
+        }
+        for i, pair in enumerate(REPDISTILLER_PAIRS)
+    }
+    assert paper_results.CRD_SUITE == want
+    for (teacher, student), values in want.items():
+        for label, value in values.items():
+            assert paper_results.paper_value("crd", "cifar100", teacher, student, label) == value
+
+
+def test_runs_without_a_recorded_seed_each_count_as_a_seed_of_their_own(tmp_path):
+    """Two runs whose summaries record no seed are two samples of the cell (n = 2, their median,
+    mean and sample std), not one seed averaged over them."""
+    root = str(tmp_path / "runs")
+    _write(root, "a", PAIR3, None, {"distill/kd": _stage("distill/kd", 0.74)})
+    _write(root, "b", PAIR3, None, {"distill/kd": _stage("distill/kd", 0.77)})
+    row = _row(report.table2(report.load_summaries(root))[1], PAIR3, "kd")
+    assert row["n"] == 2
+    assert (row["median_last"], row["mean_last"]) == pytest.approx((75.5, 75.5))
+    assert row["std_last"] == pytest.approx(3.0 / math.sqrt(2), abs=1e-6)
+
+
+def test_runs_without_a_recorded_seed_are_never_paired(tmp_path):
+    """DFA − Last pairs students of one recorded seed only: a DFA run and a Last run that record
+    no seed may have seen other batches and initialisations, so they make no pair."""
+    root = str(tmp_path / "runs")
+    _write(
+        root, "s0", PAIR1, 0, {"distill/dfa": _stage("d", 0.79), "distill/last": _stage("l", 0.78)}
+    )
+    _write(root, "u1", PAIR1, None, {"distill/dfa": _stage("d", 0.70)})
+    _write(root, "u2", PAIR1, None, {"distill/last": _stage("l", 0.60)})
+    (row,) = report.paired_rows(report.collect(report.load_summaries(root)))
+    assert row["against"] == "last" and row["seeds"] == [0]
+    assert row["differences"] == pytest.approx([1.0])
+
+
+def test_table_headers_are_the_papers():
+    """Each table heads its columns (rows) with the names the paper prints: Table 2's header row
+    (Teacher … DFA), Table 4's methods (the teacher's and student's Acc, AT, SP, Margin, DFA,
+    DFA-T) and Table 5's rows (Student, Random, Last, Average, DFA; Start is ours)."""
+    assert [name for _, name in report.TABLE2_COLUMNS] == [
+        "Teacher", "Student", "KD", "FitNets", "AT", "Jacobian", "FT", "AB", "SP", "Margin", "DFA"
+    ]  # fmt: skip
+    assert dict(report.TABLE4_COLUMNS) == {
+        "teacher": "Teacher", "none": "Student", "at": "AT", "sp": "SP", "margin": "Margin",
+        "dfa": "DFA", "file": "DFA-T",
+    }  # fmt: skip
+    assert dict(report.TABLE5_ROWS) == {
+        "none": "Student", "random": "Random", "last": "Last", "start": "Start",
+        "average": "Average", "dfa": "DFA",
+    }  # fmt: skip
