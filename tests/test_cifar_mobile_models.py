@@ -348,7 +348,10 @@ def test_logits_features_and_round_trip_match_theirs(name, batch):
 
 
 def test_group_end_bns_follow_get_bn_before_relu():
-    for name, bn in (("MobileNetV2", "conv_7"), ("ResNet50", "bn3")):
+    """One BatchNorm per group and the stem's (which ones:
+    `test_group_end_bns_are_the_batchnorms_their_get_bn_before_relu_names`); the ShuffleNets,
+    whose `get_bn_before_relu` RepDistiller leaves unimplemented, have none."""
+    for name in ("MobileNetV2", "ResNet50"):
         model = models.get_model(name, 10)
         params = _abstract(model)["params"]
         family = models.family_of(name)
@@ -465,3 +468,44 @@ def test_networks_start_as_theirs(name):
         jax.random.key(0), jnp.zeros((1, 32, 32, 3))
     )
     assert_starts_as(interop.to_torch(variables, name, 100), repdistiller_initialised(name))
+
+
+def test_group_end_bns_are_the_batchnorms_their_get_bn_before_relu_names():
+    """On their imported weights, MobileNetV2's and ResNet50's `group_end_bns` hold the affine
+    parameters of the BatchNorms RepDistiller's `get_bn_before_relu()` returns (MobileNetV2:
+    `blocks[i][-1].conv[-1]` for stages 1, 2, 4, 6; ResNet50: `layer{g}[-1].bn3`), after the stem's
+    BatchNorm."""
+    for name in ("MobileNetV2", "ResNet50"):
+        net = torch_net(name)
+        variables = interop.from_torch({"model": net.state_dict()}, name, 10)
+        model = models.get_model(name, 10)
+        if name == "MobileNetV2":
+            theirs = [net.conv1[1]] + [net.blocks[i][-1].conv[-1] for i in (1, 2, 4, 6)]
+        else:
+            theirs = [net.bn1] + [getattr(net, f"layer{g}")[-1].bn3 for g in (1, 2, 3, 4)]
+        bns = models.family_of(name).group_end_bns(model, variables["params"], True)
+        assert len(bns) == len(theirs), name
+        for bn, want in zip(bns, theirs, strict=True):
+            np.testing.assert_array_equal(bn["scale"], want.weight.detach().numpy())
+            np.testing.assert_array_equal(bn["bias"], want.bias.detach().numpy())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_stem_map_is_their_stem_batchnorms_output_before_the_relu(name):
+    """The sown 'stem' is the stem BatchNorm's output (negative values kept), the map their
+    `preact` stem would be; 'stem_out' is its ReLU, their f0."""
+    net = torch_net(name)
+    images = _images(1)
+    with torch.no_grad():
+        if name == "MobileNetV2":
+            theirs = net.conv1[1](net.conv1[0](torch.from_numpy(images)))
+        else:
+            theirs = net.bn1(net.conv1(torch.from_numpy(images)))
+    variables = interop.from_torch({"model": net.state_dict()}, name, 10)
+    model = models.get_model(name, 10)
+    x = jnp.asarray(images.transpose(0, 2, 3, 1))
+    _, mutated = model.apply(variables, x, stop_group=1, mutable=[models.FEATURES])
+    stem_pre, _ = model.stem_features()
+    assert float(theirs.min()) < 0
+    sown = mutated[models.FEATURES][stem_pre][0]
+    np.testing.assert_allclose(sown, _nhwc(theirs), atol=1e-4, rtol=1e-4)

@@ -342,3 +342,32 @@ def test_networks_start_as_theirs(name):
         jax.random.key(0), jnp.zeros((1, 32, 32, 3))
     )
     assert_starts_as(interop.to_torch(variables, name, 100), net.state_dict())
+
+
+@pytest.mark.parametrize("name", ["resnet14", "vgg13"])
+def test_groups_of_several_blocks_give_their_features_and_bns_before_relu(name):
+    """Where a group holds several blocks (resnet14) or conv layers (vgg13, its stem too), an
+    imported checkpoint gives their logits, `is_feat` and `preact` features, and
+    `group_end_bns` returns the BatchNorms of their `get_bn_before_relu()` (a ResNet group's last
+    block's bn2, a VGG block's last BN), after the stem's."""
+    net, _, variables = imported(name)
+    x = images(2)
+    with torch.no_grad():
+        logits, feats, pres = net(torch.from_numpy(x))
+    model = models.get_model(name, NUM_CLASSES)
+    ours, mutated = jitted_apply(name, NUM_CLASSES)(variables, nhwc(x))
+    sown = {k: np.asarray(v[0]) for k, v in mutated[models.FEATURES].items()}
+    np.testing.assert_allclose(np.asarray(ours), logits.numpy(), rtol=1e-4, atol=1e-4)
+    raw = (model.stem_features()[1],) + model.raw_group_ends()
+    for got, want in zip(raw, feats, strict=True):
+        np.testing.assert_allclose(sown[got], nhwc(want), rtol=1e-4, atol=1e-4)
+    for group, want in zip(model.feature_groups(), pres, strict=True):
+        np.testing.assert_allclose(sown[group[-1]], nhwc(want), rtol=1e-4, atol=1e-4)
+    if name in RESNETS:
+        theirs = [net.bn1] + [getattr(net, f"layer{g}")[-1].bn2 for g in (1, 2, 3)]
+    else:
+        theirs = [getattr(net, f"block{b}")[-1] for b in range(5)]
+    bns = models.family_of(name).group_end_bns(model, variables["params"], True)
+    for bn, want in zip(bns, theirs, strict=True):
+        np.testing.assert_array_equal(bn["scale"], want.weight.detach().numpy())
+        np.testing.assert_array_equal(bn["bias"], want.bias.detach().numpy())

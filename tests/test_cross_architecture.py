@@ -370,3 +370,10 @@ def test_search_bridge_loss_pools_the_aggregation(pair, group):
     _close(metrics["st_loss"], l_st)
     _close(metrics["ts_loss"], l_ts)
     _close(loss, config.search.gamma_st * l_st + config.search.gamma_ts * l_ts)
+
+
+def test_a_map_that_shrinks_on_one_side_and_grows_on_the_other_is_refused():
+    """ConvReg's valid conv only shrinks: an 8x4 map cannot become 6x6 (its width would grow)."""
+    assert "never enlarges" in models.resize_problem((8, 4), (6, 6))
+    with pytest.raises(ValueError, match="8x4 map cannot become 6x6"):
+        models.Connector(5, out_hw=(6, 6)).init(jax.random.key(0), jnp.zeros((1, 8, 4, 3)))

@@ -225,3 +225,57 @@ def test_a_loss_asking_for_an_unknown_map_kind_is_told_so():
     assert common.positions(model, "pre_relu") == [g[-1] for g in model.feature_groups()]
     with pytest.raises(ValueError, match="map kind 'pre-relu': use 'pre_relu' or 'raw'"):
         common.positions(model, "pre-relu")
+
+
+class _TwoConvs(models.GroupNames, nn.Module):
+    """Two groups of one conv each (32x32, then 16x16), each broken in one way when asked."""
+
+    sow_twice: bool = False
+    sow_at_init: bool = False
+    mixed_group: bool = False
+    resume_without_logits: bool = False
+    maps_per_group = (1, 1)
+    has_stem = False
+    raw_is_pre = True
+
+    def feature_groups(self):
+        if self.mixed_group:  # Group 1 also names group 2's 16x16 map.
+            return (("g1_b1", "g2_b1"), ("g2_b1",))
+        return super().feature_groups()
+
+    def _sow(self, name, x):
+        if self.sow_at_init:
+            self.sow(models.FEATURES, name, x)
+        else:
+            models.sow_feature(self, name, x)
+
+    @nn.compact
+    def __call__(self, x, train=False, start_group=0, stop_group=None):
+        if start_group == 0:
+            x = nn.Conv(4, (3, 3), name="conv1")(x)
+            self._sow("g1_b1", x)
+            if self.sow_twice:
+                self._sow("g1_b1", x)
+            if stop_group == 1:
+                return x
+        x = nn.Conv(4, (3, 3), strides=2, name="conv2")(nn.relu(x))
+        self._sow("g2_b1", x)
+        if stop_group == 2 or (start_group and self.resume_without_logits):
+            return x
+        return nn.Dense(3, name="head")(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+def test_the_contract_names_a_double_sow_a_sow_at_init_mixed_shapes_and_no_logits_on_resume():
+    """Each way a model breaks the contract gets its own message: a map sown twice per forward,
+    maps sown during init, a group whose maps differ in shape, and a forward resumed from a
+    boundary that does not end in the logits."""
+    assert contract.problems(_TwoConvs()) == []
+    (problem,) = contract.problems(_TwoConvs(sow_twice=True))
+    assert "sows 'g1_b1' 2 times per forward" in problem
+    (problem,) = contract.problems(_TwoConvs(sow_at_init=True))
+    assert "sows its maps during init too" in problem
+    (problem,) = contract.problems(_TwoConvs(mixed_group=True))
+    assert "group 1 maps ('g1_b1', 'g2_b1') have shapes" in problem
+    assert "share one shape" in problem
+    (problem,) = contract.problems(_TwoConvs(resume_without_logits=True))
+    assert "start_group=1) returns shape (2, 16, 16, 4), not the logits'" in problem
