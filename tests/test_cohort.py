@@ -342,6 +342,8 @@ def test_several_seeds_keep_every_students_records_apart(cohort_run, tmp_path):
         (1,), **{"distill.compare_with": ("kd",), "distill.max_students_per_step": 1}
     )
     pipeline.run(config, alone)
+    student = teacher_lib.build_model(config.student.model, 10, "float32")
+    mesh = parallel.make_mesh()
     for label in ("last", "kd"):
         np.testing.assert_allclose(
             _losses(os.path.join(alone, "distill", label)),
@@ -349,6 +351,32 @@ def test_several_seeds_keep_every_students_records_apart(cohort_run, tmp_path):
             rtol=STEP_TOLERANCE,
             err_msg=label,
         )
+        # Each cohort student exports (and is evaluated with) its own variables: seed 1's are
+        # the ones seed 1 trained alone to, within float tolerance, far from seed 0's.
+        exported = {
+            where: _flat(
+                teacher_lib.load_variables(
+                    os.path.join(where, teacher_lib.VARIABLES_DIR), student, mesh
+                )["params"]
+            )
+            for where in (
+                os.path.join(alone, "distill", label),
+                os.path.join(workdir, f"distill/{label}/seed1"),
+                os.path.join(workdir, f"distill/{label}/seed0"),
+            )
+        }
+        own, cohort_seed1, cohort_seed0 = exported.values()
+        assert np.linalg.norm(cohort_seed1 - own) < 1e-2 * np.linalg.norm(own), label
+        assert np.linalg.norm(cohort_seed0 - own) > 0.1 * np.linalg.norm(own), label
+        # A student trained alone records its seed, as a cohort's students do.
+        with open(os.path.join(alone, "distill", label, distill.STUDENT_FILE)) as f:
+            assert json.load(f) == {"label": label, "seed": 1}
+    # Every result carries its seed (the one-seed layout's name does not say it).
+    assert [summary["stages"][name]["seed"] for name in names] == [0, 1] * len(labels)
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 def test_adding_a_seed_trains_only_the_missing_students(cohort_run, tmp_path, monkeypatch):
@@ -361,6 +389,30 @@ def test_adding_a_seed_trains_only_the_missing_students(cohort_run, tmp_path, mo
     assert len([n for n in summary["stages"] if n.startswith("distill/")]) == 9
     for s in (0, 1):
         assert _records(os.path.join(workdir, f"distill/last/seed{s}")) == before[s]
+
+
+def test_a_student_stopped_alone_resumes_alone_when_others_join_it(
+    cohort_run, tmp_path, monkeypatch, caplog
+):
+    """A student checkpointed by a command that trained it alone (the only student) resumes from
+    its checkpoint, alone, when the next command adds students it would otherwise share a step
+    with; only the new ones share one."""
+    workdir = str(tmp_path / "run")
+    ignore = shutil.ignore_patterns("distill", "summary.json", "config.json", "config_hash")
+    shutil.copytree(cohort_run[0], workdir, ignore=ignore)
+    one = {"distill.compare_with": (), "distill.optim.epochs": 1}
+    calls = []
+    monkeypatch.setattr(preemption, "should_stop", lambda: calls.append(1) or len(calls) == 3)
+    with pytest.raises(preemption.Stopped, match=r"at step 3/"):
+        pipeline.run(_cohort_config((0,), **one), workdir)
+    monkeypatch.setattr(preemption, "should_stop", lambda: False)
+    trained = _record_training(monkeypatch)
+    caplog.set_level(logging.INFO, logger="absl")
+    pipeline.run(
+        _cohort_config((0,), **{**one, "distill.compare_with": ("average", "kd")}), workdir
+    )
+    assert trained == [("last", 0), [("average", 0), ("kd", 0)]]
+    assert re.search(r"\[distill/last\] resuming from step 3/", caplog.text)
 
 
 def test_a_stopped_cohort_resumes_to_the_same_records(cohort_run, tmp_path, monkeypatch):
@@ -485,6 +537,23 @@ def test_a_students_seed_stays_its_own_when_the_seeds_change(cohort_run, tmp_pat
 
     with pytest.raises(errors.ConfigError, match=r"students of a run of several seeds \(seed1\)"):
         distill.prepare_seed_layout(_cohort_config((1,), **one), str(workdir))
+
+
+def test_a_cohort_of_other_students_never_shares_a_checkpoint_directory():
+    """A cohort's checkpoint directory is named by its students, seeds included: a stopped
+    cohort of seeds (0, 1) is never resumed as the cohort of seeds (0, 2) that a changed
+    distill.seeds groups, nor a cohort of the same labels in another order."""
+    config = _cohort_config((0, 1, 2))
+    cohorts = [
+        [("last", 0), ("last", 1)],
+        [("last", 0), ("last", 2)],
+        [("last", 1), ("last", 0)],
+        [("last", 0), ("average", 0)],
+        [("last", 0), ("kd", 0)],
+    ]
+    directories = [distill.cohort_directory("/w", config, c) for c in cohorts]
+    assert len(set(directories)) == len(cohorts)
+    assert all(d.startswith("/w/distill/cohorts/") for d in directories)
 
 
 def test_students_are_grouped_by_method_and_split_at_the_limit():

@@ -128,11 +128,14 @@ def test_load_or_create_split_round_trip_and_mismatch(tmp_path):
         (("train[:80%]", "test", "train[70%:]"), ("data.val_split", "data.train_split")),
         (("train[:70%]", "test", "train[35000:]"), ("data.val_split", "data.train_split")),
         (("train[:-10]", "test", "train[-10:]"), ("data.val_split", "data.train_split")),
+        # tfds counts a negative percent from the end: '[:-10%]' is the first 90 %.
+        (("train[:-10%]", "test", "train[80%:]"), ("data.val_split", "data.train_split")),
         # Disjoint percent or index ranges of one split, or no shared split, are accepted.
         (("train[:70%]", "test", "train[70%:]"), None),
         (("train[:-30%]", "test", "train[-30%:]"), None),
         (("train[:35000]", "test[50%:]", "train[35000:]"), None),
         (("train[:90%]", "test", "train[90%:]+test[:0%]"), None),
+        (("train[:90%]", "test", "train[90%:]+test[:0]"), None),
         (("train", "test[:50%]", "test[50%:]"), None),
     ],
 )
@@ -628,6 +631,46 @@ def test_image_folder_reads_torchvisions_formats_and_refuses_an_empty_class(tmp_
         source.labels("valid")
 
 
+def test_a_split_without_a_class_folder_keeps_the_training_splits_labels(tmp_path):
+    """Labels are the train split's sorted class folders (ant=0, cat=1, dog=2) in every split:
+    a test split that lacks the 'ant' folder labels its cat and dog images 1 and 2, not 0 and 1
+    (which would score the model against the wrong classes)."""
+    pixels = _write_tree(tmp_path)
+    for f in (tmp_path / "test" / "ant").iterdir():
+        f.unlink()
+    (tmp_path / "test" / "ant").rmdir()
+    source = data.make_source(data_cfg(source="image_folder", path=str(tmp_path)))
+    np.testing.assert_array_equal(source.labels("test"), [1, 2])
+    np.testing.assert_array_equal(
+        source.images("test", np.array([1]))[0], pixels[("test", "dog", 0)]
+    )
+
+
+def test_image_folder_reads_grey_palette_and_upper_case_files_as_rgb(tmp_path):
+    """As torchvision's ImageFolder reads CINIC-10 (the authors' reader): a file's extension
+    matches in any case ('IMG0.PNG'), and a grey or palette image (CINIC-10 holds grey ones from
+    ImageNet) is read as RGB, its grey value in all three channels, its palette's colours."""
+    _write_tree(tmp_path)
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (32, 32), np.uint8)
+    palette = rng.integers(0, 256, (256, 3), np.uint8)
+    indices = rng.integers(0, 256, (32, 32), np.uint8)
+    test = tmp_path / "test"
+    for name in CLASSES:
+        for f in (test / name).iterdir():
+            f.unlink()
+    Image.fromarray(grey, mode="L").save(test / "ant" / "IMG0.PNG")
+    paletted = Image.fromarray(indices, mode="P")
+    paletted.putpalette(palette.ravel().tolist())
+    paletted.save(test / "cat" / "img0.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(test / "dog" / "img0.Png")
+    source = data.make_source(data_cfg(source="image_folder", path=str(tmp_path)))
+    np.testing.assert_array_equal(source.labels("test"), [0, 1, 2])
+    images = source.images("test", np.arange(2))
+    np.testing.assert_array_equal(images[0], np.repeat(grey[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(images[1], palette[indices])
+
+
 def test_an_empty_test_split_is_refused_before_training(tmp_path):
     """Evaluated after every epoch: an empty test split used to train a whole epoch first and
     then die dividing by zero."""
@@ -697,6 +740,24 @@ def test_npz_source_concatenates_shards_and_loads_only_needed_files(tmp_path, mo
     assert len(only_train.labels("train")) == 12
     with pytest.raises(data.DataError, match="test"):
         only_train.labels("test")
+
+
+def test_npz_shards_are_read_in_sorted_order_whatever_order_the_directory_lists(
+    tmp_path, monkeypatch
+):
+    """A split's rows are its shards' in sorted path order, not in the order the file system
+    lists them (which differs between file systems and copies): the search's saved split and
+    every host's rows name the same images wherever the data lives."""
+    arrays = _write_npz(tmp_path)
+    real_glob = sources.glob.glob
+    monkeypatch.setattr(sources.glob, "glob", lambda pattern: sorted(real_glob(pattern))[::-1])
+    source = data.make_source(
+        data_cfg(source="npz", path=str(tmp_path), npz_image_key="x", npz_label_key="y")
+    )
+    np.testing.assert_array_equal(
+        source.labels("train"), np.concatenate([arrays["train_00"][1], arrays["train_01"][1]])
+    )
+    np.testing.assert_array_equal(source.images("train", np.array([0])), arrays["train_00"][0][:1])
 
 
 def test_npz_files_of_a_longer_split_name_are_its_own(tmp_path):
@@ -778,6 +839,24 @@ def test_bundled_digits():
     np.testing.assert_allclose(train_images.std() / 255, info.std[0], atol=1e-4)
 
 
+def test_bundled_digits_images_carry_scikit_learns_labels():
+    """Each bundled image, train and test, has the label scikit-learn's `load_digits` gives that
+    digit: the demo's accuracy is scored against the digits' own labels."""
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    originals = np.rint(reference.images * (255 / 16)).astype(np.uint8)
+    labels_of = {}
+    for image, label in zip(originals, reference.target):
+        labels_of.setdefault(bytes(image), set()).add(int(label))
+    source = data.make_source(data_cfg(dataset="digits", source="bundled"))
+    for split in ("train", "test"):
+        labels = source.labels(split)
+        images = source.images(split, np.arange(len(labels)))[:, ::4, ::4, 0]
+        wrong = [i for i, (x, y) in enumerate(zip(images, labels)) if y not in labels_of[bytes(x)]]
+        assert wrong == [], (split, len(wrong))
+
+
 def test_max_examples_caps_keep_every_class():
     source = data.make_source(
         data_cfg(dataset="digits", source="bundled", max_train_examples=25, max_test_examples=5)
@@ -788,6 +867,46 @@ def test_max_examples_caps_keep_every_class():
     assert source.images("train", np.arange(25)).shape == (25, 32, 32, 3)
     with pytest.raises(IndexError):
         source.images("train", np.array([25]))
+
+
+def test_a_capped_splits_images_are_the_ones_its_labels_name(tmp_path):
+    """Under max_train_examples / max_test_examples (which caps every split but the training
+    one, a given val split too), the image at index i of a split is the one whose label is
+    labels(split)[i], and a split's kept images are its own: each image here carries its label
+    and its example id in its pixels, so the pairs are checked against the files, not against
+    the source."""
+    rng = np.random.default_rng(0)
+
+    def write(name, ids):
+        labels = rng.integers(0, 10, len(ids))
+        images = np.zeros((len(ids), 32, 32, 3), np.uint8)
+        images[:, 0, 0, 0] = labels
+        images[:, 0, 0, 1], images[:, 0, 0, 2] = ids % 256, ids // 256
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=labels)
+
+    write("train_00", np.arange(0, 37))  # Two shards: rows 37.. live in the second.
+    write("train_01", np.arange(37, 80))
+    write("test", np.arange(1000, 1040))
+    write("val", np.arange(2000, 2030))  # A given val split: capped as the test split is.
+    source = data.make_source(
+        data_cfg(
+            source="npz",
+            path=str(tmp_path),
+            val_split="val",
+            max_train_examples=25,
+            max_test_examples=10,
+        )
+    )
+    expected = (("train", 25, range(80)), ("test", 10, range(1000, 1040)))
+    for split, count, ids in expected + (("val", 10, range(2000, 2030)),):
+        labels = source.labels(split)
+        assert len(labels) == count
+        # In a scrambled order, so that an image read at another row would show.
+        order = rng.permutation(count)
+        images = source.images(split, order)
+        np.testing.assert_array_equal(images[:, 0, 0, 0], labels[order], err_msg=split)
+        read_ids = images[:, 0, 0, 1].astype(int) + 256 * images[:, 0, 0, 2].astype(int)
+        assert len(set(read_ids)) == count and set(read_ids) <= set(ids), split
 
 
 def test_random_resized_crop_full_box_is_identity():
