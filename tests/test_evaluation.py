@@ -99,6 +99,30 @@ def test_padding_rows_are_never_counted_correct():
     assert got["accuracy"] == pytest.approx(0.2), got
 
 
+def test_accuracy_is_the_exact_fraction_of_examples_right():
+    """6 right of 37 is 6/37 to the last digit of a float64, not float32's 0.16216215 (a
+    reported accuracy compared across runs or with the peers' must not move in its 8th digit)."""
+    images = np.zeros((37, 32, 32, 3), np.uint8)
+    labels = np.array([0] * 6 + [1] * 31, np.int32)
+    data = inputs.RunData(info=DATASETS["digits"], train=None, test=ArrayExamples(images, labels))
+    config = ml_collections.ConfigDict({"data": {"eval_batch_size": 8, "prefetch": 2}})
+    got = evaluation.make_eval_fn(_AlwaysClassZero(), config, data, parallel.make_mesh())({})
+    assert got["accuracy"] == 6 / 37, got
+
+
+def test_an_evaluation_batch_smaller_than_the_device_count_still_counts_every_example():
+    """--config.data.eval_batch_size=1 on 2 devices is rounded up to one row per device, not
+    down to none: the 5 examples are each counted once (1 of them right)."""
+    images = np.zeros((5, 32, 32, 3), np.uint8)
+    labels = np.array([0, 2, 3, 4, 5], np.int32)
+    data = inputs.RunData(info=DATASETS["digits"], train=None, test=ArrayExamples(images, labels))
+    config = ml_collections.ConfigDict({"data": {"eval_batch_size": 1, "prefetch": 2}})
+    mesh = parallel.make_mesh()
+    assert mesh.size == 2
+    got = evaluation.make_eval_fn(_AlwaysClassZero(), config, data, mesh)({})
+    assert got["accuracy"] == pytest.approx(1 / 5), got
+
+
 @dataclasses.dataclass(frozen=True)
 class _Bfloat16Logits:
     """Logits [B, 10] in bfloat16, as an own model with a bfloat16 head returns them."""

@@ -1234,6 +1234,11 @@ _F32 = {"dtype": "F32", "shape": [1]}
             bytes(4),
             r"tensor 'a''s data_offsets \[0, 4\] do not fit its shape",
         ),
+        (
+            {"a": {"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}},
+            bytes(4),
+            r"tensor 'a' has data_offsets \[False, 4\], not two non-negative integers",
+        ),
     ],
     ids=[
         "hole",
@@ -1245,6 +1250,7 @@ _F32 = {"dtype": "F32", "shape": [1]}
         "shape-negative",
         "offsets-float",
         "offsets-vs-dtype",
+        "offsets-bool",
     ],
 )
 def test_a_safetensors_file_the_format_forbids_is_refused(tmp_path, header, data, expected):
@@ -1263,6 +1269,53 @@ def test_a_safetensors_file_the_format_forbids_is_refused(tmp_path, header, data
         return
     with pytest.raises(safetensors.SafetensorError):  # The reference reader refuses it too.
         safetensors.numpy.load_file(str(path))
+
+
+def test_a_safetensors_header_may_list_its_tensors_in_another_order_than_their_bytes(tmp_path):
+    """The format indexes the buffer by offsets, not by the header's key order: a header listing
+    'a' before 'b' whose bytes hold 'b' first loads each tensor from its own bytes, as the
+    reference reader does."""
+    header = {
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+    }
+    data = np.float32(2.0).tobytes() + np.float32(1.0).tobytes()  # b's bytes, then a's.
+    path = tmp_path / "reordered.safetensors"
+    path.write_bytes(_safetensors_bytes(header, data))
+    back, _ = safetensors_io.load(str(path))
+    assert {k: v.tolist() for k, v in back.items()} == {"a": [1.0], "b": [2.0]}
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    theirs = st_numpy.load_file(str(path))
+    assert {k: v.tolist() for k, v in theirs.items()} == {"a": [1.0], "b": [2.0]}
+
+
+def test_loaded_safetensors_arrays_are_writable_as_the_reference_readers(tmp_path):
+    """Each loaded array owns writable memory (as safetensors.numpy's are), not a read-only view
+    into the file's bytes: a caller that updates weights in place must not fail."""
+    path = str(tmp_path / "w.safetensors")
+    safetensors_io.save(path, {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    back, _ = safetensors_io.load(path)
+    back["w"][0, 0] = 7.0
+    assert back["w"][0, 0] == 7.0
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    assert st_numpy.load_file(path)["w"].flags.writeable
+
+
+def test_a_safetensors_header_length_past_the_end_of_the_file_is_refused(tmp_path):
+    """A file cut inside its header's padding still parses as JSON: its header length, larger
+    than the file, marks it as damaged (as the reference reader finds), not as a file of no
+    tensors."""
+    blob = _safetensors_bytes({"__metadata__": {"format": "pt"}}, b"")
+    (size,) = struct.unpack("<Q", blob[:8])
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(struct.pack("<Q", size + 16) + blob[8:])
+    with pytest.raises(
+        safetensors_io.SafetensorsError, match=f"its header claims {size + 16} bytes"
+    ):
+        safetensors_io.load(str(path))
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    with pytest.raises(Exception):  # noqa: B017  # The reference reader refuses it too.
+        st_numpy.load_file(str(path))
 
 
 def test_big_endian_arrays_are_saved_little_endian(tmp_path):
@@ -1321,6 +1374,58 @@ def test_a_save_over_variables_leaves_no_copy_of_the_old_ones(tmp_path):
     teacher.save_variables(str(tmp_path / "vars"), new)
     assert sorted(os.listdir(tmp_path)) == ["vars"]
     _assert_same(interop.read_dfa_variables(str(tmp_path / "vars"))[0], new)
+
+
+def test_a_save_killed_after_its_second_rename_is_followed_by_a_clean_save(tmp_path):
+    """Killed after the new variables went in and before the old ones were removed (both
+    `vars` and `.vars.replaced` exist): the next save replaces `vars` and leaves no copy."""
+    teacher.save_variables(str(tmp_path / "vars"), random_flax_variables(10, 1, 10, seed=43))
+    teacher.save_variables(str(tmp_path / ".vars.replaced"), random_flax_variables(10, 1, 10))
+    new = random_flax_variables(10, 1, 10, seed=44)
+    teacher.save_variables(str(tmp_path / "vars"), new)
+    assert sorted(os.listdir(tmp_path)) == ["vars"]
+    _assert_same(interop.read_dfa_variables(str(tmp_path / "vars"))[0], new)
+
+
+def test_a_failing_rename_of_the_new_variables_puts_the_old_ones_back(tmp_path, monkeypatch):
+    """The last rename failing (the old variables already set aside) raises, and the old
+    variables are back under their name, not left hidden at `.vars.replaced`."""
+    old = random_flax_variables(10, 1, 10, seed=43)
+    teacher.save_variables(str(tmp_path / "vars"), old)
+    real_rename = os.rename
+
+    def rename(source, target):
+        if os.path.basename(source) == ".vars.saving":
+            raise OSError(errno.EIO, "Input/output error", source)
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        teacher.save_variables(str(tmp_path / "vars"), random_flax_variables(10, 1, 10, seed=44))
+    monkeypatch.setattr(os, "rename", real_rename)
+    _assert_same(interop.read_dfa_variables(str(tmp_path / "vars"))[0], old)
+    assert not os.path.exists(tmp_path / ".vars.replaced")
+
+
+def test_a_failed_save_of_new_variables_leaves_no_partial_directory(tmp_path, monkeypatch):
+    """A save failing midway (here orbax's write) removes what it wrote, in `.vars.saving` or
+    orbax's own temporary directory beside it: only the old variables stay."""
+    old = random_flax_variables(10, 1, 10, seed=43)
+    teacher.save_variables(str(tmp_path / "vars"), old)
+    real_save = ocp.StandardCheckpointer.save
+
+    def half_written(self, directory, *args, **kwargs):
+        directory = str(directory)
+        for partial in (directory, directory + ".orbax-checkpoint-tmp-1234"):
+            os.makedirs(os.path.join(partial, "d"))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", half_written)
+    with pytest.raises(errors.WorkdirError, match="No space left"):
+        teacher.save_variables(str(tmp_path / "vars"), random_flax_variables(10, 1, 10, seed=44))
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["vars"]
+    _assert_same(interop.read_dfa_variables(str(tmp_path / "vars"))[0], old)
 
 
 def test_a_layout_table_out_of_date_with_its_model_is_refused():

@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -297,6 +298,41 @@ def test_failing_save_is_a_named_error_and_keeps_the_previous_checkpoint(tmp_pat
     assert meta == {"step": 3}
 
 
+def test_a_failing_save_names_the_newest_intact_checkpoint(tmp_path, monkeypatch):
+    """With steps 2 and 4 saved, a failing save of step 6 says step 4 (the one a resume takes)
+    is intact, not the oldest kept."""
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+    for step in (2, 4):
+        ckpt.save(step, {"w": jax.numpy.arange(4.0) + step}, {"step": step})
+    ckpt.wait()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    with pytest.raises(errors.WorkdirError, match=r"previous checkpoint \(4\) is intact"):
+        ckpt.save(6, {"w": jax.numpy.arange(4.0)}, {"step": 6})
+
+
+def test_a_background_save_that_failed_is_named_by_its_own_step(tmp_path, monkeypatch):
+    """Saves finish in the background: a failure of step 4's, surfacing when step 6 is saved,
+    is reported as step 4's (the one that failed), not as step 6's."""
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+    ckpt.save(2, {"w": jax.numpy.arange(4.0)}, {"step": 2})
+    ckpt.wait()
+    ckpt.save(4, {"w": jax.numpy.arange(4.0) + 4}, {"step": 4})
+    real_wait = ocp.CheckpointManager.wait_until_finished
+
+    def fails_once(self):
+        real_wait(self)
+        monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", real_wait)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", fails_once)
+    with pytest.raises(errors.WorkdirError, match=r"checkpoint of step 4 .*No space left"):
+        ckpt.save(6, {"w": jax.numpy.arange(4.0) + 6}, {"step": 6})
+
+
 def test_a_save_that_fills_the_disk_is_a_named_error(tmp_path):
     """What the storage really raises, not a stand-in OSError: tensorstore reports a failed write
     as a ValueError carrying the system's error number. A file-size limit stands in for a full
@@ -470,6 +506,47 @@ def test_config_hash_ignores_result_neutral_fields():
     assert set(config_lib.RESULT_NEUTRAL_FIELDS) <= set(config_lib.flatten(a))
 
 
+def test_config_hash_depends_on_the_values_not_on_the_order_of_the_fields():
+    """The same config with its fields (and its sections' fields) listed in another order, as
+    a config read back from config.json has them (sorted), hashes the same."""
+
+    def reversed_order(node):
+        if isinstance(node, dict):
+            return {k: reversed_order(node[k]) for k in reversed(list(node))}
+        return node
+
+    config = tiny_demo().to_dict()
+    again = reversed_order(config)
+    assert list(again) != list(config) and again == config
+    assert workdir_lib.config_hash(again) == workdir_lib.config_hash(config)
+
+
+def test_a_restart_keeps_the_lock_of_the_run_that_holds_it(tmp_path):
+    """A restart moves the old run aside but leaves the lock file the running command holds:
+    a second run of the workdir is still refused after it."""
+    workdir = str(tmp_path / "run")
+    workdir_lib.prepare(tiny_demo(), workdir)
+    (epath.Path(workdir) / "teacher").mkdir()
+    with workdir_lib.locked(workdir):
+        workdir_lib.prepare(tiny_demo(seed=4, restart=True), workdir)
+        with (
+            pytest.raises(errors.WorkdirError, match="in use by another run"),
+            workdir_lib.locked(workdir),
+        ):
+            pass
+
+
+def test_the_lock_file_names_only_the_run_holding_it(tmp_path):
+    """The lock file is rewritten whole by the run that takes it: a longer record left by an
+    earlier run leaves no tail in the 'in use by' refusal."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / workdir_lib.LOCK_FILE).write_text("pid 4242424242 on " + "an-old-host" * 20)
+    with workdir_lib.locked(str(workdir)):
+        text = (workdir / workdir_lib.LOCK_FILE).read_text()
+    assert re.fullmatch(rf"pid {os.getpid()} on \S+ since [0-9: -]+ UTC", text), text
+
+
 def test_unwritable_or_full_workdir_is_a_named_error_before_training(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -521,6 +598,32 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_partial_copy(tmp
         with pytest.raises(OSError, match="No space left"):
             files.write_text_atomic(str(path), "new" * 1000)
     assert os.listdir(tmp_path) == ["metrics.jsonl"] and path.read_text() == "old"
+
+
+def test_a_failed_atomic_write_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    """A failing fsync reports no file: the error raised names the target (and so the disk
+    that is full), with the system's error number kept."""
+    from dfa_jax import files
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "result.json"
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError) as info:
+        files.write_json_atomic(str(path), {"best_accuracy": 0.5})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+
+
+def test_every_object_store_scheme_is_remote_and_a_local_path_is_made_absolute(tmp_path):
+    """gs://, s3:// and other URL schemes are object stores (no atomic directory rename, no
+    fsync, kept as given); a relative local path becomes absolute."""
+    from dfa_jax import files
+
+    for path in ("gs://bucket/run", "s3://bucket/run", "az://container/run"):
+        assert files.is_remote(path) and files.absolute(path) == path, path
+    assert not files.is_remote(str(tmp_path)) and not files.is_remote("runs/gs://x")
+    assert files.absolute("runs/kd") == os.path.join(os.getcwd(), "runs/kd")
 
 
 def test_a_workdir_in_use_by_another_run_is_refused_and_freed_when_it_ends(tmp_path):
@@ -657,6 +760,21 @@ def test_a_storage_error_raised_while_handling_another_is_one():
     except RuntimeError as e:
         assert checkpointing.is_storage_error(e)
     assert not checkpointing.is_storage_error(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+
+
+def test_tensorstores_reports_of_a_failed_write_are_storage_errors():
+    """Tensorstore reports a full disk by its system error number and a bucket it may not write
+    by PERMISSION_DENIED, both as ValueErrors that orbax may wrap: each is a storage failure
+    (a named WorkdirError), while a device out of memory is not."""
+    full = ValueError("Error writing local file: No space left on device [os_error_code='28']")
+    denied = ValueError(
+        'PERMISSION_DENIED: Error writing "state/d/1" in GCS bucket "b": HTTP response code: 403'
+    )
+    for error in (full, denied):
+        wrapped = RuntimeError("orbax: commit failed")
+        wrapped.__cause__ = error
+        assert checkpointing.is_storage_error(error) and checkpointing.is_storage_error(wrapped)
+    assert not checkpointing.is_storage_error(ValueError("RESOURCE_EXHAUSTED: Out of memory"))
 
 
 def test_a_leftover_temporary_file_is_no_started_stage(tmp_path):

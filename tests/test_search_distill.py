@@ -275,6 +275,29 @@ def test_alpha_file_of_another_layout_is_refused(tmp_path):
         alpha_file.load(str(path), t_model)
 
 
+def test_alpha_file_with_its_groups_in_another_order_is_refused(tmp_path):
+    """Each group's alpha is taken by its position: a file listing the teacher's groups in
+    another order (last group first) is refused, not loaded with each alpha on another group."""
+    t_model, _ = tiny_models()
+    good = search.alpha_record(t_model, search.init_beta(t_model, 1.0))
+    path = tmp_path / "alpha.json"
+    path.write_text(json.dumps({"teacher": "wrn_16_1", "groups": good[::-1]}))
+    with pytest.raises(alpha_file.AlphaFileError, match=r"group 1 aggregates layers \['g3_"):
+        alpha_file.load(str(path), t_model)
+
+
+def test_alpha_file_with_a_group_more_than_the_teacher_is_refused(tmp_path):
+    """A file of 4 groups for a teacher of 3 (another depth's) is refused, not cut to the
+    teacher's 3."""
+    t_model, _ = tiny_models()
+    good = search.alpha_record(t_model, search.init_beta(t_model, 1.0))
+    extra = {"layers": ["g4_b1", "g4_b2"], "alpha": [0.5, 0.5]}
+    path = tmp_path / "alpha.json"
+    path.write_text(json.dumps({"teacher": "wrn_16_1", "groups": [*good, extra]}))
+    with pytest.raises(alpha_file.AlphaFileError, match=r"has 4 groups but this run's teacher"):
+        alpha_file.load(str(path), t_model)
+
+
 def test_alpha_file_of_another_teacher_architecture_warns(tmp_path, caplog):
     """Same layer names, another teacher (wrn_16_2's alpha for wrn_16_1): loaded, with a warning
     naming both; none for the file's own teacher."""
@@ -620,10 +643,12 @@ def test_search_resumes_to_identical_alpha(tmp_path, monkeypatch):
         ([float("nan"), 1.0], "summing to 1"),
         ([0.5, 0.55], "summing to 1"),
         ([0.2, 0.3, 0.5], "one number per layer"),
+        ([True, False], "one number per layer"),
     ],
 )
 def test_alpha_file_of_unusable_weights_is_refused(tmp_path, alpha, why):
-    """NaN (json writes and reads it), a sum off by 5%, a number more than the group's maps."""
+    """NaN (json writes and reads it), a sum off by 5%, a number more than the group's maps,
+    JSON true/false (Python's bools are ints: they would pass as 1 and 0)."""
     t_model, _ = tiny_models()
     groups = search.alpha_record(t_model, search.init_beta(t_model, 1.0))
     groups[1]["alpha"] = alpha
