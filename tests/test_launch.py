@@ -941,6 +941,115 @@ def test_sweep_help_examples_and_tpu_paths(fake):
     assert "~/dfa_jax_src" in section and "--config.teacher.checkpoint=gs://" in section
 
 
+def test_local_passes_a_hangup_on_as_a_stop(fake, tmp_path):
+    """The terminal or ssh session that started local.sh closes (SIGHUP): every process is asked
+    to stop (and save) as for Ctrl-C, and local.sh exits 129 rather than dying of the signal."""
+    proc = _start_hanging_processes(fake, tmp_path, 2, lambda pids: len(pids) == 2)
+    children = _written_pids(fake[2])
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=EVENT_LIMIT_S) == 129
+    assert not any(alive(pid) for pid in children)
+
+
+def test_local_stop_asked_for_waits_the_stop_grace_not_the_failure_grace(fake, tmp_path):
+    """After Ctrl-C or SIGTERM the processes get DFA_JAX_STOP_GRACE_S seconds to save a
+    checkpoint, not the short wait given after a failure: the SIGKILL line names the grace used."""
+    env, _, _ = fake
+    env["DFA_JAX_STOP_GRACE_S"] = "1"
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        proc = _start_hanging_processes(
+            fake, tmp_path, 2, lambda pids: len(pids) == 2, mode="stubborn", stderr=stderr
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=EVENT_LIMIT_S) == 137
+    assert "still running 1 s after SIGTERM" in err.read_text()
+
+
+def _failing_fake(tmp_path, env, command, when, status):
+    """Puts first on PATH a `command` that exits `status` when its arguments contain `when`, and
+    otherwise runs the fake one (or exits 0 where there is none)."""
+    wrap_dir = tmp_path / f"failing_{command}"
+    wrap_dir.mkdir()
+    fake_cmd = tmp_path / "bin" / command
+    wrapper = wrap_dir / command
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        f'case " $* " in *"{when}"*) printf \'%s\\n\' "{command} $*" >> "$FAKE_CALLS"; exit {status} ;; esac\n'
+        + (f'exec "{fake_cmd}" "$@"\n' if fake_cmd.exists() else "exit 0\n")
+    )
+    wrapper.chmod(0o755)
+    env["PATH"] = f"{wrap_dir}{os.pathsep}{env['PATH']}"
+
+
+def test_tpu_pod_fails_when_the_slice_it_was_to_delete_is_not_deleted(fake, tmp_path):
+    """--delete-at-end whose `delete` fails (a quota error, an expired token): the slice goes on
+    costing, so the run's success must not hide it; tpu_pod.sh exits non-zero."""
+    env, calls, _ = fake
+    _failing_fake(tmp_path, env, "gcloud", " delete ", 4)
+    args = ["--no-install", "--delete-at-end", "--config=c.py", "--workdir=gs://b/r"]
+    result = launch("tpu_pod.sh", *args, env=env, check=False)
+    assert result.returncode != 0, result.stderr
+    assert "delete" in calls.read_text() and "deleting" in result.stderr
+
+
+def test_tpu_pod_returns_worker_0s_failure_through_its_log_tee(fake, tmp_path):
+    """Worker 0's output goes through `tee` into its log: the run's failure there (status 5)
+    is still tpu_pod.sh's status, not tee's 0."""
+    env, _, _ = fake
+    env.update(FAKE_HOME=str(_worker_home(tmp_path)), FAKE_MODE="ok", FAKE_FAIL_ARG="gs://b/r ")
+    args = ["--no-install", "--config=c.py", "--workdir=gs://b/r"]
+    result = launch("tpu_pod.sh", *args, env=env, check=False)
+    assert result.returncode == 5, result.stderr
+
+
+def test_slurm_gives_each_task_every_gpu_of_a_typed_gpus_per_task(fake):
+    """`--gpus-per-task=h100:2`: SLURM_GPUS_PER_TASK reads "h100:2"; each task sees 2 GPUs, so
+    JAX_LOCAL_DEVICE_IDS lists both."""
+    env, _, _ = fake
+    env.update(SLURM_JOB_ID="42", SLURM_GPUS_PER_TASK="h100:2")
+    out = launch("slurm_gpu.sbatch", "--dry-run", "--config=c.py", "--workdir=/s", env=env).stdout
+    (line,) = commands(out)
+    assert line.startswith("JAX_LOCAL_DEVICE_IDS=0,1 srun "), line
+
+
+def test_slurm_job_exits_with_the_status_of_srun(fake, tmp_path):
+    """A run that fails (srun's status 9) fails the SLURM job: a scheduler, or a dependency
+    `afterok`, must not count it as done."""
+    env, _, _ = fake
+    _failing_fake(tmp_path, env, "srun", "dfa_jax.main", 9)
+    env["SLURM_JOB_ID"] = "42"
+    result = launch("slurm_gpu.sbatch", "--config=c.py", "--workdir=/s", env=env, check=False)
+    assert result.returncode == 9, result.stderr
+
+
+def test_sweep_on_slurm_skips_only_its_own_job_name_not_one_containing_it(fake, tmp_path):
+    """squeue lists abc-kd-s0 (config abc.py's KD run) and c-kd-s10 (seed 10): neither is
+    config c.py's KD seed 0 or 1, whose jobs are submitted."""
+    env, calls, _ = fake
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.write_text("#!/usr/bin/env bash\nprintf 'abc-kd-s0\\nc-kd-s10\\n'\n")
+    squeue.chmod(0o755)
+    args = [f"--runs={tmp_path}/runs", "--configs=c.py", "--methods=kd", "--seeds=0,1"]
+    result = launch("sweep.sh", *args, "--launcher=slurm", env=env)
+    assert [line.split()[1] for line in calls.read_text().splitlines()] == [
+        "--job-name=c-kd-s0",
+        "--job-name=c-kd-s1",
+    ]
+    assert "queued or running" not in result.stderr
+
+
+def test_sweep_passes_the_port_on_to_local(fake, tmp_path):
+    """--launcher=local --port=P: each run's local.sh gets --port=P (a coordinator port the
+    user picked: a free one, or one a firewall opens)."""
+    env, _, _ = fake
+    args = [f"--runs={tmp_path}", "--configs=c.py", "--methods=kd", "--seeds=0"]
+    lines = launch(
+        "sweep.sh", *args, "--launcher=local", "--processes=2", "--port=23456", "--dry-run", env=env
+    ).stdout.splitlines()
+    assert len(lines) == 1 and "launch/local.sh --processes=2 --port=23456 " in lines[0]
+
+
 def test_launch_scripts_expand_empty_arrays_as_old_bash_allows():
     """Before bash 4.4 (CentOS 7's 4.2, macOS's 3.2), "${a[@]}" of an empty array is an
     'unbound variable' error under `set -u`: an array that starts empty is only expanded as

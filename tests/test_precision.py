@@ -224,6 +224,134 @@ def test_throughput_mixed_case_times_each_methods_own_step(tiny_pair, monkeypatc
     assert record["speedup"] == pytest.approx(alone_ms / record["step_ms"], rel=0.02)
 
 
+class _FakeClock:
+    """`time.perf_counter` for the benchmark's timing functions: advanced by the fake steps."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(throughput, "time", clock)
+    return clock
+
+
+def test_time_steps_times_n_steps_after_an_untimed_warm_up(fake_clock):
+    """A slow warm-up step (5 s) is neither timed nor counted: 4 steps of 1 s are 1 s a step.
+    Without --steps the count fills min_time_s at the warm-up's pace, at least MIN_STEPS."""
+    durations = iter([5.0] + [1.0] * 100)
+
+    def step():
+        fake_clock.now += next(durations)
+
+    assert throughput._time_steps(step, lambda: None, 4, 20.0)[:2] == (1.0, 4)
+    assert throughput._num_steps(None, 0.5, 20.0) == 40
+    assert throughput._num_steps(None, 5.0, 1.0) == throughput.MIN_STEPS
+
+
+def test_time_torch_reports_the_compiling_calls_beyond_steady_steps(fake_clock):
+    """A compiled twin's first 5 calls take 12+3+2+1+1 s and a steady step 1 s: compiling took
+    19 - 5 x 1 = 14 s; the first call alone is 12 s."""
+    pytest.importorskip("torch")
+    durations = iter([12.0, 3.0, 2.0, 1.0, 1.0] + [1.0] * 100)
+
+    def step():
+        fake_clock.now += next(durations)
+
+    timing = throughput.time_torch(step, (), 4, 20.0, warmup_calls=5)
+    assert (timing.step_s, timing.steps, timing.first_call_s) == (1.0, 4, 12.0)
+    assert timing.compile_s == 14.0
+
+
+def test_pipeline_img_per_s_counts_only_the_timed_steps_images(fake_clock):
+    """The fed step's first call (it fills the prefetch queue) is not timed: 3 steps of 1 s over
+    batches of 4 are 4 images a second."""
+    mesh = parallel.make_mesh()
+
+    def fn(state, batch, *args):
+        fake_clock.now += 1.0
+        return state, {}
+
+    runner = throughput.Runner(fn, lambda: jnp.zeros(()), (None,), [])
+    assert throughput.pipeline_img_per_s(runner, mesh, 4, 3) == 4.0
+
+
+def _record_of_timings(monkeypatch, case, timings, **kwargs):
+    """`run_case`'s record for runners that took `timings` ({runner name: [Timing of each
+    repeat]}) at a batch of 8: the record's arithmetic alone, nothing built or timed."""
+    runs = {name: iter(ts) for name, ts in timings.items()}
+
+    class FakeRunner:
+        def __init__(self, name):
+            self.name, self.traces = name, [1]
+
+    monkeypatch.setattr(
+        throughput, "build_case", lambda *args: {name: FakeRunner(name) for name in timings}
+    )
+    monkeypatch.setattr(throughput, "time_jax", lambda runner, *args: next(runs[runner.name]))
+    repeats = len(next(iter(timings.values())))
+    return throughput.run_case(
+        case, parallel.make_mesh(), 8, "float32", steps=4, repeats=repeats, **kwargs
+    )
+
+
+def test_throughput_record_reports_the_fastest_repeat_and_the_first_compile(monkeypatch):
+    """Three repeats of 0.5, 0.25 and 0.4 s a step: img/s, step_ms and FLOP/s are the fastest's
+    (8 / 0.25 = 32 img/s), the spread 0.5 / 0.25; compile, trace and first call are the first
+    repeat's (later ones hit the compilation cache); the peak share counts every device's peak."""
+    timing = throughput.Timing
+    flops = 2e9
+    timings = {
+        "step": [
+            timing(0.5, 9.0, 4, 0.0, trace_s=1.0, compile_s=7.0, flops=flops),
+            timing(0.25, 0.3, 4, 0.0, trace_s=0.1, compile_s=0.05, flops=flops),
+            timing(0.4, 0.3, 4, 0.0, trace_s=0.1, compile_s=0.05, flops=flops),
+        ]
+    }
+    monkeypatch.setattr(throughput, "peak_tflops", lambda kind: {"bf16": 0.004})
+    record = _record_of_timings(monkeypatch, "teacher_wrn_10_1", timings)
+    assert (record["img_per_s"], record["step_ms"], record["steps"]) == (32.0, 250.0, 4)
+    assert record["step_ms_spread"] == 2.0
+    assert (record["compile_s"], record["trace_s"], record["first_call_s"]) == (7.0, 1.0, 9.0)
+    assert record["gflop_per_step"] == 2.0 and record["achieved_tflop_s"] == 0.008
+    devices = record["devices"]
+    assert devices == len(jax.devices())
+    assert record["peak_fraction_bf16"] == pytest.approx(0.008 / (0.004 * devices))
+
+
+def test_throughput_search_record_compares_the_step_with_its_halves(monkeypatch):
+    """The bilevel step (0.3 s) against its w step and beta step (0.1 s each): 1.5x their sum;
+    the search reads two host batches a step (the training and the validation one)."""
+    timing = throughput.Timing
+    timings = {
+        "step": [timing(0.3, 1.0, 4, 0.0, trace_s=1.0, compile_s=1.0)],
+        "w_step": [timing(0.1, 1.0, 4, 0.0, trace_s=1.0, compile_s=1.0)],
+        "beta_step": [timing(0.1, 1.0, 4, 0.0, trace_s=1.0, compile_s=1.0)],
+    }
+    record = _record_of_timings(monkeypatch, "search_pair3", timings, host_ms=3.0)
+    assert record["overhead_ratio"] == 1.5
+    assert (record["w_step_img_per_s"], record["parts_img_per_s"]) == (80.0, 40.0)
+    assert record["host_batch_ms"] == 6.0 and record["input_share"] == 0.02
+
+
+def test_throughput_cohort_record_counts_every_students_images(tiny_pair, monkeypatch):
+    """Two students in a 0.3 s step against one student's 0.2 s step: 2 x 8 images in 0.3 s,
+    and a speedup of 2 x 0.2 / 0.3."""
+    timing = throughput.Timing
+    timings = {
+        "step": [timing(0.3, 1.0, 4, 0.0, trace_s=1.0, compile_s=1.0)],
+        "single": [timing(0.2, 1.0, 4, 0.0, trace_s=1.0, compile_s=1.0)],
+    }
+    record = _record_of_timings(monkeypatch, "cohort_tiny_k2", timings)
+    assert record["students"] == 2 and record["single_step_ms"] == 200.0
+    assert record["img_per_s"] == 53.33 and record["speedup"] == 1.333
+
+
 def test_throughput_torch_models_match_param_counts():
     """The PyTorch twins have the JAX models' parameter counts (so they do the same work)."""
     pytest.importorskip("torch")
