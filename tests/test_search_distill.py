@@ -100,6 +100,24 @@ def test_beta_gets_gradient_through_both_st_and_ts_paths():
         np.testing.assert_array_equal(grads["g3"], 0.0)
 
 
+def test_the_st_term_trains_the_students_groups_up_to_the_searched_one():
+    """Eq. 11's L_ST reaches the student through S_i: with gamma_TS = 0 the student's stem and
+    groups up to i get a gradient, exactly the parameters that L_TS alone (gamma_ST = 0, the
+    student resumed after group i) leaves at zero."""
+    t_model, s_model, t_vars, params, stats, batch = bridge_inputs()
+    beta = search.init_beta(t_model, 1.0)
+    grads = {}
+    for gamma_st, gamma_ts in ((1.0, 0.0), (0.0, 1.0)):
+        config = load_config("demo", "tiny")
+        config.search.gamma_st, config.search.gamma_ts = gamma_st, gamma_ts
+        loss_fn, _ = search.make_bridge_loss_fn(t_model, s_model, 2, config)
+        grad = jax.jit(jax.grad(lambda p, f=loss_fn: f(p, stats, beta, batch, None, t_vars)[0]))
+        grads[gamma_st] = jax.tree.leaves(grad(params)["student"])
+    early = [i for i, g in enumerate(grads[0.0]) if not np.any(np.asarray(g))]
+    assert early and len(early) < len(grads[0.0])
+    assert all(np.any(np.asarray(grads[1.0][i])) for i in early)
+
+
 def test_beta_diagnostics_are_the_st_gradient_and_the_l2_pull():
     """The ST part's gradient the search reports (computed without the student's backward) equals
     the gradient of the bridge loss with the TS part switched off; the L2 pull is lambda |beta|
@@ -123,6 +141,39 @@ def test_beta_diagnostics_are_the_st_gradient_and_the_l2_pull():
     for j, b in enumerate([-0.7, 1.5]):
         assert float(metrics[f"beta_l2_pull/{j}"]) == pytest.approx(decay * abs(b), rel=1e-6)
         assert float(metrics[f"beta_l2_grad/{j}"]) == pytest.approx(decay * b, rel=1e-6)
+
+
+def test_bridge_loss_records_each_train_mode_batchnorms_batch_statistics():
+    """Every BatchNorm the bridge loss runs in train mode keeps this batch in its running
+    statistics: the student's early groups (the ST path) and its later ones (the TS path), and
+    the TS connector's BN the moments of its 1x1 conv of the clamped alpha-weighted teacher maps
+    (NumPy, PyTorch's momentum 0.1 on Flax's biased variance)."""
+    t_model, s_model, t_vars, params, stats, batch = bridge_inputs()
+    group, key = 2, "g2"
+    beta = search.init_beta(t_model, 0.0)
+    beta[key] = jnp.array([0.4, -0.3], jnp.float32)
+    config = load_config("demo", "tiny")
+    loss_fn, _ = search.make_bridge_loss_fn(t_model, s_model, group, config)
+    _, (new_stats, _) = jax.jit(loss_fn)(params, stats, beta, batch, None, t_vars)
+    # The student: its stem and first groups (ST path) as much as its last group (TS path).
+    moved = jax.tree.map(
+        lambda new, old: bool(np.abs(np.asarray(new) - np.asarray(old)).max() > 1e-6),
+        new_stats["student"],
+        stats["student"],
+    )
+    assert all(jax.tree.leaves(moved)), moved
+    # The TS connector: mean and biased variance over B, H, W of conv(A_2), A_2 in NumPy.
+    _, sown = t_model.apply(t_vars, batch["image"], train=False, mutable=[models.FEATURES])
+    maps = [np.asarray(sown[models.FEATURES][n][0]) for n in t_model.feature_groups()[group - 1]]
+    alpha = np.exp(np.asarray(beta[key])) / np.exp(np.asarray(beta[key])).sum()
+    aggregated = sum(a * np.maximum(m, config.features.clamp_min) for a, m in zip(alpha, maps))
+    kernel = np.asarray(params["ts"][key]["conv"]["kernel"])[0, 0]
+    y = (aggregated @ kernel).reshape(-1, kernel.shape[1])
+    old = stats["ts"][key]["bn"]
+    got = new_stats["ts"][key]["bn"]
+    for stat, moment in (("mean", y.mean(0)), ("var", y.var(0))):
+        want = 0.9 * old[stat] + 0.1 * moment
+        np.testing.assert_allclose(got[stat], want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("w_schedule", ["global", "per_group"])
@@ -170,6 +221,33 @@ def test_aggregations_of_table_5():
         beta = methods.frozen_beta(alpha)
         for i, a in enumerate(alpha):
             np.testing.assert_allclose(jax.nn.softmax(beta[f"g{i + 1}"]), a, rtol=1e-6, atol=0)
+
+
+def test_the_search_starts_from_zero_logits_but_the_last():
+    """beta starts at 0 for every map but the last, which gets `init_last_logit`: softmax gives
+    the softened 'Last' (§4: only the last map weighted), and the coupled L2 pulls from there."""
+    t_model, _ = tiny_models()
+    for logit in (4.0, 2.5):
+        beta = search.init_beta(t_model, logit)
+        assert sorted(beta) == ["g1", "g2", "g3"]
+        for b in beta.values():
+            np.testing.assert_array_equal(np.asarray(b), [0.0, logit])
+
+
+def test_the_start_aggregation_follows_the_configured_initial_logit():
+    """'start' is softmax of the configured `search.init_last_logit`'s beta, whatever its value,
+    and its students record that value as the source."""
+    t_model, _ = tiny_models()
+    config = load_config("demo", "tiny")
+    config.search.init_last_logit = 2.0
+    start = methods.aggregation_alpha("start", t_model, config, "")
+    want = np.exp([0.0, 2.0]) / np.exp([0.0, 2.0]).sum()
+    for a in start:
+        np.testing.assert_allclose(a, want, rtol=1e-6)
+    assert methods.dfa.aggregation_source("start", config, "") == {
+        "kind": "start",
+        "init_last_logit": 2.0,
+    }
 
 
 def test_groups_of_one_map_train_w_without_a_beta_step(tmp_path):
@@ -247,6 +325,49 @@ def test_search_evaluates_the_groups_teacher_to_student_path(tmp_path):
     assert got["loss"] == pytest.approx(float(loss) / count, rel=1e-4)
     assert abs(got["loss"] - float(own_loss) / count) > 1e-2  # Not the student's own forward.
     assert stage.eval_label == "teacher-to-student path test accuracy"
+
+
+def test_each_groups_search_starts_from_where_the_previous_group_left_w_and_beta(
+    tmp_path, monkeypatch
+):
+    """Algorithm 1 initialises beta and w once (line 2), then searches the groups in turn: each
+    group's search starts from the student, connectors and beta the previous group ended with,
+    and alpha.json records the last group's end."""
+    config = load_config("demo", "tiny")
+    mesh = parallel.make_mesh()
+    data = inputs.load(config, str(tmp_path), search=True)
+    seen = {}
+
+    def fake_run(stage, config, mesh):
+        del config, mesh
+        seen[stage.name] = jax.device_get((stage.state.params, stage.state.beta))
+        params = jax.tree.map(lambda x: x + 1.0, stage.state.params)
+        beta = {k: v + 0.25 for k, v in stage.state.beta.items()}
+        state = stage.state.replace(params=params, beta=beta)
+        return {
+            "state": state,
+            "steps": 1,
+            "wall_time_s": 0.0,
+            "best_epoch": 1,
+            "best_accuracy": 0.1,
+            "last_accuracy": 0.1,
+        }
+
+    monkeypatch.setattr(train_loop, "run", fake_run)
+    monkeypatch.setattr(reporting, "plot_alpha_heatmap", lambda *a, **k: None)
+    monkeypatch.setattr(reporting, "plot_alpha_trajectories", lambda *a, **k: None)
+    os.makedirs(tmp_path / "search")  # The loop, faked here, makes the stage's directory.
+    search.run(config, str(tmp_path), mesh, data, None)
+    params0, beta0 = seen["search/g1"]
+    for g in (2, 3):
+        params, beta = seen[f"search/g{g}"]
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)):
+            np.testing.assert_allclose(a, b + (g - 1), rtol=1e-5)
+        for k in beta0:
+            np.testing.assert_allclose(beta[k], beta0[k] + 0.25 * (g - 1), rtol=1e-6)
+    record = search.alpha_record_from_file(os.path.join(str(tmp_path), search.ALPHA_FILE))
+    for r in record:
+        np.testing.assert_allclose(r["beta"], np.asarray(beta0[f"g{r['group']}"]) + 0.75, rtol=1e-6)
 
 
 def test_alpha_file_of_another_layout_is_refused(tmp_path):
