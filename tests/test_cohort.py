@@ -556,6 +556,30 @@ def test_a_cohort_of_other_students_never_shares_a_checkpoint_directory():
     assert all(d.startswith("/w/distill/cohorts/") for d in directories)
 
 
+def test_started_cohorts_resume_as_they_started_unless_one_of_their_students_is_not_wanted(
+    tmp_path,
+):
+    """A cohort an earlier command started resumes with its students in its own order while this
+    run still trains one of them; one holding a student this run no longer asks for (a label
+    dropped from compare_with, a seed from distill.seeds), or none it has left to train, or more
+    than distill.max_students_per_step, is left for its students to be regrouped."""
+    config = _cohort_config((0, 1))
+    workdir = str(tmp_path)
+    started = [("kd", 0), ("last", 0), ("average", 0)]
+    directory = distill.cohort_directory(workdir, config, started)
+    os.makedirs(directory)
+    with open(os.path.join(directory, distill.MEMBERS_FILE), "w") as f:
+        json.dump({"students": [list(s) for s in started]}, f)
+    every = [(label, seed) for seed in (0, 1) for label in ("last", "average", "kd")]
+    assert distill.started_cohorts(config, workdir, every, every) == [started]
+    assert distill.started_cohorts(config, workdir, every, [("average", 0)]) == [started]
+    without_kd = [s for s in every if s[0] != "kd"]
+    assert distill.started_cohorts(config, workdir, without_kd, without_kd) == []
+    assert distill.started_cohorts(config, workdir, every, [("last", 1)]) == []
+    config.distill.max_students_per_step = 2
+    assert distill.started_cohorts(config, workdir, every, every) == []
+
+
 def test_students_are_grouped_by_method_and_split_at_the_limit():
     """The students of every method but FT and AB (a first stage of their own: they train alone)
     share one step, each method's side by side (DFA's aggregations are one method), and
