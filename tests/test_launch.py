@@ -441,6 +441,18 @@ def test_local_stops_the_others_when_one_fails(fake, tmp_path):
     assert not alive(int((pids / "0").read_text()))
 
 
+# The signals a user's terminal sends, at their defaults for the launcher: a test run started as a
+# background job (`pytest &` in a script ignores SIGINT) or under nohup (SIGHUP) passes that on,
+# and bash cannot trap a signal that was ignored when it started. (exec keeps the pid.)
+_WITH_DEFAULT_SIGNALS = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys\n"
+    "for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM): signal.signal(s, signal.SIG_DFL)\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])",
+]
+
+
 def _start_hanging_processes(fake, tmp_path, processes, started, mode="hang", stderr=None):
     """`local.sh --processes N` over fake processes that hang (FAKE_MODE `mode`); returns it once
     `started(pids)` holds for the pids the fakes wrote. Limits for a loaded 2-core machine: they
@@ -448,8 +460,8 @@ def _start_hanging_processes(fake, tmp_path, processes, started, mode="hang", st
     env, _, pids_dir = fake
     env["FAKE_MODE"] = mode
     proc = subprocess.Popen(
-        ["bash", os.path.join(LAUNCH, "local.sh"), f"--processes={processes}", "--config=c.py"]
-        + [f"--workdir={tmp_path}/run"],
+        [*_WITH_DEFAULT_SIGNALS, "bash", os.path.join(LAUNCH, "local.sh")]
+        + [f"--processes={processes}", "--config=c.py", f"--workdir={tmp_path}/run"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
