@@ -1107,6 +1107,14 @@ runpy.run_module("dfa_jax.main", run_name="__main__", alter_sys=True)
 """
 
 
+def _main_on_cpu(command, timeout=300):
+    """`command` (a `dfa_jax.main` run) from the repository root on the CPU, its output kept."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 def _batches(teacher, distill, search):
     return {
         "teacher.optim.batch_size": teacher,
@@ -1178,24 +1186,13 @@ def test_main_picks_cpu_devices_that_fit_and_names_num_cpu_devices_when_given(tm
         f"--workdir={tmp_path / 'run'}",
         "--config.teacher.optim.epochs=0",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    default = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    default = _main_on_cpu(command)
     assert default.returncode == 1, default.stderr[-3000:]
     assert "using 8 CPU devices, not one per usable core (12)" in default.stderr
     assert "teacher.optim.epochs = 0" in default.stderr
     assert "divisible" not in default.stderr, default.stderr[-3000:]
 
-    given = subprocess.run(
-        [*command, "--config.num_cpu_devices=12"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    given = _main_on_cpu([*command, "--config.num_cpu_devices=12"])
     assert given.returncode == 1, given.stderr[-3000:]
     assert "teacher.optim.batch_size = 64 is not divisible by the 12 devices" in given.stderr
     assert (
@@ -1223,10 +1220,7 @@ def test_main_fits_the_default_cpu_devices_to_the_batches_over_every_process(tmp
         "--config.teacher.optim.epochs=0",
         *[f"--config.{field}=36" for field in _batches(0, 0, 0)],
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    done = _main_on_cpu(command)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "using 9 CPU devices, not one per usable core (12): 9 x 2 processes" in done.stderr, (
         done.stderr[-3000:]
@@ -1247,10 +1241,7 @@ def test_a_process_id_outside_the_run_is_refused_before_joining(tmp_path):
         "--num_processes=2",
         "--process_id=2",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+    done = _main_on_cpu(command, timeout=120)
     assert done.returncode != 0
     assert "--process_id=2 must lie in [0, --num_processes=2)" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "run").exists()

@@ -483,7 +483,14 @@ def test_methods_are_registered_and_settable():
         4.0,
         20,
     )
-    assert (base.dist_beta, base.dist_gamma, base.dist_temperature) == (2.0, 2.0, 4.0)
+    # DIST: the DIST paper's CIFAR-100 setting (which `methods.logit_targets` cites), the label
+    # cross-entropy at weight 1.
+    assert (base.dist_ce_weight, base.dist_beta, base.dist_gamma, base.dist_temperature) == (
+        1.0,
+        2.0,
+        2.0,
+        4.0,
+    )
     assert (base.ls_kd_weight, base.ls_kd_temperature, base.ls_kd_ce_weight) == (9.0, 2.0, 1.0)
     assert (base.ls_dkd_alpha, base.ls_dkd_beta) == (9.0, 81.0)
     config = config_lib.base_config()
@@ -563,15 +570,3 @@ def test_dkd_cohort_keeps_a_clock_per_student(mode):
     np.testing.assert_array_equal(state.batch_stats[logit_targets.CLOCK]["steps"], [3, 3])
     # 16 examples, batches of 16: one step an epoch, so the third step is epoch 3 of 20.
     np.testing.assert_allclose(metrics["dkd_warmup"], 3 / 20, rtol=1e-6)
-
-
-def test_dist_defaults_are_the_dist_papers_cifar100_setting():
-    """DIST's defaults: the label cross-entropy at weight 1 beside beta = gamma = 2 and T = 4
-    (the DIST paper's CIFAR-100 setting, which `methods.logit_targets` cites)."""
-    base = config_lib.base_config().baselines
-    assert (base.dist_ce_weight, base.dist_beta, base.dist_gamma, base.dist_temperature) == (
-        1.0,
-        2.0,
-        2.0,
-        4.0,
-    )
